@@ -1,0 +1,86 @@
+"""Trace an Engram layer into ONNX: standard ops plus one ``engram.HashGather`` node.
+
+``torch.onnx.export`` (dynamo) traces the demo-layout forward; the hash-gather custom op becomes one
+custom-domain node through the exporter's translation table, and the model carries that node's
+definition as a model-local function, so ONNX Runtime and ``onnx.checker`` need nothing extra.
+Tables that make the file larger than protobuf's 2 GB go to external data beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+
+from engram_export import onnx_op, progress
+from engram_export.errors import EngramError
+from engram_export.fileio import staged_output
+from engram_export.model_info import ModelInfo
+from engram_export.models.engram import EngramLayer
+
+__all__ = ["export_layer", "save_onnx", "EXTERNAL_DATA_THRESHOLD", "MAX_IR_VERSION"]
+
+log = logging.getLogger(__name__)
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GiB limit, with room for the graph itself
+MAX_IR_VERSION = 10  # ONNX Runtime 1.31 reads <= 13; opset 20 needs 9+
+
+
+def trace(layer: EngramLayer) -> ir.Model:
+    """The demo-layout forward as an onnx_ir model with dynamic B and T."""
+    config = layer.config
+    input_ids = torch.randint(0, config.vocab_size, (2, 5))
+    hidden = torch.zeros(2, 5, config.hc_mult, config.hidden_size)
+    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
+    layer.reference_layout = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                layer, (input_ids, hidden), dynamo=True, verbose=False,
+                input_names=["input_ids", "hidden_states"], output_names=["output"],
+                dynamic_shapes={"input_ids": {0: batch, 1: tokens},
+                                "hidden_states": {0: batch, 1: tokens}},
+                custom_translation_table=onnx_op.translation_table())
+    finally:
+        layer.reference_layout = False
+    model = program.model
+    function = ir.serde.deserialize_function(onnx_op.hash_gather_function(
+        config.max_ngram_size, model.opset_imports[""]))
+    model.functions[function.identifier()] = function
+    model.opset_imports[onnx_op.DOMAIN] = onnx_op.OPSET_VERSION
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    return model
+
+
+def save_onnx(model: ir.Model, output: str | Path,
+              external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    """Write ``model`` whole or not at all; initializers go to ``<name>.data`` if the file would be
+    larger than ``external_data_threshold`` bytes."""
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise EngramError(f"output {output} should end in .onnx")
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+    external = size > external_data_threshold
+    with progress.stage(f"writing {output.name} ({size / 2**20:.0f} MiB"
+                        f"{', external data' if external else ''})"), staged_output(output) as staged:
+        if external:
+            ir.save(model, staged, external_data=f"{output.name}.data", size_threshold_bytes=1024)
+        else:
+            ir.save(model, staged)
+    return output
+
+
+def export_layer(layer: EngramLayer, output: str | Path,
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    """Export ``layer`` to ``output`` (.onnx); returns the path written."""
+    if Path(output).suffix != ".onnx":
+        raise EngramError(f"output {output} should end in .onnx")
+    if not Path(output).parent.is_dir():
+        raise EngramError(f"output folder {Path(output).parent} does not exist")
+    with progress.stage(f"tracing Engram layer {layer.layer_id} with torch.onnx.export"):
+        model = trace(layer)
+    model.metadata_props.update(ModelInfo(layer.config, layer.layer_id).to_metadata())
+    return save_onnx(model, output, external_data_threshold)

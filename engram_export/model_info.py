@@ -1,0 +1,61 @@
+"""What an exported file says about itself: the config and layer it was made from, and its precision.
+
+Stored as ONNX ``metadata_props`` and carried into the OpenVINO IR's ``rt_info`` by ``compile``, so
+every later step (compile, run, verify) knows the shapes and id range to check without side files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from engram_export.errors import EngramError
+from engram_export.models.config import EngramConfig
+
+__all__ = ["ModelInfo", "CONFIG_KEY", "LAYER_KEY", "PRECISION_KEY", "RT_INFO_SECTION"]
+
+CONFIG_KEY = "engram.config"
+LAYER_KEY = "engram.layer_id"
+PRECISION_KEY = "engram.precision"
+RT_INFO_SECTION = "engram_export"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    config: EngramConfig
+    layer_id: int
+    precision: str = "f32"
+
+    def to_metadata(self) -> dict[str, str]:
+        return {CONFIG_KEY: json.dumps(self.config.to_dict()), LAYER_KEY: str(self.layer_id),
+                PRECISION_KEY: self.precision}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], source: str | Path) -> "ModelInfo":
+        if CONFIG_KEY not in metadata or LAYER_KEY not in metadata:
+            raise EngramError(f"{source} was not exported by engram-export (no Engram metadata)")
+        config = EngramConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        return cls(config, int(metadata[LAYER_KEY]), metadata.get(PRECISION_KEY, "f32"))
+
+    @classmethod
+    def from_onnx(cls, path: str | Path) -> "ModelInfo":
+        import onnx
+
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf DecodeError and friends
+            raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+        return cls.from_metadata({p.key: p.value for p in model.metadata_props}, path)
+
+    @classmethod
+    def from_openvino(cls, model, path: str | Path) -> "ModelInfo":
+        metadata = {}
+        for key in (CONFIG_KEY, LAYER_KEY, PRECISION_KEY):
+            if model.has_rt_info([RT_INFO_SECTION, key]):
+                metadata[key] = model.get_rt_info([RT_INFO_SECTION, key]).astype(str)
+        return cls.from_metadata(metadata, path)
+
+    def write_openvino(self, model) -> None:
+        for key, value in self.to_metadata().items():
+            model.set_rt_info(value, [RT_INFO_SECTION, key])

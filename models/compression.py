@@ -1,0 +1,64 @@
+"""Tokenizer compression (spec section 2): merge token ids whose decoded text differs only in form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engram_export.errors import EngramError
+
+__all__ = ["build_compression_table", "find_tokenizer_file"]
+
+_SENTINEL = "\ue000"  # keeps a text that is exactly one space from being stripped away
+
+
+def find_tokenizer_file(path: str | Path) -> Path:
+    """A ``tokenizer.json`` path, or a directory that holds one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise EngramError(f"tokenizer: {path} does not exist (give a tokenizer.json or its folder)")
+    return path
+
+
+def _normalizer():
+    from tokenizers import Regex, normalizers
+
+    return normalizers.Sequence([
+        normalizers.NFKC(),
+        normalizers.NFD(),
+        normalizers.StripAccents(),
+        normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+        normalizers.Replace(Regex(r"^ $"), _SENTINEL),
+        normalizers.Strip(),
+        normalizers.Replace(_SENTINEL, " "),
+    ])
+
+
+def build_compression_table(path: str | Path) -> np.ndarray:
+    """old id -> new id (int64) over every id of the tokenizer, added tokens included.
+
+    New ids are handed out in first-seen order of the normalized keys; a token whose decoded text holds
+    U+FFFD (a partial UTF-8 byte sequence) is keyed by its raw token string instead.
+    """
+    from tokenizers import Tokenizer
+
+    file = find_tokenizer_file(path)
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise EngramError(f"tokenizer: cannot read {file}: {exc}") from None
+    normalizer = _normalizer()
+    key_to_new: dict[str, int] = {}
+    lut = np.empty(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for token_id in range(len(lut)):
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" in text:
+            key = tokenizer.id_to_token(token_id)
+        else:
+            key = normalizer.normalize_str(text) or text
+        lut[token_id] = key_to_new.setdefault(key, len(key_to_new))
+    return lut

@@ -1,0 +1,1 @@
+"""ONNX graph passes for the exported Engram graph (installed as ``engram_export.passes``)."""

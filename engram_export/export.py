@@ -35,6 +35,7 @@ def trace(layer: EngramLayer) -> ir.Model:
     hidden = torch.zeros(2, 5, config.hc_mult, config.hidden_size)
     batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
     layer.reference_layout = True
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -82,5 +83,5 @@ def export_layer(layer: EngramLayer, output: str | Path,
         raise EngramError(f"output folder {Path(output).parent} does not exist")
     with progress.stage(f"tracing Engram layer {layer.layer_id} with torch.onnx.export"):
         model = trace(layer)
-    model.metadata_props.update(ModelInfo(layer.config, layer.layer_id).to_metadata())
+    model.metadata_props.update(ModelInfo(layer.config, layer.layer_id, len(layer.hashing.lut)).to_metadata())
     return save_onnx(model, output, external_data_threshold)

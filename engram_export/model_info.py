@@ -13,30 +13,37 @@ from pathlib import Path
 from engram_export.errors import EngramError
 from engram_export.models.config import EngramConfig
 
-__all__ = ["ModelInfo", "CONFIG_KEY", "LAYER_KEY", "PRECISION_KEY", "RT_INFO_SECTION"]
+__all__ = ["ModelInfo", "PRECISIONS"]
+
+PRECISIONS = ("f32", "bf16")
 
 CONFIG_KEY = "engram.config"
 LAYER_KEY = "engram.layer_id"
+NUM_IDS_KEY = "engram.num_ids"
 PRECISION_KEY = "engram.precision"
 RT_INFO_SECTION = "engram_export"
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
+    """The config and layer a model computes, how many raw ids it takes, and its precision."""
+
     config: EngramConfig
     layer_id: int
+    num_ids: int  # length of the compression table: valid ids are [0, num_ids) and negatives
     precision: str = "f32"
 
     def to_metadata(self) -> dict[str, str]:
         return {CONFIG_KEY: json.dumps(self.config.to_dict()), LAYER_KEY: str(self.layer_id),
-                PRECISION_KEY: self.precision}
+                NUM_IDS_KEY: str(self.num_ids), PRECISION_KEY: self.precision}
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str], source: str | Path) -> "ModelInfo":
-        if CONFIG_KEY not in metadata or LAYER_KEY not in metadata:
+        if any(key not in metadata for key in (CONFIG_KEY, LAYER_KEY, NUM_IDS_KEY)):
             raise EngramError(f"{source} was not exported by engram-export (no Engram metadata)")
         config = EngramConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
-        return cls(config, int(metadata[LAYER_KEY]), metadata.get(PRECISION_KEY, "f32"))
+        return cls(config, int(metadata[LAYER_KEY]), int(metadata[NUM_IDS_KEY]),
+                   metadata.get(PRECISION_KEY, "f32"))
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelInfo":
@@ -51,7 +58,7 @@ class ModelInfo:
     @classmethod
     def from_openvino(cls, model, path: str | Path) -> "ModelInfo":
         metadata = {}
-        for key in (CONFIG_KEY, LAYER_KEY, PRECISION_KEY):
+        for key in (CONFIG_KEY, LAYER_KEY, NUM_IDS_KEY, PRECISION_KEY):
             if model.has_rt_info([RT_INFO_SECTION, key]):
                 metadata[key] = model.get_rt_info([RT_INFO_SECTION, key]).astype(str)
         return cls.from_metadata(metadata, path)

@@ -1,0 +1,242 @@
+"""``engram-export``: export, compile, run and verify Engram layers from the command line.
+
+One ``add_*`` function per subcommand declares its arguments; its ``run_*`` function imports torch,
+OpenVINO or ONNX Runtime only when called, so ``--help`` stays instant. Any ``EngramError`` (bad input,
+file or config) is printed as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from engram_export.errors import EngramError
+
+__all__ = ["main"]
+
+
+def add_layer_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="preset name (tiny, deepseek-demo) or JSON file")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--weights", type=Path, help=".safetensors or .pt state dict")
+    weights.add_argument("--random-init", action="store_true", help="seeded random weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    parser.add_argument("--prefix", default="", help="key prefix of the layer in a full-model checkpoint")
+    parser.add_argument("--layer", type=int, required=True, help="layer id (one of the config's layer_ids)")
+
+
+def layer_from_args(args):
+    from engram_export.models.config import load_config
+    from engram_export.models.weights import build_layer
+
+    config = load_config(args.config)
+    with _stage(f"building layer {args.layer} ({'random' if args.random_init else args.weights})"):
+        return build_layer(config, args.layer, weights=args.weights, prefix=args.prefix,
+                           seed=args.seed if args.random_init else None)
+
+
+def _stage(what):
+    from engram_export.progress import stage
+
+    return stage(what)
+
+
+# export ---------------------------------------------------------------------------------------------
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="trace an Engram layer to ONNX (hash-gather as one custom node)")
+    add_layer_source(p)
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx file")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> None:
+    from engram_export.export import export_layer
+
+    layer = layer_from_args(args)
+    print(export_layer(layer, args.output))
+
+
+# compile --------------------------------------------------------------------------------------------
+def add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="convert an exported .onnx to OpenVINO IR for CPU")
+    p.add_argument("model", type=Path, help="exported .onnx")
+    p.add_argument("--precision", choices=["f32", "bf16"], default="f32")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .xml (the .bin goes beside)")
+    p.set_defaults(func=run_compile)
+
+
+def run_compile(args) -> None:
+    from engram_export.compile import compile_onnx
+
+    print(compile_onnx(args.model, args.output, args.precision))
+
+
+# run ------------------------------------------------------------------------------------------------
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="run a model on input_ids and hidden_states from an .npz")
+    p.add_argument("model", type=Path, help=".xml (OpenVINO) or .onnx")
+    p.add_argument("--inputs", type=Path, required=True, help=".npz with input_ids and hidden_states")
+    p.add_argument("-o", "--output", type=Path, required=True, help=".npz to write 'output' to")
+    p.add_argument("--runtime", choices=["ov", "ort"], default="ov")
+    p.add_argument("--precision", choices=["f32", "bf16"], default=None,
+                   help="OpenVINO inference precision (default: the model's)")
+    p.set_defaults(func=run_run)
+
+
+def load_npz(path: Path, names: tuple[str, ...]) -> dict:
+    import zipfile
+
+    import numpy as np
+
+    from engram_export.fileio import check_input_file
+
+    check_input_file(path, (".npz",), "inputs")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [n for n in names if n not in data.files]
+            if missing:
+                raise EngramError(f"inputs: {path} has no {', '.join(missing)} "
+                                  f"(found {', '.join(data.files) or 'nothing'})")
+            return {n: data[n] for n in names}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise EngramError(f"inputs: {path} is not a readable .npz ({exc})") from None
+
+
+def run_run(args) -> None:
+    import numpy as np
+
+    from engram_export.fileio import staged_output
+    from engram_export.runtime import EngramRuntime
+
+    if args.output.suffix != ".npz":
+        raise EngramError(f"output {args.output} should end in .npz")
+    inputs = load_npz(args.inputs, ("input_ids", "hidden_states"))
+    runtime = EngramRuntime(args.model, runtime=args.runtime, precision=args.precision)
+    output = runtime(inputs["input_ids"], inputs["hidden_states"])
+    with staged_output(args.output) as staged:
+        np.savez(staged, output=output)
+    print(f"{args.output}: output {list(output.shape)} from {runtime}")
+
+
+# verify ---------------------------------------------------------------------------------------------
+def add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="compare PyTorch, ONNX Runtime, OpenVINO f32 and bf16")
+    add_layer_source(p)
+    p.add_argument("--onnx", type=Path, help="an exported .onnx of this layer (default: export one)")
+    p.add_argument("--shape", action="append", default=None, metavar="BxT",
+                   help="batch x tokens to check (repeatable; default 50x14, 1x1, 3x17)")
+    p.add_argument("--workdir", type=Path, help="keep exported and compiled files here")
+    p.set_defaults(func=run_verify)
+
+
+def parse_shapes(values: list[str] | None) -> list[tuple[int, int]]:
+    shapes = []
+    for value in values or ["50x14", "1x1", "3x17"]:
+        try:
+            batch, tokens = (int(v) for v in value.lower().split("x"))
+        except ValueError:
+            raise EngramError(f"shape {value!r} should look like 50x14") from None
+        if batch < 1 or tokens < 1:
+            raise EngramError(f"shape {value}: batch and tokens must be >= 1")
+        shapes.append((batch, tokens))
+    return shapes
+
+
+def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes) -> bool:
+    """Export (unless given), compile f32 and bf16, compare every path; prints the table."""
+    from engram_export.compile import compile_onnx
+    from engram_export.export import export_layer
+    from engram_export.verify import comparisons_table, default_paths, verify_paths
+
+    if onnx_path is None:
+        onnx_path = export_layer(layer, workdir / "engram.onnx")
+    xml = {p: compile_onnx(onnx_path, workdir / f"engram_{p}.xml", p) for p in ("f32", "bf16")}
+    with _stage(f"running every path at {', '.join(f'{b}x{t}' for b, t in shapes)}"):
+        results = verify_paths(layer, default_paths(onnx_path, xml), shapes)
+    print(comparisons_table(results))
+    failed = [r for r in results if not r.passed]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return not failed
+
+
+def run_verify(args) -> int:
+    import tempfile
+
+    shapes = parse_shapes(args.shape)
+    layer = layer_from_args(args)
+    if args.workdir:
+        if not args.workdir.is_dir():
+            raise EngramError(f"workdir {args.workdir} does not exist")
+        return 0 if verify_layer(layer, args.workdir, args.onnx, shapes) else 1
+    with tempfile.TemporaryDirectory(prefix="engram-verify-") as workdir:
+        return 0 if verify_layer(layer, Path(workdir), args.onnx, shapes) else 1
+
+
+# demo -----------------------------------------------------------------------------------------------
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="deepseek-demo preset, random weights: export, compile, verify")
+    p.add_argument("--engram-vocab-size", type=int, default=None,
+                   help="base table size per n-gram order (default: the demo's 646400 = 10.3M rows)")
+    p.add_argument("--layer", type=int, default=1)
+    p.add_argument("--workdir", type=Path, help="keep the files here (default: a temporary folder)")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    import tempfile
+
+    from engram_export.models.config import load_config
+    from engram_export.models.weights import build_layer
+
+    config = load_config("deepseek-demo")
+    if args.engram_vocab_size:
+        config = config.replace(engram_vocab_size=(args.engram_vocab_size,) * (config.max_ngram_size - 1))
+    start = time.perf_counter()
+    with _stage(f"random weights for layer {args.layer} of deepseek-demo"):
+        layer = build_layer(config, args.layer, seed=0)
+    rows = layer.multi_head_embedding.embedding.weight.shape[0]
+    print(f"deepseek-demo layer {args.layer}: table {rows:,} x {config.head_dim} "
+          f"({rows * config.head_dim * 4 / 2**30:.2f} GiB f32), D={config.hidden_size}, "
+          f"G={config.hc_mult}, heads={config.num_heads}")
+    shapes = [(50, 14), (1, 1), (3, 17)]
+    if args.workdir:
+        if not args.workdir.is_dir():
+            raise EngramError(f"workdir {args.workdir} does not exist")
+        ok = verify_layer(layer, args.workdir, None, shapes)
+    else:
+        with tempfile.TemporaryDirectory(prefix="engram-demo-") as workdir:
+            ok = verify_layer(layer, Path(workdir), None, shapes)
+    print(f"demo {'passed' if ok else 'FAILED'} in {time.perf_counter() - start:.0f} s")
+    return 0 if ok else 1
+
+
+# main -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engram-export", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_export, add_compile, add_run, add_verify, add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        from engram_export.progress import quiet
+
+        quiet()
+    try:
+        return args.func(args) or 0
+    except EngramError as exc:
+        print(f"engram-export: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

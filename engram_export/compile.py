@@ -1,0 +1,51 @@
+"""ONNX -> OpenVINO IR (xml + bin) for CPU, in f32 or bf16.
+
+The ONNX frontend converts ``engram.HashGather`` through the Engram extension into the bit-exact
+``EngramHash`` op plus a standard Gather on the constant table. ``bf16`` stores weights as fp16 in the
+.bin (OpenVINO's own weight compression: half the size, decompressed by the CPU plugin) and records
+bf16 as the inference precision, which the runtime applies when it compiles the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engram_export import progress
+from engram_export.errors import EngramError
+from engram_export.fileio import check_input_file, staged_output
+from engram_export.model_info import PRECISIONS, ModelInfo
+from engram_export.ov_extension import HASH_OP_TYPE, openvino_core
+
+__all__ = ["compile_onnx", "read_onnx"]
+
+
+def read_onnx(onnx_path: str | Path):
+    """The ONNX file as an ``openvino.Model`` (hash as ``EngramHash``) and its ``ModelInfo``."""
+    onnx_path = check_input_file(onnx_path, (".onnx",), "model")
+    info = ModelInfo.from_onnx(onnx_path)
+    try:
+        model = openvino_core().read_model(str(onnx_path))
+    except RuntimeError as exc:
+        raise EngramError(f"OpenVINO cannot read {onnx_path}: {str(exc).splitlines()[0]}") from None
+    if not any(op.get_type_name() == HASH_OP_TYPE for op in model.get_ops()):
+        raise EngramError(f"{onnx_path}: the hash-gather node was not converted to {HASH_OP_TYPE}")
+    return model, info
+
+
+def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f32") -> Path:
+    """Write the OpenVINO IR of ``onnx_path`` to ``output`` (.xml, with its .bin beside)."""
+    import openvino
+
+    if precision not in PRECISIONS:
+        raise EngramError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    output = Path(output)
+    if output.suffix != ".xml":
+        raise EngramError(f"output {output} should end in .xml")
+    if not output.parent.is_dir():
+        raise EngramError(f"output folder {output.parent} does not exist")
+    with progress.stage(f"converting {Path(onnx_path).name} to OpenVINO"):
+        model, info = read_onnx(onnx_path)
+    ModelInfo(info.config, info.layer_id, info.num_ids, precision).write_openvino(model)
+    with progress.stage(f"writing {output.name} ({precision})"), staged_output(output) as staged:
+        openvino.save_model(model, staged, compress_to_fp16=precision == "bf16")
+    return output

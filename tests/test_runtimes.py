@@ -1,0 +1,158 @@
+"""The exported file and every runtime path against PyTorch, at B=50 T=14 and small and odd shapes.
+
+Tolerances are the ones ``engram-export verify`` applies (see ``engram_export/verify.py``): f32 paths
+max |err| / max |ref| <= 1e-4, bf16 mean row cosine >= 0.999.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engram_export import onnx_op
+from engram_export.errors import EngramError
+from engram_export.export import export_layer
+from engram_export.runtime import EngramRuntime
+from engram_export.verify import compare, random_inputs
+
+# T=1; T=17 > the short conv's reach of (kernel-1)*dilation = 9 tokens; B=50, T=14 is Intel's shape.
+SHAPES = [(1, 1), (3, 17), (50, 14), (2, 40)]
+
+
+def test_onnx_graph_is_standard_but_one_hash_gather_node(tiny_files):
+    model = onnx.load(tiny_files["onnx"])
+    onnx.checker.check_model(model, full_check=True)
+    assert model.ir_version <= 13
+    custom = [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    assert [(n.domain, n.op_type) for n in custom] == [("engram", "HashGather")]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in custom[0].attribute}
+    assert set(attrs) == {"multipliers", "primes", "pad_id", "n_head_per_ngram"}
+    assert [f.name for f in model.functions] == ["HashGather"]
+    inputs = {i.name: i.type.tensor_type for i in model.graph.input}
+    assert inputs["input_ids"].elem_type == onnx.TensorProto.INT64
+    assert inputs["hidden_states"].elem_type == onnx.TensorProto.FLOAT
+    dims = [d.dim_param or d.dim_value for d in inputs["hidden_states"].shape.dim]
+    assert isinstance(dims[0], str) and isinstance(dims[1], str) and dims[2:] == [4, 48]
+    assert [o.name for o in model.graph.output] == ["output"]
+
+
+@pytest.fixture(scope="module")
+def runtimes(tiny_files):
+    return {"onnxruntime": EngramRuntime(tiny_files["onnx"], runtime="ort"),
+            "openvino-onnx f32": EngramRuntime(tiny_files["onnx"], precision="f32"),
+            "openvino f32": EngramRuntime(tiny_files["f32"]),
+            "openvino bf16": EngramRuntime(tiny_files["bf16"])}
+
+
+@pytest.mark.parametrize("batch,tokens", SHAPES)
+def test_every_path_matches_pytorch(tiny_layer, runtimes, batch, tokens):
+    ids, hidden = random_inputs(tiny_layer.config, len(tiny_layer.hashing.lut), batch, tokens, seed=3)
+    with torch.inference_mode():
+        reference = tiny_layer(torch.from_numpy(ids), torch.from_numpy(hidden)).double().numpy()
+    for name, runtime in runtimes.items():
+        result = compare(name, reference, runtime(ids, hidden), runtime.precision)
+        assert result.passed, result
+    assert runtimes["openvino bf16"].precision == "bf16"
+
+
+def test_reference_evaluator_runs_the_numpy_kernel(tiny_layer, tiny_files):
+    from onnx.reference import ReferenceEvaluator
+
+    ids, hidden = random_inputs(tiny_layer.config, len(tiny_layer.hashing.lut), 2, 9, seed=4)
+    evaluator = ReferenceEvaluator(str(tiny_files["onnx"]), new_ops=[onnx_op.HashGather])
+    out = evaluator.run(None, {"input_ids": ids, "hidden_states": hidden})[0]
+    with torch.inference_mode():
+        reference = tiny_layer(torch.from_numpy(ids), torch.from_numpy(hidden)).numpy()
+    np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_model_keeps_the_table_a_standard_gather(tiny_files):
+    from engram_export.ov_extension import openvino_core
+
+    model = openvino_core().read_model(str(tiny_files["f32"]))
+    ops = {op.get_friendly_name(): op for op in model.get_ops()}
+    hashes = [op for op in ops.values() if op.get_type_name() == "EngramHash"]
+    assert len(hashes) == 1
+    consumers = [t.get_node() for t in hashes[0].output(0).get_target_inputs()]
+    assert [c.get_type_name() for c in consumers] == ["Gather"]
+    table = consumers[0].input_value(0).get_node()
+    assert table.get_type_name() in ("Constant", "Convert")  # Convert: fp16-stored (bf16) weights
+    assert "BitwiseXor" not in {op.get_type_name() for op in ops.values()}
+
+
+def test_external_data_for_large_tables(tiny_layer, tmp_path):
+    path = export_layer(tiny_layer, tmp_path / "big.onnx", external_data_threshold=1000)
+    assert (tmp_path / "big.onnx.data").stat().st_size > tiny_layer.multi_head_embedding.embedding.weight.nbytes
+    tensors = {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    table = tensors["multi_head_embedding.embedding.weight"]
+    assert table.data_location == onnx.TensorProto.EXTERNAL
+    onnx.checker.check_model(str(path), full_check=True)
+    ids, hidden = random_inputs(tiny_layer.config, len(tiny_layer.hashing.lut), 2, 5)
+    with torch.inference_mode():
+        reference = tiny_layer(torch.from_numpy(ids), torch.from_numpy(hidden)).double().numpy()
+    assert compare("ort", reference, EngramRuntime(path, runtime="ort")(ids, hidden)).passed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+
+
+def test_tokenizer_config_end_to_end(tiny_config, tokenizer_json, tmp_path):
+    """Compression inside the graph: raw BERT ids in, same numbers as PyTorch out."""
+    from engram_export.compile import compile_onnx
+    from engram_export.models.weights import build_layer
+
+    config = tiny_config.replace(tokenizer=str(tokenizer_json), pad_id=0, vocab_size=30522)
+    layer = build_layer(config, 1, seed=2)
+    onnx_path = export_layer(layer, tmp_path / "tok.onnx")
+    xml = compile_onnx(onnx_path, tmp_path / "tok.xml")
+    from tokenizers import Tokenizer
+
+    encoded = Tokenizer.from_file(str(tokenizer_json)).encode("Only Alexander the Great could tame "
+                                                              "the horse Bucephalus. ２ ²")
+    ids = np.array([encoded.ids], dtype=np.int64)
+    hidden = np.random.default_rng(0).standard_normal((1, ids.shape[1], 4, 48), dtype=np.float32)
+    with torch.inference_mode():
+        reference = layer(torch.from_numpy(ids), torch.from_numpy(hidden)).double().numpy()
+    for runtime in (EngramRuntime(onnx_path, runtime="ort"), EngramRuntime(xml)):
+        assert compare(runtime.runtime, reference, runtime(ids, hidden)).passed
+        with pytest.raises(EngramError, match=r"id 30522 is out of range \[0, 30522\)"):
+            runtime(np.full((1, 2), 30522), hidden[:, :2])
+
+
+BAD_INPUTS = [
+    (lambda ids, h: (ids.astype(np.float32), h), "input_ids must be integer"),
+    (lambda ids, h: (ids[0], h), r"input_ids must be \[batch, tokens\]"),
+    (lambda ids, h: (ids[:, :0], h[:, :0]), "input_ids is empty"),
+    (lambda ids, h: (ids[:0], h[:0]), "input_ids is empty"),
+    (lambda ids, h: (ids, h.astype(np.float64)), "hidden_states must be float32"),
+    (lambda ids, h: (ids, h[:, :, :3]), r"hidden_states must be .* = \[2, 5, 4, 48\], got \[2, 5, 3, 48\]"),
+    (lambda ids, h: (ids, h[..., :47]), r"got \[2, 5, 4, 47\]"),
+    (lambda ids, h: (ids[:, :4], h), r"= \[2, 4, 4, 48\], got \[2, 5, 4, 48\]"),
+    (lambda ids, h: (ids + 5000, h), r"out of range \[0, 5000\)"),
+    (lambda ids, h: (ids - 2**40, h), "below int32"),
+]
+
+
+@pytest.mark.parametrize("mutate,message", BAD_INPUTS)
+def test_bad_inputs_are_refused_by_every_runtime(runtimes, tiny_config, mutate, message):
+    ids, hidden = random_inputs(tiny_config, tiny_config.vocab_size, 2, 5)
+    for runtime in runtimes.values():
+        with pytest.raises(EngramError, match=message):
+            runtime(*mutate(ids, hidden))
+
+
+def test_bad_model_paths(tmp_path, tiny_files):
+    with pytest.raises(EngramError, match="does not exist"):
+        EngramRuntime(tmp_path / "missing.xml")
+    with pytest.raises(EngramError, match="should end in .xml or .onnx"):
+        EngramRuntime(tmp_path / "model.txt")
+    with pytest.raises(EngramError, match="ONNX Runtime runs .onnx files"):
+        EngramRuntime(tiny_files["f32"], runtime="ort")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(tiny_files["onnx"].read_bytes()[:500])
+    with pytest.raises(EngramError, match="not a readable ONNX file"):
+        EngramRuntime(corrupt, runtime="ort")
+    truncated_ir = tmp_path / "t.xml"
+    truncated_ir.write_text(tiny_files["f32"].read_text()[:300])
+    with pytest.raises(EngramError, match="OpenVINO cannot read"):
+        EngramRuntime(truncated_ir)

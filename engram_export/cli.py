@@ -48,6 +48,7 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="trace an Engram layer to ONNX (hash-gather as one custom node)")
     add_layer_source(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx file")
+    p.add_argument("--no-optimize", action="store_true", help="keep the raw trace (no graph passes)")
     p.set_defaults(func=run_export)
 
 
@@ -55,7 +56,35 @@ def run_export(args) -> None:
     from engram_export.export import export_layer
 
     layer = layer_from_args(args)
-    print(export_layer(layer, args.output))
+    print(export_layer(layer, args.output, optimize=not args.no_optimize))
+
+
+# optimize -------------------------------------------------------------------------------------------
+def add_optimize(sub) -> None:
+    p = sub.add_parser("optimize", help="run the graph passes on an exported .onnx")
+    p.add_argument("model", type=Path, help="exported .onnx")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx file")
+    p.set_defaults(func=run_optimize)
+
+
+def run_optimize(args) -> None:
+    import collections
+
+    from engram_export.export import load_onnx, save_onnx
+    from engram_export.passes import optimize
+
+    model = load_onnx(args.model)
+    before = collections.Counter(node.op_type for node in model.graph)
+    with _stage("optimizing the graph"):
+        result = optimize(model)
+    after = collections.Counter(node.op_type for node in model.graph)
+    save_onnx(model, args.output)
+    print(f"nodes: {sum(before.values())} -> {sum(after.values())}"
+          f"{'' if result.modified else ' (nothing to fuse)'}")
+    for op in sorted(set(before) | set(after), key=lambda op: -before[op]):
+        if before[op] != after[op]:
+            print(f"  {op:20s} {before[op]:4d} -> {after[op]}")
+    print(args.output)
 
 
 # compile --------------------------------------------------------------------------------------------
@@ -217,17 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-export", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_export, add_compile, add_run, add_verify, add_demo):
+    for add in (add_export, add_optimize, add_compile, add_run, add_verify, add_demo):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet = any(a in ("-q", "--quiet") for a in argv)  # accepted before or after the command
+    args = build_parser().parse_args([a for a in argv if a not in ("-q", "--quiet")])
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:
+    if quiet:
         from engram_export.progress import quiet
 
         quiet()

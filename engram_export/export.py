@@ -21,11 +21,13 @@ from engram_export.fileio import staged_output
 from engram_export.model_info import ModelInfo
 from engram_export.models.engram import EngramLayer
 
-__all__ = ["export_layer", "save_onnx", "EXTERNAL_DATA_THRESHOLD", "MAX_IR_VERSION"]
+__all__ = ["export_layer", "load_onnx", "save_onnx", "optimize_graph", "EXTERNAL_DATA_THRESHOLD", "OPSET",
+           "IR_VERSION"]
 
 log = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GiB limit, with room for the graph itself
-MAX_IR_VERSION = 10  # ONNX Runtime 1.31 reads <= 13; opset 20 needs 9+
+OPSET = 23  # RMSNormalization: one op per RMSNorm, fused kernels in OpenVINO and ONNX Runtime
+IR_VERSION = 11  # what opset 23 needs; ONNX Runtime 1.31 reads <= 13
 
 
 def trace(layer: EngramLayer) -> ir.Model:
@@ -42,6 +44,7 @@ def trace(layer: EngramLayer) -> ir.Model:
             program = torch.onnx.export(
                 layer, (input_ids, hidden), dynamo=True, verbose=False,
                 input_names=["input_ids", "hidden_states"], output_names=["output"],
+                opset_version=OPSET,
                 dynamic_shapes={"input_ids": {0: batch, 1: tokens},
                                 "hidden_states": {0: batch, 1: tokens}},
                 custom_translation_table=onnx_op.translation_table())
@@ -52,8 +55,20 @@ def trace(layer: EngramLayer) -> ir.Model:
         config.max_ngram_size, model.opset_imports[""]))
     model.functions[function.identifier()] = function
     model.opset_imports[onnx_op.DOMAIN] = onnx_op.OPSET_VERSION
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    model.ir_version = IR_VERSION
     return model
+
+
+def load_onnx(path: str | Path) -> ir.Model:
+    """An exported .onnx (with its external data) as an onnx_ir model, for the passes."""
+    from engram_export.fileio import check_input_file
+
+    path = check_input_file(path, (".onnx",), "model")
+    ModelInfo.from_onnx(path)  # refuses files that engram-export did not write
+    try:
+        return ir.load(path)
+    except Exception as exc:  # protobuf and file errors
+        raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
 
 
 def save_onnx(model: ir.Model, output: str | Path,
@@ -74,14 +89,28 @@ def save_onnx(model: ir.Model, output: str | Path,
     return output
 
 
-def export_layer(layer: EngramLayer, output: str | Path,
+def optimize_graph(model: ir.Model) -> ir.Model:
+    """Run the graph passes (``passes/``) in place, reporting node counts."""
+    from engram_export.passes import optimize
+
+    with progress.stage("optimizing the graph") as notes:
+        before = model.graph.num_nodes()
+        optimize(model)
+        notes["nodes"] = f"{before} -> {model.graph.num_nodes()}"
+    return model
+
+
+def export_layer(layer: EngramLayer, output: str | Path, optimize: bool = True,
                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
-    """Export ``layer`` to ``output`` (.onnx); returns the path written."""
+    """Export ``layer`` to ``output`` (.onnx), with the graph passes unless ``optimize`` is False;
+    returns the path written."""
     if Path(output).suffix != ".onnx":
         raise EngramError(f"output {output} should end in .onnx")
     if not Path(output).parent.is_dir():
         raise EngramError(f"output folder {Path(output).parent} does not exist")
     with progress.stage(f"tracing Engram layer {layer.layer_id} with torch.onnx.export"):
         model = trace(layer)
+    if optimize:
+        optimize_graph(model)
     model.metadata_props.update(ModelInfo(layer.config, layer.layer_id, len(layer.hashing.lut)).to_metadata())
     return save_onnx(model, output, external_data_threshold)

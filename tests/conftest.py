@@ -36,14 +36,23 @@ def tiny_layer(tiny_config):
     return build_layer(tiny_config, TINY_LAYER, seed=1)
 
 
-@pytest.fixture(scope="session")
-def tiny_files(tiny_layer, tmp_path_factory) -> dict[str, Path]:
-    """The tiny layer exported to ONNX and compiled to f32 and bf16 IR."""
+def _export_and_compile(layer, folder: Path, optimize: bool) -> dict[str, Path]:
     from engram_export.compile import compile_onnx
     from engram_export.export import export_layer
 
-    folder = tmp_path_factory.mktemp("tiny")
-    onnx_path = export_layer(tiny_layer, folder / "engram.onnx")
+    onnx_path = export_layer(layer, folder / "engram.onnx", optimize=optimize)
     return {"onnx": onnx_path,
             "f32": compile_onnx(onnx_path, folder / "engram_f32.xml", "f32"),
             "bf16": compile_onnx(onnx_path, folder / "engram_bf16.xml", "bf16")}
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tiny_layer, tmp_path_factory) -> dict[str, Path]:
+    """The tiny layer exported to ONNX (graph passes applied) and compiled to f32 and bf16 IR."""
+    return _export_and_compile(tiny_layer, tmp_path_factory.mktemp("tiny"), optimize=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_raw_files(tiny_layer, tmp_path_factory) -> dict[str, Path]:
+    """The same, from the raw trace (``--no-optimize``)."""
+    return _export_and_compile(tiny_layer, tmp_path_factory.mktemp("tiny_raw"), optimize=False)

@@ -21,8 +21,9 @@ from engram_export.verify import compare, random_inputs
 SHAPES = [(1, 1), (3, 17), (50, 14), (2, 40)]
 
 
-def test_onnx_graph_is_standard_but_one_hash_gather_node(tiny_files):
-    model = onnx.load(tiny_files["onnx"])
+@pytest.mark.parametrize("graph", ["optimized", "raw"])
+def test_onnx_graph_is_standard_but_one_hash_gather_node(tiny_files, tiny_raw_files, graph):
+    model = onnx.load((tiny_files if graph == "optimized" else tiny_raw_files)["onnx"])
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version <= 13
     custom = [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
@@ -39,11 +40,15 @@ def test_onnx_graph_is_standard_but_one_hash_gather_node(tiny_files):
 
 
 @pytest.fixture(scope="module")
-def runtimes(tiny_files):
-    return {"onnxruntime": EngramRuntime(tiny_files["onnx"], runtime="ort"),
-            "openvino-onnx f32": EngramRuntime(tiny_files["onnx"], precision="f32"),
-            "openvino f32": EngramRuntime(tiny_files["f32"]),
-            "openvino bf16": EngramRuntime(tiny_files["bf16"])}
+def runtimes(tiny_files, tiny_raw_files):
+    """Every path, on the optimized graph and on the raw trace."""
+    paths = {}
+    for graph, files in (("optimized", tiny_files), ("raw", tiny_raw_files)):
+        paths.update({f"{graph} onnxruntime": EngramRuntime(files["onnx"], runtime="ort"),
+                      f"{graph} openvino-onnx f32": EngramRuntime(files["onnx"], precision="f32"),
+                      f"{graph} openvino f32": EngramRuntime(files["f32"]),
+                      f"{graph} openvino bf16": EngramRuntime(files["bf16"])})
+    return paths
 
 
 @pytest.mark.parametrize("batch,tokens", SHAPES)
@@ -54,7 +59,7 @@ def test_every_path_matches_pytorch(tiny_layer, runtimes, batch, tokens):
     for name, runtime in runtimes.items():
         result = compare(name, reference, runtime(ids, hidden), runtime.precision)
         assert result.passed, result
-    assert runtimes["openvino bf16"].precision == "bf16"
+    assert runtimes["optimized openvino bf16"].precision == "bf16"
 
 
 def test_reference_evaluator_runs_the_numpy_kernel(tiny_layer, tiny_files):

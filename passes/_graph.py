@@ -1,0 +1,121 @@
+"""Small matching and building helpers shared by the passes (onnx_ir values, nodes and constants)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["producer", "const", "scalar", "other_input", "attr", "RMSNorm", "match_rms_norm", "Builder",
+           "Refused", "replace_value"]
+
+
+class Refused(Exception):
+    """A pattern's check failed; the message says why (passes log it at debug level)."""
+
+
+def producer(value: ir.Value | None, op_type: str) -> ir.Node:
+    """The standard-domain node of ``op_type`` that produces ``value``, or ``Refused``."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+        found = "an input" if node is None else node.op_type
+        raise Refused(f"expected {op_type} producing {value.name if value else None}, found {found}")
+    return node
+
+
+def const(value: ir.Value | None) -> np.ndarray | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else tensor.numpy()
+
+
+def scalar(value: ir.Value | None) -> float:
+    array = const(value)
+    if array is None or array.size != 1:
+        raise Refused(f"expected a scalar constant, got {value.name if value else None}")
+    return array.item()
+
+
+def other_input(node: ir.Node, value: ir.Value) -> ir.Value:
+    """The input of a binary node that is not ``value``."""
+    first, second = node.inputs
+    if first is value:
+        return second
+    if second is value:
+        return first
+    raise Refused(f"{node.op_type} does not read {value.name}")
+
+
+def attr(node: ir.Node, name: str, default=None):
+    """An attribute's value (sequences as lists), or ``default`` if the node has none."""
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    return list(attr.value) if isinstance(attr.value, tuple) else attr.value
+
+
+@dataclasses.dataclass
+class RMSNorm:
+    """``x / sqrt(mean(x^2, -1) + eps) * weight``: an ``RMSNormalization`` over the last axis."""
+
+    x: ir.Value
+    weight: np.ndarray
+    eps: float
+
+
+def match_rms_norm(value: ir.Value) -> RMSNorm:
+    """The ``RMSNormalization`` (last axis, constant 1-D scale) that produces ``value``."""
+    node = producer(value, "RMSNormalization")
+    weight = const(node.inputs[1])
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    if attr(node, "axis", -1) not in (-1, (rank or 0) - 1):
+        raise Refused("RMSNormalization is not over the last axis")
+    if weight is None or weight.ndim != 1:
+        raise Refused("RMSNormalization without a constant 1-D scale")
+    return RMSNorm(node.inputs[0], weight, attr(node, "epsilon", 1e-5))
+
+
+class Builder:
+    """Records new nodes (via ``ir.tape.Tape``) and new initializers for one rewrite."""
+
+    def __init__(self, graph: ir.Graph, prefix: str):
+        self.graph, self.prefix = graph, prefix
+        self.tape = ir.tape.Tape()
+
+    def op(self, op_type: str, *inputs, **attributes) -> ir.Value:
+        return self.tape.op(op_type, list(inputs), attributes or None)
+
+    def ops(self, op_type: str, *inputs, num_outputs: int, **attributes) -> list[ir.Value]:
+        return list(self.tape.op_multi_out(op_type, list(inputs), attributes or None,
+                                           num_outputs=num_outputs))
+
+    def constant(self, name: str, array: np.ndarray) -> ir.Value:
+        """A new initializer, named uniquely under the rewrite's prefix."""
+        base, index = f"{self.prefix}.{name}", 0
+        unique = base
+        while unique in self.graph.initializers:
+            index += 1
+            unique = f"{base}_{index}"
+        value = ir.Value(name=unique, const_value=ir.tensor(np.ascontiguousarray(array), name=unique))
+        self.graph.register_initializer(value)
+        return value
+
+    def rms_norm(self, x: ir.Value, eps: float, dim: int) -> ir.Value:
+        """``RMSNormalization`` over the last axis with a unit scale; callers fold per-branch scales
+        into what follows. (OpenVINO runs it as one fused RMS kernel, ONNX Runtime natively.)"""
+        ones = self.constant("unit_scale", np.ones(dim, np.float32))
+        return self.op("RMSNormalization", x, ones, axis=-1, epsilon=float(eps))
+
+    def insert_before(self, anchor: ir.Node) -> None:
+        self.graph.insert_before(anchor, self.tape.nodes)
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Point every user of ``old`` (graph outputs too) at ``new``; a graph output keeps its name."""
+    new.type, new.shape = old.type, old.shape
+    was_output = old.is_graph_output()
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if was_output:
+        name = old.name
+        old.name = f"{name}.replaced"
+        new.name = name

@@ -241,12 +241,59 @@ def run_demo(args) -> int:
     return 0 if ok else 1
 
 
+# bench ----------------------------------------------------------------------------------------------
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time PyTorch, ONNX Runtime and OpenVINO side by side")
+    p.add_argument("--config", default="deepseek-demo", help="preset or JSON config")
+    p.add_argument("--weights", type=Path, help="checkpoint (default: random weights, seed 0)")
+    p.add_argument("--prefix", default="")
+    p.add_argument("--layer", type=int, help="layer id (default: the config's first)")
+    p.add_argument("--engram-vocab-size", type=int, help="override the table size per n-gram order")
+    p.add_argument("--batch", type=int, help="one workload of this batch (with --tokens)")
+    p.add_argument("--tokens", type=int, help="one workload of this many tokens")
+    p.add_argument("--precision", choices=["f32", "bf16", "all"], default="all")
+    p.add_argument("--repeat", type=int, default=20, help="timed rounds (median is reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="also print OpenVINO per-node times")
+    p.add_argument("--workdir", type=Path, help="keep the exported files here")
+    p.set_defaults(func=run_bench_command)
+
+
+def run_bench_command(args) -> None:
+    import tempfile
+
+    from engram_export.bench import run_bench
+    from engram_export.models.config import load_config
+    from engram_export.models.weights import build_layer
+
+    config = load_config(args.config)
+    if args.engram_vocab_size:
+        config = config.replace(engram_vocab_size=(args.engram_vocab_size,) * (config.max_ngram_size - 1))
+    if (args.batch is None) != (args.tokens is None):
+        raise EngramError("give --batch and --tokens together (default: 50x14 and 50x1)")
+    shapes = [(args.batch, args.tokens)] if args.batch else [(50, 14), (50, 1)]
+    if min(min(s) for s in shapes) < 1 or args.repeat < 1:
+        raise EngramError("--batch, --tokens and --repeat must be >= 1")
+    precisions = ["f32", "bf16"] if args.precision == "all" else [args.precision]
+    layer_id = config.layer_ids[0] if args.layer is None else args.layer
+    with _stage(f"building layer {layer_id}"):
+        layer = build_layer(config, layer_id, weights=args.weights, prefix=args.prefix,
+                            seed=None if args.weights else 0)
+    if args.workdir:
+        if not args.workdir.is_dir():
+            raise EngramError(f"workdir {args.workdir} does not exist")
+        run_bench(layer, args.workdir, shapes, precisions, args.repeat, args.warmup, args.profile)
+        return
+    with tempfile.TemporaryDirectory(prefix="engram-bench-") as workdir:
+        run_bench(layer, Path(workdir), shapes, precisions, args.repeat, args.warmup, args.profile)
+
+
 # main -----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-export", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_export, add_optimize, add_compile, add_run, add_verify, add_demo):
+    for add in (add_export, add_optimize, add_compile, add_run, add_verify, add_demo, add_bench):
         add(sub)
     return parser
 

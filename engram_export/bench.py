@@ -1,0 +1,227 @@
+"""``engram-export bench``: every runtime path timed side by side, in one run, on the same inputs.
+
+Rows are timed round-robin (one call of each row per round, after warm-up), so noise on a shared
+machine hits every row alike; the table shows medians and each row's speed-up over PyTorch eager fp32
+(the demo layout). The floor rows run only one MatMul of the fused projection's shape
+([B*T, E] x [E, (G+1)*D]) in OpenVINO at the same precision: what the projections' FLOPs cost alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import gc
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import psutil
+import torch
+
+from engram_export import progress
+from engram_export.verify import format_table, random_inputs
+
+__all__ = ["BenchRow", "cpu_summary", "run_bench", "time_rows", "TARGETS"]
+
+# (description, numerator row, denominator row, shape, bound): ratio = numerator ms / denominator ms
+TARGETS = [
+    ("optimized bf16 / bf16 floor <= 1.3", "openvino optimized bf16", "openvino matmul floor bf16",
+     (50, 14), 1.3),
+    ("optimized f32 / f32 floor <= 1.3", "openvino optimized f32", "openvino matmul floor f32",
+     (50, 14), 1.3),
+    ("eager f32 / optimized bf16 >= 6", "pytorch eager (demo layout) f32", "openvino optimized bf16",
+     (50, 14), -6),
+    ("eager bf16 / optimized bf16 >= 3.5", "pytorch eager (demo layout) bf16",
+     "openvino optimized bf16", (50, 14), -3.5),
+    ("T=1: eager f32 / optimized bf16 >= 5", "pytorch eager (demo layout) f32",
+     "openvino optimized bf16", (50, 1), -5),
+]
+
+
+@dataclasses.dataclass
+class BenchRow:
+    name: str  # unique: what runs and at which precision
+    precision: str
+    call: Callable
+    make_args: Callable  # (ids, hidden) -> the row's own arguments for that input
+    load_s: float = 0.0
+    private_mib: float = 0.0  # growth of the process's private memory (USS) while loading
+    settings: str = ""
+    times_ms: dict = dataclasses.field(default_factory=dict)  # (B, T) -> [ms per round]
+
+    def median(self, shape) -> float:
+        return statistics.median(self.times_ms[shape])
+
+
+def cpu_summary() -> str:
+    """CPU model, the ISA features that matter here (AMX or not), and thread counts."""
+    flags, model = set(), "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    features = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    return (f"{model}; {'AMX present' if 'amx_bf16' in flags else 'no AMX'}; "
+            f"ISA: {', '.join(features) or 'no AVX-512'}; {os.cpu_count()} logical CPUs "
+            f"(torch threads {torch.get_num_threads()}, OpenVINO and ONNX Runtime: all cores)")
+
+
+def _private_mib() -> float:
+    return psutil.Process().memory_full_info().uss / 2**20
+
+
+def time_rows(rows: list[BenchRow], shapes: dict, warmup: int, repeat: int) -> None:
+    """For each shape (``{shape: (ids, hidden)}``): warm every row up, then ``repeat`` rounds."""
+    for shape, (ids, hidden) in shapes.items():
+        args = [row.make_args(ids, hidden) for row in rows]
+        for row, row_args in zip(rows, args):
+            for _ in range(warmup):
+                row.call(*row_args)
+            row.times_ms[shape] = []
+        for _ in range(repeat):
+            for row, row_args in zip(rows, args):
+                start = time.perf_counter()
+                row.call(*row_args)
+                row.times_ms[shape].append((time.perf_counter() - start) * 1e3)
+
+
+class _Loader:
+    """Builds rows, measuring each model's load (compile) time and private memory."""
+
+    def __init__(self, probe):
+        self.rows, self.probe = [], probe
+
+    def add(self, name, precision, make, make_args=lambda ids, hidden: (ids, hidden), settings=""):
+        gc.collect()
+        before, start = _private_mib(), time.perf_counter()
+        call = make()
+        load_s = time.perf_counter() - start
+        row = BenchRow(f"{name} {precision}", precision, call, make_args, load_s, 0.0, settings)
+        call(*make_args(*self.probe))
+        row.private_mib = _private_mib() - before
+        self.rows.append(row)
+
+
+def _eager(layer, dtype):
+    def call(ids, hidden):
+        with torch.inference_mode():
+            return layer.forward_reference(ids, hidden)
+    return call, lambda ids, hidden: (torch.from_numpy(ids), torch.from_numpy(hidden).to(dtype))
+
+
+def _matmul_floor(width_in: int, width_out: int, precision: str):
+    import openvino
+    from openvino import opset13 as ops
+
+    x = ops.parameter([-1, width_in], np.float32, name="x")
+    weight = np.random.default_rng(0).standard_normal((width_in, width_out), np.float32)
+    model = openvino.Model([ops.matmul(x, ops.constant(weight), False, False)], [x])
+    request = openvino.Core().compile_model(
+        model, "CPU", {"INFERENCE_PRECISION_HINT": precision}).create_infer_request()
+    return lambda x: request.infer({"x": x})
+
+
+def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: list[str],
+              repeat: int = 20, warmup: int = 3, profile: bool = False) -> list[BenchRow]:
+    """Export raw and optimized graphs of ``layer`` into ``workdir``, time every path, print;
+    with ``profile``, also OpenVINO's per-node times of each model."""
+    from engram_export.compile import compile_onnx
+    from engram_export.export import export_layer
+    from engram_export.runtime import EngramRuntime
+
+    config = layer.config
+    files = {}
+    for graph in ("raw", "optimized"):
+        files[graph] = export_layer(layer, workdir / f"{graph}.onnx", optimize=graph == "optimized")
+        for precision in precisions:
+            files[graph, precision] = compile_onnx(files[graph], workdir / f"{graph}_{precision}.xml",
+                                                   precision)
+    num_ids = len(layer.hashing.lut)
+    loader = _Loader(random_inputs(config, num_ids, 2, 3))
+    width_in, width_out = config.engram_hidden_size, (config.hc_mult + 1) * config.hidden_size
+    rng = np.random.default_rng(2)
+    floor_args = lambda ids, hidden: (rng.standard_normal((ids.size, width_in), np.float32),)  # noqa: E731
+    with progress.stage("loading every model"):
+        for precision in precisions:
+            source = layer if precision == "f32" else copy.deepcopy(layer).to(torch.bfloat16)
+            call, make_args = _eager(source, torch.float32 if precision == "f32" else torch.bfloat16)
+            loader.add("pytorch eager (demo layout)", precision, lambda c=call: c, make_args,
+                       f"torch {torch.__version__.split('+')[0]}")
+        for graph in ("raw", "optimized"):
+            loader.add(f"onnxruntime {graph}", "f32",
+                       lambda g=graph: EngramRuntime(files[g], runtime="ort"))
+        for precision in precisions:
+            for graph in ("raw", "optimized"):
+                loader.add(f"openvino {graph}", precision,
+                           lambda g=graph, p=precision: EngramRuntime(files[g, p]),
+                           settings=f"INFERENCE_PRECISION_HINT={precision}")
+            loader.add("openvino matmul floor", precision,
+                       lambda p=precision: _matmul_floor(width_in, width_out, p), floor_args,
+                       f"[B*T,{width_in}]x[{width_in},{width_out}]")
+    inputs = {shape: random_inputs(config, num_ids, *shape, seed=1) for shape in shapes}
+    with progress.stage(f"timing {len(loader.rows)} rows x {len(shapes)} shapes, {repeat} rounds"):
+        time_rows(loader.rows, inputs, warmup, repeat)
+    print(f"CPU: {cpu_summary()}")
+    print(report(loader.rows, shapes))
+    if profile:
+        for shape, (ids, hidden) in inputs.items():
+            for precision in precisions:
+                for graph in ("raw", "optimized"):
+                    print(f"\nper-node profile, B={shape[0]}, T={shape[1]}, {graph} {precision}:")
+                    print(profile_top(files[graph, precision], ids, hidden, precision))
+    return loader.rows
+
+
+def report(rows: list[BenchRow], shapes) -> str:
+    """One table per shape, then the targets that can be judged from these rows."""
+    by_name = {row.name: row for row in rows}
+    eager = by_name["pytorch eager (demo layout) f32"]
+    lines = []
+    for shape in shapes:
+        floors = {r.precision: r.median(shape) for r in rows if "floor" in r.name}
+        table = []
+        for row in rows:
+            ms, floor = row.median(shape), floors.get(row.precision)
+            table.append([row.name, f"{ms:.2f}", f"{eager.median(shape) / ms:.2f}x",
+                          f"{ms / floor:.2f}" if floor and "floor" not in row.name else "",
+                          f"{row.load_s:.1f}", f"{row.private_mib:.0f}", row.settings])
+        lines += [f"\nB={shape[0]}, T={shape[1]}: median of {len(eager.times_ms[shape])} rounds",
+                  format_table(table, ["row", "ms", "vs eager f32", "/ floor", "load s",
+                                       "private MiB", "settings"])]
+    checks = []
+    for text, top, bottom, shape, bound in TARGETS:
+        if top in by_name and bottom in by_name and shape in shapes:
+            ratio = by_name[top].median(shape) / by_name[bottom].median(shape)
+            met = ratio <= bound if bound > 0 else ratio >= -bound
+            checks.append(f"  {text}: {ratio:.2f} {'met' if met else 'MISSED'}")
+    if checks:
+        lines += ["\ntargets (ratios from this run):", *checks]
+    return "\n".join(lines)
+
+
+def profile_top(xml: Path, ids: np.ndarray, hidden: np.ndarray, precision: str, top: int = 12) -> str:
+    """OpenVINO's per-node times (PERF_COUNT) for one model: where the time goes."""
+    from engram_export.ov_extension import openvino_core
+
+    compiled = openvino_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                               "PERF_COUNT": "YES"})
+    request = compiled.create_infer_request()
+    totals, rounds = collections.Counter(), 10
+    for _ in range(3 + rounds):
+        request.infer({"input_ids": ids, "hidden_states": hidden})
+    for _ in range(rounds):
+        request.infer({"input_ids": ids, "hidden_states": hidden})
+        for info in request.get_profiling_info():
+            key = (info.node_type, info.exec_type, info.node_name)
+            totals[key] += info.real_time.total_seconds() * 1e3 / rounds
+    rows = [[f"{ms:.2f}", kind, impl, name[:48]] for (kind, impl, name), ms in totals.most_common(top)]
+    return (f"{xml.name}: {sum(totals.values()):.2f} ms in nodes\n"
+            + format_table(rows, ["ms", "node", "kernel", "name"]))

@@ -1,14 +1,18 @@
 """ONNX -> OpenVINO IR (xml + bin) for CPU, in f32 or bf16.
 
 The ONNX frontend converts ``engram.HashGather`` through the Engram extension into the bit-exact
-``EngramHash`` op plus a standard Gather on the constant table. ``bf16`` stores weights as fp16 in the
+``EngramHash`` op plus a standard Gather on the constant table; on an optimized graph, everything after
+the projection GEMM becomes the extension's fused ``EngramGatedShortConv`` kernel. ``bf16`` stores weights as fp16 in the
 .bin (OpenVINO's own weight compression: half the size, decompressed by the CPU plugin) and records
 bf16 as the inference precision, which the runtime applies when it compiles the model.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import onnx_ir as ir
 
 from engram_export import progress
 from engram_export.errors import EngramError
@@ -19,14 +23,36 @@ from engram_export.ov_extension import HASH_OP_TYPE, openvino_core
 __all__ = ["compile_onnx", "read_onnx"]
 
 
+def _lowered_copy(onnx_path: Path) -> Path | None:
+    """A hidden copy of the graph beside ``onnx_path`` with ``passes.lower_for_openvino`` applied,
+    or None if nothing was lowered. Large tensors stay in the original external-data file."""
+    from engram_export.export import load_onnx
+    from engram_export.passes import lower_for_openvino
+
+    model = load_onnx(onnx_path)
+    if not lower_for_openvino(model).modified:
+        return None
+    lowered = onnx_path.parent / f".{onnx_path.stem}.openvino-{os.getpid()}.onnx"
+    try:
+        ir.save(model, lowered)  # external tensors keep pointing at the original data file
+    except OSError as exc:
+        raise EngramError(f"cannot write beside {onnx_path} ({exc.strerror})") from None
+    return lowered
+
+
 def read_onnx(onnx_path: str | Path):
-    """The ONNX file as an ``openvino.Model`` (hash as ``EngramHash``) and its ``ModelInfo``."""
+    """The ONNX file as an ``openvino.Model`` (hash as ``EngramHash``, the post-projection block as
+    ``EngramGatedShortConv`` when the graph was optimized) and its ``ModelInfo``."""
     onnx_path = check_input_file(onnx_path, (".onnx",), "model")
     info = ModelInfo.from_onnx(onnx_path)
+    lowered = _lowered_copy(onnx_path)
     try:
-        model = openvino_core().read_model(str(onnx_path))
+        model = openvino_core().read_model(str(lowered or onnx_path))
     except RuntimeError as exc:
         raise EngramError(f"OpenVINO cannot read {onnx_path}: {str(exc).splitlines()[0]}") from None
+    finally:
+        if lowered is not None:
+            lowered.unlink(missing_ok=True)
     if not any(op.get_type_name() == HASH_OP_TYPE for op in model.get_ops()):
         raise EngramError(f"{onnx_path}: the hash-gather node was not converted to {HASH_OP_TYPE}")
     return model, info

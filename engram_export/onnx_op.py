@@ -22,12 +22,13 @@ from onnx.reference.op_run import OpRun
 from engram_export.models.hashing import hash_rows
 
 __all__ = ["DOMAIN", "OP_TYPE", "OPSET_VERSION", "hash_gather_function", "translation_table",
-           "HashGather", "hash_gather_nodes"]
+           "HashGather", "hash_gather_nodes", "GATED_CONV_OP_TYPE", "gated_short_conv_function"]
 
 DOMAIN = "engram"
 OP_TYPE = "HashGather"
 OPSET_VERSION = 1
 MIN_BODY_OPSET = 18  # BitwiseXor
+MIN_GATED_CONV_OPSET = 23  # RMSNormalization
 
 
 def _ref_attr(node: onnx.NodeProto, name: str, ref: str, kind: int) -> onnx.NodeProto:
@@ -121,6 +122,76 @@ def hash_gather_schema() -> onnx.defs.OpSchema:
                     schema.Attribute("pad_id", attr.INT, "compressed id padding the left edge"),
                     schema.Attribute("n_head_per_ngram", attr.INT, "heads per n-gram order")],
     )
+
+
+GATED_CONV_OP_TYPE = "GatedShortConv"
+
+
+def gated_short_conv_function(opset: int) -> onnx.FunctionProto:
+    """``engram.GatedShortConv(proj, hidden, scales, conv_weight) -> output [B,T,G,D]``: everything after
+    the fused projection, as standard ops (what ``passes/fuse_gated_conv.py`` replaces).
+
+    ``proj`` [B,T,(G+1)*D] holds the G keys then the value; ``scales`` [G,D] is norm1 * norm2;
+    ``conv_weight`` [G*D,1,K,1] has the short-conv norms folded in. Attributes: ``eps_key``,
+    ``eps_query``, ``eps_conv``, ``score_scale`` (sqrt D), ``floor`` (of |score|), ``channels`` (G*D),
+    ``dilations`` and ``pads`` of the causal conv over [B, G*D, T, 1].
+    """
+    floats, ints, one = (onnx.AttributeProto.FLOAT, onnx.AttributeProto.INTS,
+                         onnx.AttributeProto.INT)
+    n = helper.make_node
+
+    def ints_const(name, values):
+        return n("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,
+                                                                 [len(values)], values))
+
+    def rms(x, eps_attr, out):
+        return _ref_attr(n("RMSNormalization", [x, "ones"], [out], axis=-1), "epsilon", eps_attr, floats)
+
+    nodes = [
+        n("Shape", ["hidden"], ["hidden_shape"]),
+        n("Shape", ["hidden"], ["dim"], start=3, end=4),
+        n("Shape", ["proj"], ["width"], start=2, end=3),
+        n("Sub", ["width", "dim"], ["keys_width"]),
+        n("Concat", ["keys_width", "dim"], ["sizes"], axis=0),
+        n("Split", ["proj", "sizes"], ["keys_flat", "value"], axis=-1),
+        n("Reshape", ["keys_flat", "hidden_shape"], ["keys"]),
+        n("ConstantOfShape", ["dim"], ["ones"], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+        rms("keys", "eps_key", "keys_normed"),
+        rms("hidden", "eps_query", "query_normed"),
+        n("Mul", ["keys_normed", "query_normed"], ["product"]),
+        n("Mul", ["product", "scales"], ["scaled"]),
+        ints_const("last_axis", [-1]),
+        n("ReduceSum", ["scaled", "last_axis"], ["dot"], keepdims=1),
+        _ref_attr(n("Constant", [], ["score_scale"]), "value_float", "score_scale", floats),
+        n("Div", ["dot", "score_scale"], ["score"]),
+        _ref_attr(n("Constant", [], ["floor"]), "value_float", "floor", floats),
+        n("Abs", ["score"], ["magnitude"]),
+        n("Clip", ["magnitude", "floor"], ["clipped"]),
+        n("Sqrt", ["clipped"], ["root"]),
+        n("Sign", ["score"], ["sign"]),
+        n("Mul", ["root", "sign"], ["signed_root"]),
+        n("Sigmoid", ["signed_root"], ["gate"]),
+        ints_const("axis2", [2]),
+        n("Unsqueeze", ["value", "axis2"], ["value4"]),
+        n("Mul", ["gate", "value4"], ["gated"]),
+        rms("gated", "eps_conv", "gated_normed"),
+        ints_const("columns_shape", [0, 0, 1, -1]),
+        n("Reshape", ["gated_normed", "columns_shape"], ["columns_flat"]),
+        n("Transpose", ["columns_flat"], ["columns"], perm=[0, 3, 1, 2]),
+        _ref_attr(_ref_attr(_ref_attr(n("Conv", ["columns", "conv_weight"], ["mixed"]),
+                                      "group", "channels", one), "dilations", "dilations", ints),
+                  "pads", "pads", ints),
+        n("Sigmoid", ["mixed"], ["mixed_sigmoid"]),
+        n("Mul", ["mixed", "mixed_sigmoid"], ["activated"]),
+        n("Transpose", ["activated"], ["activated_rows"], perm=[0, 2, 3, 1]),
+        n("Reshape", ["activated_rows", "hidden_shape"], ["conv_out"]),
+        n("Add", ["gated", "conv_out"], ["output"]),
+    ]
+    return helper.make_function(
+        DOMAIN, GATED_CONV_OP_TYPE, ["proj", "hidden", "scales", "conv_weight"], ["output"], nodes,
+        [helper.make_opsetid("", max(opset, MIN_GATED_CONV_OPSET))],
+        attributes=["eps_key", "eps_query", "eps_conv", "score_scale", "floor", "channels",
+                    "dilations", "pads"])
 
 
 def translation_table() -> dict:

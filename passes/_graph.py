@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = ["producer", "const", "scalar", "other_input", "attr", "RMSNorm", "match_rms_norm", "Builder",
-           "Refused", "replace_value"]
+           "Refused", "replace_value", "match_signed_sqrt_gate", "match_silu"]
 
 
 class Refused(Exception):
@@ -73,6 +73,31 @@ def match_rms_norm(value: ir.Value) -> RMSNorm:
     if weight is None or weight.ndim != 1:
         raise Refused("RMSNormalization without a constant 1-D scale")
     return RMSNorm(node.inputs[0], weight, attr(node, "epsilon", 1e-5))
+
+
+def match_signed_sqrt_gate(value: ir.Value) -> tuple[ir.Value, float]:
+    """``Sigmoid(Sqrt(Clip(Abs(s), floor)) * Sign(s))`` ending at ``value``: returns (s, floor)."""
+    signed = producer(producer(value, "Sigmoid").inputs[0], "Mul")
+    sqrt_node = next((v.producer() for v in signed.inputs
+                      if v.producer() is not None and v.producer().op_type == "Sqrt"), None)
+    if sqrt_node is None:
+        raise Refused("gate: no signed square root")
+    sign = producer(other_input(signed, sqrt_node.outputs[0]), "Sign")
+    clip = producer(sqrt_node.inputs[0], "Clip")
+    absolute = producer(clip.inputs[0], "Abs")
+    if absolute.inputs[0] is not sign.inputs[0] or len(clip.inputs) != 2:
+        raise Refused("gate: sign and magnitude of different values")
+    return sign.inputs[0], scalar(clip.inputs[1])
+
+
+def match_silu(value: ir.Value) -> ir.Value:
+    """``x * Sigmoid(x)`` ending at ``value``: returns x."""
+    product = producer(value, "Mul")
+    for x in product.inputs:
+        other = other_input(product, x).producer()
+        if other is not None and other.op_type == "Sigmoid" and other.inputs[0] is x:
+            return x
+    raise Refused("no SiLU")
 
 
 class Builder:

@@ -16,8 +16,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from engram_export.passes._graph import (Builder, Refused, const, attr, match_rms_norm,
-                                         other_input, producer, replace_value, scalar)
+from engram_export.passes._graph import (Builder, Refused, attr, const, match_rms_norm,
+                                         match_signed_sqrt_gate, producer, replace_value, scalar)
 
 __all__ = ["FuseGatingPass", "merged_last_axis"]
 
@@ -48,17 +48,8 @@ def match_gate(value: ir.Value) -> Gate:
     inner = producer(outer.inputs[0], "Unsqueeze")
     if _unsqueezed_axes(outer) != [2] or _unsqueezed_axes(inner) not in ([-1], [2]):
         raise Refused("gate: unexpected Unsqueeze axes")
-    signed = producer(producer(inner.inputs[0], "Sigmoid").inputs[0], "Mul")
-    sqrt_node = next((producer(v, "Sqrt") for v in signed.inputs
-                      if v.producer() and v.producer().op_type == "Sqrt"), None)
-    if sqrt_node is None:
-        raise Refused("gate: no signed square root")
-    sign = producer(other_input(signed, sqrt_node.outputs[0]), "Sign")
-    clip = producer(sqrt_node.inputs[0], "Clip")
-    absolute = producer(clip.inputs[0], "Abs")
-    if absolute.inputs[0] is not sign.inputs[0] or len(clip.inputs) != 2:
-        raise Refused("gate: sign and magnitude of different values")
-    divide = producer(sign.inputs[0], "Div")
+    score, floor = match_signed_sqrt_gate(inner.inputs[0])
+    divide = producer(score, "Div")
     reduce = producer(divide.inputs[0], "ReduceSum")
     if const(reduce.inputs[1]).tolist() not in ([-1], [2]) or attr(reduce, "keepdims", 1) != 0:
         raise Refused("gate: ReduceSum is not over the last axis")
@@ -71,7 +62,7 @@ def match_gate(value: ir.Value) -> Gate:
         raise Refused("gate: query is not hidden[:, :, i, :]")
     return Gate(key_norm.x, select.inputs[0], int(const(select.inputs[1])),
                 (key_norm.weight, key_norm.eps), (query_norm.weight, query_norm.eps),
-                scalar(divide.inputs[1]), scalar(clip.inputs[1]))
+                scalar(divide.inputs[1]), floor)
 
 
 def merged_last_axis(build: Builder, values: list[ir.Value]) -> ir.Value:

@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from engram_export.passes._graph import (Builder, Refused, const, attr, match_rms_norm,
+from engram_export.passes._graph import (Builder, Refused, attr, const, match_rms_norm, match_silu,
                                          other_input, producer, replace_value)
 
 __all__ = ["FuseShortConvPass"]
@@ -48,12 +48,7 @@ def match_short_conv(residual: ir.Node) -> ShortConv:
     else:
         raise Refused("no Reshape feeding the residual Add")
     back = producer(reshape.inputs[0], "Transpose")
-    silu = producer(back.inputs[0], "Mul")
-    sigmoid = next((v.producer() for v in silu.inputs
-                    if v.producer() is not None and v.producer().op_type == "Sigmoid"), None)
-    if sigmoid is None or other_input(silu, sigmoid.outputs[0]) is not sigmoid.inputs[0]:
-        raise Refused("no SiLU after the conv")
-    crop = producer(sigmoid.inputs[0], "Slice")
+    crop = producer(match_silu(back.inputs[0]), "Slice")
     conv = producer(crop.inputs[0], "Conv")
     to_channels = producer(conv.inputs[0], "Transpose")
     concat = producer(to_channels.inputs[0], "Concat")

@@ -16,7 +16,8 @@ import onnx_ir as ir
 import onnxruntime
 import pytest
 
-from engram_export.passes import (FuseGatingPass, FuseProjectionsPass, FuseShortConvPass, optimize)
+from engram_export.passes import (FuseGatedConvPass, FuseGatingPass, FuseProjectionsPass,
+                                  FuseShortConvPass, lower_for_openvino, optimize)
 from engram_export.verify import random_inputs
 
 SHAPES = [(1, 1), (3, 17), (50, 14)]
@@ -72,7 +73,8 @@ def test_pass_fires_keeps_outputs_and_is_idempotent(raw, tiny_config, tiny_raw_f
     assert not pass_type()(raw).modified
 
 
-def test_all_passes_together(raw, tiny_config, tiny_raw_files):
+def test_optimize_runs_the_standard_passes_together(raw, tiny_config, tiny_raw_files):
+    """fuse-projections, fuse-gating and fuse-short-conv: the batched standard-op form."""
     before = ops(raw)
     assert optimize(raw).modified
     after = ops(raw)
@@ -82,9 +84,40 @@ def test_all_passes_together(raw, tiny_config, tiny_raw_files):
     (conv,) = [n for n in raw.graph if n.op_type == "Conv"]
     reach = (tiny_config.kernel_size - 1) * tiny_config.max_ngram_size
     assert list(conv.attributes["pads"].value) == [reach, 0, 0, 0]  # causal: left padding only
+    assert [n.domain for n in raw.graph].count("engram") == 1  # still one custom node
     check(raw)
     assert_same_outputs(ir.load(tiny_raw_files["onnx"]), raw, tiny_config, 1e-5)
     assert not optimize(raw).modified
+
+
+def test_fuse_gated_conv_on_the_batched_form(raw, tiny_config, tiny_raw_files):
+    assert not FuseGatedConvPass()(raw).modified  # refuses the raw, per-branch form
+    optimize(raw)
+    assert lower_for_openvino(raw).modified
+    assert [(n.domain, n.op_type) for n in raw.graph] == [
+        ("engram", "HashGather"), ("", "MatMul"), ("", "Add"), ("engram", "GatedShortConv")]
+    assert sorted(f.name for f in raw.functions.values()) == ["GatedShortConv", "HashGather"]
+    check(raw)
+    assert_same_outputs(ir.load(tiny_raw_files["onnx"]), raw, tiny_config, 1e-5)
+    assert not lower_for_openvino(raw).modified
+
+
+def test_gated_conv_kernel_in_openvino_matches_its_function(raw, tiny_config, tmp_path):
+    """The fused C++ kernel against the node's own standard-op definition (run by ONNX Runtime)."""
+    from engram_export.export import save_onnx
+    from engram_export.ov_extension import openvino_core
+
+    optimize(raw)
+    lower_for_openvino(raw)
+    path = save_onnx(raw, tmp_path / "fused.onnx")
+    compiled = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    kinds = {op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops()}
+    assert "Reference" in kinds and "Convolution" not in kinds  # the fused kernel, not the body
+    for batch, tokens in SHAPES + [(2, 40)]:
+        ids, hidden = random_inputs(tiny_config, tiny_config.vocab_size, batch, tokens, seed=7)
+        expected = run(raw, ids, hidden)
+        got = compiled({"input_ids": ids, "hidden_states": hidden})[0]
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), (batch, tokens)
 
 
 def _node(model: ir.Model, op_type: str, index: int = 0) -> ir.Node:

@@ -87,6 +87,18 @@ def test_compiled_model_keeps_the_table_a_standard_gather(tiny_files):
     assert "BitwiseXor" not in {op.get_type_name() for op in ops.values()}
 
 
+def test_optimized_graph_compiles_to_the_fused_kernel(tiny_files, tiny_raw_files):
+    from engram_export.ov_extension import openvino_core
+
+    def types(xml):
+        return [op.get_type_name() for op in openvino_core().read_model(str(xml)).get_ops()]
+
+    assert types(tiny_files["f32"]).count("EngramGatedShortConv") == 1
+    assert "Convolution" not in types(tiny_files["bf16"]) and "GroupConvolution" not in types(tiny_files["bf16"])
+    assert "EngramGatedShortConv" not in types(tiny_raw_files["f32"])
+    assert not list(tiny_files["onnx"].parent.glob(".*"))  # the lowered temporary copy is gone
+
+
 def test_external_data_for_large_tables(tiny_layer, tmp_path):
     path = export_layer(tiny_layer, tmp_path / "big.onnx", external_data_threshold=1000)
     assert (tmp_path / "big.onnx.data").stat().st_size > tiny_layer.multi_head_embedding.embedding.weight.nbytes

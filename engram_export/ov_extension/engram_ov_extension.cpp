@@ -1,15 +1,23 @@
-// OpenVINO extension for Engram: the n-gram hash as one custom op, bit-exact on CPU.
+// OpenVINO extension for Engram: two custom ops for the CPU plugin.
 //
-// OpenVINO's CPU plugin executes i64 arithmetic in i32, so the hash (64-bit multiply, xor, floor mod)
-// cannot be written with standard ops there. EngramHash computes raw ids -> table rows in true 64-bit
-// arithmetic (wrapping like numpy); the ONNX converter below turns engram.HashGather into
-// EngramHash + a standard Gather on the table, so NNCF can still compress the table.
+// EngramHash: the n-gram hash, bit-exact. OpenVINO's CPU plugin executes i64 arithmetic in i32, so the
+// hash (64-bit multiply, xor, floor mod) cannot be written with standard ops there. It computes raw
+// ids -> table rows in true 64-bit arithmetic (wrapping like numpy); the ONNX converter turns
+// engram.HashGather into EngramHash + a standard Gather on the table, so NNCF can still compress it.
+//
+// EngramGatedShortConv: everything after the projection GEMM (gates, gated value, short-conv norm,
+// causal depthwise conv, SiLU, residual) in one pass over memory. With standard ops each of those steps
+// reads and writes a [B,T,G,D] tensor, which on CPU costs as much as the GEMM itself.
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
 #include "openvino/core/extension.hpp"
+#include "openvino/core/parallel.hpp"
 #include "openvino/core/op_extension.hpp"
 #include "openvino/frontend/onnx/extension/conversion.hpp"
 #include "openvino/op/constant.hpp"
@@ -133,6 +141,186 @@ private:
     int64_t m_n_head_per_ngram = 1;
 };
 
+// exp(x) for the SiLU, branch-free so that `omp simd` loops vectorize it: Cody-Waite range reduction
+// and a degree-6 polynomial, within 2 ulp of expf over the range that matters (|x| < 88).
+static inline float fast_exp(float x) {
+    x = std::min(std::max(x, -87.0f), 88.0f);
+    const float n = std::nearbyint(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits;
+    std::memcpy(&bits, &p, sizeof bits);
+    bits += static_cast<int32_t>(n) << 23;
+    std::memcpy(&p, &bits, sizeof p);
+    return p;
+}
+
+// Inputs: proj [B,T,(G+1)*D] (G keys, then the value), hidden [B,T,G,D], scales [G,D] (norm1 * norm2
+// weights), conv_weight [G*D,1,K,1] (short-conv norm weights folded in). Output [B,T,G,D] f32.
+class EngramGatedShortConv : public ov::op::Op {
+public:
+    OPENVINO_OP("EngramGatedShortConv", "engram_extension");
+
+    EngramGatedShortConv() = default;
+
+    EngramGatedShortConv(const ov::OutputVector& args, float eps_key, float eps_query, float eps_conv,
+                         float score_scale, float floor, int64_t dilation)
+        : Op(args),
+          m_eps_key(eps_key),
+          m_eps_query(eps_query),
+          m_eps_conv(eps_conv),
+          m_score_scale(score_scale),
+          m_floor(floor),
+          m_dilation(dilation) {
+        constructor_validate_and_infer_types();
+    }
+
+    void validate_and_infer_types() override {
+        const auto& hidden = get_input_partial_shape(1);
+        NODE_VALIDATION_CHECK(this, hidden.rank().compatible(4), "hidden must be [B, T, G, D]");
+        for (size_t i = 0; i < 4; ++i)
+            NODE_VALIDATION_CHECK(this, get_input_element_type(i).is_real(), "inputs must be float");
+        set_output_type(0, ov::element::f32, hidden);
+    }
+
+    std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
+        return std::make_shared<EngramGatedShortConv>(args, m_eps_key, m_eps_query, m_eps_conv,
+                                                      m_score_scale, m_floor, m_dilation);
+    }
+
+    bool visit_attributes(ov::AttributeVisitor& visitor) override {
+        visitor.on_attribute("eps_key", m_eps_key);
+        visitor.on_attribute("eps_query", m_eps_query);
+        visitor.on_attribute("eps_conv", m_eps_conv);
+        visitor.on_attribute("score_scale", m_score_scale);
+        visitor.on_attribute("floor", m_floor);
+        visitor.on_attribute("dilation", m_dilation);
+        return true;
+    }
+
+    bool has_evaluate() const override { return true; }
+
+    bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override {
+        const auto& shape = inputs[1].get_shape();
+        const size_t batch = shape[0], length = shape[1], groups = shape[2], dim = shape[3];
+        const size_t width = inputs[0].get_shape()[2];
+        OPENVINO_ASSERT(width == (groups + 1) * dim, "EngramGatedShortConv: proj must be [B, T, (G+1)*D]");
+        const auto proj = as_f32(inputs[0]), hidden = as_f32(inputs[1]), scales = as_f32(inputs[2]),
+                   conv = as_f32(inputs[3]);
+        const size_t kernel = inputs[3].get_size() / (groups * dim);
+        // conv taps as [K][G*D], so the inner loops run over contiguous channels
+        std::vector<float> taps(kernel * groups * dim);
+        for (size_t c = 0; c < groups * dim; ++c)
+            for (size_t j = 0; j < kernel; ++j) taps[j * groups * dim + c] = conv[c * kernel + j];
+        outputs[0].set_shape(shape);
+        float* out = outputs[0].data<float>();
+        const Params p{length, groups, dim, width, kernel, static_cast<size_t>(m_dilation), m_eps_key,
+                       m_eps_query, m_eps_conv, m_score_scale, m_floor};
+        ov::parallel_for(batch * groups, [&](size_t item) {
+            const size_t b = item / groups, g = item % groups;
+            gated_conv_row(p, g, proj + b * length * width, hidden + b * length * groups * dim,
+                           scales + g * dim, taps.data(), out + b * length * groups * dim);
+        });
+        return true;
+    }
+
+private:
+    struct Params {
+        size_t length, groups, dim, width, kernel, dilation;
+        float eps_key, eps_query, eps_conv, score_scale, floor;
+    };
+
+    // One (batch row, branch): all T positions of that branch.
+    __attribute__((target_clones("avx512f", "avx2", "default")))
+    static void gated_conv_row(const Params& p, size_t g, const float* proj, const float* hidden,
+                               const float* scales, const float* taps, float* out) {
+        const size_t dim = p.dim, stride = p.groups * dim;
+        std::vector<float> normed(p.length * dim), gates(p.length), acc(dim);
+        for (size_t t = 0; t < p.length; ++t) {
+            const float* key = proj + t * p.width + g * dim;
+            const float* value = proj + t * p.width + p.groups * dim;
+            const float* query = hidden + t * stride + g * dim;
+            float kk = 0, qq = 0, kq = 0, vv = 0;
+#pragma omp simd reduction(+ : kk, qq, kq, vv)
+            for (size_t d = 0; d < dim; ++d) {
+                kk += key[d] * key[d];
+                qq += query[d] * query[d];
+                kq += key[d] * query[d] * scales[d];
+                vv += value[d] * value[d];
+            }
+            const float n = static_cast<float>(dim);
+            const float score = kq / (std::sqrt(kk / n + p.eps_key) * std::sqrt(qq / n + p.eps_query)) /
+                                p.score_scale;
+            const float sign = static_cast<float>((score > 0) - (score < 0));
+            const float gate = 1.0f / (1.0f + std::exp(-sign * std::sqrt(std::max(std::fabs(score), p.floor))));
+            gates[t] = gate;
+            // RMSNorm of the gated value: rms(gate * v) = |gate| * rms(v)
+            const float inv = gate / std::sqrt(gate * gate * vv / n + p.eps_conv);
+            float* row = normed.data() + t * dim;
+#pragma omp simd
+            for (size_t d = 0; d < dim; ++d) row[d] = value[d] * inv;
+        }
+        for (size_t t = 0; t < p.length; ++t) {
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (size_t j = 0; j < p.kernel; ++j) {
+                const size_t back = (p.kernel - 1 - j) * p.dilation;
+                if (back > t) continue;  // causal: left padding is zeros
+                const float* tap = taps + j * stride + g * dim;
+                const float* x = normed.data() + (t - back) * dim;
+#pragma omp simd
+                for (size_t d = 0; d < dim; ++d) acc[d] += tap[d] * x[d];
+            }
+            const float* value = proj + t * p.width + p.groups * dim;
+            float* row = out + t * stride + g * dim;
+            const float gate = gates[t];
+#pragma omp simd
+            for (size_t d = 0; d < dim; ++d) row[d] = gate * value[d] + acc[d] / (1.0f + fast_exp(-acc[d]));
+        }
+    }
+
+    // The tensor's data as f32, converted into a buffer kept alive by the returned handle if needed.
+    struct F32View {
+        std::shared_ptr<std::vector<float>> owned;
+        const float* data;
+        operator const float*() const { return data; }
+    };
+    static F32View as_f32(const ov::Tensor& tensor) {
+        if (tensor.get_element_type() == ov::element::f32) return {nullptr, tensor.data<const float>()};
+        auto buffer = std::make_shared<std::vector<float>>(tensor.get_size());
+        ov::Tensor converted(ov::element::f32, tensor.get_shape(), buffer->data());
+        OPENVINO_ASSERT(convert_to_f32(tensor, converted), "EngramGatedShortConv: unsupported input type ",
+                        tensor.get_element_type());
+        return {buffer, buffer->data()};
+    }
+    static bool convert_to_f32(const ov::Tensor& from, ov::Tensor& to) {
+        float* dst = to.data<float>();
+        const size_t n = from.get_size();
+        switch (from.get_element_type()) {
+        case ov::element::bf16: {
+            const auto* src = from.data<const ov::bfloat16>();
+            for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+            return true;
+        }
+        case ov::element::f16: {
+            const auto* src = from.data<const ov::float16>();
+            for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+            return true;
+        }
+        default:
+            return false;
+        }
+    }
+
+    float m_eps_key = 0, m_eps_query = 0, m_eps_conv = 0, m_score_scale = 1, m_floor = 0;
+    int64_t m_dilation = 1;
+};
+
 // engram.HashGather(input_ids, compress_lut, table) -> EngramHash rows -> Gather(table) -> [B, T, H*d]
 ov::OutputVector convert_hash_gather(const ov::frontend::NodeContext& node) {
     auto rows = std::make_shared<EngramHash>(node.get_input(0), node.get_input(1),
@@ -146,10 +334,22 @@ ov::OutputVector convert_hash_gather(const ov::frontend::NodeContext& node) {
     return {std::make_shared<ov::op::v1::Reshape>(gathered, flat, true)};
 }
 
+ov::OutputVector convert_gated_short_conv(const ov::frontend::NodeContext& node) {
+    const auto dilations = node.get_attribute<std::vector<int64_t>>("dilations");
+    return {std::make_shared<EngramGatedShortConv>(
+        ov::OutputVector{node.get_input(0), node.get_input(1), node.get_input(2), node.get_input(3)},
+        node.get_attribute<float>("eps_key"), node.get_attribute<float>("eps_query"),
+        node.get_attribute<float>("eps_conv"), node.get_attribute<float>("score_scale"),
+        node.get_attribute<float>("floor"), dilations.at(0))};
+}
+
 }  // namespace engram
 
 OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({
     std::make_shared<ov::OpExtension<engram::EngramHash>>(),
+    std::make_shared<ov::OpExtension<engram::EngramGatedShortConv>>(),
+    std::make_shared<ov::frontend::onnx::ConversionExtension>("GatedShortConv", "engram",
+                                                              engram::convert_gated_short_conv),
     std::make_shared<ov::frontend::onnx::ConversionExtension>("HashGather", "engram",
                                                               engram::convert_hash_gather),
 }));

@@ -146,3 +146,21 @@ def test_help_is_fast_and_lists_commands():
     done = cli("--help")
     for command in ("export", "compile", "run", "verify", "demo"):
         assert command in done.stdout
+
+
+def test_optimize_prints_node_counts(tiny_raw_files, tmp_path):
+    done = cli("optimize", tiny_raw_files["onnx"], "-o", tmp_path / "opt.onnx")
+    assert "nodes: 90 -> 28" in done.stdout and "MatMul" in done.stdout
+    again = cli("optimize", tmp_path / "opt.onnx", "-o", tmp_path / "opt2.onnx")
+    assert "(nothing to fuse)" in again.stdout
+
+
+def test_bench_prints_every_row():
+    done = cli("bench", "--config", "tiny", "--batch", "2", "--tokens", "3", "--repeat", "2",
+               "--warmup", "1")
+    for row in ("pytorch eager (demo layout) f32", "pytorch eager (demo layout) bf16",
+                "onnxruntime raw f32", "onnxruntime optimized f32", "openvino raw f32",
+                "openvino optimized f32", "openvino matmul floor f32", "openvino optimized bf16",
+                "openvino matmul floor bf16"):
+        assert row in done.stdout, row
+    assert "CPU:" in done.stdout and ("AMX present" in done.stdout or "no AMX" in done.stdout)

@@ -3,16 +3,52 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["producer", "const", "scalar", "other_input", "attr", "RMSNorm", "match_rms_norm", "Builder",
+_log = logging.getLogger(__name__)
+
+__all__ = ["RewritePass", "producer", "const", "scalar", "other_input", "attr", "RMSNorm", "match_rms_norm", "Builder",
            "Refused", "replace_value", "match_signed_sqrt_gate", "match_silu"]
 
 
 class Refused(Exception):
     """A pattern's check failed; the message says why (passes log it at debug level)."""
+
+
+class RewritePass(ir.passes.InPlacePass):
+    """Try ``match`` at every standard-domain node of type ``anchor``; ``rewrite`` each match.
+
+    ``match`` returns what ``rewrite`` needs or raises ``Refused`` with the reason, which is logged
+    at debug level. The graph is re-sorted when something changed.
+    """
+
+    anchor: str
+    pass_name: str
+
+    def match(self, node: ir.Node):
+        raise NotImplementedError
+
+    def rewrite(self, model: ir.Model, found) -> None:
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in list(model.graph):
+            if node.op_type != self.anchor or node.domain != "":
+                continue
+            try:
+                found = self.match(node)
+            except Refused as why:
+                _log.debug("%s: %s refused: %s", self.pass_name, node.name, why)
+                continue
+            self.rewrite(model, found)
+            modified = True
+        if modified:
+            model.graph.sort()
+        return ir.passes.PassResult(model, modified=modified)
 
 
 def producer(value: ir.Value | None, op_type: str) -> ir.Node:

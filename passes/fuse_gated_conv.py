@@ -18,8 +18,9 @@ import numpy as np
 import onnx_ir as ir
 
 from engram_export import onnx_op
-from engram_export.passes._graph import (Refused, attr, const, match_rms_norm, match_signed_sqrt_gate,
-                                         match_silu, other_input, producer, replace_value, scalar)
+from engram_export.passes._graph import (Refused, RewritePass, attr, const, match_rms_norm,
+                                         match_signed_sqrt_gate, match_silu, other_input, producer,
+                                         replace_value, scalar)
 
 __all__ = ["FuseGatedConvPass"]
 
@@ -96,24 +97,16 @@ def match_block(residual: ir.Node) -> Block:
         "channels": int(weight.shape[0]), "dilations": dilation, "pads": pads}, residual)
 
 
-class FuseGatedConvPass(ir.passes.InPlacePass):
+class FuseGatedConvPass(RewritePass):
     """Replace the batched post-projection block with one ``engram.GatedShortConv`` node."""
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = False
-        for node in list(model.graph):
-            if node.op_type != "Add" or node.domain != "":
-                continue
-            try:
-                block = match_block(node)
-            except Refused as why:
-                log.debug("fuse-gated-conv: %s refused: %s", node.name, why)
-                continue
-            self._fuse(model, block)
-            modified = True
-        if modified:
-            model.graph.sort()
-        return ir.passes.PassResult(model, modified=modified)
+    anchor, pass_name = "Add", "fuse-gated-conv"
+
+    def match(self, node: ir.Node) -> Block:
+        return match_block(node)
+
+    def rewrite(self, model: ir.Model, found: Block) -> None:
+        self._fuse(model, found)
 
     @staticmethod
     def _fuse(model: ir.Model, block: Block) -> None:

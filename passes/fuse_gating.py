@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from engram_export.passes._graph import (Builder, Refused, attr, const, match_rms_norm,
+from engram_export.passes._graph import (Builder, Refused, RewritePass, attr, const, match_rms_norm,
                                          match_signed_sqrt_gate, producer, replace_value, scalar)
 
 __all__ = ["FuseGatingPass", "merged_last_axis"]
@@ -86,25 +86,20 @@ def merged_last_axis(build: Builder, values: list[ir.Value]) -> ir.Value:
     return build.op("Concat", *values, axis=-1)
 
 
-class FuseGatingPass(ir.passes.InPlacePass):
+class FuseGatingPass(RewritePass):
     """Batch the hyper-connection gates: G gate chains stacked by a Concat -> one chain."""
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = False
-        for node in list(model.graph):
-            if node.op_type != "Concat" or attr(node, "axis") != 2 or len(node.inputs) < 2:
-                continue
-            try:
-                gates = [match_gate(v) for v in node.inputs]
-                self._check(gates)
-            except Refused as why:
-                log.debug("fuse-gating: %s refused: %s", node.name, why)
-                continue
-            self._fuse(model.graph, node, gates)
-            modified = True
-        if modified:
-            model.graph.sort()
-        return ir.passes.PassResult(model, modified=modified)
+    anchor, pass_name = "Concat", "fuse-gating"
+
+    def match(self, node: ir.Node) -> tuple[ir.Node, list[Gate]]:
+        if attr(node, "axis") != 2 or len(node.inputs) < 2:
+            raise Refused("not a stack of branches on axis 2")
+        gates = [match_gate(v) for v in node.inputs]
+        self._check(gates)
+        return node, gates
+
+    def rewrite(self, model: ir.Model, found) -> None:
+        self._fuse(model.graph, *found)
 
     @staticmethod
     def _check(gates: list[Gate]) -> None:

@@ -16,8 +16,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from engram_export.passes._graph import (Builder, Refused, attr, const, match_rms_norm, match_silu,
-                                         other_input, producer, replace_value)
+from engram_export.passes._graph import (Builder, Refused, RewritePass, attr, const, match_rms_norm,
+                                         match_silu, other_input, producer, replace_value)
 
 __all__ = ["FuseShortConvPass"]
 
@@ -87,24 +87,16 @@ def _check_causal_crop(conv: ir.Node, crop: ir.Node, value: ir.Value) -> None:
         raise Refused("the crop does not keep exactly T outputs")
 
 
-class FuseShortConvPass(ir.passes.InPlacePass):
+class FuseShortConvPass(RewritePass):
     """Rewrite the reference's short conv block into its causal, batched form."""
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = False
-        for node in list(model.graph):
-            if node.op_type != "Add" or node.domain != "":
-                continue
-            try:
-                block = match_short_conv(node)
-            except Refused as why:
-                log.debug("fuse-short-conv: %s refused: %s", node.name, why)
-                continue
-            self._fuse(model.graph, block)
-            modified = True
-        if modified:
-            model.graph.sort()
-        return ir.passes.PassResult(model, modified=modified)
+    anchor, pass_name = "Add", "fuse-short-conv"
+
+    def match(self, node: ir.Node) -> ShortConv:
+        return match_short_conv(node)
+
+    def rewrite(self, model: ir.Model, found: ShortConv) -> None:
+        self._fuse(model.graph, found)
 
     @staticmethod
     def _fuse(graph: ir.Graph, block: ShortConv) -> None:

@@ -21,21 +21,27 @@ CONFIG_KEY = "engram.config"
 LAYER_KEY = "engram.layer_id"
 NUM_IDS_KEY = "engram.num_ids"
 PRECISION_KEY = "engram.precision"
+QUANTIZATION_KEY = "engram.quantization"
 RT_INFO_SECTION = "engram_export"
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """The config and layer a model computes, how many raw ids it takes, and its precision."""
+    """The config and layer a model computes, how many raw ids it takes, its inference precision
+    and, for NNCF-quantized IR, the quantization mode."""
 
     config: EngramConfig
     layer_id: int
     num_ids: int  # length of the compression table: valid ids are [0, num_ids) and negatives
     precision: str = "f32"
+    quantization: str | None = None
 
     def to_metadata(self) -> dict[str, str]:
-        return {CONFIG_KEY: json.dumps(self.config.to_dict()), LAYER_KEY: str(self.layer_id),
-                NUM_IDS_KEY: str(self.num_ids), PRECISION_KEY: self.precision}
+        metadata = {CONFIG_KEY: json.dumps(self.config.to_dict()), LAYER_KEY: str(self.layer_id),
+                    NUM_IDS_KEY: str(self.num_ids), PRECISION_KEY: self.precision}
+        if self.quantization:
+            metadata[QUANTIZATION_KEY] = self.quantization
+        return metadata
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str], source: str | Path) -> "ModelInfo":
@@ -43,7 +49,7 @@ class ModelInfo:
             raise EngramError(f"{source} was not exported by engram-export (no Engram metadata)")
         config = EngramConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
         return cls(config, int(metadata[LAYER_KEY]), int(metadata[NUM_IDS_KEY]),
-                   metadata.get(PRECISION_KEY, "f32"))
+                   metadata.get(PRECISION_KEY, "f32"), metadata.get(QUANTIZATION_KEY))
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelInfo":
@@ -58,7 +64,7 @@ class ModelInfo:
     @classmethod
     def from_openvino(cls, model, path: str | Path) -> "ModelInfo":
         metadata = {}
-        for key in (CONFIG_KEY, LAYER_KEY, NUM_IDS_KEY, PRECISION_KEY):
+        for key in (CONFIG_KEY, LAYER_KEY, NUM_IDS_KEY, PRECISION_KEY, QUANTIZATION_KEY):
             if model.has_rt_info([RT_INFO_SECTION, key]):
                 metadata[key] = model.get_rt_info([RT_INFO_SECTION, key]).astype(str)
         return cls.from_metadata(metadata, path)

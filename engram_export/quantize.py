@@ -1,0 +1,192 @@
+"""Quantize an exported Engram layer with NNCF: INT8 / INT4 weights, or static INT8.
+
+Modes:
+- ``int8-weights``: ``nncf.compress_weights`` INT8 (asymmetric, per output channel) for the projection
+  and, because the table feeds a standard Gather, for the table (per row: one scale per 64 values).
+- ``int4-weights``: INT4 (sym or asym, ``group_size``) for the projection; the table INT8 per row, or
+  INT4 with groups that fit its 64-wide rows (NNCF's default group of 128 cannot).
+- ``int8``: ``nncf.quantize``: static INT8 of the projection's activations and weights, calibrated on
+  the user's data; the table is kept out of it (static quantization would put one scale on the whole
+  table) and then compressed per row as in ``int8-weights``. The short conv lives in the fused
+  post-projection kernel and stays in float.
+
+The IR records the mode and the runtime settings it was measured with (inference precision, dynamic
+quantization of activations), so ``EngramRuntime`` compiles it the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from engram_export import progress
+from engram_export.errors import EngramError
+from engram_export.fileio import staged_output
+from engram_export.model_info import ModelInfo
+
+__all__ = ["MODES", "QuantizeOptions", "quantize", "read_calibration", "compressed_constants"]
+
+MODES = ("int8-weights", "int4-weights", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    mode: str
+    int4_symmetric: bool = True
+    group_size: int = 128
+    table_bits: int = 8  # int4-weights: the table in INT8 (default) or INT4
+    precision: str = "f32"  # inference precision of what stays in float
+    calibration: list[dict] | None = None  # int8: items of input_ids [1,T] and hidden_states [1,T,G,D]
+    subset_size: int = 64
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise EngramError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.table_bits not in (4, 8):
+            raise EngramError(f"table bits must be 4 or 8, got {self.table_bits}")
+        if self.group_size < 1:
+            raise EngramError(f"group size must be >= 1, got {self.group_size}")
+        if self.mode == "int8" and not self.calibration:
+            raise EngramError("mode int8 needs calibration data (--calibration)")
+        if self.subset_size < 1:
+            raise EngramError(f"subset size must be >= 1, got {self.subset_size}")
+
+
+def read_model(path: str | Path):
+    """An exported .onnx or an f32 .xml, as an ``openvino.Model`` and its ``ModelInfo``."""
+    from engram_export.compile import read_onnx
+    from engram_export.fileio import check_input_file
+    from engram_export.ov_extension import openvino_core
+
+    path = check_input_file(path, (".onnx", ".xml"), "model")
+    if path.suffix == ".onnx":
+        return read_onnx(path)
+    try:
+        model = openvino_core().read_model(str(path))
+    except RuntimeError as exc:
+        raise EngramError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from None
+    info = ModelInfo.from_openvino(model, path)
+    if info.quantization or info.precision != "f32":
+        raise EngramError(f"{path} is already {info.quantization or info.precision}; quantize the "
+                          f"exported .onnx or an f32 .xml")
+    return model, info
+
+
+def _table_gather_names(model) -> list[str]:
+    return [op.get_friendly_name() for op in model.get_ops()
+            if op.get_type_name() == "Gather" and op.input_value(0).get_node().get_type_name() == "Constant"]
+
+
+def _compress_table(nncf, model, bits: int, group_size: int):
+    """The table alone, per row (INT8) or per group of a row (INT4)."""
+    matmuls = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"]
+    ignored = nncf.IgnoredScope(names=matmuls, validate=False)
+    if bits == 8:
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=ignored)
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group_size,
+                                 ratio=1.0, all_layers=True, ignored_scope=ignored)
+
+
+def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions) -> Path:
+    """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml)."""
+    import nncf
+    import openvino
+
+    output = Path(output)
+    if output.suffix != ".xml":
+        raise EngramError(f"output {output} should end in .xml")
+    if not output.parent.is_dir():
+        raise EngramError(f"output folder {output.parent} does not exist")
+    model, info = read_model(model_path)
+    row_width = info.config.head_dim
+    with progress.stage(f"quantizing ({options.mode})"):
+        if options.mode == "int8-weights":
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        elif options.mode == "int4-weights":
+            mode = nncf.CompressWeightsMode.INT4_SYM if options.int4_symmetric else \
+                nncf.CompressWeightsMode.INT4_ASYM
+            table = nncf.IgnoredScope(names=_table_gather_names(model), validate=False)
+            model = nncf.compress_weights(model, mode=mode, group_size=options.group_size, ratio=1.0,
+                                          all_layers=True, ignored_scope=table)
+            model = _compress_table(nncf, model, options.table_bits, min(options.group_size, row_width))
+        else:
+            dataset = nncf.Dataset(options.calibration)
+            model = nncf.quantize(model, dataset, subset_size=min(options.subset_size, len(options.calibration)),
+                                  ignored_scope=nncf.IgnoredScope(types=["Gather"]))
+            model = _compress_table(nncf, model, 8, row_width)
+    ModelInfo(info.config, info.layer_id, info.num_ids, options.precision,
+              quantization=options.mode).write_openvino(model)
+    with progress.stage(f"writing {output.name}"), staged_output(output) as staged:
+        openvino.save_model(model, staged, compress_to_fp16=False)
+    return output
+
+
+def compressed_constants(model) -> dict[str, dict[str, int]]:
+    """How each table (Gather) and projection (MatMul) stores its weights: the element type of the
+    largest constant behind its weight input, through any decompression (Convert, Subtract, Multiply,
+    Reshape) or FakeQuantize. E.g. ``{"table": {"u8": 1}, "projection": {"i4": 1}}``."""
+    counts: dict[str, dict[str, int]] = {"table": {}, "projection": {}}
+    for op in model.get_ops():
+        kind = {"Gather": ("table", 0), "MatMul": ("projection", 1)}.get(op.get_type_name())
+        if kind is None:
+            continue
+        stack, largest = [op.input_value(kind[1]).get_node()], None
+        while stack:
+            node = stack.pop()
+            if node.get_type_name() == "Constant":
+                if largest is None or np.prod(node.get_output_shape(0)) > np.prod(largest.get_output_shape(0)):
+                    largest = node
+            elif node.get_type_name() in ("Convert", "Subtract", "Multiply", "Reshape", "FakeQuantize"):
+                stack += [value.get_node() for value in node.input_values()]
+        if largest is not None and np.prod(largest.get_output_shape(0)) >= 1024:
+            dtype = largest.get_element_type().get_type_name()
+            counts[kind[0]][dtype] = counts[kind[0]].get(dtype, 0) + 1
+    return counts
+
+
+def read_calibration(config, num_ids: int, npz: str | Path | None = None, text: str | Path | None = None,
+                     hidden_npy: str | Path | None = None) -> list[dict]:
+    """Calibration items (batch 1 each) from an .npz, or from a text file and a hidden-state .npy.
+
+    The text is tokenized with the config's tokenizer as one stream and cut into N windows of T tokens,
+    N and T taken from the .npy's [N, T, G, D] shape.
+    """
+    from engram_export.cli import load_npz
+    from engram_export.runtime import check_inputs
+
+    info = ModelInfo(config, config.layer_ids[0], num_ids)
+    if npz is not None:
+        arrays = load_npz(Path(npz), ("input_ids", "hidden_states"))
+        ids, hidden = arrays["input_ids"], arrays["hidden_states"]
+    elif text is not None and hidden_npy is not None:
+        ids, hidden = _ids_from_text(config, Path(text), Path(hidden_npy))
+    else:
+        raise EngramError("calibration needs an .npz, or a text file with a hidden-state .npy")
+    ids, hidden = check_inputs(info, ids, hidden)
+    return [{"input_ids": ids[i:i + 1], "hidden_states": hidden[i:i + 1]} for i in range(len(ids))]
+
+
+def _ids_from_text(config, text: Path, hidden_npy: Path):
+    from tokenizers import Tokenizer
+
+    from engram_export.models.compression import find_tokenizer_file
+
+    if config.tokenizer is None:
+        raise EngramError("calibration from text needs a config with a tokenizer")
+    if not hidden_npy.is_file() or not text.is_file():
+        raise EngramError(f"calibration: {hidden_npy if not hidden_npy.is_file() else text} does not exist")
+    try:
+        hidden = np.load(hidden_npy, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise EngramError(f"calibration: {hidden_npy} is not a readable .npy ({exc})") from None
+    if hidden.ndim != 4:
+        raise EngramError(f"calibration: hidden states must be [N, T, G, D], got {list(hidden.shape)}")
+    count, length = hidden.shape[:2]
+    tokenizer = Tokenizer.from_file(str(find_tokenizer_file(config.tokenizer)))
+    stream = tokenizer.encode(text.read_text(), add_special_tokens=False).ids
+    if len(stream) < count * length:
+        raise EngramError(f"calibration: {text} gives {len(stream)} tokens, {count} x {length} needed "
+                          f"for the hidden states in {hidden_npy}")
+    return np.array(stream[:count * length], np.int64).reshape(count, length), hidden

@@ -32,6 +32,7 @@ TARGETS = [
      (50, 14), 1.3),
     ("optimized f32 / f32 floor <= 1.3", "openvino optimized f32", "openvino matmul floor f32",
      (50, 14), 1.3),
+    ("int8 faster than optimized bf16 >= 1.5x", "openvino optimized bf16", "openvino int8", (50, 14), -1.5),
     ("eager f32 / optimized bf16 >= 6", "pytorch eager (demo layout) f32", "openvino optimized bf16",
      (50, 14), -6),
     ("eager bf16 / optimized bf16 >= 3.5", "pytorch eager (demo layout) bf16",
@@ -48,8 +49,9 @@ class BenchRow:
     call: Callable
     make_args: Callable  # (ids, hidden) -> the row's own arguments for that input
     load_s: float = 0.0
-    private_mib: float = 0.0  # growth of the process's private memory (USS) while loading
+    memory_mib: tuple = (0, 0, 0, 0)  # growth of private, file-backed resident memory: loaded, after a run
     settings: str = ""
+    size_mib: float | None = None  # the model's weights on disk
     times_ms: dict = dataclasses.field(default_factory=dict)  # (B, T) -> [ms per round]
 
     def median(self, shape) -> float:
@@ -73,8 +75,18 @@ def cpu_summary() -> str:
             f"(torch threads {torch.get_num_threads()}, OpenVINO and ONNX Runtime: all cores)")
 
 
-def _private_mib() -> float:
-    return psutil.Process().memory_full_info().uss / 2**20
+def resident_mib() -> tuple[float, float]:
+    """(private, file-backed) resident memory of this process, from /proc (RssAnon, RssFile)."""
+    fields = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                fields[key] = int(value.split()[0]) / 1024
+        return fields["RssAnon"], fields["RssFile"]
+    except (OSError, KeyError):
+        info = psutil.Process().memory_info()
+        return info.rss / 2**20 - info.shared / 2**20, info.shared / 2**20
 
 
 def time_rows(rows: list[BenchRow], shapes: dict, warmup: int, repeat: int) -> None:
@@ -98,15 +110,20 @@ class _Loader:
     def __init__(self, probe):
         self.rows, self.probe = [], probe
 
-    def add(self, name, precision, make, make_args=lambda ids, hidden: (ids, hidden), settings=""):
+    def add(self, name, precision, make, make_args=lambda ids, hidden: (ids, hidden), settings="",
+            size_mib=None):
         gc.collect()
-        before, start = _private_mib(), time.perf_counter()
+        before, start = resident_mib(), time.perf_counter()
         call = make()
         load_s = time.perf_counter() - start
-        row = BenchRow(f"{name} {precision}", precision, call, make_args, load_s, 0.0, settings)
+        loaded = resident_mib()
         call(*make_args(*self.probe))
-        row.private_mib = _private_mib() - before
-        self.rows.append(row)
+        ran = resident_mib()
+        if not settings and hasattr(call, "settings"):
+            settings = ", ".join(f"{k}={v}" for k, v in call.settings.items())
+        memory = (loaded[0] - before[0], loaded[1] - before[1], ran[0] - before[0], ran[1] - before[1])
+        self.rows.append(BenchRow(f"{name} {precision}".strip(), precision, call, make_args, load_s, memory,
+                                  settings, size_mib))
 
 
 def _eager(layer, dtype):
@@ -140,10 +157,23 @@ def _matmul_floor(width_in: int, width_out: int, precision: str):
     return lambda x: request.infer({"x": x})
 
 
+def _quantized(files, workdir: Path, config, num_ids: int, modes: list[str]) -> None:
+    """Quantize the optimized graph in each mode; int8 calibrates on seeded random sequences."""
+    from engram_export.quantize import QuantizeOptions, quantize
+
+    calibration = [dict(zip(("input_ids", "hidden_states"), random_inputs(config, num_ids, 1, 14, 100 + i)))
+                   for i in range(32)]
+    for mode in modes:
+        options = QuantizeOptions(mode, calibration=calibration if mode == "int8" else None,
+                                  group_size=min(128, config.engram_hidden_size))
+        files[mode] = quantize(files["optimized"], workdir / f"{mode}.xml", options)
+
+
 def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: list[str],
-              repeat: int = 20, warmup: int = 3, profile: bool = False) -> list[BenchRow]:
-    """Export raw and optimized graphs of ``layer`` into ``workdir``, time every path, print;
-    with ``profile``, also OpenVINO's per-node times of each model."""
+              repeat: int = 20, warmup: int = 3, profile: bool = False,
+              modes: list[str] = ()) -> list[BenchRow]:
+    """Export raw and optimized graphs of ``layer`` into ``workdir``, quantize in ``modes``, time
+    every path, print; with ``profile``, also OpenVINO's per-node times of each model."""
     from engram_export.compile import compile_onnx
     import onnx_ir as ir
 
@@ -163,6 +193,7 @@ def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: l
             files[graph, precision] = compile_onnx(files[graph], workdir / f"{graph}_{precision}.xml",
                                                    precision)
     num_ids = len(layer.hashing.lut)
+    _quantized(files, workdir, config, num_ids, modes)
     loader = _Loader(random_inputs(config, num_ids, 2, 3))
     width_in, width_out = config.engram_hidden_size, (config.hc_mult + 1) * config.hidden_size
     rng = np.random.default_rng(2)
@@ -180,10 +211,13 @@ def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: l
             for graph in ("raw", "optimized"):
                 loader.add(f"openvino {graph}", precision,
                            lambda g=graph, p=precision: EngramRuntime(files[g, p]),
-                           settings=f"INFERENCE_PRECISION_HINT={precision}")
+                           size_mib=_weights_mib(files[graph, precision]))
             loader.add("openvino matmul floor", precision,
                        lambda p=precision: _matmul_floor(width_in, width_out, p), floor_args,
                        f"[B*T,{width_in}]x[{width_in},{width_out}]")
+        for mode in modes:
+            loader.add(f"openvino {mode}", "", lambda m=mode: EngramRuntime(files[m]),
+                       size_mib=_weights_mib(files[mode]))
     inputs = {shape: random_inputs(config, num_ids, *shape, seed=1) for shape in shapes}
     with progress.stage(f"timing {len(loader.rows)} rows x {len(shapes)} shapes, {repeat} rounds"):
         time_rows(loader.rows, inputs, warmup, repeat)
@@ -198,6 +232,10 @@ def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: l
     return loader.rows
 
 
+def _weights_mib(xml: Path) -> float:
+    return xml.with_suffix(".bin").stat().st_size / 2**20
+
+
 def report(rows: list[BenchRow], shapes) -> str:
     """One table per shape, then the targets that can be judged from these rows."""
     by_name = {row.name: row for row in rows}
@@ -209,11 +247,15 @@ def report(rows: list[BenchRow], shapes) -> str:
         for row in rows:
             ms, floor = row.median(shape), floors.get(row.precision)
             table.append([row.name, f"{ms:.2f}", f"{eager.median(shape) / ms:.2f}x",
-                          f"{ms / floor:.2f}" if floor and "floor" not in row.name else "",
-                          f"{row.load_s:.1f}", f"{row.private_mib:.0f}", row.settings])
+                          f"{ms / floor:.2f}" if floor and "floor" not in row.name else ""])
         lines += [f"\nB={shape[0]}, T={shape[1]}: median of {len(eager.times_ms[shape])} rounds",
-                  format_table(table, ["row", "ms", "vs eager f32", "/ floor", "load s",
-                                       "private MiB", "settings"])]
+                  format_table(table, ["row", "ms", "vs eager f32", "/ floor"])]
+    memory = [[row.name, f"{row.size_mib:.0f}" if row.size_mib is not None else "",
+               f"{row.load_s:.1f}", *(f"{m:+.0f}" for m in row.memory_mib), row.settings] for row in rows]
+    lines += ["\nloading each model (resident memory growth in MiB: private = RssAnon, file = RssFile "
+              "such as mmapped weights):",
+              format_table(memory, ["row", ".bin MiB", "load s", "private loaded", "file loaded",
+                                    "private run", "file run", "settings"])]
     checks = []
     for text, top, bottom, shape, bound in TARGETS:
         if top in by_name and bottom in by_name and shape in shapes:

@@ -102,6 +102,53 @@ def run_compile(args) -> None:
     print(compile_onnx(args.model, args.output, args.precision))
 
 
+# quantize -------------------------------------------------------------------------------------------
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="NNCF: INT8/INT4 weights or static INT8, table compressed per row")
+    p.add_argument("model", type=Path, help="exported .onnx or f32 .xml")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .xml")
+    p.add_argument("--mode", choices=["int8-weights", "int4-weights", "int8"], required=True)
+    p.add_argument("--int4", choices=["sym", "asym"], default="sym", help="int4-weights: INT4 kind")
+    p.add_argument("--group-size", type=int, default=128, help="int4-weights: weights per scale")
+    p.add_argument("--table-bits", type=int, choices=[4, 8], default=8,
+                   help="int4-weights: the table in INT8 (default) or INT4 (groups of its row width)")
+    p.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                   help="inference precision of what stays in float")
+    p.add_argument("--calibration", type=Path,
+                   help="int8: .npz with input_ids [N,T] and hidden_states [N,T,G,D], or a text file")
+    p.add_argument("--calibration-hidden", type=Path,
+                   help="int8 with a text --calibration: hidden states .npy [N,T,G,D]")
+    p.add_argument("--subset-size", type=int, default=64, help="int8: calibration sequences used")
+    p.set_defaults(func=run_quantize)
+
+
+def run_quantize(args) -> None:
+    from engram_export.quantize import (QuantizeOptions, compressed_constants, quantize, read_calibration,
+                                        read_model)
+
+    calibration = None
+    if args.mode == "int8":
+        if args.calibration is None:
+            raise EngramError("mode int8 needs --calibration (an .npz, or a text file with "
+                              "--calibration-hidden)")
+        _, info = read_model(args.model)
+        text = args.calibration.suffix != ".npz"
+        calibration = read_calibration(info.config, info.num_ids,
+                                       npz=None if text else args.calibration,
+                                       text=args.calibration if text else None,
+                                       hidden_npy=args.calibration_hidden)
+    options = QuantizeOptions(args.mode, int4_symmetric=args.int4 == "sym", group_size=args.group_size,
+                              table_bits=args.table_bits, precision=args.precision,
+                              calibration=calibration, subset_size=args.subset_size)
+    output = quantize(args.model, args.output, options)
+    from engram_export.ov_extension import openvino_core
+
+    stored = compressed_constants(openvino_core().read_model(str(output)))
+    size = output.with_suffix(".bin").stat().st_size
+    print(f"{output}: {args.mode}, .bin {size / 2**20:.0f} MiB, table stored as "
+          f"{', '.join(stored['table']) or '-'}, projection as {', '.join(stored['projection']) or '-'}")
+
+
 # run ------------------------------------------------------------------------------------------------
 def add_run(sub) -> None:
     p = sub.add_parser("run", help="run a model on input_ids and hidden_states from an .npz")
@@ -156,6 +203,8 @@ def add_verify(sub) -> None:
     p.add_argument("--onnx", type=Path, help="an exported .onnx of this layer (default: export one)")
     p.add_argument("--shape", action="append", default=None, metavar="BxT",
                    help="batch x tokens to check (repeatable; default 50x14, 1x1, 3x17)")
+    p.add_argument("--model", type=Path, action="append", default=[],
+                   help="also check this .xml (e.g. from quantize) against PyTorch (repeatable)")
     p.add_argument("--workdir", type=Path, help="keep exported and compiled files here")
     p.set_defaults(func=run_verify)
 
@@ -173,19 +222,23 @@ def parse_shapes(values: list[str] | None) -> list[tuple[int, int]]:
     return shapes
 
 
-def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes) -> bool:
-    """Export (unless given), compile f32 and bf16, compare every path; prints the table."""
+def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=()) -> bool:
+    """Export (unless given), compile f32 and bf16, compare every path (and ``extra`` .xml files);
+    prints the table and a loud line for each failure."""
     from engram_export.compile import compile_onnx
     from engram_export.export import export_layer
-    from engram_export.verify import comparisons_table, default_paths, verify_paths
+    from engram_export.verify import (comparisons_table, default_paths, failures_summary,
+                                      verify_paths)
 
     if onnx_path is None:
         onnx_path = export_layer(layer, workdir / "engram.onnx")
     xml = {p: compile_onnx(onnx_path, workdir / f"engram_{p}.xml", p) for p in ("f32", "bf16")}
+    xml.update({path.name: path for path in extra})
     with _stage(f"running every path at {', '.join(f'{b}x{t}' for b, t in shapes)}"):
         results = verify_paths(layer, default_paths(onnx_path, xml), shapes)
     print(comparisons_table(results))
-    failed = [r for r in results if not r.passed]
+    failed = failures_summary(results)
+    print("\n".join(failed))
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return not failed
 
@@ -198,9 +251,9 @@ def run_verify(args) -> int:
     if args.workdir:
         if not args.workdir.is_dir():
             raise EngramError(f"workdir {args.workdir} does not exist")
-        return 0 if verify_layer(layer, args.workdir, args.onnx, shapes) else 1
+        return 0 if verify_layer(layer, args.workdir, args.onnx, shapes, args.model) else 1
     with tempfile.TemporaryDirectory(prefix="engram-verify-") as workdir:
-        return 0 if verify_layer(layer, Path(workdir), args.onnx, shapes) else 1
+        return 0 if verify_layer(layer, Path(workdir), args.onnx, shapes, args.model) else 1
 
 
 # demo -----------------------------------------------------------------------------------------------
@@ -254,6 +307,8 @@ def add_bench(sub) -> None:
     p.add_argument("--precision", choices=["f32", "bf16", "all"], default="all")
     p.add_argument("--repeat", type=int, default=20, help="timed rounds (median is reported)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--modes", default="int8-weights,int4-weights,int8",
+                   help="NNCF modes to quantize and time (comma-separated, or 'none')")
     p.add_argument("--profile", action="store_true", help="also print OpenVINO per-node times")
     p.add_argument("--workdir", type=Path, help="keep the exported files here")
     p.set_defaults(func=run_bench_command)
@@ -275,6 +330,10 @@ def run_bench_command(args) -> None:
     if min(min(s) for s in shapes) < 1 or args.repeat < 1:
         raise EngramError("--batch, --tokens and --repeat must be >= 1")
     precisions = ["f32", "bf16"] if args.precision == "all" else [args.precision]
+    modes = [] if args.modes == "none" else args.modes.split(",")
+    unknown = sorted(set(modes) - {"int8-weights", "int4-weights", "int8"})
+    if unknown:
+        raise EngramError(f"unknown quantization mode(s) {', '.join(unknown)}")
     layer_id = config.layer_ids[0] if args.layer is None else args.layer
     with _stage(f"building layer {layer_id}"):
         layer = build_layer(config, layer_id, weights=args.weights, prefix=args.prefix,
@@ -282,10 +341,10 @@ def run_bench_command(args) -> None:
     if args.workdir:
         if not args.workdir.is_dir():
             raise EngramError(f"workdir {args.workdir} does not exist")
-        run_bench(layer, args.workdir, shapes, precisions, args.repeat, args.warmup, args.profile)
+        run_bench(layer, args.workdir, shapes, precisions, args.repeat, args.warmup, args.profile, modes)
         return
     with tempfile.TemporaryDirectory(prefix="engram-bench-") as workdir:
-        run_bench(layer, Path(workdir), shapes, precisions, args.repeat, args.warmup, args.profile)
+        run_bench(layer, Path(workdir), shapes, precisions, args.repeat, args.warmup, args.profile, modes)
 
 
 # main -----------------------------------------------------------------------------------------------
@@ -293,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-export", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_export, add_optimize, add_compile, add_run, add_verify, add_demo, add_bench):
+    for add in (add_export, add_optimize, add_compile, add_quantize, add_run, add_verify, add_demo,
+                add_bench):
         add(sub)
     return parser
 

@@ -20,7 +20,7 @@ from engram_export.fileio import check_input_file, staged_output
 from engram_export.model_info import PRECISIONS, ModelInfo
 from engram_export.ov_extension import HASH_OP_TYPE, openvino_core
 
-__all__ = ["compile_onnx", "read_onnx"]
+__all__ = ["compile_onnx", "read_onnx", "read_openvino"]
 
 
 def _lowered_copy(onnx_path: Path) -> Path | None:
@@ -56,6 +56,18 @@ def read_onnx(onnx_path: str | Path):
     if not any(op.get_type_name() == HASH_OP_TYPE for op in model.get_ops()):
         raise EngramError(f"{onnx_path}: the hash-gather node was not converted to {HASH_OP_TYPE}")
     return model, info
+
+
+def read_openvino(path: str | Path):
+    """An exported .onnx or a compiled .xml as an ``openvino.Model`` and its ``ModelInfo``."""
+    path = check_input_file(path, (".onnx", ".xml"), "model")
+    if path.suffix == ".onnx":
+        return read_onnx(path)
+    try:
+        model = openvino_core().read_model(str(path))
+    except RuntimeError as exc:
+        raise EngramError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from None
+    return model, ModelInfo.from_openvino(model, path)
 
 
 def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f32") -> Path:

@@ -56,18 +56,9 @@ class QuantizeOptions:
 
 def read_model(path: str | Path):
     """An exported .onnx or an f32 .xml, as an ``openvino.Model`` and its ``ModelInfo``."""
-    from engram_export.compile import read_onnx
-    from engram_export.fileio import check_input_file
-    from engram_export.ov_extension import openvino_core
+    from engram_export.compile import read_openvino
 
-    path = check_input_file(path, (".onnx", ".xml"), "model")
-    if path.suffix == ".onnx":
-        return read_onnx(path)
-    try:
-        model = openvino_core().read_model(str(path))
-    except RuntimeError as exc:
-        raise EngramError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from None
-    info = ModelInfo.from_openvino(model, path)
+    model, info = read_openvino(path)
     if info.quantization or info.precision != "f32":
         raise EngramError(f"{path} is already {info.quantization or info.precision}; quantize the "
                           f"exported .onnx or an f32 .xml")
@@ -100,7 +91,10 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
     if not output.parent.is_dir():
         raise EngramError(f"output folder {output.parent} does not exist")
     model, info = read_model(model_path)
-    row_width = info.config.head_dim
+    row_width, width = info.config.head_dim, info.config.engram_hidden_size
+    if options.mode == "int4-weights" and width % options.group_size:
+        raise EngramError(f"group size {options.group_size} does not divide the projection's {width} "
+                          f"input channels; choose a divisor of {width}")
     with progress.stage(f"quantizing ({options.mode})"):
         if options.mode == "int8-weights":
             model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)

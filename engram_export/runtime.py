@@ -47,30 +47,35 @@ def check_inputs(info: ModelInfo, input_ids, hidden_states) -> tuple[np.ndarray,
 
 
 class _OpenVINO:
-    def __init__(self, path: Path, precision: str | None, device: str, threads: int | None):
-        from engram_export.compile import read_onnx
-        from engram_export.ov_extension import openvino_core
+    """Two compiled stages (``stages.split_stages``): lookup, then fuse on its output tensor."""
 
-        core = openvino_core()
-        if path.suffix == ".onnx":
-            model, info = read_onnx(path)
-        else:
-            try:
-                model = core.read_model(str(path))
-            except RuntimeError as exc:
-                raise EngramError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from None
-            info = ModelInfo.from_openvino(model, path)
-        self.precision = precision or info.precision
+    def __init__(self, path: Path, precision: str | None, device: str, threads: int | None):
+        from engram_export.compile import read_openvino
+        from engram_export.ov_extension import openvino_core
+        from engram_export.stages import EMBEDDINGS, split_stages
+
+        model, self.info = read_openvino(path)
+        self.precision = precision or self.info.precision
         config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.info = info
-        self.compiled = core.compile_model(model, device, config)
-        self.request = self.compiled.create_infer_request()
+        lookup, fuse = split_stages(model, self.precision)
+        core = openvino_core()
+        self.lookup = core.compile_model(lookup, device, config)
+        self.fuse = core.compile_model(fuse, device, config)
+        self.lookup_request = self.lookup.create_infer_request()
+        self.fuse_request = self.fuse.create_infer_request()
+        self.fuse_request.set_tensor(EMBEDDINGS, self.lookup_request.get_output_tensor(0))
+        precision_hint = self.fuse.get_property("INFERENCE_PRECISION_HINT")
+        self.settings = {"precision": getattr(precision_hint, "get_type_name", lambda: precision_hint)(),
+                         "dynamic-quantization-group": self.fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")}
 
     def __call__(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        self.request.infer({"input_ids": ids, "hidden_states": hidden})
-        return self.request.get_output_tensor(0).data.copy()
+        self.lookup_request.infer({"input_ids": ids})
+        embeddings = self.lookup_request.get_output_tensor(0)
+        self.fuse_request.set_tensor("embeddings", embeddings)  # reallocated when B or T change
+        self.fuse_request.infer({"hidden_states": hidden})
+        return self.fuse_request.get_output_tensor(0).data.copy()
 
 
 class _OnnxRuntime:
@@ -79,6 +84,7 @@ class _OnnxRuntime:
 
         self.info = ModelInfo.from_onnx(path)
         self.precision = "f32"
+        self.settings = {"onnxruntime": onnxruntime.__version__}
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -121,10 +127,15 @@ class EngramRuntime:
         self.path, self.runtime = path, runtime
         self.info = self._backend.info
         self.precision = self._backend.precision
+        self.settings = self._backend.settings  # what the runtime compiled the model with
 
     @property
     def config(self):
         return self.info.config
+
+    @property
+    def quantization(self) -> str | None:
+        return self.info.quantization
 
     @property
     def layer_id(self) -> int:

@@ -9,7 +9,8 @@ Metrics per path and shape, against PyTorch f32 (the vectorized forward):
 Tolerances: f32 paths ``max_rel <= 1e-4`` (float32 rounding through ~10^3-term dot products and
 differently ordered reductions stays around 1e-6; 1e-4 leaves room for kernel differences and still
 catches any wrong row, branch or weight). bf16 paths: mean row cosine >= 0.999 (bf16 keeps 8 bits of
-mantissa, ~3e-3 relative per element; a real error drops cosine far below that).
+mantissa, ~3e-3 relative per element; a real error drops cosine far below that). NNCF-quantized
+models: the floor of their mode (``QUANTIZED_MIN_MEAN_COSINE``).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import torch
 
 from engram_export.models.engram import EngramLayer
 
-__all__ = ["Comparison", "compare", "random_inputs", "verify_paths", "F32_MAX_REL",
-           "BF16_MIN_MEAN_COSINE", "format_table"]
+__all__ = ["Comparison", "compare", "random_inputs", "verify_paths", "format_table",
+           "comparisons_table", "default_paths", "failures_summary", "F32_MAX_REL",
+           "BF16_MIN_MEAN_COSINE", "QUANTIZED_MIN_MEAN_COSINE"]
 
 F32_MAX_REL = 1e-4
 BF16_MIN_MEAN_COSINE = 0.999
+QUANTIZED_MIN_MEAN_COSINE = {"int8-weights": 0.9999, "int8": 0.999, "int4-weights": 0.99}
 
 
 @dataclasses.dataclass
@@ -48,8 +51,10 @@ def row_cosines(reference: np.ndarray, output: np.ndarray) -> np.ndarray:
     return np.sum(ref * out, axis=1) / np.maximum(norms, 1e-30)
 
 
-def compare(path: str, reference: np.ndarray, output: np.ndarray, precision: str = "f32") -> Comparison:
-    """Metrics of ``output`` against ``reference``; the criterion depends on ``precision``."""
+def compare(path: str, reference: np.ndarray, output: np.ndarray, precision: str = "f32",
+            quantization: str | None = None) -> Comparison:
+    """Metrics of ``output`` against ``reference``; the criterion depends on ``precision`` and, for
+    quantized models, on the quantization mode."""
     if output.shape != reference.shape:
         raise AssertionError(f"{path}: output shape {output.shape} != reference {reference.shape}")
     error = np.abs(output.astype(np.float64) - reference)
@@ -57,7 +62,10 @@ def compare(path: str, reference: np.ndarray, output: np.ndarray, precision: str
     max_rel = max_abs / max(float(np.abs(reference).max()), 1e-30)
     cosines = row_cosines(reference, output)
     finite = bool(np.isfinite(output).all())
-    if precision == "f32":
+    if quantization is not None:
+        floor = QUANTIZED_MIN_MEAN_COSINE[quantization]
+        criterion, passed = f"{quantization}: mean_cos >= {floor}", float(cosines.mean()) >= floor
+    elif precision == "f32":
         criterion, passed = f"max_rel <= {F32_MAX_REL:g}", max_rel <= F32_MAX_REL
     else:
         criterion = f"mean_cos >= {BF16_MIN_MEAN_COSINE}"
@@ -88,7 +96,8 @@ def verify_paths(layer: EngramLayer, runtimes: dict, shapes: list[tuple[int, int
             reference_layout = layer.forward_reference(*args).numpy()
         results.append(compare("pytorch (demo layout)", reference, reference_layout))
         for name, runtime in runtimes.items():
-            results.append(compare(name, reference, runtime(ids, hidden), runtime.precision))
+            results.append(compare(name, reference, runtime(ids, hidden), runtime.precision,
+                                   runtime.quantization))
     return results
 
 
@@ -108,10 +117,16 @@ def comparisons_table(results: list[Comparison]) -> str:
 
 
 def default_paths(onnx_path: Path, xml_paths: dict[str, Path]) -> dict:
-    """Runtimes for verify: ONNX Runtime on the .onnx, OpenVINO on each compiled .xml."""
+    """Runtimes for verify: ONNX Runtime on the .onnx, OpenVINO on each .xml (compiled or quantized)."""
     from engram_export.runtime import EngramRuntime
 
     runtimes = {"onnxruntime f32": EngramRuntime(onnx_path, runtime="ort")}
-    for precision, xml in xml_paths.items():
-        runtimes[f"openvino {precision}"] = EngramRuntime(xml)
+    for name, xml in xml_paths.items():
+        runtimes[f"openvino {name}"] = EngramRuntime(xml)
     return runtimes
+
+
+def failures_summary(results: list[Comparison]) -> list[str]:
+    """One loud line per failed path (quantized modes name the floor they missed)."""
+    return [f"FAILED: {r.path} at {r.shape}: {r.criterion} not met (mean_cos {r.mean_cosine:.6f}, "
+            f"max_rel {r.max_rel:.2e})" for r in results if not r.passed]

@@ -52,6 +52,7 @@ class BenchRow:
     memory_mib: tuple = (0, 0, 0, 0)  # growth of private, file-backed resident memory: loaded, after a run
     settings: str = ""
     size_mib: float | None = None  # the model's weights on disk
+    group: int = 0  # rows of one group are loaded and timed together
     times_ms: dict = dataclasses.field(default_factory=dict)  # (B, T) -> [ms per round]
 
     def median(self, shape) -> float:
@@ -105,10 +106,10 @@ def time_rows(rows: list[BenchRow], shapes: dict, warmup: int, repeat: int) -> N
 
 
 class _Loader:
-    """Builds rows, measuring each model's load (compile) time and private memory."""
+    """Builds rows, measuring each model's load (compile) time and resident memory."""
 
-    def __init__(self, probe):
-        self.rows, self.probe = [], probe
+    def __init__(self, probe, group: int = 0):
+        self.rows, self.probe, self.group = [], probe, group
 
     def add(self, name, precision, make, make_args=lambda ids, hidden: (ids, hidden), settings="",
             size_mib=None):
@@ -123,7 +124,7 @@ class _Loader:
             settings = ", ".join(f"{k}={v}" for k, v in call.settings.items())
         memory = (loaded[0] - before[0], loaded[1] - before[1], ran[0] - before[0], ran[1] - before[1])
         self.rows.append(BenchRow(f"{name} {precision}".strip(), precision, call, make_args, load_s, memory,
-                                  settings, size_mib))
+                                  settings, size_mib, group=self.group))
 
 
 def _eager(layer, dtype):
@@ -194,42 +195,61 @@ def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: l
                                                    precision)
     num_ids = len(layer.hashing.lut)
     _quantized(files, workdir, config, num_ids, modes)
-    loader = _Loader(random_inputs(config, num_ids, 2, 3))
     width_in, width_out = config.engram_hidden_size, (config.hc_mult + 1) * config.hidden_size
     rng = np.random.default_rng(2)
     floor_args = lambda ids, hidden: (rng.standard_normal((ids.size, width_in), np.float32),)  # noqa: E731
-    with progress.stage("loading every model"):
-        for precision in sorted({"f32", *precisions}, reverse=True):  # eager f32: every row's yardstick
-            source = layer if precision == "f32" else _bf16_copy(layer)
-            call, make_args = _eager(source, torch.float32 if precision == "f32" else torch.bfloat16)
-            loader.add("pytorch eager (demo layout)", precision, lambda c=call: c, make_args,
-                       f"torch {torch.__version__.split('+')[0]}")
+    eager = lambda precision: _eager(layer if precision == "f32" else _bf16_copy(layer),  # noqa: E731
+                                     torch.float32 if precision == "f32" else torch.bfloat16)
+    torch_version = f"torch {torch.__version__.split('+')[0]}"
+
+    def group_f32(add):
         for graph in ("raw", "optimized"):
-            loader.add(f"onnxruntime {graph}", "f32",
-                       lambda g=graph: EngramRuntime(files[g], runtime="ort"))
-        for precision in precisions:
+            add(f"onnxruntime {graph}", "f32", lambda g=graph: EngramRuntime(files[g], runtime="ort"))
+
+    def group_precision(precision):
+        def rows(add):
+            if precision == "bf16":
+                add("pytorch eager (demo layout)", "bf16", lambda: eager("bf16")[0], eager("bf16")[1],
+                    torch_version)
+            if precision == "f32":
+                group_f32(add)
             for graph in ("raw", "optimized"):
-                loader.add(f"openvino {graph}", precision,
-                           lambda g=graph, p=precision: EngramRuntime(files[g, p]),
-                           size_mib=_weights_mib(files[graph, precision]))
-            loader.add("openvino matmul floor", precision,
-                       lambda p=precision: _matmul_floor(width_in, width_out, p), floor_args,
-                       f"[B*T,{width_in}]x[{width_in},{width_out}]")
-        for mode in modes:
-            loader.add(f"openvino {mode}", "", lambda m=mode: EngramRuntime(files[m]),
-                       size_mib=_weights_mib(files[mode]))
+                add(f"openvino {graph}", precision, lambda g=graph: EngramRuntime(files[g, precision]),
+                    size_mib=_weights_mib(files[graph, precision]))
+            add("openvino matmul floor", precision,
+                lambda: _matmul_floor(width_in, width_out, precision), floor_args,
+                f"[B*T,{width_in}]x[{width_in},{width_out}]")
+            if precision == precisions[-1]:
+                for mode in modes:
+                    add(f"openvino {mode}", "", lambda m=mode: EngramRuntime(files[m]),
+                        size_mib=_weights_mib(files[mode]))
+        return rows
+
+    # Rows are timed in groups that each fit in memory beside the PyTorch layer (one per precision,
+    # the quantized modes with the last); every group has its own eager f32 yardstick.
     inputs = {shape: random_inputs(config, num_ids, *shape, seed=1) for shape in shapes}
-    with progress.stage(f"timing {len(loader.rows)} rows x {len(shapes)} shapes, {repeat} rounds"):
-        time_rows(loader.rows, inputs, warmup, repeat)
+    rows = []
+    for index, add_rows in enumerate(group_precision(p) for p in precisions):
+        loader = _Loader(random_inputs(config, num_ids, 2, 3), group=index)
+        with progress.stage(f"loading the models of group {index + 1}"):
+            loader.add("pytorch eager (demo layout)", "f32", lambda: eager("f32")[0], eager("f32")[1],
+                       torch_version)
+            add_rows(loader.add)
+        with progress.stage(f"timing {len(loader.rows)} rows x {len(shapes)} shapes, {repeat} rounds"):
+            time_rows(loader.rows, inputs, warmup, repeat)
+        for row in loader.rows:
+            row.call = None  # release the model before the next group loads
+        rows += loader.rows
+        gc.collect()
     print(f"CPU: {cpu_summary()}")
-    print(report(loader.rows, shapes))
+    print(report(rows, shapes))
     if profile:
         for shape, (ids, hidden) in inputs.items():
             for precision in precisions:
                 for graph in ("raw", "optimized"):
                     print(f"\nper-node profile, B={shape[0]}, T={shape[1]}, {graph} {precision}:")
                     print(profile_top(files[graph, precision], ids, hidden, precision))
-    return loader.rows
+    return rows
 
 
 def _weights_mib(xml: Path) -> float:
@@ -237,29 +257,33 @@ def _weights_mib(xml: Path) -> float:
 
 
 def report(rows: list[BenchRow], shapes) -> str:
-    """One table per shape, then the targets that can be judged from these rows."""
-    by_name = {row.name: row for row in rows}
-    eager = by_name["pytorch eager (demo layout) f32"]
+    """One table per shape, the loading table, then the targets that these rows can judge.
+
+    "vs eager f32" and "/ floor" compare rows of the same group (timed round-robin together)."""
+    eager = {r.group: r for r in rows if r.name == "pytorch eager (demo layout) f32"}
     lines = []
     for shape in shapes:
         floors = {r.precision: r.median(shape) for r in rows if "floor" in r.name}
         table = []
         for row in rows:
             ms, floor = row.median(shape), floors.get(row.precision)
-            table.append([row.name, f"{ms:.2f}", f"{eager.median(shape) / ms:.2f}x",
+            table.append([row.group + 1, row.name, f"{ms:.2f}", f"{eager[row.group].median(shape) / ms:.2f}x",
                           f"{ms / floor:.2f}" if floor and "floor" not in row.name else ""])
-        lines += [f"\nB={shape[0]}, T={shape[1]}: median of {len(eager.times_ms[shape])} rounds",
-                  format_table(table, ["row", "ms", "vs eager f32", "/ floor"])]
+        lines += [f"\nB={shape[0]}, T={shape[1]}: median of {len(rows[0].times_ms[shape])} rounds",
+                  format_table(table, ["group", "row", "ms", "vs eager f32", "/ floor"])]
     memory = [[row.name, f"{row.size_mib:.0f}" if row.size_mib is not None else "",
-               f"{row.load_s:.1f}", *(f"{m:+.0f}" for m in row.memory_mib), row.settings] for row in rows]
+               f"{row.load_s:.1f}", *(f"{m:+.0f}" for m in row.memory_mib), row.settings]
+              for row in rows if not (row.name == "pytorch eager (demo layout) f32" and row.group)]
     lines += ["\nloading each model (resident memory growth in MiB: private = RssAnon, file = RssFile "
               "such as mmapped weights):",
               format_table(memory, ["row", ".bin MiB", "load s", "private loaded", "file loaded",
                                     "private run", "file run", "settings"])]
     checks = []
     for text, top, bottom, shape, bound in TARGETS:
-        if top in by_name and bottom in by_name and shape in shapes:
-            ratio = by_name[top].median(shape) / by_name[bottom].median(shape)
+        pairs = [(a, b) for a in rows for b in rows
+                 if a.name == top and b.name == bottom and a.group == b.group and shape in a.times_ms]
+        if pairs:
+            ratio = pairs[0][0].median(shape) / pairs[0][1].median(shape)
             met = ratio <= bound if bound > 0 else ratio >= -bound
             checks.append(f"  {text}: {ratio:.2f} {'met' if met else 'MISSED'}")
     if checks:

@@ -24,13 +24,15 @@ def add_layer_source(parser: argparse.ArgumentParser) -> None:
     weights.add_argument("--random-init", action="store_true", help="seeded random weights")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     parser.add_argument("--prefix", default="", help="key prefix of the layer in a full-model checkpoint")
-    parser.add_argument("--layer", type=int, required=True, help="layer id (one of the config's layer_ids)")
+    parser.add_argument("--layer", type=int, help="layer id (one of the config's layer_ids)")
 
 
 def layer_from_args(args):
     from engram_export.models.config import load_config
     from engram_export.models.weights import build_layer
 
+    if args.layer is None:
+        raise EngramError("give --layer (one of the config's layer_ids)")
     config = load_config(args.config)
     with _stage(f"building layer {args.layer} ({'random' if args.random_init else args.weights})"):
         return build_layer(config, args.layer, weights=args.weights, prefix=args.prefix,
@@ -45,9 +47,10 @@ def _stage(what):
 
 # export ---------------------------------------------------------------------------------------------
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="trace an Engram layer to ONNX (hash-gather as one custom node)")
+    p = sub.add_parser("export", help="trace Engram layers to ONNX (hash-gather as one custom node)")
     add_layer_source(p)
-    p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx file")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output .onnx file; without --layer, a folder for every layer with a manifest")
     p.add_argument("--no-optimize", action="store_true", help="keep the raw trace (no graph passes)")
     p.set_defaults(func=run_export)
 
@@ -55,6 +58,13 @@ def add_export(sub) -> None:
 def run_export(args) -> None:
     from engram_export.export import export_layer
 
+    if args.layer is None:
+        from engram_export.folders import export_folder
+        from engram_export.models.config import load_config
+
+        print(export_folder(load_config(args.config), args.output, weights=args.weights,
+                            prefix=args.prefix, seed=args.seed, optimize=not args.no_optimize))
+        return
     layer = layer_from_args(args)
     print(export_layer(layer, args.output, optimize=not args.no_optimize))
 
@@ -89,14 +99,20 @@ def run_optimize(args) -> None:
 
 # compile --------------------------------------------------------------------------------------------
 def add_compile(sub) -> None:
-    p = sub.add_parser("compile", help="convert an exported .onnx to OpenVINO IR for CPU")
-    p.add_argument("model", type=Path, help="exported .onnx")
+    p = sub.add_parser("compile", help="convert an exported .onnx (or folder) to OpenVINO IR for CPU")
+    p.add_argument("model", type=Path, help="exported .onnx, or a folder from export without --layer")
     p.add_argument("--precision", choices=["f32", "bf16"], default="f32")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output .xml (the .bin goes beside)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output .xml (the .bin goes beside), or a folder for a folder")
     p.set_defaults(func=run_compile)
 
 
 def run_compile(args) -> None:
+    if args.model.is_dir():
+        from engram_export.folders import compile_folder
+
+        print(compile_folder(args.model, args.output, args.precision))
+        return
     from engram_export.compile import compile_onnx
 
     print(compile_onnx(args.model, args.output, args.precision))
@@ -131,7 +147,12 @@ def run_quantize(args) -> None:
         if args.calibration is None:
             raise EngramError("mode int8 needs --calibration (an .npz, or a text file with "
                               "--calibration-hidden)")
-        _, info = read_model(args.model)
+        if args.model.is_dir():
+            from engram_export.manifest import read_manifest
+
+            manifest = read_manifest(args.model, check_hashes=False)
+            first = args.model / next(iter(manifest.layers.values()))
+        _, info = read_model(first if args.model.is_dir() else args.model)
         text = args.calibration.suffix != ".npz"
         calibration = read_calibration(info.config, info.num_ids,
                                        npz=None if text else args.calibration,
@@ -140,6 +161,11 @@ def run_quantize(args) -> None:
     options = QuantizeOptions(args.mode, int4_symmetric=args.int4 == "sym", group_size=args.group_size,
                               table_bits=args.table_bits, precision=args.precision,
                               calibration=calibration, subset_size=args.subset_size)
+    if args.model.is_dir():
+        from engram_export.folders import quantize_folder
+
+        print(quantize_folder(args.model, args.output, options))
+        return
     output = quantize(args.model, args.output, options)
     from engram_export.ov_extension import openvino_core
 
@@ -158,6 +184,7 @@ def add_run(sub) -> None:
     p.add_argument("--runtime", choices=["ov", "ort"], default="ov")
     p.add_argument("--precision", choices=["f32", "bf16"], default=None,
                    help="OpenVINO inference precision (default: the model's)")
+    p.add_argument("--layer", type=int, help="with a model folder: the layer to run")
     p.set_defaults(func=run_run)
 
 
@@ -190,6 +217,10 @@ def run_run(args) -> None:
         raise EngramError(f"output {args.output} should end in .npz")
     inputs = load_npz(args.inputs, ("input_ids", "hidden_states"))
     runtime = EngramRuntime(args.model, runtime=args.runtime, precision=args.precision)
+    if args.layer is not None or args.model.is_dir():
+        if args.layer is None:
+            raise EngramError(f"{args.model} serves layers {runtime.layer_ids}: give --layer")
+        runtime = runtime.layer(args.layer)
     output = runtime(inputs["input_ids"], inputs["hidden_states"])
     with staged_output(args.output) as staged:
         np.savez(staged, output=output)

@@ -7,6 +7,7 @@ a wrong shape, dtype or id is refused with a one-line ``EngramError``, not a lib
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -16,34 +17,40 @@ from engram_export.fileio import check_input_file
 from engram_export.model_info import PRECISIONS, ModelInfo
 from engram_export.models.hashing import INT32_MIN
 
-__all__ = ["EngramRuntime", "check_inputs", "RUNTIMES"]
+__all__ = ["EngramRuntime", "Prefetch", "check_inputs", "check_ids", "RUNTIMES"]
 
 RUNTIMES = ("ov", "ort")
 
 
-def check_inputs(info: ModelInfo, input_ids, hidden_states) -> tuple[np.ndarray, np.ndarray]:
-    """Validated ``input_ids`` (int64 [B,T]) and ``hidden_states`` (float32 [B,T,G,D])."""
-    ids, hidden = np.asarray(input_ids), np.asarray(hidden_states)
-    config = info.config
+def check_ids(info: ModelInfo, input_ids) -> np.ndarray:
+    """Validated ``input_ids``: int64 [B,T], B and T >= 1, ids in [0, vocab) or negative."""
+    ids = np.asarray(input_ids)
     if ids.dtype.kind not in "iu":
         raise EngramError(f"input_ids must be integer token ids (int64), got dtype {ids.dtype}")
     if ids.ndim != 2:
         raise EngramError(f"input_ids must be [batch, tokens], got shape {list(ids.shape)}")
     if 0 in ids.shape:
         raise EngramError(f"input_ids is empty: shape {list(ids.shape)} (batch and tokens must be >= 1)")
-    if hidden.dtype != np.float32:
-        raise EngramError(f"hidden_states must be float32, got dtype {hidden.dtype}")
-    expected = [*ids.shape, config.hc_mult, config.hidden_size]
-    if list(hidden.shape) != expected:
-        raise EngramError(f"hidden_states must be [batch, tokens, hc_mult, hidden_size] = {expected}, "
-                          f"got {list(hidden.shape)}")
     high, low = int(ids.max()), int(ids.min())
     if high >= info.num_ids:
         raise EngramError(f"input_ids: id {high} is out of range [0, {info.num_ids}) "
                           f"(negative ids pass through as in the reference)")
     if low < INT32_MIN:
         raise EngramError(f"input_ids: id {low} is below int32's range")
-    return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(hidden)
+    return np.ascontiguousarray(ids, dtype=np.int64)
+
+
+def check_inputs(info: ModelInfo, input_ids, hidden_states) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``input_ids`` (int64 [B,T]) and ``hidden_states`` (float32 [B,T,G,D])."""
+    ids, hidden = check_ids(info, input_ids), np.asarray(hidden_states)
+    config = info.config
+    if hidden.dtype != np.float32:
+        raise EngramError(f"hidden_states must be float32, got dtype {hidden.dtype}")
+    expected = [*ids.shape, config.hc_mult, config.hidden_size]
+    if list(hidden.shape) != expected:
+        raise EngramError(f"hidden_states must be [batch, tokens, hc_mult, hidden_size] = {expected}, "
+                          f"got {list(hidden.shape)}")
+    return ids, np.ascontiguousarray(hidden)
 
 
 class _OpenVINO:
@@ -69,13 +76,25 @@ class _OpenVINO:
         precision_hint = self.fuse.get_property("INFERENCE_PRECISION_HINT")
         self.settings = {"precision": getattr(precision_hint, "get_type_name", lambda: precision_hint)(),
                          "dynamic-quantization-group": self.fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")}
+        self.generation = 0  # counts lookups; a prefetch handle is valid for its own generation only
 
-    def __call__(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        self.lookup_request.infer({"input_ids": ids})
-        embeddings = self.lookup_request.get_output_tensor(0)
-        self.fuse_request.set_tensor("embeddings", embeddings)  # reallocated when B or T change
+    def start_lookup(self, ids: np.ndarray) -> int:
+        """Start the lookup asynchronously (OpenVINO's threads, no GIL); returns its generation."""
+        self.lookup_request.wait()
+        self.generation += 1
+        self.lookup_request.start_async({"input_ids": ids})
+        return self.generation
+
+    def finish(self, hidden: np.ndarray) -> np.ndarray:
+        """Wait for the lookup in flight, then run the fuse stage on its embeddings."""
+        self.lookup_request.wait()
+        self.fuse_request.set_tensor("embeddings", self.lookup_request.get_output_tensor(0))
         self.fuse_request.infer({"hidden_states": hidden})
         return self.fuse_request.get_output_tensor(0).data.copy()
+
+    def __call__(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        self.start_lookup(ids)
+        return self.finish(hidden)
 
 
 class _OnnxRuntime:
@@ -98,24 +117,51 @@ class _OnnxRuntime:
         return self.session.run(["output"], {"input_ids": ids, "hidden_states": hidden})[0]
 
 
+@dataclasses.dataclass
+class Prefetch:
+    """What ``EngramRuntime.prefetch`` returns: lookups in flight for each layer, for these ids."""
+
+    input_ids: np.ndarray
+    lookups: dict  # layer id -> (backend, generation)
+    used: set = dataclasses.field(default_factory=set)
+
+
 class EngramRuntime:
-    """One exported Engram layer, ready to run.
+    """Exported Engram layers, ready to run.
 
     Args:
-        path: ``.xml`` (OpenVINO IR from ``compile``) or ``.onnx`` (from ``export``).
+        path: ``.xml`` (OpenVINO IR from ``compile`` or ``quantize``), ``.onnx`` (from ``export``), or a
+            folder with a ``manifest.json`` holding every layer of a model.
         runtime: ``"ov"`` (OpenVINO, the default) or ``"ort"`` (ONNX Runtime, ``.onnx`` only).
         precision: OpenVINO inference precision, ``"f32"`` or ``"bf16"``; default: the file's own.
         device: OpenVINO device name.
         threads: CPU threads, default all.
+        check_hashes: for a folder, check every file against the manifest's SHA-256 first.
+
+    ``rt(input_ids, hidden_states)`` runs a single layer; ``rt.layer(L)`` picks a layer of a folder.
+    ``rt.prefetch(input_ids)`` starts every layer's lookup (hash + table Gather) in the background and
+    returns at once; ``rt.layer(L).fuse(handle, hidden_states)`` finishes layer L when the backbone
+    reaches it. Results equal the one-shot call.
     """
 
     def __init__(self, path: str | Path, runtime: str = "ov", precision: str | None = None,
-                 device: str = "CPU", threads: int | None = None):
-        path = check_input_file(path, (".xml", ".onnx"), "model")
+                 device: str = "CPU", threads: int | None = None, check_hashes: bool = True):
         if runtime not in RUNTIMES:
             raise EngramError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if precision is not None and precision not in PRECISIONS:
             raise EngramError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.path, self.runtime = Path(path), runtime
+        if self.path.is_dir():
+            from engram_export.manifest import read_manifest
+
+            self.manifest = read_manifest(self.path, check_hashes)
+            self._layers = {layer: EngramRuntime(self.path / name, runtime, precision, device, threads)
+                            for layer, name in self.manifest.layers.items()}
+            first = next(iter(self._layers.values()))
+            self._backend, self.info = None, first.info
+            self.precision, self.settings = first.precision, first.settings
+            return
+        path = check_input_file(path, (".xml", ".onnx"), "model")
         if runtime == "ort":
             if path.suffix != ".onnx":
                 raise EngramError(f"ONNX Runtime runs .onnx files, not {path.name}; use runtime 'ov'")
@@ -124,10 +170,11 @@ class EngramRuntime:
             self._backend = _OnnxRuntime(path, threads)
         else:
             self._backend = _OpenVINO(path, precision, device, threads)
-        self.path, self.runtime = path, runtime
+        self.manifest = None
         self.info = self._backend.info
         self.precision = self._backend.precision
         self.settings = self._backend.settings  # what the runtime compiled the model with
+        self._layers = {self.info.layer_id: self}
 
     @property
     def config(self):
@@ -141,10 +188,54 @@ class EngramRuntime:
     def layer_id(self) -> int:
         return self.info.layer_id
 
+    @property
+    def layer_ids(self) -> list[int]:
+        return list(self._layers)
+
+    def layer(self, layer_id: int) -> "EngramRuntime":
+        """The runtime of one Engram layer."""
+        if layer_id not in self._layers:
+            raise EngramError(f"no Engram layer {layer_id} here (layers: {self.layer_ids})")
+        return self._layers[layer_id]
+
     def __call__(self, input_ids, hidden_states) -> np.ndarray:
         """Engram output [B,T,G,D] (float32, before the backbone's residual add)."""
+        if self._backend is None:
+            raise EngramError(f"{self.path} serves layers {self.layer_ids}: call rt.layer(L)(...)")
         return self._backend(*check_inputs(self.info, input_ids, hidden_states))
+
+    def prefetch(self, input_ids) -> Prefetch:
+        """Start the lookup of every layer for ``input_ids`` [B,T] and return at once."""
+        ids = check_ids(self.info, input_ids)
+        lookups = {}
+        for layer_id, layer in self._layers.items():
+            if not isinstance(layer._backend, _OpenVINO):
+                raise EngramError("prefetch needs the OpenVINO runtime (runtime='ov')")
+            lookups[layer_id] = (layer._backend, layer._backend.start_lookup(ids))
+        return Prefetch(ids, lookups)
+
+    def fuse(self, handle: Prefetch, hidden_states, input_ids=None) -> np.ndarray:
+        """Finish this layer from a prefetch handle: the output of ``rt(input_ids, hidden_states)``.
+
+        ``input_ids``, if given, must be the ids the handle was made for."""
+        if self._backend is None:
+            raise EngramError(f"{self.path} serves layers {self.layer_ids}: call rt.layer(L).fuse(...)")
+        if not isinstance(handle, Prefetch):
+            raise EngramError(f"fuse needs the handle returned by prefetch, got {type(handle).__name__}")
+        layer = self.layer_id
+        backend, generation = handle.lookups.get(layer, (None, None))
+        if backend is not self._backend:
+            raise EngramError(f"this prefetch handle was not made by this runtime for layer {layer}")
+        if layer in handle.used:
+            raise EngramError(f"this prefetch handle was already used for layer {layer}")
+        if generation != backend.generation:
+            raise EngramError(f"this prefetch handle is stale: a later lookup replaced it on layer {layer}")
+        if input_ids is not None and not np.array_equal(np.asarray(input_ids), handle.input_ids):
+            raise EngramError("this prefetch handle was made for other input_ids")
+        ids, hidden = check_inputs(self.info, handle.input_ids, hidden_states)
+        handle.used.add(layer)
+        return backend.finish(hidden)
 
     def __repr__(self) -> str:
         return (f"EngramRuntime({str(self.path)!r}, runtime={self.runtime!r}, "
-                f"precision={self.precision!r}, layer={self.layer_id})")
+                f"precision={self.precision!r}, layers={self.layer_ids})")

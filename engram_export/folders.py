@@ -1,0 +1,95 @@
+"""Every Engram layer of a model at once: export, compile and quantize folder to folder.
+
+Each command builds the whole output folder in a hidden staging folder beside it and renames it into
+place at the end, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from engram_export.errors import EngramError
+from engram_export.manifest import Manifest, read_manifest, sha256, write_manifest
+
+__all__ = ["export_folder", "compile_folder", "quantize_folder", "layer_file"]
+
+
+def layer_file(layer_id: int, suffix: str) -> str:
+    return f"layer_{layer_id}{suffix}"
+
+
+@contextlib.contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    folder = Path(folder)
+    if not folder.parent.is_dir():
+        raise EngramError(f"output folder {folder.parent} does not exist")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise EngramError(f"output {folder} exists and is not an empty folder")
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield staging
+        if folder.exists():
+            folder.rmdir()
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_folder(config, folder: Path, weights: Path | None = None, prefix: str = "",
+                  seed: int | None = None, optimize: bool = True) -> Path:
+    """Export every layer in ``config.layer_ids``. ``prefix`` may hold ``{layer}`` (full-model
+    checkpoints); random weights use ``seed + layer id``."""
+    from engram_export.export import export_layer
+    from engram_export.models.hashing import EngramHashing
+    from engram_export.models.weights import build_layer
+
+    if weights is not None and len(config.layer_ids) > 1 and "{layer}" not in prefix:
+        raise EngramError("exporting several layers from one checkpoint needs --prefix with {layer}, "
+                          "e.g. 'model.layers.{layer}.engram.'")
+    hashing = EngramHashing(config)
+    layers = {}
+    with staged_folder(folder) as staging:
+        for layer_id in config.layer_ids:
+            layer = build_layer(config, layer_id, weights=weights, prefix=prefix.format(layer=layer_id),
+                                seed=None if weights is not None else seed + layer_id, hashing=hashing)
+            layers[layer_id] = layer_file(layer_id, ".onnx")
+            export_layer(layer, staging / layers[layer_id], optimize=optimize)
+            del layer
+        source = f"{weights} (sha256 {sha256(Path(weights))})" if weights else f"random-init seed {seed}"
+        write_manifest(staging, Manifest(config, layers, "onnx", source=source))
+    return folder
+
+
+def compile_folder(source: Path, folder: Path, precision: str) -> Path:
+    from engram_export.compile import compile_onnx
+
+    manifest = read_manifest(source)
+    if manifest.kind != "onnx":
+        raise EngramError(f"{source} holds compiled models; compile the exported folder")
+    layers = {}
+    with staged_folder(folder) as staging:
+        for layer_id, name in manifest.layers.items():
+            layers[layer_id] = layer_file(layer_id, ".xml")
+            compile_onnx(Path(source) / name, staging / layers[layer_id], precision)
+        write_manifest(staging, Manifest(manifest.config, layers, "openvino", precision,
+                                         source=manifest.source))
+    return folder
+
+
+def quantize_folder(source: Path, folder: Path, options) -> Path:
+    from engram_export.quantize import quantize
+
+    manifest = read_manifest(source)
+    layers = {}
+    with staged_folder(folder) as staging:
+        for layer_id, name in manifest.layers.items():
+            layers[layer_id] = layer_file(layer_id, ".xml")
+            quantize(Path(source) / name, staging / layers[layer_id], options)
+        write_manifest(staging, Manifest(manifest.config, layers, "openvino", options.precision,
+                                         options.mode, manifest.source))
+    return folder

@@ -1,0 +1,127 @@
+"""Every layer of a model in one folder (manifest), and prefetching the lookups."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engram_export.errors import EngramError
+from engram_export.folders import compile_folder, export_folder
+from engram_export.manifest import read_manifest
+from engram_export.models.weights import build_layer
+from engram_export.runtime import EngramRuntime
+from engram_export.verify import compare, random_inputs
+from tests.test_cli import cli, refused
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_config, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    exported = export_folder(tiny_config, root / "onnx", seed=5)
+    return {"onnx": exported, "bf16": compile_folder(exported, root / "bf16", "bf16"),
+            "f32": compile_folder(exported, root / "f32", "f32")}
+
+
+@pytest.fixture(scope="module")
+def layers(tiny_config):
+    return {layer: build_layer(tiny_config, layer, seed=5 + layer) for layer in tiny_config.layer_ids}
+
+
+def reference(layer, ids, hidden):
+    with torch.inference_mode():
+        return layer(torch.from_numpy(ids), torch.from_numpy(hidden)).double().numpy()
+
+
+def test_folder_has_every_layer_and_a_manifest(folders, tiny_config):
+    manifest = read_manifest(folders["f32"])
+    assert sorted(manifest.layers) == list(tiny_config.layer_ids)
+    assert manifest.kind == "openvino" and manifest.precision == "f32"
+    assert set(manifest.hashes) == {"layer_1.xml", "layer_1.bin", "layer_3.xml", "layer_3.bin"}
+    assert read_manifest(folders["onnx"]).source == "random-init seed 5"
+
+
+@pytest.mark.parametrize("kind", ["onnx", "f32", "bf16"])
+def test_every_layer_matches_pytorch(folders, layers, kind):
+    runtime = EngramRuntime(folders[kind])
+    assert runtime.layer_ids == [1, 3]
+    for layer_id, layer in layers.items():
+        ids, hidden = random_inputs(layer.config, 5000, 50, 14, seed=layer_id)
+        result = compare(kind, reference(layer, ids, hidden), runtime.layer(layer_id)(ids, hidden),
+                         runtime.layer(layer_id).precision)
+        assert result.passed, result
+
+
+def test_prefetch_equals_the_one_shot_call(folders, layers):
+    runtime = EngramRuntime(folders["f32"])
+    ids, hidden = random_inputs(layers[1].config, 5000, 4, 9, seed=11)
+    expected = {layer: runtime.layer(layer)(ids, hidden) for layer in runtime.layer_ids}
+    handle = runtime.prefetch(ids)
+    for layer in (3, 1):  # any order
+        np.testing.assert_array_equal(runtime.layer(layer).fuse(handle, hidden, input_ids=ids),
+                                      expected[layer])
+
+
+def test_prefetch_faults_leave_the_runtime_usable(folders, layers):
+    runtime = EngramRuntime(folders["f32"])
+    other = EngramRuntime(folders["f32"])
+    ids, hidden = random_inputs(layers[1].config, 5000, 2, 5, seed=12)
+    handle = runtime.prefetch(ids)
+    with pytest.raises(EngramError, match="not made by this runtime"):
+        other.layer(1).fuse(handle, hidden)
+    with pytest.raises(EngramError, match="made for other input_ids"):
+        runtime.layer(1).fuse(handle, hidden, input_ids=ids + 1)
+    with pytest.raises(EngramError, match=r"got \[2, 5, 3, 48\]"):
+        runtime.layer(1).fuse(handle, hidden[:, :, :3])
+    first = runtime.layer(1).fuse(handle, hidden)
+    with pytest.raises(EngramError, match="already used for layer 1"):
+        runtime.layer(1).fuse(handle, hidden)
+    newer = runtime.prefetch(ids)
+    with pytest.raises(EngramError, match="stale"):
+        runtime.layer(3).fuse(handle, hidden)
+    with pytest.raises(EngramError, match="no Engram layer 2"):
+        runtime.layer(2)
+    with pytest.raises(EngramError, match="serves layers"):
+        runtime(ids, hidden)
+    with pytest.raises(EngramError, match="out of range"):
+        runtime.prefetch(ids + 5000)
+    np.testing.assert_array_equal(runtime.layer(1).fuse(newer, hidden), first)
+
+
+def test_manifest_faults(folders, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders["f32"], copy)
+    (copy / "layer_3.bin").write_bytes((copy / "layer_3.bin").read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(EngramError, match="layer_3.bin does not match its SHA-256"):
+        EngramRuntime(copy)
+    (copy / "layer_3.bin").unlink()
+    with pytest.raises(EngramError, match="lists layer_3.bin, which is missing"):
+        EngramRuntime(copy)
+    (copy / "manifest.json").write_text("{")
+    with pytest.raises(EngramError, match="not a valid manifest"):
+        EngramRuntime(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(EngramError, match="has no manifest.json"):
+        EngramRuntime(copy)
+
+
+def test_folder_commands(folders, tmp_path, tiny_config):
+    cli("export", "--config", "tiny", "--random-init", "--seed", "5", "-o", tmp_path / "exported")
+    manifest = json.loads((tmp_path / "exported" / "manifest.json").read_text())
+    assert manifest["layers"] == {"1": "layer_1.onnx", "3": "layer_3.onnx"}
+    cli("quantize", tmp_path / "exported", "-o", tmp_path / "int8w", "--mode", "int8-weights")
+    assert read_manifest(tmp_path / "int8w").quantization == "int8-weights"
+    ids, hidden = random_inputs(tiny_config, 5000, 2, 5)
+    np.savez(tmp_path / "in.npz", input_ids=ids, hidden_states=hidden)
+    cli("run", tmp_path / "int8w", "--layer", "3", "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz")
+    refused(cli("run", tmp_path / "int8w", "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o2.npz",
+                check=False), "give --layer")
+    refused(cli("compile", tmp_path / "exported", "-o", tmp_path / "exported", check=False),
+            "exists and is not an empty folder")
+    refused(cli("export", "--config", "tiny", "--weights", tmp_path / "in.npz", "-o", tmp_path / "x",
+                check=False), "needs --prefix with {layer}")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))

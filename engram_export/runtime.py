@@ -58,18 +58,15 @@ class _OpenVINO:
 
     def __init__(self, path: Path, precision: str | None, device: str, threads: int | None):
         from engram_export.compile import read_openvino
-        from engram_export.ov_extension import openvino_core
         from engram_export.stages import EMBEDDINGS, split_stages
 
         model, self.info = read_openvino(path)
+        self.path, self.device = path, device
         self.precision = precision or self.info.precision
-        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+        self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        lookup, fuse = split_stages(model, self.precision)
-        core = openvino_core()
-        self.lookup = core.compile_model(lookup, device, config)
-        self.fuse = core.compile_model(fuse, device, config)
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self.lookup, self.fuse = self._compile(*split_stages(model, self.precision))
         self.lookup_request = self.lookup.create_infer_request()
         self.fuse_request = self.fuse.create_infer_request()
         self.fuse_request.set_tensor(EMBEDDINGS, self.lookup_request.get_output_tensor(0))
@@ -77,6 +74,23 @@ class _OpenVINO:
         self.settings = {"precision": getattr(precision_hint, "get_type_name", lambda: precision_hint)(),
                          "dynamic-quantization-group": self.fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")}
         self.generation = 0  # counts lookups; a prefetch handle is valid for its own generation only
+
+    def _compile(self, lookup, fuse):
+        from engram_export.ov_extension import openvino_core
+
+        core = openvino_core()
+        return (core.compile_model(lookup, self.device, self.config),
+                core.compile_model(fuse, self.device, self.config))
+
+    def decode_requests(self):
+        """A (lookup, fuse) pair of requests of the stateful decode stages, compiled once."""
+        if not hasattr(self, "_decode"):
+            from engram_export.compile import read_openvino
+            from engram_export.decode import decode_stages
+
+            model, _ = read_openvino(self.path)
+            self._decode = self._compile(*decode_stages(model, self.info, self.precision))
+        return tuple(compiled.create_infer_request() for compiled in self._decode)
 
     def start_lookup(self, ids: np.ndarray) -> int:
         """Start the lookup asynchronously (OpenVINO's threads, no GIL); returns its generation."""
@@ -213,6 +227,17 @@ class EngramRuntime:
                 raise EngramError("prefetch needs the OpenVINO runtime (runtime='ov')")
             lookups[layer_id] = (layer._backend, layer._backend.start_lookup(ids))
         return Prefetch(ids, lookups)
+
+    def session(self, batch_size: int):
+        """A decode session for ``batch_size`` sequences over every layer served (OpenVINO only)."""
+        from engram_export.decode import DecodeSession
+
+        return DecodeSession(self, batch_size)
+
+    def _decode_requests(self):
+        if not isinstance(self._backend, _OpenVINO):
+            raise EngramError("decode sessions need the OpenVINO runtime (runtime='ov')")
+        return self._backend.decode_requests()
 
     def fuse(self, handle: Prefetch, hidden_states, input_ids=None) -> np.ndarray:
         """Finish this layer from a prefetch handle: the output of ``rt(input_ids, hidden_states)``.

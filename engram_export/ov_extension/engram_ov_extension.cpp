@@ -33,13 +33,14 @@ public:
 
     EngramHash() = default;
 
-    EngramHash(const ov::Output<ov::Node>& input_ids,
-               const ov::Output<ov::Node>& compress_lut,
+    // args: input_ids [B,T], compress_lut [V], and optionally the ids before them [B, N-1] (decode
+    // state: raw ids, or the raw pad id at the start of a sequence) in place of the pad.
+    EngramHash(const ov::OutputVector& args,
                std::vector<int64_t> multipliers,
                std::vector<int64_t> primes,
                int64_t pad_id,
                int64_t n_head_per_ngram)
-        : Op({input_ids, compress_lut}),
+        : Op(args),
           m_multipliers(std::move(multipliers)),
           m_primes(std::move(primes)),
           m_pad_id(pad_id),
@@ -53,6 +54,8 @@ public:
         NODE_VALIDATION_CHECK(this, get_input_element_type(0).is_integral_number(),
                               "input_ids must be integers");
         NODE_VALIDATION_CHECK(this, m_multipliers.size() >= 2, "need at least two multipliers");
+        NODE_VALIDATION_CHECK(this, get_input_size() == 2 || get_input_size() == 3,
+                              "inputs: input_ids, compress_lut and optionally the ids before them");
         NODE_VALIDATION_CHECK(this,
                               m_n_head_per_ngram > 0 &&
                                   m_primes.size() == (m_multipliers.size() - 1) * m_n_head_per_ngram,
@@ -70,8 +73,7 @@ public:
     }
 
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
-        return std::make_shared<EngramHash>(args.at(0), args.at(1), m_multipliers, m_primes, m_pad_id,
-                                            m_n_head_per_ngram);
+        return std::make_shared<EngramHash>(args, m_multipliers, m_primes, m_pad_id, m_n_head_per_ngram);
     }
 
     bool visit_attributes(ov::AttributeVisitor& visitor) override {
@@ -91,12 +93,18 @@ public:
         const size_t heads = m_primes.size(), order_count = m_multipliers.size();
         const int64_t vocab = static_cast<int64_t>(lut.get_size());
 
-        // Compressed ids, negatives passing through unchanged (as in the reference).
-        std::vector<int64_t> x(batch * length);
-        for (size_t i = 0; i < x.size(); ++i) {
-            const int64_t id = read_int(ids, i);
+        // Per row: the N-1 ids before the sequence (pads, or the decode history), then the sequence,
+        // all compressed; negatives pass through unchanged (as in the reference).
+        const size_t before = order_count - 1, span = before + length;
+        auto compress = [&](int64_t id) {
             OPENVINO_ASSERT(id < vocab, "EngramHash: input id ", id, " is out of range [0, ", vocab, ")");
-            x[i] = id >= 0 ? read_int(lut, static_cast<size_t>(id)) : id;
+            return id >= 0 ? read_int(lut, static_cast<size_t>(id)) : id;
+        };
+        std::vector<int64_t> x(batch * span, m_pad_id);
+        for (size_t b = 0; b < batch; ++b) {
+            if (inputs.size() > 2)
+                for (size_t i = 0; i < before; ++i) x[b * span + i] = compress(read_int(inputs[2], b * before + i));
+            for (size_t t = 0; t < length; ++t) x[b * span + before + t] = compress(read_int(ids, b * length + t));
         }
         std::vector<int64_t> offsets(heads, 0);
         for (size_t h = 1; h < heads; ++h) offsets[h] = offsets[h - 1] + m_primes[h - 1];
@@ -108,10 +116,11 @@ public:
         for (size_t b = 0; b < batch; ++b) {
             for (size_t t = 0; t < length; ++t) {
                 // Unsigned products wrap modulo 2^64, exactly like numpy's int64 arithmetic.
-                uint64_t mix = static_cast<uint64_t>(x[b * length + t]) * static_cast<uint64_t>(m_multipliers[0]);
+                const int64_t* here = x.data() + b * span + before + t;
+                uint64_t mix = static_cast<uint64_t>(here[0]) * static_cast<uint64_t>(m_multipliers[0]);
                 size_t head = 0;
                 for (size_t k = 1; k < order_count; ++k) {
-                    const int64_t token = t >= k ? x[b * length + t - k] : m_pad_id;
+                    const int64_t token = *(here - k);
                     mix ^= static_cast<uint64_t>(token) * static_cast<uint64_t>(m_multipliers[k]);
                     for (int64_t j = 0; j < m_n_head_per_ngram; ++j, ++head) {
                         int64_t hash = static_cast<int64_t>(mix) % m_primes[head];
@@ -163,6 +172,8 @@ static inline float fast_exp(float x) {
 
 // Inputs: proj [B,T,(G+1)*D] (G keys, then the value), hidden [B,T,G,D], scales [G,D] (norm1 * norm2
 // weights), conv_weight [G*D,1,K,1] (short-conv norm weights folded in). Output [B,T,G,D] f32.
+// Decode state: a 5th input [B,R,G*D], the conv inputs (normed gated values) of the R = (K-1)*dilation
+// positions before the sequence (zeros at its start), makes a 2nd output: the same for after it.
 class EngramGatedShortConv : public ov::op::Op {
 public:
     OPENVINO_OP("EngramGatedShortConv", "engram_extension");
@@ -184,9 +195,11 @@ public:
     void validate_and_infer_types() override {
         const auto& hidden = get_input_partial_shape(1);
         NODE_VALIDATION_CHECK(this, hidden.rank().compatible(4), "hidden must be [B, T, G, D]");
-        for (size_t i = 0; i < 4; ++i)
+        NODE_VALIDATION_CHECK(this, get_input_size() == 4 || get_input_size() == 5, "4 or 5 inputs");
+        for (size_t i = 0; i < get_input_size(); ++i)
             NODE_VALIDATION_CHECK(this, get_input_element_type(i).is_real(), "inputs must be float");
         set_output_type(0, ov::element::f32, hidden);
+        if (get_input_size() == 5) set_output_type(1, ov::element::f32, get_input_partial_shape(4));
     }
 
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
@@ -220,28 +233,47 @@ public:
             for (size_t j = 0; j < kernel; ++j) taps[j * groups * dim + c] = conv[c * kernel + j];
         outputs[0].set_shape(shape);
         float* out = outputs[0].data<float>();
-        const Params p{length, groups, dim, width, kernel, static_cast<size_t>(m_dilation), m_eps_key,
+        const size_t reach = (kernel - 1) * static_cast<size_t>(m_dilation);
+        const bool stateful = inputs.size() == 5;
+        F32View history{nullptr, nullptr};
+        float* next_history = nullptr;
+        if (stateful) {
+            OPENVINO_ASSERT(inputs[4].get_shape() == ov::Shape({batch, reach, groups * dim}),
+                            "EngramGatedShortConv: conv history must be [B, ", reach, ", ", groups * dim, "]");
+            history = as_f32(inputs[4]);
+            outputs[1].set_shape(inputs[4].get_shape());
+            next_history = outputs[1].data<float>();
+        }
+        const Params p{length, groups, dim, width, kernel, static_cast<size_t>(m_dilation), reach, m_eps_key,
                        m_eps_query, m_eps_conv, m_score_scale, m_floor};
         ov::parallel_for(batch * groups, [&](size_t item) {
             const size_t b = item / groups, g = item % groups;
+            const size_t state = b * reach * groups * dim;
             gated_conv_row(p, g, proj + b * length * width, hidden + b * length * groups * dim,
-                           scales + g * dim, taps.data(), out + b * length * groups * dim);
+                           scales + g * dim, taps.data(), out + b * length * groups * dim,
+                           stateful ? history + state : nullptr, stateful ? next_history + state : nullptr);
         });
         return true;
     }
 
 private:
     struct Params {
-        size_t length, groups, dim, width, kernel, dilation;
+        size_t length, groups, dim, width, kernel, dilation, reach;
         float eps_key, eps_query, eps_conv, score_scale, floor;
     };
 
     // One (batch row, branch): all T positions of that branch.
     __attribute__((target_clones("avx512f", "avx2", "default")))
     static void gated_conv_row(const Params& p, size_t g, const float* proj, const float* hidden,
-                               const float* scales, const float* taps, float* out) {
+                               const float* scales, const float* taps, float* out, const float* history,
+                               float* next_history) {
         const size_t dim = p.dim, stride = p.groups * dim;
-        std::vector<float> normed(p.length * dim), gates(p.length), acc(dim);
+        // conv inputs of the `reach` positions before the sequence (history or zeros), then its own
+        std::vector<float> window((p.reach + p.length) * dim, 0.0f), gates(p.length), acc(dim);
+        if (history)
+            for (size_t r = 0; r < p.reach; ++r)
+                std::copy_n(history + r * stride + g * dim, dim, window.data() + r * dim);
+        float* normed = window.data() + p.reach * dim;
         for (size_t t = 0; t < p.length; ++t) {
             const float* key = proj + t * p.width + g * dim;
             const float* value = proj + t * p.width + p.groups * dim;
@@ -262,17 +294,16 @@ private:
             gates[t] = gate;
             // RMSNorm of the gated value: rms(gate * v) = |gate| * rms(v)
             const float inv = gate / std::sqrt(gate * gate * vv / n + p.eps_conv);
-            float* row = normed.data() + t * dim;
+            float* row = normed + t * dim;
 #pragma omp simd
             for (size_t d = 0; d < dim; ++d) row[d] = value[d] * inv;
         }
         for (size_t t = 0; t < p.length; ++t) {
             std::fill(acc.begin(), acc.end(), 0.0f);
             for (size_t j = 0; j < p.kernel; ++j) {
-                const size_t back = (p.kernel - 1 - j) * p.dilation;
-                if (back > t) continue;  // causal: left padding is zeros
+                const size_t back = (p.kernel - 1 - j) * p.dilation;  // <= reach: causal
                 const float* tap = taps + j * stride + g * dim;
-                const float* x = normed.data() + (t - back) * dim;
+                const float* x = window.data() + (p.reach + t - back) * dim;
 #pragma omp simd
                 for (size_t d = 0; d < dim; ++d) acc[d] += tap[d] * x[d];
             }
@@ -282,6 +313,9 @@ private:
 #pragma omp simd
             for (size_t d = 0; d < dim; ++d) row[d] = gate * value[d] + acc[d] / (1.0f + fast_exp(-acc[d]));
         }
+        if (next_history)
+            for (size_t r = 0; r < p.reach; ++r)
+                std::copy_n(window.data() + (p.length + r) * dim, dim, next_history + r * stride + g * dim);
     }
 
     // The tensor's data as f32, converted into a buffer kept alive by the returned handle if needed.
@@ -323,7 +357,7 @@ private:
 
 // engram.HashGather(input_ids, compress_lut, table) -> EngramHash rows -> Gather(table) -> [B, T, H*d]
 ov::OutputVector convert_hash_gather(const ov::frontend::NodeContext& node) {
-    auto rows = std::make_shared<EngramHash>(node.get_input(0), node.get_input(1),
+    auto rows = std::make_shared<EngramHash>(ov::OutputVector{node.get_input(0), node.get_input(1)},
                                              node.get_attribute<std::vector<int64_t>>("multipliers"),
                                              node.get_attribute<std::vector<int64_t>>("primes"),
                                              node.get_attribute<int64_t>("pad_id"),

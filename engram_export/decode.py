@@ -1,0 +1,154 @@
+"""Incremental decode: an Engram layer's state lives inside OpenVINO, one token per step.
+
+Per sequence and layer the state is the last ``max_ngram_size - 1`` raw ids (the n-grams of the next
+token reach back that far) and the last ``(kernel_size - 1) * max_ngram_size`` short-conv inputs. The
+decode stages are the two runtime stages with that state as ReadValue/Assign variables (OpenVINO's
+stateful models, as optimum-intel keeps KV caches): the hash reads the id history instead of pads,
+the fused kernel reads the conv history instead of zeros, and both write the new history back. A
+step moves no state through Python; ``reset`` starts every sequence over (pads and zeros again).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engram_export.errors import EngramError
+
+__all__ = ["decode_stages", "DecodeSession"]
+
+IDS_STATE, CONV_STATE = "engram_ids_history", "engram_conv_history"
+
+
+def _only(model, type_name: str):
+    ops = [op for op in model.get_ops() if op.get_type_name() == type_name]
+    if len(ops) != 1:
+        raise EngramError(f"decode needs an optimized export (one {type_name} op, found {len(ops)}); "
+                          f"export without --no-optimize")
+    return ops[0]
+
+
+def _state(name: str, start: np.ndarray, batch_like):
+    """The state ``name`` for the batch of ``batch_like`` and its variable (for the Assign).
+
+    The CPU plugin takes only constant state initializers (one that depends on an input fails to
+    compile), so the state starts as one row, ``start``, broadcast to the batch; once assigned it
+    holds a row per sequence and the broadcast changes nothing.
+    """
+    import openvino
+    from openvino import opset6, opset13 as ops
+    from openvino.op.util import Variable, VariableInfo
+
+    info = VariableInfo()
+    info.variable_id = name
+    info.data_type = openvino.Type(start.dtype)
+    info.data_shape = openvino.PartialShape([-1, *start.shape[1:]])
+    variable = Variable(info)
+    stored = opset6.read_value(ops.constant(start), variable)
+    shape = ops.concat([_batch_of(batch_like), ops.constant(np.array(start.shape[1:], np.int64))], 0)
+    return ops.broadcast(stored, shape), variable
+
+
+def _batch_of(value):
+    from openvino import opset13 as ops
+
+    return ops.gather(ops.shape_of(value), ops.constant(np.array([0], np.int64)), ops.constant(0))
+
+
+def _stateful_lookup(lookup, info):
+    import openvino
+    from openvino import opset13 as ops
+
+    hash_op = _only(lookup, "EngramHash")
+    ids = hash_op.input_value(0)
+    before = info.config.max_ngram_size - 1
+    # raw pad ids to start with; i32 (the CPU plugin keeps no i64 state; ids are checked to fit)
+    history, variable = _state(IDS_STATE, np.full((1, before), info.config.pad_id, np.int32), ids)
+    hash_op.set_arguments([hash_op.input_value(0), hash_op.input_value(1), history.output(0)])
+    hash_op.validate_and_infer_types()
+    recent = ops.slice(ops.concat([history, ops.convert(ids, openvino.Type.i32)], 1),
+                       np.array([-before]), np.array([2**31 - 1]),
+                       np.array([1]), np.array([1]))
+    assign = openvino.op.assign(recent, variable)
+    return openvino.Model(lookup.get_results(), [assign], lookup.get_parameters(), "engram_lookup_decode")
+
+
+def _stateful_fuse(fuse, info):
+    import openvino
+    from openvino import opset13 as ops
+
+    conv = _only(fuse, "EngramGatedShortConv")
+    config = info.config
+    reach, channels = (config.kernel_size - 1) * config.max_ngram_size, config.hc_mult * config.hidden_size
+    history, variable = _state(CONV_STATE, np.zeros((1, reach, channels), np.float32), conv.input_value(1))
+    conv.set_arguments([*conv.input_values(), history.output(0)])
+    conv.validate_and_infer_types()
+    # Assign takes a node: a same-type Convert (removed by the plugin) stands for the 2nd output
+    assign = openvino.op.assign(ops.convert(conv.output(1), openvino.Type.f32), variable)
+    return openvino.Model(fuse.get_results(), [assign], fuse.get_parameters(), "engram_fuse_decode")
+
+
+def decode_stages(model, info, precision: str):
+    """(lookup, fuse) stateful ``openvino.Model``s of an optimized Engram model."""
+    from engram_export.stages import split_stages
+
+    _only(model, "EngramGatedShortConv")  # refuse raw graphs before changing anything
+    lookup, fuse = split_stages(model, precision)
+    return _stateful_lookup(lookup, info), _stateful_fuse(fuse, info)
+
+
+class DecodeSession:
+    """Prefill, then one token per step, for a fixed batch of sequences, over every layer served.
+
+    ``hidden_by_layer`` maps layer id -> hidden states [B,T,G,D] (for one layer, an array does);
+    results come back the same way.
+    """
+
+    def __init__(self, runtime, batch_size: int):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise EngramError(f"batch size must be a positive integer, got {batch_size!r}")
+        self.runtime, self.batch_size = runtime, batch_size
+        self._requests = {layer: runtime.layer(layer)._decode_requests() for layer in runtime.layer_ids}
+        self.position = 0
+
+    def reset(self) -> None:
+        """Forget every sequence: the next call starts from pads and zeros."""
+        for lookup, fuse in self._requests.values():
+            lookup.reset_state()
+            fuse.reset_state()
+        self.position = 0
+
+    def prefill(self, input_ids, hidden_by_layer) -> dict:
+        """Start new sequences with a prompt of T tokens: outputs [B,T,G,D] per layer."""
+        self.reset()
+        return self._run(input_ids, hidden_by_layer)
+
+    def step(self, next_ids, hidden_by_layer) -> dict:
+        """One more token per sequence ([B, 1] ids): outputs [B,1,G,D] per layer."""
+        if np.ndim(next_ids) == 2 and np.shape(next_ids)[1] != 1:
+            raise EngramError(f"step takes one token per sequence, [B, 1]; got {list(np.shape(next_ids))}")
+        return self._run(next_ids, hidden_by_layer)
+
+    def _run(self, input_ids, hidden_by_layer) -> dict:
+        from engram_export.runtime import check_inputs
+
+        if not isinstance(hidden_by_layer, dict):
+            if len(self._requests) != 1:
+                raise EngramError(f"give hidden states per layer: {{layer: array}} for {list(self._requests)}")
+            hidden_by_layer = {next(iter(self._requests)): hidden_by_layer}
+        if sorted(hidden_by_layer) != sorted(self._requests):
+            raise EngramError(f"hidden states are for layers {sorted(hidden_by_layer)}, the session serves "
+                              f"{sorted(self._requests)}")
+        checked = {layer: check_inputs(self.runtime.layer(layer).info, input_ids, hidden)
+                   for layer, hidden in hidden_by_layer.items()}
+        batch = next(iter(checked.values()))[0].shape[0]
+        if batch != self.batch_size:
+            raise EngramError(f"this session decodes {self.batch_size} sequences, got a batch of {batch}")
+        outputs = {}
+        for layer, (ids, hidden) in checked.items():
+            lookup, fuse = self._requests[layer]
+            lookup.infer({"input_ids": ids})
+            fuse.set_tensor("embeddings", lookup.get_output_tensor(0))
+            fuse.infer({"hidden_states": hidden})
+            outputs[layer] = fuse.get_output_tensor(0).data.copy()
+        self.position += ids.shape[1]
+        return outputs

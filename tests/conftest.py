@@ -56,3 +56,22 @@ def tiny_files(tiny_layer, tmp_path_factory) -> dict[str, Path]:
 def tiny_raw_files(tiny_layer, tmp_path_factory) -> dict[str, Path]:
     """The same, from the raw trace (``--no-optimize``)."""
     return _export_and_compile(tiny_layer, tmp_path_factory.mktemp("tiny_raw"), optimize=False)
+
+
+@pytest.fixture(scope="session")
+def folders(tiny_config, tmp_path_factory) -> dict[str, Path]:
+    """Every layer of the tiny preset (random weights, seed 5 + layer id): exported, f32, bf16."""
+    from engram_export.folders import compile_folder, export_folder
+
+    root = tmp_path_factory.mktemp("serving")
+    exported = export_folder(tiny_config, root / "onnx", seed=5)
+    return {"onnx": exported, "bf16": compile_folder(exported, root / "bf16", "bf16"),
+            "f32": compile_folder(exported, root / "f32", "f32")}
+
+
+@pytest.fixture(scope="session")
+def layers(tiny_config):
+    """The PyTorch layers behind ``folders``."""
+    from engram_export.models.weights import build_layer
+
+    return {layer: build_layer(tiny_config, layer, seed=5 + layer) for layer in tiny_config.layer_ids}

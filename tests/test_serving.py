@@ -9,25 +9,10 @@ import pytest
 import torch
 
 from engram_export.errors import EngramError
-from engram_export.folders import compile_folder, export_folder
 from engram_export.manifest import read_manifest
-from engram_export.models.weights import build_layer
 from engram_export.runtime import EngramRuntime
 from engram_export.verify import compare, random_inputs
 from tests.test_cli import cli, refused
-
-
-@pytest.fixture(scope="module")
-def folders(tiny_config, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    exported = export_folder(tiny_config, root / "onnx", seed=5)
-    return {"onnx": exported, "bf16": compile_folder(exported, root / "bf16", "bf16"),
-            "f32": compile_folder(exported, root / "f32", "f32")}
-
-
-@pytest.fixture(scope="module")
-def layers(tiny_config):
-    return {layer: build_layer(tiny_config, layer, seed=5 + layer) for layer in tiny_config.layer_ids}
 
 
 def reference(layer, ids, hidden):

@@ -341,6 +341,9 @@ def add_bench(sub) -> None:
     p.add_argument("--modes", default="int8-weights,int4-weights,int8",
                    help="NNCF modes to quantize and time (comma-separated, or 'none')")
     p.add_argument("--profile", action="store_true", help="also print OpenVINO per-node times")
+    p.add_argument("--decode", action="store_true",
+                   help="serving numbers instead: decode steps for B in 1, 8, 50 (bf16 and int8), "
+                        "throughput with 1 and 2 streams, prefetch against serial")
     p.add_argument("--workdir", type=Path, help="keep the exported files here")
     p.set_defaults(func=run_bench_command)
 
@@ -369,13 +372,34 @@ def run_bench_command(args) -> None:
     with _stage(f"building layer {layer_id}"):
         layer = build_layer(config, layer_id, weights=args.weights, prefix=args.prefix,
                             seed=None if args.weights else 0)
-    if args.workdir:
-        if not args.workdir.is_dir():
-            raise EngramError(f"workdir {args.workdir} does not exist")
-        run_bench(layer, args.workdir, shapes, precisions, args.repeat, args.warmup, args.profile, modes)
-        return
-    with tempfile.TemporaryDirectory(prefix="engram-bench-") as workdir:
-        run_bench(layer, Path(workdir), shapes, precisions, args.repeat, args.warmup, args.profile, modes)
+    if args.workdir and not args.workdir.is_dir():
+        raise EngramError(f"workdir {args.workdir} does not exist")
+    with tempfile.TemporaryDirectory(prefix="engram-bench-") as scratch:
+        workdir = args.workdir or Path(scratch)
+        if args.decode:
+            decode_bench(layer, workdir, "int8" in modes, args.repeat)
+        else:
+            run_bench(layer, workdir, shapes, precisions, args.repeat, args.warmup, args.profile, modes)
+
+
+def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int) -> None:
+    from engram_export.bench import cpu_summary
+    from engram_export.compile import compile_onnx
+    from engram_export.decode_bench import run_decode_bench
+    from engram_export.export import export_layer
+    from engram_export.quantize import QuantizeOptions, quantize
+    from engram_export.verify import random_inputs
+
+    onnx_path = export_layer(layer, workdir / "engram.onnx")
+    files = {"bf16": compile_onnx(onnx_path, workdir / "engram_bf16.xml", "bf16")}
+    if with_int8:
+        num_ids = len(layer.hashing.lut)
+        calibration = [dict(zip(("input_ids", "hidden_states"),
+                                random_inputs(layer.config, num_ids, 1, 14, 100 + i))) for i in range(32)]
+        files["int8"] = quantize(onnx_path, workdir / "engram_int8.xml",
+                                 QuantizeOptions("int8", calibration=calibration))
+    print(f"CPU: {cpu_summary()}")
+    run_decode_bench(files, repeat=repeat)
 
 
 # main -----------------------------------------------------------------------------------------------

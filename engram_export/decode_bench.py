@@ -1,0 +1,140 @@
+"""``engram-export bench --decode``: the serving numbers of one Engram layer, measured in one run.
+
+- decode step latency (stateful, one token per sequence) against the same layer's stateless call on
+  [B, 1] (what the state costs), and tokens/s, for B in {1, 8, 50};
+- throughput of independent [B, T] requests through ``openvino.AsyncInferQueue`` with the LATENCY
+  hint (1 stream) and the THROUGHPUT hint with 2 streams;
+- prefetch: the lookup started before a stand-in backbone (a PyTorch matmul chain that takes longer
+  than the lookup), against running lookup, backbone and fuse one after the other.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engram_export.verify import format_table, random_inputs
+
+__all__ = ["run_decode_bench"]
+
+
+def _median_ms(call, repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def decode_rows(runtime, batches, repeat: int) -> list[list]:
+    """Step vs stateless [B,1] call, round-robin per batch size."""
+    config, rows = runtime.config, []
+    for batch in batches:
+        ids, hidden = random_inputs(config, runtime.info.num_ids, batch, 1, seed=batch)
+        session = runtime.session(batch)
+        prompt_ids, prompt_hidden = random_inputs(config, runtime.info.num_ids, batch, 8, seed=batch + 1)
+        session.prefill(prompt_ids, prompt_hidden)
+        step = lambda: session.step(ids, hidden)  # noqa: E731 (the state grows; cost stays the same)
+        stateless = lambda: runtime(ids, hidden)  # noqa: E731
+        times = {"step": [], "stateless": []}
+        for call in (step, stateless):
+            call()
+        for _ in range(repeat):
+            for name, call in (("step", step), ("stateless", stateless)):
+                start = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - start) * 1e3)
+        step_ms, stateless_ms = (statistics.median(times[k]) for k in ("step", "stateless"))
+        rows.append([batch, f"{step_ms:.2f}", f"{stateless_ms:.2f}", f"{step_ms / stateless_ms:.2f}",
+                     f"{batch / step_ms * 1e3:.0f}"])
+    return rows
+
+
+def throughput_rows(xml: Path, precision: str, batch: int, tokens: int, requests: int) -> list[list]:
+    """Independent requests through AsyncInferQueue: LATENCY (1 stream) vs THROUGHPUT (2 streams)."""
+    import openvino
+
+    from engram_export.compile import read_openvino
+    from engram_export.ov_extension import openvino_core
+
+    rows = []
+    for hint, streams in (("LATENCY", 1), ("THROUGHPUT", 2)):
+        model, info = read_openvino(xml)
+        compiled = openvino_core().compile_model(model, "CPU", {
+            "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint, "NUM_STREAMS": streams})
+        jobs = openvino.AsyncInferQueue(compiled, streams)
+        ids, hidden = random_inputs(info.config, info.num_ids, batch, tokens, seed=3)
+        for _ in range(streams):
+            jobs.start_async({"input_ids": ids, "hidden_states": hidden})
+        jobs.wait_all()
+        start = time.perf_counter()
+        for _ in range(requests):
+            jobs.start_async({"input_ids": ids, "hidden_states": hidden})
+        jobs.wait_all()
+        seconds = time.perf_counter() - start
+        rows.append([f"{hint}, {streams} stream{'s' if streams > 1 else ''}", f"{requests / seconds:.1f}",
+                     f"{requests * batch * tokens / seconds:.0f}"])
+    return rows
+
+
+def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
+    """Serial lookup + backbone + fuse against prefetch, with a backbone longer than the lookup."""
+    import torch
+
+    ids, hidden = random_inputs(runtime.config, runtime.info.num_ids, batch, tokens, seed=5)
+    backend = runtime._backend
+    lookup_ms = _median_ms(lambda: (backend.start_lookup(ids), backend.lookup_request.wait()), repeat)
+    weight = torch.randn(512, 512)
+    activations = torch.randn(256, 512)
+    per_matmul = _median_ms(lambda: activations @ weight, repeat)
+    count = max(1, int(np.ceil(2 * lookup_ms / max(per_matmul, 1e-3))))
+
+    def backbone():
+        x = activations
+        for _ in range(count):
+            x = torch.tanh(x @ weight)
+        return x
+
+    backbone_ms = _median_ms(backbone, repeat)
+    fuse_only = lambda: (backend.start_lookup(ids), backend.finish(hidden))  # noqa: E731
+
+    def serial():
+        runtime(ids, hidden)  # lookup then fuse, then the backbone would go on
+        backbone()
+
+    def overlapped():
+        handle = runtime.prefetch(ids)
+        backbone()
+        runtime.fuse(handle, hidden)
+
+    serial_ms, overlapped_ms = _median_ms(serial, repeat), _median_ms(overlapped, repeat)
+    one_shot_ms = _median_ms(fuse_only, repeat)
+    hidden_share = (serial_ms - overlapped_ms) / lookup_ms
+    return [["lookup alone", f"{lookup_ms:.2f}"], ["backbone stand-in", f"{backbone_ms:.2f}"],
+            ["lookup + fuse", f"{one_shot_ms:.2f}"], ["serial: lookup, fuse, backbone", f"{serial_ms:.2f}"],
+            ["overlapped: prefetch, backbone, fuse", f"{overlapped_ms:.2f}"],
+            ["share of the lookup hidden", f"{hidden_share:.0%}"]]
+
+
+def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
+    """``files``: name -> compiled .xml of one optimized layer (e.g. bf16, int8)."""
+    from engram_export.runtime import EngramRuntime
+
+    for name, xml in files.items():
+        runtime = EngramRuntime(xml)
+        print(f"\ndecode, one layer, {name} ({runtime.settings}): median of {repeat} rounds")
+        print(format_table(decode_rows(runtime, batches, repeat),
+                           ["B", "step ms", "stateless [B,1] ms", "step / stateless", "tokens/s"]))
+    first = next(iter(files.values()))
+    runtime = EngramRuntime(first)
+    print(f"\nthroughput, {first.stem}, independent [50, 14] requests through AsyncInferQueue:")
+    print(format_table(throughput_rows(first, runtime.precision, 50, 14, 4 * repeat),
+                       ["hint", "requests/s", "tokens/s"]))
+    print(f"\nprefetch, {first.stem}, B=50, T=14 (ms, medians):")
+    print(format_table(prefetch_rows(runtime, 50, 14, repeat), ["what", "ms"]))

@@ -19,13 +19,14 @@ class Refused(Exception):
 
 
 class RewritePass(ir.passes.InPlacePass):
-    """Try ``match`` at every standard-domain node of type ``anchor``; ``rewrite`` each match.
+    """Try ``match`` at every standard-domain node of type ``anchor`` (a type or a tuple of types);
+    ``rewrite`` each match.
 
     ``match`` returns what ``rewrite`` needs or raises ``Refused`` with the reason, which is logged
     at debug level. The graph is re-sorted when something changed.
     """
 
-    anchor: str
+    anchor: str | tuple[str, ...]
     pass_name: str
 
     def match(self, node: ir.Node):
@@ -37,7 +38,8 @@ class RewritePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for node in list(model.graph):
-            if node.op_type != self.anchor or node.domain != "":
+            anchors = (self.anchor,) if isinstance(self.anchor, str) else self.anchor
+            if node.op_type not in anchors or node.domain != "":
                 continue
             try:
                 found = self.match(node)

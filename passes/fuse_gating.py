@@ -68,6 +68,8 @@ def match_gate(value: ir.Value) -> Gate:
 def merged_last_axis(build: Builder, values: list[ir.Value]) -> ir.Value:
     """``Concat(values, axis=-1)``; when they are consecutive outputs of one Split on the last axis,
     a Split with those outputs merged instead, so nothing is copied."""
+    if len(values) == 1:
+        return values[0]
     split = values[0].producer()
     if (split is not None and split.op_type == "Split" and attr(split, "axis") == -1
             and all(v.producer() is split for v in values)):
@@ -89,12 +91,18 @@ def merged_last_axis(build: Builder, values: list[ir.Value]) -> ir.Value:
 class FuseGatingPass(RewritePass):
     """Batch the hyper-connection gates: G gate chains stacked by a Concat -> one chain."""
 
-    anchor, pass_name = "Concat", "fuse-gating"
+    # G branches are stacked by a Concat; a single branch (hc_mult 1) only by its own Unsqueeze
+    anchor, pass_name = ("Concat", "Unsqueeze"), "fuse-gating"
 
     def match(self, node: ir.Node) -> tuple[ir.Node, list[Gate]]:
-        if attr(node, "axis") != 2 or len(node.inputs) < 2:
-            raise Refused("not a stack of branches on axis 2")
-        gates = [match_gate(v) for v in node.inputs]
+        if node.op_type == "Concat":
+            if attr(node, "axis") != 2 or len(node.inputs) < 2:
+                raise Refused("not a stack of branches on axis 2")
+            gates = [match_gate(v) for v in node.inputs]
+        else:
+            if any(use.node.op_type == "Concat" for use in node.outputs[0].uses()):
+                raise Refused("one of several stacked branches")
+            gates = [match_gate(node.outputs[0])]
         self._check(gates)
         return node, gates
 

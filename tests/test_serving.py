@@ -110,3 +110,18 @@ def test_folder_commands(folders, tmp_path, tiny_config):
     refused(cli("export", "--config", "tiny", "--weights", tmp_path / "in.npz", "-o", tmp_path / "x",
                 check=False), "needs --prefix with {layer}")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_backbone_sample_runs():
+    """samples/backbone_prefetch.py: MiniLM backbone in PyTorch, the Engram layer in OpenVINO."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sample = Path(__file__).parents[1] / "samples" / "backbone_prefetch.py"
+    done = subprocess.run([sys.executable, str(sample), "--repeat", "2", "--steps", "2", "--precision", "f32"],
+                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "engram lookup started" in done.stdout and "backbone layer 5" in done.stdout
+    assert "outputs identical" in done.stdout and "greedy-style decode (2 steps" in done.stdout

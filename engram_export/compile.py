@@ -2,9 +2,9 @@
 
 The ONNX frontend converts ``engram.HashGather`` through the Engram extension into the bit-exact
 ``EngramHash`` op plus a standard Gather on the constant table; on an optimized graph, everything after
-the projection GEMM becomes the extension's fused ``EngramGatedShortConv`` kernel. ``bf16`` stores weights as fp16 in the
-.bin (OpenVINO's own weight compression: half the size, decompressed by the CPU plugin) and records
-bf16 as the inference precision, which the runtime applies when it compiles the model.
+the projection GEMM becomes the extension's fused ``EngramGatedShortConv`` kernel. ``bf16`` stores
+weights as fp16 in the .bin (OpenVINO's own weight compression: half the size, decompressed by the CPU
+plugin) and records bf16 as the inference precision, which the runtime applies when it compiles.
 """
 
 from __future__ import annotations

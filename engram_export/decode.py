@@ -133,7 +133,8 @@ class DecodeSession:
 
         if not isinstance(hidden_by_layer, dict):
             if len(self._requests) != 1:
-                raise EngramError(f"give hidden states per layer: {{layer: array}} for {list(self._requests)}")
+                raise EngramError(f"give hidden states per layer, {{layer: array}}, for layers "
+                                  f"{list(self._requests)}")
             hidden_by_layer = {next(iter(self._requests)): hidden_by_layer}
         if sorted(hidden_by_layer) != sorted(self._requests):
             raise EngramError(f"hidden states are for layers {sorted(hidden_by_layer)}, the session serves "

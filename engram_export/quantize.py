@@ -107,7 +107,8 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
             model = _compress_table(nncf, model, options.table_bits, min(options.group_size, row_width))
         else:
             dataset = nncf.Dataset(options.calibration)
-            model = nncf.quantize(model, dataset, subset_size=min(options.subset_size, len(options.calibration)),
+            subset = min(options.subset_size, len(options.calibration))
+            model = nncf.quantize(model, dataset, subset_size=subset,
                                   ignored_scope=nncf.IgnoredScope(types=["Gather"]))
             model = _compress_table(nncf, model, 8, row_width)
     ModelInfo(info.config, info.layer_id, info.num_ids, options.precision,
@@ -130,7 +131,8 @@ def compressed_constants(model) -> dict[str, dict[str, int]]:
         while stack:
             node = stack.pop()
             if node.get_type_name() == "Constant":
-                if largest is None or np.prod(node.get_output_shape(0)) > np.prod(largest.get_output_shape(0)):
+                size = np.prod(node.get_output_shape(0))
+                if largest is None or size > np.prod(largest.get_output_shape(0)):
                     largest = node
             elif node.get_type_name() in ("Convert", "Subtract", "Multiply", "Reshape", "FakeQuantize"):
                 stack += [value.get_node() for value in node.input_values()]

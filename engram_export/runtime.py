@@ -71,8 +71,9 @@ class _OpenVINO:
         self.fuse_request = self.fuse.create_infer_request()
         self.fuse_request.set_tensor(EMBEDDINGS, self.lookup_request.get_output_tensor(0))
         precision_hint = self.fuse.get_property("INFERENCE_PRECISION_HINT")
+        group = self.fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
         self.settings = {"precision": getattr(precision_hint, "get_type_name", lambda: precision_hint)(),
-                         "dynamic-quantization-group": self.fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")}
+                         "dynamic-quantization-group": group}
         self.generation = 0  # counts lookups; a prefetch handle is valid for its own generation only
 
     def _compile(self, lookup, fuse):

@@ -62,7 +62,8 @@ def random_state_dict(layer: EngramLayer, seed: int) -> dict[str, torch.Tensor]:
         elif "norm" in name:
             value = 1 + 0.1 * torch.randn(param.shape, generator=generator)
         else:
-            fan_in = math.prod(param.shape[1:]) if name.endswith("weight") else layer.config.engram_hidden_size
+            weight = name.endswith("weight")
+            fan_in = math.prod(param.shape[1:]) if weight else layer.config.engram_hidden_size
             bound = 1 / math.sqrt(fan_in)
             value = (torch.rand(param.shape, generator=generator) * 2 - 1) * bound
         state[name] = value

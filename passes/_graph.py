@@ -10,7 +10,8 @@ import onnx_ir as ir
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["RewritePass", "producer", "const", "scalar", "other_input", "attr", "RMSNorm", "match_rms_norm", "Builder",
+__all__ = ["RewritePass", "producer", "const", "scalar", "other_input", "attr", "RMSNorm",
+           "match_rms_norm", "Builder",
            "Refused", "replace_value", "match_signed_sqrt_gate", "match_silu"]
 
 

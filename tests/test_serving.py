@@ -120,8 +120,9 @@ def test_backbone_sample_runs():
     from pathlib import Path
 
     sample = Path(__file__).parents[1] / "samples" / "backbone_prefetch.py"
-    done = subprocess.run([sys.executable, str(sample), "--repeat", "2", "--steps", "2", "--precision", "f32"],
-                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    command = [sys.executable, str(sample), "--repeat", "2", "--steps", "2", "--precision", "f32"]
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "engram lookup started" in done.stdout and "backbone layer 5" in done.stdout
     assert "outputs identical" in done.stdout and "greedy-style decode (2 steps" in done.stdout

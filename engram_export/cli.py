@@ -147,12 +147,12 @@ def run_quantize(args) -> None:
         if args.calibration is None:
             raise EngramError("mode int8 needs --calibration (an .npz, or a text file with "
                               "--calibration-hidden)")
-        if args.model.is_dir():
+        source = args.model  # a folder's layers share the config: calibrate from its first file
+        if source.is_dir():
             from engram_export.manifest import read_manifest
 
-            manifest = read_manifest(args.model, check_hashes=False)
-            first = args.model / next(iter(manifest.layers.values()))
-        _, info = read_model(first if args.model.is_dir() else args.model)
+            source = source / next(iter(read_manifest(source, check_hashes=False).layers.values()))
+        _, info = read_model(source)
         text = args.calibration.suffix != ".npz"
         calibration = read_calibration(info.config, info.num_ids,
                                        npz=None if text else args.calibration,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from engram_export.errors import EngramError
+from engram_export.stages import EMBEDDINGS
 
 __all__ = ["decode_stages", "DecodeSession"]
 
@@ -148,7 +149,7 @@ class DecodeSession:
         for layer, (ids, hidden) in checked.items():
             lookup, fuse = self._requests[layer]
             lookup.infer({"input_ids": ids})
-            fuse.set_tensor("embeddings", lookup.get_output_tensor(0))
+            fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
             fuse.infer({"hidden_states": hidden})
             outputs[layer] = fuse.get_output_tensor(0).data.copy()
         self.position += ids.shape[1]

@@ -1,8 +1,10 @@
-"""Run an exported Engram layer: ``EngramRuntime(path)(input_ids, hidden_states) -> output``.
+"""Run exported Engram layers: ``EngramRuntime(path)(input_ids, hidden_states) -> output``.
 
-``path`` is an ``.xml`` IR (OpenVINO) or an ``.onnx`` file (OpenVINO, or ONNX Runtime with
-``runtime="ort"``). Inputs are checked against the config the file carries before anything runs, so
-a wrong shape, dtype or id is refused with a one-line ``EngramError``, not a library trace.
+``path`` is an ``.xml`` IR (OpenVINO), an ``.onnx`` file (OpenVINO, or ONNX Runtime with
+``runtime="ort"``), or a folder of every layer with a manifest. Inputs are checked against the config
+the file carries before anything runs, so a wrong shape, dtype or id is refused with a one-line
+``EngramError``, not a library trace. Prefetch and decode sessions build on the OpenVINO backend's
+two stages (``stages.py``, ``decode.py``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class _OpenVINO:
 
     def __init__(self, path: Path, precision: str | None, device: str, threads: int | None):
         from engram_export.compile import read_openvino
-        from engram_export.stages import EMBEDDINGS, split_stages
+        from engram_export.stages import split_stages
 
         model, self.info = read_openvino(path)
         self.path, self.device = path, device
@@ -69,7 +71,6 @@ class _OpenVINO:
         self.lookup, self.fuse = self._compile(*split_stages(model, self.precision))
         self.lookup_request = self.lookup.create_infer_request()
         self.fuse_request = self.fuse.create_infer_request()
-        self.fuse_request.set_tensor(EMBEDDINGS, self.lookup_request.get_output_tensor(0))
         precision_hint = self.fuse.get_property("INFERENCE_PRECISION_HINT")
         group = self.fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
         self.settings = {"precision": getattr(precision_hint, "get_type_name", lambda: precision_hint)(),
@@ -102,8 +103,10 @@ class _OpenVINO:
 
     def finish(self, hidden: np.ndarray) -> np.ndarray:
         """Wait for the lookup in flight, then run the fuse stage on its embeddings."""
+        from engram_export.stages import EMBEDDINGS
+
         self.lookup_request.wait()
-        self.fuse_request.set_tensor("embeddings", self.lookup_request.get_output_tensor(0))
+        self.fuse_request.set_tensor(EMBEDDINGS, self.lookup_request.get_output_tensor(0))
         self.fuse_request.infer({"hidden_states": hidden})
         return self.fuse_request.get_output_tensor(0).data.copy()
 

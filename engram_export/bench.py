@@ -127,11 +127,16 @@ class _Loader:
                                   settings, size_mib, group=self.group))
 
 
-def _eager(layer, dtype):
+def _eager(layer):
+    """PyTorch eager, the demo layout: the yardstick of every row."""
     def call(ids, hidden):
         with torch.inference_mode():
             return layer.forward_reference(ids, hidden)
-    return call, lambda ids, hidden: (torch.from_numpy(ids), torch.from_numpy(hidden).to(dtype))
+    return call
+
+
+def _torch_args(dtype):
+    return lambda ids, hidden: (torch.from_numpy(ids), torch.from_numpy(hidden).to(dtype))
 
 
 def _bf16_copy(layer):
@@ -175,9 +180,9 @@ def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: l
               modes: list[str] = ()) -> list[BenchRow]:
     """Export raw and optimized graphs of ``layer`` into ``workdir``, quantize in ``modes``, time
     every path, print; with ``profile``, also OpenVINO's per-node times of each model."""
-    from engram_export.compile import compile_onnx
     import onnx_ir as ir
 
+    from engram_export.compile import compile_onnx
     from engram_export.export import export_layer, load_onnx, optimize_graph
     from engram_export.runtime import EngramRuntime
 
@@ -198,21 +203,16 @@ def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: l
     width_in, width_out = config.engram_hidden_size, (config.hc_mult + 1) * config.hidden_size
     rng = np.random.default_rng(2)
     floor_args = lambda ids, hidden: (rng.standard_normal((ids.size, width_in), np.float32),)  # noqa: E731
-    eager = lambda precision: _eager(layer if precision == "f32" else _bf16_copy(layer),  # noqa: E731
-                                     torch.float32 if precision == "f32" else torch.bfloat16)
     torch_version = f"torch {torch.__version__.split('+')[0]}"
 
-    def group_f32(add):
-        for graph in ("raw", "optimized"):
-            add(f"onnxruntime {graph}", "f32", lambda g=graph: EngramRuntime(files[g], runtime="ort"))
-
-    def group_precision(precision):
-        def rows(add):
+    def group_rows(precision):
+        def add_rows(add):
             if precision == "bf16":
-                add("pytorch eager (demo layout)", "bf16", lambda: eager("bf16")[0], eager("bf16")[1],
-                    torch_version)
+                add("pytorch eager (demo layout)", "bf16", lambda: _eager(_bf16_copy(layer)),
+                    _torch_args(torch.bfloat16), torch_version)
             if precision == "f32":
-                group_f32(add)
+                for graph in ("raw", "optimized"):
+                    add(f"onnxruntime {graph}", "f32", lambda g=graph: EngramRuntime(files[g], runtime="ort"))
             for graph in ("raw", "optimized"):
                 add(f"openvino {graph}", precision, lambda g=graph: EngramRuntime(files[g, precision]),
                     size_mib=_weights_mib(files[graph, precision]))
@@ -223,17 +223,17 @@ def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: l
                 for mode in modes:
                     add(f"openvino {mode}", "", lambda m=mode: EngramRuntime(files[m]),
                         size_mib=_weights_mib(files[mode]))
-        return rows
+        return add_rows
 
     # Rows are timed in groups that each fit in memory beside the PyTorch layer (one per precision,
     # the quantized modes with the last); every group has its own eager f32 yardstick.
     inputs = {shape: random_inputs(config, num_ids, *shape, seed=1) for shape in shapes}
     rows = []
-    for index, add_rows in enumerate(group_precision(p) for p in precisions):
+    for index, add_rows in enumerate(group_rows(p) for p in precisions):
         loader = _Loader(random_inputs(config, num_ids, 2, 3), group=index)
         with progress.stage(f"loading the models of group {index + 1}"):
-            loader.add("pytorch eager (demo layout)", "f32", lambda: eager("f32")[0], eager("f32")[1],
-                       torch_version)
+            loader.add("pytorch eager (demo layout)", "f32", lambda: _eager(layer),
+                       _torch_args(torch.float32), torch_version)
             add_rows(loader.add)
         with progress.stage(f"timing {len(loader.rows)} rows x {len(shapes)} shapes, {repeat} rounds"):
             time_rows(loader.rows, inputs, warmup, repeat)

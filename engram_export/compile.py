@@ -26,10 +26,9 @@ __all__ = ["compile_onnx", "read_onnx", "read_openvino"]
 def _lowered_copy(onnx_path: Path) -> Path | None:
     """A hidden copy of the graph beside ``onnx_path`` with ``passes.lower_for_openvino`` applied,
     or None if nothing was lowered. Large tensors stay in the original external-data file."""
-    from engram_export.export import load_onnx
     from engram_export.passes import lower_for_openvino
 
-    model = load_onnx(onnx_path)
+    model = ir.load(onnx_path)  # read_onnx has checked the file already
     if not lower_for_openvino(model).modified:
         return None
     lowered = onnx_path.parent / f".{onnx_path.stem}.openvino-{os.getpid()}.onnx"

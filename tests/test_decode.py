@@ -22,13 +22,13 @@ def decode(session, ids, hidden_by_layer, prompt):
     return {layer: np.concatenate([o[layer] for o in outputs], axis=1) for layer in hidden_by_layer}
 
 
-@pytest.mark.parametrize("prompt,steps", [(1, 1), (1, 12), (5, 7), (16, 3)])
-def test_prefill_then_steps_equals_the_full_forward(folders, layers, prompt, steps):
+@pytest.mark.parametrize("batch,prompt,steps", [(3, 1, 1), (3, 1, 12), (3, 5, 7), (3, 16, 3), (50, 10, 4)])
+def test_prefill_then_steps_equals_the_full_forward(folders, layers, batch, prompt, steps):
     runtime = EngramRuntime(folders["f32"])
     config = layers[1].config
-    ids, _ = random_inputs(config, 5000, 3, prompt + steps, seed=prompt * 100 + steps)
-    hidden = {layer: random_inputs(config, 5000, 3, prompt + steps, seed=layer)[1] for layer in layers}
-    session = runtime.session(3)
+    ids, _ = random_inputs(config, 5000, batch, prompt + steps, seed=prompt * 100 + steps)
+    hidden = {layer: random_inputs(config, 5000, batch, prompt + steps, seed=layer)[1] for layer in layers}
+    session = runtime.session(batch)
     got = decode(session, ids, hidden, prompt)
     for layer, model in layers.items():
         full = runtime.layer(layer)(ids, hidden[layer])

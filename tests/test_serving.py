@@ -39,9 +39,10 @@ def test_every_layer_matches_pytorch(folders, layers, kind):
         assert result.passed, result
 
 
-def test_prefetch_equals_the_one_shot_call(folders, layers):
+@pytest.mark.parametrize("batch,tokens", [(4, 9), (50, 14), (1, 1)])
+def test_prefetch_equals_the_one_shot_call(folders, layers, batch, tokens):
     runtime = EngramRuntime(folders["f32"])
-    ids, hidden = random_inputs(layers[1].config, 5000, 4, 9, seed=11)
+    ids, hidden = random_inputs(layers[1].config, 5000, batch, tokens, seed=11)
     expected = {layer: runtime.layer(layer)(ids, hidden) for layer in runtime.layer_ids}
     handle = runtime.prefetch(ids)
     for layer in (3, 1):  # any order

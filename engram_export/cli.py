@@ -188,33 +188,13 @@ def add_run(sub) -> None:
     p.set_defaults(func=run_run)
 
 
-def load_npz(path: Path, names: tuple[str, ...]) -> dict:
-    import zipfile
-
-    import numpy as np
-
-    from engram_export.fileio import check_input_file
-
-    check_input_file(path, (".npz",), "inputs")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [n for n in names if n not in data.files]
-            if missing:
-                raise EngramError(f"inputs: {path} has no {', '.join(missing)} "
-                                  f"(found {', '.join(data.files) or 'nothing'})")
-            return {n: data[n] for n in names}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise EngramError(f"inputs: {path} is not a readable .npz ({exc})") from None
-
-
 def run_run(args) -> None:
     import numpy as np
 
-    from engram_export.fileio import staged_output
+    from engram_export.fileio import check_output_file, load_npz, staged_output
     from engram_export.runtime import EngramRuntime
 
-    if args.output.suffix != ".npz":
-        raise EngramError(f"output {args.output} should end in .npz")
+    check_output_file(args.output, ".npz")
     inputs = load_npz(args.inputs, ("input_ids", "hidden_states"))
     runtime = EngramRuntime(args.model, runtime=args.runtime, precision=args.precision)
     if args.layer is not None or args.model.is_dir():

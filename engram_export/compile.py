@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from engram_export import progress
 from engram_export.errors import EngramError
-from engram_export.fileio import check_input_file, staged_output
+from engram_export.fileio import check_input_file, check_output_file, staged_output
 from engram_export.model_info import PRECISIONS, ModelInfo
 from engram_export.ov_extension import HASH_OP_TYPE, openvino_core
 
@@ -75,11 +75,7 @@ def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f3
 
     if precision not in PRECISIONS:
         raise EngramError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    output = Path(output)
-    if output.suffix != ".xml":
-        raise EngramError(f"output {output} should end in .xml")
-    if not output.parent.is_dir():
-        raise EngramError(f"output folder {output.parent} does not exist")
+    output = check_output_file(output, ".xml")
     with progress.stage(f"converting {Path(onnx_path).name} to OpenVINO"):
         model, info = read_onnx(onnx_path)
     ModelInfo(info.config, info.layer_id, info.num_ids, precision).write_openvino(model)

@@ -17,7 +17,7 @@ import torch
 
 from engram_export import onnx_op, progress
 from engram_export.errors import EngramError
-from engram_export.fileio import staged_output
+from engram_export.fileio import check_output_file, staged_output
 from engram_export.model_info import ModelInfo
 from engram_export.models.engram import EngramLayer
 
@@ -75,9 +75,7 @@ def save_onnx(model: ir.Model, output: str | Path,
               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Write ``model`` whole or not at all; initializers go to ``<name>.data`` if the file would be
     larger than ``external_data_threshold`` bytes."""
-    output = Path(output)
-    if output.suffix != ".onnx":
-        raise EngramError(f"output {output} should end in .onnx")
+    output = check_output_file(output, ".onnx")
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
     external = size > external_data_threshold
     with progress.stage(f"writing {output.name} ({size / 2**20:.0f} MiB"
@@ -104,10 +102,7 @@ def export_layer(layer: EngramLayer, output: str | Path, optimize: bool = True,
                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Export ``layer`` to ``output`` (.onnx), with the graph passes unless ``optimize`` is False;
     returns the path written."""
-    if Path(output).suffix != ".onnx":
-        raise EngramError(f"output {output} should end in .onnx")
-    if not Path(output).parent.is_dir():
-        raise EngramError(f"output folder {Path(output).parent} does not exist")
+    check_output_file(output, ".onnx")  # before the trace, which takes a while
     with progress.stage(f"tracing Engram layer {layer.layer_id} with torch.onnx.export"):
         model = trace(layer)
     if optimize:

@@ -1,4 +1,5 @@
-"""Output files that appear whole or not at all: write into a hidden folder beside, then rename."""
+"""File I/O with clear errors: checked inputs, and outputs that appear whole or not at all (written
+into a hidden folder beside, then renamed)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ from typing import Iterator
 
 from engram_export.errors import EngramError
 
-__all__ = ["staged_output", "check_input_file"]
+__all__ = ["staged_output", "staged_folder", "check_input_file", "check_output_file", "load_npz"]
+
+
+def check_output_file(path: str | Path, suffix: str) -> Path:
+    """Refuse an output path with the wrong suffix or in a missing folder, before any work."""
+    path = Path(path)
+    if path.suffix != suffix:
+        raise EngramError(f"output {path} should end in {suffix}")
+    if not path.parent.is_dir():
+        raise EngramError(f"output folder {path.parent} does not exist")
+    return path
 
 
 @contextlib.contextmanager
@@ -34,6 +45,25 @@ def staged_output(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield a fresh hidden folder beside ``folder`` to fill; renamed to ``folder`` at the end (which
+    must not exist or be empty), removed on an exception."""
+    folder = Path(folder)
+    if not folder.parent.is_dir():
+        raise EngramError(f"output folder {folder.parent} does not exist")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise EngramError(f"output {folder} exists and is not an empty folder")
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield staging
+        if folder.exists():
+            folder.rmdir()
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def check_input_file(path: str | Path, suffixes: tuple[str, ...], what: str) -> Path:
     path = Path(path)
     if path.suffix not in suffixes:
@@ -41,3 +71,21 @@ def check_input_file(path: str | Path, suffixes: tuple[str, ...], what: str) -> 
     if not path.is_file():
         raise EngramError(f"{what}: {path} does not exist")
     return path
+
+
+def load_npz(path: str | Path, names: tuple[str, ...]) -> dict:
+    """The arrays ``names`` of an .npz file (no pickles), or an error naming what is wrong."""
+    import zipfile
+
+    import numpy as np
+
+    path = check_input_file(path, (".npz",), "inputs")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [n for n in names if n not in data.files]
+            if missing:
+                raise EngramError(f"inputs: {path} has no {', '.join(missing)} "
+                                  f"(found {', '.join(data.files) or 'nothing'})")
+            return {n: data[n] for n in names}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise EngramError(f"inputs: {path} is not a readable .npz ({exc})") from None

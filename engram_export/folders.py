@@ -6,14 +6,10 @@ place at the end, so a failure leaves nothing half-written.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 from engram_export.errors import EngramError
+from engram_export.fileio import staged_folder
 from engram_export.manifest import Manifest, read_manifest, sha256, write_manifest
 
 __all__ = ["export_folder", "compile_folder", "quantize_folder", "layer_file"]
@@ -21,23 +17,6 @@ __all__ = ["export_folder", "compile_folder", "quantize_folder", "layer_file"]
 
 def layer_file(layer_id: int, suffix: str) -> str:
     return f"layer_{layer_id}{suffix}"
-
-
-@contextlib.contextmanager
-def staged_folder(folder: Path) -> Iterator[Path]:
-    folder = Path(folder)
-    if not folder.parent.is_dir():
-        raise EngramError(f"output folder {folder.parent} does not exist")
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise EngramError(f"output {folder} exists and is not an empty folder")
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        yield staging
-        if folder.exists():
-            folder.rmdir()
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_folder(config, folder: Path, weights: Path | None = None, prefix: str = "",

@@ -23,7 +23,7 @@ import numpy as np
 
 from engram_export import progress
 from engram_export.errors import EngramError
-from engram_export.fileio import staged_output
+from engram_export.fileio import check_output_file, staged_output
 from engram_export.model_info import ModelInfo
 
 __all__ = ["MODES", "QuantizeOptions", "quantize", "read_calibration", "compressed_constants"]
@@ -85,11 +85,7 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
     import nncf
     import openvino
 
-    output = Path(output)
-    if output.suffix != ".xml":
-        raise EngramError(f"output {output} should end in .xml")
-    if not output.parent.is_dir():
-        raise EngramError(f"output folder {output.parent} does not exist")
+    output = check_output_file(output, ".xml")
     model, info = read_model(model_path)
     row_width, width = info.config.head_dim, info.config.engram_hidden_size
     if options.mode == "int4-weights" and width % options.group_size:
@@ -149,7 +145,7 @@ def read_calibration(config, num_ids: int, npz: str | Path | None = None, text: 
     The text is tokenized with the config's tokenizer as one stream and cut into N windows of T tokens,
     N and T taken from the .npy's [N, T, G, D] shape.
     """
-    from engram_export.cli import load_npz
+    from engram_export.fileio import load_npz
     from engram_export.runtime import check_inputs
 
     info = ModelInfo(config, config.layer_ids[0], num_ids)

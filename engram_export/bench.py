@@ -24,7 +24,7 @@ import torch
 from engram_export import progress
 from engram_export.verify import format_table, random_inputs
 
-__all__ = ["BenchRow", "cpu_summary", "run_bench", "time_rows", "TARGETS"]
+__all__ = ["BenchRow", "cpu_summary", "run_bench", "time_rows", "random_calibration", "TARGETS"]
 
 # (description, numerator row, denominator row, shape, bound): ratio = numerator ms / denominator ms
 TARGETS = [
@@ -163,12 +163,17 @@ def _matmul_floor(width_in: int, width_out: int, precision: str):
     return lambda x: request.infer({"x": x})
 
 
+def random_calibration(config, num_ids: int, count: int = 32) -> list[dict]:
+    """Seeded random sequences of 14 tokens: int8 calibration for benchmarks (not for accuracy)."""
+    return [dict(zip(("input_ids", "hidden_states"), random_inputs(config, num_ids, 1, 14, 100 + i)))
+            for i in range(count)]
+
+
 def _quantized(files, workdir: Path, config, num_ids: int, modes: list[str]) -> None:
     """Quantize the optimized graph in each mode; int8 calibrates on seeded random sequences."""
     from engram_export.quantize import QuantizeOptions, quantize
 
-    calibration = [dict(zip(("input_ids", "hidden_states"), random_inputs(config, num_ids, 1, 14, 100 + i)))
-                   for i in range(32)]
+    calibration = random_calibration(config, num_ids)
     for mode in modes:
         options = QuantizeOptions(mode, calibration=calibration if mode == "int8" else None,
                                   group_size=min(128, config.engram_hidden_size))

@@ -8,7 +8,9 @@ file or config) is printed as one line and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +39,22 @@ def layer_from_args(args):
     with _stage(f"building layer {args.layer} ({'random' if args.random_init else args.weights})"):
         return build_layer(config, args.layer, weights=args.weights, prefix=args.prefix,
                            seed=args.seed if args.random_init else None)
+
+
+@contextlib.contextmanager
+def working_folder(workdir: Path | None, prefix: str):
+    """``workdir`` if given (it must exist), else a temporary folder removed afterwards."""
+    if workdir is not None and not workdir.is_dir():
+        raise EngramError(f"workdir {workdir} does not exist")
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        yield workdir or Path(scratch)
+
+
+def with_table_size(config, engram_vocab_size: int | None):
+    """``config`` with ``--engram-vocab-size`` for every n-gram order, if given."""
+    if not engram_vocab_size:
+        return config
+    return config.replace(engram_vocab_size=(engram_vocab_size,) * (config.max_ngram_size - 1))
 
 
 def _stage(what):
@@ -255,16 +273,10 @@ def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=())
 
 
 def run_verify(args) -> int:
-    import tempfile
-
     shapes = parse_shapes(args.shape)
     layer = layer_from_args(args)
-    if args.workdir:
-        if not args.workdir.is_dir():
-            raise EngramError(f"workdir {args.workdir} does not exist")
-        return 0 if verify_layer(layer, args.workdir, args.onnx, shapes, args.model) else 1
-    with tempfile.TemporaryDirectory(prefix="engram-verify-") as workdir:
-        return 0 if verify_layer(layer, Path(workdir), args.onnx, shapes, args.model) else 1
+    with working_folder(args.workdir, "engram-verify-") as workdir:
+        return 0 if verify_layer(layer, workdir, args.onnx, shapes, args.model) else 1
 
 
 # demo -----------------------------------------------------------------------------------------------
@@ -278,14 +290,10 @@ def add_demo(sub) -> None:
 
 
 def run_demo(args) -> int:
-    import tempfile
-
     from engram_export.models.config import load_config
     from engram_export.models.weights import build_layer
 
-    config = load_config("deepseek-demo")
-    if args.engram_vocab_size:
-        config = config.replace(engram_vocab_size=(args.engram_vocab_size,) * (config.max_ngram_size - 1))
+    config = with_table_size(load_config("deepseek-demo"), args.engram_vocab_size)
     start = time.perf_counter()
     with _stage(f"random weights for layer {args.layer} of deepseek-demo"):
         layer = build_layer(config, args.layer, seed=0)
@@ -293,14 +301,8 @@ def run_demo(args) -> int:
     print(f"deepseek-demo layer {args.layer}: table {rows:,} x {config.head_dim} "
           f"({rows * config.head_dim * 4 / 2**30:.2f} GiB f32), D={config.hidden_size}, "
           f"G={config.hc_mult}, heads={config.num_heads}")
-    shapes = [(50, 14), (1, 1), (3, 17)]
-    if args.workdir:
-        if not args.workdir.is_dir():
-            raise EngramError(f"workdir {args.workdir} does not exist")
-        ok = verify_layer(layer, args.workdir, None, shapes)
-    else:
-        with tempfile.TemporaryDirectory(prefix="engram-demo-") as workdir:
-            ok = verify_layer(layer, Path(workdir), None, shapes)
+    with working_folder(args.workdir, "engram-demo-") as workdir:
+        ok = verify_layer(layer, workdir, None, [(50, 14), (1, 1), (3, 17)])
     print(f"demo {'passed' if ok else 'FAILED'} in {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 
@@ -329,15 +331,12 @@ def add_bench(sub) -> None:
 
 
 def run_bench_command(args) -> None:
-    import tempfile
-
     from engram_export.bench import run_bench
+    from engram_export.decode_bench import decode_bench
     from engram_export.models.config import load_config
     from engram_export.models.weights import build_layer
 
-    config = load_config(args.config)
-    if args.engram_vocab_size:
-        config = config.replace(engram_vocab_size=(args.engram_vocab_size,) * (config.max_ngram_size - 1))
+    config = with_table_size(load_config(args.config), args.engram_vocab_size)
     if (args.batch is None) != (args.tokens is None):
         raise EngramError("give --batch and --tokens together (default: 50x14 and 50x1)")
     shapes = [(args.batch, args.tokens)] if args.batch else [(50, 14), (50, 1)]
@@ -352,34 +351,11 @@ def run_bench_command(args) -> None:
     with _stage(f"building layer {layer_id}"):
         layer = build_layer(config, layer_id, weights=args.weights, prefix=args.prefix,
                             seed=None if args.weights else 0)
-    if args.workdir and not args.workdir.is_dir():
-        raise EngramError(f"workdir {args.workdir} does not exist")
-    with tempfile.TemporaryDirectory(prefix="engram-bench-") as scratch:
-        workdir = args.workdir or Path(scratch)
+    with working_folder(args.workdir, "engram-bench-") as workdir:
         if args.decode:
             decode_bench(layer, workdir, "int8" in modes, args.repeat)
         else:
             run_bench(layer, workdir, shapes, precisions, args.repeat, args.warmup, args.profile, modes)
-
-
-def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int) -> None:
-    from engram_export.bench import cpu_summary
-    from engram_export.compile import compile_onnx
-    from engram_export.decode_bench import run_decode_bench
-    from engram_export.export import export_layer
-    from engram_export.quantize import QuantizeOptions, quantize
-    from engram_export.verify import random_inputs
-
-    onnx_path = export_layer(layer, workdir / "engram.onnx")
-    files = {"bf16": compile_onnx(onnx_path, workdir / "engram_bf16.xml", "bf16")}
-    if with_int8:
-        num_ids = len(layer.hashing.lut)
-        calibration = [dict(zip(("input_ids", "hidden_states"),
-                                random_inputs(layer.config, num_ids, 1, 14, 100 + i))) for i in range(32)]
-        files["int8"] = quantize(onnx_path, workdir / "engram_int8.xml",
-                                 QuantizeOptions("int8", calibration=calibration))
-    print(f"CPU: {cpu_summary()}")
-    run_decode_bench(files, repeat=repeat)
 
 
 # main -----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 
 from engram_export.verify import format_table, random_inputs
 
-__all__ = ["run_decode_bench"]
+__all__ = ["run_decode_bench", "decode_bench"]
 
 
 def _median_ms(call, repeat: int, warmup: int = 3) -> float:
@@ -148,3 +148,20 @@ def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
                        ["hint", "requests/s", "tokens/s"]))
     print(f"\nprefetch, {first.stem}, B=50, T=14 (ms, medians):")
     print(format_table(prefetch_rows(runtime, 50, 14, repeat), ["what", "ms"]))
+
+
+def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int) -> None:
+    """Export and compile ``layer`` (bf16, and static int8 if asked) into ``workdir``, then time it."""
+    from engram_export.bench import cpu_summary, random_calibration
+    from engram_export.compile import compile_onnx
+    from engram_export.export import export_layer
+    from engram_export.quantize import QuantizeOptions, quantize
+
+    onnx_path = export_layer(layer, workdir / "engram.onnx")
+    files = {"bf16": compile_onnx(onnx_path, workdir / "engram_bf16.xml", "bf16")}
+    if with_int8:
+        calibration = random_calibration(layer.config, len(layer.hashing.lut))
+        files["int8"] = quantize(onnx_path, workdir / "engram_int8.xml",
+                                 QuantizeOptions("int8", calibration=calibration))
+    print(f"CPU: {cpu_summary()}")
+    run_decode_bench(files, repeat=repeat)

@@ -39,6 +39,14 @@ def _lowered_copy(onnx_path: Path) -> Path | None:
     return lowered
 
 
+def _read_model(path: Path, shown: Path):
+    """``openvino.Core.read_model`` with the Engram extension; errors name ``shown``."""
+    try:
+        return openvino_core().read_model(str(path))
+    except RuntimeError as exc:
+        raise EngramError(f"OpenVINO cannot read {shown}: {str(exc).splitlines()[0]}") from None
+
+
 def read_onnx(onnx_path: str | Path):
     """The ONNX file as an ``openvino.Model`` (hash as ``EngramHash``, the post-projection block as
     ``EngramGatedShortConv`` when the graph was optimized) and its ``ModelInfo``."""
@@ -46,9 +54,7 @@ def read_onnx(onnx_path: str | Path):
     info = ModelInfo.from_onnx(onnx_path)
     lowered = _lowered_copy(onnx_path)
     try:
-        model = openvino_core().read_model(str(lowered or onnx_path))
-    except RuntimeError as exc:
-        raise EngramError(f"OpenVINO cannot read {onnx_path}: {str(exc).splitlines()[0]}") from None
+        model = _read_model(lowered or onnx_path, onnx_path)
     finally:
         if lowered is not None:
             lowered.unlink(missing_ok=True)
@@ -62,10 +68,7 @@ def read_openvino(path: str | Path):
     path = check_input_file(path, (".onnx", ".xml"), "model")
     if path.suffix == ".onnx":
         return read_onnx(path)
-    try:
-        model = openvino_core().read_model(str(path))
-    except RuntimeError as exc:
-        raise EngramError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from None
+    model = _read_model(path, path)
     return model, ModelInfo.from_openvino(model, path)
 
 

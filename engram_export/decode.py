@@ -10,6 +10,8 @@ step moves no state through Python; ``reset`` starts every sequence over (pads a
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from engram_export.errors import EngramError
@@ -101,18 +103,24 @@ class DecodeSession:
     """Prefill, then one token per step, for a fixed batch of sequences, over every layer served.
 
     ``hidden_by_layer`` maps layer id -> hidden states [B,T,G,D] (for one layer, an array does);
-    results come back the same way.
+    results come back the same way. Every input is checked before any state changes, so a refused
+    call leaves the session as it was. Calls from several threads are run one at a time.
     """
 
     def __init__(self, runtime, batch_size: int):
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise EngramError(f"batch size must be a positive integer, got {batch_size!r}")
         self.runtime, self.batch_size = runtime, batch_size
         self._requests = {layer: runtime.layer(layer)._decode_requests() for layer in runtime.layer_ids}
+        self._lock = threading.Lock()
         self.position = 0
 
     def reset(self) -> None:
         """Forget every sequence: the next call starts from pads and zeros."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
         for lookup, fuse in self._requests.values():
             lookup.reset_state()
             fuse.reset_state()
@@ -120,16 +128,16 @@ class DecodeSession:
 
     def prefill(self, input_ids, hidden_by_layer) -> dict:
         """Start new sequences with a prompt of T tokens: outputs [B,T,G,D] per layer."""
-        self.reset()
-        return self._run(input_ids, hidden_by_layer)
+        return self._run(input_ids, hidden_by_layer, start=True)
 
     def step(self, next_ids, hidden_by_layer) -> dict:
         """One more token per sequence ([B, 1] ids): outputs [B,1,G,D] per layer."""
         if np.ndim(next_ids) == 2 and np.shape(next_ids)[1] != 1:
             raise EngramError(f"step takes one token per sequence, [B, 1]; got {list(np.shape(next_ids))}")
-        return self._run(next_ids, hidden_by_layer)
+        return self._run(next_ids, hidden_by_layer, start=False)
 
-    def _run(self, input_ids, hidden_by_layer) -> dict:
+    def _checked(self, input_ids, hidden_by_layer) -> dict:
+        """layer -> (ids, hidden), every input checked; nothing runs here."""
         from engram_export.runtime import check_inputs
 
         if not isinstance(hidden_by_layer, dict):
@@ -137,20 +145,27 @@ class DecodeSession:
                 raise EngramError(f"give hidden states per layer, {{layer: array}}, for layers "
                                   f"{list(self._requests)}")
             hidden_by_layer = {next(iter(self._requests)): hidden_by_layer}
-        if sorted(hidden_by_layer) != sorted(self._requests):
-            raise EngramError(f"hidden states are for layers {sorted(hidden_by_layer)}, the session serves "
-                              f"{sorted(self._requests)}")
+        if sorted(hidden_by_layer, key=str) != sorted(self._requests, key=str):
+            raise EngramError(f"hidden states are for layers {sorted(hidden_by_layer, key=str)}, the "
+                              f"session serves {sorted(self._requests)}")
         checked = {layer: check_inputs(self.runtime.layer(layer).info, input_ids, hidden)
                    for layer, hidden in hidden_by_layer.items()}
         batch = next(iter(checked.values()))[0].shape[0]
         if batch != self.batch_size:
             raise EngramError(f"this session decodes {self.batch_size} sequences, got a batch of {batch}")
-        outputs = {}
-        for layer, (ids, hidden) in checked.items():
-            lookup, fuse = self._requests[layer]
-            lookup.infer({"input_ids": ids})
-            fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
-            fuse.infer({"hidden_states": hidden})
-            outputs[layer] = fuse.get_output_tensor(0).data.copy()
-        self.position += ids.shape[1]
+        return checked
+
+    def _run(self, input_ids, hidden_by_layer, start: bool) -> dict:
+        checked = self._checked(input_ids, hidden_by_layer)
+        with self._lock:
+            if start:
+                self._reset()
+            outputs = {}
+            for layer, (ids, hidden) in checked.items():
+                lookup, fuse = self._requests[layer]
+                lookup.infer({"input_ids": ids})
+                fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
+                fuse.infer({"hidden_states": hidden})
+                outputs[layer] = fuse.get_output_tensor(0).data.copy()
+            self.position += ids.shape[1]
         return outputs

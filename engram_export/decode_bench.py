@@ -92,11 +92,10 @@ def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
 
     rounds = [random_inputs(runtime.config, runtime.info.num_ids, batch, tokens, seed=100 + i)
               for i in range(3 * repeat + 6)]
-    backend, fresh = runtime._backend, iter(rounds)
+    fresh = iter(rounds)
 
     def lookup_alone():
-        backend.start_lookup(next(fresh)[0])
-        backend.lookup_request.wait()
+        runtime.prefetch(next(fresh)[0]).wait()
 
     lookup_ms = _median_ms(lookup_alone, repeat)
     weight, activations = torch.randn(512, 512), torch.randn(256, 512)
@@ -120,7 +119,7 @@ def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
         handle = runtime.prefetch(ids)
         backbone()
         waited = time.perf_counter()
-        backend.lookup_request.wait()
+        handle.wait()
         exposed.append(time.perf_counter() - waited)
         runtime.fuse(handle, hidden)
         overlapped.append(time.perf_counter() - start)

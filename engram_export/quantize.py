@@ -102,10 +102,16 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
                                           all_layers=True, ignored_scope=table)
             model = _compress_table(nncf, model, options.table_bits, min(options.group_size, row_width))
         else:
+            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
             dataset = nncf.Dataset(options.calibration)
             subset = min(options.subset_size, len(options.calibration))
+            # 7-bit weights everywhere: CPUs without VNNI (AVX2 only) saturate the 16-bit sums of
+            # u8 x s8 products, and an IR runs wherever it is copied (mean cosine 0.991 -> 0.9999)
             model = nncf.quantize(model, dataset, subset_size=subset,
-                                  ignored_scope=nncf.IgnoredScope(types=["Gather"]))
+                                  ignored_scope=nncf.IgnoredScope(types=["Gather"]),
+                                  advanced_parameters=AdvancedQuantizationParameters(
+                                      overflow_fix=OverflowFix.ENABLE))
             model = _compress_table(nncf, model, 8, row_width)
     ModelInfo(info.config, info.layer_id, info.num_ids, options.precision,
               quantization=options.mode).write_openvino(model)

@@ -9,7 +9,8 @@ two stages (``stages.py``, ``decode.py``).
 
 from __future__ import annotations
 
-import dataclasses
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,20 @@ __all__ = ["EngramRuntime", "Prefetch", "check_inputs", "check_ids", "RUNTIMES"]
 RUNTIMES = ("ov", "ort")
 
 
+def _array(name: str, value) -> np.ndarray:
+    """``np.asarray(value)``, refusing ragged lists and objects that are not arrays of numbers."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise EngramError(f"{name} is not an array of numbers ({str(exc).splitlines()[0]})") from None
+    if array.dtype.kind not in "biuf":
+        raise EngramError(f"{name} is not an array of numbers (dtype {array.dtype})")
+    return array
+
+
 def check_ids(info: ModelInfo, input_ids) -> np.ndarray:
     """Validated ``input_ids``: int64 [B,T], B and T >= 1, ids in [0, vocab) or negative."""
-    ids = np.asarray(input_ids)
+    ids = _array("input_ids", input_ids)
     if ids.dtype.kind not in "iu":
         raise EngramError(f"input_ids must be integer token ids (int64), got dtype {ids.dtype}")
     if ids.ndim != 2:
@@ -44,7 +56,7 @@ def check_ids(info: ModelInfo, input_ids) -> np.ndarray:
 
 def check_inputs(info: ModelInfo, input_ids, hidden_states) -> tuple[np.ndarray, np.ndarray]:
     """Validated ``input_ids`` (int64 [B,T]) and ``hidden_states`` (float32 [B,T,G,D])."""
-    ids, hidden = check_ids(info, input_ids), np.asarray(hidden_states)
+    ids, hidden = check_ids(info, input_ids), _array("hidden_states", hidden_states)
     config = info.config
     if hidden.dtype != np.float32:
         raise EngramError(f"hidden_states must be float32, got dtype {hidden.dtype}")
@@ -53,6 +65,27 @@ def check_inputs(info: ModelInfo, input_ids, hidden_states) -> tuple[np.ndarray,
         raise EngramError(f"hidden_states must be [batch, tokens, hc_mult, hidden_size] = {expected}, "
                           f"got {list(hidden.shape)}")
     return ids, np.ascontiguousarray(hidden)
+
+
+class _RequestPool:
+    """Idle infer requests of one compiled model.
+
+    A compiled model may be shared by any number of threads, an infer request may not: every call
+    takes a request of its own (a new one when none is idle) and gives it back when done.
+    """
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+
+    def take(self):
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            return self.compiled.create_infer_request()
+
+    def give_back(self, request) -> None:
+        self._idle.put(request)
 
 
 class _OpenVINO:
@@ -68,54 +101,70 @@ class _OpenVINO:
         self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
-        self.lookup, self.fuse = self._compile(*split_stages(model, self.precision))
-        self.lookup_request = self.lookup.create_infer_request()
-        self.fuse_request = self.fuse.create_infer_request()
-        precision_hint = self.fuse.get_property("INFERENCE_PRECISION_HINT")
-        group = self.fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
+        lookup, fuse = self._compile(*split_stages(model, self.precision))
+        self.lookups, self.fuses = _RequestPool(lookup), _RequestPool(fuse)
+        precision_hint = fuse.get_property("INFERENCE_PRECISION_HINT")
+        group = fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
         self.settings = {"precision": getattr(precision_hint, "get_type_name", lambda: precision_hint)(),
                          "dynamic-quantization-group": group}
-        self.generation = 0  # counts lookups; a prefetch handle is valid for its own generation only
+        self._decode, self._decode_lock = None, threading.Lock()
 
-    def _compile(self, lookup, fuse):
+    def _compile(self, *models):
         from engram_export.ov_extension import openvino_core
 
         core = openvino_core()
-        return (core.compile_model(lookup, self.device, self.config),
-                core.compile_model(fuse, self.device, self.config))
+        try:
+            return tuple(core.compile_model(model, self.device, self.config) for model in models)
+        except RuntimeError as exc:
+            raise EngramError(f"OpenVINO cannot compile {self.path.name} for device {self.device!r}: "
+                              f"{_first_line(exc)}") from None
 
     def decode_requests(self):
         """A (lookup, fuse) pair of requests of the stateful decode stages, compiled once."""
-        if not hasattr(self, "_decode"):
-            from engram_export.compile import read_openvino
-            from engram_export.decode import decode_stages
+        with self._decode_lock:
+            if self._decode is None:
+                from engram_export.compile import read_openvino
+                from engram_export.decode import decode_stages
 
-            model, _ = read_openvino(self.path)
-            self._decode = self._compile(*decode_stages(model, self.info, self.precision))
+                model, _ = read_openvino(self.path)
+                self._decode = self._compile(*decode_stages(model, self.info, self.precision))
         return tuple(compiled.create_infer_request() for compiled in self._decode)
 
-    def start_lookup(self, ids: np.ndarray) -> int:
-        """Start the lookup asynchronously (OpenVINO's threads, no GIL); returns its generation."""
-        self.lookup_request.wait()
-        self.generation += 1
-        self.lookup_request.start_async({"input_ids": ids})
-        return self.generation
+    def start_lookup(self, ids: np.ndarray):
+        """Start the lookup asynchronously (OpenVINO's threads, no GIL) on a request of its own."""
+        request = self.lookups.take()
+        request.start_async({"input_ids": ids})
+        return request
 
-    def finish(self, hidden: np.ndarray) -> np.ndarray:
-        """Wait for the lookup in flight, then run the fuse stage on its embeddings."""
+    def finish(self, lookup, hidden: np.ndarray) -> np.ndarray:
+        """Wait for ``lookup`` (from ``start_lookup``), run the fuse stage on its embeddings, and give
+        the lookup request back."""
         from engram_export.stages import EMBEDDINGS
 
-        self.lookup_request.wait()
-        self.fuse_request.set_tensor(EMBEDDINGS, self.lookup_request.get_output_tensor(0))
-        self.fuse_request.infer({"hidden_states": hidden})
-        return self.fuse_request.get_output_tensor(0).data.copy()
+        try:
+            lookup.wait()
+            fuse = self.fuses.take()
+            try:
+                fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
+                fuse.infer({"hidden_states": hidden})
+                return fuse.get_output_tensor(0).data.copy()
+            finally:
+                self.fuses.give_back(fuse)
+        finally:
+            self.lookups.give_back(lookup)
 
     def __call__(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        self.start_lookup(ids)
-        return self.finish(hidden)
+        return self.finish(self.start_lookup(ids), hidden)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 class _OnnxRuntime:
+    """An ``onnxruntime.InferenceSession``: its ``run`` is safe to call from many threads."""
+
     def __init__(self, path: Path, threads: int | None):
         import onnxruntime
 
@@ -135,13 +184,38 @@ class _OnnxRuntime:
         return self.session.run(["output"], {"input_ids": ids, "hidden_states": hidden})[0]
 
 
-@dataclasses.dataclass
 class Prefetch:
-    """What ``EngramRuntime.prefetch`` returns: lookups in flight for each layer, for these ids."""
+    """What ``EngramRuntime.prefetch`` returns: each layer's lookup in flight, on a request it owns.
 
-    input_ids: np.ndarray
-    lookups: dict  # layer id -> (backend, generation)
-    used: set = dataclasses.field(default_factory=set)
+    Any number of handles may be in flight at once; each layer of a handle is fused once. A handle
+    dropped unused gives its requests back to their pools.
+    """
+
+    def __init__(self, input_ids: np.ndarray, lookups: dict):
+        self.input_ids = input_ids
+        self._lookups = lookups  # layer id -> (backend, request); removed when fused
+        self._made_for = {layer: backend for layer, (backend, _) in lookups.items()}
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        """Block until every lookup not yet fused has finished."""
+        with self._lock:
+            for _, request in self._lookups.values():
+                request.wait()
+
+    def _take(self, layer: int, backend):
+        """The lookup request of ``layer``, once: refused for another runtime or a second use."""
+        with self._lock:
+            if self._made_for.get(layer) is not backend:
+                raise EngramError(f"this prefetch handle was not made by this runtime for layer {layer}")
+            if layer not in self._lookups:
+                raise EngramError(f"this prefetch handle was already used for layer {layer}")
+            return self._lookups.pop(layer)[1]
+
+    def __del__(self):
+        for backend, request in getattr(self, "_lookups", {}).values():
+            request.wait()
+            backend.lookups.give_back(request)
 
 
 class EngramRuntime:
@@ -168,6 +242,11 @@ class EngramRuntime:
             raise EngramError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if precision is not None and precision not in PRECISIONS:
             raise EngramError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if not isinstance(device, str) or not device:
+            raise EngramError(f"device must be an OpenVINO device name such as 'CPU', got {device!r}")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                    or not 1 <= threads <= 4096):
+            raise EngramError(f"threads must be a positive integer or None, got {threads!r}")
         self.path, self.runtime = Path(path), runtime
         if self.path.is_dir():
             from engram_export.manifest import read_manifest
@@ -223,14 +302,15 @@ class EngramRuntime:
         return self._backend(*check_inputs(self.info, input_ids, hidden_states))
 
     def prefetch(self, input_ids) -> Prefetch:
-        """Start the lookup of every layer for ``input_ids`` [B,T] and return at once."""
+        """Start the lookup of every layer for ``input_ids`` [B,T] and return at once.
+
+        Each call's lookups run on requests of their own: several handles may be in flight at once."""
         ids = check_ids(self.info, input_ids)
-        lookups = {}
-        for layer_id, layer in self._layers.items():
-            if not isinstance(layer._backend, _OpenVINO):
-                raise EngramError("prefetch needs the OpenVINO runtime (runtime='ov')")
-            lookups[layer_id] = (layer._backend, layer._backend.start_lookup(ids))
-        return Prefetch(ids, lookups)
+        backends = {layer_id: layer._backend for layer_id, layer in self._layers.items()}
+        if not all(isinstance(backend, _OpenVINO) for backend in backends.values()):
+            raise EngramError("prefetch needs the OpenVINO runtime (runtime='ov')")
+        return Prefetch(ids, {layer_id: (backend, backend.start_lookup(ids))
+                              for layer_id, backend in backends.items()})
 
     def session(self, batch_size: int):
         """A decode session for ``batch_size`` sequences over every layer served (OpenVINO only)."""
@@ -246,24 +326,16 @@ class EngramRuntime:
     def fuse(self, handle: Prefetch, hidden_states, input_ids=None) -> np.ndarray:
         """Finish this layer from a prefetch handle: the output of ``rt(input_ids, hidden_states)``.
 
-        ``input_ids``, if given, must be the ids the handle was made for."""
+        ``input_ids``, if given, must be the ids the handle was made for. Every check comes before the
+        handle is used, so a refused call leaves it as it was."""
         if self._backend is None:
             raise EngramError(f"{self.path} serves layers {self.layer_ids}: call rt.layer(L).fuse(...)")
         if not isinstance(handle, Prefetch):
             raise EngramError(f"fuse needs the handle returned by prefetch, got {type(handle).__name__}")
-        layer = self.layer_id
-        backend, generation = handle.lookups.get(layer, (None, None))
-        if backend is not self._backend:
-            raise EngramError(f"this prefetch handle was not made by this runtime for layer {layer}")
-        if layer in handle.used:
-            raise EngramError(f"this prefetch handle was already used for layer {layer}")
-        if generation != backend.generation:
-            raise EngramError(f"this prefetch handle is stale: a later lookup replaced it on layer {layer}")
-        if input_ids is not None and not np.array_equal(np.asarray(input_ids), handle.input_ids):
+        if input_ids is not None and not np.array_equal(_array("input_ids", input_ids), handle.input_ids):
             raise EngramError("this prefetch handle was made for other input_ids")
-        ids, hidden = check_inputs(self.info, handle.input_ids, hidden_states)
-        handle.used.add(layer)
-        return backend.finish(hidden)
+        _, hidden = check_inputs(self.info, handle.input_ids, hidden_states)
+        return self._backend.finish(handle._take(self.layer_id, self._backend), hidden)
 
     def __repr__(self) -> str:
         return (f"EngramRuntime({str(self.path)!r}, runtime={self.runtime!r}, "

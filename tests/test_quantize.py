@@ -92,7 +92,7 @@ def test_accuracy_floors_on_held_out_inputs(quantized, tiny_layer, name, batch, 
 def test_int8_keeps_the_table_compressed_in_memory(quantized):
     """Compiled as two stages, the lookup keeps its u8 table: no f32 Gather data in the runtime graph."""
     runtime = EngramRuntime(quantized["int8"])
-    lookup_ops = runtime._backend.lookup.get_runtime_model().get_ops()
+    lookup_ops = runtime._backend.lookups.compiled.get_runtime_model().get_ops()
     gathers = [op for op in lookup_ops if op.get_rt_info()["layerType"].astype(str) == "Gather"]
     assert gathers
     constants = [op for op in lookup_ops if op.get_rt_info()["layerType"].astype(str) == "Const"]

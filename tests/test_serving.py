@@ -64,9 +64,8 @@ def test_prefetch_faults_leave_the_runtime_usable(folders, layers):
     first = runtime.layer(1).fuse(handle, hidden)
     with pytest.raises(EngramError, match="already used for layer 1"):
         runtime.layer(1).fuse(handle, hidden)
-    newer = runtime.prefetch(ids)
-    with pytest.raises(EngramError, match="stale"):
-        runtime.layer(3).fuse(handle, hidden)
+    newer = runtime.prefetch(ids)  # a second handle in flight does not disturb the first
+    np.testing.assert_array_equal(runtime.layer(3).fuse(handle, hidden), runtime.layer(3)(ids, hidden))
     with pytest.raises(EngramError, match="no Engram layer 2"):
         runtime.layer(2)
     with pytest.raises(EngramError, match="serves layers"):
@@ -107,7 +106,7 @@ def test_folder_commands(folders, tmp_path, tiny_config):
     refused(cli("run", tmp_path / "int8w", "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o2.npz",
                 check=False), "give --layer")
     refused(cli("compile", tmp_path / "exported", "-o", tmp_path / "exported", check=False),
-            "exists and is not an empty folder")
+            "would overwrite an input")
     refused(cli("export", "--config", "tiny", "--weights", tmp_path / "in.npz", "-o", tmp_path / "x",
                 check=False), "needs --prefix with {layer}")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))

@@ -20,6 +20,7 @@ from engram_export.errors import EngramError
 from engram_export.fileio import check_output_file, staged_output
 from engram_export.model_info import ModelInfo
 from engram_export.models.engram import EngramLayer
+from engram_export.resources import require_disk, tensor_bytes
 
 __all__ = ["export_layer", "load_onnx", "save_onnx", "optimize_graph", "EXTERNAL_DATA_THRESHOLD", "OPSET",
            "IR_VERSION"]
@@ -103,6 +104,8 @@ def export_layer(layer: EngramLayer, output: str | Path, optimize: bool = True,
     """Export ``layer`` to ``output`` (.onnx), with the graph passes unless ``optimize`` is False;
     returns the path written."""
     check_output_file(output, ".onnx")  # before the trace, which takes a while
+    require_disk(Path(output).parent, tensor_bytes(layer.state_dict().values()),
+                 f"export: the ONNX file of layer {layer.layer_id}")
     with progress.stage(f"tracing Engram layer {layer.layer_id} with torch.onnx.export"):
         model = trace(layer)
     if optimize:

@@ -8,7 +8,7 @@ import numpy as np
 
 from engram_export.errors import EngramError
 
-__all__ = ["build_compression_table", "find_tokenizer_file"]
+__all__ = ["build_compression_table", "find_tokenizer_file", "read_tokenizer", "tokenizer_size"]
 
 _SENTINEL = "\ue000"  # keeps a text that is exactly one space from being stripped away
 
@@ -21,6 +21,22 @@ def find_tokenizer_file(path: str | Path) -> Path:
     if not path.is_file():
         raise EngramError(f"tokenizer: {path} does not exist (give a tokenizer.json or its folder)")
     return path
+
+
+def read_tokenizer(path: str | Path):
+    """The ``tokenizers.Tokenizer`` at ``path`` (a tokenizer.json or its folder), or a one-line error."""
+    from tokenizers import Tokenizer
+
+    file = find_tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise EngramError(f"tokenizer: cannot read {file}: {exc}") from None
+
+
+def tokenizer_size(path: str | Path) -> int:
+    """How many ids the tokenizer has, added tokens included: the compression table's length."""
+    return read_tokenizer(path).get_vocab_size(with_added_tokens=True)
 
 
 def _normalizer():
@@ -44,13 +60,7 @@ def build_compression_table(path: str | Path) -> np.ndarray:
     New ids are handed out in first-seen order of the normalized keys; a token whose decoded text holds
     U+FFFD (a partial UTF-8 byte sequence) is keyed by its raw token string instead.
     """
-    from tokenizers import Tokenizer
-
-    file = find_tokenizer_file(path)
-    try:
-        tokenizer = Tokenizer.from_file(str(file))
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise EngramError(f"tokenizer: cannot read {file}: {exc}") from None
+    tokenizer = read_tokenizer(path)
     normalizer = _normalizer()
     key_to_new: dict[str, int] = {}
     lut = np.empty(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)

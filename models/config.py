@@ -13,9 +13,39 @@ from typing import Any
 
 from engram_export.errors import EngramError
 
-__all__ = ["EngramConfig", "load_config", "preset_names"]
+__all__ = ["EngramConfig", "load_config", "check_tokenizer", "preset_names"]
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+# Inclusive bounds of the integer fields (list fields: of each entry). They admit the demo (spec section
+# 1), DeepSeek-V4.1 (2..4-grams, 8 heads of 256, hidden 5120, 129280 ids) and any plausible model with
+# room to spare, and refuse what could only be a typo before it costs memory or minutes of work.
+BOUNDS = {
+    "max_ngram_size": (2, 8),  # the paper uses 2..4-grams; longer n-grams are too sparse to learn
+    "n_head_per_ngram": (1, 64),
+    "n_embed_per_ngram": (1, 2**16),
+    "kernel_size": (1, 64),
+    "hidden_size": (1, 2**16),
+    "hc_mult": (1, 64),
+    # real tokenizers have up to ~2**18 ids; with no tokenizer the compression table is an int64
+    # identity over vocab_size ids, 128 MiB at this bound
+    "vocab_size": (1, 2**24),
+    "pad_id": (0, 2**24 - 1),
+    "seed": (0, 2**63 - 1),  # numpy's default_rng takes any non-negative int; int64 fits every store
+    "engram_vocab_size": (2, 2**31 - 1),
+    "layer_ids": (0, 9999),
+}
+# The hash kernel emits i32 rows up to here and i64 above, which OpenVINO's CPU plugin may compute in
+# i32 (spec section 7) and no test here can cover (such a table at head_dim 64 is 512 GiB). Each head's
+# prime exceeds its order's engram_vocab_size, so n_head_per_ngram * sum(engram_vocab_size) is a lower
+# bound of the rows; EngramHashing checks the exact sum of the primes.
+MAX_TABLE_ROWS = 2**31 - 1
+# One prime per head per layer, about 25 us each to find: this keeps EngramHashing under a second.
+MAX_HEAD_PRIMES = 2**15
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,34 +66,44 @@ class EngramConfig:
     tokenizer: str | None
 
     def __post_init__(self):
+        """Refuse a config that is wrong or absurd before any work (types first, so no TypeError)."""
         def require(ok: bool, message: str) -> None:
             if not ok:
                 raise EngramError(f"config: {message}")
 
+        def integer(name: str, value: Any, low: int, high: int) -> None:
+            require(is_int(value) and low <= value <= high,
+                    f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
         for name in ("max_ngram_size", "n_embed_per_ngram", "n_head_per_ngram", "kernel_size",
                      "hidden_size", "hc_mult", "vocab_size", "pad_id", "seed"):
+            integer(name, getattr(self, name), *BOUNDS[name])
+        for name in ("engram_vocab_size", "layer_ids"):
             value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool),
-                    f"{name} must be an integer, got {value!r}")
-        require(self.max_ngram_size >= 2, f"max_ngram_size must be >= 2, got {self.max_ngram_size}")
+            require(isinstance(value, (list, tuple)) and len(value) >= 1,
+                    f"{name} must be a non-empty list of integers, got {value!r}")
+            for i, item in enumerate(value):
+                integer(f"{name}[{i}]", item, *BOUNDS[name])
         require(len(self.engram_vocab_size) == self.max_ngram_size - 1,
                 f"engram_vocab_size needs one entry per n-gram order 2..{self.max_ngram_size} "
                 f"({self.max_ngram_size - 1}), got {len(self.engram_vocab_size)}")
-        require(all(isinstance(v, int) and v >= 2 for v in self.engram_vocab_size),
-                f"engram_vocab_size entries must be integers >= 2, got {list(self.engram_vocab_size)}")
-        require(self.n_head_per_ngram >= 1 and self.n_embed_per_ngram % self.n_head_per_ngram == 0,
-                f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be a positive multiple of "
+        require(self.n_embed_per_ngram % self.n_head_per_ngram == 0,
+                f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be a multiple of "
                 f"n_head_per_ngram ({self.n_head_per_ngram})")
-        for name in ("kernel_size", "hidden_size", "hc_mult", "vocab_size"):
-            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        require(len(self.layer_ids) >= 1 and len(set(self.layer_ids)) == len(self.layer_ids)
-                and all(isinstance(i, int) and i >= 0 for i in self.layer_ids),
-                f"layer_ids must be distinct non-negative integers, got {list(self.layer_ids)}")
-        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        require(len(set(self.layer_ids)) == len(self.layer_ids),
+                f"layer_ids must be distinct, got {list(self.layer_ids)}")
+        rows = self.n_head_per_ngram * sum(self.engram_vocab_size)
+        require(rows <= MAX_TABLE_ROWS,
+                f"engram_vocab_size {list(self.engram_vocab_size)} x n_head_per_ngram "
+                f"{self.n_head_per_ngram} makes a table of at least {rows} rows, at most {MAX_TABLE_ROWS}")
+        primes = len(self.layer_ids) * self.num_heads
+        require(primes <= MAX_HEAD_PRIMES,
+                f"{len(self.layer_ids)} layer_ids x {self.num_heads} heads need {primes} head primes, "
+                f"at most {MAX_HEAD_PRIMES}")
         require(self.tokenizer is None or isinstance(self.tokenizer, str),
                 f"tokenizer must be a path or null, got {self.tokenizer!r}")
-        if self.tokenizer is None:
-            require(0 <= self.pad_id < self.vocab_size,
+        if self.tokenizer is None:  # with a tokenizer, load_config checks pad_id against its size
+            require(self.pad_id < self.vocab_size,
                     f"pad_id {self.pad_id} is outside [0, vocab_size={self.vocab_size})")
 
     @property
@@ -131,4 +171,22 @@ def load_config(name_or_path: str | Path) -> EngramConfig:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EngramError(f"config: {path} is not valid JSON ({exc})") from None
-    return EngramConfig.from_dict(data, base_dir=path.parent)
+    config = EngramConfig.from_dict(data, base_dir=path.parent)
+    check_tokenizer(config)
+    return config
+
+
+def check_tokenizer(config: EngramConfig) -> None:
+    """Refuse a missing or unreadable tokenizer, or a pad_id past its ids, when the config is read.
+
+    Only reads the tokenizer (fast), no compression table. Not in ``__post_init__``: configs stored in
+    exported models are read back where the tokenizer file may not be (the table travels in the model).
+    """
+    if config.tokenizer is None:
+        return
+    from engram_export.models.compression import tokenizer_size
+
+    size = tokenizer_size(config.tokenizer)
+    if config.pad_id >= size:
+        raise EngramError(f"config: pad_id {config.pad_id} is outside the tokenizer's {size} ids "
+                          f"({config.tokenizer})")

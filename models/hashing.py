@@ -14,7 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from engram_export.errors import EngramError
-from engram_export.models.config import EngramConfig
+from engram_export.models.config import MAX_TABLE_ROWS, EngramConfig
 
 __all__ = ["EngramHashing", "hash_rows", "is_prime", "compress_ids", "INT32_MIN"]
 
@@ -130,6 +130,9 @@ class EngramHashing:
                     start = _next_prime(start, seen)
                     seen.add(start)
                     primes.append(start)
+            if sum(primes) > MAX_TABLE_ROWS:
+                raise EngramError(f"config: layer {layer_id}'s table would have {sum(primes)} rows, "
+                                  f"more than {MAX_TABLE_ROWS} (smaller engram_vocab_size?)")
             by_layer[layer_id] = primes
         return by_layer
 

@@ -9,19 +9,37 @@ from __future__ import annotations
 
 import logging
 import math
+import string
 from pathlib import Path
 
 import torch
 
 from engram_export.errors import EngramError
-from engram_export.models.config import EngramConfig
+from engram_export.models.config import BOUNDS, EngramConfig, is_int
 from engram_export.models.engram import EngramLayer
 from engram_export.models.hashing import EngramHashing
+from engram_export.resources import require_memory, tensor_bytes
 
-__all__ = ["build_layer", "read_checkpoint", "random_state_dict"]
+__all__ = ["build_layer", "layer_prefix", "read_checkpoint", "random_state_dict"]
 
 log = logging.getLogger(__name__)
 OFFSETS = "multi_head_embedding.offsets"
+
+
+def layer_prefix(prefix: str, layer_id: int) -> str:
+    """The checkpoint key prefix of one layer: ``prefix`` with ``{layer}`` replaced by its id.
+
+    ``{layer}`` is the only placeholder; any other (``{lyr}``, ``{}``, a stray brace) is refused, not
+    left to a KeyError or to a prefix that matches no key.
+    """
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(prefix) if field is not None]
+        if all(field == "layer" for field in fields):
+            return prefix.format(layer=layer_id)
+    except ValueError:  # unmatched braces, a bad format spec
+        pass
+    raise EngramError(f"--prefix {prefix!r}: the only placeholder allowed is {{layer}} "
+                      f"(write a literal brace as {{{{ or }}}})")
 
 
 def read_checkpoint(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -97,17 +115,29 @@ def build_layer(config: EngramConfig, layer_id: int, weights: str | Path | None 
     """A float32 layer in eval mode, with weights from ``weights`` or, if None, random from ``seed``."""
     if (weights is None) == (seed is None):
         raise EngramError("give either a weights file or a random-init seed, not both or neither")
+    low, high = BOUNDS["seed"]
+    if seed is not None and not (is_int(seed) and low <= seed <= high):
+        raise EngramError(f"weights: the random-init seed must be an integer in [{low}, {high}], "
+                          f"got {seed!r}")
+    prefix = layer_prefix(prefix, layer_id)
     hashing = hashing or EngramHashing(config)
     with torch.device("meta"):
         layer = EngramLayer(config, layer_id, hashing)
+    table = f"table {hashing.table_rows(layer_id)} rows x {config.head_dim}"
+    source = "random" if weights is None else f"{weights}'s"
+    require_memory(tensor_bytes(layer.state_dict().values()),
+                   f"weights: {source} f32 weights of layer {layer_id} ({table})")
     if weights is not None:
         state = read_checkpoint(weights, prefix)
         if not state:
             raise EngramError(f"weights: no tensor in {weights} starts with prefix {prefix!r}")
         _check_state(layer, state)
+        # read (safetensors) or memory-mapped (.pt): the cast below copies what is not f32 yet
+        require_memory(sum(v.numel() * 4 for k, v in state.items()
+                           if k != OFFSETS and v.dtype != torch.float32),
+                       f"weights: casting {weights}'s weights of layer {layer_id} to f32 ({table})")
     else:
-        log.info("random weights, seed %d, table %d x %d", seed, hashing.table_rows(layer_id),
-                 config.head_dim)
+        log.info("random weights, seed %d, %s", seed, table)
         state = random_state_dict(layer, seed)
     state = {k: v.to(torch.float32) for k, v in state.items() if k != OFFSETS}
     state[OFFSETS] = torch.tensor(hashing.offsets(layer_id), dtype=torch.long)

@@ -9,34 +9,52 @@ plugin) and records bf16 as the inference precision, which the runtime applies w
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import onnx_ir as ir
 
 from engram_export import progress
-from engram_export.errors import EngramError
+from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file, check_output_file, staged_output
-from engram_export.model_info import PRECISIONS, ModelInfo
+from engram_export.integrity import check_fingerprint, fingerprint
+from engram_export.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo
 from engram_export.ov_extension import HASH_OP_TYPE, openvino_core
 
-__all__ = ["compile_onnx", "read_onnx", "read_openvino"]
+__all__ = ["compile_onnx", "read_onnx", "read_openvino", "save_ir"]
+
+BIN_KEY = "engram.bin"  # "<size> <sampled sha256>" of the .bin
+_PLACEHOLDER = "engram-bin-fingerprint-to-be-written"
 
 
-def _lowered_copy(onnx_path: Path) -> Path | None:
-    """A hidden copy of the graph beside ``onnx_path`` with ``passes.lower_for_openvino`` applied,
-    or None if nothing was lowered. Large tensors stay in the original external-data file."""
+@contextlib.contextmanager
+def _lowered(onnx_path: Path) -> Iterator[Path]:
+    """``onnx_path`` with ``passes.lower_for_openvino`` applied, as a file OpenVINO can read.
+
+    The lowered graph goes to a private temporary folder, never beside the source (which may be
+    read-only); its external data is hard-linked there (OpenVINO refuses data outside the model's
+    folder), or copied when the temporary folder is on another file system."""
+    from engram_export.manifest import model_files
     from engram_export.passes import lower_for_openvino
 
     model = ir.load(onnx_path)  # read_onnx has checked the file already
     if not lower_for_openvino(model).modified:
-        return None
-    lowered = onnx_path.parent / f".{onnx_path.stem}.openvino-{os.getpid()}.onnx"
-    try:
-        ir.save(model, lowered)  # external tensors keep pointing at the original data file
-    except OSError as exc:
-        raise EngramError(f"cannot write beside {onnx_path} ({exc.strerror})") from None
-    return lowered
+        yield onnx_path
+        return
+    with tempfile.TemporaryDirectory(prefix="engram-lowered-") as scratch:
+        lowered = Path(scratch) / onnx_path.name
+        ir.save(model, lowered)  # external tensors keep their relative locations
+        for name in model_files(onnx_path.parent, onnx_path.name)[1:]:
+            try:
+                os.link(onnx_path.parent / name, Path(scratch) / name)
+            except OSError:
+                shutil.copyfile(onnx_path.parent / name, Path(scratch) / name)
+        yield lowered
 
 
 def _read_model(path: Path, shown: Path):
@@ -44,7 +62,7 @@ def _read_model(path: Path, shown: Path):
     try:
         return openvino_core().read_model(str(path))
     except RuntimeError as exc:
-        raise EngramError(f"OpenVINO cannot read {shown}: {str(exc).splitlines()[0]}") from None
+        raise EngramError(f"OpenVINO cannot read {shown}: {one_line(exc)}") from None
 
 
 def read_onnx(onnx_path: str | Path):
@@ -52,36 +70,59 @@ def read_onnx(onnx_path: str | Path):
     ``EngramGatedShortConv`` when the graph was optimized) and its ``ModelInfo``."""
     onnx_path = check_input_file(onnx_path, (".onnx",), "model")
     info = ModelInfo.from_onnx(onnx_path)
-    lowered = _lowered_copy(onnx_path)
-    try:
-        model = _read_model(lowered or onnx_path, onnx_path)
-    finally:
-        if lowered is not None:
-            lowered.unlink(missing_ok=True)
+    with _lowered(onnx_path) as lowered:
+        model = _read_model(lowered, onnx_path)
     if not any(op.get_type_name() == HASH_OP_TYPE for op in model.get_ops()):
         raise EngramError(f"{onnx_path}: the hash-gather node was not converted to {HASH_OP_TYPE}")
     return model, info
 
 
+def _recorded_fingerprint(path: Path) -> dict:
+    """The .bin fingerprint that ``save_ir`` wrote into the .xml's rt_info, read before OpenVINO
+    touches the .bin."""
+    try:
+        found = re.search(rf'<{re.escape(BIN_KEY)} value="(\d+) ([0-9a-f]{{64}})"', path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EngramError(f"model: cannot read {path} ({type(exc).__name__})") from None
+    if not found:
+        raise EngramError(f"{path} records no fingerprint of its .bin (not written by this "
+                          f"engram-export: compile it again)")
+    return {"size": int(found[1]), "sampled_sha256": found[2]}
+
+
 def read_openvino(path: str | Path):
-    """An exported .onnx or a compiled .xml as an ``openvino.Model`` and its ``ModelInfo``."""
+    """An exported .onnx or a compiled .xml as an ``openvino.Model`` and its ``ModelInfo``; an .xml's
+    .bin must have the size and sampled SHA-256 recorded when it was written."""
     path = check_input_file(path, (".onnx", ".xml"), "model")
     if path.suffix == ".onnx":
         return read_onnx(path)
+    check_fingerprint(path.with_suffix(".bin"), _recorded_fingerprint(path), "sampled", str(path))
     model = _read_model(path, path)
     return model, ModelInfo.from_openvino(model, path)
 
 
-def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f32") -> Path:
-    """Write the OpenVINO IR of ``onnx_path`` to ``output`` (.xml, with its .bin beside)."""
+def save_ir(model, output: Path, compress_to_fp16: bool) -> Path:
+    """Write ``model`` to ``output`` (.xml, its .bin beside), whole or not at all, the .xml recording
+    the .bin's size and sampled SHA-256 (``integrity.py``) for every later reader to check."""
     import openvino
 
+    model.set_rt_info(_PLACEHOLDER, [RT_INFO_SECTION, BIN_KEY])
+    with progress.stage(f"writing {output.name}"), staged_output(output) as staged:
+        openvino.save_model(model, staged, compress_to_fp16=compress_to_fp16)
+        weights = fingerprint(staged.with_suffix(".bin"), full=False)
+        xml = staged.read_text()
+        if xml.count(_PLACEHOLDER) != 1:
+            raise EngramError(f"writing {output}: the weights fingerprint has no unique place in the IR")
+        staged.write_text(xml.replace(_PLACEHOLDER, f"{weights['size']} {weights['sampled_sha256']}"))
+    return output
+
+
+def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f32") -> Path:
+    """Write the OpenVINO IR of ``onnx_path`` to ``output`` (.xml, with its .bin beside)."""
     if precision not in PRECISIONS:
         raise EngramError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     output = check_output_file(output, ".xml")
     with progress.stage(f"converting {Path(onnx_path).name} to OpenVINO"):
         model, info = read_onnx(onnx_path)
     ModelInfo(info.config, info.layer_id, info.num_ids, precision).write_openvino(model)
-    with progress.stage(f"writing {output.name} ({precision})"), staged_output(output) as staged:
-        openvino.save_model(model, staged, compress_to_fp16=precision == "bf16")
-    return output
+    return save_ir(model, output, compress_to_fp16=precision == "bf16")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from engram_export.errors import EngramError
 from engram_export.fileio import staged_folder
-from engram_export.manifest import Manifest, read_manifest, sha256, write_manifest
+from engram_export.integrity import sha256
+from engram_export.manifest import Manifest, read_manifest, write_manifest
 
 __all__ = ["export_folder", "compile_folder", "quantize_folder", "layer_file"]
 
@@ -25,16 +26,16 @@ def export_folder(config, folder: Path, weights: Path | None = None, prefix: str
     checkpoints); random weights use ``seed + layer id``."""
     from engram_export.export import export_layer
     from engram_export.models.hashing import EngramHashing
-    from engram_export.models.weights import build_layer
+    from engram_export.models.weights import build_layer, layer_prefix
 
-    if weights is not None and len(config.layer_ids) > 1 and "{layer}" not in prefix:
+    if weights is not None and len(config.layer_ids) > 1 and layer_prefix(prefix, 0) == layer_prefix(prefix, 1):
         raise EngramError("exporting several layers from one checkpoint needs --prefix with {layer}, "
                           "e.g. 'model.layers.{layer}.engram.'")
     hashing = EngramHashing(config)
     layers = {}
     with staged_folder(folder) as staging:
         for layer_id in config.layer_ids:
-            layer = build_layer(config, layer_id, weights=weights, prefix=prefix.format(layer=layer_id),
+            layer = build_layer(config, layer_id, weights=weights, prefix=prefix,
                                 seed=None if weights is not None else seed + layer_id, hashing=hashing)
             layers[layer_id] = layer_file(layer_id, ".onnx")
             export_layer(layer, staging / layers[layer_id], optimize=optimize)

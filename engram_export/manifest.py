@@ -3,23 +3,26 @@
 ``export`` without ``--layer`` writes one file per layer id plus the manifest; ``compile`` and
 ``quantize`` map a folder to a folder; ``EngramRuntime(folder)`` serves every layer. The manifest
 records the config, each layer's file, the precision or quantization, where the weights came from,
-and a SHA-256 of every file, which ``read_manifest`` checks before anything is loaded.
+and for every file a layer reads (.xml and .bin, .onnx and its external data) its size, sampled
+SHA-256 and full SHA-256 (``integrity.py`` says what each check catches). ``read_manifest`` refuses
+a folder whose files are missing, outside the folder, unlisted or changed before anything is loaded;
+the runtime then checks that each file holds the layer the manifest names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
 from engram_export.errors import EngramError
+from engram_export.integrity import CHECKS, check_fingerprint, fingerprint, sha256
 from engram_export.models.config import EngramConfig
 
-__all__ = ["Manifest", "MANIFEST", "read_manifest", "write_manifest", "sha256"]
+__all__ = ["Manifest", "MANIFEST", "read_manifest", "write_manifest", "model_files", "sha256"]
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclasses.dataclass
@@ -30,62 +33,103 @@ class Manifest:
     precision: str = "f32"
     quantization: str | None = None
     source: str = ""  # the weights file (with its SHA-256) or "random-init seed N"
-    hashes: dict[str, str] = dataclasses.field(default_factory=dict)  # file name -> SHA-256
+    files: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> integrity.fingerprint
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+def model_files(folder: Path, name: str) -> list[str]:
+    """The names of the files that the model ``name`` reads: itself and its .bin or external data."""
+    if name.endswith(".xml"):
+        return [name, name[:-len(".xml")] + ".bin"]
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(folder / name), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise EngramError(f"{folder / name} is not a readable ONNX file ({type(exc).__name__})") from None
+    locations = {entry.value for tensor in _get_all_tensors(model) if uses_external_data(tensor)
+                 for entry in tensor.external_data if entry.key == "location"}
+    return [name, *sorted(locations)]
 
 
-def _side_files(folder: Path, name: str) -> list[Path]:
-    """A model file and what it needs beside it (ONNX external data, IR weights)."""
-    main = folder / name
-    return [p for p in (main, folder / f"{name}.data", main.with_suffix(".bin")) if p.is_file()]
+def _check_name(folder: Path, name, where: str) -> None:
+    """Refuse a file name that is not a plain name of a file inside ``folder``."""
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name:
+        raise EngramError(f"{where}: {name!r} is not a file name inside the folder")
+    if (folder / name).is_symlink():
+        raise EngramError(f"{where}: {name} is a symbolic link; the folder must hold its own files")
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
-    """Hash every layer's files and write ``manifest.json`` (whole or not at all)."""
+    """Fingerprint every file the layers read and write ``manifest.json`` (whole or not at all)."""
     from engram_export import progress
     from engram_export.fileio import staged_output
 
     with progress.stage(f"hashing the files of {len(manifest.layers)} layers"):
-        manifest.hashes = {p.name: sha256(p) for name in manifest.layers.values()
-                           for p in _side_files(folder, name)}
+        manifest.files = {file: fingerprint(folder / file) for name in manifest.layers.values()
+                          for file in model_files(folder, name)}
     data = {"format": FORMAT, "config": manifest.config.to_dict(), "kind": manifest.kind,
             "precision": manifest.precision, "quantization": manifest.quantization,
             "source": manifest.source, "layers": {str(k): v for k, v in manifest.layers.items()},
-            "sha256": manifest.hashes}
+            "files": manifest.files}
     with staged_output(folder / MANIFEST) as staged:
         staged.write_text(json.dumps(data, indent=2))
     return folder / MANIFEST
 
 
-def read_manifest(folder: str | Path, check_hashes: bool = True) -> Manifest:
-    """The folder's manifest; refuses missing files and, with ``check_hashes``, changed ones."""
+def _parse(path: Path) -> Manifest:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise EngramError(f"{path} has format {data.get('format')!r}; this engram-export reads format "
+                              f"{FORMAT} (export or compile the model again)")
+        layers = data["layers"]
+        if not isinstance(layers, dict) or not layers:
+            raise EngramError(f"{path} lists no layers")
+        files = data["files"]
+        if not isinstance(files, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sampled_sha256"), str)
+                for e in files.values()):
+            raise EngramError(f"{path}: every file entry needs a size and a sampled_sha256")
+        return Manifest(EngramConfig.from_dict(data["config"]), {int(k): v for k, v in layers.items()},
+                        data["kind"], data["precision"], data["quantization"], data["source"], files)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, EngramError):
+            raise
+        raise EngramError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from None
+
+
+def read_manifest(folder: str | Path, check_hashes: bool | str = True) -> Manifest:
+    """The folder's manifest, once every file a layer reads is listed, inside the folder, and matches.
+
+    ``check_hashes``: ``True`` or ``"sampled"`` (size and sampled SHA-256, the default), ``"full"``
+    (every byte), ``False`` or ``"size"`` (sizes only).
+    """
+    check = {True: "sampled", False: "size"}.get(check_hashes, check_hashes)
+    if check not in CHECKS:
+        raise EngramError(f"check_hashes must be True, False or one of {', '.join(CHECKS)}, "
+                          f"got {check_hashes!r}")
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise EngramError(f"{folder} has no {MANIFEST} (export the model without --layer)")
-    try:
-        data = json.loads(path.read_text())
-        manifest = Manifest(EngramConfig.from_dict(data["config"]),
-                            {int(k): v for k, v in data["layers"].items()}, data["kind"],
-                            data["precision"], data["quantization"], data["source"], data["sha256"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise EngramError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from None
-    for name in manifest.hashes:
-        if not (folder / name).is_file():
-            raise EngramError(f"{path} lists {name}, which is missing from {folder}")
+    manifest = _parse(path)
+    if manifest.kind not in ("onnx", "openvino"):
+        raise EngramError(f"{path}: kind must be onnx or openvino, got {manifest.kind!r}")
+    suffix = ".onnx" if manifest.kind == "onnx" else ".xml"
     for layer, name in manifest.layers.items():
-        if name not in manifest.hashes:
-            raise EngramError(f"{path}: layer {layer}'s file {name} has no hash")
-    if check_hashes:
-        for name, expected in manifest.hashes.items():
-            if sha256(folder / name) != expected:
-                raise EngramError(f"{folder / name} does not match its SHA-256 in {path} "
-                                  f"(changed or corrupt)")
+        _check_name(folder, name, f"{path}, layer {layer}")
+        if not name.endswith(suffix):
+            raise EngramError(f"{path}: layer {layer}'s file {name} is not an {suffix} file")
+    for name in manifest.files:
+        _check_name(folder, name, path)
+    for name, entry in manifest.files.items():
+        check_fingerprint(folder / name, entry, check, str(path))
+    for layer, name in manifest.layers.items():
+        if name not in manifest.files:
+            raise EngramError(f"{path}: layer {layer}'s file {name} has no size and hash entry")
+        for file in model_files(folder, name):
+            _check_name(folder, file, f"{path}, layer {layer}")
+            if file not in manifest.files:
+                raise EngramError(f"{path}: layer {layer} reads {file}, which the manifest does not list")
     return manifest

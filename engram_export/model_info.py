@@ -47,9 +47,30 @@ class ModelInfo:
     def from_metadata(cls, metadata: dict[str, str], source: str | Path) -> "ModelInfo":
         if any(key not in metadata for key in (CONFIG_KEY, LAYER_KEY, NUM_IDS_KEY)):
             raise EngramError(f"{source} was not exported by engram-export (no Engram metadata)")
-        config = EngramConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
-        return cls(config, int(metadata[LAYER_KEY]), int(metadata[NUM_IDS_KEY]),
-                   metadata.get(PRECISION_KEY, "f32"), metadata.get(QUANTIZATION_KEY))
+        try:
+            config = EngramConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+            info = cls(config, int(metadata[LAYER_KEY]), int(metadata[NUM_IDS_KEY]),
+                       metadata.get(PRECISION_KEY, "f32"), metadata.get(QUANTIZATION_KEY))
+        except (json.JSONDecodeError, ValueError, TypeError) as exc:
+            raise EngramError(f"{source}: malformed Engram metadata ({exc})") from None
+        if info.layer_id not in config.layer_ids:
+            raise EngramError(f"{source}: metadata says layer {info.layer_id}, which is not one of the "
+                              f"config's layer_ids {list(config.layer_ids)}")
+        if not 1 <= info.num_ids < 2**31 or info.precision not in PRECISIONS:
+            raise EngramError(f"{source}: malformed Engram metadata (num_ids {info.num_ids}, precision "
+                              f"{info.precision!r})")
+        return info
+
+    def check_inputs_shape(self, shapes: dict[str, list], source: str | Path) -> None:
+        """Refuse a graph whose inputs disagree with this metadata (``shapes``: input name -> dims,
+        ``None`` for a dynamic one)."""
+        expected = {"input_ids": [None, None],
+                    "hidden_states": [None, None, self.config.hc_mult, self.config.hidden_size]}
+        for name, dims in expected.items():
+            got = shapes.get(name)
+            if got is None or len(got) != len(dims) or any(d is not None and g != d for g, d in zip(got, dims)):
+                raise EngramError(f"{source}: the graph's {name} is {got}, its metadata says "
+                                  f"{['?' if d is None else d for d in dims]} (file and metadata disagree)")
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelInfo":
@@ -59,7 +80,11 @@ class ModelInfo:
             model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf DecodeError and friends
             raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
-        return cls.from_metadata({p.key: p.value for p in model.metadata_props}, path)
+        info = cls.from_metadata({p.key: p.value for p in model.metadata_props}, path)
+        info.check_inputs_shape({i.name: [d.dim_value if d.HasField("dim_value") else None
+                                          for d in i.type.tensor_type.shape.dim]
+                                 for i in model.graph.input}, path)
+        return info
 
     @classmethod
     def from_openvino(cls, model, path: str | Path) -> "ModelInfo":
@@ -67,7 +92,11 @@ class ModelInfo:
         for key in (CONFIG_KEY, LAYER_KEY, NUM_IDS_KEY, PRECISION_KEY, QUANTIZATION_KEY):
             if model.has_rt_info([RT_INFO_SECTION, key]):
                 metadata[key] = model.get_rt_info([RT_INFO_SECTION, key]).astype(str)
-        return cls.from_metadata(metadata, path)
+        info = cls.from_metadata(metadata, path)
+        info.check_inputs_shape({p.get_friendly_name(): [d.get_length() if d.is_static else None
+                                                         for d in p.get_partial_shape()]
+                                 for p in model.get_parameters()}, path)
+        return info
 
     def write_openvino(self, model) -> None:
         for key, value in self.to_metadata().items():

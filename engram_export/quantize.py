@@ -23,7 +23,8 @@ import numpy as np
 
 from engram_export import progress
 from engram_export.errors import EngramError
-from engram_export.fileio import check_output_file, staged_output
+from engram_export.compile import read_openvino, save_ir
+from engram_export.fileio import check_output_file
 from engram_export.model_info import ModelInfo
 
 __all__ = ["MODES", "QuantizeOptions", "quantize", "read_calibration", "compressed_constants"]
@@ -56,8 +57,6 @@ class QuantizeOptions:
 
 def read_model(path: str | Path):
     """An exported .onnx or an f32 .xml, as an ``openvino.Model`` and its ``ModelInfo``."""
-    from engram_export.compile import read_openvino
-
     model, info = read_openvino(path)
     if info.quantization or info.precision != "f32":
         raise EngramError(f"{path} is already {info.quantization or info.precision}; quantize the "
@@ -83,7 +82,6 @@ def _compress_table(nncf, model, bits: int, group_size: int):
 def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions) -> Path:
     """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml)."""
     import nncf
-    import openvino
 
     output = check_output_file(output, ".xml")
     model, info = read_model(model_path)
@@ -115,9 +113,7 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
             model = _compress_table(nncf, model, 8, row_width)
     ModelInfo(info.config, info.layer_id, info.num_ids, options.precision,
               quantization=options.mode).write_openvino(model)
-    with progress.stage(f"writing {output.name}"), staged_output(output) as staged:
-        openvino.save_model(model, staged, compress_to_fp16=False)
-    return output
+    return save_ir(model, output, compress_to_fp16=False)
 
 
 def compressed_constants(model) -> dict[str, dict[str, int]]:

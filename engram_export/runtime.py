@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.errors import EngramError
+from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file
 from engram_export.model_info import PRECISIONS, ModelInfo
 from engram_export.models.hashing import INT32_MIN
@@ -117,7 +117,7 @@ class _OpenVINO:
             return tuple(core.compile_model(model, self.device, self.config) for model in models)
         except RuntimeError as exc:
             raise EngramError(f"OpenVINO cannot compile {self.path.name} for device {self.device!r}: "
-                              f"{_first_line(exc)}") from None
+                              f"{one_line(exc)}") from None
 
     def decode_requests(self):
         """A (lookup, fuse) pair of requests of the stateful decode stages, compiled once."""
@@ -155,11 +155,6 @@ class _OpenVINO:
 
     def __call__(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         return self.finish(self.start_lookup(ids), hidden)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
 
 
 class _OnnxRuntime:
@@ -228,7 +223,9 @@ class EngramRuntime:
         precision: OpenVINO inference precision, ``"f32"`` or ``"bf16"``; default: the file's own.
         device: OpenVINO device name.
         threads: CPU threads, default all.
-        check_hashes: for a folder, check every file against the manifest's SHA-256 first.
+        check_hashes: for a folder, how every file is checked against the manifest before loading:
+            ``True``/``"sampled"`` (size and sampled SHA-256), ``"full"`` (every byte), ``False``/``"size"``.
+            A single ``.xml`` is always checked against the size and sampled hash its ``.bin`` had.
 
     ``rt(input_ids, hidden_states)`` runs a single layer; ``rt.layer(L)`` picks a layer of a folder.
     ``rt.prefetch(input_ids)`` starts every layer's lookup (hash + table Gather) in the background and
@@ -237,7 +234,7 @@ class EngramRuntime:
     """
 
     def __init__(self, path: str | Path, runtime: str = "ov", precision: str | None = None,
-                 device: str = "CPU", threads: int | None = None, check_hashes: bool = True):
+                 device: str = "CPU", threads: int | None = None, check_hashes: bool | str = True):
         if runtime not in RUNTIMES:
             raise EngramError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if precision is not None and precision not in PRECISIONS:
@@ -254,6 +251,13 @@ class EngramRuntime:
             self.manifest = read_manifest(self.path, check_hashes)
             self._layers = {layer: EngramRuntime(self.path / name, runtime, precision, device, threads)
                             for layer, name in self.manifest.layers.items()}
+            for layer, served in self._layers.items():
+                file = self.path / self.manifest.layers[layer]
+                if served.layer_id != layer:
+                    raise EngramError(f"{file} holds layer {served.layer_id}; the manifest lists it as "
+                                      f"layer {layer}")
+                if served.config != self.manifest.config:
+                    raise EngramError(f"{file} was exported with another config than the manifest's")
             first = next(iter(self._layers.values()))
             self._backend, self.info = None, first.info
             self.precision, self.settings = first.precision, first.settings

@@ -172,5 +172,6 @@ def test_bad_model_paths(tmp_path, tiny_files):
         EngramRuntime(corrupt, runtime="ort")
     truncated_ir = tmp_path / "t.xml"
     truncated_ir.write_text(tiny_files["f32"].read_text()[:300])
-    with pytest.raises(EngramError, match="OpenVINO cannot read"):
+    truncated_ir.with_suffix(".bin").write_bytes(tiny_files["f32"].with_suffix(".bin").read_bytes())
+    with pytest.raises(EngramError, match="records no fingerprint of its .bin"):
         EngramRuntime(truncated_ir)

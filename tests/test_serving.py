@@ -24,7 +24,8 @@ def test_folder_has_every_layer_and_a_manifest(folders, tiny_config):
     manifest = read_manifest(folders["f32"])
     assert sorted(manifest.layers) == list(tiny_config.layer_ids)
     assert manifest.kind == "openvino" and manifest.precision == "f32"
-    assert set(manifest.hashes) == {"layer_1.xml", "layer_1.bin", "layer_3.xml", "layer_3.bin"}
+    assert set(manifest.files) == {"layer_1.xml", "layer_1.bin", "layer_3.xml", "layer_3.bin"}
+    assert all(set(entry) == {"size", "sampled_sha256", "sha256"} for entry in manifest.files.values())
     assert read_manifest(folders["onnx"]).source == "random-init seed 5"
 
 
@@ -81,7 +82,7 @@ def test_manifest_faults(folders, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(folders["f32"], copy)
     (copy / "layer_3.bin").write_bytes((copy / "layer_3.bin").read_bytes()[:-4] + b"\0\0\0\0")
-    with pytest.raises(EngramError, match="layer_3.bin does not match its SHA-256"):
+    with pytest.raises(EngramError, match="layer_3.bin does not match its sampled SHA-256"):
         EngramRuntime(copy)
     (copy / "layer_3.bin").unlink()
     with pytest.raises(EngramError, match="lists layer_3.bin, which is missing"):

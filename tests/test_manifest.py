@@ -1,0 +1,125 @@
+"""Manifests bind every file a layer reads: listed with size and hashes, inside the folder, holding the
+layer the manifest names; and a single .xml binds its .bin. Each fault is refused with one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from engram_export import integrity
+from engram_export.errors import EngramError
+from engram_export.runtime import EngramRuntime
+from engram_export.verify import random_inputs
+
+
+@pytest.fixture
+def copy(folders, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(folders["f32"], folder)
+    return folder
+
+
+def edit(folder, change):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: m["layers"].update({"1": "layer_3.xml", "3": "layer_1.xml"}), "holds layer 3; the manifest lists it as layer 1"),
+    (lambda m: m["files"]["layer_1.bin"].pop("sampled_sha256"), "needs a size and a sampled_sha256"),
+    (lambda m: m["files"].pop("layer_1.bin"), "layer 1 reads layer_1.bin, which the manifest does not list"),
+    (lambda m: m["files"].pop("layer_1.xml"), "layer 1's file layer_1.xml has no size and hash entry"),
+    (lambda m: m["layers"].update({"1": "../elsewhere/layer_1.xml"}), "is not a file name inside the folder"),
+    (lambda m: m["files"].update({"/etc/passwd": {"size": 1, "sampled_sha256": "x"}}), "not a file name inside"),
+    (lambda m: m.update(layers={}), "lists no layers"),
+    (lambda m: m.update(format=1), "this engram-export reads format 2"),
+    (lambda m: m["files"]["layer_3.bin"].update(size=5), "layer_3.bin has"),
+    (lambda m: m["config"].update(hidden_size=64), "another config than the manifest's"),
+    (lambda m: m["layers"].update({"1": "layer_1.onnx"}), "is not an .xml file"),
+])
+def test_manifest_faults_are_refused(copy, change, message):
+    edit(copy, change)
+    with pytest.raises(EngramError, match=message):
+        EngramRuntime(copy)
+
+
+def test_symlinked_file_is_refused(copy, folders):
+    (copy / "layer_3.bin").unlink()
+    (copy / "layer_3.bin").symlink_to(folders["f32"] / "layer_3.bin")
+    with pytest.raises(EngramError, match="layer_3.bin is a symbolic link"):
+        EngramRuntime(copy)
+
+
+def test_flipped_byte_in_a_bin_is_refused(copy, monkeypatch):
+    """Small files are hashed whole at load; in a large file only the sampled blocks are, and
+    check_hashes='full' finds a flip anywhere."""
+    flip_byte(copy / "layer_1.bin", (copy / "layer_1.bin").stat().st_size // 2)
+    with pytest.raises(EngramError, match="layer_1.bin does not match its sampled SHA-256"):
+        EngramRuntime(copy)
+    # the same file as if it were large: the sampled blocks (64 of 256 bytes here) miss the flip...
+    monkeypatch.setattr(integrity, "WHOLE_LIMIT", 1024)
+    monkeypatch.setattr(integrity, "BLOCK", 256)
+    size = (copy / "layer_1.bin").stat().st_size
+    gap_start = (size - 256) * 1 // 63 + 256
+    assert gap_start < (size - 256) * 2 // 63  # there is an unsampled gap between blocks 1 and 2
+    edit(copy, lambda m: m["files"]["layer_1.bin"].update(
+        sampled_sha256=integrity.sampled_sha256(copy / "layer_1.bin"), size=size))
+    flip_byte(copy / "layer_1.bin", gap_start)
+    assert integrity.sampled_sha256(copy / "layer_1.bin") == json.loads(
+        (copy / "manifest.json").read_text())["files"]["layer_1.bin"]["sampled_sha256"]
+    # ...and the full check finds it
+    with pytest.raises(EngramError, match="layer_1.bin does not match its SHA-256"):
+        EngramRuntime(copy, check_hashes="full")
+
+
+def test_check_hashes_values(copy):
+    assert EngramRuntime(copy, check_hashes="full").layer_ids == [1, 3]
+    assert EngramRuntime(copy, check_hashes=False).layer_ids == [1, 3]
+    with pytest.raises(EngramError, match="check_hashes must be"):
+        EngramRuntime(copy, check_hashes="sometimes")
+
+
+def test_single_xml_checks_its_bin(tiny_files, tmp_path):
+    xml = tmp_path / "m.xml"
+    shutil.copy(tiny_files["f32"], xml)
+    shutil.copy(tiny_files["f32"].with_suffix(".bin"), xml.with_suffix(".bin"))
+    ids, hidden = random_inputs(EngramRuntime(xml).config, 5000, 2, 3)
+    flip_byte(xml.with_suffix(".bin"), 100)
+    with pytest.raises(EngramError, match="m.bin does not match its sampled SHA-256 in"):
+        EngramRuntime(xml)
+    xml.with_suffix(".bin").write_bytes(tiny_files["f32"].with_suffix(".bin").read_bytes()[:-8])
+    with pytest.raises(EngramError, match="m.bin has .* bytes"):
+        EngramRuntime(xml)
+    xml.with_suffix(".bin").unlink()
+    with pytest.raises(EngramError, match="lists m.bin, which is missing"):
+        EngramRuntime(xml)
+    shutil.copy(tiny_files["f32"].with_suffix(".bin"), xml.with_suffix(".bin"))
+    np.testing.assert_array_equal(EngramRuntime(xml)(ids, hidden), EngramRuntime(tiny_files["f32"])(ids, hidden))
+
+
+def test_onnx_folder_lists_external_data(tiny_config, tmp_path):
+    from engram_export.manifest import model_files, read_manifest
+    from engram_export.export import export_layer
+    from engram_export.models.weights import build_layer
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    export_layer(build_layer(tiny_config, 1, seed=0), folder / "layer_1.onnx", external_data_threshold=1000)
+    assert model_files(folder, "layer_1.onnx") == ["layer_1.onnx", "layer_1.onnx.data"]
+    from engram_export.manifest import Manifest, write_manifest
+
+    write_manifest(folder, Manifest(tiny_config.replace(layer_ids=(1,)), {1: "layer_1.onnx"}, "onnx"))
+    assert set(read_manifest(folder).files) == {"layer_1.onnx", "layer_1.onnx.data"}
+    flip_byte(folder / "layer_1.onnx.data", 10)
+    with pytest.raises(EngramError, match="layer_1.onnx.data does not match"):
+        read_manifest(folder)

@@ -132,8 +132,6 @@ class DecodeSession:
 
     def step(self, next_ids, hidden_by_layer) -> dict:
         """One more token per sequence ([B, 1] ids): outputs [B,1,G,D] per layer."""
-        if np.ndim(next_ids) == 2 and np.shape(next_ids)[1] != 1:
-            raise EngramError(f"step takes one token per sequence, [B, 1]; got {list(np.shape(next_ids))}")
         return self._run(next_ids, hidden_by_layer, start=False)
 
     def _checked(self, input_ids, hidden_by_layer) -> dict:
@@ -157,6 +155,9 @@ class DecodeSession:
 
     def _run(self, input_ids, hidden_by_layer, start: bool) -> dict:
         checked = self._checked(input_ids, hidden_by_layer)
+        tokens = next(iter(checked.values()))[0].shape[1]
+        if not start and tokens != 1:
+            raise EngramError(f"step takes one token per sequence, [B, 1]; got {tokens} tokens")
         with self._lock:
             if start:
                 self._reset()

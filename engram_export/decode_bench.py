@@ -3,7 +3,8 @@
 - decode step latency (stateful, one token per sequence) against the same layer's stateless call on
   [B, 1] (what the state costs), and tokens/s, for B in {1, 8, 50};
 - throughput of independent [B, T] requests through ``openvino.AsyncInferQueue`` with the LATENCY
-  hint (1 stream) and the THROUGHPUT hint with 2 streams;
+  hint (1 stream) and the THROUGHPUT hint with 2 streams, and one ``EngramRuntime`` shared by 1 and 2
+  threads;
 - prefetch: the lookup started before a stand-in backbone (a PyTorch matmul chain that takes longer
   than the lookup), against running lookup, backbone and fuse one after the other.
 """
@@ -83,6 +84,23 @@ def throughput_rows(xml: Path, precision: str, batch: int, tokens: int, requests
     return rows
 
 
+def shared_runtime_rows(runtime, batch: int, tokens: int, requests: int) -> list[list]:
+    """One ``EngramRuntime`` called by 1, then 2 threads at once (each call on its own requests)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids, hidden = random_inputs(runtime.config, runtime.info.num_ids, batch, tokens, seed=5)
+    rows, base = [], None
+    for threads in (1, 2):
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda _: runtime(ids, hidden), range(2 * threads)))  # warm-up
+            start = time.perf_counter()
+            list(pool.map(lambda _: runtime(ids, hidden), range(requests)))
+            rate = requests / (time.perf_counter() - start)
+        base = base or rate
+        rows.append([threads, f"{rate:.1f}", f"{rate * batch * tokens:.0f}", f"{rate / base:.2f}"])
+    return rows
+
+
 def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
     """How much of the lookup a prefetch hides behind a backbone that takes longer than the lookup.
 
@@ -145,6 +163,9 @@ def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
     print(f"\nthroughput, {first.stem}, independent [50, 14] requests through AsyncInferQueue:")
     print(format_table(throughput_rows(first, runtime.precision, 50, 14, 4 * repeat),
                        ["hint", "requests/s", "tokens/s"]))
+    print(f"\nthreads sharing one EngramRuntime ({first.stem}), [50, 14] calls:")
+    print(format_table(shared_runtime_rows(runtime, 50, 14, 4 * repeat),
+                       ["threads", "requests/s", "tokens/s", "vs 1 thread"]))
     print(f"\nprefetch, {first.stem}, B=50, T=14 (ms, medians):")
     print(format_table(prefetch_rows(runtime, 50, 14, repeat), ["what", "ms"]))
 

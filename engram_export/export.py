@@ -12,13 +12,15 @@ import logging
 import warnings
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 import torch
 
 from engram_export import onnx_op, progress
 from engram_export.errors import EngramError
 from engram_export.fileio import check_output_file, staged_output
-from engram_export.model_info import ModelInfo
+from engram_export.integrity import fingerprint
+from engram_export.model_info import EXTERNAL_DATA_KEY, ModelInfo
 from engram_export.models.engram import EngramLayer
 from engram_export.resources import require_disk, tensor_bytes
 
@@ -75,16 +77,24 @@ def load_onnx(path: str | Path) -> ir.Model:
 def save_onnx(model: ir.Model, output: str | Path,
               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Write ``model`` whole or not at all; initializers go to ``<name>.data`` if the file would be
-    larger than ``external_data_threshold`` bytes."""
+    larger than ``external_data_threshold`` bytes, and the .onnx then records that file's size and
+    sampled SHA-256 (``integrity.py``), which every reader checks."""
     output = check_output_file(output, ".onnx")
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
     external = size > external_data_threshold
+    model.metadata_props.pop(EXTERNAL_DATA_KEY, None)  # a loaded model's record of its old data file
     with progress.stage(f"writing {output.name} ({size / 2**20:.0f} MiB"
                         f"{', external data' if external else ''})"), staged_output(output) as staged:
-        if external:
-            ir.save(model, staged, external_data=f"{output.name}.data", size_threshold_bytes=1024)
-        else:
-            ir.save(model, staged)
+        if not external:
+            ir.save(ir.external_data.load_to_model(model), staged)  # every tensor inside the file
+            return output
+        data = staged.with_name(f"{output.name}.data")
+        ir.save(model, staged, external_data=data.name, size_threshold_bytes=1024)
+        entry = fingerprint(data, full=False)
+        proto = onnx.load(str(staged), load_external_data=False)  # the graph alone: small
+        proto.metadata_props.add(key=EXTERNAL_DATA_KEY,
+                                 value=f"{data.name} {entry['size']} {entry['sampled_sha256']}")
+        onnx.save(proto, str(staged))
     return output
 
 

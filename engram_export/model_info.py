@@ -23,6 +23,7 @@ NUM_IDS_KEY = "engram.num_ids"
 PRECISION_KEY = "engram.precision"
 QUANTIZATION_KEY = "engram.quantization"
 RT_INFO_SECTION = "engram_export"
+EXTERNAL_DATA_KEY = "engram.external_data"  # "<file> <size> <sampled sha256>" of an .onnx's data file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,9 @@ class ModelInfo:
             model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf DecodeError and friends
             raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
-        info = cls.from_metadata({p.key: p.value for p in model.metadata_props}, path)
+        metadata = {p.key: p.value for p in model.metadata_props}
+        info = cls.from_metadata(metadata, path)
+        _check_external_data(model, metadata.get(EXTERNAL_DATA_KEY), Path(path))
         info.check_inputs_shape({i.name: [d.dim_value if d.HasField("dim_value") else None
                                           for d in i.type.tensor_type.shape.dim]
                                  for i in model.graph.input}, path)
@@ -101,3 +104,23 @@ class ModelInfo:
     def write_openvino(self, model) -> None:
         for key, value in self.to_metadata().items():
             model.set_rt_info(value, [RT_INFO_SECTION, key])
+
+
+def _check_external_data(model, record: str | None, path: Path) -> None:
+    """Refuse an .onnx whose external data file is not the one it was written with."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    from engram_export.integrity import check_fingerprint
+
+    uses = {entry.value for tensor in _get_all_tensors(model) if uses_external_data(tensor)
+            for entry in tensor.external_data if entry.key == "location"}
+    if not uses:
+        return
+    try:
+        name, size, sampled = record.split()
+        entry = {"size": int(size), "sampled_sha256": sampled}
+    except (AttributeError, ValueError):
+        raise EngramError(f"{path} records no fingerprint of its external data (export it again)") from None
+    if uses != {name}:
+        raise EngramError(f"{path} reads external data from {sorted(uses)}, it records {name}")
+    check_fingerprint(path.parent / name, entry, "sampled", str(path))

@@ -123,3 +123,20 @@ def test_onnx_folder_lists_external_data(tiny_config, tmp_path):
     flip_byte(folder / "layer_1.onnx.data", 10)
     with pytest.raises(EngramError, match="layer_1.onnx.data does not match"):
         read_manifest(folder)
+
+
+def test_single_onnx_checks_its_external_data(tiny_config, tmp_path):
+    from engram_export.export import export_layer, load_onnx, save_onnx
+    from engram_export.models.weights import build_layer
+
+    path = export_layer(build_layer(tiny_config, 1, seed=0), tmp_path / "m.onnx", external_data_threshold=1000)
+    ids, hidden = random_inputs(tiny_config, 5000, 2, 3)
+    expected = EngramRuntime(path, runtime="ort")(ids, hidden)
+    resaved = save_onnx(load_onnx(path), tmp_path / "again.onnx", external_data_threshold=1000)
+    np.testing.assert_array_equal(EngramRuntime(resaved, runtime="ort")(ids, hidden), expected)
+    inline = save_onnx(load_onnx(path), tmp_path / "inline.onnx")  # no data file, no record of one
+    np.testing.assert_array_equal(EngramRuntime(inline, runtime="ort")(ids, hidden), expected)
+    flip_byte(tmp_path / "m.onnx.data", 1000)
+    for backend in ("ort", "ov"):
+        with pytest.raises(EngramError, match="m.onnx.data does not match its sampled SHA-256"):
+            EngramRuntime(path, runtime=backend)

@@ -1,0 +1,294 @@
+"""DeepSeek-V4.1's Engram (model_type ``deepseek_v41``, spec section 8): config, hash and PyTorch layer.
+
+What differs from the demo family (``engram.py``): 2..N-grams hashed into ONE table per layer whose
+rows are FP8 E4M3 with an E8M0 (power of two) scale per 32 values; image tokens (``token_mask``
+False) block n-grams and get a zero gate; one fused FP8 ``wkv`` projection with 32x32 block scales and
+no bias; a gate from unweighted RMS norms and ``q_weight * k_weight``; no short conv; the output
+includes the residual, ``h + gate * value``.
+
+The table is never widened in memory: the layer keeps the stored FP8 bytes and E8M0 scales and
+dequantizes only the rows it looks up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engram_export.errors import EngramError
+from engram_export.models.hashing import INT64_MAX, LAYER_SEED_STRIDE, _next_prime
+
+__all__ = ["V41Config", "V41Hashing", "V41EngramLayer", "hash_rows_v41", "e4m3_values", "e8m0_values",
+           "BLOCK", "MODEL_TYPE"]
+
+MODEL_TYPE = "deepseek_v41"
+BLOCK = 32  # values per E8M0 scale: along a table row, and 32x32 blocks of wkv
+GATE_FLOOR = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class V41Config:
+    """The ``engram_*`` fields of a DeepSeek-V4.1 ``config.json`` (names without the prefix where the
+    checkpoint has one), plus the tokenizer that builds the compression table."""
+
+    layer_ids: tuple[int, ...]
+    num_embeddings: tuple[int, ...]  # table rows per layer: the sum of its head primes
+    max_ngram_size: int
+    vocab_size: int  # engram_vocab_size: where the head primes start
+    n_heads: int
+    head_dim: int
+    pad_token_id: int
+    compressed_vocab_size: int
+    hc_mult: int
+    hidden_size: int
+    rms_norm_eps: float
+    backbone_vocab_size: int
+    tokenizer: str | None = None
+
+    FIELDS = {"engram_layer_ids": "layer_ids", "engram_num_embeddings": "num_embeddings",
+              "engram_max_ngram_size": "max_ngram_size", "engram_vocab_size": "vocab_size",
+              "engram_n_heads": "n_heads", "engram_head_dim": "head_dim",
+              "engram_pad_token_id": "pad_token_id",
+              "engram_compressed_vocab_size": "compressed_vocab_size", "hc_mult": "hc_mult",
+              "hidden_size": "hidden_size", "rms_norm_eps": "rms_norm_eps",
+              "vocab_size": "backbone_vocab_size"}
+
+    def __post_init__(self):
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise EngramError(f"config: {message}")
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        bounds = {"max_ngram_size": (2, 8), "vocab_size": (2, 2**31 - 1), "n_heads": (1, 64),
+                  "head_dim": (BLOCK, 2**14), "pad_token_id": (0, 2**24 - 1),
+                  "compressed_vocab_size": (1, 2**24), "hc_mult": (1, 64), "hidden_size": (1, 2**16),
+                  "backbone_vocab_size": (1, 2**24)}
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            require(is_int(value) and low <= value <= high,
+                    f"engram {name} must be an integer in [{low}, {high}], got {value!r}")
+        require(self.head_dim % BLOCK == 0, f"head_dim {self.head_dim} must be a multiple of {BLOCK}")
+        for name in ("layer_ids", "num_embeddings"):
+            values = getattr(self, name)
+            require(isinstance(values, tuple) and values and all(is_int(v) and 0 <= v < 2**31 for v in values),
+                    f"{name} must be a list of integers in [0, 2**31), got {values!r}")
+        require(len(set(self.layer_ids)) == len(self.layer_ids), f"layer_ids repeat: {self.layer_ids}")
+        require(len(self.num_embeddings) == len(self.layer_ids),
+                f"num_embeddings needs one entry per layer ({len(self.layer_ids)}), got "
+                f"{len(self.num_embeddings)}")
+        require(isinstance(self.rms_norm_eps, (int, float)) and not isinstance(self.rms_norm_eps, bool)
+                and 0 < self.rms_norm_eps < 1, f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps!r}")
+        require(self.tokenizer is None or isinstance(self.tokenizer, str),
+                f"tokenizer must be a path or null, got {self.tokenizer!r}")
+
+    @property
+    def num_columns(self) -> int:
+        """Looked-up rows per token: (max_ngram_size - 1) * n_heads."""
+        return (self.max_ngram_size - 1) * self.n_heads
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of the concatenated rows, the projection's input (6144 released)."""
+        return self.num_columns * self.head_dim
+
+    @property
+    def projection_width(self) -> int:
+        """Rows of ``wkv``: a key per stream and one shared value."""
+        return self.hidden_size * (self.hc_mult + 1)
+
+    def table_rows(self, layer_id: int) -> int:
+        return self.num_embeddings[self.layer_ids.index(layer_id)]
+
+    @classmethod
+    def from_hf(cls, data: dict[str, Any], base_dir: Path | None = None) -> "V41Config":
+        """From a checkpoint's ``config.json`` (its ``engram_*`` and backbone fields)."""
+        if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
+            raise EngramError(f"config: model_type must be {MODEL_TYPE!r}, got "
+                              f"{data.get('model_type') if isinstance(data, dict) else data!r}")
+        missing = [key for key in cls.FIELDS if key not in data]
+        if missing:
+            raise EngramError(f"config: missing field(s) {', '.join(missing)}")
+        values = {name: data[key] for key, name in cls.FIELDS.items()}
+        for name in ("layer_ids", "num_embeddings"):
+            if not isinstance(values[name], list):
+                raise EngramError(f"config: engram_{name} must be a list, got {values[name]!r}")
+            values[name] = tuple(values[name])
+        tokenizer = data.get("tokenizer")
+        if isinstance(tokenizer, str) and base_dir is not None and not Path(tokenizer).is_absolute():
+            tokenizer = str(base_dir / tokenizer)
+        return cls(**values, tokenizer=tokenizer)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"model_type": MODEL_TYPE}
+        data.update({key: list(getattr(self, name)) if isinstance(getattr(self, name), tuple)
+                     else getattr(self, name) for key, name in self.FIELDS.items()})
+        data["tokenizer"] = self.tokenizer
+        return data
+
+
+def e4m3_values() -> np.ndarray:
+    """float32 value of every E4M3 (fn) byte: the 256-entry decode table (0x7F, 0xFF: NaN)."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+def e8m0_values() -> np.ndarray:
+    """float32 value of every E8M0 byte: 2 ** (byte - 127), NaN for 0xFF."""
+    return np.append(np.ldexp(1.0, np.arange(255) - 127), np.nan).astype(np.float32)
+
+
+def hash_rows_v41(ids: np.ndarray, token_mask: np.ndarray, multipliers, primes, pad: int,
+                  n_heads: int) -> np.ndarray:
+    """Reference kernel: compressed ids [B,T] and token mask [B,T] -> table rows [B,T,C], int64.
+
+    Looking back s = 0..N-1 tokens from t, a token is ``pad`` once any of t, t-1, .., t-s is before
+    the sequence or an image token (mask False): image tokens block n-grams.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    mask = np.asarray(token_mask, dtype=bool)
+    before = len(multipliers) - 1
+    padded_ids = np.concatenate([np.full((ids.shape[0], before), pad, np.int64), ids], axis=1)
+    padded_mask = np.concatenate([np.zeros((ids.shape[0], before), bool), mask], axis=1)
+    length, offsets = ids.shape[1], np.concatenate([[0], np.cumsum(primes)[:-1]]).astype(np.int64)
+    blocked = np.zeros(ids.shape, bool)
+    columns = []
+    for s, multiplier in enumerate(np.asarray(multipliers, dtype=np.int64)):
+        blocked |= ~padded_mask[:, before - s:before - s + length]
+        token = np.where(blocked, pad, padded_ids[:, before - s:before - s + length])
+        product = token * multiplier
+        rolling = product if s == 0 else np.bitwise_xor(rolling, product)
+        if s >= 1:
+            columns += [rolling % prime for prime in primes[(s - 1) * n_heads:s * n_heads]]
+    return np.stack(columns, axis=2) + offsets
+
+
+@dataclasses.dataclass(frozen=True)
+class V41Hashing:
+    """The compression table, multipliers and head primes of every layer, derived from the config."""
+
+    config: V41Config
+
+    @cached_property
+    def lut(self) -> np.ndarray:
+        """Raw id -> compressed id. Without a tokenizer, ids are taken as already compressed."""
+        config = self.config
+        if config.tokenizer is None:
+            return np.arange(config.compressed_vocab_size, dtype=np.int64)
+        from engram_export.models.compression import build_compression_table
+
+        lut = build_compression_table(config.tokenizer)
+        if int(lut.max()) + 1 != config.compressed_vocab_size:
+            raise EngramError(f"config: the tokenizer compresses to {int(lut.max()) + 1} ids, "
+                              f"engram_compressed_vocab_size says {config.compressed_vocab_size} "
+                              f"(another tokenizer? every hash would change)")
+        return lut
+
+    @cached_property
+    def pad(self) -> int:
+        if self.config.pad_token_id >= len(self.lut):
+            raise EngramError(f"config: engram_pad_token_id {self.config.pad_token_id} is outside the "
+                              f"tokenizer's {len(self.lut)} ids")
+        return int(self.lut[self.config.pad_token_id])
+
+    def multipliers(self, layer_id: int) -> list[int]:
+        self._check_layer(layer_id)
+        high = (int(INT64_MAX) // self.config.compressed_vocab_size) // 2
+        drawn = np.random.default_rng(LAYER_SEED_STRIDE * layer_id).integers(
+            0, high, size=self.config.max_ngram_size, dtype=np.int64)
+        return [int(m) for m in drawn * 2 + 1]
+
+    @cached_property
+    def _primes_by_layer(self) -> dict[int, list[int]]:
+        config, seen, by_layer = self.config, set(), {}
+        for layer_id, rows in zip(config.layer_ids, config.num_embeddings):
+            primes = []
+            for _ in range(2, config.max_ngram_size + 1):
+                candidate = config.vocab_size - 1
+                for _ in range(config.n_heads):
+                    candidate = _next_prime(candidate, seen)
+                    seen.add(candidate)
+                    primes.append(candidate)
+            if sum(primes) != rows:
+                raise EngramError(f"config: layer {layer_id}'s head primes sum to {sum(primes)}, "
+                                  f"engram_num_embeddings says {rows}")
+            by_layer[layer_id] = primes
+        return by_layer
+
+    def primes(self, layer_id: int) -> list[int]:
+        self._check_layer(layer_id)
+        return list(self._primes_by_layer[layer_id])
+
+    def rows(self, input_ids: np.ndarray, token_mask: np.ndarray, layer_id: int) -> np.ndarray:
+        """Table rows [B,T,C] of raw ids [B,T]."""
+        return hash_rows_v41(self.lut[input_ids], token_mask, self.multipliers(layer_id),
+                             self.primes(layer_id), self.pad, self.config.n_heads)
+
+    def _check_layer(self, layer_id: int) -> None:
+        if layer_id not in self.config.layer_ids:
+            raise EngramError(f"layer {layer_id} is not an Engram layer (engram_layer_ids: "
+                              f"{list(self.config.layer_ids)})")
+
+
+def dequantize_rows(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 rows [..., W] with E8M0 scales [..., W/32] -> float32 [..., W]."""
+    widened = values.float().unflatten(-1, (-1, BLOCK))
+    return (widened * scales.float().unsqueeze(-1)).flatten(-2)
+
+
+def dequantize_blocks(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 [O, I] with one E8M0 scale per 32x32 block, [ceil(O/32), ceil(I/32)] -> float32."""
+    out, width = weight.shape
+    full = scale.float().repeat_interleave(BLOCK, 0)[:out].repeat_interleave(BLOCK, 1)[:, :width]
+    return weight.float() * full
+
+
+class V41EngramLayer(nn.Module):
+    """One V4.1 Engram layer: ``forward(input_ids, hidden_states, token_mask) -> h + gate * value``.
+
+    Tensors keep the checkpoint's names and dtypes (``embed.weight`` F8_E4M3, ``embed.scale`` F8_E8M0,
+    ``wkv.weight`` F8_E4M3, ``wkv.scale`` F8_E8M0, ``q_weight`` and ``k_weight`` BF16).
+    """
+
+    def __init__(self, config: V41Config, layer_id: int, tensors: dict[str, torch.Tensor],
+                 hashing: V41Hashing | None = None):
+        super().__init__()
+        self.config, self.layer_id = config, layer_id
+        self.hashing = hashing or V41Hashing(config)
+        self.tensors = tensors  # kept as stored: the table is never widened
+
+    def lookup(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The dequantized rows, concatenated: float32 [B, T, C * head_dim]."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask
+        rows = torch.from_numpy(self.hashing.rows(input_ids.numpy(), mask.numpy(), self.layer_id))
+        table, scales = self.tensors["embed.weight"], self.tensors["embed.scale"]
+        return dequantize_rows(table[rows], scales[rows]).flatten(-2)
+
+    def fuse(self, embeddings: torch.Tensor, hidden_states: torch.Tensor,
+             token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``h + gate * value`` from the looked-up rows, in float32."""
+        config = self.config
+        weight = dequantize_blocks(self.tensors["wkv.weight"], self.tensors["wkv.scale"])
+        kv = embeddings @ weight.T
+        key = kv[..., :config.hc_mult * config.hidden_size].unflatten(-1, (config.hc_mult, config.hidden_size))
+        value = kv[..., config.hc_mult * config.hidden_size:].unsqueeze(-2)
+        h = hidden_states.float()
+        w = self.tensors["q_weight"].float() * self.tensors["k_weight"].float()
+        eps = config.rms_norm_eps
+        rstd = torch.rsqrt(h.pow(2).mean(-1) + eps) * torch.rsqrt(key.pow(2).mean(-1) + eps)
+        dot = (h * w * key).sum(-1) * rstd / math.sqrt(config.hidden_size)
+        gate = torch.sigmoid(dot.sign() * dot.abs().clamp_min(GATE_FLOOR).sqrt())
+        if token_mask is not None:
+            gate = gate * token_mask.unsqueeze(-1)
+        return h + gate.unsqueeze(-1) * value
+
+    def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fuse(self.lookup(input_ids, token_mask), hidden_states, token_mask)

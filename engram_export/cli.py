@@ -2,19 +2,22 @@
 
 One ``add_*`` function per subcommand declares its arguments; its ``run_*`` function imports torch,
 OpenVINO or ONNX Runtime only when called, so ``--help`` stays instant. Any ``EngramError`` (bad input,
-file or config) is printed as one line and exits with code 2.
+file or config) is printed as one line and exits with code 2; ``main`` turns any other error into one
+line too (``--debug`` prints the trace), and Ctrl-C into one line and exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from engram_export.errors import EngramError
+from engram_export.fileio import check_output_file, check_output_folder
 
 __all__ = ["main"]
 
@@ -41,18 +44,40 @@ def layer_from_args(args):
                            seed=args.seed if args.random_init else None)
 
 
-@contextlib.contextmanager
-def working_folder(workdir: Path | None, prefix: str):
-    """``workdir`` if given (it must exist), else a temporary folder removed afterwards."""
+def check_workdir(workdir: Path | None) -> None:
+    """Refuse a missing or read-only ``--workdir`` before any work."""
     if workdir is not None and not workdir.is_dir():
         raise EngramError(f"workdir {workdir} does not exist")
+    if workdir is not None and not os.access(workdir, os.W_OK | os.X_OK):
+        raise EngramError(f"cannot write to {workdir} (Permission denied)")
+
+
+@contextlib.contextmanager
+def working_folder(workdir: Path | None, prefix: str):
+    """``workdir`` if given (checked by ``check_workdir``), else a temporary folder removed afterwards."""
     with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         yield workdir or Path(scratch)
 
 
+def check_at_least(minimum: int, **values: int | None) -> None:
+    """Refuse ``--name`` values below ``minimum``; None means not given (0 is a value, not 'absent')."""
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            raise EngramError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def check_output(output: Path, folder: bool, suffix: str, inputs) -> None:
+    """Check ``-o`` before any work: a folder for a folder of layers, else a ``suffix`` file."""
+    if folder:
+        check_output_folder(output, inputs)
+    else:
+        check_output_file(output, suffix, inputs)
+
+
 def with_table_size(config, engram_vocab_size: int | None):
     """``config`` with ``--engram-vocab-size`` for every n-gram order, if given."""
-    if not engram_vocab_size:
+    check_at_least(1, engram_vocab_size=engram_vocab_size)
+    if engram_vocab_size is None:
         return config
     return config.replace(engram_vocab_size=(engram_vocab_size,) * (config.max_ngram_size - 1))
 
@@ -76,6 +101,7 @@ def add_export(sub) -> None:
 def run_export(args) -> None:
     from engram_export.export import export_layer
 
+    check_output(args.output, args.layer is None, ".onnx", [args.weights])
     if args.layer is None:
         from engram_export.folders import export_folder
         from engram_export.models.config import load_config
@@ -101,6 +127,7 @@ def run_optimize(args) -> None:
     from engram_export.export import load_onnx, save_onnx
     from engram_export.passes import optimize
 
+    check_output_file(args.output, ".onnx", [args.model])
     model = load_onnx(args.model)
     before = collections.Counter(node.op_type for node in model.graph)
     with _stage("optimizing the graph"):
@@ -126,6 +153,7 @@ def add_compile(sub) -> None:
 
 
 def run_compile(args) -> None:
+    check_output(args.output, args.model.is_dir(), ".xml", [args.model])
     if args.model.is_dir():
         from engram_export.folders import compile_folder
 
@@ -160,6 +188,9 @@ def run_quantize(args) -> None:
     from engram_export.quantize import (QuantizeOptions, compressed_constants, quantize, read_calibration,
                                         read_model)
 
+    check_at_least(1, group_size=args.group_size, subset_size=args.subset_size)
+    check_output(args.output, args.model.is_dir(), ".xml",
+                 [args.model, args.calibration, args.calibration_hidden])
     calibration = None
     if args.mode == "int8":
         if args.calibration is None:
@@ -209,10 +240,10 @@ def add_run(sub) -> None:
 def run_run(args) -> None:
     import numpy as np
 
-    from engram_export.fileio import check_output_file, load_npz, staged_output
+    from engram_export.fileio import load_npz, staged_output
     from engram_export.runtime import EngramRuntime
 
-    check_output_file(args.output, ".npz")
+    check_output_file(args.output, ".npz", [args.model, args.inputs])
     inputs = load_npz(args.inputs, ("input_ids", "hidden_states"))
     runtime = EngramRuntime(args.model, runtime=args.runtime, precision=args.precision)
     if args.layer is not None or args.model.is_dir():
@@ -274,6 +305,11 @@ def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=())
 
 def run_verify(args) -> int:
     shapes = parse_shapes(args.shape)
+    check_workdir(args.workdir)
+    if args.workdir is not None:  # what verify_layer writes there must not overwrite an input
+        written = ["engram_f32.xml", "engram_bf16.xml"] + ([] if args.onnx else ["engram.onnx"])
+        for name in written:
+            check_output_file(args.workdir / name, Path(name).suffix, [args.onnx, *args.model])
     layer = layer_from_args(args)
     with working_folder(args.workdir, "engram-verify-") as workdir:
         return 0 if verify_layer(layer, workdir, args.onnx, shapes, args.model) else 1
@@ -293,6 +329,7 @@ def run_demo(args) -> int:
     from engram_export.models.config import load_config
     from engram_export.models.weights import build_layer
 
+    check_workdir(args.workdir)
     config = with_table_size(load_config("deepseek-demo"), args.engram_vocab_size)
     start = time.perf_counter()
     with _stage(f"random weights for layer {args.layer} of deepseek-demo"):
@@ -336,12 +373,13 @@ def run_bench_command(args) -> None:
     from engram_export.models.config import load_config
     from engram_export.models.weights import build_layer
 
-    config = with_table_size(load_config(args.config), args.engram_vocab_size)
     if (args.batch is None) != (args.tokens is None):
         raise EngramError("give --batch and --tokens together (default: 50x14 and 50x1)")
-    shapes = [(args.batch, args.tokens)] if args.batch else [(50, 14), (50, 1)]
-    if min(min(s) for s in shapes) < 1 or args.repeat < 1:
-        raise EngramError("--batch, --tokens and --repeat must be >= 1")
+    check_at_least(1, batch=args.batch, tokens=args.tokens, repeat=args.repeat)
+    check_at_least(0, warmup=args.warmup)
+    shapes = [(args.batch, args.tokens)] if args.batch is not None else [(50, 14), (50, 1)]
+    check_workdir(args.workdir)
+    config = with_table_size(load_config(args.config), args.engram_vocab_size)
     precisions = ["f32", "bf16"] if args.precision == "all" else [args.precision]
     modes = [] if args.modes == "none" else args.modes.split(",")
     unknown = sorted(set(modes) - {"int8-weights", "int4-weights", "int8"})
@@ -362,6 +400,7 @@ def run_bench_command(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-export", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--debug", action="store_true", help="print the trace of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_export, add_optimize, add_compile, add_quantize, add_run, add_verify, add_demo,
                 add_bench):
@@ -371,20 +410,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    quiet = any(a in ("-q", "--quiet") for a in argv)  # accepted before or after the command
-    args = build_parser().parse_args([a for a in argv if a not in ("-q", "--quiet")])
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if quiet:
-        from engram_export.progress import quiet
-
-        quiet()
+    flags = {"-q", "--quiet", "--debug"}  # accepted before or after the command
+    args = build_parser().parse_args([a for a in argv if a not in flags])
+    debug = "--debug" in argv
     try:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        if {"-q", "--quiet"} & set(argv):
+            from engram_export.progress import quiet
+
+            quiet()
         return args.func(args) or 0
+    except KeyboardInterrupt:
+        message, code = "interrupted", 130
     except EngramError as exc:
-        print(f"engram-export: error: {exc}", file=sys.stderr)
-        return 2
+        message, code = str(exc), 2
+    except OSError as exc:  # a path that cannot be read or written (space, permission, name length)
+        where = f"{exc.filename}: " if exc.filename else f"{args.command} failed: "
+        message, code = f"{where}{exc.strerror or exc}", 2
+    except MemoryError:
+        message, code = f"{args.command} failed: out of memory (a smaller table or batch may fit)", 2
+    except Exception as exc:  # a last line of defence: one line, never a bare traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        message, code = (f"{args.command} failed: {type(exc).__name__}: {first} "
+                         f"(run with --debug for the trace)"), 1
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"engram-export: {'' if code == 130 else 'error: '}{' '.join(message.splitlines())}",
+          file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,28 +1,97 @@
 """File I/O with clear errors: checked inputs, and outputs that appear whole or not at all (written
-into a hidden folder beside, then renamed)."""
+into a hidden staging folder beside, then renamed)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from engram_export.errors import EngramError
 
-__all__ = ["staged_output", "staged_folder", "check_input_file", "check_output_file", "load_npz"]
+__all__ = ["staged_output", "staged_folder", "check_input_file", "check_output_file",
+           "check_output_folder", "load_npz", "STAGING_PREFIX"]
+
+# Short and fixed: a staging name derived from the output's (up to 255 bytes) could be too long.
+STAGING_PREFIX = ".engram-staging-"
 
 
-def check_output_file(path: str | Path, suffix: str) -> Path:
-    """Refuse an output path with the wrong suffix or in a missing folder, before any work."""
+def written_files(path: Path) -> list[Path]:
+    """``path`` and the side files written (or read) with it: an IR's .bin, ONNX external data."""
+    side = {".xml": [path.with_suffix(".bin")], ".onnx": [path.parent / f"{path.name}.data"]}
+    return [path, *side.get(path.suffix, [])]
+
+
+def _check_targets(targets: list[Path], inputs: Iterable[Path | None]) -> None:
+    """Refuse a missing or read-only output folder, a name too long for it, or an output that would
+    overwrite one of ``inputs`` (side files included)."""
+    folder = targets[0].parent
+    if not folder.is_dir():
+        raise EngramError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EngramError(f"cannot write to {folder} (Permission denied)")
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    sources = {p.resolve() for given in inputs if given is not None for p in written_files(Path(given))}
+    for target in targets:
+        if len(os.fsencode(target.name)) > name_max:
+            raise EngramError(f"output name {target.name} is longer than the {name_max} bytes "
+                              f"{folder} allows")
+        if target.resolve() in sources:
+            raise EngramError(f"output {target} would overwrite an input")
+
+
+def check_output_file(path: str | Path, suffix: str, inputs: Iterable[Path | None] = ()) -> Path:
+    """Refuse, before any work, an output file that could not be written whole: wrong suffix, missing
+    or read-only folder, a folder in its place (or its side file's), or one of ``inputs``."""
     path = Path(path)
     if path.suffix != suffix:
         raise EngramError(f"output {path} should end in {suffix}")
-    if not path.parent.is_dir():
-        raise EngramError(f"output folder {path.parent} does not exist")
+    _check_targets(written_files(path), inputs)
+    for target in written_files(path):
+        if target.is_dir():
+            raise EngramError(f"output {target} is a folder")
     return path
+
+
+def check_output_folder(folder: str | Path, inputs: Iterable[Path | None] = ()) -> Path:
+    """Refuse, before any work, an output folder that exists with something in it, or in a missing or
+    read-only folder, or that is one of ``inputs``."""
+    folder = Path(folder)
+    _check_targets([folder], inputs)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise EngramError(f"output {folder} exists and is not an empty folder")
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        pass  # another user's process (or a pid we cannot ask about): leave its folder alone
+    return True
+
+
+def _make_staging(parent: Path) -> Path:
+    """A fresh hidden folder in ``parent`` (mode from the umask), after removing the staging folders
+    that dead processes (killed runs) left there."""
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            pid = entry.name[len(STAGING_PREFIX):].split("-")[0]
+            if entry.name.startswith(STAGING_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+    staging = parent / f"{STAGING_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise EngramError(f"cannot write to {parent} ({exc.strerror})") from None
+    return staging
 
 
 @contextlib.contextmanager
@@ -36,11 +105,15 @@ def staged_output(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         raise EngramError(f"output folder {path.parent} does not exist")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = _make_staging(path.parent)
     try:
         yield staging / path.name
-        for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
-            os.replace(written, path.parent / written.name)
+        written = sorted(staging.iterdir(), key=lambda f: f.name == path.name)
+        for file in written:
+            if (path.parent / file.name).is_dir():
+                raise EngramError(f"output {path.parent / file.name} is a folder")
+        for file in written:
+            os.replace(file, path.parent / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -49,12 +122,8 @@ def staged_output(path: str | Path) -> Iterator[Path]:
 def staged_folder(folder: str | Path) -> Iterator[Path]:
     """Yield a fresh hidden folder beside ``folder`` to fill; renamed to ``folder`` at the end (which
     must not exist or be empty), removed on an exception."""
-    folder = Path(folder)
-    if not folder.parent.is_dir():
-        raise EngramError(f"output folder {folder.parent} does not exist")
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise EngramError(f"output {folder} exists and is not an empty folder")
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    folder = check_output_folder(folder)
+    staging = _make_staging(folder.parent)
     try:
         yield staging
         if folder.exists():
@@ -75,17 +144,30 @@ def check_input_file(path: str | Path, suffixes: tuple[str, ...], what: str) -> 
 
 def load_npz(path: str | Path, names: tuple[str, ...]) -> dict:
     """The arrays ``names`` of an .npz file (no pickles), or an error naming what is wrong."""
-    import zipfile
-
     import numpy as np
 
     path = check_input_file(path, (".npz",), "inputs")
+    with _unreadable(path):
+        data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):  # np.load reads an .npy whatever its name
+        raise EngramError(f"inputs: {path} is not an .npz archive (it holds a single array, "
+                          f"like an .npy file)")
+    with data, _unreadable(path):
+        missing = [n for n in names if n not in data.files]
+        if missing:
+            raise EngramError(f"inputs: {path} has no {', '.join(missing)} "
+                              f"(found {', '.join(data.files) or 'nothing'})")
+        return {n: data[n] for n in names}
+
+
+@contextlib.contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    """Errors of numpy and zipfile reading ``path`` (corrupt, truncated, pickled) as one line."""
+    import zipfile
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [n for n in names if n not in data.files]
-            if missing:
-                raise EngramError(f"inputs: {path} has no {', '.join(missing)} "
-                                  f"(found {', '.join(data.files) or 'nothing'})")
-            return {n: data[n] for n in names}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        yield
+    except EngramError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
         raise EngramError(f"inputs: {path} is not a readable .npz ({exc})") from None

@@ -26,7 +26,7 @@ from engram_export.errors import EngramError
 from engram_export.models.hashing import INT64_MAX, LAYER_SEED_STRIDE, _next_prime
 
 __all__ = ["V41Config", "V41Hashing", "V41EngramLayer", "hash_rows_v41", "e4m3_values", "e8m0_values",
-           "BLOCK", "MODEL_TYPE"]
+           "BLOCK", "MODEL_TYPE", "locate_layer", "open_layer", "TENSORS"]
 
 MODEL_TYPE = "deepseek_v41"
 BLOCK = 32  # values per E8M0 scale: along a table row, and 32x32 blocks of wkv
@@ -248,6 +248,56 @@ def dequantize_blocks(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     out, width = weight.shape
     full = scale.float().repeat_interleave(BLOCK, 0)[:out].repeat_interleave(BLOCK, 1)[:, :width]
     return weight.float() * full
+
+
+TENSORS = ("embed.weight", "embed.scale", "wkv.weight", "wkv.scale", "q_weight", "k_weight")
+
+
+def _expected(config: V41Config, layer_id: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Checkpoint tensor -> (accepted dtypes, shape)."""
+    rows, out, width = config.table_rows(layer_id), config.projection_width, config.embedding_width
+    streams = (config.hc_mult, config.hidden_size)
+    return {"embed.weight": (("F8_E4M3",), (rows, config.head_dim)),
+            "embed.scale": (("F8_E8M0",), (rows, config.head_dim // BLOCK)),
+            "wkv.weight": (("F8_E4M3",), (out, width)),
+            "wkv.scale": (("F8_E8M0",), (math.ceil(out / BLOCK), math.ceil(width / BLOCK))),
+            "q_weight": (("BF16", "F32"), streams), "k_weight": (("BF16", "F32"), streams)}
+
+
+def locate_layer(checkpoint, config: V41Config, layer_id: int) -> dict:
+    """Where each of the layer's tensors is (``checkpoint.TensorLocation``), checked against the
+    config: names with or without ``model.``, dtypes, shapes. Nothing is read but shard headers."""
+    V41Hashing(config)._check_layer(layer_id)
+    located = {}
+    for suffix, (dtypes, shape) in _expected(config, layer_id).items():
+        name = checkpoint.find([f"layers.{layer_id}.engram.{suffix}", f"model.layers.{layer_id}.engram.{suffix}"])
+        location = checkpoint.locate(name)
+        if location.dtype not in dtypes:
+            raise EngramError(f"checkpoint: {name} is {location.dtype}, expected {' or '.join(dtypes)}")
+        if location.shape != shape:
+            raise EngramError(f"checkpoint: {name} has shape {list(location.shape)}, the config expects "
+                              f"{list(shape)}")
+        located[suffix] = location
+    return located
+
+
+def _mapped(location) -> torch.Tensor:
+    """A read-only, file-backed view of a tensor's bytes (nothing is read until used)."""
+    import warnings
+
+    array = np.memmap(location.file, np.uint8, "r", location.offset, location.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the array is not writable: it is never written
+        return torch.from_numpy(array).view(torch.float8_e4m3fn if location.dtype == "F8_E4M3"
+                                            else torch.float8_e8m0fnu)
+
+
+def open_layer(checkpoint, config: V41Config, layer_id: int, hashing: V41Hashing | None = None):
+    """The PyTorch layer of a checkpoint: the table and its scales mapped from the shard, not read."""
+    located = locate_layer(checkpoint, config, layer_id)
+    tensors = {suffix: _mapped(location) if suffix.startswith("embed.") else checkpoint.load(location.name)
+               for suffix, location in located.items()}
+    return V41EngramLayer(config, layer_id, tensors, hashing)
 
 
 class V41EngramLayer(nn.Module):

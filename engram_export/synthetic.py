@@ -1,0 +1,145 @@
+"""Synthetic DeepSeek-V4.1 checkpoints at any size, for tests and benchmarks (no model hub here).
+
+``write_v41_checkpoint`` writes a Hugging Face style folder: ``config.json``, optionally a
+``tokenizer.json`` that compresses to the config's ``engram_compressed_vocab_size``, one safetensors
+shard per Engram layer and ``model.safetensors.index.json``. A table of the released size (384M rows,
+about 101 GB with its scales) is a *sparse* file: the shard is sized with ``truncate`` and only the
+rows asked for are written (a few MB on disk); rows never written read as zeros, a valid FP8 value.
+Every row's bytes are a fixed function of (seed, layer, row), so any subset gives the same table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from engram_export.models.deepseek_v41 import BLOCK, V41Config, _expected
+
+__all__ = ["write_v41_checkpoint", "table_rows_bytes", "write_word_tokenizer"]
+
+_NAN_CODES = (0x7F, 0xFF)
+
+
+def _mix(*keys: np.ndarray) -> np.ndarray:
+    """A splitmix64-style hash of uint64 keys: deterministic pseudo-random bits."""
+    with np.errstate(over="ignore"):
+        x = np.uint64(0x9E3779B97F4A7C15)
+        for key in keys:
+            x = (x ^ np.asarray(key, np.uint64)) * np.uint64(0xBF58476D1CE4E5B9)
+            x ^= x >> np.uint64(31)
+        return x * np.uint64(0x94D049BB133111EB) ^ (x >> np.uint64(29))
+
+
+def _fp8(bits: np.ndarray) -> np.ndarray:
+    values = (bits & np.uint64(0xFF)).astype(np.uint8)
+    values[np.isin(values, _NAN_CODES)] -= 1  # no NaN codes: 0x7E = 448, 0xFE = -448
+    return values
+
+
+def table_rows_bytes(config: V41Config, layer_id: int, rows: np.ndarray, seed: int = 0):
+    """(FP8 values [n, head_dim], E8M0 scales [n, head_dim/32]) of table rows ``rows``, as uint8."""
+    rows = np.asarray(rows, np.uint64)[:, None]
+    values = _fp8(_mix(seed, layer_id, rows, np.arange(config.head_dim, dtype=np.uint64)))
+    scales = 120 + (_mix(seed + 1, layer_id, rows, np.arange(config.head_dim // BLOCK, dtype=np.uint64))
+                    % np.uint64(8)).astype(np.uint8)
+    return values, scales
+
+
+def _small_tensors(config: V41Config, layer_id: int, seed: int) -> dict[str, tuple[str, bytes]]:
+    """The non-table tensors of a layer: suffix -> (dtype, bytes)."""
+    import torch
+
+    rng = np.random.default_rng([seed, layer_id])
+    expected = _expected(config, layer_id)
+    out, width = expected["wkv.weight"][1]
+    wkv = _fp8(rng.integers(0, 256, (out, width), dtype=np.uint64))
+    wkv_scale = rng.integers(112, 118, expected["wkv.scale"][1], dtype=np.uint8)
+    streams = (config.hc_mult, config.hidden_size)
+    q, k = (torch.from_numpy(rng.normal(1, 0.2, streams)).bfloat16().view(torch.uint16).numpy()
+            for _ in range(2))
+    return {"wkv.weight": ("F8_E4M3", wkv.tobytes()), "wkv.scale": ("F8_E8M0", wkv_scale.tobytes()),
+            "q_weight": ("BF16", q.tobytes()), "k_weight": ("BF16", k.tobytes())}
+
+
+def _write_shard(path: Path, small: dict[str, tuple[str, bytes, tuple]], large: dict[str, tuple[str, tuple, int]]):
+    """A safetensors file: ``small`` tensors written, ``large`` ones (dtype, shape, nbytes) left as a
+    hole sized with truncate. Returns each large tensor's absolute byte offset."""
+    header, offset = {}, 0
+    for name, (dtype, data, shape) in small.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    for name, (dtype, shape, nbytes) in large.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for dtype, data, shape in small.values():
+            f.write(data)
+        f.truncate(start + offset)
+    return {name: start + header[name]["data_offsets"][0] for name in large}
+
+
+def write_v41_checkpoint(folder: str | Path, config: dict, seed: int = 0,
+                         rows: dict[int, np.ndarray] | None = None, prefix: str = "",
+                         tokenizer: bool = False) -> Path:
+    """Write a checkpoint folder for the V4.1 ``config`` (a ``config.json`` dict).
+
+    ``rows``: layer id -> the table rows to write (default: every row, for small tables only).
+    ``prefix``: ``"model."`` to store the tensors under it, as some exports do.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parsed = V41Config.from_hf(config)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer:
+        write_word_tokenizer(folder / "tokenizer.json", parsed.backbone_vocab_size, parsed.compressed_vocab_size)
+    weight_map = {}
+    for index, layer_id in enumerate(parsed.layer_ids):
+        shard = f"model-{index + 1:05d}-of-{len(parsed.layer_ids):05d}.safetensors"
+        names = {suffix: f"{prefix}layers.{layer_id}.engram.{suffix}" for suffix in _expected(parsed, layer_id)}
+        expected = _expected(parsed, layer_id)
+        small = {names[s]: (dtype, data, expected[s][1]) for s, (dtype, data) in
+                 _small_tensors(parsed, layer_id, seed).items()}
+        large = {names[s]: (expected[s][0][0], expected[s][1], math.prod(expected[s][1]))
+                 for s in ("embed.scale", "embed.weight")}
+        offsets = _write_shard(folder / shard, small, large)
+        wanted = np.arange(parsed.table_rows(layer_id)) if rows is None else np.unique(rows[layer_id])
+        values, scales = table_rows_bytes(parsed, layer_id, wanted, seed)
+        _write_rows(folder / shard, offsets[names["embed.weight"]], wanted, values)
+        _write_rows(folder / shard, offsets[names["embed.scale"]], wanted, scales)
+        weight_map.update(dict.fromkeys(names.values(), shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2))
+    return folder
+
+
+def _write_rows(path: Path, offset: int, rows: np.ndarray, data: np.ndarray) -> None:
+    """Rows of a [R, W] uint8 tensor at ``offset``: all at once when they are every row, else one by
+    one (each a small write into the hole)."""
+    width = data.shape[1]
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if len(rows) and rows[0] == 0 and np.all(np.diff(rows) == 1):
+            os.pwrite(fd, data.tobytes(), offset)
+        else:
+            for row, values in zip(rows.tolist(), data):
+                os.pwrite(fd, values.tobytes(), offset + row * width)
+    finally:
+        os.close(fd)
+
+
+def write_word_tokenizer(path: Path, vocab_size: int, compressed_size: int) -> Path:
+    """A word-level ``tokenizer.json`` of ``vocab_size`` tokens that compresses to ``compressed_size``
+    ids: ``w0 .. w{C-1}``, then upper-case copies ``W0 ..`` that normalize to the same keys."""
+    from tokenizers import Tokenizer, models
+
+    words = [f"w{i}" for i in range(compressed_size)]
+    words += [f"W{i}" for i in range(vocab_size - compressed_size)]
+    Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0")).save(str(path))
+    return path

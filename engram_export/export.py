@@ -19,8 +19,7 @@ import torch
 from engram_export import onnx_op, progress
 from engram_export.errors import EngramError
 from engram_export.fileio import check_output_file, staged_output
-from engram_export.integrity import fingerprint
-from engram_export.model_info import EXTERNAL_DATA_KEY, ModelInfo
+from engram_export.model_info import EXTERNAL_DATA_KEY, ModelInfo, record_external_data
 from engram_export.models.engram import EngramLayer
 from engram_export.resources import require_disk, tensor_bytes
 
@@ -90,10 +89,8 @@ def save_onnx(model: ir.Model, output: str | Path,
             return output
         data = staged.with_name(f"{output.name}.data")
         ir.save(model, staged, external_data=data.name, size_threshold_bytes=1024)
-        entry = fingerprint(data, full=False)
         proto = onnx.load(str(staged), load_external_data=False)  # the graph alone: small
-        proto.metadata_props.add(key=EXTERNAL_DATA_KEY,
-                                 value=f"{data.name} {entry['size']} {entry['sampled_sha256']}")
+        record_external_data(proto, staged.parent)
         onnx.save(proto, str(staged))
     return output
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from engram_export.errors import EngramError
 from engram_export.integrity import CHECKS, check_fingerprint, fingerprint, sha256
-from engram_export.models.config import EngramConfig
+from engram_export.models.config import EngramConfig, config_from_dict
 
 __all__ = ["Manifest", "MANIFEST", "read_manifest", "write_manifest", "model_files", "sha256"]
 
@@ -91,7 +91,7 @@ def _parse(path: Path) -> Manifest:
                 isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sampled_sha256"), str)
                 for e in files.values()):
             raise EngramError(f"{path}: every file entry needs a size and a sampled_sha256")
-        return Manifest(EngramConfig.from_dict(data["config"]), {int(k): v for k, v in layers.items()},
+        return Manifest(config_from_dict(data["config"]), {int(k): v for k, v in layers.items()},
                         data["kind"], data["precision"], data["quantization"], data["source"], files)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, EngramError):

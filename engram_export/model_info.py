@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from engram_export.errors import EngramError
-from engram_export.models.config import EngramConfig
+from engram_export.models.config import EngramConfig, config_from_dict
 
 __all__ = ["ModelInfo", "PRECISIONS"]
 
@@ -23,7 +23,7 @@ NUM_IDS_KEY = "engram.num_ids"
 PRECISION_KEY = "engram.precision"
 QUANTIZATION_KEY = "engram.quantization"
 RT_INFO_SECTION = "engram_export"
-EXTERNAL_DATA_KEY = "engram.external_data"  # "<file> <size> <sampled sha256>" of an .onnx's data file
+EXTERNAL_DATA_KEY = "engram.external_data"  # JSON: data file -> {size, sampled_sha256}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,11 @@ class ModelInfo:
     precision: str = "f32"
     quantization: str | None = None
 
+    @property
+    def takes_mask(self) -> bool:
+        """DeepSeek-V4.1 models take a ``token_mask`` (False: image token)."""
+        return getattr(self.config, "model_type", None) is not None
+
     def to_metadata(self) -> dict[str, str]:
         metadata = {CONFIG_KEY: json.dumps(self.config.to_dict()), LAYER_KEY: str(self.layer_id),
                     NUM_IDS_KEY: str(self.num_ids), PRECISION_KEY: self.precision}
@@ -49,7 +54,7 @@ class ModelInfo:
         if any(key not in metadata for key in (CONFIG_KEY, LAYER_KEY, NUM_IDS_KEY)):
             raise EngramError(f"{source} was not exported by engram-export (no Engram metadata)")
         try:
-            config = EngramConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+            config = config_from_dict(json.loads(metadata[CONFIG_KEY]))
             info = cls(config, int(metadata[LAYER_KEY]), int(metadata[NUM_IDS_KEY]),
                        metadata.get(PRECISION_KEY, "f32"), metadata.get(QUANTIZATION_KEY))
         except (json.JSONDecodeError, ValueError, TypeError) as exc:
@@ -67,6 +72,8 @@ class ModelInfo:
         ``None`` for a dynamic one)."""
         expected = {"input_ids": [None, None],
                     "hidden_states": [None, None, self.config.hc_mult, self.config.hidden_size]}
+        if self.takes_mask:
+            expected["token_mask"] = [None, None]
         for name, dims in expected.items():
             got = shapes.get(name)
             if got is None or len(got) != len(dims) or any(d is not None and g != d for g, d in zip(got, dims)):
@@ -106,21 +113,39 @@ class ModelInfo:
             model.set_rt_info(value, [RT_INFO_SECTION, key])
 
 
-def _check_external_data(model, record: str | None, path: Path) -> None:
-    """Refuse an .onnx whose external data file is not the one it was written with."""
+def _external_files(model) -> set[str]:
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
+    return {entry.value for tensor in _get_all_tensors(model) if uses_external_data(tensor)
+            for entry in tensor.external_data if entry.key == "location"}
+
+
+def record_external_data(model, folder: Path) -> None:
+    """Record in ``model`` (an ``onnx.ModelProto``) the size and sampled SHA-256 of each external data
+    file it reads from ``folder``."""
+    from engram_export.integrity import fingerprint
+
+    for prop in [p for p in model.metadata_props if p.key == EXTERNAL_DATA_KEY]:
+        model.metadata_props.remove(prop)
+    files = {name: fingerprint(folder / name, full=False) for name in sorted(_external_files(model))}
+    model.metadata_props.add(key=EXTERNAL_DATA_KEY, value=json.dumps(files))
+
+
+def _check_external_data(model, record: str | None, path: Path) -> None:
+    """Refuse an .onnx whose external data files are not the ones it was written with."""
     from engram_export.integrity import check_fingerprint
 
-    uses = {entry.value for tensor in _get_all_tensors(model) if uses_external_data(tensor)
-            for entry in tensor.external_data if entry.key == "location"}
+    uses = _external_files(model)
     if not uses:
         return
     try:
-        name, size, sampled = record.split()
-        entry = {"size": int(size), "sampled_sha256": sampled}
-    except (AttributeError, ValueError):
+        files = json.loads(record)
+        assert isinstance(files, dict) and all(isinstance(e, dict) for e in files.values())
+    except (TypeError, ValueError, AssertionError):
         raise EngramError(f"{path} records no fingerprint of its external data (export it again)") from None
-    if uses != {name}:
-        raise EngramError(f"{path} reads external data from {sorted(uses)}, it records {name}")
-    check_fingerprint(path.parent / name, entry, "sampled", str(path))
+    if uses != set(files):
+        raise EngramError(f"{path} reads external data from {sorted(uses)}, it records {sorted(files)}")
+    for name, entry in files.items():
+        if Path(name).name != name:
+            raise EngramError(f"{path}: external data {name!r} is not a file beside it")
+        check_fingerprint(path.parent / name, entry, "sampled", str(path))

@@ -155,6 +155,16 @@ class EngramConfig:
         return cls(**values)
 
 
+def config_from_dict(data: dict[str, Any], base_dir: Path | None = None):
+    """The config of either family: DeepSeek-V4.1 (``model_type`` deepseek_v41, its ``config.json``
+    fields) or the reference demo (the demo's field names)."""
+    if isinstance(data, dict) and "model_type" in data:
+        from engram_export.models.deepseek_v41 import V41Config
+
+        return V41Config.from_hf(data, base_dir)
+    return EngramConfig.from_dict(data, base_dir)
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 

@@ -90,6 +90,8 @@ class V41Config:
         require(self.tokenizer is None or isinstance(self.tokenizer, str),
                 f"tokenizer must be a path or null, got {self.tokenizer!r}")
 
+    model_type = MODEL_TYPE
+
     @property
     def num_columns(self) -> int:
         """Looked-up rows per token: (max_ngram_size - 1) * n_heads."""

@@ -148,25 +148,25 @@ class DecodeSession:
                               f"session serves {sorted(self._requests)}")
         checked = {layer: check_inputs(self.runtime.layer(layer).info, input_ids, hidden)
                    for layer, hidden in hidden_by_layer.items()}
-        batch = next(iter(checked.values()))[0].shape[0]
+        batch = next(iter(checked.values()))[0]["input_ids"].shape[0]
         if batch != self.batch_size:
             raise EngramError(f"this session decodes {self.batch_size} sequences, got a batch of {batch}")
         return checked
 
     def _run(self, input_ids, hidden_by_layer, start: bool) -> dict:
         checked = self._checked(input_ids, hidden_by_layer)
-        tokens = next(iter(checked.values()))[0].shape[1]
+        tokens = next(iter(checked.values()))[0]["input_ids"].shape[1]
         if not start and tokens != 1:
             raise EngramError(f"step takes one token per sequence, [B, 1]; got {tokens} tokens")
         with self._lock:
             if start:
                 self._reset()
             outputs = {}
-            for layer, (ids, hidden) in checked.items():
+            for layer, (feeds, hidden) in checked.items():
                 lookup, fuse = self._requests[layer]
-                lookup.infer({"input_ids": ids})
+                lookup.infer(feeds)
                 fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
                 fuse.infer({"hidden_states": hidden})
                 outputs[layer] = fuse.get_output_tensor(0).data.copy()
-            self.position += ids.shape[1]
+            self.position += tokens
         return outputs

@@ -158,8 +158,9 @@ def read_calibration(config, num_ids: int, npz: str | Path | None = None, text: 
         ids, hidden = _ids_from_text(config, Path(text), Path(hidden_npy))
     else:
         raise EngramError("calibration needs an .npz, or a text file with a hidden-state .npy")
-    ids, hidden = check_inputs(info, ids, hidden)
-    return [{"input_ids": ids[i:i + 1], "hidden_states": hidden[i:i + 1]} for i in range(len(ids))]
+    feeds, hidden = check_inputs(info, ids, hidden)
+    return [{**{name: value[i:i + 1] for name, value in feeds.items()}, "hidden_states": hidden[i:i + 1]}
+            for i in range(len(hidden))]
 
 
 def _ids_from_text(config, text: Path, hidden_npy: Path):

@@ -20,7 +20,8 @@ from engram_export.fileio import check_input_file
 from engram_export.model_info import PRECISIONS, ModelInfo
 from engram_export.models.hashing import INT32_MIN
 
-__all__ = ["EngramRuntime", "Prefetch", "check_inputs", "check_ids", "RUNTIMES"]
+__all__ = ["EngramRuntime", "Prefetch", "check_inputs", "check_ids", "check_lookup_inputs", "check_hidden",
+           "RUNTIMES"]
 
 RUNTIMES = ("ov", "ort")
 
@@ -37,7 +38,8 @@ def _array(name: str, value) -> np.ndarray:
 
 
 def check_ids(info: ModelInfo, input_ids) -> np.ndarray:
-    """Validated ``input_ids``: int64 [B,T], B and T >= 1, ids in [0, vocab) or negative."""
+    """Validated ``input_ids``: int64 [B,T], B and T >= 1, ids in [0, vocab) (or, for the demo family,
+    negative: they pass through as in the reference)."""
     ids = _array("input_ids", input_ids)
     if ids.dtype.kind not in "iu":
         raise EngramError(f"input_ids must be integer token ids (int64), got dtype {ids.dtype}")
@@ -47,24 +49,48 @@ def check_ids(info: ModelInfo, input_ids) -> np.ndarray:
         raise EngramError(f"input_ids is empty: shape {list(ids.shape)} (batch and tokens must be >= 1)")
     high, low = int(ids.max()), int(ids.min())
     if high >= info.num_ids:
-        raise EngramError(f"input_ids: id {high} is out of range [0, {info.num_ids}) "
-                          f"(negative ids pass through as in the reference)")
-    if low < INT32_MIN:
-        raise EngramError(f"input_ids: id {low} is below int32's range")
+        raise EngramError(f"input_ids: id {high} is out of range [0, {info.num_ids})"
+                          + ("" if info.takes_mask else " (negative ids pass through as in the reference)"))
+    if low < (0 if info.takes_mask else INT32_MIN):
+        raise EngramError(f"input_ids: id {low} is out of range [0, {info.num_ids})" if info.takes_mask
+                          else f"input_ids: id {low} is below int32's range")
     return np.ascontiguousarray(ids, dtype=np.int64)
 
 
-def check_inputs(info: ModelInfo, input_ids, hidden_states) -> tuple[np.ndarray, np.ndarray]:
-    """Validated ``input_ids`` (int64 [B,T]) and ``hidden_states`` (float32 [B,T,G,D])."""
-    ids, hidden = check_ids(info, input_ids), _array("hidden_states", hidden_states)
-    config = info.config
+def check_lookup_inputs(info: ModelInfo, input_ids, token_mask=None) -> dict[str, np.ndarray]:
+    """What the lookup reads, validated: ``input_ids`` and, for DeepSeek-V4.1 models, ``token_mask``
+    (bool [B,T], False for image tokens; all True when not given)."""
+    feeds = {"input_ids": check_ids(info, input_ids)}
+    if not info.takes_mask:
+        if token_mask is not None:
+            raise EngramError("this model takes no token_mask (only DeepSeek-V4.1 models do)")
+        return feeds
+    shape = feeds["input_ids"].shape
+    mask = np.ones(shape, bool) if token_mask is None else _array("token_mask", token_mask)
+    if mask.dtype != bool:
+        raise EngramError(f"token_mask must be bool (False for image tokens), got dtype {mask.dtype}")
+    if mask.shape != shape:
+        raise EngramError(f"token_mask must be [batch, tokens] = {list(shape)}, got {list(mask.shape)}")
+    feeds["token_mask"] = np.ascontiguousarray(mask)
+    return feeds
+
+
+def check_hidden(info: ModelInfo, feeds: dict, hidden_states) -> np.ndarray:
+    """Validated ``hidden_states``: float32 [B,T,G,D] for the ids in ``feeds``."""
+    hidden, config = _array("hidden_states", hidden_states), info.config
     if hidden.dtype != np.float32:
         raise EngramError(f"hidden_states must be float32, got dtype {hidden.dtype}")
-    expected = [*ids.shape, config.hc_mult, config.hidden_size]
+    expected = [*feeds["input_ids"].shape, config.hc_mult, config.hidden_size]
     if list(hidden.shape) != expected:
         raise EngramError(f"hidden_states must be [batch, tokens, hc_mult, hidden_size] = {expected}, "
                           f"got {list(hidden.shape)}")
-    return ids, np.ascontiguousarray(hidden)
+    return np.ascontiguousarray(hidden)
+
+
+def check_inputs(info: ModelInfo, input_ids, hidden_states, token_mask=None) -> tuple[dict, np.ndarray]:
+    """Validated lookup inputs (``check_lookup_inputs``) and hidden states."""
+    feeds = check_lookup_inputs(info, input_ids, token_mask)
+    return feeds, check_hidden(info, feeds, hidden_states)
 
 
 class _RequestPool:
@@ -130,15 +156,15 @@ class _OpenVINO:
                 self._decode = self._compile(*decode_stages(model, self.info, self.precision))
         return tuple(compiled.create_infer_request() for compiled in self._decode)
 
-    def start_lookup(self, ids: np.ndarray):
+    def start_lookup(self, feeds: dict):
         """Start the lookup asynchronously (OpenVINO's threads, no GIL) on a request of its own."""
         request = self.lookups.take()
-        request.start_async({"input_ids": ids})
+        request.start_async(feeds)
         return request
 
-    def finish(self, lookup, hidden: np.ndarray) -> np.ndarray:
-        """Wait for ``lookup`` (from ``start_lookup``), run the fuse stage on its embeddings, and give
-        the lookup request back."""
+    def finish(self, lookup, feeds: dict, hidden: np.ndarray) -> np.ndarray:
+        """Wait for ``lookup`` (from ``start_lookup(feeds)``), run the fuse stage on its embeddings, and
+        give the lookup request back."""
         from engram_export.stages import EMBEDDINGS
 
         try:
@@ -146,15 +172,29 @@ class _OpenVINO:
             fuse = self.fuses.take()
             try:
                 fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
-                fuse.infer({"hidden_states": hidden})
+                fuse.infer({"hidden_states": hidden, **_fuse_feeds(feeds)})
                 return fuse.get_output_tensor(0).data.copy()
             finally:
                 self.fuses.give_back(fuse)
         finally:
             self.lookups.give_back(lookup)
 
-    def __call__(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        return self.finish(self.start_lookup(ids), hidden)
+    def lookup_rows(self, feeds: dict) -> np.ndarray:
+        """The lookup stage alone: the embeddings the fuse stage receives, as float32."""
+        request = self.start_lookup(feeds)
+        try:
+            request.wait()
+            return request.get_output_tensor(0).data.astype(np.float32)
+        finally:
+            self.lookups.give_back(request)
+
+    def __call__(self, feeds: dict, hidden: np.ndarray) -> np.ndarray:
+        return self.finish(self.start_lookup(feeds), feeds, hidden)
+
+
+def _fuse_feeds(feeds: dict) -> dict:
+    """What the fuse stage reads of the lookup's inputs: the token mask (V4.1 gates image tokens)."""
+    return {"token_mask": feeds["token_mask"]} if "token_mask" in feeds else {}
 
 
 class _OnnxRuntime:
@@ -175,8 +215,8 @@ class _OnnxRuntime:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EngramError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
-    def __call__(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        return self.session.run(["output"], {"input_ids": ids, "hidden_states": hidden})[0]
+    def __call__(self, feeds: dict, hidden: np.ndarray) -> np.ndarray:
+        return self.session.run(["output"], {**feeds, "hidden_states": hidden})[0]
 
 
 class Prefetch:
@@ -186,8 +226,9 @@ class Prefetch:
     dropped unused gives its requests back to their pools.
     """
 
-    def __init__(self, input_ids: np.ndarray, lookups: dict):
-        self.input_ids = input_ids
+    def __init__(self, feeds: dict, lookups: dict):
+        self.feeds = feeds
+        self.input_ids = feeds["input_ids"]
         self._lookups = lookups  # layer id -> (backend, request); removed when fused
         self._made_for = {layer: backend for layer, (backend, _) in lookups.items()}
         self._lock = threading.Lock()
@@ -299,22 +340,31 @@ class EngramRuntime:
             raise EngramError(f"no Engram layer {layer_id} here (layers: {self.layer_ids})")
         return self._layers[layer_id]
 
-    def __call__(self, input_ids, hidden_states) -> np.ndarray:
-        """Engram output [B,T,G,D] (float32, before the backbone's residual add)."""
+    def __call__(self, input_ids, hidden_states, token_mask=None) -> np.ndarray:
+        """The layer's output [B,T,G,D] float32: the Engram output before the backbone's residual add
+        (demo family), or ``h + gate * value`` (DeepSeek-V4.1, whose ``token_mask`` marks image tokens
+        False)."""
         if self._backend is None:
             raise EngramError(f"{self.path} serves layers {self.layer_ids}: call rt.layer(L)(...)")
-        return self._backend(*check_inputs(self.info, input_ids, hidden_states))
+        return self._backend(*check_inputs(self.info, input_ids, hidden_states, token_mask))
 
-    def prefetch(self, input_ids) -> Prefetch:
+    def lookup(self, input_ids, token_mask=None) -> np.ndarray:
+        """The looked-up rows as the fuse stage receives them, float32 (dequantized for FP8 and INT8
+        tables): the host half of the host-lookup / device-fuse split (OpenVINO only)."""
+        if not isinstance(self._backend, _OpenVINO):
+            raise EngramError("lookup needs the OpenVINO runtime (runtime='ov') and one layer: rt.layer(L)")
+        return self._backend.lookup_rows(check_lookup_inputs(self.info, input_ids, token_mask))
+
+    def prefetch(self, input_ids, token_mask=None) -> Prefetch:
         """Start the lookup of every layer for ``input_ids`` [B,T] and return at once.
 
         Each call's lookups run on requests of their own: several handles may be in flight at once."""
-        ids = check_ids(self.info, input_ids)
+        feeds = check_lookup_inputs(self.info, input_ids, token_mask)
         backends = {layer_id: layer._backend for layer_id, layer in self._layers.items()}
         if not all(isinstance(backend, _OpenVINO) for backend in backends.values()):
             raise EngramError("prefetch needs the OpenVINO runtime (runtime='ov')")
-        return Prefetch(ids, {layer_id: (backend, backend.start_lookup(ids))
-                              for layer_id, backend in backends.items()})
+        return Prefetch(feeds, {layer_id: (backend, backend.start_lookup(feeds))
+                                for layer_id, backend in backends.items()})
 
     def session(self, batch_size: int):
         """A decode session for ``batch_size`` sequences over every layer served (OpenVINO only)."""
@@ -338,8 +388,8 @@ class EngramRuntime:
             raise EngramError(f"fuse needs the handle returned by prefetch, got {type(handle).__name__}")
         if input_ids is not None and not np.array_equal(_array("input_ids", input_ids), handle.input_ids):
             raise EngramError("this prefetch handle was made for other input_ids")
-        _, hidden = check_inputs(self.info, handle.input_ids, hidden_states)
-        return self._backend.finish(handle._take(self.layer_id, self._backend), hidden)
+        hidden = check_hidden(self.info, handle.feeds, hidden_states)
+        return self._backend.finish(handle._take(self.layer_id, self._backend), handle.feeds, hidden)
 
     def __repr__(self) -> str:
         return (f"EngramRuntime({str(self.path)!r}, runtime={self.runtime!r}, "

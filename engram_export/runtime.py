@@ -184,12 +184,21 @@ class _OpenVINO:
         request = self.start_lookup(feeds)
         try:
             request.wait()
-            return request.get_output_tensor(0).data.astype(np.float32)
+            return _as_float32(request.get_output_tensor(0))
         finally:
             self.lookups.give_back(request)
 
     def __call__(self, feeds: dict, hidden: np.ndarray) -> np.ndarray:
         return self.finish(self.start_lookup(feeds), feeds, hidden)
+
+
+def _as_float32(tensor) -> np.ndarray:
+    """An OpenVINO tensor's values as a float32 array (numpy has no bf16: widen its bits)."""
+    import openvino
+
+    if tensor.get_element_type() == openvino.Type.bf16:
+        return (tensor.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return tensor.data.astype(np.float32)
 
 
 def _fuse_feeds(feeds: dict) -> dict:

@@ -18,39 +18,69 @@ EMBEDDINGS = "embeddings"
 
 
 def _embeddings_output(model):
-    """The [B,T,H,d] output of the table lookup: EngramHash -> Gather (the split point is before any
-    Reshape or FakeQuantize, which belong to the projection)."""
+    """Where the lookup ends. Demo family: the [B,T,H,d] output of EngramHash -> Gather (before any
+    Reshape or FakeQuantize, which belong to the projection). DeepSeek-V4.1 (a blocking hash): the
+    dequantized rows [B,T,C*d], the activation input of the one projection MatMul."""
     hashes = [op for op in model.get_ops() if op.get_type_name() == "EngramHash"]
     if len(hashes) != 1:
         raise EngramError(f"expected one EngramHash op in the model, found {len(hashes)}")
+    if hashes[0].get_attributes().get("blocking"):
+        matmuls = [op for op in model.get_ops() if op.get_type_name() == "MatMul"]
+        if len(matmuls) != 1:
+            raise EngramError(f"expected one projection MatMul after the lookup, found {len(matmuls)}")
+        return matmuls[0].input_value(0)
     consumers = [t.get_node() for t in hashes[0].output(0).get_target_inputs()]
     if len(consumers) != 1 or consumers[0].get_type_name() != "Gather":
         raise EngramError("unexpected graph after the hash: no single Gather on the table")
     return consumers[0].output(0)
 
 
+def _ancestors(output) -> set:
+    """The unique names of every node ``output`` depends on (Python wrappers of one node differ)."""
+    seen, stack = set(), [output.get_node()]
+    while stack:
+        node = stack.pop()
+        if node.get_name() not in seen:
+            seen.add(node.get_name())
+            stack += [value.get_node() for value in node.input_values()]
+    return seen
+
+
 def split_stages(model, precision: str = "f32"):
     """(lookup, fuse) ``openvino.Model``s built from ``model``'s nodes (``model`` is consumed).
 
-    With ``precision`` bf16 the embeddings pass between the stages in bf16, as the bf16 lookup makes
-    them and the bf16 GEMM reads them: no conversion to f32 and back, half the bytes.
+    The lookup reads ``input_ids`` (and ``token_mask``); the fuse stage reads the embeddings,
+    ``hidden_states`` (and its own ``token_mask``). With ``precision`` bf16 the embeddings pass between
+    the stages in bf16, as the bf16 lookup makes them and the bf16 GEMM reads them: no conversion to
+    f32 and back, half the bytes.
     """
     import openvino
     from openvino import opset13 as ops
 
     embeddings = _embeddings_output(model)
+    lookup_side = _ancestors(embeddings)
     consumers = list(embeddings.get_target_inputs())
     inputs = {p.get_friendly_name(): p for p in model.get_parameters()}
-    lookup = openvino.Model([embeddings], [inputs["input_ids"]], "engram_lookup")
+    lookup_inputs = [inputs[name] for name in ("input_ids", "token_mask") if name in inputs]
+    lookup = openvino.Model([embeddings], lookup_inputs, "engram_lookup")
     parameter = ops.parameter(embeddings.get_partial_shape(), embeddings.get_element_type(), EMBEDDINGS)
     parameter.output(0).set_names({EMBEDDINGS})
     for consumer in consumers:
         consumer.replace_source_output(parameter.output(0))
+    fuse_inputs = [parameter, inputs["hidden_states"]]
+    if "token_mask" in inputs:  # the gate reads the mask too: a parameter of the fuse stage's own
+        mask = inputs["token_mask"]
+        fuse_mask = ops.parameter(mask.get_partial_shape(), mask.get_element_type(), "token_mask")
+        fuse_mask.output(0).set_names({"token_mask"})
+        for target in list(mask.output(0).get_target_inputs()):
+            if target.get_node().get_name() not in lookup_side:
+                target.replace_source_output(fuse_mask.output(0))
+        fuse_inputs.append(fuse_mask)
     # The raw trace also reads the shape of input_ids (B, T) after the lookup: take it from the
     # embeddings instead, which have the same first two dimensions.
     for target in list(inputs["input_ids"].output(0).get_target_inputs()):
         node = target.get_node()
-        if node.get_type_name() == "EngramHash":
+        if node.get_name() in lookup_side:
             continue
         if node.get_type_name() != "ShapeOf":
             raise EngramError(f"the fuse stage reads input_ids through {node.get_type_name()}")
@@ -58,7 +88,7 @@ def split_stages(model, precision: str = "f32"):
                                      [0], [2], [1])
         for user in list(node.output(0).get_target_inputs()):
             user.replace_source_output(batch_and_tokens.output(0))
-    fuse = openvino.Model(model.get_results(), [parameter, inputs["hidden_states"]], "engram_fuse")
+    fuse = openvino.Model(model.get_results(), fuse_inputs, "engram_fuse")
     if precision == "bf16":
         from openvino.preprocess import PrePostProcessor
 

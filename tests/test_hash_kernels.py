@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from engram_export import onnx_op
 from engram_export.models.config import load_config
-from engram_export.models.hashing import INT32_MIN, EngramHashing
+from engram_export.models.hashing import INT32_MIN, EngramHashing, _next_prime
 from engram_export.ov_extension import openvino_core
 
 TINY = load_config("tiny")
@@ -24,16 +24,30 @@ CONFIGS = {
     "tiny": TINY,
     # vocab 7: multipliers ~2^59, so negative ids' products wrap around int64
     "huge-multipliers": TINY.replace(vocab_size=7, pad_id=3, engram_vocab_size=(100_003, 200_003)),
-    # primes just under 2^31: the mod and the offsets need full 64-bit arithmetic
-    "int32-primes": TINY.replace(n_head_per_ngram=2, n_embed_per_ngram=8,
-                                 engram_vocab_size=(2**31 - 400, 2**31 - 200)),
+    # primes just under 2^31 (hashing_for below): the mod and the offsets need full 64-bit arithmetic
+    "int32-primes": TINY.replace(n_head_per_ngram=2, n_embed_per_ngram=8),
     "five-gram": TINY.replace(max_ngram_size=5, engram_vocab_size=(61, 67, 71, 73), layer_ids=(0,)),
 }
 
 
-def hash_gather_model(config, layer_id: int, table: np.ndarray, rows_only: bool) -> onnx.ModelProto:
+def hashing_for(name: str) -> EngramHashing:
+    """The config's hashing; for ``int32-primes``, head primes just under 2**31. No config may have
+    such a table (its rows would not fit an index of the runtimes), but the kernels must still hash
+    exactly with any prime below 2**31."""
+    hashing = EngramHashing(CONFIGS[name])
+    if name == "int32-primes":
+        seen, primes = set(), []
+        for start in (2**31 - 400, 2**31 - 400, 2**31 - 200, 2**31 - 200):
+            primes.append(_next_prime(start - 1, seen))
+            seen.add(primes[-1])
+        hashing.__dict__["_primes_by_layer"] = {layer: primes for layer in CONFIGS[name].layer_ids}
+    return hashing
+
+
+def hash_gather_model(config, layer_id: int, table: np.ndarray, rows_only: bool,
+                      hashing: EngramHashing | None = None) -> onnx.ModelProto:
     """A one-node model; with ``rows_only`` its function returns the row indices, not the lookup."""
-    hashing = EngramHashing(config)
+    hashing = hashing or EngramHashing(config)
     function = onnx_op.hash_gather_function(config.max_ngram_size, 18)
     if rows_only:
         del function.node[-2:]  # the table Gather and the final Reshape
@@ -81,11 +95,11 @@ def openvino_rows(model: onnx.ModelProto, ids: np.ndarray, tmp_path) -> np.ndarr
 @pytest.mark.parametrize("name", CONFIGS)
 def test_row_indices_are_bit_exact_in_every_kernel(name, tmp_path):
     config = CONFIGS[name]
-    hashing = EngramHashing(config)
+    hashing = hashing_for(name)
     layer_id = config.layer_ids[-1]
     ids = adversarial_ids(len(hashing.lut))
     expected = hashing.rows(ids, layer_id)
-    model = hash_gather_model(config, layer_id, np.zeros((1, 1), np.float32), rows_only=True)
+    model = hash_gather_model(config, layer_id, np.zeros((1, 1), np.float32), rows_only=True, hashing=hashing)
     np.testing.assert_array_equal(ort_rows(model, ids), expected)
     np.testing.assert_array_equal(openvino_rows(model, ids, tmp_path).astype(np.int64), expected)
     if name == "int32-primes":

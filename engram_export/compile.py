@@ -19,7 +19,7 @@ from typing import Iterator
 
 import onnx_ir as ir
 
-from engram_export import progress
+from engram_export import progress, tables
 from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file, check_output_file, staged_output
 from engram_export.integrity import check_fingerprint, fingerprint
@@ -98,16 +98,24 @@ def read_openvino(path: str | Path):
         return read_onnx(path)
     check_fingerprint(path.with_suffix(".bin"), _recorded_fingerprint(path), "sampled", str(path))
     model = _read_model(path, path)
-    return model, ModelInfo.from_openvino(model, path)
+    info = ModelInfo.from_openvino(model, path)
+    tables.attach(model, path)
+    return model, info
 
 
-def save_ir(model, output: Path, compress_to_fp16: bool) -> Path:
+def save_ir(model, output: Path, compress_to_fp16: bool, links: dict[str, Path] | None = None,
+            copy_table: bool = False) -> Path:
     """Write ``model`` to ``output`` (.xml, its .bin beside), whole or not at all, the .xml recording
-    the .bin's size and sampled SHA-256 (``integrity.py``) for every later reader to check."""
+    the .bin's size and sampled SHA-256 (``integrity.py``) for every later reader to check.
+
+    ``links``: files to put beside it (name -> source), the checkpoint shards of tables that stay out
+    of the IR (``tables.detach``): hard-linked, or copied with ``copy_table`` where no link can be."""
     import openvino
 
     model.set_rt_info(_PLACEHOLDER, [RT_INFO_SECTION, BIN_KEY])
     with progress.stage(f"writing {output.name}"), staged_output(output) as staged:
+        for name, source in (links or {}).items():
+            tables.link_or_copy(source, staged.parent / name, copy_table)
         openvino.save_model(model, staged, compress_to_fp16=compress_to_fp16)
         weights = fingerprint(staged.with_suffix(".bin"), full=False)
         xml = staged.read_text()
@@ -117,12 +125,15 @@ def save_ir(model, output: Path, compress_to_fp16: bool) -> Path:
     return output
 
 
-def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f32") -> Path:
-    """Write the OpenVINO IR of ``onnx_path`` to ``output`` (.xml, with its .bin beside)."""
+def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f32",
+                 copy_table: bool = False) -> Path:
+    """Write the OpenVINO IR of ``onnx_path`` to ``output`` (.xml, with its .bin beside; a DeepSeek-V4.1
+    table stays in its checkpoint shard, linked beside)."""
     if precision not in PRECISIONS:
         raise EngramError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     output = check_output_file(output, ".xml")
     with progress.stage(f"converting {Path(onnx_path).name} to OpenVINO"):
         model, info = read_onnx(onnx_path)
     ModelInfo(info.config, info.layer_id, info.num_ids, precision).write_openvino(model)
-    return save_ir(model, output, compress_to_fp16=precision == "bf16")
+    links = tables.detach(model, Path(onnx_path), output.name) if info.takes_mask else None
+    return save_ir(model, output, compress_to_fp16=precision == "bf16", links=links, copy_table=copy_table)

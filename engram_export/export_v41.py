@@ -16,8 +16,6 @@ the gate from unweighted RMS norms of h and key, ``q_weight * k_weight`` and a s
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,25 +26,11 @@ from engram_export import progress
 from engram_export.errors import EngramError
 from engram_export.fileio import check_output_file, staged_output
 from engram_export.model_info import ModelInfo, record_external_data
+from engram_export.tables import link_or_copy
 
-__all__ = ["build_v41_model", "export_v41_layer", "link_shard"]
+__all__ = ["build_v41_model", "export_v41_layer"]
 
 OPSET, IR_VERSION = 23, 11
-
-
-def link_shard(shard: Path, folder: Path, name: str, copy_table: bool) -> Path:
-    """``folder/name`` as a hard link to ``shard`` (no bytes copied), or a copy if asked."""
-    target = folder / name
-    try:
-        os.link(shard, target)
-    except OSError as exc:
-        if not copy_table:
-            raise EngramError(f"cannot hard-link the checkpoint shard {shard} into {folder} ({exc.strerror}): "
-                              f"put the output on the checkpoint's file system, or pass --copy-table to "
-                              f"copy {shard.stat().st_size / 2**30:.1f} GiB") from None
-        with progress.stage(f"copying {shard.name} ({shard.stat().st_size / 2**30:.1f} GiB, --copy-table)"):
-            shutil.copyfile(shard, target)
-    return target
 
 
 def _external(name: str, location, file_name: str) -> TensorProto:
@@ -175,7 +159,7 @@ def export_v41_layer(checkpoint, config, layer_id: int, output: str | Path, hash
             shard = located[suffix].file
             name = f"{output.stem}.{shard.name}"
             if not (staged.parent / name).exists():
-                link_shard(shard, staged.parent, name, copy_table)
+                link_or_copy(shard, staged.parent / name, copy_table)
             shard_names[suffix] = name
         model = build_v41_model(config, layer_id, located, small, hashing, shard_names)
         record_external_data(model, staged.parent)

@@ -39,7 +39,9 @@ class Manifest:
 def model_files(folder: Path, name: str) -> list[str]:
     """The names of the files that the model ``name`` reads: itself and its .bin or external data."""
     if name.endswith(".xml"):
-        return [name, name[:-len(".xml")] + ".bin"]
+        from engram_export.tables import table_files
+
+        return [name, name[:-len(".xml")] + ".bin", *sorted(table_files(folder / name))]
     import onnx
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 

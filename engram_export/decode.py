@@ -19,7 +19,7 @@ from engram_export.stages import EMBEDDINGS
 
 __all__ = ["decode_stages", "DecodeSession"]
 
-IDS_STATE, CONV_STATE = "engram_ids_history", "engram_conv_history"
+IDS_STATE, MASK_STATE, CONV_STATE = "engram_ids_history", "engram_mask_history", "engram_conv_history"
 
 
 def _only(model, type_name: str):
@@ -57,22 +57,39 @@ def _batch_of(value):
     return ops.gather(ops.shape_of(value), ops.constant(np.array([0], np.int64)), ops.constant(0))
 
 
-def _stateful_lookup(lookup, info):
-    import openvino
+def _recent(history, new, before: int):
+    """The last ``before`` columns of history followed by ``new``."""
     from openvino import opset13 as ops
+
+    return ops.slice(ops.concat([history, new], 1), np.array([-before]), np.array([2**31 - 1]),
+                     np.array([1]), np.array([1]))
+
+
+def _stateful_lookup(lookup, info):
+    """The lookup with the last N-1 raw ids (and, for DeepSeek-V4.1, their mask: a masked or
+    not-yet-seen token blocks the n-grams that reach it) kept as state instead of pads."""
+    import openvino
 
     hash_op = _only(lookup, "EngramHash")
     ids = hash_op.input_value(0)
     before = info.config.max_ngram_size - 1
+    pad = info.config.pad_token_id if info.takes_mask else info.config.pad_id
     # raw pad ids to start with; i32 (the CPU plugin keeps no i64 state; ids are checked to fit)
-    history, variable = _state(IDS_STATE, np.full((1, before), info.config.pad_id, np.int32), ids)
-    hash_op.set_arguments([hash_op.input_value(0), hash_op.input_value(1), history.output(0)])
+    history, ids_variable = _state(IDS_STATE, np.full((1, before), pad, np.int32), ids)
+    assigns = [openvino.op.assign(_recent(history, openvino.opset13.convert(ids, openvino.Type.i32), before),
+                                  ids_variable)]
+    arguments = [hash_op.input_value(0), hash_op.input_value(1)]
+    if info.takes_mask:  # u8 state (no boolean state in the CPU plugin): 0 = blocked, as before a sequence
+        mask = hash_op.input_value(2)
+        mask_history, mask_variable = _state(MASK_STATE, np.zeros((1, before), np.uint8), ids)
+        assigns.append(openvino.op.assign(
+            _recent(mask_history, openvino.opset13.convert(mask, openvino.Type.u8), before), mask_variable))
+        arguments += [mask, history.output(0), mask_history.output(0)]
+    else:
+        arguments.append(history.output(0))
+    hash_op.set_arguments(arguments)
     hash_op.validate_and_infer_types()
-    recent = ops.slice(ops.concat([history, ops.convert(ids, openvino.Type.i32)], 1),
-                       np.array([-before]), np.array([2**31 - 1]),
-                       np.array([1]), np.array([1]))
-    assign = openvino.op.assign(recent, variable)
-    return openvino.Model(lookup.get_results(), [assign], lookup.get_parameters(), "engram_lookup_decode")
+    return openvino.Model(lookup.get_results(), assigns, lookup.get_parameters(), "engram_lookup_decode")
 
 
 def _stateful_fuse(fuse, info):
@@ -91,12 +108,14 @@ def _stateful_fuse(fuse, info):
 
 
 def decode_stages(model, info, precision: str):
-    """(lookup, fuse) stateful ``openvino.Model``s of an optimized Engram model."""
+    """(lookup, fuse) stateful ``openvino.Model``s of an optimized Engram model (DeepSeek-V4.1 has no
+    short conv: its fuse stage keeps no state)."""
     from engram_export.stages import split_stages
 
-    _only(model, "EngramGatedShortConv")  # refuse raw graphs before changing anything
+    if not info.takes_mask:
+        _only(model, "EngramGatedShortConv")  # refuse raw graphs before changing anything
     lookup, fuse = split_stages(model, precision)
-    return _stateful_lookup(lookup, info), _stateful_fuse(fuse, info)
+    return _stateful_lookup(lookup, info), fuse if info.takes_mask else _stateful_fuse(fuse, info)
 
 
 class DecodeSession:
@@ -126,16 +145,17 @@ class DecodeSession:
             fuse.reset_state()
         self.position = 0
 
-    def prefill(self, input_ids, hidden_by_layer) -> dict:
-        """Start new sequences with a prompt of T tokens: outputs [B,T,G,D] per layer."""
-        return self._run(input_ids, hidden_by_layer, start=True)
+    def prefill(self, input_ids, hidden_by_layer, token_mask=None) -> dict:
+        """Start new sequences with a prompt of T tokens: outputs [B,T,G,D] per layer (``token_mask``
+        [B,T] for DeepSeek-V4.1 models: False for image tokens)."""
+        return self._run(input_ids, hidden_by_layer, token_mask, start=True)
 
-    def step(self, next_ids, hidden_by_layer) -> dict:
+    def step(self, next_ids, hidden_by_layer, token_mask=None) -> dict:
         """One more token per sequence ([B, 1] ids): outputs [B,1,G,D] per layer."""
-        return self._run(next_ids, hidden_by_layer, start=False)
+        return self._run(next_ids, hidden_by_layer, token_mask, start=False)
 
-    def _checked(self, input_ids, hidden_by_layer) -> dict:
-        """layer -> (ids, hidden), every input checked; nothing runs here."""
+    def _checked(self, input_ids, hidden_by_layer, token_mask=None) -> dict:
+        """layer -> (lookup feeds, hidden), every input checked; nothing runs here."""
         from engram_export.runtime import check_inputs
 
         if not isinstance(hidden_by_layer, dict):
@@ -146,15 +166,17 @@ class DecodeSession:
         if sorted(hidden_by_layer, key=str) != sorted(self._requests, key=str):
             raise EngramError(f"hidden states are for layers {sorted(hidden_by_layer, key=str)}, the "
                               f"session serves {sorted(self._requests)}")
-        checked = {layer: check_inputs(self.runtime.layer(layer).info, input_ids, hidden)
+        checked = {layer: check_inputs(self.runtime.layer(layer).info, input_ids, hidden, token_mask)
                    for layer, hidden in hidden_by_layer.items()}
         batch = next(iter(checked.values()))[0]["input_ids"].shape[0]
         if batch != self.batch_size:
             raise EngramError(f"this session decodes {self.batch_size} sequences, got a batch of {batch}")
         return checked
 
-    def _run(self, input_ids, hidden_by_layer, start: bool) -> dict:
-        checked = self._checked(input_ids, hidden_by_layer)
+    def _run(self, input_ids, hidden_by_layer, token_mask, start: bool) -> dict:
+        from engram_export.runtime import fuse_feeds
+
+        checked = self._checked(input_ids, hidden_by_layer, token_mask)
         tokens = next(iter(checked.values()))[0]["input_ids"].shape[1]
         if not start and tokens != 1:
             raise EngramError(f"step takes one token per sequence, [B, 1]; got {tokens} tokens")
@@ -166,7 +188,7 @@ class DecodeSession:
                 lookup, fuse = self._requests[layer]
                 lookup.infer(feeds)
                 fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
-                fuse.infer({"hidden_states": hidden})
+                fuse.infer({"hidden_states": hidden, **fuse_feeds(feeds)})
                 outputs[layer] = fuse.get_output_tensor(0).data.copy()
             self.position += tokens
         return outputs

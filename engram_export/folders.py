@@ -13,7 +13,7 @@ from engram_export.fileio import staged_folder
 from engram_export.integrity import sha256
 from engram_export.manifest import Manifest, read_manifest, write_manifest
 
-__all__ = ["export_folder", "compile_folder", "quantize_folder", "layer_file"]
+__all__ = ["export_folder", "export_checkpoint", "compile_folder", "quantize_folder", "layer_file"]
 
 
 def layer_file(layer_id: int, suffix: str) -> str:
@@ -45,7 +45,29 @@ def export_folder(config, folder: Path, weights: Path | None = None, prefix: str
     return folder
 
 
-def compile_folder(source: Path, folder: Path, precision: str) -> Path:
+def export_checkpoint(checkpoint_dir: Path, output: Path, layer_id: int | None = None,
+                      copy_table: bool = False) -> Path:
+    """A DeepSeek-V4.1 checkpoint folder: layer ``layer_id`` to an .onnx, or every Engram layer to a
+    folder with a manifest. Tables stay in the checkpoint's shards, hard-linked beside the files."""
+    from engram_export.checkpoint import Checkpoint
+    from engram_export.export_v41 import export_v41_layer
+    from engram_export.models.deepseek_v41 import V41Config, V41Hashing
+
+    checkpoint = Checkpoint(checkpoint_dir)
+    config = V41Config.from_checkpoint(checkpoint)
+    hashing = V41Hashing(config)
+    if layer_id is not None:
+        return export_v41_layer(checkpoint, config, layer_id, output, hashing, copy_table)
+    layers = {layer_id: layer_file(layer_id, ".onnx") for layer_id in config.layer_ids}
+    with staged_folder(output) as staging:
+        for layer_id, name in layers.items():
+            export_v41_layer(checkpoint, config, layer_id, staging / name, hashing, copy_table)
+        source = f"checkpoint {checkpoint.folder.resolve()} (table shards hard-linked, not copied)"
+        write_manifest(staging, Manifest(config, layers, "onnx", source=source))
+    return output
+
+
+def compile_folder(source: Path, folder: Path, precision: str, copy_table: bool = False) -> Path:
     from engram_export.compile import compile_onnx
 
     manifest = read_manifest(source)
@@ -55,7 +77,7 @@ def compile_folder(source: Path, folder: Path, precision: str) -> Path:
     with staged_folder(folder) as staging:
         for layer_id, name in manifest.layers.items():
             layers[layer_id] = layer_file(layer_id, ".xml")
-            compile_onnx(Path(source) / name, staging / layers[layer_id], precision)
+            compile_onnx(Path(source) / name, staging / layers[layer_id], precision, copy_table)
         write_manifest(staging, Manifest(manifest.config, layers, "openvino", precision,
                                          source=manifest.source))
     return folder

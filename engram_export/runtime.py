@@ -172,7 +172,7 @@ class _OpenVINO:
             fuse = self.fuses.take()
             try:
                 fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
-                fuse.infer({"hidden_states": hidden, **_fuse_feeds(feeds)})
+                fuse.infer({"hidden_states": hidden, **fuse_feeds(feeds)})
                 return fuse.get_output_tensor(0).data.copy()
             finally:
                 self.fuses.give_back(fuse)
@@ -201,7 +201,7 @@ def _as_float32(tensor) -> np.ndarray:
     return tensor.data.astype(np.float32)
 
 
-def _fuse_feeds(feeds: dict) -> dict:
+def fuse_feeds(feeds: dict) -> dict:
     """What the fuse stage reads of the lookup's inputs: the token mask (V4.1 gates image tokens)."""
     return {"token_mask": feeds["token_mask"]} if "token_mask" in feeds else {}
 

@@ -129,6 +129,16 @@ class V41Config:
             tokenizer = str(base_dir / tokenizer)
         return cls(**values, tokenizer=tokenizer)
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint) -> "V41Config":
+        """From a checkpoint folder's ``config.json`` and ``tokenizer.json`` (required: without it the
+        ids could not be compressed as the model was trained)."""
+        tokenizer = checkpoint.folder / "tokenizer.json"
+        if not tokenizer.is_file():
+            raise EngramError(f"checkpoint: {checkpoint.folder} has no tokenizer.json (it builds the "
+                              f"compression table every hash depends on)")
+        return cls.from_hf({**checkpoint.config, "tokenizer": str(tokenizer.resolve())})
+
     def to_dict(self) -> dict[str, Any]:
         data = {"model_type": MODEL_TYPE}
         data.update({key: list(getattr(self, name)) if isinstance(getattr(self, name), tuple)

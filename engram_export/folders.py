@@ -83,7 +83,7 @@ def compile_folder(source: Path, folder: Path, precision: str, copy_table: bool 
     return folder
 
 
-def quantize_folder(source: Path, folder: Path, options) -> Path:
+def quantize_folder(source: Path, folder: Path, options, copy_table: bool = False) -> Path:
     from engram_export.quantize import quantize
 
     manifest = read_manifest(source)
@@ -91,7 +91,7 @@ def quantize_folder(source: Path, folder: Path, options) -> Path:
     with staged_folder(folder) as staging:
         for layer_id, name in manifest.layers.items():
             layers[layer_id] = layer_file(layer_id, ".xml")
-            quantize(Path(source) / name, staging / layers[layer_id], options)
+            quantize(Path(source) / name, staging / layers[layer_id], options, copy_table)
         write_manifest(staging, Manifest(manifest.config, layers, "openvino", options.precision,
                                          options.mode, manifest.source))
     return folder

@@ -79,12 +79,31 @@ def _compress_table(nncf, model, bits: int, group_size: int):
                                  ratio=1.0, all_layers=True, ignored_scope=ignored)
 
 
-def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions) -> Path:
+def _detach_v41_tables(model, model_path: Path, output: Path, options: QuantizeOptions) -> dict:
+    """DeepSeek-V4.1: the FP8 table leaves the model before NNCF sees it (it stays FP8, in its
+    checkpoint shard), and the FP8 ``wkv`` is folded to the float constant NNCF compresses."""
+    from openvino._offline_transformations import apply_moc_transformations
+
+    from engram_export import tables
+
+    if options.mode != "int8-weights":
+        raise EngramError(f"DeepSeek-V4.1 models take --mode int8-weights (the projection in INT8, the "
+                          f"table kept FP8); {options.mode} is not supported for them yet")
+    if model_path.suffix != ".onnx":
+        raise EngramError(f"quantize the exported .onnx of a DeepSeek-V4.1 layer, not {model_path.name}")
+    links = tables.detach(model, model_path, output.name)
+    apply_moc_transformations(model, cf=True)
+    return links
+
+
+def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions,
+             copy_table: bool = False) -> Path:
     """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml)."""
     import nncf
 
     output = check_output_file(output, ".xml")
     model, info = read_model(model_path)
+    links = _detach_v41_tables(model, Path(model_path), output, options) if info.takes_mask else None
     row_width, width = info.config.head_dim, info.config.engram_hidden_size
     if options.mode == "int4-weights" and width % options.group_size:
         raise EngramError(f"group size {options.group_size} does not divide the projection's {width} "
@@ -113,7 +132,7 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
             model = _compress_table(nncf, model, 8, row_width)
     ModelInfo(info.config, info.layer_id, info.num_ids, options.precision,
               quantization=options.mode).write_openvino(model)
-    return save_ir(model, output, compress_to_fp16=False)
+    return save_ir(model, output, compress_to_fp16=False, links=links, copy_table=copy_table)
 
 
 def compressed_constants(model) -> dict[str, dict[str, int]]:

@@ -102,6 +102,8 @@ class V41Config:
         """Width of the concatenated rows, the projection's input (6144 released)."""
         return self.num_columns * self.head_dim
 
+    engram_hidden_size = embedding_width  # the name the demo family's config gives it
+
     @property
     def projection_width(self) -> int:
         """Rows of ``wkv``: a key per stream and one shared value."""

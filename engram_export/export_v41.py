@@ -1,8 +1,8 @@
-"""DeepSeek-V4.1 Engram layers to ONNX, with the table left in the checkpoint's own bytes.
+"""DeepSeek-V4.1 Engram layers to ONNX, with the FP8 tensors left in the checkpoint's own bytes.
 
 The graph is built directly (the layer is a handful of standard ops around one
-``engram.HashGatherFP8`` node): tracing would need the 94 GiB table as a tensor. The table and its
-scales are external data *of the checkpoint shard itself*: OpenVINO's ONNX reader refuses data outside
+``engram.HashGatherFP8`` node): tracing would need the 94 GiB table as a tensor. The table, ``wkv``
+and their scales are external data *of the checkpoint shard itself*: OpenVINO's ONNX reader refuses data outside
 the model's folder, so the shard is hard-linked beside the .onnx (same inode: no copy, no disk) and
 the initializers point at the tensors' byte offsets in it. Across file systems a hard link is
 impossible: the export refuses, or copies the shard when asked (``copy_table``).
@@ -45,24 +45,19 @@ def _external(name: str, location, file_name: str) -> TensorProto:
 def build_v41_model(config, layer_id: int, located: dict, small: dict, hashing,
                     shard_names: dict[str, str]) -> onnx.ModelProto:
     """The layer's ONNX model. ``located``: tensor suffix -> ``TensorLocation``; ``small``: the loaded
-    wkv, scales and q/k weights; ``shard_names``: table suffix -> the linked shard's file name."""
+    q/k weights; ``shard_names``: suffix -> the linked shard holding it (``SHARD_TENSORS``)."""
     from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
     from engram_export.onnx_op import DOMAIN, OPSET_VERSION
     from engram_export.onnx_op_fp8 import FP8_OP_TYPE, hash_gather_fp8_function
 
-    import torch
-
     streams, hidden = config.hc_mult, config.hidden_size
     out_width, in_width = config.projection_width, config.embedding_width
-    blocks_out, blocks_in = small["wkv.scale"].shape
-    as_bytes = {k: v.view(torch.uint8).numpy() for k, v in small.items() if k.startswith("wkv")}
+    blocks_out, blocks_in = located["wkv.scale"].shape
     gate_weight = (small["q_weight"].float() * small["k_weight"].float()).numpy()  # exact in f32
     const = numpy_helper.from_array
     initializers = [
         const(hashing.lut.astype(np.int64), "compress_lut"),
-        _external("table", located["embed.weight"], shard_names["embed.weight"]),
-        _external("table_scale", located["embed.scale"], shard_names["embed.scale"]),
-        const(as_bytes["wkv.weight"], "wkv"), const(as_bytes["wkv.scale"], "wkv_scale"),
+        *(_external(name, located[suffix], shard_names[suffix]) for suffix, name in SHARD_TENSORS.items()),
         const(e4m3_values(), "e4m3_values"), const(e8m0_values(), "e8m0_values"),
         const(gate_weight.astype(np.float32), "gate_weight"),
         const(np.array([blocks_out, BLOCK_ROWS, blocks_in, BLOCK_ROWS], np.int64), "block_grid"),
@@ -139,6 +134,9 @@ def build_v41_model(config, layer_id: int, located: dict, small: dict, hashing,
 
 
 BLOCK_ROWS = 32
+# checkpoint tensor -> initializer left in the (linked) shard: the FP8 table, the FP8 wkv, their scales
+SHARD_TENSORS = {"embed.weight": "table", "embed.scale": "table_scale", "wkv.weight": "wkv",
+                 "wkv.scale": "wkv_scale"}
 
 
 def export_v41_layer(checkpoint, config, layer_id: int, output: str | Path, hashing=None,
@@ -150,12 +148,10 @@ def export_v41_layer(checkpoint, config, layer_id: int, output: str | Path, hash
     output = check_output_file(output, ".onnx")
     hashing = hashing or V41Hashing(config)
     located = locate_layer(checkpoint, config, layer_id)
-    with progress.stage(f"reading layer {layer_id}'s projection and gate weights"):
-        small = {suffix: checkpoint.load(location.name) for suffix, location in located.items()
-                 if not suffix.startswith("embed.")}
+    small = {suffix: checkpoint.load(located[suffix].name) for suffix in ("q_weight", "k_weight")}
     with staged_output(output) as staged:
         shard_names = {}
-        for suffix in ("embed.weight", "embed.scale"):
+        for suffix in SHARD_TENSORS:
             shard = located[suffix].file
             name = f"{output.stem}.{shard.name}"
             if not (staged.parent / name).exists():

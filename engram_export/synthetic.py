@@ -21,7 +21,6 @@ from engram_export.models.deepseek_v41 import BLOCK, V41Config, _expected
 
 __all__ = ["write_v41_checkpoint", "table_rows_bytes", "write_word_tokenizer"]
 
-_NAN_CODES = (0x7F, 0xFF)
 
 
 def _mix(*keys: np.ndarray) -> np.ndarray:
@@ -35,8 +34,9 @@ def _mix(*keys: np.ndarray) -> np.ndarray:
 
 
 def _fp8(bits: np.ndarray) -> np.ndarray:
-    values = (bits & np.uint64(0xFF)).astype(np.uint8)
-    values[np.isin(values, _NAN_CODES)] -= 1  # no NaN codes: 0x7E = 448, 0xFE = -448
+    """E4M3 bytes from random bits, without the NaN codes (0x7F, 0xFF become 448 and -448)."""
+    values = bits.astype(np.uint8) if bits.dtype == np.uint8 else (bits & np.uint64(0xFF)).astype(np.uint8)
+    values[(values & 0x7F) == 0x7F] -= 1
     return values
 
 
@@ -56,7 +56,7 @@ def _small_tensors(config: V41Config, layer_id: int, seed: int) -> dict[str, tup
     rng = np.random.default_rng([seed, layer_id])
     expected = _expected(config, layer_id)
     out, width = expected["wkv.weight"][1]
-    wkv = _fp8(rng.integers(0, 256, (out, width), dtype=np.uint64))
+    wkv = _fp8(rng.integers(0, 256, (out, width), dtype=np.uint8))
     wkv_scale = rng.integers(112, 118, expected["wkv.scale"][1], dtype=np.uint8)
     streams = (config.hc_mult, config.hidden_size)
     q, k = (torch.from_numpy(rng.normal(1, 0.2, streams)).bfloat16().view(torch.uint16).numpy()

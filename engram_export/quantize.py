@@ -110,7 +110,10 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
                           f"input channels; choose a divisor of {width}")
     with progress.stage(f"quantizing ({options.mode})"):
         if options.mode == "int8-weights":
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            # V4.1: the projection only (its Gathers read the 256-entry FP8 decode tables, not weights)
+            ignored = nncf.IgnoredScope(types=["Gather"]) if info.takes_mask else None
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                          ignored_scope=ignored)
         elif options.mode == "int4-weights":
             mode = nncf.CompressWeightsMode.INT4_SYM if options.int4_symmetric else \
                 nncf.CompressWeightsMode.INT4_ASYM

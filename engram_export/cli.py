@@ -22,11 +22,16 @@ from engram_export.fileio import check_output_file, check_output_folder
 __all__ = ["main"]
 
 
-def add_layer_source(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="preset name (tiny, deepseek-demo) or JSON file")
+def add_layer_source(parser: argparse.ArgumentParser, checkpoint: bool = False) -> None:
+    parser.add_argument("--config", required=not checkpoint,
+                        help="preset name (tiny, deepseek-demo) or JSON file")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--weights", type=Path, help=".safetensors or .pt state dict")
     weights.add_argument("--random-init", action="store_true", help="seeded random weights")
+    if checkpoint:
+        weights.add_argument("--checkpoint", type=Path,
+                             help="DeepSeek-V4.1 checkpoint folder (config.json, tokenizer.json, "
+                                  "safetensors shards): tables stay in its shards, hard-linked")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     parser.add_argument("--prefix", default="", help="key prefix of the layer in a full-model checkpoint")
     parser.add_argument("--layer", type=int, help="layer id (one of the config's layer_ids)")
@@ -91,26 +96,64 @@ def _stage(what):
 # export ---------------------------------------------------------------------------------------------
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="trace Engram layers to ONNX (hash-gather as one custom node)")
-    add_layer_source(p)
+    add_layer_source(p, checkpoint=True)
+    add_copy_table(p)
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="output .onnx file; without --layer, a folder for every layer with a manifest")
     p.add_argument("--no-optimize", action="store_true", help="keep the raw trace (no graph passes)")
     p.set_defaults(func=run_export)
 
 
+def add_copy_table(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--copy-table", action="store_true",
+                        help="DeepSeek-V4.1: copy the table shards where no hard link can be made "
+                             "(another file system) instead of refusing")
+
+
 def run_export(args) -> None:
     from engram_export.export import export_layer
 
-    check_output(args.output, args.layer is None, ".onnx", [args.weights])
+    check_output(args.output, args.layer is None, ".onnx", [args.weights, args.checkpoint])
+    if args.checkpoint is not None:
+        from engram_export.folders import export_checkpoint
+
+        if args.config is not None:
+            raise EngramError("--checkpoint brings its own config.json: drop --config")
+        print(export_checkpoint(args.checkpoint, args.output, args.layer, args.copy_table))
+        return
+    from engram_export.models.config import load_config
+
+    config = load_config(args.config)
+    if getattr(config, "model_type", None):
+        print(export_random_v41(config, args))
+        return
     if args.layer is None:
         from engram_export.folders import export_folder
-        from engram_export.models.config import load_config
 
-        print(export_folder(load_config(args.config), args.output, weights=args.weights,
+        print(export_folder(config, args.output, weights=args.weights,
                             prefix=args.prefix, seed=args.seed, optimize=not args.no_optimize))
         return
     layer = layer_from_args(args)
     print(export_layer(layer, args.output, optimize=not args.no_optimize))
+
+
+def export_random_v41(config, args) -> Path:
+    """A DeepSeek-V4.1 config with --random-init: a synthetic checkpoint (``synthetic.py``) written
+    beside the output and exported; its shards live on only as the output's hard links."""
+    from engram_export.folders import export_checkpoint
+    from engram_export.synthetic import write_v41_checkpoint
+
+    if not args.random_init:
+        raise EngramError("DeepSeek-V4.1 layers are exported from their checkpoint folder: use "
+                          "--checkpoint DIR (or --config with --random-init)")
+    small = all(config.table_rows(layer) * config.head_dim <= 2**30 for layer in config.layer_ids)
+    rows = None if small else {layer: [] for layer in config.layer_ids}
+    if not small:
+        print("engram-export: random-init tables this large are left sparse (rows of zeros)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix=".engram-random-", dir=args.output.parent) as scratch:
+        checkpoint = write_v41_checkpoint(Path(scratch) / "checkpoint", config.to_dict(), seed=args.seed,
+                                          rows=rows, tokenizer=True)
+        return export_checkpoint(checkpoint, args.output, args.layer, args.copy_table)
 
 
 # optimize -------------------------------------------------------------------------------------------
@@ -149,6 +192,7 @@ def add_compile(sub) -> None:
     p.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="output .xml (the .bin goes beside), or a folder for a folder")
+    add_copy_table(p)
     p.set_defaults(func=run_compile)
 
 
@@ -157,11 +201,11 @@ def run_compile(args) -> None:
     if args.model.is_dir():
         from engram_export.folders import compile_folder
 
-        print(compile_folder(args.model, args.output, args.precision))
+        print(compile_folder(args.model, args.output, args.precision, args.copy_table))
         return
     from engram_export.compile import compile_onnx
 
-    print(compile_onnx(args.model, args.output, args.precision))
+    print(compile_onnx(args.model, args.output, args.precision, args.copy_table))
 
 
 # quantize -------------------------------------------------------------------------------------------
@@ -181,6 +225,7 @@ def add_quantize(sub) -> None:
     p.add_argument("--calibration-hidden", type=Path,
                    help="int8 with a text --calibration: hidden states .npy [N,T,G,D]")
     p.add_argument("--subset-size", type=int, default=64, help="int8: calibration sequences used")
+    add_copy_table(p)
     p.set_defaults(func=run_quantize)
 
 
@@ -213,9 +258,9 @@ def run_quantize(args) -> None:
     if args.model.is_dir():
         from engram_export.folders import quantize_folder
 
-        print(quantize_folder(args.model, args.output, options))
+        print(quantize_folder(args.model, args.output, options, args.copy_table))
         return
-    output = quantize(args.model, args.output, options)
+    output = quantize(args.model, args.output, options, args.copy_table)
     from engram_export.ov_extension import openvino_core
 
     stored = compressed_constants(openvino_core().read_model(str(output)))
@@ -228,7 +273,8 @@ def run_quantize(args) -> None:
 def add_run(sub) -> None:
     p = sub.add_parser("run", help="run a model on input_ids and hidden_states from an .npz")
     p.add_argument("model", type=Path, help=".xml (OpenVINO) or .onnx")
-    p.add_argument("--inputs", type=Path, required=True, help=".npz with input_ids and hidden_states")
+    p.add_argument("--inputs", type=Path, required=True,
+                   help=".npz with input_ids and hidden_states (and, for DeepSeek-V4.1, token_mask)")
     p.add_argument("-o", "--output", type=Path, required=True, help=".npz to write 'output' to")
     p.add_argument("--runtime", choices=["ov", "ort"], default="ov")
     p.add_argument("--precision", choices=["f32", "bf16"], default=None,
@@ -244,13 +290,13 @@ def run_run(args) -> None:
     from engram_export.runtime import EngramRuntime
 
     check_output_file(args.output, ".npz", [args.model, args.inputs])
-    inputs = load_npz(args.inputs, ("input_ids", "hidden_states"))
+    inputs = load_npz(args.inputs, ("input_ids", "hidden_states"), optional=("token_mask",))
     runtime = EngramRuntime(args.model, runtime=args.runtime, precision=args.precision)
     if args.layer is not None or args.model.is_dir():
         if args.layer is None:
             raise EngramError(f"{args.model} serves layers {runtime.layer_ids}: give --layer")
         runtime = runtime.layer(args.layer)
-    output = runtime(inputs["input_ids"], inputs["hidden_states"])
+    output = runtime(inputs["input_ids"], inputs["hidden_states"], inputs.get("token_mask"))
     with staged_output(args.output) as staged:
         np.savez(staged, output=output)
     print(f"{args.output}: output {list(output.shape)} from {runtime}")

@@ -142,8 +142,9 @@ def check_input_file(path: str | Path, suffixes: tuple[str, ...], what: str) -> 
     return path
 
 
-def load_npz(path: str | Path, names: tuple[str, ...]) -> dict:
-    """The arrays ``names`` of an .npz file (no pickles), or an error naming what is wrong."""
+def load_npz(path: str | Path, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+    """The arrays ``names`` (and those of ``optional`` it holds) of an .npz file (no pickles), or an
+    error naming what is wrong."""
     import numpy as np
 
     path = check_input_file(path, (".npz",), "inputs")
@@ -157,7 +158,7 @@ def load_npz(path: str | Path, names: tuple[str, ...]) -> dict:
         if missing:
             raise EngramError(f"inputs: {path} has no {', '.join(missing)} "
                               f"(found {', '.join(data.files) or 'nothing'})")
-        return {n: data[n] for n in names}
+        return {n: data[n] for n in (*names, *optional) if n in data.files}
 
 
 @contextlib.contextmanager

@@ -169,8 +169,9 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def load_config(name_or_path: str | Path) -> EngramConfig:
-    """Load a preset by name (``tiny``, ``deepseek-demo``) or a JSON config file by path."""
+def load_config(name_or_path: str | Path):
+    """Load a preset by name (``tiny``, ``deepseek-demo``, ``deepseek-v41``, ``v41-tiny``) or a JSON
+    config file by path: an ``EngramConfig``, or a ``V41Config`` for a DeepSeek-V4.1 config."""
     path = Path(name_or_path)
     if not path.suffix and str(name_or_path) in preset_names():
         path = PRESET_DIR / f"{name_or_path}.json"
@@ -181,8 +182,9 @@ def load_config(name_or_path: str | Path) -> EngramConfig:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EngramError(f"config: {path} is not valid JSON ({exc})") from None
-    config = EngramConfig.from_dict(data, base_dir=path.parent)
-    check_tokenizer(config)
+    config = config_from_dict(data, base_dir=path.parent)
+    if isinstance(config, EngramConfig):
+        check_tokenizer(config)
     return config
 
 

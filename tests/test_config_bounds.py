@@ -63,7 +63,11 @@ def test_bad_field_in_a_file_and_through_replace(tmp_path):
 @pytest.mark.parametrize("name", preset_names())
 def test_presets_load(name):
     config = load_config(name)
-    assert config.num_heads == 2 * config.n_head_per_ngram
+    if name in ("deepseek-v41", "v41-tiny"):  # DeepSeek-V4.1: its own config class
+        assert config.model_type == "deepseek_v41"
+        assert config.num_columns == {"deepseek-v41": 24, "v41-tiny": 4}[name]
+    else:
+        assert config.num_heads == 2 * config.n_head_per_ngram
 
 
 def test_bounds_admit_real_models():

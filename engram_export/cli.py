@@ -425,9 +425,19 @@ def run_bench_command(args) -> None:
     check_at_least(0, warmup=args.warmup)
     shapes = [(args.batch, args.tokens)] if args.batch is not None else [(50, 14), (50, 1)]
     check_workdir(args.workdir)
-    config = with_table_size(load_config(args.config), args.engram_vocab_size)
-    precisions = ["f32", "bf16"] if args.precision == "all" else [args.precision]
+    config = load_config(args.config)
     modes = [] if args.modes == "none" else args.modes.split(",")
+    if getattr(config, "model_type", None):  # DeepSeek-V4.1: the released size from a sparse checkpoint
+        from engram_export.bench_v41 import run_bench_v41
+
+        if args.weights or args.engram_vocab_size or args.decode:
+            raise EngramError("bench of a DeepSeek-V4.1 config builds its own sparse checkpoint: drop "
+                              "--weights, --engram-vocab-size and --decode")
+        with working_folder(args.workdir, "engram-bench-") as workdir:
+            run_bench_v41(config, workdir, shapes, args.repeat, "int8-weights" in modes)
+        return
+    config = with_table_size(config, args.engram_vocab_size)
+    precisions = ["f32", "bf16"] if args.precision == "all" else [args.precision]
     unknown = sorted(set(modes) - {"int8-weights", "int4-weights", "int8"})
     if unknown:
         raise EngramError(f"unknown quantization mode(s) {', '.join(unknown)}")

@@ -81,9 +81,7 @@ def _compress_table(nncf, model, bits: int, group_size: int):
 
 def _detach_v41_tables(model, model_path: Path, output: Path, options: QuantizeOptions) -> dict:
     """DeepSeek-V4.1: the FP8 table leaves the model before NNCF sees it (it stays FP8, in its
-    checkpoint shard), and the FP8 ``wkv`` is folded to the float constant NNCF compresses."""
-    from openvino._offline_transformations import apply_moc_transformations
-
+    checkpoint shard); NNCF compresses the projection, which ``read_onnx`` made a bf16 constant."""
     from engram_export import tables
 
     if options.mode != "int8-weights":
@@ -91,9 +89,7 @@ def _detach_v41_tables(model, model_path: Path, output: Path, options: QuantizeO
                           f"table kept FP8); {options.mode} is not supported for them yet")
     if model_path.suffix != ".onnx":
         raise EngramError(f"quantize the exported .onnx of a DeepSeek-V4.1 layer, not {model_path.name}")
-    links = tables.detach(model, model_path, output.name)
-    apply_moc_transformations(model, cf=True)
-    return links
+    return tables.detach(model, model_path, output.name)
 
 
 def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions,

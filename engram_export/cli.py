@@ -123,6 +123,8 @@ def run_export(args) -> None:
         return
     from engram_export.models.config import load_config
 
+    if args.config is None:
+        raise EngramError("give --config (a preset or JSON file) or --checkpoint")
     config = load_config(args.config)
     if getattr(config, "model_type", None):
         print(export_random_v41(config, args))
@@ -464,11 +466,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException, command: str) -> tuple[str, int]:
+    """The message and exit code for an error that reached ``main``: 2 for what the user can fix
+    (an input, a path, the memory asked for), 130 for Ctrl-C, 1 for anything else (a bug)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(exc, EngramError):
+        return str(exc), 2
+    if isinstance(exc, OSError):  # a path that cannot be read or written (space, permission, name length)
+        where = f"{exc.filename}: " if exc.filename else f"{command} failed: "
+        return f"{where}{exc.strerror or exc}", 2
+    if isinstance(exc, MemoryError):
+        return f"{command} failed: out of memory (a smaller table or batch may fit)", 2
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{command} failed: {type(exc).__name__}: {first} (run with --debug for the trace)", 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = {"-q", "--quiet", "--debug"}  # accepted before or after the command
     args = build_parser().parse_args([a for a in argv if a not in flags])
-    debug = "--debug" in argv
     try:
         import logging
 
@@ -478,23 +495,12 @@ def main(argv: list[str] | None = None) -> int:
 
             quiet()
         return args.func(args) or 0
-    except KeyboardInterrupt:
-        message, code = "interrupted", 130
-    except EngramError as exc:
-        message, code = str(exc), 2
-    except OSError as exc:  # a path that cannot be read or written (space, permission, name length)
-        where = f"{exc.filename}: " if exc.filename else f"{args.command} failed: "
-        message, code = f"{where}{exc.strerror or exc}", 2
-    except MemoryError:
-        message, code = f"{args.command} failed: out of memory (a smaller table or batch may fit)", 2
-    except Exception as exc:  # a last line of defence: one line, never a bare traceback
-        first = (str(exc).strip().splitlines() or [""])[0]
-        message, code = (f"{args.command} failed: {type(exc).__name__}: {first} "
-                         f"(run with --debug for the trace)"), 1
-    if debug:
-        import traceback
+    except (KeyboardInterrupt, Exception) as exc:  # a last line of defence: one line, never a trace
+        message, code = one_line(exc, args.command)
+        if "--debug" in argv:
+            import traceback
 
-        traceback.print_exc()
+            traceback.print_exception(exc)
     print(f"engram-export: {'' if code == 130 else 'error: '}{' '.join(message.splitlines())}",
           file=sys.stderr)
     return code

@@ -1,0 +1,38 @@
+"""The CLI in-process (no subprocess: each would spend seconds importing torch and OpenVINO)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+from engram_export.cli import main
+from engram_export.fileio import STAGING_PREFIX
+
+__all__ = ["run_cli", "refused", "listing", "STAGING_PREFIX"]
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """``engram-export -q ARGS`` as (exit code, stdout, stderr); argparse's exits become codes."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["-q", *map(str, args)])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 2
+    return code, out.getvalue(), err.getvalue()
+
+
+def refused(result: tuple[int, str, str], message: str) -> None:
+    """Exit 2 with exactly one line ``engram-export: error: ...message...`` and no trace."""
+    code, out, err = result
+    assert "Traceback" not in out + err, err
+    assert code == 2, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("engram-export: error: "), err
+    assert message in lines[0], lines[0]
+
+
+def listing(folder: Path) -> list[str]:
+    """Every path under ``folder`` (hidden ones included), to compare before and after a command."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))

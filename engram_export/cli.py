@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from engram_export.errors import EngramError
-from engram_export.fileio import check_output_file, check_output_folder
+from engram_export.fileio import STAGING_PREFIX, check_output_file, check_output_folder
 
 __all__ = ["main"]
 
@@ -152,7 +152,9 @@ def export_random_v41(config, args) -> Path:
     rows = None if small else {layer: [] for layer in config.layer_ids}
     if not small:
         print("engram-export: random-init tables this large are left sparse (rows of zeros)", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix=".engram-random-", dir=args.output.parent) as scratch:
+    # named like a staging folder, so that the next run here removes it if this one is killed
+    scratch_prefix = f"{STAGING_PREFIX}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix, dir=args.output.parent) as scratch:
         checkpoint = write_v41_checkpoint(Path(scratch) / "checkpoint", config.to_dict(), seed=args.seed,
                                           rows=rows, tokenizer=True)
         return export_checkpoint(checkpoint, args.output, args.layer, args.copy_table)
@@ -307,7 +309,7 @@ def run_run(args) -> None:
 # verify ---------------------------------------------------------------------------------------------
 def add_verify(sub) -> None:
     p = sub.add_parser("verify", help="compare PyTorch, ONNX Runtime, OpenVINO f32 and bf16")
-    add_layer_source(p)
+    add_layer_source(p, checkpoint=True)
     p.add_argument("--onnx", type=Path, help="an exported .onnx of this layer (default: export one)")
     p.add_argument("--shape", action="append", default=None, metavar="BxT",
                    help="batch x tokens to check (repeatable; default 50x14, 1x1, 3x17)")
@@ -330,20 +332,21 @@ def parse_shapes(values: list[str] | None) -> list[tuple[int, int]]:
     return shapes
 
 
-def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=()) -> bool:
-    """Export (unless given), compile f32 and bf16, compare every path (and ``extra`` .xml files);
-    prints the table and a loud line for each failure."""
+def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(), export=None) -> bool:
+    """Export (unless given; with ``export(path)`` if given), compile f32 and bf16, compare every path
+    (and ``extra`` .xml files); prints the table and a loud line for each failure."""
     from engram_export.compile import compile_onnx
     from engram_export.export import export_layer
     from engram_export.verify import (comparisons_table, default_paths, failures_summary,
-                                      verify_paths)
+                                      verify_paths, verify_paths_v41)
 
     if onnx_path is None:
-        onnx_path = export_layer(layer, workdir / "engram.onnx")
+        onnx_path = (export or (lambda path: export_layer(layer, path)))(workdir / "engram.onnx")
     xml = {p: compile_onnx(onnx_path, workdir / f"engram_{p}.xml", p) for p in ("f32", "bf16")}
     xml.update({path.name: path for path in extra})
+    v41 = getattr(layer.config, "model_type", None) is not None
     with _stage(f"running every path at {', '.join(f'{b}x{t}' for b, t in shapes)}"):
-        results = verify_paths(layer, default_paths(onnx_path, xml), shapes)
+        results = (verify_paths_v41 if v41 else verify_paths)(layer, default_paths(onnx_path, xml), shapes)
     print(comparisons_table(results))
     failed = failures_summary(results)
     print("\n".join(failed))
@@ -358,9 +361,21 @@ def run_verify(args) -> int:
         written = ["engram_f32.xml", "engram_bf16.xml"] + ([] if args.onnx else ["engram.onnx"])
         for name in written:
             check_output_file(args.workdir / name, Path(name).suffix, [args.onnx, *args.model])
-    layer = layer_from_args(args)
+    export = None
+    if args.checkpoint is not None:  # DeepSeek-V4.1: the layer reads the checkpoint, tables mapped
+        from engram_export.checkpoint import Checkpoint
+        from engram_export.folders import export_checkpoint
+        from engram_export.models.deepseek_v41 import V41Config, open_layer
+
+        if args.layer is None:
+            raise EngramError("give --layer (one of the checkpoint's engram_layer_ids)")
+        checkpoint = Checkpoint(args.checkpoint)
+        layer = open_layer(checkpoint, V41Config.from_checkpoint(checkpoint), args.layer)
+        export = lambda path: export_checkpoint(args.checkpoint, path, args.layer)  # noqa: E731
+    else:
+        layer = layer_from_args(args)
     with working_folder(args.workdir, "engram-verify-") as workdir:
-        return 0 if verify_layer(layer, workdir, args.onnx, shapes, args.model) else 1
+        return 0 if verify_layer(layer, workdir, args.onnx, shapes, args.model, export) else 1
 
 
 # demo -----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 
 from engram_export.models.engram import EngramLayer
 
-__all__ = ["Comparison", "compare", "random_inputs", "verify_paths", "format_table",
+__all__ = ["Comparison", "compare", "random_inputs", "verify_paths", "verify_paths_v41", "format_table",
            "comparisons_table", "default_paths", "failures_summary", "F32_MAX_REL",
            "BF16_MIN_MEAN_COSINE", "QUANTIZED_MIN_MEAN_COSINE"]
 
@@ -98,6 +98,31 @@ def verify_paths(layer: EngramLayer, runtimes: dict, shapes: list[tuple[int, int
         for name, runtime in runtimes.items():
             results.append(compare(name, reference, runtime(ids, hidden), runtime.precision,
                                    runtime.quantization))
+    return results
+
+
+def verify_paths_v41(layer, runtimes: dict, shapes: list[tuple[int, int]], seed: int = 0) -> list[Comparison]:
+    """DeepSeek-V4.1: each ``{name: EngramRuntime}`` against the layer computed in float64, on
+    Δ = out - h (the output includes the residual, which would hide errors in ``value``); a fifth of
+    the tokens are image tokens, whose output must be h exactly."""
+    results = []
+    config = layer.config
+    for batch, tokens in shapes:
+        rng = np.random.default_rng(seed + batch * 1000 + tokens)
+        ids = rng.integers(0, len(layer.hashing.lut), (batch, tokens))
+        hidden = rng.standard_normal((batch, tokens, config.hc_mult, config.hidden_size), dtype=np.float32)
+        mask = rng.random((batch, tokens)) > 0.2
+        with torch.inference_mode():
+            reference = layer(torch.from_numpy(ids), torch.from_numpy(hidden).double(),
+                              torch.from_numpy(mask)).numpy() - hidden
+        for name, runtime in runtimes.items():
+            output = runtime(ids, hidden, token_mask=mask)
+            # metrics over the text tokens (Δ is 0 on image tokens), which must equal h exactly
+            result = compare(name, reference[mask][None], (output - hidden)[mask][None], runtime.precision,
+                             runtime.quantization)
+            exact = np.array_equal(output[~mask], hidden[~mask])
+            results.append(dataclasses.replace(result, shape=f"{batch}x{tokens}", passed=result.passed and exact,
+                                               criterion=result.criterion + "; image tokens == h"))
     return results
 
 

@@ -337,14 +337,15 @@ class V41EngramLayer(nn.Module):
 
     def fuse(self, embeddings: torch.Tensor, hidden_states: torch.Tensor,
              token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``h + gate * value`` from the looked-up rows, in float32."""
+        """``h + gate * value`` from the looked-up rows, in float32 (float64 for float64 hidden states:
+        the reference that ``verify`` compares every path with)."""
         config = self.config
-        weight = dequantize_blocks(self.tensors["wkv.weight"], self.tensors["wkv.scale"])
-        kv = embeddings @ weight.T
+        h = hidden_states if hidden_states.dtype == torch.float64 else hidden_states.float()
+        weight = dequantize_blocks(self.tensors["wkv.weight"], self.tensors["wkv.scale"]).to(h.dtype)
+        kv = embeddings.to(h.dtype) @ weight.T
         key = kv[..., :config.hc_mult * config.hidden_size].unflatten(-1, (config.hc_mult, config.hidden_size))
         value = kv[..., config.hc_mult * config.hidden_size:].unsqueeze(-2)
-        h = hidden_states.float()
-        w = self.tensors["q_weight"].float() * self.tensors["k_weight"].float()
+        w = (self.tensors["q_weight"].float() * self.tensors["k_weight"].float()).to(h.dtype)
         eps = config.rms_norm_eps
         rstd = torch.rsqrt(h.pow(2).mean(-1) + eps) * torch.rsqrt(key.pow(2).mean(-1) + eps)
         dot = (h * w * key).sum(-1) * rstd / math.sqrt(config.hidden_size)

@@ -23,7 +23,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engram_export import progress
-from engram_export.errors import EngramError
 from engram_export.fileio import check_output_file, staged_output
 from engram_export.model_info import ModelInfo, record_external_data
 from engram_export.tables import link_or_copy

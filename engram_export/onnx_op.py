@@ -36,6 +36,24 @@ def _ref_attr(node: onnx.NodeProto, name: str, ref: str, kind: int) -> onnx.Node
     return node
 
 
+def compression_nodes() -> list[onnx.NodeProto]:
+    """The start of every hash-gather function body: the constants ``zero``, ``pad``, ``mult`` and
+    ``primes`` (the last three read from the node's attributes) and the compressed ids ``x``
+    (``compress_lut[id]`` for id >= 0; negatives pass through)."""
+    ints, one = onnx.AttributeProto.INTS, onnx.AttributeProto.INT
+    n = helper.make_node
+    return [
+        n("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.INT64, [], [0])),
+        _ref_attr(n("Constant", [], ["pad"]), "value_int", "pad_id", one),
+        _ref_attr(n("Constant", [], ["mult"]), "value_ints", "multipliers", ints),
+        _ref_attr(n("Constant", [], ["primes"]), "value_ints", "primes", ints),
+        n("GreaterOrEqual", ["input_ids", "zero"], ["is_token"]),
+        n("Max", ["input_ids", "zero"], ["safe_ids"]),
+        n("Gather", ["compress_lut", "safe_ids"], ["looked_up"]),
+        n("Where", ["is_token", "looked_up", "input_ids"], ["x"]),
+    ]
+
+
 def hash_gather_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -> onnx.FunctionProto:
     """The operator as an ONNX function of standard ops, for a given n-gram length.
 
@@ -43,19 +61,10 @@ def hash_gather_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -> on
     node's attributes, so every layer of a model shares the one function. ``opset`` must equal the
     model's default opset (the checker requires it).
     """
-    ints, one = onnx.AttributeProto.INTS, onnx.AttributeProto.INT
     orders = max_ngram_size - 1
     n = helper.make_node
     nodes = [
-        n("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.INT64, [], [0])),
-        _ref_attr(n("Constant", [], ["pad"]), "value_int", "pad_id", one),
-        _ref_attr(n("Constant", [], ["mult"]), "value_ints", "multipliers", ints),
-        _ref_attr(n("Constant", [], ["primes"]), "value_ints", "primes", ints),
-        # compression: lut[id] for id >= 0, negatives pass through
-        n("GreaterOrEqual", ["input_ids", "zero"], ["is_token"]),
-        n("Max", ["input_ids", "zero"], ["safe_ids"]),
-        n("Gather", ["compress_lut", "safe_ids"], ["looked_up"]),
-        n("Where", ["is_token", "looked_up", "input_ids"], ["x"]),
+        *compression_nodes(),
         # left-pad with the pad id, then s_k = padded[:, N-1-k : N-1-k+T]
         n("Constant", [], ["pads"], value=helper.make_tensor(
             "pads", TensorProto.INT64, [4], [0, max_ngram_size - 1, 0, 0])),

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 from onnx.reference.op_run import OpRun
 
 from engram_export.models.hashing import compress_ids
-from engram_export.onnx_op import DOMAIN, MIN_BODY_OPSET, OPSET_VERSION, _ref_attr
+from engram_export.onnx_op import DOMAIN, MIN_BODY_OPSET, OPSET_VERSION, compression_nodes
 
 __all__ = ["FP8_OP_TYPE", "FP8_INPUTS", "FP8_ATTRIBUTES", "BLOCK", "hash_gather_fp8_function",
            "hash_gather_fp8_schema", "hash_gather_fp8_nodes", "HashGatherFP8"]
@@ -53,7 +53,6 @@ def hash_gather_fp8_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -
     hash constants come from the node's attributes, and ``opset`` must equal the model's default opset.
     The hash's last node outputs ``rows`` (int64 [B,T,C]); everything after it is the FP8 lookup.
     """
-    ints, one = onnx.AttributeProto.INTS, onnx.AttributeProto.INT
     n = helper.make_node
     e4m3, e8m0 = _decode_tables()
     before = max_ngram_size - 1
@@ -64,18 +63,10 @@ def hash_gather_fp8_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -
             name, dtype, [len(values)] if dims is None else dims, values))
 
     nodes = [
-        const("zero", TensorProto.INT64, [0], dims=[]),
+        *compression_nodes(),
         const("minus1", TensorProto.INT64, [-1]),
         const("axis1", TensorProto.INT64, [1]),
         const("true", TensorProto.BOOL, [True], dims=[]),
-        _ref_attr(n("Constant", [], ["pad"]), "value_int", "pad_id", one),
-        _ref_attr(n("Constant", [], ["mult"]), "value_ints", "multipliers", ints),
-        _ref_attr(n("Constant", [], ["primes"]), "value_ints", "primes", ints),
-        # compression: lut[id] for id >= 0, negatives pass through
-        n("GreaterOrEqual", ["input_ids", "zero"], ["is_token"]),
-        n("Max", ["input_ids", "zero"], ["safe_ids"]),
-        n("Gather", ["compress_lut", "safe_ids"], ["looked_up"]),
-        n("Where", ["is_token", "looked_up", "input_ids"], ["x"]),
         # N-1 positions before the sequence: pad ids, and "hit" (masked or before the sequence) = true
         const("pads", TensorProto.INT64, [0, before, 0, 0]),
         n("Pad", ["x", "pads", "pad"], ["padded"]),

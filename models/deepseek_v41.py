@@ -172,13 +172,13 @@ def hash_rows_v41(ids: np.ndarray, token_mask: np.ndarray, multipliers, primes, 
     padded_ids = np.concatenate([np.full((ids.shape[0], before), pad, np.int64), ids], axis=1)
     padded_mask = np.concatenate([np.zeros((ids.shape[0], before), bool), mask], axis=1)
     length, offsets = ids.shape[1], np.concatenate([[0], np.cumsum(primes)[:-1]]).astype(np.int64)
-    blocked = np.zeros(ids.shape, bool)
+    blocked, rolling = np.zeros(ids.shape, bool), np.zeros(ids.shape, np.int64)
     columns = []
     for s, multiplier in enumerate(np.asarray(multipliers, dtype=np.int64)):
         blocked |= ~padded_mask[:, before - s:before - s + length]
         token = np.where(blocked, pad, padded_ids[:, before - s:before - s + length])
         product = token * multiplier
-        rolling = product if s == 0 else np.bitwise_xor(rolling, product)
+        rolling = np.bitwise_xor(rolling, product)  # 0 ^ x = x: the first look-back starts it
         if s >= 1:
             columns += [rolling % prime for prime in primes[(s - 1) * n_heads:s * n_heads]]
     return np.stack(columns, axis=2) + offsets

@@ -7,10 +7,11 @@ the model's folder, so the shard is hard-linked beside the .onnx (same inode: no
 the initializers point at the tensors' byte offsets in it. Across file systems a hard link is
 impossible: the export refuses, or copies the shard when asked (``copy_table``).
 
-Graph: ``e = HashGatherFP8(ids, mask, lut, table, scales)`` [B,T,C*d]; ``kv = e @ W^T`` with W the
-FP8 ``wkv`` dequantized by standard ops (32x32 block scales; folded to a constant by the runtimes);
-the gate from unweighted RMS norms of h and key, ``q_weight * k_weight`` and a signed square root;
-``output = where(mask, h + gate * value, h)``.
+Graph: ``e = HashGatherFP8(ids, mask, lut, table, scales)`` [B,T,C*d] (a BF16 or F32 table, which has
+no scales: ``HashGatherBlocked(ids, mask, lut, table)``, the table an initializer of its stored type);
+``kv = e @ W^T`` with W the FP8 ``wkv`` dequantized by standard ops (32x32 block scales; folded to a
+constant by the runtimes); the gate from unweighted RMS norms of h and key, ``q_weight * k_weight``
+and a signed square root; ``output = where(mask, h + gate * value, h)``.
 """
 
 from __future__ import annotations
@@ -32,9 +33,14 @@ __all__ = ["build_v41_model", "export_v41_layer"]
 OPSET, IR_VERSION = 23, 11
 
 
+# checkpoint dtype -> initializer type: FP8 codes as their bytes (ONNX Runtime cannot Gather FP8)
+ONNX_TYPES = {"F8_E4M3": TensorProto.UINT8, "F8_E8M0": TensorProto.UINT8, "BF16": TensorProto.BFLOAT16,
+              "F32": TensorProto.FLOAT}
+
+
 def _external(name: str, location, file_name: str) -> TensorProto:
     """An initializer whose bytes stay in the (linked) shard, at the tensor's offset."""
-    tensor = TensorProto(name=name, data_type=TensorProto.UINT8, dims=list(location.shape))
+    tensor = TensorProto(name=name, data_type=ONNX_TYPES[location.dtype], dims=list(location.shape))
     tensor.data_location = TensorProto.EXTERNAL
     for key, value in (("location", file_name), ("offset", location.offset), ("length", location.nbytes)):
         tensor.external_data.add(key=key, value=str(value))
@@ -47,7 +53,8 @@ def build_v41_model(config, layer_id: int, located: dict, small: dict, hashing,
     q/k weights; ``shard_names``: suffix -> the linked shard holding it (``SHARD_TENSORS``)."""
     from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
     from engram_export.onnx_op import DOMAIN, OPSET_VERSION
-    from engram_export.onnx_op_fp8 import FP8_OP_TYPE, hash_gather_fp8_function
+    from engram_export.onnx_op_fp8 import (BLOCKED_OP_TYPE, FP8_OP_TYPE, hash_gather_blocked_function,
+                                           hash_gather_fp8_function)
 
     streams, hidden = config.hc_mult, config.hidden_size
     out_width, in_width = config.projection_width, config.embedding_width
@@ -56,7 +63,8 @@ def build_v41_model(config, layer_id: int, located: dict, small: dict, hashing,
     const = numpy_helper.from_array
     initializers = [
         const(hashing.lut.astype(np.int64), "compress_lut"),
-        *(_external(name, located[suffix], shard_names[suffix]) for suffix, name in SHARD_TENSORS.items()),
+        *(_external(name, located[suffix], shard_names[suffix]) for suffix, name in SHARD_TENSORS.items()
+          if suffix in located),
         const(e4m3_values(), "e4m3_values"), const(e8m0_values(), "e8m0_values"),
         const(gate_weight.astype(np.float32), "gate_weight"),
         const(np.array([blocks_out, BLOCK_ROWS, blocks_in, BLOCK_ROWS], np.int64), "block_grid"),
@@ -71,11 +79,14 @@ def build_v41_model(config, layer_id: int, located: dict, small: dict, hashing,
         const(np.array(1 / math.sqrt(hidden), np.float32), "inv_sqrt_hidden"),
         const(np.array(1e-6, np.float32), "gate_floor"),
     ]
+    fp8 = "embed.scale" in located
+    op_type, function = ((FP8_OP_TYPE, hash_gather_fp8_function) if fp8
+                         else (BLOCKED_OP_TYPE, hash_gather_blocked_function))
     n = helper.make_node
     nodes = [
-        n(FP8_OP_TYPE, ["input_ids", "token_mask", "compress_lut", "table", "table_scale"], ["embeddings"],
-          domain=DOMAIN, multipliers=hashing.multipliers(layer_id), primes=hashing.primes(layer_id),
-          pad_id=hashing.pad, n_heads=config.n_heads),
+        n(op_type, ["input_ids", "token_mask", "compress_lut", "table", *(["table_scale"] if fp8 else [])],
+          ["embeddings"], domain=DOMAIN, multipliers=hashing.multipliers(layer_id),
+          primes=hashing.primes(layer_id), pad_id=hashing.pad, n_heads=config.n_heads),
         # W = e4m3(wkv) * e8m0(scale) per 32x32 block: constant, folded by the runtimes
         n("Cast", ["wkv"], ["wkv_index"], to=TensorProto.INT32),
         n("Gather", ["e4m3_values", "wkv_index"], ["wkv_values"]),
@@ -123,7 +134,7 @@ def build_v41_model(config, layer_id: int, located: dict, small: dict, hashing,
         initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid(DOMAIN, OPSET_VERSION)],
-                              functions=[hash_gather_fp8_function(config.max_ngram_size, OPSET)],
+                              functions=[function(config.max_ngram_size, OPSET)],
                               producer_name="engram-export")
     model.ir_version = IR_VERSION
     info = ModelInfo(config, layer_id, len(hashing.lut))
@@ -133,7 +144,8 @@ def build_v41_model(config, layer_id: int, located: dict, small: dict, hashing,
 
 
 BLOCK_ROWS = 32
-# checkpoint tensor -> initializer left in the (linked) shard: the FP8 table, the FP8 wkv, their scales
+# checkpoint tensor -> initializer left in the (linked) shard: the table, the FP8 wkv, their scales (a
+# BF16 or F32 table has none)
 SHARD_TENSORS = {"embed.weight": "table", "embed.scale": "table_scale", "wkv.weight": "wkv",
                  "wkv.scale": "wkv_scale"}
 
@@ -150,7 +162,7 @@ def export_v41_layer(checkpoint, config, layer_id: int, output: str | Path, hash
     small = {suffix: checkpoint.load(located[suffix].name) for suffix in ("q_weight", "k_weight")}
     with staged_output(output) as staged:
         shard_names = {}
-        for suffix in SHARD_TENSORS:
+        for suffix in filter(located.__contains__, SHARD_TENSORS):
             shard = located[suffix].file
             name = f"{output.stem}.{shard.name}"
             if not (staged.parent / name).exists():

@@ -18,6 +18,11 @@ Three implementations, bit-exact on the rows and the f32 values:
 - the numpy reference kernel (``HashGatherFP8`` for ``onnx.reference.ReferenceEvaluator``);
 - the OpenVINO extension (``ov_extension/``): ``EngramHash`` with ``blocking=1`` for the rows, then
   the same standard ops, so the table stays the data input of a plain Gather.
+
+``engram.HashGatherBlocked(input_ids, token_mask, compress_lut, table float [R,d]) -> float32 [B,T,C*d]``
+(same attributes) is the same hash over a table stored in BF16 or F32 (no scales): the rows gathered in
+the table's own type, then cast to float32 (exact). ONNX Runtime's Gather takes BFLOAT16, so its
+function body is the hash (``blocked_hash_nodes``, shared with the FP8 op), Gather, Cast and Reshape.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ from engram_export.models.hashing import compress_ids
 from engram_export.onnx_op import DOMAIN, MIN_BODY_OPSET, OPSET_VERSION, compression_nodes
 
 __all__ = ["FP8_OP_TYPE", "FP8_INPUTS", "FP8_ATTRIBUTES", "BLOCK", "hash_gather_fp8_function",
-           "hash_gather_fp8_schema", "hash_gather_fp8_nodes", "HashGatherFP8"]
+           "hash_gather_fp8_schema", "hash_gather_fp8_nodes", "HashGatherFP8", "BLOCKED_OP_TYPE",
+           "BLOCKED_INPUTS", "blocked_hash_nodes", "hash_gather_blocked_function", "HashGatherBlocked"]
 
 FP8_OP_TYPE = "HashGatherFP8"
 FP8_INPUTS = ["input_ids", "token_mask", "compress_lut", "table", "scales"]
 FP8_ATTRIBUTES = ["multipliers", "primes", "pad_id", "n_heads"]
 BLOCK = 32  # values per E8M0 scale along a table row
+BLOCKED_OP_TYPE = "HashGatherBlocked"  # the same hash over a BF16 or F32 table
+BLOCKED_INPUTS = FP8_INPUTS[:4]
 
 
 def _decode_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -46,22 +54,18 @@ def _decode_tables() -> tuple[np.ndarray, np.ndarray]:
     return e4m3_values(), e8m0_values()
 
 
-def hash_gather_fp8_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -> onnx.FunctionProto:
-    """The operator as an ONNX function of standard ops, for a given n-gram length.
+def _const(name, dtype, values, dims=None) -> onnx.NodeProto:
+    values = list(values)
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(
+        name, dtype, [len(values)] if dims is None else dims, values))
 
-    As ``onnx_op.hash_gather_function``: the body's structure depends only on ``max_ngram_size``, the
-    hash constants come from the node's attributes, and ``opset`` must equal the model's default opset.
-    The hash's last node outputs ``rows`` (int64 [B,T,C]); everything after it is the FP8 lookup.
-    """
-    n = helper.make_node
-    e4m3, e8m0 = _decode_tables()
+
+def blocked_hash_nodes(max_ngram_size: int) -> list[onnx.NodeProto]:
+    """The V4.1 hash as standard ops, the start of both function bodies: ``input_ids``, ``token_mask``,
+    ``compress_lut`` and the node's attributes -> ``rows`` (int64 [B,T,C]). Also defines ``minus1`` and
+    ``flat`` ([0, 0, -1]) for the lookup that follows."""
+    n, const = helper.make_node, _const
     before = max_ngram_size - 1
-
-    def const(name, dtype, values, dims=None):
-        values = list(values)
-        return n("Constant", [], [name], value=helper.make_tensor(
-            name, dtype, [len(values)] if dims is None else dims, values))
-
     nodes = [
         *compression_nodes(),
         const("minus1", TensorProto.INT64, [-1]),
@@ -106,6 +110,21 @@ def hash_gather_fp8_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -
         n("Reshape", ["hashes4", "flat"], ["hashes"]),                   # [B,T,C]
         n("CumSum", ["primes", "zero"], ["offsets"], exclusive=1),
         n("Add", ["hashes", "offsets"], ["rows"]),
+    ]
+    return nodes
+
+
+def hash_gather_fp8_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -> onnx.FunctionProto:
+    """The operator as an ONNX function of standard ops, for a given n-gram length.
+
+    As ``onnx_op.hash_gather_function``: the body's structure depends only on ``max_ngram_size``, the
+    hash constants come from the node's attributes, and ``opset`` must equal the model's default opset.
+    The hash (``blocked_hash_nodes``) ends in ``rows`` (int64 [B,T,C]); the FP8 lookup follows.
+    """
+    n, const = helper.make_node, _const
+    e4m3, e8m0 = _decode_tables()
+    nodes = [
+        *blocked_hash_nodes(max_ngram_size),
         # FP8 lookup: the stored bytes, decoded through 256-entry tables
         n("Gather", ["table", "rows"], ["codes"], axis=0),               # uint8 [B,T,C,d]
         n("Gather", ["scales", "rows"], ["scale_codes"], axis=0),        # uint8 [B,T,C,d/32]
@@ -123,6 +142,20 @@ def hash_gather_fp8_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -
     ]
     return helper.make_function(
         DOMAIN, FP8_OP_TYPE, FP8_INPUTS, ["embeddings"], nodes,
+        [helper.make_opsetid("", max(opset, MIN_BODY_OPSET))], attributes=FP8_ATTRIBUTES)
+
+
+def hash_gather_blocked_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -> onnx.FunctionProto:
+    """``HashGatherBlocked`` as an ONNX function: the hash, then the table's rows cast to float32."""
+    n = helper.make_node
+    nodes = [
+        *blocked_hash_nodes(max_ngram_size),
+        n("Gather", ["table", "rows"], ["gathered"], axis=0),            # stored type [B,T,C,d]
+        n("Cast", ["gathered"], ["values"], to=TensorProto.FLOAT),
+        n("Reshape", ["values", "flat"], ["embeddings"]),                # [B,T,C*d]
+    ]
+    return helper.make_function(
+        DOMAIN, BLOCKED_OP_TYPE, BLOCKED_INPUTS, ["embeddings"], nodes,
         [helper.make_opsetid("", max(opset, MIN_BODY_OPSET))], attributes=FP8_ATTRIBUTES)
 
 
@@ -165,3 +198,18 @@ class HashGatherFP8(OpRun):
         block_scales = e8m0[np.asarray(scales)[rows]]                # [B,T,C,d/32]
         scaled = values.reshape(*block_scales.shape, BLOCK) * block_scales[..., None]
         return (scaled.reshape(*rows.shape[:2], -1).astype(np.float32),)
+
+
+class HashGatherBlocked(OpRun):
+    """The numpy reference kernel of ``HashGatherBlocked``. A BF16 table arrives as ``ml_dtypes.bfloat16``
+    (what ``onnx.numpy_helper`` gives), whose cast to float32 is exact."""
+
+    op_domain = DOMAIN
+
+    def _run(self, input_ids, token_mask, compress_lut, table, multipliers=None, primes=None,
+             pad_id=None, n_heads=None):
+        from engram_export.models.deepseek_v41 import hash_rows_v41
+
+        rows = hash_rows_v41(compress_ids(input_ids, np.asarray(compress_lut)), token_mask, multipliers,
+                             primes, pad_id, n_heads)
+        return (np.asarray(table)[rows].astype(np.float32).reshape(*rows.shape[:2], -1),)

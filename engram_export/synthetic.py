@@ -5,7 +5,8 @@
 shard per Engram layer and ``model.safetensors.index.json``. A table of the released size (384M rows,
 about 101 GB with its scales) is a *sparse* file: the shard is sized with ``truncate`` and only the
 rows asked for are written (a few MB on disk); rows never written read as zeros, a valid FP8 value.
-Every row's bytes are a fixed function of (seed, layer, row), so any subset gives the same table.
+Every row's bytes are a fixed function of (seed, layer, row), so any subset gives the same table. The
+table is FP8 with E8M0 scales (as released) or, with ``table_dtype``, BF16 or F32 without scales.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.models.deepseek_v41 import BLOCK, V41Config, _expected
+from engram_export.checkpoint import DTYPE_BYTES
+from engram_export.models.deepseek_v41 import BLOCK, TABLE_DTYPES, V41Config, _expected
 
-__all__ = ["write_v41_checkpoint", "table_rows_bytes", "write_word_tokenizer"]
-
+__all__ = ["write_v41_checkpoint", "table_rows_bytes", "float_rows_bytes", "write_word_tokenizer"]
 
 
 def _mix(*keys: np.ndarray) -> np.ndarray:
@@ -47,6 +48,18 @@ def table_rows_bytes(config: V41Config, layer_id: int, rows: np.ndarray, seed: i
     scales = 120 + (_mix(seed + 1, layer_id, rows, np.arange(config.head_dim // BLOCK, dtype=np.uint64))
                     % np.uint64(8)).astype(np.uint8)
     return values, scales
+
+
+def float_rows_bytes(config: V41Config, layer_id: int, rows: np.ndarray, seed: int = 0,
+                     table_dtype: str = "BF16") -> np.ndarray:
+    """The stored bytes [n, head_dim * itemsize] (uint8) of rows ``rows`` of a BF16 or F32 table: random
+    sign and mantissa bits, exponents giving magnitudes in [2**-7, 2**1)."""
+    rows = np.asarray(rows, np.uint64)[:, None]
+    bits = _mix(seed, layer_id, rows, np.arange(config.head_dim, dtype=np.uint64))
+    sign, exponent = bits >> np.uint64(63), np.uint64(120) + (bits >> np.uint64(32)) % np.uint64(8)
+    f32 = (sign << np.uint64(31) | exponent << np.uint64(23) | bits & np.uint64(0x7FFFFF)).astype(np.uint32)
+    stored = (f32 >> np.uint32(16)).astype(np.uint16) if table_dtype == "BF16" else f32
+    return stored.view(np.uint8)
 
 
 def _small_tensors(config: V41Config, layer_id: int, seed: int) -> dict[str, tuple[str, bytes]]:
@@ -88,12 +101,17 @@ def _write_shard(path: Path, small: dict[str, tuple[str, bytes, tuple]], large: 
 
 def write_v41_checkpoint(folder: str | Path, config: dict, seed: int = 0,
                          rows: dict[int, np.ndarray] | None = None, prefix: str = "",
-                         tokenizer: bool = False) -> Path:
+                         tokenizer: bool = False, table_dtype: str = "F8_E4M3") -> Path:
     """Write a checkpoint folder for the V4.1 ``config`` (a ``config.json`` dict).
 
     ``rows``: layer id -> the table rows to write (default: every row, for small tables only).
     ``prefix``: ``"model."`` to store the tensors under it, as some exports do.
+    ``table_dtype``: ``"F8_E4M3"`` (with an F8_E8M0 ``embed.scale``, as released), ``"BF16"`` or ``"F32"``.
     """
+    if table_dtype not in TABLE_DTYPES:
+        raise ValueError(f"table_dtype must be one of {TABLE_DTYPES}, got {table_dtype!r}")
+    fp8 = table_dtype == "F8_E4M3"
+    table_tensors = ("embed.scale", "embed.weight") if fp8 else ("embed.weight",)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     parsed = V41Config.from_hf(config)
@@ -103,24 +121,29 @@ def write_v41_checkpoint(folder: str | Path, config: dict, seed: int = 0,
     weight_map = {}
     for index, layer_id in enumerate(parsed.layer_ids):
         shard = f"model-{index + 1:05d}-of-{len(parsed.layer_ids):05d}.safetensors"
-        names = {suffix: f"{prefix}layers.{layer_id}.engram.{suffix}" for suffix in _expected(parsed, layer_id)}
         expected = _expected(parsed, layer_id)
+        names = {suffix: f"{prefix}layers.{layer_id}.engram.{suffix}" for suffix in expected
+                 if fp8 or suffix != "embed.scale"}
         small = {names[s]: (dtype, data, expected[s][1]) for s, (dtype, data) in
                  _small_tensors(parsed, layer_id, seed).items()}
-        large = {names[s]: (expected[s][0][0], expected[s][1], math.prod(expected[s][1]))
-                 for s in ("embed.scale", "embed.weight")}
+        dtypes = {"embed.scale": "F8_E8M0", "embed.weight": table_dtype}
+        large = {names[s]: (dtypes[s], expected[s][1], math.prod(expected[s][1]) * DTYPE_BYTES[dtypes[s]])
+                 for s in table_tensors}
         offsets = _write_shard(folder / shard, small, large)
         wanted = np.arange(parsed.table_rows(layer_id)) if rows is None else np.unique(rows[layer_id])
-        values, scales = table_rows_bytes(parsed, layer_id, wanted, seed)
+        if fp8:
+            values, scales = table_rows_bytes(parsed, layer_id, wanted, seed)
+            _write_rows(folder / shard, offsets[names["embed.scale"]], wanted, scales)
+        else:
+            values = float_rows_bytes(parsed, layer_id, wanted, seed, table_dtype)
         _write_rows(folder / shard, offsets[names["embed.weight"]], wanted, values)
-        _write_rows(folder / shard, offsets[names["embed.scale"]], wanted, scales)
         weight_map.update(dict.fromkeys(names.values(), shard))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2))
     return folder
 
 
 def _write_rows(path: Path, offset: int, rows: np.ndarray, data: np.ndarray) -> None:
-    """Rows of a [R, W] uint8 tensor at ``offset``: all at once when they are every row, else one by
+    """Rows of a [R, W] tensor, ``data`` their bytes [n, W * itemsize], at ``offset``: all at once when they are every row, else one by
     one (each a small write into the hole)."""
     width = data.shape[1]
     fd = os.open(path, os.O_WRONLY)

@@ -1,13 +1,14 @@
 """DeepSeek-V4.1's Engram (model_type ``deepseek_v41``, spec section 8): config, hash and PyTorch layer.
 
 What differs from the demo family (``engram.py``): 2..N-grams hashed into ONE table per layer whose
-rows are FP8 E4M3 with an E8M0 (power of two) scale per 32 values; image tokens (``token_mask``
+rows are FP8 E4M3 with an E8M0 (power of two) scale per 32 values (or, in other checkpoints, BF16 or
+F32 rows without scales, kept as stored); image tokens (``token_mask``
 False) block n-grams and get a zero gate; one fused FP8 ``wkv`` projection with 32x32 block scales and
 no bias; a gate from unweighted RMS norms and ``q_weight * k_weight``; no short conv; the output
 includes the residual, ``h + gate * value``.
 
-The table is never widened in memory: the layer keeps the stored FP8 bytes and E8M0 scales and
-dequantizes only the rows it looks up.
+The table is never widened in memory: the layer keeps the stored bytes (FP8 and E8M0 scales, or BF16
+or F32) and dequantizes or widens only the rows it looks up.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from engram_export.errors import EngramError
 from engram_export.models.hashing import INT64_MAX, LAYER_SEED_STRIDE, _next_prime
 
 __all__ = ["V41Config", "V41Hashing", "V41EngramLayer", "hash_rows_v41", "e4m3_values", "e8m0_values",
-           "BLOCK", "MODEL_TYPE", "locate_layer", "open_layer", "TENSORS"]
+           "BLOCK", "MODEL_TYPE", "locate_layer", "open_layer", "TENSORS", "TABLE_DTYPES"]
 
 MODEL_TYPE = "deepseek_v41"
 BLOCK = 32  # values per E8M0 scale: along a table row, and 32x32 blocks of wkv
@@ -265,13 +266,16 @@ def dequantize_blocks(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
 
 
 TENSORS = ("embed.weight", "embed.scale", "wkv.weight", "wkv.scale", "q_weight", "k_weight")
+TABLE_DTYPES = ("F8_E4M3", "BF16", "F32")  # embed.scale exists for (and only for) an F8_E4M3 table
+_TORCH_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "BF16": torch.bfloat16,
+                 "F32": torch.float32}
 
 
 def _expected(config: V41Config, layer_id: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """Checkpoint tensor -> (accepted dtypes, shape)."""
+    """Checkpoint tensor -> (accepted dtypes, shape). ``embed.scale`` is only there for an FP8 table."""
     rows, out, width = config.table_rows(layer_id), config.projection_width, config.embedding_width
     streams = (config.hc_mult, config.hidden_size)
-    return {"embed.weight": (("F8_E4M3",), (rows, config.head_dim)),
+    return {"embed.weight": (TABLE_DTYPES, (rows, config.head_dim)),
             "embed.scale": (("F8_E8M0",), (rows, config.head_dim // BLOCK)),
             "wkv.weight": (("F8_E4M3",), (out, width)),
             "wkv.scale": (("F8_E8M0",), (math.ceil(out / BLOCK), math.ceil(width / BLOCK))),
@@ -284,7 +288,16 @@ def locate_layer(checkpoint, config: V41Config, layer_id: int) -> dict:
     V41Hashing(config)._check_layer(layer_id)
     located = {}
     for suffix, (dtypes, shape) in _expected(config, layer_id).items():
-        name = checkpoint.find([f"layers.{layer_id}.engram.{suffix}", f"model.layers.{layer_id}.engram.{suffix}"])
+        names = [f"layers.{layer_id}.engram.{suffix}", f"model.layers.{layer_id}.engram.{suffix}"]
+        if suffix == "embed.scale" and located["embed.weight"].dtype != "F8_E4M3":
+            try:
+                found = checkpoint.find(names)
+            except EngramError:
+                continue  # a float table has no scales
+            table = located["embed.weight"]
+            raise EngramError(f"checkpoint: {table.name} is {table.dtype}, which takes no scales, but the "
+                              f"checkpoint also holds {found}")
+        name = checkpoint.find(names)
         location = checkpoint.locate(name)
         if location.dtype not in dtypes:
             raise EngramError(f"checkpoint: {name} is {location.dtype}, expected {' or '.join(dtypes)}")
@@ -296,18 +309,17 @@ def locate_layer(checkpoint, config: V41Config, layer_id: int) -> dict:
 
 
 def _mapped(location) -> torch.Tensor:
-    """A read-only, file-backed view of a tensor's bytes (nothing is read until used)."""
+    """A read-only, file-backed view of a tensor's bytes in its stored dtype (nothing is read until used)."""
     import warnings
 
-    array = np.memmap(location.file, np.uint8, "r", location.offset, location.shape)
+    array = np.memmap(location.file, np.uint8, "r", location.offset, location.nbytes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that the array is not writable: it is never written
-        return torch.from_numpy(array).view(torch.float8_e4m3fn if location.dtype == "F8_E4M3"
-                                            else torch.float8_e8m0fnu)
+        return torch.from_numpy(array).view(_TORCH_DTYPES[location.dtype]).view(location.shape)
 
 
 def open_layer(checkpoint, config: V41Config, layer_id: int, hashing: V41Hashing | None = None):
-    """The PyTorch layer of a checkpoint: the table and its scales mapped from the shard, not read."""
+    """The PyTorch layer of a checkpoint: the table (and its scales) mapped from the shard, not read."""
     located = locate_layer(checkpoint, config, layer_id)
     tensors = {suffix: _mapped(location) if suffix.startswith("embed.") else checkpoint.load(location.name)
                for suffix, location in located.items()}
@@ -317,8 +329,9 @@ def open_layer(checkpoint, config: V41Config, layer_id: int, hashing: V41Hashing
 class V41EngramLayer(nn.Module):
     """One V4.1 Engram layer: ``forward(input_ids, hidden_states, token_mask) -> h + gate * value``.
 
-    Tensors keep the checkpoint's names and dtypes (``embed.weight`` F8_E4M3, ``embed.scale`` F8_E8M0,
-    ``wkv.weight`` F8_E4M3, ``wkv.scale`` F8_E8M0, ``q_weight`` and ``k_weight`` BF16).
+    Tensors keep the checkpoint's names and dtypes (``embed.weight`` F8_E4M3 with ``embed.scale``
+    F8_E8M0, or ``embed.weight`` BF16 or F32 alone; ``wkv.weight`` F8_E4M3, ``wkv.scale`` F8_E8M0,
+    ``q_weight`` and ``k_weight`` BF16).
     """
 
     def __init__(self, config: V41Config, layer_id: int, tensors: dict[str, torch.Tensor],
@@ -329,11 +342,13 @@ class V41EngramLayer(nn.Module):
         self.tensors = tensors  # kept as stored: the table is never widened
 
     def lookup(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The dequantized rows, concatenated: float32 [B, T, C * head_dim]."""
+        """The dequantized (FP8) or widened (BF16, F32) rows, concatenated: float32 [B, T, C * head_dim]."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask
         rows = torch.from_numpy(self.hashing.rows(input_ids.numpy(), mask.numpy(), self.layer_id))
-        table, scales = self.tensors["embed.weight"], self.tensors["embed.scale"]
-        return dequantize_rows(table[rows], scales[rows]).flatten(-2)
+        table = self.tensors["embed.weight"]
+        if table.dtype != torch.float8_e4m3fn:
+            return table[rows].float().flatten(-2)
+        return dequantize_rows(table[rows], self.tensors["embed.scale"][rows]).flatten(-2)
 
     def fuse(self, embeddings: torch.Tensor, hidden_states: torch.Tensor,
              token_mask: torch.Tensor | None = None) -> torch.Tensor:

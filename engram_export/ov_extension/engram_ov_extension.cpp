@@ -5,7 +5,8 @@
 // ids -> table rows in true 64-bit arithmetic (wrapping like numpy); the ONNX converter turns
 // engram.HashGather into EngramHash + a standard Gather on the table, so NNCF can still compress it.
 // With blocking=1 it is DeepSeek-V4.1's hash (image tokens block n-grams); engram.HashGatherFP8 becomes
-// EngramHash(blocking=1) + standard Gathers and FP8/E8M0 decoding of the table's rows.
+// EngramHash(blocking=1) + standard Gathers and FP8/E8M0 decoding of the table's rows, and
+// engram.HashGatherBlocked (a BF16 or F32 table) EngramHash(blocking=1) + Gather + Convert to f32.
 //
 // EngramGatedShortConv: everything after the projection GEMM (gates, gated value, short-conv norm,
 // causal depthwise conv, SiLU, residual) in one pass over memory. With standard ops each of those steps
@@ -474,17 +475,22 @@ static ov::Output<ov::Node> decode_bytes(const ov::Output<ov::Node>& codes, cons
 // -> EngramHash(blocking=1) rows [B,T,C] -> standard ops: Gather the E4M3 bytes and E8M0 scale bytes,
 // decode both through 256-entry tables, scale each block of 32 -> f32 [B, T, C*d]. The table stays the
 // data input of a plain Gather.
+// The V4.1 rows [B,T,C] of a HashGatherFP8 / HashGatherBlocked node (input_ids, token_mask, compress_lut, ..)
+static std::shared_ptr<EngramHash> blocked_rows(const ov::frontend::NodeContext& node) {
+    return std::make_shared<EngramHash>(
+        ov::OutputVector{node.get_input(0), node.get_input(2), node.get_input(1)},
+        node.get_attribute<std::vector<int64_t>>("multipliers"),
+        node.get_attribute<std::vector<int64_t>>("primes"),
+        node.get_attribute<int64_t>("pad_id"), node.get_attribute<int64_t>("n_heads"), 1);
+}
+
 ov::OutputVector convert_hash_gather_fp8(const ov::frontend::NodeContext& node) {
     for (int i : {3, 4}) {
         const auto type = node.get_input(i).get_element_type();
         OPENVINO_ASSERT(type == ov::element::u8 || type.is_dynamic(),
                         "engram.HashGatherFP8: table and scales must be uint8 (the stored bytes), got ", type);
     }
-    auto rows = std::make_shared<EngramHash>(
-        ov::OutputVector{node.get_input(0), node.get_input(2), node.get_input(1)},
-        node.get_attribute<std::vector<int64_t>>("multipliers"),
-        node.get_attribute<std::vector<int64_t>>("primes"),
-        node.get_attribute<int64_t>("pad_id"), node.get_attribute<int64_t>("n_heads"), 1);
+    auto rows = blocked_rows(node);
     auto axis = ov::op::v0::Constant::create(ov::element::i32, ov::Shape{}, {0});
     auto codes = std::make_shared<ov::op::v8::Gather>(node.get_input(3), rows, axis);        // [B,T,C,d]
     auto scale_codes = std::make_shared<ov::op::v8::Gather>(node.get_input(4), rows, axis);  // [B,T,C,d/32]
@@ -496,6 +502,26 @@ ov::OutputVector convert_hash_gather_fp8(const ov::frontend::NodeContext& node) 
     auto scaled = std::make_shared<ov::op::v1::Multiply>(blocks, scales);
     auto flat = ov::op::v0::Constant::create(ov::element::i64, ov::Shape{3}, {0, 0, -1});
     return {std::make_shared<ov::op::v1::Reshape>(scaled, flat, true)};
+}
+
+// engram.HashGatherBlocked(input_ids, token_mask, compress_lut, table bf16/f32 [R,d]) -> EngramHash(blocking=1)
+// rows [B,T,C] -> Gather(Convert(table, f32), rows) [B,T,C,d] -> [B,T,C*d]. Convert BEFORE the Gather: the
+// CPU plugin takes Constant(bf16) -> Convert -> Gather as a compressed table and gathers the bf16 rows in
+// place. With Gather -> Convert it turns a bf16 constant into an f32 copy on CPUs without native bf16
+// (measured: a 512 MB table became +1 GB of resident memory on AVX2). For an f32 table the Convert is a
+// no-op, removed by the plugin.
+ov::OutputVector convert_hash_gather_blocked(const ov::frontend::NodeContext& node) {
+    const auto table = node.get_input(3);
+    const auto type = table.get_element_type();
+    OPENVINO_ASSERT(type == ov::element::bf16 || type == ov::element::f32 || type.is_dynamic(),
+                    "engram.HashGatherBlocked: the table must be bf16 or f32, got ", type);
+    OPENVINO_ASSERT(table.get_partial_shape().rank().compatible(2),
+                    "engram.HashGatherBlocked: the table must be [rows, head_dim], got ", table.get_partial_shape());
+    auto axis = ov::op::v0::Constant::create(ov::element::i32, ov::Shape{}, {0});
+    auto widened = std::make_shared<ov::op::v0::Convert>(table, ov::element::f32);
+    auto values = std::make_shared<ov::op::v8::Gather>(widened, blocked_rows(node), axis);  // [B,T,C,d]
+    auto flat = ov::op::v0::Constant::create(ov::element::i64, ov::Shape{3}, {0, 0, -1});
+    return {std::make_shared<ov::op::v1::Reshape>(values, flat, true)};
 }
 
 ov::OutputVector convert_gated_short_conv(const ov::frontend::NodeContext& node) {
@@ -518,4 +544,6 @@ OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({
                                                               engram::convert_hash_gather),
     std::make_shared<ov::frontend::onnx::ConversionExtension>("HashGatherFP8", "engram",
                                                               engram::convert_hash_gather_fp8),
+    std::make_shared<ov::frontend::onnx::ConversionExtension>("HashGatherBlocked", "engram",
+                                                              engram::convert_hash_gather_blocked),
 }));

@@ -11,9 +11,9 @@ every input. The constant keeps the stored type (u8 FP8 codes, bf16 or f32), the
 made from an ``openvino.Tensor`` of that type over the mapped bytes (bf16 has no numpy type, so
 ``ops.constant(array)`` cannot make it). Such a tensor does not own its memory: the constant holds the
 mapping in its rt_info instead (OpenVINO keeps a Python object there, released under the GIL with the
-last copy of the node, compiled models included). An F32 table is not lazy: the CPU plugin reads every
-f32 constant once when it compiles (a scan for subnormals, measured: +1 GB of page cache for a 1 GB
-table), and copies it, flushed to zero, if it finds any; u8 and bf16 constants are not scanned.
+last copy of the node, compiled models included). The CPU plugin scans every f32 constant for
+subnormals when it compiles (reading a whole f32 table, and copying it if it finds any): the runtime
+compiles a lookup over an f32 table with ``CPU_DENORMALS_OPTIMIZATION``, which skips the scan.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engram_export.errors import EngramError
+from engram_export.errors import EngramError, one_line
 from engram_export.fileio import STAGING_PREFIX, check_output_file, check_output_folder
 
 __all__ = ["main"]
@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(exc: BaseException, command: str) -> tuple[str, int]:
+def error_line(exc: BaseException, command: str) -> tuple[str, int]:
     """The message and exit code for an error that reached ``main``: 2 for what the user can fix
     (an input, a path, the memory asked for), 130 for Ctrl-C, 1 for anything else (a bug)."""
     if isinstance(exc, KeyboardInterrupt):
@@ -493,8 +493,7 @@ def one_line(exc: BaseException, command: str) -> tuple[str, int]:
         return f"{where}{exc.strerror or exc}", 2
     if isinstance(exc, MemoryError):
         return f"{command} failed: out of memory (a smaller table or batch may fit)", 2
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{command} failed: {type(exc).__name__}: {first} (run with --debug for the trace)", 1
+    return f"{command} failed: {type(exc).__name__}: {one_line(exc)} (run with --debug for the trace)", 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -511,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             quiet()
         return args.func(args) or 0
     except (KeyboardInterrupt, Exception) as exc:  # a last line of defence: one line, never a trace
-        message, code = one_line(exc, args.command)
+        message, code = error_line(exc, args.command)
         if "--debug" in argv:
             import traceback
 

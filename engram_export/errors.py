@@ -8,7 +8,10 @@ class EngramError(ValueError):
 
 
 def one_line(exc: BaseException) -> str:
-    """The line of a library's multi-line message that says what went wrong (OpenVINO puts the
-    source location first and the reason last)."""
+    """The line of a library's message that says what went wrong: the first line that is not an
+    OpenVINO source location (its messages start with ``Exception from src/...`` and ``Check '...'
+    failed at src/...``, and give the reason last)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    reasons = [line for line in lines
+               if not line.startswith(("Exception from src/", "Check '")) and " at src/" not in line]
+    return (reasons or lines or [type(exc).__name__])[0]

@@ -135,3 +135,15 @@ def test_bad_metadata(tiny_files, tmp_path, key, edit, message, backend):
     path = _with_metadata(tiny_files["onnx"], tmp_path / "m.onnx", key, edit(value))
     with pytest.raises(EngramError, match=message):
         EngramRuntime(path, runtime=backend)
+
+
+def test_library_errors_give_their_reason():
+    from engram_export.errors import one_line
+
+    openvino = RuntimeError("Exception from src/inference/src/cpp/core.cpp:84:\nCheck 'false' failed at "
+                            "src/frontends/common/src/frontend.cpp:47:\nPort for tensor name i was not found.\n")
+    assert one_line(openvino) == "Port for tensor name i was not found."
+    assert one_line(RuntimeError("Exception from src/core/src/runtime/allocator.cpp:79:\nstd::bad_alloc")) \
+        == "std::bad_alloc"
+    assert one_line(ValueError("kaput\nsecond line")) == "kaput"
+    assert one_line(KeyError()) == "KeyError"

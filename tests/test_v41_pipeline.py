@@ -160,6 +160,16 @@ def _edit_config(folder, **changes):
     (folder / "config.json").write_text(json.dumps(data))
 
 
+def _replace(path, old, new):
+    path.write_text(path.read_text().replace(old, new))
+
+
+def _overwrite(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda f: _edit_config(f, engram_num_embeddings=[4038, 4125]), "head primes sum to 4124"),
     (lambda f: _edit_config(f, engram_compressed_vocab_size=2999), "tokenizer compresses to 3000"),
@@ -169,6 +179,15 @@ def _edit_config(folder, **changes):
     (lambda f: os.truncate(f / "model-00002-of-00002.safetensors", 5000), "is truncated"),
     (lambda f: (f / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}})),
      "holds no tensor layers.1.engram.embed.weight"),
+    (lambda f: _replace(f / "model.safetensors.index.json", "model-00001", "../model-00001"), "not a file in"),
+    (lambda f: _replace(f / "model.safetensors.index.json", "00001-of", "00009-of"), "is missing from"),
+    (lambda f: (f / "model.safetensors.index.json").write_text("{"), "is not a valid index"),
+    (lambda f: _edit_config(f, hc_mult=True), "hc_mult must be an integer"),
+    (lambda f: (f / "config.json").write_text("[1]"), "does not hold a JSON object"),
+    (lambda f: (f / "tokenizer.json").write_text("{"), "tokenizer: cannot read"),
+    (lambda f: _overwrite(f / "model-00001-of-00002.safetensors", 8, b"\xff\xfe"), "not a readable safetensors file"),
+    (lambda f: _overwrite(f / "model-00001-of-00002.safetensors", 0, (10**12).to_bytes(8, "little")),
+     "not a readable safetensors file"),
 ])
 def test_bad_checkpoints(checkpoint, tmp_path, change, message):
     folder = tmp_path / "checkpoint"

@@ -5,14 +5,23 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
+from typing import NamedTuple
 
 from engram_export.cli import main
 from engram_export.fileio import STAGING_PREFIX
 
-__all__ = ["run_cli", "refused", "listing", "STAGING_PREFIX"]
+__all__ = ["run_cli", "cli", "refused", "listing", "Done", "STAGING_PREFIX"]
 
 
-def run_cli(*args) -> tuple[int, str, str]:
+class Done(NamedTuple):
+    """What a command did (the fields of ``subprocess.CompletedProcess`` that tests read)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args) -> Done:
     """``engram-export -q ARGS`` as (exit code, stdout, stderr); argparse's exits become codes."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -20,7 +29,15 @@ def run_cli(*args) -> tuple[int, str, str]:
             code = main(["-q", *map(str, args)])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 2
-    return code, out.getvalue(), err.getvalue()
+    return Done(code, out.getvalue(), err.getvalue())
+
+
+def cli(*args, check: bool = True) -> Done:
+    """``run_cli``, failing the test on a non-zero exit unless ``check`` is False."""
+    done = run_cli(*args)
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done
 
 
 def refused(result: tuple[int, str, str], message: str) -> None:

@@ -1,4 +1,5 @@
-"""The ``engram-export`` command line, driven by subprocess like a user would."""
+"""The ``engram-export`` command line, in-process (``tests/helpers.py``); one subprocess run proves the
+installed entry point."""
 
 from __future__ import annotations
 
@@ -15,22 +16,7 @@ from safetensors.torch import save_file
 
 from engram_export.verify import compare, random_inputs
 from tests.conftest import TINY_LAYER
-
-
-def cli(*args, check=True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-m", "engram_export.cli", "-q", *map(str, args)],
-                          capture_output=True, text=True, env=env)
-    if check and done.returncode != 0:
-        raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
-    return done
-
-
-def refused(done: subprocess.CompletedProcess, message: str) -> None:
-    assert done.returncode == 2, (done.returncode, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("engram-export: error: "), done.stderr
-    assert message in lines[0], lines[0]
+from tests.helpers import cli, refused
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -143,7 +129,10 @@ def load_tiny():
 
 
 def test_help_is_fast_and_lists_commands():
-    done = cli("--help")
+    """The one subprocess run: the module entry point, as the installed script calls it."""
+    done = subprocess.run([sys.executable, "-m", "engram_export.cli", "--help"], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert done.returncode == 0, done.stderr
     for command in ("export", "compile", "run", "verify", "demo"):
         assert command in done.stdout
 

@@ -12,7 +12,7 @@ from engram_export.errors import EngramError
 from engram_export.manifest import read_manifest
 from engram_export.runtime import EngramRuntime
 from engram_export.verify import compare, random_inputs
-from tests.test_cli import cli, refused
+from tests.helpers import cli, refused
 
 
 def reference(layer, ids, hidden):

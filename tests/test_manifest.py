@@ -140,3 +140,27 @@ def test_single_onnx_checks_its_external_data(tiny_config, tmp_path):
     for backend in ("ort", "ov"):
         with pytest.raises(EngramError, match="m.onnx.data does not match its sampled SHA-256"):
             EngramRuntime(path, runtime=backend)
+
+
+def test_nothing_is_written_beside_the_source(tiny_config, tmp_path, monkeypatch):
+    """compile (and OpenVINO runs of an .onnx) lower the graph in a private temporary folder: the source
+    folder is never written, so a read-only one works."""
+    from pathlib import Path
+
+    from engram_export.compile import compile_onnx
+    from engram_export.export import export_layer
+    from engram_export.models.weights import build_layer
+
+    source = tmp_path / "source"
+    source.mkdir()
+    path = export_layer(build_layer(tiny_config, 1, seed=0), source / "m.onnx", external_data_threshold=1000)
+    before = sorted(p.name for p in source.iterdir())
+    import onnx_ir
+
+    saved, real_save = [], onnx_ir.save
+    monkeypatch.setattr(onnx_ir, "save", lambda model, path, **kw: (saved.append(Path(path)),
+                                                                    real_save(model, path, **kw))[1])
+    compile_onnx(path, tmp_path / "m.xml")
+    EngramRuntime(path)
+    assert saved and not [p for p in saved if p.parent == source]  # the lowered graph went elsewhere
+    assert sorted(p.name for p in source.iterdir()) == before

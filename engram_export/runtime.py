@@ -131,8 +131,8 @@ class _OpenVINO:
         self.config.update(ov_config or {})
         lookup, fuse = self._compile(*split_stages(model, self.precision))
         self.lookups, self.fuses = _RequestPool(lookup), _RequestPool(fuse)
-        # at most as many calls inside OpenVINO as it has streams: more only queue inside the plugin
-        # and compete for the cores with the others' Python work (measured: 2 threads 0.93x of 1)
+        # at most as many calls inside OpenVINO as it has streams: more would only queue inside the
+        # plugin while their requests hold memory
         self._streams = threading.BoundedSemaphore(max(1, int(fuse.get_property("NUM_STREAMS"))))
         precision_hint = fuse.get_property("INFERENCE_PRECISION_HINT")
         group = fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
@@ -144,17 +144,23 @@ class _OpenVINO:
         """Both stages compiled. A lookup over an f32 table (a DeepSeek-V4.1 checkpoint that stores one)
         is compiled without the CPU plugin's scan of f32 constants for subnormals, which reads the
         whole table at every load (measured: +2 GiB resident for a 2 GiB table, +28 MiB without); the
-        lookup only gathers and converts, so the flag changes no value it computes."""
+        lookup only gathers and converts, so the flag changes no value it computes. compile_model sets
+        flush-to-zero on the thread that calls it with that flag and leaves it set, so that compile
+        runs on a thread of its own: the caller's arithmetic keeps its subnormals."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from engram_export.ov_extension import openvino_core
 
         core = openvino_core()
-        lookup_config = dict(self.config)
-        if any(op.get_friendly_name() == "engram_table" and op.get_element_type().get_type_name() == "f32"
-               for op in lookup.get_ops()):
-            lookup_config["CPU_DENORMALS_OPTIMIZATION"] = True
         try:
-            return (core.compile_model(lookup, self.device, lookup_config),
-                    core.compile_model(fuse, self.device, self.config))
+            if not any(op.get_friendly_name() == "engram_table" and op.get_element_type().get_type_name() == "f32"
+                       for op in lookup.get_ops()):
+                return (core.compile_model(lookup, self.device, self.config),
+                        core.compile_model(fuse, self.device, self.config))
+            with ThreadPoolExecutor(1) as apart:
+                compiled = apart.submit(core.compile_model, lookup, self.device,
+                                        {**self.config, "CPU_DENORMALS_OPTIMIZATION": True}).result()
+            return compiled, core.compile_model(fuse, self.device, self.config)
         except RuntimeError as exc:
             raise EngramError(f"OpenVINO cannot compile {self.path.name} for device {self.device!r}: "
                               f"{one_line(exc)}") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engram_export.errors import EngramError
 
-__all__ = ["Checkpoint", "TensorLocation", "read_header", "DTYPE_BYTES"]
+__all__ = ["Checkpoint", "TensorLocation", "read_header", "torch_dtype", "DTYPE_BYTES"]
 
 INDEX, SINGLE, CONFIG = "model.safetensors.index.json", "model.safetensors", "config.json"
 DTYPE_BYTES = {"F8_E4M3": 1, "F8_E8M0": 1, "U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4,
@@ -26,12 +26,13 @@ DTYPE_BYTES = {"F8_E4M3": 1, "F8_E8M0": 1, "U8": 1, "I8": 1, "BF16": 2, "F16": 2
 MAX_HEADER = 100 << 20
 
 
-def _torch_dtypes() -> dict:
+def torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype name (torch is imported only when a tensor is used)."""
     import torch
 
     return {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "U8": torch.uint8,
             "I8": torch.int8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-            "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool}
+            "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool}[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,5 +147,5 @@ class Checkpoint:
             raise EngramError(f"checkpoint: cannot read {name} from {location.file} ({exc.strerror})") from None
         if len(data) != location.nbytes:
             raise EngramError(f"checkpoint: {location.file} is truncated inside {name}")
-        dtype = _torch_dtypes()[location.dtype]
+        dtype = torch_dtype(location.dtype)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(location.shape)

@@ -25,7 +25,7 @@ from engram_export import progress, tables
 from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file, check_output_file, staged_output
 from engram_export.integrity import check_fingerprint, fingerprint
-from engram_export.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo
+from engram_export.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, xml_rt_value
 from engram_export.ov_extension import HASH_OP_TYPE, openvino_core
 
 __all__ = ["compile_onnx", "read_onnx", "read_openvino", "save_ir"]
@@ -75,7 +75,7 @@ def _fold_fp8_projection(model) -> None:
     import torch
     from openvino import opset13 as ops
 
-    from engram_export.models.deepseek_v41 import BLOCK
+    from engram_export.models.deepseek_v41 import BLOCK, dequantize_blocks
 
     constants = {op.get_friendly_name(): op for op in model.get_ops()
                  if op.get_type_name() == "Constant" and op.get_friendly_name() in ("wkv", "wkv_scale")}
@@ -85,14 +85,12 @@ def _fold_fp8_projection(model) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only arrays of the mapped shard: never written
         wkv = torch.from_numpy(constants["wkv"].data).view(torch.float8_e4m3fn)
-        scale = torch.from_numpy(constants["wkv_scale"].data).view(torch.float8_e8m0fnu).float()
+        scale = torch.from_numpy(constants["wkv_scale"].data).view(torch.float8_e8m0fnu)
     weight = openvino.Tensor(openvino.Type.bf16, openvino.Shape(list(wkv.shape)))
-    bits = weight.data.view(np.uint16)
-    for start in range(0, wkv.shape[0], 32 * BLOCK):  # in row blocks: no f32 copy of the whole matrix
-        rows = wkv[start:start + 32 * BLOCK].float()
-        block = scale[start // BLOCK:(start + len(rows) + BLOCK - 1) // BLOCK].repeat_interleave(BLOCK, 0)
-        rows *= block[:len(rows)].repeat_interleave(BLOCK, 1)[:, :rows.shape[1]]
-        bits[start:start + len(rows)] = rows.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    bits, rows = weight.data.view(np.uint16), 32 * BLOCK
+    for start in range(0, wkv.shape[0], rows):  # in row blocks: no f32 copy of the whole matrix
+        block = dequantize_blocks(wkv[start:start + rows], scale[start // BLOCK:(start + rows) // BLOCK])
+        bits[start:start + len(block)] = block.bfloat16().view(torch.int16).numpy().view(np.uint16)
     matmul = matmuls[0]
     folded = ops.matmul(matmul.input_value(0), ops.convert(openvino.op.Constant(weight), openvino.Type.f32),
                         False, True)
@@ -116,10 +114,7 @@ def read_onnx(onnx_path: str | Path):
 def _recorded_fingerprint(path: Path) -> dict:
     """The .bin fingerprint that ``save_ir`` wrote into the .xml's rt_info, read before OpenVINO
     touches the .bin."""
-    try:
-        found = re.search(rf'<{re.escape(BIN_KEY)} value="(\d+) ([0-9a-f]{{64}})"', path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EngramError(f"model: cannot read {path} ({type(exc).__name__})") from None
+    found = re.fullmatch(r"(\d+) ([0-9a-f]{64})", xml_rt_value(path, BIN_KEY) or "")
     if not found:
         raise EngramError(f"{path} records no fingerprint of its .bin (not written by this "
                           f"engram-export: compile it again)")

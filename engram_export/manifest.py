@@ -43,15 +43,14 @@ def model_files(folder: Path, name: str) -> list[str]:
 
         return [name, name[:-len(".xml")] + ".bin", *sorted(table_files(folder / name))]
     import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    from engram_export.model_info import external_files
 
     try:
         model = onnx.load(str(folder / name), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
         raise EngramError(f"{folder / name} is not a readable ONNX file ({type(exc).__name__})") from None
-    locations = {entry.value for tensor in _get_all_tensors(model) if uses_external_data(tensor)
-                 for entry in tensor.external_data if entry.key == "location"}
-    return [name, *sorted(locations)]
+    return [name, *sorted(external_files(model))]
 
 
 def _check_name(folder: Path, name, where: str) -> None:

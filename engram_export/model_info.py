@@ -113,7 +113,21 @@ class ModelInfo:
             model.set_rt_info(value, [RT_INFO_SECTION, key])
 
 
-def _external_files(model) -> set[str]:
+def xml_rt_value(xml: Path, key: str) -> str | None:
+    """The value of rt_info entry ``key`` read from an IR's .xml text, without OpenVINO reading the
+    model (and so before it maps the .bin or needs the tables)."""
+    import html
+    import re
+
+    try:
+        found = re.search(rf'<{re.escape(key)} value="([^"]*)"', xml.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EngramError(f"model: cannot read {xml} ({type(exc).__name__})") from None
+    return html.unescape(found[1]) if found else None
+
+
+def external_files(model) -> set[str]:
+    """The external data files an ``onnx.ModelProto`` reads (its tensors' ``location``s)."""
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     return {entry.value for tensor in _get_all_tensors(model) if uses_external_data(tensor)
@@ -127,7 +141,7 @@ def record_external_data(model, folder: Path) -> None:
 
     for prop in [p for p in model.metadata_props if p.key == EXTERNAL_DATA_KEY]:
         model.metadata_props.remove(prop)
-    files = {name: fingerprint(folder / name, full=False) for name in sorted(_external_files(model))}
+    files = {name: fingerprint(folder / name, full=False) for name in sorted(external_files(model))}
     model.metadata_props.add(key=EXTERNAL_DATA_KEY, value=json.dumps(files))
 
 
@@ -135,7 +149,7 @@ def _check_external_data(model, record: str | None, path: Path) -> None:
     """Refuse an .onnx whose external data files are not the ones it was written with."""
     from engram_export.integrity import check_fingerprint
 
-    uses = _external_files(model)
+    uses = external_files(model)
     if not uses:
         return
     try:

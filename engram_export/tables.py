@@ -96,16 +96,13 @@ def _records(model) -> dict:
 
 def table_files(xml: Path) -> dict[str, dict]:
     """The table files an .xml reads (name -> record), from its text, without reading the model."""
-    import re
+    from engram_export.model_info import xml_rt_value
 
-    found = re.search(rf'<{re.escape(TABLES_KEY)} value="([^"]*)"', xml.read_text())
-    if not found:
+    value = xml_rt_value(xml, TABLES_KEY)
+    if value is None:
         return {}
-    import html
-
     try:
-        records = json.loads(html.unescape(found[1]))
-        return {record["file"]: record for record in records.values()}
+        return {record["file"]: record for record in json.loads(value).values()}
     except (ValueError, KeyError, TypeError):
         raise EngramError(f"{xml}: malformed table record") from None
 

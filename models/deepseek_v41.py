@@ -267,8 +267,6 @@ def dequantize_blocks(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
 
 TENSORS = ("embed.weight", "embed.scale", "wkv.weight", "wkv.scale", "q_weight", "k_weight")
 TABLE_DTYPES = ("F8_E4M3", "BF16", "F32")  # embed.scale exists for (and only for) an F8_E4M3 table
-_TORCH_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "BF16": torch.bfloat16,
-                 "F32": torch.float32}
 
 
 def _expected(config: V41Config, layer_id: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
@@ -312,10 +310,12 @@ def _mapped(location) -> torch.Tensor:
     """A read-only, file-backed view of a tensor's bytes in its stored dtype (nothing is read until used)."""
     import warnings
 
+    from engram_export.checkpoint import torch_dtype
+
     array = np.memmap(location.file, np.uint8, "r", location.offset, location.nbytes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that the array is not writable: it is never written
-        return torch.from_numpy(array).view(_TORCH_DTYPES[location.dtype]).view(location.shape)
+        return torch.from_numpy(array).view(torch_dtype(location.dtype)).view(location.shape)
 
 
 def open_layer(checkpoint, config: V41Config, layer_id: int, hashing: V41Hashing | None = None):

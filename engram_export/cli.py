@@ -121,12 +121,12 @@ def run_export(args) -> None:
             raise EngramError("--checkpoint brings its own config.json: drop --config")
         print(export_checkpoint(args.checkpoint, args.output, args.layer, args.copy_table))
         return
-    from engram_export.models.config import load_config
+    from engram_export.models.config import is_deepseek_v41, load_config
 
     if args.config is None:
         raise EngramError("give --config (a preset or JSON file) or --checkpoint")
     config = load_config(args.config)
-    if getattr(config, "model_type", None):
+    if is_deepseek_v41(config):
         print(export_random_v41(config, args))
         return
     if args.layer is None:
@@ -337,6 +337,7 @@ def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(),
     (and ``extra`` .xml files); prints the table and a loud line for each failure."""
     from engram_export.compile import compile_onnx
     from engram_export.export import export_layer
+    from engram_export.models.config import is_deepseek_v41
     from engram_export.verify import (comparisons_table, default_paths, failures_summary,
                                       verify_paths, verify_paths_v41)
 
@@ -344,9 +345,9 @@ def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(),
         onnx_path = (export or (lambda path: export_layer(layer, path)))(workdir / "engram.onnx")
     xml = {p: compile_onnx(onnx_path, workdir / f"engram_{p}.xml", p) for p in ("f32", "bf16")}
     xml.update({path.name: path for path in extra})
-    v41 = getattr(layer.config, "model_type", None) is not None
     with _stage(f"running every path at {', '.join(f'{b}x{t}' for b, t in shapes)}"):
-        results = (verify_paths_v41 if v41 else verify_paths)(layer, default_paths(onnx_path, xml), shapes)
+        verify = verify_paths_v41 if is_deepseek_v41(layer.config) else verify_paths
+        results = verify(layer, default_paths(onnx_path, xml), shapes)
     print(comparisons_table(results))
     failed = failures_summary(results)
     print("\n".join(failed))
@@ -433,7 +434,7 @@ def add_bench(sub) -> None:
 def run_bench_command(args) -> None:
     from engram_export.bench import run_bench
     from engram_export.decode_bench import decode_bench
-    from engram_export.models.config import load_config
+    from engram_export.models.config import is_deepseek_v41, load_config
     from engram_export.models.weights import build_layer
 
     if (args.batch is None) != (args.tokens is None):
@@ -444,7 +445,7 @@ def run_bench_command(args) -> None:
     check_workdir(args.workdir)
     config = load_config(args.config)
     modes = [] if args.modes == "none" else args.modes.split(",")
-    if getattr(config, "model_type", None):  # DeepSeek-V4.1: the released size from a sparse checkpoint
+    if is_deepseek_v41(config):  # the released size from a sparse checkpoint
         from engram_export.bench_v41 import run_bench_v41
 
         if args.weights or args.engram_vocab_size or args.decode:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from engram_export.errors import EngramError
-from engram_export.models.config import EngramConfig, config_from_dict
+from engram_export.models.config import EngramConfig, config_from_dict, is_deepseek_v41
 
 __all__ = ["ModelInfo", "PRECISIONS"]
 
@@ -40,7 +40,7 @@ class ModelInfo:
     @property
     def takes_mask(self) -> bool:
         """DeepSeek-V4.1 models take a ``token_mask`` (False: image token)."""
-        return getattr(self.config, "model_type", None) is not None
+        return is_deepseek_v41(self.config)
 
     def to_metadata(self) -> dict[str, str]:
         metadata = {CONFIG_KEY: json.dumps(self.config.to_dict()), LAYER_KEY: str(self.layer_id),

@@ -13,7 +13,8 @@ from typing import Any
 
 from engram_export.errors import EngramError
 
-__all__ = ["EngramConfig", "load_config", "check_tokenizer", "preset_names"]
+__all__ = ["EngramConfig", "load_config", "check_tokenizer", "preset_names", "config_from_dict",
+           "is_deepseek_v41"]
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -153,6 +154,11 @@ class EngramConfig:
         if isinstance(tokenizer, str) and base_dir is not None and not Path(tokenizer).is_absolute():
             values["tokenizer"] = str(base_dir / tokenizer)
         return cls(**values)
+
+
+def is_deepseek_v41(config) -> bool:
+    """Whether ``config`` is of the DeepSeek-V4.1 family (a ``V41Config``), not the demo's."""
+    return getattr(config, "model_type", None) is not None
 
 
 def config_from_dict(data: dict[str, Any], base_dir: Path | None = None):

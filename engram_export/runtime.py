@@ -118,12 +118,13 @@ class _OpenVINO:
     """Two compiled stages (``stages.split_stages``): lookup, then fuse on its output tensor."""
 
     def __init__(self, path: Path, precision: str | None, device: str, threads: int | None,
-                 ov_config: dict | None = None):
+                 ov_config: dict | None = None, table_memory: str = "mmap", lookup_kernel: bool = True):
         from engram_export.compile import read_openvino
         from engram_export.stages import split_stages
 
         model, self.info = read_openvino(path)
         self.path, self.device = path, device
+        self.table_memory, self.lookup_kernel = table_memory, lookup_kernel
         self.precision = precision or self.info.precision
         self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
@@ -137,11 +138,12 @@ class _OpenVINO:
         precision_hint = fuse.get_property("INFERENCE_PRECISION_HINT")
         group = fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
         self.settings = {"precision": getattr(precision_hint, "get_type_name", lambda: precision_hint)(),
-                         "dynamic-quantization-group": group}
+                         "dynamic-quantization-group": group, "lookup": self._lookup_kind}
         self._decode, self._decode_lock = None, threading.Lock()
 
     def _compile(self, lookup, fuse):
-        """Both stages compiled. A lookup over an f32 table (a DeepSeek-V4.1 checkpoint that stores one)
+        """Both stages compiled, the lookup's table read by the extension's row kernel where it knows
+        the table's form (``row_kernel.install``). A lookup left on OpenVINO's Gather over an f32 table (a DeepSeek-V4.1 checkpoint that stores one)
         is compiled without the CPU plugin's scan of f32 constants for subnormals, which reads the
         whole table at every load (measured: +2 GiB resident for a 2 GiB table, +28 MiB without); the
         lookup only gathers and converts, so the flag changes no value it computes. compile_model sets
@@ -149,9 +151,12 @@ class _OpenVINO:
         runs on a thread of its own: the caller's arithmetic keeps its subnormals."""
         from concurrent.futures import ThreadPoolExecutor
 
+        from engram_export import row_kernel
         from engram_export.ov_extension import openvino_core
 
         core = openvino_core()
+        installed = self.lookup_kernel and row_kernel.install(lookup, self.table_memory)
+        self._lookup_kind = f"row kernel, table {self.table_memory}" if installed else "openvino gather"
         try:
             if not any(op.get_friendly_name() == "engram_table" and op.get_element_type().get_type_name() == "f32"
                        for op in lookup.get_ops()):
@@ -295,6 +300,11 @@ class EngramRuntime:
         precision: OpenVINO inference precision, ``"f32"`` or ``"bf16"``; default: the file's own.
         device: OpenVINO device name.
         threads: CPU threads, default all.
+        table_memory: how the table lives in memory: ``"mmap"`` (default; the file's pages, read on
+            demand), ``"populate"`` (every page read at load) or ``"hugepages"`` (an anonymous copy in
+            transparent huge pages); costs in ``row_kernel``'s docstring and the README.
+        lookup_kernel: read the table with the extension's row kernel (default) or, with False, with
+            OpenVINO's own Gather and decode ops (for comparison; ``table_memory`` is then ignored).
         ov_config: OpenVINO properties passed to ``compile_model`` over the defaults (precision hint,
             ``PERFORMANCE_HINT: LATENCY``); e.g. ``{"PERFORMANCE_HINT": "THROUGHPUT"}`` for a server
             whose threads share the runtime (measured: 2 threads then run faster than 1).
@@ -310,7 +320,9 @@ class EngramRuntime:
 
     def __init__(self, path: str | Path, runtime: str = "ov", precision: str | None = None,
                  device: str = "CPU", threads: int | None = None, check_hashes: bool | str = True,
-                 ov_config: dict | None = None):
+                 ov_config: dict | None = None, table_memory: str = "mmap", lookup_kernel: bool = True):
+        from engram_export.row_kernel import TABLE_MEMORY
+
         if runtime not in RUNTIMES:
             raise EngramError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if precision is not None and precision not in PRECISIONS:
@@ -323,13 +335,18 @@ class EngramRuntime:
         if ov_config is not None and (not isinstance(ov_config, dict)
                                       or not all(isinstance(k, str) for k in ov_config)):
             raise EngramError(f"ov_config must be a dict of OpenVINO property names, got {ov_config!r}")
+        if table_memory not in TABLE_MEMORY:
+            raise EngramError(f"table_memory must be one of {', '.join(TABLE_MEMORY)}, got {table_memory!r}")
+        if not isinstance(lookup_kernel, bool):
+            raise EngramError(f"lookup_kernel must be True or False, got {lookup_kernel!r}")
         self.path, self.runtime = Path(path), runtime
         if self.path.is_dir():
             from engram_export.manifest import read_manifest
 
             self.manifest = read_manifest(self.path, check_hashes)
             self._layers = {layer: EngramRuntime(self.path / name, runtime, precision, device, threads,
-                                                 ov_config=ov_config)
+                                                 ov_config=ov_config, table_memory=table_memory,
+                                                 lookup_kernel=lookup_kernel)
                             for layer, name in self.manifest.layers.items()}
             for layer, served in self._layers.items():
                 file = self.path / self.manifest.layers[layer]
@@ -350,7 +367,7 @@ class EngramRuntime:
                 raise EngramError("ONNX Runtime runs this model in f32 only")
             self._backend = _OnnxRuntime(path, threads)
         else:
-            self._backend = _OpenVINO(path, precision, device, threads, ov_config)
+            self._backend = _OpenVINO(path, precision, device, threads, ov_config, table_memory, lookup_kernel)
         self.manifest = None
         self.info = self._backend.info
         self.precision = self._backend.precision

@@ -89,12 +89,14 @@ def test_accuracy_floors_on_held_out_inputs(quantized, tiny_layer, name, batch, 
     assert result.passed, result
 
 
-def test_int8_keeps_the_table_compressed_in_memory(quantized):
-    """Compiled as two stages, the lookup keeps its u8 table: no f32 Gather data in the runtime graph."""
-    runtime = EngramRuntime(quantized["int8"])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_int8_keeps_the_table_compressed_in_memory(quantized, kernel):
+    """Compiled as two stages, the lookup keeps its u8 table, whether the row kernel reads it or
+    OpenVINO's Gather: no f32 copy of the table in the runtime graph."""
+    runtime = EngramRuntime(quantized["int8"], lookup_kernel=kernel)
     lookup_ops = runtime._backend.lookups.compiled.get_runtime_model().get_ops()
-    gathers = [op for op in lookup_ops if op.get_rt_info()["layerType"].astype(str) == "Gather"]
-    assert gathers
+    names = {op.get_friendly_name() if kernel else op.get_rt_info()["layerType"].astype(str) for op in lookup_ops}
+    assert ("EngramGatherRows" if kernel else "Gather") in names
     constants = [op for op in lookup_ops if op.get_rt_info()["layerType"].astype(str) == "Const"]
     table_types = {op.get_rt_info()["outputPrecisions"].astype(str) for op in constants
                    if np.prod(op.get_output_partial_shape(0).to_shape()) >= 10328 * 8}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from engram_export.errors import EngramError
 
-__all__ = ["library_path", "openvino_core", "HASH_OP_TYPE"]
+__all__ = ["library_path", "openvino_core", "make_node", "HASH_OP_TYPE"]
 
 log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent
@@ -32,8 +32,8 @@ _LIBRARY = "libengram_ov_extension.so"
 def _cache_dir() -> Path:
     import openvino
 
-    sources = b"".join((SOURCE_DIR / name).read_bytes()
-                       for name in ("CMakeLists.txt", "engram_ov_extension.cpp"))
+    sources = b"".join(path.read_bytes() for path in sorted(SOURCE_DIR.iterdir())
+                       if path.name == "CMakeLists.txt" or path.suffix in (".cpp", ".hpp"))
     key = hashlib.sha256(sources + openvino.__version__.encode()).hexdigest()[:16]
     root = Path(os.environ.get("ENGRAM_EXPORT_CACHE", Path.home() / ".cache" / "engram-export"))
     return root / f"ov-extension-{key}"
@@ -82,3 +82,44 @@ def openvino_core():
     core = openvino.Core()
     core.add_extension(str(library_path()))
     return core
+
+
+_IR_PRECISIONS = {"f32": "FP32", "f16": "FP16", "bf16": "BF16", "i64": "I64", "i32": "I32", "u8": "U8",
+                  "boolean": "BOOL"}
+
+
+def _port(port_id: int, type_name: str, rank: int) -> str:
+    dims = "".join("<dim>-1</dim>" for _ in range(rank))
+    return f'<port id="{port_id}" precision="{_IR_PRECISIONS[type_name]}">{dims}</port>'
+
+
+def make_node(type_name: str, inputs: list, attributes: dict, output_type: str, output_rank: int):
+    """A new node of one of the extension's ops over ``inputs`` (``openvino.Output``s).
+
+    OpenVINO's Python API cannot construct a C++ op of an extension, but its IR reader can: the node is
+    read from a one-op IR whose parameters then hand their consumers over to ``inputs``."""
+    import openvino
+
+    types = [value.get_element_type().get_type_name() for value in inputs]
+    ranks = [value.get_partial_shape().rank.get_length() for value in inputs]
+    data = " ".join(f'{key}="{value}"' for key, value in attributes.items())
+    op_id, result_id = len(inputs), len(inputs) + 1
+    layers = [f'<layer id="{i}" name="input{i}" type="Parameter" version="opset1">'
+              f'<data shape="{",".join("?" * rank) if rank else ""}" element_type="{kind}"/>'
+              f"<output>{_port(0, kind, rank)}</output></layer>" for i, (kind, rank) in enumerate(zip(types, ranks))]
+    layers.append(f'<layer id="{op_id}" name="{type_name}" type="{type_name}" version="engram_extension">'
+                  f"<data {data}/><input>{''.join(_port(i, t, r) for i, (t, r) in enumerate(zip(types, ranks)))}"
+                  f"</input><output>{_port(op_id, output_type, output_rank)}</output></layer>")
+    layers.append(f'<layer id="{result_id}" name="result" type="Result" version="opset1">'
+                  f"<input>{_port(0, output_type, output_rank)}</input></layer>")
+    edges = [f'<edge from-layer="{i}" from-port="0" to-layer="{op_id}" to-port="{i}"/>' for i in range(len(inputs))]
+    edges.append(f'<edge from-layer="{op_id}" from-port="{op_id}" to-layer="{result_id}" to-port="0"/>')
+    xml = (f'<?xml version="1.0"?><net name="{type_name}" version="11"><layers>{"".join(layers)}</layers>'
+           f'<edges>{"".join(edges)}</edges></net>')
+    template = openvino_core().read_model(xml, openvino.Tensor(openvino.Type.u8, openvino.Shape([0])))
+    parameters = {p.get_friendly_name(): p for p in template.get_parameters()}
+    (node,) = [op for op in template.get_ops() if op.get_type_name() == type_name]
+    for i, value in enumerate(inputs):
+        parameters[f"input{i}"].output(0).replace(value)
+    node.validate_and_infer_types()
+    return node

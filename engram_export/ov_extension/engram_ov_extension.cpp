@@ -19,6 +19,7 @@
 #include <memory>
 #include <vector>
 
+#include "gather_rows.hpp"
 #include "openvino/core/extension.hpp"
 #include "openvino/core/parallel.hpp"
 #include "openvino/core/op_extension.hpp"
@@ -538,6 +539,7 @@ ov::OutputVector convert_gated_short_conv(const ov::frontend::NodeContext& node)
 OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({
     std::make_shared<ov::OpExtension<engram::EngramHash>>(),
     std::make_shared<ov::OpExtension<engram::EngramGatedShortConv>>(),
+    std::make_shared<ov::OpExtension<engram::EngramGatherRows>>(),
     std::make_shared<ov::frontend::onnx::ConversionExtension>("GatedShortConv", "engram",
                                                               engram::convert_gated_short_conv),
     std::make_shared<ov::frontend::onnx::ConversionExtension>("HashGather", "engram",

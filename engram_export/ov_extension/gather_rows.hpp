@@ -1,0 +1,49 @@
+// EngramGatherRows: table rows -> dequantized values, for every form an Engram table is stored in.
+//
+// OpenVINO's CPU plugin gathers a plain f32 table with a fast kernel, but a compressed one (u8/u4 with
+// per-row scales after NNCF, an f16 table in a bf16 IR, FP8 codes with E8M0 block scales) goes through
+// a reference kernel or a chain of [B,T,C,d]-sized decode ops: 3-4x the time of the f32 Gather while
+// reading 4-8x fewer bytes. This op reads the stored bytes of each looked-up row once, with software
+// prefetch ahead of the rows it decodes, on all the plugin's threads, and writes the values in the
+// precision the fuse stage reads (f32 or bf16).
+//
+// Inputs: rows [B,T,C] (i32 or i64), table u8 [R, row bytes] (the stored bytes: f32, f16, bf16, u8,
+// u4 two per byte low nibble first, or FP8 E4M3), optionally scales u8 [R * groups * scale bytes] (f16,
+// f32 or E8M0), optionally zero points u8 [ceil(R * groups * bits / 8)] (u8 or u4, packed across rows as
+// OpenVINO packs u4). Every table is passed as bytes: the CPU plugin keeps a u8 constant as it is (no
+// precision conversion, no copy), so a table mapped from its file stays the file's pages.
+// Output [B,T,C,row_size]: value = (code - zero point) * scale, computed in f32, rounded to nearest
+// even for a bf16 output; E4M3 = the code's value times its block's power of two.
+
+#pragma once
+
+#include <string>
+
+#include "openvino/op/op.hpp"
+
+namespace engram {
+
+class EngramGatherRows : public ov::op::Op {
+public:
+    OPENVINO_OP("EngramGatherRows", "engram_extension");
+
+    EngramGatherRows() = default;
+    EngramGatherRows(const ov::OutputVector& args, std::string element, int64_t row_size, std::string scale,
+                     int64_t group_size, std::string zero_point, ov::element::Type output_type);
+
+    void validate_and_infer_types() override;
+    std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override;
+    bool visit_attributes(ov::AttributeVisitor& visitor) override;
+    bool has_evaluate() const override { return true; }
+    bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override;
+
+private:
+    std::string m_element = "f32";      // f32 | f16 | bf16 | u8 | u4 | e4m3
+    int64_t m_row_size = 1;             // values per row
+    std::string m_scale = "none";       // none | f16 | f32 | e8m0
+    int64_t m_group_size = 1;           // values per scale (and zero point)
+    std::string m_zero_point = "none";  // none | u8 | u4
+    ov::element::Type m_output_type = ov::element::f32;
+};
+
+}  // namespace engram

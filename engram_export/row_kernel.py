@@ -1,0 +1,263 @@
+"""The lookup stage on the extension's row-gather kernel, with the table in the memory the user picks.
+
+An IR keeps the table lookup standard (``Gather`` on the table, with NNCF's decompression nodes or the
+FP8 decode ops in front), so any OpenVINO tool can read it. At load, ``install`` puts the extension's
+``EngramGatherRows`` in place of that Gather and everything that decodes the table: it reads the stored
+bytes of each looked-up row once (u8 or u4 codes with their scale and zero point, FP8 codes with their
+E8M0 block scales, f16, bf16 or f32) and writes f32 or bf16, the precision the fuse stage reads. OpenVINO's
+own path for a compressed table is a reference kernel (u8, u4, f16) or a chain of ops over [B,T,C,d]
+(FP8); see ``engram-export bench`` for both side by side. A graph that is not one of these forms is
+left as it is.
+
+How the table lives in memory (``table_memory``):
+
+- ``"mmap"`` (default): the file's pages, read on demand, with random-access advice (a cold row reads
+  its page, not megabytes ahead). Load costs nothing whatever the table size; resident memory is the
+  rows touched so far, in the page cache (shared by every process serving the file, evictable). The
+  only choice for a table larger than RAM. The first lookups pay a page fault per new page.
+- ``"populate"``: the same mapping, every page faulted in at load: load reads the whole table (disk
+  speed), resident file-backed memory is the table's size; first requests run as fast as later ones.
+- ``"hugepages"``: an anonymous copy in transparent huge pages (as SGLang keeps its host tables): load
+  copies the whole table, private memory grows by its size (not shared, not evictable), and random rows
+  cost fewer TLB misses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+
+import numpy as np
+
+from engram_export import progress
+from engram_export.errors import EngramError
+
+__all__ = ["install", "TABLE_MEMORY"]
+
+log = logging.getLogger(__name__)
+
+TABLE_MEMORY = ("mmap", "populate", "hugepages")
+_PAGE = mmap.PAGESIZE
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_POPULATE_READ = 14, 22
+_FLOAT_TABLES, _CODE_TABLES = ("f32", "f16", "bf16"), ("u8", "u4")
+
+
+def _madvise(array: np.ndarray, advice: int) -> bool:
+    """``madvise`` on the pages under ``array``; False where the kernel refuses the advice."""
+    start = array.ctypes.data // _PAGE * _PAGE
+    length = array.ctypes.data + array.nbytes - start
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
+
+
+def _populated(data: np.ndarray, name: str) -> np.ndarray:
+    if not _madvise(data, _MADV_POPULATE_READ):  # Linux < 5.14: touch one byte per page
+        with progress.stage(f"reading {name} into memory ({data.nbytes / 2**30:.2f} GiB)"):
+            int(data[::_PAGE].sum())
+    return data
+
+
+def _huge_page_copy(data: np.ndarray, name: str) -> np.ndarray:
+    buffer = np.empty(data.nbytes + _HUGE_PAGE, np.uint8)
+    start = -buffer.ctypes.data % _HUGE_PAGE
+    copy = buffer[start:start + data.nbytes]
+    _madvise(copy, _MADV_HUGEPAGE)  # before the first touch, so the kernel backs it with huge pages
+    with progress.stage(f"copying {name} into huge pages ({data.nbytes / 2**30:.2f} GiB)"):
+        copy[:] = data
+    return copy  # a view: keeps `buffer` alive
+
+
+class _Bytes(np.ndarray):
+    """A uint8 array flagged writeable over memory someone else owns (OpenVINO shares only such arrays,
+    and never writes a constant); ``owner`` keeps that memory alive."""
+
+    owner: object
+
+
+def _shared_constant(data: np.ndarray, owner):
+    """A u8 constant over ``data``'s memory (no copy) that keeps ``owner`` alive in its rt_info."""
+    import openvino
+
+    alias = np.ctypeslib.as_array((ctypes.c_uint8 * data.size).from_address(data.ctypes.data))
+    alias = alias.reshape(data.shape).view(_Bytes)
+    alias.owner = owner
+    constant = openvino.op.Constant(openvino.Tensor(alias, openvino.Shape(list(data.shape)), openvino.Type.u8),
+                                    shared_memory=True)
+    constant.set_rt_info(alias, "engram_mapping")
+    return constant
+
+
+def _stored_bytes(constant, rows: int, table_memory: str):
+    """A u8 constant [rows, bytes per row] over the stored bytes of ``constant`` (flat for scales and
+    zero points: ``rows`` = 1), placed in memory as ``table_memory`` asks."""
+    view = constant.get_tensor_view().data  # shares the constant's memory (a mapping of the IR's .bin)
+    data = np.ctypeslib.as_array((ctypes.c_uint8 * constant.get_byte_size()).from_address(view.ctypes.data))
+    name = constant.get_friendly_name()
+    if table_memory == "hugepages":
+        data = _huge_page_copy(data, name)
+    else:
+        _madvise(data, mmap.MADV_RANDOM)
+        if table_memory == "populate":
+            _populated(data, name)
+    shape = (rows, data.size // rows) if rows > 1 else (data.size,)
+    return _shared_constant(data.reshape(shape), (constant, view, data))
+
+
+def _constant(value):
+    """The Constant behind ``value`` (directly or through one Convert), else None."""
+    node = value.get_node()
+    if node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    return node if node.get_type_name() == "Constant" else None
+
+
+def _skip(node, type_name: str):
+    return node.input_value(0).get_node() if node.get_type_name() == type_name else node
+
+
+def _decompressed_table(gather):
+    """(codes, scale, zero point) Constants behind the table Gather's data input, scale and zero point
+    None for a float table; None for any graph this module does not know."""
+    node = _skip(_skip(gather.input_value(0).get_node(), "Convert"), "Reshape")
+    if node.get_type_name() == "Constant":
+        return node, None, None
+    if node.get_type_name() != "Multiply":
+        return None
+    values = node.input_values()
+    for value, scale in ((values[0], _constant(values[1])), (values[1], _constant(values[0]))):
+        if scale is None:
+            continue
+        codes_side, zero_point = value.get_node(), None
+        if codes_side.get_type_name() == "Subtract":
+            zero_point = _constant(codes_side.input_value(1))
+            if zero_point is None:
+                return None
+            codes_side = codes_side.input_value(0).get_node()
+        codes = _constant(codes_side.output(0)) if codes_side.get_type_name() == "Convert" else None
+        return (codes, scale, zero_point) if codes is not None else None
+    return None
+
+
+def _type(node) -> str:
+    return node.get_element_type().get_type_name()
+
+
+def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, output_type: str,
+                 table_memory: str):
+    """``EngramGatherRows`` over the stored bytes of these constants, or None if their layout is not one
+    the kernel reads (a [R, d] or [R, groups, d/groups] table, one scale and zero point per group)."""
+    from engram_export.ov_extension import make_node
+
+    table_rows = table.get_output_shape(0)[0]
+    if table_rows < 1 or int(np.prod(table.get_output_shape(0))) != table_rows * row_size:
+        return None
+    attributes = {"element": element, "row_size": row_size, "scale": "none", "group_size": row_size,
+                  "zero_point": "none", "output_type": output_type}
+    parts = [(table, table_rows)]
+    if scale is not None:
+        groups = int(np.prod(scale.get_output_shape(0))) // table_rows
+        if groups < 1 or row_size % groups or groups * table_rows != int(np.prod(scale.get_output_shape(0))):
+            return None
+        attributes.update(scale="e8m0" if element == "e4m3" else _type(scale), group_size=row_size // groups)
+        parts.append((scale, 1))
+    if zero_point is not None:
+        if list(zero_point.get_output_shape(0)) != list(scale.get_output_shape(0)):
+            return None
+        attributes["zero_point"] = _type(zero_point)
+        parts.append((zero_point, 1))
+    if (attributes["scale"] not in ("none", "f16", "f32", "e8m0")
+            or attributes["zero_point"] not in ("none", "u8", "u4")):
+        return None
+    inputs = [rows] + [_stored_bytes(node, count, table_memory).output(0) for node, count in parts]
+    try:
+        return make_node("EngramGatherRows", inputs, attributes, output_type, 4)
+    except RuntimeError as exc:  # the op's own checks refuse a layout read wrongly here: keep the graph
+        log.warning("table lookup left to OpenVINO's Gather: %s", str(exc).splitlines()[0])
+        return None
+
+
+def _fp8_decode(gathers, produced):
+    """(codes, scales) Constants of the FP8 decode that ends at ``produced``: the two Gathers on the
+    hash's rows (E4M3 codes [R, d], E8M0 scales [R, d/32]), then only decode ops, through exactly the
+    256-entry tables of ``models.deepseek_v41``; else None."""
+    from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
+
+    tables = [_constant(g.input_value(0)) for g in gathers]
+    if any(t is None or _type(t) != "u8" or len(t.get_output_shape(0)) != 2 for t in tables):
+        return None
+    codes, scales = sorted(tables, key=lambda t: -t.get_output_shape(0)[1])
+    if codes.get_output_shape(0)[1] != 32 * scales.get_output_shape(0)[1]:
+        return None
+    stop = {g.get_name() for g in gathers}
+    seen, stack, luts = set(), [produced.get_node()], []
+    while stack:
+        node = stack.pop()
+        if node.get_name() in seen | stop:
+            continue
+        seen.add(node.get_name())
+        kind = node.get_type_name()
+        if kind not in ("Convert", "Gather", "Reshape", "Unsqueeze", "Multiply", "Constant"):
+            return None
+        if kind == "Gather":
+            lut = _constant(node.input_value(0))
+            if lut is None or list(lut.get_output_shape(0)) != [256]:
+                return None
+            luts.append(lut.get_data().astype(np.float32))
+        stack += [value.get_node() for value in node.input_values()]
+    expected = [np.asarray(e4m3_values(), np.float32), np.asarray(e8m0_values(), np.float32)]
+    found = sorted(luts, key=lambda v: np.nan_to_num(v).max())
+    expected = sorted(expected, key=lambda v: np.nan_to_num(v).max())
+    if len(found) != 2 or not all(np.array_equal(a, b, equal_nan=True) for a, b in zip(found, expected)):
+        return None
+    return codes, scales
+
+
+def install(lookup, table_memory: str = "mmap") -> bool:
+    """Read the table of a lookup stage (``stages.split_stages``) with ``EngramGatherRows`` instead of
+    OpenVINO's Gather and decode ops, its bytes placed as ``table_memory`` says. Returns False, leaving
+    ``lookup`` as it was, for a graph it does not recognise."""
+    if table_memory not in TABLE_MEMORY:
+        raise EngramError(f"table_memory must be one of {', '.join(TABLE_MEMORY)}, got {table_memory!r}")
+    (hash_op,) = [op for op in lookup.get_ops() if op.get_type_name() == "EngramHash"]
+    gathers = [t.get_node() for t in hash_op.output(0).get_target_inputs() if t.get_node().get_type_name() == "Gather"]
+    (result,) = lookup.get_results()
+    end = result.input_value(0)
+    produced, output_type = end, "f32"
+    if end.get_node().get_type_name() == "Convert" and _type(end.get_node()) == "bf16":
+        produced, output_type = end.get_node().input_value(0), "bf16"
+    rows = hash_op.output(0)
+    if len(gathers) == 1 and produced.get_node().get_name() == gathers[0].get_name():
+        parts = _decompressed_table(gathers[0])
+        if parts is None:
+            return False
+        table, scale, zero_point = parts
+        element = _type(table)
+        if element not in (_FLOAT_TABLES if scale is None else _CODE_TABLES):
+            return False
+        node = _gather_rows(rows, element, produced.get_partial_shape()[3].get_length(), table, scale,
+                            zero_point, output_type, table_memory)
+        replacement = node and node.output(0)
+    elif len(gathers) == 2 and produced.get_partial_shape().rank.get_length() == 3:
+        parts = _fp8_decode(gathers, produced)
+        if parts is None:
+            return False
+        codes, scales = parts
+        node = _gather_rows(rows, "e4m3", codes.get_output_shape(0)[1], codes, scales, None, output_type,
+                            table_memory)
+        replacement = node and _flat_rows(node)
+    else:
+        return False
+    if replacement is None:
+        return False
+    end.replace(replacement)
+    lookup.validate_nodes_and_infer_types()
+    return True
+
+
+def _flat_rows(node):
+    """[B, T, C, d] -> [B, T, C*d]."""
+    from openvino import opset13 as ops
+
+    return ops.reshape(node, np.array([0, 0, -1], np.int64), special_zero=True).output(0)

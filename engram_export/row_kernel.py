@@ -228,17 +228,22 @@ def install(lookup, table_memory: str = "mmap") -> bool:
     if end.get_node().get_type_name() == "Convert" and _type(end.get_node()) == "bf16":
         produced, output_type = end.get_node().input_value(0), "bf16"
     rows = hash_op.output(0)
-    if len(gathers) == 1 and produced.get_node().get_name() == gathers[0].get_name():
-        parts = _decompressed_table(gathers[0])
-        if parts is None:
+    if len(gathers) == 1:
+        gather = gathers[0]
+        # DeepSeek-V4.1's float tables: the rows flattened to [B, T, C*d] after the Gather
+        flat = (produced.get_node().get_type_name() == "Reshape"
+                and produced.get_node().input_value(0).get_node().get_name() == gather.get_name()
+                and produced.get_partial_shape().rank.get_length() == 3)
+        parts = _decompressed_table(gather)
+        if parts is None or not (flat or produced.get_node().get_name() == gather.get_name()):
             return False
         table, scale, zero_point = parts
         element = _type(table)
         if element not in (_FLOAT_TABLES if scale is None else _CODE_TABLES):
             return False
-        node = _gather_rows(rows, element, produced.get_partial_shape()[3].get_length(), table, scale,
+        node = _gather_rows(rows, element, gather.get_output_partial_shape(0)[3].get_length(), table, scale,
                             zero_point, output_type, table_memory)
-        replacement = node and node.output(0)
+        replacement = node and (_flat_rows(node) if flat else node.output(0))
     elif len(gathers) == 2 and produced.get_partial_shape().rank.get_length() == 3:
         parts = _fp8_decode(gathers, produced)
         if parts is None:

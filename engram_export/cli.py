@@ -424,6 +424,8 @@ def add_bench(sub) -> None:
     p.add_argument("--modes", default="int8-weights,int4-weights,int8",
                    help="NNCF modes to quantize and time (comma-separated, or 'none')")
     p.add_argument("--profile", action="store_true", help="also print OpenVINO per-node times")
+    p.add_argument("--lookup", action="store_true",
+                   help="only the lookup table: every stored table form, row kernel against OpenVINO")
     p.add_argument("--decode", action="store_true",
                    help="serving numbers instead: decode steps for B in 1, 8, 50 (bf16 and int8), "
                         "throughput with 1 and 2 streams, prefetch against serial")
@@ -433,6 +435,7 @@ def add_bench(sub) -> None:
 
 def run_bench_command(args) -> None:
     from engram_export.bench import run_bench
+    from engram_export.bench_lookup import print_targets, run_lookup_bench
     from engram_export.decode_bench import decode_bench
     from engram_export.models.config import is_deepseek_v41, load_config
     from engram_export.models.weights import build_layer
@@ -454,6 +457,10 @@ def run_bench_command(args) -> None:
         with working_folder(args.workdir, "engram-bench-") as workdir:
             run_bench_v41(config, workdir, shapes, args.repeat, "int8-weights" in modes)
         return
+    if args.lookup:
+        with working_folder(args.workdir, "engram-bench-") as workdir:
+            print_targets(run_lookup_bench(workdir, shapes, args.repeat, args.warmup))
+        return
     config = with_table_size(config, args.engram_vocab_size)
     precisions = ["f32", "bf16"] if args.precision == "all" else [args.precision]
     unknown = sorted(set(modes) - {"int8-weights", "int4-weights", "int8"})
@@ -468,6 +475,7 @@ def run_bench_command(args) -> None:
             decode_bench(layer, workdir, "int8" in modes, args.repeat)
         else:
             run_bench(layer, workdir, shapes, precisions, args.repeat, args.warmup, args.profile, modes)
+            print_targets(run_lookup_bench(workdir, shapes, args.repeat, args.warmup))
 
 
 # main -----------------------------------------------------------------------------------------------

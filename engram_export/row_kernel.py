@@ -33,7 +33,7 @@ import numpy as np
 from engram_export import progress
 from engram_export.errors import EngramError
 
-__all__ = ["install", "TABLE_MEMORY"]
+__all__ = ["install", "shared_constant", "TABLE_MEMORY"]
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,17 @@ class _Bytes(np.ndarray):
     owner: object
 
 
-def _shared_constant(data: np.ndarray, owner):
-    """A u8 constant over ``data``'s memory (no copy) that keeps ``owner`` alive in its rt_info."""
+def shared_constant(data: np.ndarray, owner, kind: str = "u8", shape=None):
+    """A constant over ``data``'s bytes (no copy), of element type ``kind`` and ``shape`` (default
+    ``data``'s), that keeps ``owner`` alive in its rt_info."""
     import openvino
 
-    alias = np.ctypeslib.as_array((ctypes.c_uint8 * data.size).from_address(data.ctypes.data))
-    alias = alias.reshape(data.shape).view(_Bytes)
+    alias = np.ctypeslib.as_array((ctypes.c_uint8 * data.nbytes).from_address(data.ctypes.data))
+    alias = alias.view(_Bytes)
     alias.owner = owner
-    constant = openvino.op.Constant(openvino.Tensor(alias, openvino.Shape(list(data.shape)), openvino.Type.u8),
-                                    shared_memory=True)
+    tensor = openvino.Tensor(alias, openvino.Shape(list(data.shape if shape is None else shape)),
+                             getattr(openvino.Type, kind))
+    constant = openvino.op.Constant(tensor, shared_memory=True)
     constant.set_rt_info(alias, "engram_mapping")
     return constant
 
@@ -102,7 +104,7 @@ def _stored_bytes(constant, rows: int, table_memory: str):
         if table_memory == "populate":
             _populated(data, name)
     shape = (rows, data.size // rows) if rows > 1 else (data.size,)
-    return _shared_constant(data.reshape(shape), (constant, view, data))
+    return shared_constant(data, (constant, view, data), shape=shape)
 
 
 def _constant(value):

@@ -21,7 +21,7 @@ from engram_export.model_info import PRECISIONS, ModelInfo
 from engram_export.models.hashing import INT32_MIN
 
 __all__ = ["EngramRuntime", "Prefetch", "check_inputs", "check_ids", "check_lookup_inputs", "check_hidden",
-           "RUNTIMES"]
+           "check_out", "RUNTIMES"]
 
 RUNTIMES = ("ov", "ort")
 
@@ -85,6 +85,22 @@ def check_hidden(info: ModelInfo, feeds: dict, hidden_states) -> np.ndarray:
         raise EngramError(f"hidden_states must be [batch, tokens, hc_mult, hidden_size] = {expected}, "
                           f"got {list(hidden.shape)}")
     return np.ascontiguousarray(hidden)
+
+
+def check_out(out, hidden: np.ndarray) -> np.ndarray | None:
+    """A caller's output array, validated: float32, C-contiguous, writeable, the shape of
+    ``hidden_states``, and apart from it (the layer reads its input while writing)."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise EngramError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.dtype != np.float32 or list(out.shape) != list(hidden.shape):
+        raise EngramError(f"out must be float32 {list(hidden.shape)}, got {out.dtype} {list(out.shape)}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise EngramError("out must be a C-contiguous, writeable array")
+    if np.shares_memory(out, hidden):
+        raise EngramError("out must not share memory with hidden_states")
+    return out
 
 
 def check_inputs(info: ModelInfo, input_ids, hidden_states, token_mask=None) -> tuple[dict, np.ndarray]:
@@ -182,24 +198,31 @@ class _OpenVINO:
         return tuple(compiled.create_infer_request() for compiled in self._decode)
 
     def start_lookup(self, feeds: dict):
-        """Start the lookup asynchronously (OpenVINO's threads, no GIL) on a request of its own."""
+        """Start the lookup asynchronously (OpenVINO's threads, no GIL) on a request of its own. It
+        reads ``feeds`` in place: they must not change until it is finished (``prefetch`` passes
+        copies of its own)."""
         request = self.lookups.take()
-        request.start_async(feeds)
+        request.start_async(feeds, share_inputs=True)
         return request
 
-    def finish(self, lookup, feeds: dict, hidden: np.ndarray) -> np.ndarray:
+    def finish(self, lookup, feeds: dict, hidden: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Wait for ``lookup`` (from ``start_lookup(feeds)``), run the fuse stage on its embeddings, and
-        give the lookup request back."""
+        give the lookup request back. The fuse stage reads ``hidden`` in place and writes straight into
+        ``out`` (a new array if None): no copy of either, as large as the layer's output."""
+        import openvino
+
         from engram_export.stages import EMBEDDINGS
 
         try:
             lookup.wait()
             fuse = self.fuses.take()
             try:
+                result = np.empty(hidden.shape, np.float32) if out is None else out
                 fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
-                fuse.start_async({"hidden_states": hidden, **fuse_feeds(feeds)})
+                fuse.set_output_tensor(0, openvino.Tensor(result, shared_memory=True))
+                fuse.start_async({"hidden_states": hidden, **fuse_feeds(feeds)}, share_inputs=True)
                 fuse.wait()
-                return fuse.get_output_tensor(0).data.copy()
+                return result
             finally:
                 self.fuses.give_back(fuse)
         finally:
@@ -214,9 +237,9 @@ class _OpenVINO:
         finally:
             self.lookups.give_back(request)
 
-    def __call__(self, feeds: dict, hidden: np.ndarray) -> np.ndarray:
+    def __call__(self, feeds: dict, hidden: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         with self._streams:
-            return self.finish(self.start_lookup(feeds), feeds, hidden)
+            return self.finish(self.start_lookup(feeds), feeds, hidden, out)
 
 
 def _as_float32(tensor) -> np.ndarray:
@@ -251,8 +274,12 @@ class _OnnxRuntime:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EngramError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
-    def __call__(self, feeds: dict, hidden: np.ndarray) -> np.ndarray:
-        return self.session.run(["output"], {**feeds, "hidden_states": hidden})[0]
+    def __call__(self, feeds: dict, hidden: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        result = self.session.run(["output"], {**feeds, "hidden_states": hidden})[0]
+        if out is None:
+            return result
+        out[...] = result
+        return out
 
 
 class Prefetch:
@@ -396,13 +423,14 @@ class EngramRuntime:
             raise EngramError(f"no Engram layer {layer_id} here (layers: {self.layer_ids})")
         return self._layers[layer_id]
 
-    def __call__(self, input_ids, hidden_states, token_mask=None) -> np.ndarray:
+    def __call__(self, input_ids, hidden_states, token_mask=None, *, out=None) -> np.ndarray:
         """The layer's output [B,T,G,D] float32: the Engram output before the backbone's residual add
         (demo family), or ``h + gate * value`` (DeepSeek-V4.1, whose ``token_mask`` marks image tokens
-        False)."""
+        False). ``out``: a float32 array of that shape to write it into (returned), instead of a new one."""
         if self._backend is None:
             raise EngramError(f"{self.path} serves layers {self.layer_ids}: call rt.layer(L)(...)")
-        return self._backend(*check_inputs(self.info, input_ids, hidden_states, token_mask))
+        feeds, hidden = check_inputs(self.info, input_ids, hidden_states, token_mask)
+        return self._backend(feeds, hidden, check_out(out, hidden))
 
     def lookup(self, input_ids, token_mask=None) -> np.ndarray:
         """The looked-up rows as the fuse stage receives them, float32 (dequantized for FP8 and INT8
@@ -415,7 +443,8 @@ class EngramRuntime:
         """Start the lookup of every layer for ``input_ids`` [B,T] and return at once.
 
         Each call's lookups run on requests of their own: several handles may be in flight at once."""
-        feeds = check_lookup_inputs(self.info, input_ids, token_mask)
+        # copies: the lookups read them after this returns, when the caller may have changed its arrays
+        feeds = {name: value.copy() for name, value in check_lookup_inputs(self.info, input_ids, token_mask).items()}
         backends = {layer_id: layer._backend for layer_id, layer in self._layers.items()}
         if not all(isinstance(backend, _OpenVINO) for backend in backends.values()):
             raise EngramError("prefetch needs the OpenVINO runtime (runtime='ov')")
@@ -433,7 +462,7 @@ class EngramRuntime:
             raise EngramError("decode sessions need the OpenVINO runtime (runtime='ov')")
         return self._backend.decode_requests()
 
-    def fuse(self, handle: Prefetch, hidden_states, input_ids=None) -> np.ndarray:
+    def fuse(self, handle: Prefetch, hidden_states, input_ids=None, *, out=None) -> np.ndarray:
         """Finish this layer from a prefetch handle: the output of ``rt(input_ids, hidden_states)``.
 
         ``input_ids``, if given, must be the ids the handle was made for. Every check comes before the
@@ -445,7 +474,8 @@ class EngramRuntime:
         if input_ids is not None and not np.array_equal(_array("input_ids", input_ids), handle.input_ids):
             raise EngramError("this prefetch handle was made for other input_ids")
         hidden = check_hidden(self.info, handle.feeds, hidden_states)
-        return self._backend.finish(handle._take(self.layer_id, self._backend), handle.feeds, hidden)
+        out = check_out(out, hidden)
+        return self._backend.finish(handle._take(self.layer_id, self._backend), handle.feeds, hidden, out)
 
     def __repr__(self) -> str:
         return (f"EngramRuntime({str(self.path)!r}, runtime={self.runtime!r}, "

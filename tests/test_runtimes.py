@@ -175,3 +175,35 @@ def test_bad_model_paths(tmp_path, tiny_files):
     truncated_ir.with_suffix(".bin").write_bytes(tiny_files["f32"].with_suffix(".bin").read_bytes())
     with pytest.raises(EngramError, match="records no fingerprint of its .bin"):
         EngramRuntime(truncated_ir)
+
+
+@pytest.mark.parametrize("name", ["optimized openvino f32", "optimized openvino bf16", "optimized onnxruntime"])
+def test_out_receives_the_output_without_a_copy(runtimes, tiny_config, name):
+    """``out=``: the layer writes into the caller's array and returns it, with the values of a call
+    without it; the fuse stage's output buffer is the caller's, not one the runtime reuses."""
+    runtime = runtimes[name]
+    ids, hidden = random_inputs(tiny_config, 5000, 50, 14, seed=4)
+    expected = runtime(ids, hidden)
+    out = np.full(hidden.shape, np.nan, np.float32)
+    assert runtime(ids, hidden, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    again = runtime(ids, hidden)  # a later call does not write into the earlier result
+    assert again is not out and np.shares_memory(again, out) is False
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda h: np.zeros(h.shape, np.float64), "out must be float32"),
+    (lambda h: np.zeros(h.shape[:-1], np.float32), "out must be float32"),
+    (lambda h: np.zeros((*h.shape[:-1], 2 * h.shape[-1]), np.float32)[..., ::2], "C-contiguous"),
+    (lambda h: h, "must not share memory with hidden_states"),
+    (lambda h: [0.0], "out must be a numpy array"),
+])
+def test_bad_out_is_refused_and_left_alone(runtimes, tiny_config, bad, message):
+    runtime = runtimes["optimized openvino f32"]
+    ids, hidden = random_inputs(tiny_config, 5000, 2, 3, seed=4)
+    out = bad(hidden)
+    before = np.array(out, copy=True)
+    with pytest.raises(EngramError, match=message):
+        runtime(ids, hidden, out=out)
+    np.testing.assert_array_equal(np.asarray(out), before)

@@ -51,6 +51,22 @@ def test_prefetch_equals_the_one_shot_call(folders, layers, batch, tokens):
                                       expected[layer])
 
 
+def test_prefetch_reads_its_own_copy_of_the_ids(folders, tiny_config):
+    """The lookups of a prefetch run after it returns: changing the caller's array then changes nothing;
+    two handles in flight at once give each its own answer."""
+    runtime = EngramRuntime(folders["f32"])
+    ids, hidden = random_inputs(tiny_config, 5000, 4, 9, seed=8)
+    other, _ = random_inputs(tiny_config, 5000, 4, 9, seed=9)
+    expected = {layer: runtime.layer(layer)(ids, hidden) for layer in runtime.layer_ids}
+    expected_other = {layer: runtime.layer(layer)(other, hidden) for layer in runtime.layer_ids}
+    mutable = ids.copy()
+    first, second = runtime.prefetch(mutable), runtime.prefetch(other)
+    mutable[:] = 0
+    for layer in runtime.layer_ids:
+        np.testing.assert_array_equal(runtime.layer(layer).fuse(second, hidden), expected_other[layer])
+        np.testing.assert_array_equal(runtime.layer(layer).fuse(first, hidden), expected[layer])
+
+
 def test_prefetch_faults_leave_the_runtime_usable(folders, layers):
     runtime = EngramRuntime(folders["f32"])
     other = EngramRuntime(folders["f32"])

@@ -1,0 +1,230 @@
+"""``engram-export bench``'s lookup table: every stored table form, the row kernel against OpenVINO.
+
+Each lookup stage is built as an IR holds it (``EngramHash`` -> ``Gather`` on the table, behind NNCF's
+decompression nodes or the FP8 decode ops), over a table of the real row shape (demo: 16 rows of 64
+values per token; DeepSeek-V4.1: 24 rows of 256) and as many rows as fit in memory here, stored in a
+file and mapped as the runtime maps an IR's ``.bin``. Timed round-robin with fresh ids every call:
+
+- the floor: OpenVINO's plain ``Gather`` on the same rows of a resident f32 table;
+- per form, OpenVINO's own path (``lookup_kernel=False`` in the runtime) and the row kernel;
+- per ``table_memory`` (u8 table): load time, the first calls after load (page faults of a fresh
+  mapping), and the resident memory it adds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engram_export.verify import format_table
+
+__all__ = ["run_lookup_bench", "print_targets", "LookupShape", "DEMO", "V41"]
+
+_VOCAB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupShape:
+    name: str
+    orders: int  # n-gram orders hashed (max_ngram_size - 1)
+    heads: int  # heads per order
+    row_size: int  # values per row
+    table_rows: int  # rows of the table in this benchmark
+    forms: tuple[str, ...]
+
+    @property
+    def columns(self) -> int:
+        return self.orders * self.heads
+
+
+DEMO = LookupShape("demo", 2, 8, 64, 10_342_400, ("f32", "f16", "u8", "u4"))  # 646,400 rows x 16 heads
+V41 = LookupShape("v4.1", 3, 8, 256, 2_000_000, ("f32", "bf16", "fp8"))  # 2M of 384M rows: fits in RAM here
+
+
+def _hash(ids, shape: LookupShape):
+    """EngramHash (demo hashing) over ids in [0, 2^20) -> rows in [0, table_rows)."""
+    from openvino import opset13 as ops
+
+    from engram_export.ov_extension import make_node
+
+    rng = np.random.default_rng(0)
+    multipliers = (rng.integers(1, 2**31, shape.orders + 1) * 2 + 1).tolist()
+    per_head = shape.table_rows // shape.columns
+    primes = [per_head] * shape.columns
+    lut = ops.constant(np.arange(_VOCAB, dtype=np.int64))
+    attributes = {"multipliers": ",".join(map(str, multipliers)), "primes": ",".join(map(str, primes)),
+                  "pad_id": 0, "n_head_per_ngram": shape.heads, "blocking": 0}
+    return make_node("EngramHash", [ids, lut.output(0)], attributes, "i32", 3).output(0)
+
+
+def _stored(path: Path, make) -> np.ndarray:
+    """The table bytes ``make()`` gives, written to ``path`` once, mapped read-only."""
+    if not path.exists():
+        data = make()
+        data.tofile(path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+    return np.memmap(path, np.uint8, "r")
+
+
+def _constant(data: np.ndarray, kind: str, shape):
+    from engram_export.row_kernel import shared_constant
+
+    return shared_constant(data, data, kind, shape)
+
+
+def _lookup_model(shape: LookupShape, form: str, folder: Path):
+    """The lookup stage of ``form`` as an IR holds it: [B,T] ids -> [B,T,C,d] (demo) or [B,T,C*d]."""
+    import openvino
+    from openvino import opset13 as ops
+
+    from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
+
+    rng = np.random.default_rng(1)
+    rows_count, width = shape.table_rows, shape.row_size
+    ids = ops.parameter([-1, -1], np.int64, "input_ids")
+    rows = _hash(ids.output(0), shape)
+    file = folder / f"{shape.name}_{form}.bin"
+
+    def normal(dtype):
+        return lambda: rng.standard_normal((rows_count, width), np.float32).astype(dtype).view(np.uint8)
+
+    def codes(count, high=256):
+        return lambda: rng.integers(0, high, count, np.uint8)
+
+    if form in ("f32", "f16", "bf16"):
+        kind = {"f32": "f32", "f16": "f16", "bf16": "bf16"}[form]
+        if form == "bf16":
+            make = lambda: (rng.standard_normal((rows_count, width), np.float32).view(np.uint32) >> 16  # noqa: E731
+                            ).astype(np.uint16).view(np.uint8)
+        else:
+            make = normal(np.float32 if form == "f32" else np.float16)
+        table = _constant(_stored(file, make), kind, [rows_count, width])
+        data = table if form == "f32" else ops.convert(table, np.float32)
+        values = ops.gather(data, rows, 0)
+    elif form in ("u8", "u4"):
+        # NNCF's per-row asymmetric compression: f16 (codes - zero point) * f16 scale, then f32
+        code_bytes, zero_bytes = (rows_count * width, rows_count) if form == "u8" else (rows_count * width // 2,
+                                                                                      rows_count // 2)
+        store = _stored(file, lambda: np.concatenate([
+            codes(code_bytes)(), codes(zero_bytes)(), rng.uniform(1e-3, 1e-2, rows_count).astype(np.float16).view(np.uint8)]))
+        grouped, per_row = ([rows_count, 1, width], [rows_count, 1, 1]) if form == "u4" else ([rows_count, width],
+                                                                                          [rows_count, 1])
+        code = _constant(store[:code_bytes], form, grouped)
+        zero = _constant(store[code_bytes:code_bytes + zero_bytes], form, per_row)
+        scale = _constant(store[code_bytes + zero_bytes:], "f16", per_row)
+        decoded = ops.multiply(ops.subtract(ops.convert(code, np.float16), ops.convert(zero, np.float16)), scale)
+        if form == "u4":
+            decoded = ops.reshape(decoded, np.array([rows_count, width], np.int64), False)
+        values = ops.gather(ops.convert(decoded, np.float32), rows, 0)
+    else:  # fp8: the ops engram.HashGatherFP8 becomes (ov_extension's convert_hash_gather_fp8)
+        store = _stored(file, lambda: np.concatenate([codes(rows_count * width)() & 0xF7,  # no NaN codes
+                                                      codes(rows_count * width // 32, 8)() + 120]))
+        table = _constant(store[:rows_count * width], "u8", [rows_count, width])
+        scales = _constant(store[rows_count * width:], "u8", [rows_count, width // 32])
+
+        def decode(byte_codes, lut):
+            return ops.gather(ops.constant(np.asarray(lut, np.float32)), ops.convert(byte_codes, np.int32), 0)
+        blocks = ops.reshape(decode(ops.gather(table, rows, 0), e4m3_values()),
+                             np.array([0, 0, 0, -1, 32], np.int64), True)
+        scale = ops.unsqueeze(decode(ops.gather(scales, rows, 0), e8m0_values()), np.array([-1], np.int64))
+        values = ops.multiply(blocks, scale)
+    if shape.name == "v4.1":
+        values = ops.reshape(values, np.array([0, 0, -1], np.int64), True)
+    return openvino.Model([values], [ids], f"lookup_{form}")
+
+
+class _Compiled:
+    """One lookup stage compiled for CPU in f32, with or without the row kernel."""
+
+    def __init__(self, shape, form, folder, kernel: bool, table_memory: str = "mmap"):
+        from engram_export import row_kernel
+        from engram_export.bench import resident_mib
+        from engram_export.ov_extension import openvino_core
+
+        before, start = resident_mib(), time.perf_counter()
+        model = _lookup_model(shape, form, folder)
+        if kernel and not row_kernel.install(model, table_memory):
+            raise AssertionError(f"the row kernel did not take the {form} table")
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        self.request = openvino_core().compile_model(model, "CPU", config).create_infer_request()
+        self.load_s = time.perf_counter() - start
+        self.loaded_mib = [a - b for a, b in zip(resident_mib(), before)]
+
+    def __call__(self, ids):
+        self.request.infer({"input_ids": ids})
+
+
+def _time(calls: dict, rounds: list, warmup: int) -> dict:
+    """Median ms per call of each entry, round-robin, fresh ids every call."""
+    for call in calls.values():
+        for ids in rounds[:warmup]:
+            call(ids)
+    times = {name: [] for name in calls}
+    for ids in rounds[warmup:]:
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call(ids)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run_lookup_bench(workdir: Path, shapes: list[tuple[int, int]], repeat: int, warmup: int = 3,
+                     lookups: tuple[LookupShape, ...] = (DEMO, V41)) -> list[str]:
+    """Print the lookup tables; returns the target lines (met or MISSED)."""
+    from engram_export.bench import resident_mib
+
+    rng = np.random.default_rng(5)
+    checks, table = [], []
+    for lookup in lookups:
+        calls = {}
+        for form in lookup.forms:
+            calls[form, "openvino"] = _Compiled(lookup, form, workdir, kernel=False)
+            calls[form, "row kernel"] = _Compiled(lookup, form, workdir, kernel=True, table_memory="populate")
+        for batch, tokens in shapes:
+            rounds = [rng.integers(0, _VOCAB, (batch, tokens)) for _ in range(warmup + repeat)]
+            for call in calls.values():  # fault the whole table in (the floor is a resident table)
+                for ids in (rng.integers(0, _VOCAB, (64, 4096)) for _ in range(3)):
+                    call(ids)
+            medians = _time(calls, rounds, warmup)
+            floor = medians["f32", "openvino"]
+            for form in lookup.forms:
+                ours, theirs = medians[form, "row kernel"], medians[form, "openvino"]
+                table.append([lookup.name, f"{batch}x{tokens}", form, f"{theirs:.2f}", f"{ours:.2f}",
+                              f"{theirs / ours:.2f}x", f"{ours / floor:.2f}"])
+                if form in ("u8", "u4", "fp8"):
+                    met = ours <= floor
+                    checks.append(f"  {lookup.name} {batch}x{tokens}: {form} row kernel / f32 Gather floor "
+                                  f"<= 1: {ours / floor:.2f} {'met' if met else 'MISSED'}")
+        del calls
+    print(f"\nlookup alone, f32 out, median of {repeat} calls, fresh ids each call (ms); floor: OpenVINO's "
+          "Gather on a resident f32 table of the same rows:")
+    print(format_table(table, ["table shape", "BxT", "stored", "openvino", "row kernel", "kernel speed-up",
+                               "kernel / floor"]))
+    memory_rows = []
+    for table_memory in ("mmap", "populate", "hugepages"):
+        private, file = resident_mib()
+        compiled = _Compiled(DEMO, "u8", workdir, kernel=True, table_memory=table_memory)
+        first = []
+        for _ in range(5):
+            ids = rng.integers(0, _VOCAB, (50, 14))
+            start = time.perf_counter()
+            compiled(ids)
+            first.append((time.perf_counter() - start) * 1e3)
+        grown = [a - b for a, b in zip(resident_mib(), (private, file))]
+        memory_rows.append([table_memory, f"{compiled.load_s:.2f}", f"{first[0]:.2f}", f"{statistics.median(first[1:]):.2f}",
+                            f"{grown[0]:+.0f}", f"{grown[1]:+.0f}"])
+        del compiled
+    print(f"\ntable_memory, demo u8 table ({DEMO.table_rows * (DEMO.row_size + 3) / 2**20:.0f} MiB with scales "
+          "and zero points), a fresh mapping of a file in the page cache; B=50, T=14:")
+    print(format_table(memory_rows, ["table_memory", "load s", "1st call ms", "calls 2-5 ms",
+                                     "private MiB", "file MiB"]))
+    return checks
+
+
+def print_targets(checks: list[str]) -> None:
+    if checks:
+        print("\nlookup targets (ratios from this run):", *checks, sep="\n")

@@ -5,9 +5,10 @@ only the rows the benchmark looks up are written), then measures in one run:
 
 - the costs that must not grow with the table: export, compile and load time, the bytes each writes
   beside the non-table weights, peak resident memory, and resident memory after load;
-- per shape (B=50 with T=14 and T=1, fresh ids every call): the lookup, the fuse stage (after a
-  prefetch), and a plain OpenVINO MatMul of the projection's shape and precision, the floor the fuse
-  stage is measured against; for bf16 and INT8 weights.
+- per shape (B=50 with T=14 and T=1, and B=1 T=1; fresh ids every call): the lookup, the fuse stage
+  (after a prefetch), and a plain OpenVINO MatMul of the projection's shape and precision, the floor the
+  fuse stage is measured against, timed round-robin; for bf16 and INT8 weights;
+- decode: step latency and tokens/s for B in 1, 8, 50 against the stateless [B, 1] call.
 """
 
 from __future__ import annotations
@@ -34,19 +35,9 @@ def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _median_ms(calls, repeat: int) -> float:
-    """Median of ``repeat`` timed calls, each ``calls()`` returning a fresh zero-argument call."""
-    times = []
-    for _ in range(repeat):
-        call = calls()
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: int, quantize: bool) -> None:
     from engram_export.bench import _matmul_floor, cpu_summary, resident_mib
+    from engram_export.decode_bench import decode_rows
     from engram_export.folders import compile_folder, export_checkpoint, quantize_folder
     from engram_export.models.deepseek_v41 import V41Hashing
     from engram_export.quantize import QuantizeOptions
@@ -54,6 +45,7 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
     from engram_export.synthetic import write_v41_checkpoint
 
     print(f"CPU: {cpu_summary()}")
+    shapes = list(dict.fromkeys([*shapes, (1, 1)]))  # B=1, T=1: the INT8 decode target
     layer = config.layer_ids[-1]
     rng = np.random.default_rng(0)
     rounds = {shape: [(rng.integers(0, config.compressed_vocab_size, shape), rng.random(shape) > 0.05)
@@ -88,26 +80,58 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
     print(format_table(steps + [["load bf16 folder", f"{load_s:.1f}", "-", f"{_peak_gib():.2f}"]],
                        ["step", "seconds", "MiB written (not table links)", "peak RSS GiB so far"]))
     print(f"resident memory added by loading: {after / 1024:.2f} GiB (private)")
-    print(f"\nlayer {layer}, median of {repeat} calls, fresh ids each call (ms):")
-    table = []
+    print(f"\nlayer {layer}, median of {repeat} rounds, fresh ids each call, the floor timed in the same "
+          "rounds (ms):")
+    table, fuse_ms = [], {}
     for shape in shapes:
         hidden = rng.standard_normal((*shape, config.hc_mult, config.hidden_size), dtype=np.float32)
         floor = _matmul_floor(config.embedding_width, config.projection_width, "bf16")
         e = rng.standard_normal((shape[0] * shape[1], config.embedding_width), dtype=np.float32)
-        floor_ms = _median_ms(lambda: lambda: floor(e), repeat)
+        calls = {"floor": lambda: lambda: floor(e)}
         for name, runtime in runtimes.items():
-            served = runtime.layer(layer)
-            fresh = iter(rounds[shape] * 2)
+            served, fresh = runtime.layer(layer), iter(rounds[shape] * 2)
 
-            def lookup_call():
+            def lookup_call(served=served, fresh=fresh):
                 ids, mask = next(fresh)
                 return lambda: served.lookup(ids, mask)
 
-            def fuse_call():
+            def fuse_call(runtime=runtime, served=served, fresh=fresh):
                 handle = runtime.prefetch(*next(fresh))
                 handle.wait()
                 return lambda: served.fuse(handle, hidden)
-            lookup_ms, fuse_ms = _median_ms(lookup_call, repeat), _median_ms(fuse_call, repeat)
-            table.append([f"{shape[0]}x{shape[1]}", name, f"{lookup_ms:.2f}", f"{fuse_ms:.2f}", f"{floor_ms:.2f}",
-                          f"{fuse_ms / floor_ms:.2f}"])
+            calls[name, "lookup"], calls[name, "fuse"] = lookup_call, fuse_call
+        medians = _interleaved(calls, repeat)
+        for name in runtimes:
+            fuse_ms[shape, name] = medians[name, "fuse"]
+            table.append([f"{shape[0]}x{shape[1]}", name, f"{medians[name, 'lookup']:.2f}",
+                          f"{medians[name, 'fuse']:.2f}", f"{medians['floor']:.2f}",
+                          f"{medians[name, 'fuse'] / medians['floor']:.2f}"])
     print(format_table(table, ["BxT", "model", "lookup", "fuse stage", "MatMul floor bf16", "fuse / floor"]))
+    checks = [(f"bf16 fuse / floor at {b}x{t} <= 1.15", float(row[5]), 1.15)
+              for row in table for b, t in [tuple(map(int, row[0].split("x")))] if row[1] == "bf16" and b == 50]
+    if "int8-weights" in runtimes and (1, 1) in shapes:
+        checks.append(("int8-weights fuse faster than bf16 at 1x1 >= 1.8x",
+                       fuse_ms[(1, 1), "bf16"] / fuse_ms[(1, 1), "int8-weights"], -1.8))
+    print("\ntargets (ratios from this run):")
+    for text, ratio, bound in checks:
+        met = ratio <= bound if bound > 0 else ratio >= -bound
+        print(f"  {text}: {ratio:.2f} {'met' if met else 'MISSED'}")
+    for name, runtime in runtimes.items():
+        served = runtime.layer(layer)
+        print(f"\ndecode, layer {layer}, {name}: median of {repeat} rounds")
+        print(format_table(decode_rows(served, (1, 8, 50), repeat),
+                           ["B", "step ms", "stateless [B,1] ms", "step / stateless", "tokens/s"]))
+
+
+def _interleaved(calls: dict, repeat: int) -> dict:
+    """Median ms of each entry, timed round-robin (one call of each per round, after one warm-up);
+    each entry is a factory returning a fresh zero-argument call, made outside the timing."""
+    times = {name: [] for name in calls}
+    for round_index in range(repeat + 1):
+        for name, make in calls.items():
+            call = make()
+            start = time.perf_counter()
+            call()
+            if round_index:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -35,11 +35,12 @@ def _median_ms(call, repeat: int, warmup: int = 3) -> float:
 
 def decode_rows(runtime, batches, repeat: int) -> list[list]:
     """Step vs stateless [B,1] call, round-robin per batch size."""
-    config, rows = runtime.config, []
+    config, rows, negative = runtime.config, [], not runtime.info.takes_mask
     for batch in batches:
-        ids, hidden = random_inputs(config, runtime.info.num_ids, batch, 1, seed=batch)
+        ids, hidden = random_inputs(config, runtime.info.num_ids, batch, 1, seed=batch, negative=negative)
         session = runtime.session(batch)
-        prompt_ids, prompt_hidden = random_inputs(config, runtime.info.num_ids, batch, 8, seed=batch + 1)
+        prompt_ids, prompt_hidden = random_inputs(config, runtime.info.num_ids, batch, 8, seed=batch + 1,
+                                                  negative=negative)
         session.prefill(prompt_ids, prompt_hidden)
         step = lambda: session.step(ids, hidden)  # noqa: E731 (the state grows; cost stays the same)
         stateless = lambda: runtime(ids, hidden)  # noqa: E731

@@ -75,11 +75,13 @@ def compare(path: str, reference: np.ndarray, output: np.ndarray, precision: str
                       criterion, passed and finite)
 
 
-def random_inputs(config, num_ids: int, batch: int, tokens: int, seed: int = 0):
-    """Seeded ids over the whole vocabulary (one negative id, which passes through) and hidden states."""
+def random_inputs(config, num_ids: int, batch: int, tokens: int, seed: int = 0, negative: bool = True):
+    """Seeded ids over the whole vocabulary and hidden states; with ``negative``, one id is -1 (the demo
+    family passes negative ids through; DeepSeek-V4.1 refuses them)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, num_ids, size=(batch, tokens), dtype=np.int64)
-    ids[0, -1] = -1
+    if negative:
+        ids[0, -1] = -1
     hidden = rng.standard_normal((batch, tokens, config.hc_mult, config.hidden_size), dtype=np.float32)
     return ids, hidden
 

@@ -8,9 +8,6 @@
 
 #include "openvino/core/parallel.hpp"
 
-
-
-
 namespace engram {
 namespace {
 

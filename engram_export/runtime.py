@@ -145,6 +145,11 @@ class _OpenVINO:
         self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
+        if self.info.quantization in ("int8-weights", "int4-weights"):
+            # The CPU plugin quantizes the activations of a compressed-weight MatMul per group, 32 by
+            # default. Groups of 128 measured 1.15-1.4x faster (demo and V4.1, B=50 T=14, B=50 T=1,
+            # B=1 T=1; Zen 4) for a mean cosine against bf16 of 0.99985 instead of 0.99988.
+            self.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 128
         self.config.update(ov_config or {})
         lookup, fuse = self._compile(*split_stages(model, self.precision))
         self.lookups, self.fuses = _RequestPool(lookup), _RequestPool(fuse)

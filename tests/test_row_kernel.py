@@ -223,3 +223,33 @@ def test_huge_page_copy_is_equal_aligned_and_backed_by_huge_pages():
         elif mapping and line.startswith("AnonHugePages:"):
             huge = int(line.split()[1])
     assert huge >= 2048, "no transparent huge pages behind the copy"
+
+
+def _lookup_with(after):
+    """A lookup stage: EngramHash -> Gather on an f32 table -> ``after`` -> Result."""
+    import openvino
+    from openvino import opset13 as ops
+
+    from engram_export.ov_extension import make_node
+
+    ids = ops.parameter([-1, -1], np.int64, name="input_ids")
+    lut = ops.constant(np.arange(100, dtype=np.int64))
+    rows = make_node("EngramHash", [ids.output(0), lut.output(0)],
+                     {"multipliers": "3,5", "primes": "7,11", "pad_id": 0, "n_head_per_ngram": 2, "blocking": 0},
+                     "i32", 3)
+    table = ops.constant(np.random.default_rng(0).standard_normal((18, 4)).astype(np.float32))
+    return openvino.Model([after(ops.gather(table, rows, 0))], [ids])
+
+
+def test_install_leaves_an_unknown_graph_alone():
+    from openvino import opset13 as ops
+
+    model = _lookup_with(lambda values: ops.multiply(values, np.float32(2)))  # not a lookup stage's end
+    before = sorted(op.get_type_name() for op in model.get_ops())
+    assert row_kernel.install(model) is False
+    assert sorted(op.get_type_name() for op in model.get_ops()) == before
+    plain = _lookup_with(lambda values: values)
+    assert row_kernel.install(plain) is True
+    assert "EngramGatherRows" in {op.get_type_name() for op in plain.get_ops()}
+    with pytest.raises(EngramError, match="table_memory must be one of"):
+        row_kernel.install(_lookup_with(lambda values: values), "disk")

@@ -344,12 +344,19 @@ private:
                                const float* scales, const float* taps, float* out, const float* history,
                                float* next_history) {
         const size_t dim = p.dim, stride = p.groups * dim;
-        // conv inputs of the `reach` positions before the sequence (history or zeros), then its own
-        std::vector<float> window((p.reach + p.length) * dim, 0.0f), gates(p.length), acc(dim);
-        if (history)
-            for (size_t r = 0; r < p.reach; ++r)
-                std::copy_n(history + r * stride + g * dim, dim, window.data() + r * dim);
-        float* normed = window.data() + p.reach * dim;
+        // per-thread scratch, grown once: this branch's normed gated values [T, D], the conv sum [D],
+        // the gates [T] (no allocation and no zero fill per row)
+        thread_local std::vector<float> scratch;
+        scratch.resize((p.length + 1) * dim + p.length);
+        float* normed = scratch.data();
+        float* acc = normed + p.length * dim;
+        float* gates = acc + dim;
+        // the conv input at position q of [the `reach` positions before the sequence, the sequence]:
+        // the decode history there, or nullptr for the zeros before a sequence's start
+        auto input_at = [&](size_t q) -> const float* {
+            if (q >= p.reach) return normed + (q - p.reach) * dim;
+            return history ? history + q * stride + g * dim : nullptr;
+        };
         for (size_t t = 0; t < p.length; ++t) {
             const float* key = proj + t * p.width + g * dim;
             const float* value = proj + t * p.width + p.groups * dim;
@@ -375,11 +382,12 @@ private:
             for (size_t d = 0; d < dim; ++d) row[d] = value[d] * inv;
         }
         for (size_t t = 0; t < p.length; ++t) {
-            std::fill(acc.begin(), acc.end(), 0.0f);
+            std::fill(acc, acc + dim, 0.0f);
             for (size_t j = 0; j < p.kernel; ++j) {
                 const size_t back = (p.kernel - 1 - j) * p.dilation;  // <= reach: causal
+                const float* x = input_at(p.reach + t - back);
+                if (x == nullptr) continue;  // zeros before the sequence
                 const float* tap = taps + j * stride + g * dim;
-                const float* x = window.data() + (p.reach + t - back) * dim;
 #pragma omp simd
                 for (size_t d = 0; d < dim; ++d) acc[d] += tap[d] * x[d];
             }
@@ -390,8 +398,12 @@ private:
             for (size_t d = 0; d < dim; ++d) row[d] = gate * value[d] + acc[d] / (1.0f + fast_exp(-acc[d]));
         }
         if (next_history)
-            for (size_t r = 0; r < p.reach; ++r)
-                std::copy_n(window.data() + (p.length + r) * dim, dim, next_history + r * stride + g * dim);
+            for (size_t r = 0; r < p.reach; ++r) {
+                const float* x = input_at(p.length + r);
+                float* dst = next_history + r * stride + g * dim;
+                if (x) std::copy_n(x, dim, dst);
+                else std::fill(dst, dst + dim, 0.0f);
+            }
     }
 
     // The tensor's data as f32, converted into a buffer kept alive by the returned handle if needed.

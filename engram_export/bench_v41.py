@@ -83,11 +83,12 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
     print(f"\nlayer {layer}, median of {repeat} rounds, fresh ids each call, the floor timed in the same "
           "rounds (ms):")
     table, fuse_ms = [], {}
+    fp8_floor = _fp8_matmul(config.embedding_width, config.projection_width)
     for shape in shapes:
         hidden = rng.standard_normal((*shape, config.hc_mult, config.hidden_size), dtype=np.float32)
         floor = _matmul_floor(config.embedding_width, config.projection_width, "bf16")
         e = rng.standard_normal((shape[0] * shape[1], config.embedding_width), dtype=np.float32)
-        calls = {"floor": lambda: lambda: floor(e)}
+        calls = {"floor": lambda: lambda: floor(e), "fp8 floor": lambda: lambda: fp8_floor(e)}
         for name, runtime in runtimes.items():
             served, fresh = runtime.layer(layer), iter(rounds[shape] * 2)
 
@@ -101,6 +102,8 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
                 return lambda: served.fuse(handle, hidden)
             calls[name, "lookup"], calls[name, "fuse"] = lookup_call, fuse_call
         medians = _interleaved(calls, repeat)
+        table.append([f"{shape[0]}x{shape[1]}", "MatMul, FP8 weights", "", f"{medians['fp8 floor']:.2f}",
+                      f"{medians['floor']:.2f}", f"{medians['fp8 floor'] / medians['floor']:.2f}"])
         for name in runtimes:
             fuse_ms[shape, name] = medians[name, "fuse"]
             table.append([f"{shape[0]}x{shape[1]}", name, f"{medians[name, 'lookup']:.2f}",
@@ -122,6 +125,25 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
     for text, ratio, bound in checks:
         met = ratio <= bound if bound > 0 else ratio >= -bound
         print(f"  {text}: {ratio:.2f} {'met' if met else 'MISSED'}")
+
+
+def _fp8_matmul(width_in: int, width_out: int):
+    """A MatMul of the projection's shape with FP8 E4M3 weights and a scale per output channel, in bf16:
+    what OpenVINO does with FP8 weights on this CPU (it decompresses them with a Convert and a Multiply
+    on every call instead of reading them inside its GEMM kernel)."""
+    import openvino
+    from openvino import opset13 as ops
+
+    from engram_export.row_kernel import shared_constant
+
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 256, (width_out, width_in), dtype=np.uint8) & 0x77  # no NaN codes
+    weights = shared_constant(codes, codes, "f8e4m3", [width_out, width_in])
+    scale = ops.constant(rng.uniform(1e-3, 1e-2, (width_out, 1)).astype(np.float32))
+    x = ops.parameter([-1, width_in], np.float32, name="x")
+    model = openvino.Model([ops.matmul(x, ops.multiply(ops.convert(weights, np.float32), scale), False, True)], [x])
+    request = openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"}).create_infer_request()
+    return lambda x: request.infer([x])
 
 
 def _interleaved(calls: dict, repeat: int) -> dict:

@@ -302,20 +302,25 @@ def report(rows: list[BenchRow], shapes) -> str:
 
 
 def profile_top(xml: Path, ids: np.ndarray, hidden: np.ndarray, precision: str, top: int = 12) -> str:
-    """OpenVINO's per-node times (PERF_COUNT) for one model: where the time goes."""
-    from engram_export.ov_extension import openvino_core
+    """OpenVINO's per-node times (PERF_COUNT) of the runtime's own path for one model: its lookup stage
+    (with the row kernel) and its fuse stage, as ``EngramRuntime`` compiles them."""
+    from engram_export.runtime import EngramRuntime
+    from engram_export.stages import EMBEDDINGS
 
-    compiled = openvino_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                               "PERF_COUNT": "YES"})
-    request = compiled.create_infer_request()
+    runtime = EngramRuntime(xml, precision=precision, table_memory="populate", ov_config={"PERF_COUNT": "YES"})
+    stages = runtime._backend  # the two compiled stages: profiling needs their requests
+    lookup, fuse = stages.lookups.take(), stages.fuses.take()
     totals, rounds = collections.Counter(), 10
-    for _ in range(3 + rounds):
-        request.infer({"input_ids": ids, "hidden_states": hidden})
-    for _ in range(rounds):
-        request.infer({"input_ids": ids, "hidden_states": hidden})
-        for info in request.get_profiling_info():
-            key = (info.node_type, info.exec_type, info.node_name)
-            totals[key] += info.real_time.total_seconds() * 1e3 / rounds
-    rows = [[f"{ms:.2f}", kind, impl, name[:48]] for (kind, impl, name), ms in totals.most_common(top)]
+    for index in range(3 + rounds):
+        lookup.infer({"input_ids": ids})
+        fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
+        fuse.infer({"hidden_states": hidden})
+        if index < 3:
+            continue
+        for stage, request in (("lookup", lookup), ("fuse", fuse)):
+            for info in request.get_profiling_info():
+                key = (stage, info.node_type, info.exec_type, info.node_name)
+                totals[key] += info.real_time.total_seconds() * 1e3 / rounds
+    rows = [[f"{ms:.2f}", stage, kind, impl, name[:40]] for (stage, kind, impl, name), ms in totals.most_common(top)]
     return (f"{xml.name}: {sum(totals.values()):.2f} ms in nodes\n"
-            + format_table(rows, ["ms", "node", "kernel", "name"]))
+            + format_table(rows, ["ms", "stage", "node", "kernel", "name"]))

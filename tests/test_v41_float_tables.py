@@ -109,13 +109,18 @@ def test_table_stays_stored_and_linked(case):
         assert len(linked) == 2 and all(p.stat().st_ino in shards for p in linked), kind
         written = [p for p in case[kind].iterdir() if p.suffix in (".onnx", ".bin")]
         assert all(p.stat().st_size < table_bytes for p in written), kind
+    # the row kernel reads the table as its stored bytes (u8, each row head_dim * itemsize of them);
+    # OpenVINO's Gather reads a constant of the stored type
     for kind in ("f32", "bf16"):
-        ops = EngramRuntime(case[kind]).layer(3)._backend.lookups.compiled.get_runtime_model().get_ops()
-        table_types = {op.get_rt_info()["outputPrecisions"].astype(str) for op in ops
-                       if op.get_rt_info()["layerType"].astype(str) == "Const"
-                       and op.get_output_partial_shape(0).is_static
-                       and op.get_output_partial_shape(0).to_shape()[0] == config.table_rows(3)}
-        assert table_types == {OV_TYPES[case["dtype"]]}, (kind, table_types)
+        for kernel, expected in ((True, ("u8", config.head_dim * itemsize)), (False, (OV_TYPES[case["dtype"]],
+                                                                                      config.head_dim))):
+            runtime = EngramRuntime(case[kind], lookup_kernel=kernel).layer(3)
+            ops = runtime._backend.lookups.compiled.get_runtime_model().get_ops()
+            tables = {(op.get_rt_info()["outputPrecisions"].astype(str), op.get_output_partial_shape(0).to_shape()[1])
+                      for op in ops if op.get_rt_info()["layerType"].astype(str) == "Const"
+                      and op.get_output_partial_shape(0).is_static
+                      and op.get_output_partial_shape(0).to_shape()[0] == config.table_rows(3)}
+            assert tables == {expected}, (kind, kernel, tables)
 
 
 def _add_tensor(shard, name: str, dtype: str, shape: list[int], data: bytes) -> None:

@@ -207,10 +207,10 @@ def run_lookup_bench(workdir: Path, shapes: list[tuple[int, int]], repeat: int, 
           "Gather on a resident f32 table of the same rows:")
     print(format_table(table, ["table shape", "BxT", "stored", "openvino", "row kernel", "kernel speed-up",
                                "kernel / floor"]))
-    memory_rows = []
+    memory_rows, shape = [], next(lookup for lookup in lookups if "u8" in lookup.forms)
     for table_memory in ("mmap", "populate", "hugepages"):
         _, file = resident_mib()
-        compiled = _Compiled(DEMO, "u8", workdir, kernel=True, table_memory=table_memory, resident=False)
+        compiled = _Compiled(shape, "u8", workdir, kernel=True, table_memory=table_memory, resident=False)
         first = []
         for _ in range(5):
             ids = rng.integers(0, _VOCAB, (50, 14))
@@ -222,8 +222,8 @@ def run_lookup_bench(workdir: Path, shapes: list[tuple[int, int]], repeat: int, 
                             f"{compiled.loaded_mib[1]:+.0f}", f"{first[0]:.2f}", f"{statistics.median(first[1:]):.2f}",
                             f"{ran[1] - file:+.0f}"])
         del compiled
-    print(f"\ntable_memory, demo u8 table ({DEMO.table_rows * (DEMO.row_size + 3) / 2**20:.0f} MiB with scales "
-          "and zero points), a fresh mapping of a file in the page cache; B=50, T=14:")
+    print(f"\ntable_memory, {shape.name} u8 table ({shape.table_rows * (shape.row_size + 3) / 2**20:.0f} MiB with "
+          "scales and zero points), a fresh mapping of a file in the page cache; B=50, T=14:")
     print(format_table(memory_rows, ["table_memory", "load s", "private MiB", "file MiB", "1st call ms",
                                      "calls 2-5 ms", "file MiB after"]))
     return checks

@@ -454,11 +454,11 @@ def run_bench_command(args) -> None:
     if is_deepseek_v41(config):  # the released size from a sparse checkpoint
         from engram_export.bench_v41 import run_bench_v41
 
-        if args.weights or args.engram_vocab_size or args.decode:
+        if args.weights or args.engram_vocab_size or args.lookup:
             raise EngramError("bench of a DeepSeek-V4.1 config builds its own sparse checkpoint: drop "
-                              "--weights, --engram-vocab-size and --decode")
+                              "--weights, --engram-vocab-size and --lookup")
         with working_folder(args.workdir, "engram-bench-") as workdir:
-            run_bench_v41(config, workdir, shapes, args.repeat, "int8-weights" in modes)
+            run_bench_v41(config, workdir, shapes, args.repeat, "int8-weights" in modes, decode_only=args.decode)
         return
     if args.lookup:
         with working_folder(args.workdir, "engram-bench-") as workdir:

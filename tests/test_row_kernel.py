@@ -253,3 +253,18 @@ def test_install_leaves_an_unknown_graph_alone():
     assert "EngramGatherRows" in {op.get_type_name() for op in plain.get_ops()}
     with pytest.raises(EngramError, match="table_memory must be one of"):
         row_kernel.install(_lookup_with(lambda values: values), "disk")
+
+
+def test_lookup_bench_prints_every_form_and_memory_mode(tmp_path, capsys):
+    import dataclasses
+
+    from engram_export.bench_lookup import DEMO, V41, run_lookup_bench
+
+    small = (dataclasses.replace(DEMO, table_rows=16 * 2000), dataclasses.replace(V41, table_rows=24 * 500))
+    checks = run_lookup_bench(tmp_path, [(2, 3)], repeat=2, warmup=1, lookups=small)
+    out = capsys.readouterr().out
+    for form in ("f32", "f16", "u8", "u4", "bf16", "fp8"):
+        assert f"  {form} " in out, form
+    for mode in ("mmap", "populate", "hugepages"):
+        assert f"\n{mode} " in out, mode
+    assert len(checks) == 3 and all(("met" in line) or ("MISSED" in line) for line in checks)

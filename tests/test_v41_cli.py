@@ -46,9 +46,14 @@ def test_the_issue_commands(checkpoint, tmp_path):
 def test_verify_and_bench(checkpoint):
     out = ok("verify", "--checkpoint", checkpoint, "--layer", 1, "--shape", "50x14", "--shape", "1x1")
     assert "6 passed, 0 failed" in out and "image tokens == h" in out
-    out = ok("bench", "--config", "v41-tiny", "--batch", 2, "--tokens", 3, "--repeat", 2, "--modes", "none")
-    for row in ("export", "compile bf16", "load bf16 folder", "MatMul floor bf16", "fuse / floor"):
+    out = ok("bench", "--config", "v41-tiny", "--batch", 2, "--tokens", 3, "--repeat", 2)
+    for row in ("export", "compile bf16", "load bf16 folder", "MatMul floor bf16", "fuse / floor",
+                "MatMul, FP8 weights", "1x1", "decode, layer 3, int8-weights",
+                "int8-weights fuse faster than bf16 at 1x1 >= 1.8x:",
+                "int8-weights decode step / stateless [B,1] call <= 1.3"):
         assert row in out, row
+    out = ok("bench", "--config", "v41-tiny", "--decode", "--repeat", 2, "--modes", "none")
+    assert "decode, layer 3, bf16" in out and "fuse / floor" not in out
 
 
 def test_random_init_preset(tmp_path):
@@ -64,7 +69,7 @@ def test_random_init_preset(tmp_path):
     (["export", "--checkpoint", "{ck}", "--layer", 2, "-o", "{out}/x.onnx"], "layer 2 is not an Engram layer"),
     (["verify", "--checkpoint", "{ck}", "-o", "{out}/x"], "unrecognized arguments"),
     (["verify", "--checkpoint", "{ck}"], "give --layer"),
-    (["bench", "--config", "v41-tiny", "--decode"], "drop --weights, --engram-vocab-size and --decode"),
+    (["bench", "--config", "v41-tiny", "--lookup"], "drop --weights, --engram-vocab-size and --lookup"),
 ])
 def test_refusals(checkpoint, tmp_path, args, message):
     before = listing(tmp_path)

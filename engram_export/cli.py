@@ -408,6 +408,18 @@ def run_demo(args) -> int:
     return 0 if ok else 1
 
 
+# extension ------------------------------------------------------------------------------------------
+def add_extension(sub) -> None:
+    p = sub.add_parser("extension", help="print the path of the OpenVINO extension library (built if needed)")
+    p.set_defaults(func=run_extension)
+
+
+def run_extension(args) -> None:
+    from engram_export.ov_extension import library_path
+
+    print(library_path())
+
+
 # bench ----------------------------------------------------------------------------------------------
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time PyTorch, ONNX Runtime and OpenVINO side by side")
@@ -488,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="print the trace of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_export, add_optimize, add_compile, add_quantize, add_run, add_verify, add_demo,
-                add_bench):
+                add_bench, add_extension):
         add(sub)
     return parser
 

@@ -1,9 +1,12 @@
-"""The OpenVINO extension (C++) that runs the Engram hash bit-exactly on CPU, built on first use.
+"""The OpenVINO extension (C++): the bit-exact Engram hash, the fused gated short conv, the row kernel.
 
-The library is compiled with CMake against the headers and CMake config that ship in the ``openvino``
-wheel, once per OpenVINO version and source revision, into ``$ENGRAM_EXPORT_CACHE`` (default
-``~/.cache/engram-export``). Every OpenVINO entry point of this package loads it through
-``openvino_core()``, so users never pass an extension path by hand.
+``$ENGRAM_EXPORT_EXTENSION``, when set, names a prebuilt library to load (a serving image that ships
+one, built against the same OpenVINO release). Otherwise the library is compiled on first use with
+CMake against the headers and CMake config that ship in the ``openvino`` wheel, once per OpenVINO
+version and source revision, into ``$ENGRAM_EXPORT_CACHE`` (default ``~/.cache/engram-export``). Every
+OpenVINO entry point of this package loads it through ``openvino_core()``, so users never pass an
+extension path by hand; ``engram-export extension`` prints the path for servers that take one (OpenVINO
+Model Server's ``--cpu_extension``, Triton's ``CPU_EXTENSION_PATH``, OpenVINO GenAI's ``extensions``).
 """
 
 from __future__ import annotations
@@ -61,7 +64,14 @@ def _build(target: Path) -> None:
 
 
 def library_path() -> Path:
-    """Path of the compiled extension, building it first if this OpenVINO has none yet."""
+    """Path of the extension: ``$ENGRAM_EXPORT_EXTENSION`` if set, else the compiled one, built first if
+    this OpenVINO has none yet."""
+    prebuilt = os.environ.get("ENGRAM_EXPORT_EXTENSION")
+    if prebuilt:
+        if not Path(prebuilt).is_file():
+            raise EngramError(f"ENGRAM_EXPORT_EXTENSION={prebuilt} is not a file (unset it to build the "
+                              "extension here)")
+        return Path(prebuilt)
     directory = _cache_dir()
     target = directory / _LIBRARY
     if target.is_file():
@@ -79,8 +89,11 @@ def openvino_core():
     """The process's ``openvino.Core`` with the Engram extension loaded."""
     import openvino
 
-    core = openvino.Core()
-    core.add_extension(str(library_path()))
+    core, path = openvino.Core(), library_path()
+    try:
+        core.add_extension(str(path))
+    except RuntimeError as exc:  # e.g. a prebuilt library made for another OpenVINO release
+        raise EngramError(f"OpenVINO cannot load the extension {path}: {str(exc).splitlines()[0]}") from None
     return core
 
 

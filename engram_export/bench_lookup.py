@@ -22,7 +22,7 @@ import numpy as np
 
 from engram_export.verify import format_table
 
-__all__ = ["run_lookup_bench", "print_targets", "LookupShape", "DEMO", "V41"]
+__all__ = ["run_lookup_bench", "print_targets", "shapes_for", "LookupShape", "DEMO", "V41"]
 
 _VOCAB = 1 << 20
 
@@ -43,6 +43,15 @@ class LookupShape:
 
 DEMO = LookupShape("demo", 2, 8, 64, 10_342_400, ("f32", "f16", "u8", "u4"))  # 646,400 rows x 16 heads
 V41 = LookupShape("v4.1", 3, 8, 256, 2_000_000, ("f32", "bf16", "fp8"))  # 2M of 384M rows: fits in RAM here
+
+
+def shapes_for(config) -> tuple[LookupShape, LookupShape]:
+    """The lookup of a demo-family ``config`` (its heads, row width and table size), and the V4.1 row
+    shape over at most as many rows (deepseek-demo dims: ``DEMO`` and ``V41``; small configs stay small)."""
+    rows = config.n_head_per_ngram * sum(config.engram_vocab_size)
+    demo = LookupShape("demo", config.max_ngram_size - 1, config.n_head_per_ngram, config.head_dim, rows,
+                       DEMO.forms)
+    return demo, dataclasses.replace(V41, table_rows=min(V41.table_rows, rows))
 
 
 def _hash(ids, shape: LookupShape):
@@ -92,7 +101,7 @@ def _lookup_model(shape: LookupShape, form: str, folder: Path, resident: bool):
     ids = ops.parameter([-1, -1], np.int64, "input_ids")
     ids.output(0).set_names({"input_ids"})
     rows = _hash(ids.output(0), shape)
-    file = folder / f"{shape.name}_{form}.bin"
+    file = folder / f"{shape.name}_{form}_{rows_count}x{width}.bin"
 
     def normal(dtype):
         return lambda: rng.standard_normal((rows_count, width), np.float32).astype(dtype).view(np.uint8)
@@ -113,7 +122,7 @@ def _lookup_model(shape: LookupShape, form: str, folder: Path, resident: bool):
     elif form in ("u8", "u4"):
         # NNCF's per-row asymmetric compression: f16 (codes - zero point) * f16 scale, then f32
         code_bytes, zero_bytes = (rows_count * width, rows_count) if form == "u8" else (rows_count * width // 2,
-                                                                                      rows_count // 2)
+                                                                                      (rows_count + 1) // 2)
         store = _stored(file, lambda: np.concatenate([
             codes(code_bytes)(), codes(zero_bytes)(), rng.uniform(1e-3, 1e-2, rows_count).astype(np.float16).view(np.uint8)]),
             resident)

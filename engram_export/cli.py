@@ -450,7 +450,7 @@ def run_bench_command(args) -> None:
     # row comes next (measured: a bf16 MatMul floor at B=50 T=1 took 1.8x as long right after one)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from engram_export.bench import run_bench
-    from engram_export.bench_lookup import print_targets, run_lookup_bench
+    from engram_export.bench_lookup import print_targets, run_lookup_bench, shapes_for
     from engram_export.decode_bench import decode_bench
     from engram_export.models.config import is_deepseek_v41, load_config
     from engram_export.models.weights import build_layer
@@ -472,11 +472,11 @@ def run_bench_command(args) -> None:
         with working_folder(args.workdir, "engram-bench-") as workdir:
             run_bench_v41(config, workdir, shapes, args.repeat, "int8-weights" in modes, decode_only=args.decode)
         return
+    config = with_table_size(config, args.engram_vocab_size)
     if args.lookup:
         with working_folder(args.workdir, "engram-bench-") as workdir:
-            print_targets(run_lookup_bench(workdir, shapes, args.repeat, args.warmup))
+            print_targets(run_lookup_bench(workdir, shapes, args.repeat, args.warmup, shapes_for(config)))
         return
-    config = with_table_size(config, args.engram_vocab_size)
     precisions = ["f32", "bf16"] if args.precision == "all" else [args.precision]
     unknown = sorted(set(modes) - {"int8-weights", "int4-weights", "int8"})
     if unknown:
@@ -490,7 +490,7 @@ def run_bench_command(args) -> None:
             decode_bench(layer, workdir, "int8" in modes, args.repeat)
         else:
             run_bench(layer, workdir, shapes, precisions, args.repeat, args.warmup, args.profile, modes)
-            print_targets(run_lookup_bench(workdir, shapes, args.repeat, args.warmup))
+            print_targets(run_lookup_bench(workdir, shapes, args.repeat, args.warmup, shapes_for(config)))
 
 
 # main -----------------------------------------------------------------------------------------------
@@ -527,11 +527,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import logging
 
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        if {"-q", "--quiet"} & set(argv):
-            from engram_export.progress import quiet
+        from engram_export.progress import LOGGER
 
-            quiet()
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        shown = logging.StreamHandler(sys.stderr)  # progress lines, as "[engram-export] ..."
+        shown.setFormatter(logging.Formatter("[engram-export] %(message)s"))
+        progress_log = logging.getLogger(LOGGER)
+        progress_log.handlers[:] = [shown]
+        progress_log.propagate = False
+        progress_log.setLevel(logging.WARNING if {"-q", "--quiet"} & set(argv) else logging.INFO)
         return args.func(args) or 0
     except (KeyboardInterrupt, Exception) as exc:  # a last line of defence: one line, never a trace
         message, code = error_line(exc, args.command)

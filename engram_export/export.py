@@ -39,7 +39,9 @@ def trace(layer: EngramLayer) -> ir.Model:
     hidden = torch.zeros(2, 5, config.hc_mult, config.hidden_size)
     batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
     layer.reference_layout = True
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed" noise, for this export only
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -52,6 +54,7 @@ def trace(layer: EngramLayer) -> ir.Model:
                 custom_translation_table=onnx_op.translation_table())
     finally:
         layer.reference_layout = False
+        onnx_log.setLevel(level)
     model = program.model
     function = ir.serde.deserialize_function(onnx_op.hash_gather_function(
         config.max_ngram_size, model.opset_imports[""]))

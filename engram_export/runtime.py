@@ -456,6 +456,13 @@ class EngramRuntime:
         return Prefetch(feeds, {layer_id: (backend, backend.start_lookup(feeds))
                                 for layer_id, backend in backends.items()})
 
+    def as_torch(self) -> dict:
+        """Each layer as a PyTorch module (``engram_export.torch.OpenVINOEngram``): layer id -> module.
+        ``engram_export.torch.swap_engram_modules`` puts them into a model in place of its PyTorch ones."""
+        from engram_export.torch import OpenVINOEngram
+
+        return {layer: OpenVINOEngram(self.layer(layer)) for layer in self.layer_ids}
+
     def session(self, batch_size: int):
         """A decode session for ``batch_size`` sequences over every layer served (OpenVINO only)."""
         from engram_export.decode import DecodeSession

@@ -8,7 +8,9 @@ the backbone runs on ``--device`` (the GPU in production).
     python samples/backbone_prefetch.py [--device cpu] [--layer 2] [--precision bf16] [--steps 8]
 
 It prints the timeline of one forward pass (backbone layers computing while the lookup runs), the
-serial and overlapped end-to-end times, and a short greedy-decode-style loop through the session API.
+serial and overlapped end-to-end times, the drop-in (a PyTorch model holding the Engram layer as a
+module, swapped for the OpenVINO one with ``engram_export.torch.swap_engram_modules``, its lookup
+prefetched by the model's pre-hook), and a short greedy-decode-style loop through the session API.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from engram_export.export import export_layer
 from engram_export.models.config import EngramConfig
 from engram_export.models.weights import build_layer
 from engram_export.runtime import EngramRuntime
+from engram_export.torch import swap_engram_modules
 
 TEXT = "Only Alexander the Great could tame the horse Bucephalus, and the story spread across Macedon"
 
@@ -70,6 +73,39 @@ class Backbone:
             if timeline is not None:
                 timeline.append((f"backbone layer {index}", start - t0, time.perf_counter() - t0))
         return hidden
+
+
+class MiniLMWithEngram(torch.nn.Module):
+    """MiniLM with an Engram layer (any module called like ``EngramLayer``) as a residual branch before
+    encoder layer ``layer``: the model a PyTorch user has, whose Engram module gets swapped."""
+
+    def __init__(self, bert, engram: torch.nn.Module, layer: int):
+        super().__init__()
+        self.bert, self.engram, self.layer = bert, engram, layer
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert.embeddings(input_ids=input_ids)
+        for index, block in enumerate(self.bert.encoder.layer):
+            if index == self.layer:
+                branch = self.engram(input_ids, hidden.float().unsqueeze(2))[:, :, 0, :]
+                hidden = hidden + branch.to(hidden.dtype)
+            out = block(hidden)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
+def drop_in(model, engram_layer, runtime, ids: np.ndarray, layer: int) -> float:
+    """The PyTorch model, then the same model with its Engram module swapped for the OpenVINO one:
+    the largest difference relative to the largest output."""
+    device = next(model.parameters()).device
+    combined = MiniLMWithEngram(model, engram_layer, layer).eval()
+    input_ids = torch.from_numpy(ids).to(device)
+    with torch.inference_mode():
+        reference = combined(input_ids)
+    swap_engram_modules(combined, runtime)
+    with torch.inference_mode():
+        served = combined(input_ids)
+    return float((served - reference).abs().max() / reference.abs().max())
 
 
 def engram_residual(out: np.ndarray, hidden: torch.Tensor) -> torch.Tensor:
@@ -126,7 +162,8 @@ def main() -> None:
     model, tokenizer, tokenizer_json = load_backbone(args.device)
     config = engram_config(tokenizer_json, args.layer)
     folder = tempfile.TemporaryDirectory()  # kept while the runtime lives: sessions compile from it
-    onnx_path = export_layer(build_layer(config, args.layer, seed=0), Path(folder.name) / "engram.onnx")
+    engram_layer = build_layer(config, args.layer, seed=0)
+    onnx_path = export_layer(engram_layer, Path(folder.name) / "engram.onnx")
     runtime = EngramRuntime(compile_onnx(onnx_path, Path(folder.name) / "engram.xml", args.precision))
     backbone = Backbone(model, args.layer)
     ids = np.array([tokenizer.encode(TEXT).ids] * 8, dtype=np.int64)
@@ -150,6 +187,12 @@ def main() -> None:
     assert torch.allclose(plain, fused, atol=1e-5), "prefetch changed the result"
     print(f"\nend to end, median of {args.repeat}: serial {serial:.2f} ms, overlapped {overlapped:.2f} ms "
           f"({serial / overlapped:.2f}x); outputs identical")
+
+    difference = drop_in(model, engram_layer, runtime, ids, args.layer)
+    print(f"\ndrop-in: the PyTorch model with its Engram module swapped for OpenVINO's "
+          f"(swap_engram_modules, lookup prefetched by the model's pre-hook): max difference "
+          f"{difference:.1e} of the largest output ({runtime.precision})")
+    assert difference < 0.05, "the swapped model disagrees with the PyTorch one"
 
     prompt = np.array([tokenizer.encode("the horse").ids[:-1]], dtype=np.int64)  # without [SEP]
     print(f"\ngreedy-style decode ({args.steps} steps through rt.session): "

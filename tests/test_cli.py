@@ -144,6 +144,7 @@ def test_optimize_prints_node_counts(tiny_raw_files, tmp_path):
     assert "(nothing to fuse)" in again.stdout
 
 
+@pytest.mark.slow
 def test_bench_prints_every_row():
     done = cli("bench", "--config", "tiny", "--batch", "2", "--tokens", "3", "--repeat", "2",
                "--warmup", "1")
@@ -153,3 +154,4 @@ def test_bench_prints_every_row():
                 "openvino matmul floor bf16"):
         assert row in done.stdout, row
     assert "CPU:" in done.stdout and ("AMX present" in done.stdout or "no AMX" in done.stdout)
+    assert "lookup alone" in done.stdout and "table_memory" in done.stdout  # the lookup tables, at the config's size

@@ -162,6 +162,7 @@ def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
     assert listing(tmp_path) == sorted(["e.onnx", live.name, f"{live.name}/partial.onnx"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_outputs_follow_the_umask(tiny_files, tmp_path, umask):
     old = os.umask(umask)
@@ -198,6 +199,7 @@ def test_unexpected_errors_are_one_line(tmp_path, monkeypatch):
     assert listing(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path):
     """A real SIGINT during a demo whose table takes a while to build and export."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")

@@ -129,6 +129,7 @@ def test_folder_commands(folders, tmp_path, tiny_config):
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
 
 
+@pytest.mark.slow
 def test_backbone_sample_runs():
     """samples/backbone_prefetch.py: MiniLM backbone in PyTorch, the Engram layer in OpenVINO."""
     import os
@@ -143,3 +144,6 @@ def test_backbone_sample_runs():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "engram lookup started" in done.stdout and "backbone layer 5" in done.stdout
     assert "outputs identical" in done.stdout and "greedy-style decode (2 steps" in done.stdout
+    # the torch drop-in: in f32 the swapped model equals the PyTorch one up to float32 rounding
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("drop-in:")]
+    assert float(line.split("max difference ")[1].split()[0]) <= 1e-4, line

@@ -231,6 +231,7 @@ def test_demo_models_take_no_mask(folders):
         runtime(np.zeros((1, 2), np.int64), np.zeros((1, 2, 4, 48), np.float32), token_mask=np.ones((1, 2), bool))
 
 
+@pytest.mark.slow
 def test_released_size_from_a_sparse_checkpoint(tmp_path):
     """384M-row FP8 tables (101 GB logical per layer), written sparsely: export, compile and load
     write under 1 GB beyond the non-table weights and never read the tables; the bf16 model matches

@@ -17,11 +17,11 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from functools import cache
 from pathlib import Path
 
+from engram_export import progress
 from engram_export.errors import EngramError
 
 __all__ = ["library_path", "openvino_core", "make_node", "HASH_OP_TYPE"]
@@ -49,9 +49,8 @@ def _build(target: Path) -> None:
     if cmake is None:
         raise EngramError("building the OpenVINO extension needs cmake and a C++17 compiler on PATH")
     ov_cmake_dir = Path(openvino.__file__).parent / "cmake"
-    print(f"engram-export: building the OpenVINO hash extension (once) into {target.parent}",
-          file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="engram-ov-build-") as build:
+    with progress.stage(f"building the OpenVINO extension (once) into {target.parent}"), \
+            tempfile.TemporaryDirectory(prefix="engram-ov-build-") as build:
         for step in ([cmake, "-S", str(SOURCE_DIR), "-B", build, f"-DOpenVINO_DIR={ov_cmake_dir}"],
                      [cmake, "--build", build, "-j", str(os.cpu_count() or 1)]):
             done = subprocess.run(step, capture_output=True, text=True)

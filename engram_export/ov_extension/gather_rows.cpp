@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "compiler.hpp"
 #include "openvino/core/parallel.hpp"
 
 namespace engram {
@@ -137,18 +138,18 @@ struct Job {
     // elsewhere in memory) twice as far, so the three misses of a compressed row overlap.
     void prefetch_codes(size_t i) const {
         const uint8_t* src = table + row(i) * row_bytes;
-        for (size_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(src + line);
+        for (size_t line = 0; line < row_bytes; line += 64) ENGRAM_PREFETCH(src + line);
     }
     void prefetch_parameters(size_t i) const {
         const size_t first = row(i) * groups;
-        if (scale != Scale::none) __builtin_prefetch(scales + first * bytes_of(scale));
-        if (zero_point != ZeroPoint::none) __builtin_prefetch(zeros + first * bits_of(zero_point) / 8);
+        if (scale != Scale::none) ENGRAM_PREFETCH(scales + first * bytes_of(scale));
+        if (zero_point != ZeroPoint::none) ENGRAM_PREFETCH(zeros + first * bits_of(zero_point) / 8);
     }
 };
 
 // One row, element type E, output Out: inlined into the per-target clones of decode_range.
 template <Element E, typename Out>
-__attribute__((always_inline)) inline void decode_row(const Job& job, size_t r, Out* out) {
+ENGRAM_ALWAYS_INLINE void decode_row(const Job& job, size_t r, Out* out) {
     const uint8_t* src = job.table + r * job.row_bytes;
     const size_t n = job.row_size;
     if constexpr (E == Element::f32 || E == Element::f16 || E == Element::bf16) {
@@ -195,7 +196,7 @@ __attribute__((always_inline)) inline void decode_row(const Job& job, size_t r, 
 }
 
 template <Element E, typename Out>
-__attribute__((always_inline)) inline void decode_rows(const Job& job, size_t begin, size_t end) {
+ENGRAM_ALWAYS_INLINE void decode_rows(const Job& job, size_t begin, size_t end) {
     constexpr size_t distance = 16;  // measured on Zen 4: 16 to 64 alike, 4 and 8 slower
     Out* out = static_cast<Out*>(job.out);
     for (size_t i = begin; i < std::min(end, begin + 2 * distance); ++i) {
@@ -210,7 +211,7 @@ __attribute__((always_inline)) inline void decode_rows(const Job& job, size_t be
 }
 
 template <typename Out>
-__attribute__((always_inline)) inline void decode_typed(const Job& job, size_t begin, size_t end) {
+ENGRAM_ALWAYS_INLINE void decode_typed(const Job& job, size_t begin, size_t end) {
     switch (job.element) {
     case Element::f32: return decode_rows<Element::f32, Out>(job, begin, end);
     case Element::f16: return decode_rows<Element::f16, Out>(job, begin, end);
@@ -222,7 +223,7 @@ __attribute__((always_inline)) inline void decode_typed(const Job& job, size_t b
     }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+ENGRAM_TARGET_CLONES
 void decode_range(const Job& job, size_t begin, size_t end) {
     if (job.bf16_out) decode_typed<uint16_t>(job, begin, end);
     else decode_typed<float>(job, begin, end);

@@ -124,7 +124,8 @@ def _lookup_model(shape: LookupShape, form: str, folder: Path, resident: bool):
         code_bytes, zero_bytes = (rows_count * width, rows_count) if form == "u8" else (rows_count * width // 2,
                                                                                       (rows_count + 1) // 2)
         store = _stored(file, lambda: np.concatenate([
-            codes(code_bytes)(), codes(zero_bytes)(), rng.uniform(1e-3, 1e-2, rows_count).astype(np.float16).view(np.uint8)]),
+            codes(code_bytes)(), codes(zero_bytes)(),
+            rng.uniform(1e-3, 1e-2, rows_count).astype(np.float16).view(np.uint8)]),
             resident)
         grouped, per_row = ([rows_count, 1, width], [rows_count, 1, 1]) if form == "u4" else ([rows_count, width],
                                                                                           [rows_count, 1])

@@ -165,11 +165,11 @@ class _OpenVINO:
     def _compile(self, lookup, fuse):
         """Both stages compiled, the lookup's table read by the extension's row kernel where it knows
         the table's form (``row_kernel.install``). A lookup left on OpenVINO's Gather over an f32 table
-        (a DeepSeek-V4.1 checkpoint that stores one) is compiled without the CPU plugin's scan of f32 constants for subnormals, which reads the
-        whole table at every load (measured: +2 GiB resident for a 2 GiB table, +28 MiB without); the
-        lookup only gathers and converts, so the flag changes no value it computes. compile_model sets
-        flush-to-zero on the thread that calls it with that flag and leaves it set, so that compile
-        runs on a thread of its own: the caller's arithmetic keeps its subnormals."""
+        (a DeepSeek-V4.1 checkpoint that stores one) is compiled without the CPU plugin's scan of f32
+        constants for subnormals, which reads the whole table at every load (measured: +2 GiB resident for a
+        2 GiB table, +28 MiB without); the lookup only gathers and converts, so the flag changes no value it
+        computes. compile_model sets flush-to-zero on the thread that calls it with that flag and leaves it
+        set, so that compile runs on a thread of its own: the caller's arithmetic keeps its subnormals."""
         from concurrent.futures import ThreadPoolExecutor
 
         from engram_export import row_kernel

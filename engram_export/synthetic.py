@@ -143,8 +143,8 @@ def write_v41_checkpoint(folder: str | Path, config: dict, seed: int = 0,
 
 
 def _write_rows(path: Path, offset: int, rows: np.ndarray, data: np.ndarray) -> None:
-    """Rows of a [R, W] tensor, ``data`` their bytes [n, W * itemsize], at ``offset``: all at once when they are every row, else one by
-    one (each a small write into the hole)."""
+    """Rows of a [R, W] tensor, ``data`` their bytes [n, W * itemsize], at ``offset``: all at once when they are
+    every row, else one by one (each a small write into the hole)."""
     width = data.shape[1]
     fd = os.open(path, os.O_WRONLY)
     try:

@@ -35,7 +35,8 @@ def flip_byte(path, offset):
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda m: m["layers"].update({"1": "layer_3.xml", "3": "layer_1.xml"}), "holds layer 3; the manifest lists it as layer 1"),
+    (lambda m: m["layers"].update({"1": "layer_3.xml", "3": "layer_1.xml"}),
+     "holds layer 3; the manifest lists it as layer 1"),
     (lambda m: m["files"]["layer_1.bin"].pop("sampled_sha256"), "needs a size and a sampled_sha256"),
     (lambda m: m["files"].pop("layer_1.bin"), "layer 1 reads layer_1.bin, which the manifest does not list"),
     (lambda m: m["files"].pop("layer_1.xml"), "layer 1's file layer_1.xml has no size and hash entry"),

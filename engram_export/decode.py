@@ -156,7 +156,7 @@ class DecodeSession:
 
     def _checked(self, input_ids, hidden_by_layer, token_mask=None) -> dict:
         """layer -> (lookup feeds, hidden), every input checked; nothing runs here."""
-        from engram_export.runtime import check_inputs
+        from engram_export.inputs import check_inputs
 
         if not isinstance(hidden_by_layer, dict):
             if len(self._requests) != 1:
@@ -174,7 +174,7 @@ class DecodeSession:
         return checked
 
     def _run(self, input_ids, hidden_by_layer, token_mask, start: bool) -> dict:
-        from engram_export.runtime import fuse_feeds
+        from engram_export.inputs import fuse_feeds
 
         checked = self._checked(input_ids, hidden_by_layer, token_mask)
         tokens = next(iter(checked.values()))[0]["input_ids"].shape[1]

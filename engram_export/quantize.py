@@ -166,7 +166,7 @@ def read_calibration(config, num_ids: int, npz: str | Path | None = None, text: 
     N and T taken from the .npy's [N, T, G, D] shape.
     """
     from engram_export.fileio import load_npz
-    from engram_export.runtime import check_inputs
+    from engram_export.inputs import check_inputs
 
     info = ModelInfo(config, config.layer_ids[0], num_ids)
     if npz is not None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from engram_export.errors import EngramError
-from engram_export.models.hashing import INT64_MAX, LAYER_SEED_STRIDE, _next_prime
+from engram_export.models.primes import INT64_MAX, LAYER_SEED_STRIDE, _next_prime
 
 __all__ = ["V41Config", "V41Hashing", "V41EngramLayer", "hash_rows_v41", "e4m3_values", "e8m0_values",
            "BLOCK", "MODEL_TYPE", "locate_layer", "open_layer", "TENSORS", "TABLE_DTYPES"]

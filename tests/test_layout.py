@@ -1,0 +1,61 @@
+"""The package's shape: no module imports one that imports it back (lazy imports inside functions
+count too), nothing but the entry point imports the CLI, and the two top-level folders are the
+package's ``models`` and ``passes``."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module name -> the package modules it imports anywhere in its code (the package itself left out:
+    importing any submodule runs ``engram_export/__init__.py`` first, which is not a cycle of code)."""
+    found = {}
+    paths = [Path(folder) / file for folder, _, files in os.walk(ROOT / "engram_export", followlinks=True)
+             for file in files if file.endswith(".py")]  # models/ and passes/ through their links
+    for path in paths:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("engram_export"):
+                deps |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                deps |= {alias.name for alias in node.names if alias.name.startswith("engram_export")}
+        found[name] = deps
+    modules = set(found) - {"engram_export"}
+    return {name: {d for d in deps if d in modules and d != name} for name, deps in found.items() if name in modules}
+
+
+def test_no_import_cycles():
+    graph = _imports()
+    assert "engram_export.runtime" in graph and "engram_export.models.engram" in graph
+
+    def reaches(start: str, target: str) -> bool:
+        seen, stack = set(), [start]
+        while stack:
+            for nxt in graph[stack.pop()]:
+                if nxt == target:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return False
+
+    cycles = sorted(name for name in graph if reaches(name, name))
+    assert cycles == [], cycles
+
+
+def test_nothing_imports_the_cli():
+    users = sorted(name for name, deps in _imports().items() if "engram_export.cli" in deps)
+    assert users == ["engram_export.__main__"] or users == [], users
+
+
+def test_models_and_passes_are_the_packages_own():
+    for name in ("models", "passes"):
+        link = ROOT / "engram_export" / name
+        assert link.is_symlink() and link.resolve() == (ROOT / name).resolve(), link

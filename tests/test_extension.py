@@ -39,3 +39,25 @@ def test_prebuilt_library_from_the_environment_without_cmake(tmp_path):
 def test_missing_prebuilt_library_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("ENGRAM_EXPORT_EXTENSION", str(tmp_path / "nowhere.so"))
     refused(run_cli("extension"), "nowhere.so is not a file")
+
+
+COMMANDS = ["export", "optimize", "compile", "quantize", "run", "verify", "demo", "bench", "extension"]
+
+
+def test_every_command_starts_through_the_installed_entry_point():
+    """One subprocess per command through the console script (the in-process CLI tests do the work):
+    the entry point, its imports and each command's arguments load in a fresh interpreter."""
+    script = shutil.which("engram-export", path=os.path.dirname(sys.executable))
+    assert script, "the engram-export console script is not installed beside this Python"
+    for command in COMMANDS:
+        done = subprocess.run([script, command, "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and f"usage: engram-export {command}" in done.stdout, (command, done.stderr)
+
+
+def test_the_smoke_test_covers_every_command():
+    import argparse
+
+    from engram_export.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(sub.choices) == sorted(COMMANDS)

@@ -1,5 +1,6 @@
-"""The extension library: ``engram-export extension`` prints a path OpenVINO loads, and a prebuilt
-library named by ``$ENGRAM_EXPORT_EXTENSION`` is used as it is, with no cmake on PATH."""
+"""What a serving host installs: the extension library (``engram-export extension`` prints a path
+OpenVINO loads; a prebuilt library named by ``$ENGRAM_EXPORT_EXTENSION`` is used as it is, with no
+cmake on PATH) and the console script (every command starts in a fresh interpreter)."""
 
 from __future__ import annotations
 

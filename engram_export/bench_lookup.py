@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engram_export.errors import EngramError
 from engram_export.verify import format_table
 
 __all__ = ["run_lookup_bench", "print_targets", "shapes_for", "LookupShape", "DEMO", "V41"]
@@ -164,7 +165,7 @@ class _Compiled:
         before, start = resident_mib(), time.perf_counter()
         model = _lookup_model(shape, form, folder, resident)
         if kernel and not row_kernel.install(model, table_memory):
-            raise AssertionError(f"the row kernel did not take the {form} table")
+            raise EngramError(f"bench: the row kernel did not take the {form} table (see the log)")
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         self.request = openvino_core().compile_model(model, "CPU", config).create_infer_request()
         self.load_s = time.perf_counter() - start

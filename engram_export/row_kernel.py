@@ -91,6 +91,24 @@ def shared_constant(data: np.ndarray, owner, kind: str = "u8", shape=None):
     return constant
 
 
+def _available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (what can be filled without swapping or evicting much)."""
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _check_fits(constants, table_memory: str) -> None:
+    """``populate`` and ``hugepages`` hold the whole table in RAM: refuse, before touching anything, a
+    table larger than the memory available (``mmap`` reads on demand: any size)."""
+    if table_memory == "mmap":
+        return
+    needed, available = sum(c.get_byte_size() for c in constants), _available_bytes()
+    if needed > available:
+        raise EngramError(f"table_memory={table_memory!r} holds the table in RAM: {needed / 2**30:.1f} GiB "
+                          f"needed, {available / 2**30:.1f} GiB available; use table_memory='mmap'")
+
+
 def _stored_bytes(constant, rows: int, table_memory: str):
     """A u8 constant [rows, bytes per row] over the stored bytes of ``constant`` (flat for scales and
     zero points: ``rows`` = 1), placed in memory as ``table_memory`` asks."""
@@ -172,6 +190,7 @@ def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, ou
     if (attributes["scale"] not in ("none", "f16", "f32", "e8m0")
             or attributes["zero_point"] not in ("none", "u8", "u4")):
         return None
+    _check_fits([node for node, _ in parts], table_memory)
     inputs = [rows] + [_stored_bytes(node, count, table_memory).output(0) for node, count in parts]
     try:
         return make_node("EngramGatherRows", inputs, attributes, output_type, 4)

@@ -268,3 +268,12 @@ def test_lookup_bench_prints_every_form_and_memory_mode(tmp_path, capsys):
     for mode in ("mmap", "populate", "hugepages"):
         assert f"\n{mode} " in out, mode
     assert len(checks) == 3 and all(("met" in line) or ("MISSED" in line) for line in checks)
+
+
+@pytest.mark.parametrize("table_memory", ["populate", "hugepages"])
+def test_a_table_larger_than_free_memory_is_refused_for_ram_modes(demo_models, monkeypatch, table_memory):
+    monkeypatch.setattr(row_kernel, "_available_bytes", lambda: 4096)
+    with pytest.raises(EngramError, match=f"table_memory='{table_memory}' holds the table in RAM: .* use "
+                                          "table_memory='mmap'"):
+        EngramRuntime(demo_models["u8 table"], table_memory=table_memory)
+    assert EngramRuntime(demo_models["u8 table"]).settings["lookup"] == "row kernel, table mmap"  # any size

@@ -85,7 +85,7 @@ def _stored(path: Path, make, resident: bool) -> np.ndarray:
 
 
 def _constant(data: np.ndarray, kind: str, shape):
-    from engram_export.row_kernel import shared_constant
+    from engram_export.tables import shared_constant
 
     return shared_constant(data, data, kind, shape)
 

@@ -138,7 +138,7 @@ def _fp8_matmul(width_in: int, width_out: int):
     import openvino
     from openvino import opset13 as ops
 
-    from engram_export.row_kernel import shared_constant
+    from engram_export.tables import shared_constant
 
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 256, (width_out, width_in), dtype=np.uint8) & 0x77  # no NaN codes

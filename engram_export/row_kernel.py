@@ -32,8 +32,9 @@ import numpy as np
 
 from engram_export import progress
 from engram_export.errors import EngramError
+from engram_export.tables import shared_constant
 
-__all__ = ["install", "shared_constant", "TABLE_MEMORY"]
+__all__ = ["install", "TABLE_MEMORY"]
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +68,6 @@ def _huge_page_copy(data: np.ndarray, name: str) -> np.ndarray:
     with progress.stage(f"copying {name} into huge pages ({data.nbytes / 2**30:.2f} GiB)"):
         copy[:] = data
     return copy  # a view: keeps `buffer` alive
-
-
-class _Bytes(np.ndarray):
-    """A uint8 array flagged writeable over memory someone else owns (OpenVINO shares only such arrays,
-    and never writes a constant); ``owner`` keeps that memory alive."""
-
-    owner: object
-
-
-def shared_constant(data: np.ndarray, owner, kind: str = "u8", shape=None):
-    """A constant over ``data``'s bytes (no copy), of element type ``kind`` and ``shape`` (default
-    ``data``'s), that keeps ``owner`` alive in its rt_info."""
-    import openvino
-
-    alias = np.ctypeslib.as_array((ctypes.c_uint8 * data.nbytes).from_address(data.ctypes.data))
-    alias = alias.view(_Bytes)
-    alias.owner = owner
-    tensor = openvino.Tensor(alias, openvino.Shape(list(data.shape if shape is None else shape)),
-                             getattr(openvino.Type, kind))
-    constant = openvino.op.Constant(tensor, shared_memory=True)
-    constant.set_rt_info(alias, "engram_mapping")
-    return constant
 
 
 def _available_bytes() -> int:

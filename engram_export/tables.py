@@ -31,7 +31,7 @@ import numpy as np
 from engram_export import progress
 from engram_export.errors import EngramError
 
-__all__ = ["detach", "attach", "table_files", "link_or_copy", "TABLES_KEY", "TABLE_CONSTANTS"]
+__all__ = ["detach", "attach", "table_files", "link_or_copy", "shared_constant", "TABLES_KEY", "TABLE_CONSTANTS"]
 
 TABLES_KEY = "engram.tables"  # rt_info: JSON, parameter name -> {file, offset, shape, size, sampled_sha256}
 TABLE_CONSTANTS = ("table", "table_scale")  # the ONNX initializers of the table and (FP8 only) its scales
@@ -107,29 +107,39 @@ def table_files(xml: Path) -> dict[str, dict]:
         raise EngramError(f"{xml}: malformed table record") from None
 
 
-class _Mapped(np.ndarray):
-    """An array over a file mapping that keeps the mapping alive (the constant's rt_info keeps the array)."""
+class _Owned(np.ndarray):
+    """A uint8 array flagged writeable over memory someone else owns (OpenVINO shares only such arrays,
+    and never writes a constant); ``owner`` keeps that memory alive."""
 
-    mapping: np.memmap
+    owner: object
 
 
-def _map(path: Path, offset: int, nbytes: int) -> np.ndarray:
-    """A read-only mapping of ``nbytes`` bytes at ``offset`` with random-access advice, as a uint8 array
-    flagged writeable: OpenVINO takes only such arrays for shared tensors, and never writes them."""
+def shared_constant(data: np.ndarray, owner, kind: str = "u8", shape=None):
+    """A constant over ``data``'s bytes (no copy), of element type ``kind`` (an ``openvino.Type`` name)
+    and ``shape`` (default ``data``'s). The tensor is only a view: the constant keeps ``owner`` alive in
+    its rt_info (OpenVINO releases it with the last copy of the node, compiled models included)."""
+    import openvino
+
+    alias = np.ctypeslib.as_array((ctypes.c_uint8 * data.nbytes).from_address(data.ctypes.data)).view(_Owned)
+    alias.owner = owner
+    tensor = openvino.Tensor(alias, openvino.Shape(list(data.shape if shape is None else shape)),
+                             getattr(openvino.Type, kind))
+    constant = openvino.op.Constant(tensor, shared_memory=True)
+    constant.set_rt_info(alias, "engram_mapping")
+    return constant
+
+
+def _map(path: Path, offset: int, nbytes: int) -> np.memmap:
+    """A read-only mapping of ``nbytes`` bytes at ``offset`` with random-access advice."""
     mapped = np.memmap(path, np.uint8, "r", offset, nbytes)
     if hasattr(mmap, "MADV_RANDOM"):
         mapped._mmap.madvise(mmap.MADV_RANDOM)  # a cold row reads its page, not megabytes ahead
-    alias = np.ctypeslib.as_array((ctypes.c_uint8 * mapped.size).from_address(mapped.ctypes.data))
-    alias = alias.view(_Mapped)
-    alias.mapping = mapped
-    return alias
+    return mapped
 
 
 def attach(model, xml: Path) -> None:
     """Put the recorded tables back into ``model`` as constants of the parameters' types that share
     read-only mappings of their files (the constants keep the mappings alive)."""
-    import openvino
-
     from engram_export.integrity import check_fingerprint
 
     parameters = {p.get_friendly_name(): p for p in model.get_parameters()}
@@ -138,10 +148,9 @@ def attach(model, xml: Path) -> None:
         check_fingerprint(path, record, "sampled", str(xml))
         if name not in parameters:
             raise EngramError(f"{xml} records table {name}, which is not an input of the model")
-        kind, shape = parameters[name].get_element_type(), openvino.Shape(record["shape"])
-        alias = _map(path, record["offset"], math.prod(record["shape"]) * kind.size)
-        constant = openvino.op.Constant(openvino.Tensor(alias, shape, kind), shared_memory=True)
-        constant.set_rt_info(alias, "engram_mapping")  # the owner of the memory: the tensor is only a view
+        kind = parameters[name].get_element_type()
+        mapped = _map(path, record["offset"], math.prod(record["shape"]) * kind.size)
+        constant = shared_constant(mapped, mapped, kind.get_type_name(), record["shape"])
         constant.set_friendly_name(name)
         parameters[name].output(0).replace(constant.output(0))
         model.remove_parameter(parameters[name])

@@ -26,7 +26,8 @@ import torch
 from engram_export import progress
 from engram_export.verify import format_table, random_inputs
 
-__all__ = ["BenchRow", "cpu_summary", "run_bench", "time_rows", "random_calibration", "TARGETS"]
+__all__ = ["BenchRow", "cpu_summary", "run_bench", "time_rows", "round_robin_ms", "target_line", "random_calibration",
+           "TARGETS"]
 
 # (description, numerator row, denominator row, shape, bound): ratio = numerator ms / denominator ms
 TARGETS = [
@@ -293,12 +294,32 @@ def report(rows: list[BenchRow], shapes) -> str:
         pairs = [(a, b) for a in rows for b in rows
                  if a.name == top and b.name == bottom and a.group == b.group and shape in a.times_ms]
         if pairs:
-            ratio = pairs[0][0].median(shape) / pairs[0][1].median(shape)
-            met = ratio <= bound if bound > 0 else ratio >= -bound
-            checks.append(f"  {text}: {ratio:.2f} {'met' if met else 'MISSED'}")
+            checks.append(target_line(text, pairs[0][0].median(shape) / pairs[0][1].median(shape), bound))
     if checks:
         lines += ["\ntargets (ratios from this run; stated for the deepseek-demo dims):", *checks]
     return "\n".join(lines)
+
+
+def target_line(text: str, ratio: float, bound: float) -> str:
+    """``  text: ratio met|MISSED``: met when ``ratio <= bound``, or for a negative bound (a speed-up
+    target) when ``ratio >= -bound``."""
+    met = ratio <= bound if bound > 0 else ratio >= -bound
+    return f"  {text}: {ratio:.2f} {'met' if met else 'MISSED'}"
+
+
+def round_robin_ms(calls: dict, rounds: int, warmup: int = 1) -> dict:
+    """Median ms of each entry, timed round-robin: every round calls each entry once, the first
+    ``warmup`` rounds untimed. An entry is a factory ``round index -> zero-argument call``, made outside
+    the timing (a round's fresh inputs, a prefetch to fuse)."""
+    times = {name: [] for name in calls}
+    for index in range(warmup + rounds):
+        for name, make in calls.items():
+            call = make(index)
+            start = time.perf_counter()
+            call()
+            if index >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def profile_top(xml: Path, ids: np.ndarray, hidden: np.ndarray, precision: str, top: int = 12) -> str:

@@ -175,24 +175,10 @@ class _Compiled:
         self.request.infer({"input_ids": ids})
 
 
-def _time(calls: dict, rounds: list, warmup: int) -> dict:
-    """Median ms per call of each entry, round-robin, fresh ids every call."""
-    for call in calls.values():
-        for ids in rounds[:warmup]:
-            call(ids)
-    times = {name: [] for name in calls}
-    for ids in rounds[warmup:]:
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call(ids)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def run_lookup_bench(workdir: Path, shapes: list[tuple[int, int]], repeat: int, warmup: int = 3,
                      lookups: tuple[LookupShape, ...] = (DEMO, V41)) -> list[str]:
     """Print the lookup tables; returns the target lines (met or MISSED)."""
-    from engram_export.bench import resident_mib
+    from engram_export.bench import resident_mib, round_robin_ms, target_line
 
     rng = np.random.default_rng(5)
     checks, table = [], []
@@ -203,16 +189,16 @@ def run_lookup_bench(workdir: Path, shapes: list[tuple[int, int]], repeat: int, 
             calls[form, "row kernel"] = _Compiled(lookup, form, workdir, kernel=True)
         for batch, tokens in shapes:
             rounds = [rng.integers(0, _VOCAB, (batch, tokens)) for _ in range(warmup + repeat)]
-            medians = _time(calls, rounds, warmup)
+            medians = round_robin_ms({name: (lambda index, call=call: lambda: call(rounds[index]))
+                                      for name, call in calls.items()}, repeat, warmup)
             floor = medians["f32", "openvino"]
             for form in lookup.forms:
                 ours, theirs = medians[form, "row kernel"], medians[form, "openvino"]
                 table.append([lookup.name, f"{batch}x{tokens}", form, f"{theirs:.2f}", f"{ours:.2f}",
                               f"{theirs / ours:.2f}x", f"{ours / floor:.2f}"])
                 if form in ("u8", "u4", "fp8"):
-                    met = ours <= floor
-                    checks.append(f"  {lookup.name} {batch}x{tokens}: {form} row kernel / f32 Gather floor "
-                                  f"<= 1: {ours / floor:.2f} {'met' if met else 'MISSED'}")
+                    checks.append(target_line(f"{lookup.name} {batch}x{tokens}: {form} row kernel / f32 Gather "
+                                              "floor <= 1", ours / floor, 1))
         del calls
     print(f"\nlookup alone, f32 out, median of {repeat} calls, fresh ids each call (ms); floor: OpenVINO's "
           "Gather on a resident f32 table of the same rows:")

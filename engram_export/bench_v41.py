@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import resource
-import statistics
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ def _peak_gib() -> float:
 def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: int, quantize: bool,
                   decode_only: bool = False) -> None:
     """Print the tables above; ``decode_only`` (``bench --decode``): the costs and the decode rows."""
-    from engram_export.bench import _matmul_floor, cpu_summary, resident_mib
+    from engram_export.bench import _matmul_floor, cpu_summary, resident_mib, round_robin_ms, target_line
     from engram_export.decode_bench import decode_rows
     from engram_export.folders import compile_folder, export_checkpoint, quantize_folder
     from engram_export.models.deepseek_v41 import V41Hashing
@@ -82,7 +81,7 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
     print(format_table(steps + [["load bf16 folder", f"{load_s:.1f}", "-", f"{_peak_gib():.2f}"]],
                        ["step", "seconds", "MiB written (not table links)", "peak RSS GiB so far"]))
     print(f"resident memory added by loading: {after / 1024:.2f} GiB (private)")
-    table, fuse_ms, checks = [], {}, []
+    table, fuse_ms, floor_ms, checks = [], {}, {}, []
     if not decode_only:
         print(f"\nlayer {layer}, median of {repeat} rounds, fresh ids each call, the floor timed in the same "
               "rounds (ms):")
@@ -91,20 +90,21 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
         hidden = rng.standard_normal((*shape, config.hc_mult, config.hidden_size), dtype=np.float32)
         floor = _matmul_floor(config.embedding_width, config.projection_width, "bf16")
         e = rng.standard_normal((shape[0] * shape[1], config.embedding_width), dtype=np.float32)
-        calls = {"floor": lambda: lambda: floor(e), "fp8 floor": lambda: lambda: fp8_floor(e)}
+        calls = {"floor": lambda _: lambda: floor(e), "fp8 floor": lambda _: lambda: fp8_floor(e)}
         for name, runtime in runtimes.items():
             served, fresh = runtime.layer(layer), iter(rounds[shape] * 2)
 
-            def lookup_call(served=served, fresh=fresh):
+            def lookup_call(_, served=served, fresh=fresh):
                 ids, mask = next(fresh)
                 return lambda: served.lookup(ids, mask)
 
-            def fuse_call(runtime=runtime, served=served, fresh=fresh):
+            def fuse_call(_, runtime=runtime, served=served, fresh=fresh):
                 handle = runtime.prefetch(*next(fresh))
                 handle.wait()
                 return lambda: served.fuse(handle, hidden)
             calls[name, "lookup"], calls[name, "fuse"] = lookup_call, fuse_call
-        medians = _interleaved(calls, repeat)
+        medians = round_robin_ms(calls, repeat)
+        floor_ms[shape] = medians["floor"]
         table.append([f"{shape[0]}x{shape[1]}", "MatMul, FP8 weights", "", f"{medians['fp8 floor']:.2f}",
                       f"{medians['floor']:.2f}", f"{medians['fp8 floor'] / medians['floor']:.2f}"])
         for name in runtimes:
@@ -114,8 +114,8 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
                           f"{medians[name, 'fuse'] / medians['floor']:.2f}"])
     if table:
         print(format_table(table, ["BxT", "model", "lookup", "fuse stage", "MatMul floor bf16", "fuse / floor"]))
-    checks += [(f"bf16 fuse / floor at {b}x{t} <= 1.15", float(row[5]), 1.15)
-              for row in table for b, t in [tuple(map(int, row[0].split("x")))] if row[1] == "bf16" and b == 50]
+    checks += [(f"bf16 fuse / floor at {b}x{t} <= 1.15", fuse_ms[(b, t), "bf16"] / floor_ms[b, t], 1.15)
+               for b, t in floor_ms if b == 50]
     if ((1, 1), "int8-weights") in fuse_ms:
         checks.append(("int8-weights fuse faster than bf16 at 1x1 >= 1.8x",
                        fuse_ms[(1, 1), "bf16"] / fuse_ms[(1, 1), "int8-weights"], -1.8))
@@ -126,9 +126,7 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
         checks.append((f"{name} decode step / stateless [B,1] call <= 1.3 (worst of B = 1, 8, 50)",
                        max(float(row[3]) for row in rows), 1.3))
     print("\ntargets (ratios from this run):")
-    for text, ratio, bound in checks:
-        met = ratio <= bound if bound > 0 else ratio >= -bound
-        print(f"  {text}: {ratio:.2f} {'met' if met else 'MISSED'}")
+    print(*(target_line(*check) for check in checks), sep="\n")
 
 
 def _fp8_matmul(width_in: int, width_out: int):
@@ -148,17 +146,3 @@ def _fp8_matmul(width_in: int, width_out: int):
     model = openvino.Model([ops.matmul(x, ops.multiply(ops.convert(weights, np.float32), scale), False, True)], [x])
     request = openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"}).create_infer_request()
     return lambda x: request.infer([x])
-
-
-def _interleaved(calls: dict, repeat: int) -> dict:
-    """Median ms of each entry, timed round-robin (one call of each per round, after one warm-up);
-    each entry is a factory returning a fresh zero-argument call, made outside the timing."""
-    times = {name: [] for name in calls}
-    for round_index in range(repeat + 1):
-        for name, make in calls.items():
-            call = make()
-            start = time.perf_counter()
-            call()
-            if round_index:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}

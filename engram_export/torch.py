@@ -100,6 +100,8 @@ def swap_engram_modules(model: nn.Module, runtime, input_ids: str = "input_ids",
     found = [(name, module) for name, module in model.named_modules() if isinstance(module, _engram_layer_types())]
     if not found:
         raise EngramError("the model holds no Engram layer (EngramLayer or V41EngramLayer)")
+    if found[0][0] == "":
+        raise EngramError("the model is itself an Engram layer: use rt.as_torch()[layer] in its place")
     for name, module in found:
         if module.layer_id not in runtime.layer_ids:
             raise EngramError(f"{name} is Engram layer {module.layer_id}; the runtime serves {runtime.layer_ids}")

@@ -75,6 +75,8 @@ def test_refusals_change_nothing(folders, layers, tiny_config):
     runtime = EngramRuntime(folders["f32"])
     with pytest.raises(EngramError, match="holds no Engram layer"):
         swap_engram_modules(nn.Linear(2, 2), runtime)
+    with pytest.raises(EngramError, match="is itself an Engram layer"):
+        swap_engram_modules(layers[1], runtime)
     model = TwoEngramModel(layers)
     with pytest.raises(EngramError, match="the runtime serves \\[3\\]"):
         swap_engram_modules(model, runtime.layer(3))

@@ -37,8 +37,19 @@ static inline float fast_exp(float x) {
     return p;
 }
 
-// Inputs: proj [B,T,(G+1)*D] (G keys, then the value), hidden [B,T,G,D], scales [G,D] (norm1 * norm2
-// weights), conv_weight [G*D,1,K,1] (short-conv norm weights folded in). Output [B,T,G,D] f32.
+// The projection's output as f32: f32 as stored, bf16 widened (exact) where it is read, so a bf16 GEMM's
+// output reaches the kernel without a conversion pass over it.
+static inline float widen(float x) { return x; }
+static inline float widen(uint16_t bf16_bits) {
+    const uint32_t bits = static_cast<uint32_t>(bf16_bits) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+// Inputs: proj [B,T,(G+1)*D] (G keys, then the value; f32 or bf16), hidden [B,T,G,D], scales [G,D]
+// (norm1 * norm2 weights), conv_weight [G*D,1,K,1] (short-conv norm weights folded in). Output [B,T,G,D]
+// f32.
 // Decode state: a 5th input [B,R,G*D], the conv inputs (normed gated values) of the R = (K-1)*dilation
 // positions before the sequence (zeros at its start), makes a 2nd output: the same for after it.
 class EngramGatedShortConv : public ov::op::Op {
@@ -110,8 +121,7 @@ public:
         const size_t batch = shape[0], length = shape[1], groups = shape[2], dim = shape[3];
         const size_t width = inputs[0].get_shape()[2];
         OPENVINO_ASSERT(width == (groups + 1) * dim, "EngramGatedShortConv: proj must be [B, T, (G+1)*D]");
-        const auto proj = as_f32(inputs[0]), hidden = as_f32(inputs[1]), scales = as_f32(inputs[2]),
-                   conv = as_f32(inputs[3]);
+        const auto hidden = as_f32(inputs[1]), scales = as_f32(inputs[2]), conv = as_f32(inputs[3]);
         const size_t kernel = inputs[3].get_size() / (groups * dim);
         // conv taps as [K][G*D], so the inner loops run over contiguous channels
         std::vector<float> taps(kernel * groups * dim);
@@ -132,13 +142,19 @@ public:
         }
         const Params p{length, groups, dim, width, kernel, static_cast<size_t>(m_dilation), reach, m_eps_key,
                        m_eps_query, m_eps_conv, m_score_scale, m_floor};
-        ov::parallel_for(batch * groups, [&](size_t item) {
-            const size_t b = item / groups, g = item % groups;
-            const size_t state = b * reach * groups * dim;
-            gated_conv_row(p, g, proj + b * length * width, hidden + b * length * groups * dim,
-                           scales + g * dim, taps.data(), out + b * length * groups * dim,
-                           stateful ? history + state : nullptr, stateful ? next_history + state : nullptr);
-        });
+        auto run = [&](auto proj) {
+            ov::parallel_for(batch * groups, [&](size_t item) {
+                const size_t b = item / groups, g = item % groups;
+                const size_t state = b * reach * groups * dim;
+                gated_conv_row(p, g, proj + b * length * width, hidden + b * length * groups * dim,
+                               scales + g * dim, taps.data(), out + b * length * groups * dim,
+                               stateful ? history + state : nullptr, stateful ? next_history + state : nullptr);
+            });
+        };
+        if (inputs[0].get_element_type() == ov::element::bf16)
+            run(static_cast<const uint16_t*>(inputs[0].data()));
+        else
+            run(static_cast<const float*>(as_f32(inputs[0])));
         return true;
     }
 
@@ -148,11 +164,25 @@ private:
         float eps_key, eps_query, eps_conv, score_scale, floor;
     };
 
-    // One (batch row, branch): all T positions of that branch.
+    // One (batch row, branch): all T positions of that branch, for each instruction set (the template
+    // below inlined into each clone). proj: f32, or bf16 bits.
     ENGRAM_TARGET_CLONES
     static void gated_conv_row(const Params& p, size_t g, const float* proj, const float* hidden,
                                const float* scales, const float* taps, float* out, const float* history,
                                float* next_history) {
+        gated_conv<float>(p, g, proj, hidden, scales, taps, out, history, next_history);
+    }
+    ENGRAM_TARGET_CLONES
+    static void gated_conv_row(const Params& p, size_t g, const uint16_t* proj, const float* hidden,
+                               const float* scales, const float* taps, float* out, const float* history,
+                               float* next_history) {
+        gated_conv<uint16_t>(p, g, proj, hidden, scales, taps, out, history, next_history);
+    }
+
+    template <typename Proj>
+    ENGRAM_ALWAYS_INLINE static void gated_conv(const Params& p, size_t g, const Proj* proj, const float* hidden,
+                                                const float* scales, const float* taps, float* out,
+                                                const float* history, float* next_history) {
         const size_t dim = p.dim, stride = p.groups * dim;
         // per-thread scratch, grown once: this branch's normed gated values [T, D], the conv sum [D],
         // the gates [T] (no allocation and no zero fill per row)
@@ -168,16 +198,17 @@ private:
             return history ? history + q * stride + g * dim : nullptr;
         };
         for (size_t t = 0; t < p.length; ++t) {
-            const float* key = proj + t * p.width + g * dim;
-            const float* value = proj + t * p.width + p.groups * dim;
+            const Proj* key = proj + t * p.width + g * dim;
+            const Proj* value = proj + t * p.width + p.groups * dim;
             const float* query = hidden + t * stride + g * dim;
             float kk = 0, qq = 0, kq = 0, vv = 0;
 #pragma omp simd reduction(+ : kk, qq, kq, vv)
             for (size_t d = 0; d < dim; ++d) {
-                kk += key[d] * key[d];
+                const float k = widen(key[d]), v = widen(value[d]);
+                kk += k * k;
                 qq += query[d] * query[d];
-                kq += key[d] * query[d] * scales[d];
-                vv += value[d] * value[d];
+                kq += k * query[d] * scales[d];
+                vv += v * v;
             }
             const float n = static_cast<float>(dim);
             const float score = kq / (std::sqrt(kk / n + p.eps_key) * std::sqrt(qq / n + p.eps_query)) /
@@ -189,7 +220,7 @@ private:
             const float inv = gate / std::sqrt(gate * gate * vv / n + p.eps_conv);
             float* row = normed + t * dim;
 #pragma omp simd
-            for (size_t d = 0; d < dim; ++d) row[d] = value[d] * inv;
+            for (size_t d = 0; d < dim; ++d) row[d] = widen(value[d]) * inv;
         }
         for (size_t t = 0; t < p.length; ++t) {
             std::fill(acc, acc + dim, 0.0f);
@@ -201,11 +232,12 @@ private:
 #pragma omp simd
                 for (size_t d = 0; d < dim; ++d) acc[d] += tap[d] * x[d];
             }
-            const float* value = proj + t * p.width + p.groups * dim;
+            const Proj* value = proj + t * p.width + p.groups * dim;
             float* row = out + t * stride + g * dim;
             const float gate = gates[t];
 #pragma omp simd
-            for (size_t d = 0; d < dim; ++d) row[d] = gate * value[d] + acc[d] / (1.0f + fast_exp(-acc[d]));
+            for (size_t d = 0; d < dim; ++d)
+                row[d] = gate * widen(value[d]) + acc[d] / (1.0f + fast_exp(-acc[d]));
         }
         if (next_history)
             for (size_t r = 0; r < p.reach; ++r) {

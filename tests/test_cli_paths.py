@@ -203,8 +203,11 @@ def test_unexpected_errors_are_one_line(tmp_path, monkeypatch):
 def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path):
     """A real SIGINT during a demo whose table takes a while to build and export."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # SIGINT back to its default in the child: a suite started in the background (`pytest &`) has it
+    # ignored, and Python then keeps ignoring it
     process = subprocess.Popen([sys.executable, "-m", "engram_export.cli", "demo", "--engram-vocab-size",
-                                "200000", "--workdir", tmp_path], stderr=subprocess.PIPE, text=True, env=env)
+                                "200000", "--workdir", tmp_path], stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in process.stderr:  # progress lines: interrupt once the export has started writing
         lines.append(line)

@@ -99,6 +99,50 @@ def test_optimized_graph_compiles_to_the_fused_kernel(tiny_files, tiny_raw_files
     assert not list(tiny_files["onnx"].parent.glob(".*"))  # the lowered temporary copy is gone
 
 
+def test_bf16_fuse_stage_hands_the_gemm_output_to_the_kernel_in_bf16(tiny_files):
+    """The bf16 GEMM's output is read by EngramGatedShortConv as it is: no conversion node between them
+    (numbers: test_every_path_matches_pytorch)."""
+    runtime = EngramRuntime(tiny_files["bf16"])
+    nodes = runtime._backend.fuses.compiled.get_runtime_model().get_ordered_ops()
+    kinds = [(n.get_rt_info()["layerType"].astype(str), n.get_rt_info()["runtimePrecision"].astype(str))
+             for n in nodes]
+    assert ("FullyConnected", "bf16") in kinds and ("Reference", "bf16") in kinds, kinds
+    assert not {"Reorder", "Convert"} & {kind for kind, _ in kinds}, kinds
+
+
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (3, 17)])
+def test_gated_short_conv_reads_bf16_projections_exactly(batch, tokens):
+    """The kernel on bf16 projections equals the kernel on the same values given as f32, bit for bit."""
+    import openvino
+    from openvino import opset13 as ops
+
+    from engram_export.ov_extension import make_node, openvino_core
+
+    groups, dim, kernel = 2, 16, 3
+    rng = np.random.default_rng(7)
+    values = rng.standard_normal((batch, tokens, (groups + 1) * dim)).astype(np.float32)
+    values = (values.view(np.uint32) & 0xFFFF0000).view(np.float32)  # exactly representable in bf16
+    hidden = rng.standard_normal((batch, tokens, groups, dim)).astype(np.float32)
+    constants = [ops.constant(rng.uniform(0.5, 1.5, (groups, dim)).astype(np.float32)).output(0),
+                 ops.constant(rng.standard_normal((groups * dim, 1, kernel, 1)).astype(np.float32)).output(0)]
+    attributes = {"eps_key": 1e-5, "eps_query": 1e-5, "eps_conv": 1e-5, "score_scale": 4.0, "floor": 1e-6,
+                  "dilation": 2}
+    outputs = []
+    for kind in (openvino.Type.f32, openvino.Type.bf16):
+        proj = ops.parameter([-1, -1, (groups + 1) * dim], kind, name="proj")
+        query = ops.parameter([-1, -1, groups, dim], np.float32, name="hidden")
+        node = make_node("EngramGatedShortConv", [proj.output(0), query.output(0), *constants], attributes, "f32", 4)
+        compiled = openvino_core().compile_model(openvino.Model([node.output(0)], [proj, query]), "CPU",
+                                                 {"INFERENCE_PRECISION_HINT": "f32"})
+        feed = values
+        if kind == openvino.Type.bf16:
+            feed = openvino.Tensor(kind, openvino.Shape(list(values.shape)))
+            feed.data.view(np.uint16)[...] = values.view(np.uint32) >> 16
+        outputs.append(compiled({"proj": feed, "hidden": hidden})[0])
+    assert np.isfinite(outputs[0]).all() and np.abs(outputs[0]).max() > 0
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+
+
 def test_external_data_for_large_tables(tiny_layer, tmp_path):
     path = export_layer(tiny_layer, tmp_path / "big.onnx", external_data_threshold=1000)
     table_bytes = tiny_layer.multi_head_embedding.embedding.weight.nbytes

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "compiler.hpp"
@@ -187,10 +188,13 @@ private:
         // per-thread scratch, grown once: this branch's normed gated values [T, D], the conv sum [D],
         // the gates [T] (no allocation and no zero fill per row)
         thread_local std::vector<float> scratch;
-        scratch.resize((p.length + 1) * dim + p.length);
+        constexpr bool narrow = !std::is_same_v<Proj, float>;
+        scratch.resize((p.length + 1) * dim + p.length + (narrow ? (p.length + 1) * dim : 0));
         float* normed = scratch.data();
         float* acc = normed + p.length * dim;
         float* gates = acc + dim;
+        float* values = gates + p.length;  // bf16 only: the value rows widened [T, D], then a key row [D]
+        float* key_row = values + p.length * dim;
         // the conv input at position q of [the `reach` positions before the sequence, the sequence]:
         // the decode history there, or nullptr for the zeros before a sequence's start
         auto input_at = [&](size_t q) -> const float* {
@@ -198,17 +202,31 @@ private:
             return history ? history + q * stride + g * dim : nullptr;
         };
         for (size_t t = 0; t < p.length; ++t) {
-            const Proj* key = proj + t * p.width + g * dim;
-            const Proj* value = proj + t * p.width + p.groups * dim;
+            const float* key;
+            const float* value;
+            if constexpr (narrow) {
+                const Proj* k16 = proj + t * p.width + g * dim;
+                const Proj* v16 = proj + t * p.width + p.groups * dim;
+                float* v32 = values + t * dim;
+#pragma omp simd
+                for (size_t d = 0; d < dim; ++d) {
+                    key_row[d] = widen(k16[d]);
+                    v32[d] = widen(v16[d]);
+                }
+                key = key_row;
+                value = v32;
+            } else {
+                key = proj + t * p.width + g * dim;
+                value = proj + t * p.width + p.groups * dim;
+            }
             const float* query = hidden + t * stride + g * dim;
             float kk = 0, qq = 0, kq = 0, vv = 0;
 #pragma omp simd reduction(+ : kk, qq, kq, vv)
             for (size_t d = 0; d < dim; ++d) {
-                const float k = widen(key[d]), v = widen(value[d]);
-                kk += k * k;
+                kk += key[d] * key[d];
                 qq += query[d] * query[d];
-                kq += k * query[d] * scales[d];
-                vv += v * v;
+                kq += key[d] * query[d] * scales[d];
+                vv += value[d] * value[d];
             }
             const float n = static_cast<float>(dim);
             const float score = kq / (std::sqrt(kk / n + p.eps_key) * std::sqrt(qq / n + p.eps_query)) /
@@ -220,7 +238,7 @@ private:
             const float inv = gate / std::sqrt(gate * gate * vv / n + p.eps_conv);
             float* row = normed + t * dim;
 #pragma omp simd
-            for (size_t d = 0; d < dim; ++d) row[d] = widen(value[d]) * inv;
+            for (size_t d = 0; d < dim; ++d) row[d] = value[d] * inv;
         }
         for (size_t t = 0; t < p.length; ++t) {
             std::fill(acc, acc + dim, 0.0f);
@@ -232,12 +250,13 @@ private:
 #pragma omp simd
                 for (size_t d = 0; d < dim; ++d) acc[d] += tap[d] * x[d];
             }
-            const Proj* value = proj + t * p.width + p.groups * dim;
+            const float* value;
+            if constexpr (narrow) value = values + t * dim;
+            else value = proj + t * p.width + p.groups * dim;
             float* row = out + t * stride + g * dim;
             const float gate = gates[t];
 #pragma omp simd
-            for (size_t d = 0; d < dim; ++d)
-                row[d] = gate * widen(value[d]) + acc[d] / (1.0f + fast_exp(-acc[d]));
+            for (size_t d = 0; d < dim; ++d) row[d] = gate * value[d] + acc[d] / (1.0f + fast_exp(-acc[d]));
         }
         if (next_history)
             for (size_t r = 0; r < p.reach; ++r) {

@@ -1,9 +1,13 @@
 """The OpenVINO extension (C++): the bit-exact Engram hash, the fused gated short conv, the row kernel.
 
-``$ENGRAM_EXPORT_EXTENSION``, when set, names a prebuilt library to load (a serving image that ships
-one, built against the same OpenVINO release). Otherwise the library is compiled on first use with
-CMake against the headers and CMake config that ship in the ``openvino`` wheel, once per OpenVINO
-version and source revision, into ``$ENGRAM_EXPORT_CACHE`` (default ``~/.cache/engram-export``). Every
+Where the library comes from, first match wins:
+1. ``$ENGRAM_EXPORT_EXTENSION``, when set: a prebuilt library (a serving image that ships one, built
+   against the same OpenVINO release);
+2. the one built into the wheel (``pip install .`` or a wheel: CMake ran at build time against the
+   pinned ``openvino``), used when the installed OpenVINO is the release it was built against;
+3. otherwise (an editable install, a source checkout, another OpenVINO) it is compiled on first use with
+   CMake against the headers and CMake config that ship in the ``openvino`` wheel, once per OpenVINO
+   version and source revision, into ``$ENGRAM_EXPORT_CACHE`` (default ``~/.cache/engram-export``). Every
 OpenVINO entry point of this package loads it through ``openvino_core()``, so users never pass an
 extension path by hand; ``engram-export extension`` prints the path for servers that take one (OpenVINO
 Model Server's ``--cpu_extension``, Triton's ``CPU_EXTENSION_PATH``, OpenVINO GenAI's ``extensions``).
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent
 HASH_OP_TYPE = "EngramHash"
 _LIBRARY = "libengram_ov_extension.so"
+_BUILT_AGAINST = "openvino_version.txt"  # written beside the wheel's library by CMakeLists.txt
 
 
 def _cache_dir() -> Path:
@@ -62,15 +67,33 @@ def _build(target: Path) -> None:
         os.replace(staged, target)
 
 
+def _packaged() -> Path | None:
+    """The wheel's library, if there is one and this OpenVINO is the release it was built against."""
+    import openvino
+
+    library, stamp = SOURCE_DIR / _LIBRARY, SOURCE_DIR / _BUILT_AGAINST
+    if not (library.is_file() and stamp.is_file()):
+        return None
+    built_against = stamp.read_text().strip()
+    if built_against == openvino.__version__:
+        return library
+    log.warning("the packaged OpenVINO extension was built against openvino %s, this is %s: building "
+                "one for it", built_against, openvino.__version__)
+    return None
+
+
 def library_path() -> Path:
-    """Path of the extension: ``$ENGRAM_EXPORT_EXTENSION`` if set, else the compiled one, built first if
-    this OpenVINO has none yet."""
+    """Path of the extension: ``$ENGRAM_EXPORT_EXTENSION`` if set, else the wheel's, else the compiled
+    one, built first if this OpenVINO has none yet."""
     prebuilt = os.environ.get("ENGRAM_EXPORT_EXTENSION")
     if prebuilt:
         if not Path(prebuilt).is_file():
             raise EngramError(f"ENGRAM_EXPORT_EXTENSION={prebuilt} is not a file (unset it to build the "
                               "extension here)")
         return Path(prebuilt)
+    packaged = _packaged()
+    if packaged is not None:
+        return packaged
     directory = _cache_dir()
     target = directory / _LIBRARY
     if target.is_file():

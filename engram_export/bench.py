@@ -26,24 +26,32 @@ import torch
 from engram_export import progress
 from engram_export.verify import format_table, random_inputs
 
-__all__ = ["BenchRow", "cpu_summary", "run_bench", "time_rows", "round_robin_ms", "target_line", "random_calibration",
-           "TARGETS"]
+__all__ = [
+    "BenchRow",
+    "cpu_summary",
+    "run_bench",
+    "time_rows",
+    "round_robin_ms",
+    "target_line",
+    "random_calibration",
+    "TARGETS",
+]
 
 # (description, numerator row, denominator row, shape, bound): ratio = numerator ms / denominator ms
 TARGETS = [
-    ("optimized bf16 / bf16 floor <= 1.2", "openvino optimized bf16", "openvino matmul floor bf16",
-     (50, 14), 1.2),
-    ("optimized f32 / f32 floor <= 1.2", "openvino optimized f32", "openvino matmul floor f32",
-     (50, 14), 1.2),
-    ("T=1: optimized bf16 / bf16 floor <= 1.5", "openvino optimized bf16", "openvino matmul floor bf16",
-     (50, 1), 1.5),
+    ("optimized bf16 / bf16 floor <= 1.2", "openvino optimized bf16", "openvino matmul floor bf16", (50, 14), 1.2),
+    ("optimized f32 / f32 floor <= 1.2", "openvino optimized f32", "openvino matmul floor f32", (50, 14), 1.2),
+    ("T=1: optimized bf16 / bf16 floor <= 1.5", "openvino optimized bf16", "openvino matmul floor bf16", (50, 1), 1.5),
     ("int8 faster than optimized bf16 >= 1.5x", "openvino optimized bf16", "openvino int8", (50, 14), -1.5),
-    ("eager f32 / optimized bf16 >= 6", "pytorch eager (demo layout) f32", "openvino optimized bf16",
-     (50, 14), -6),
-    ("eager bf16 / optimized bf16 >= 3.5", "pytorch eager (demo layout) bf16",
-     "openvino optimized bf16", (50, 14), -3.5),
-    ("T=1: eager f32 / optimized bf16 >= 5", "pytorch eager (demo layout) f32",
-     "openvino optimized bf16", (50, 1), -5),
+    ("eager f32 / optimized bf16 >= 6", "pytorch eager (demo layout) f32", "openvino optimized bf16", (50, 14), -6),
+    (
+        "eager bf16 / optimized bf16 >= 3.5",
+        "pytorch eager (demo layout) bf16",
+        "openvino optimized bf16",
+        (50, 14),
+        -3.5,
+    ),
+    ("T=1: eager f32 / optimized bf16 >= 5", "pytorch eager (demo layout) f32", "openvino optimized bf16", (50, 1), -5),
 ]
 
 
@@ -76,9 +84,11 @@ def cpu_summary() -> str:
     except OSError:
         pass
     features = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
-    return (f"{model}; {'AMX present' if 'amx_bf16' in flags else 'no AMX'}; "
-            f"ISA: {', '.join(features) or 'no AVX-512'}; {os.cpu_count()} logical CPUs "
-            f"(torch threads {torch.get_num_threads()}, OpenVINO and ONNX Runtime: all cores)")
+    return (
+        f"{model}; {'AMX present' if 'amx_bf16' in flags else 'no AMX'}; "
+        f"ISA: {', '.join(features) or 'no AVX-512'}; {os.cpu_count()} logical CPUs "
+        f"(torch threads {torch.get_num_threads()}, OpenVINO and ONNX Runtime: all cores)"
+    )
 
 
 def resident_mib() -> tuple[float, float]:
@@ -116,8 +126,7 @@ class _Loader:
     def __init__(self, probe, group: int = 0):
         self.rows, self.probe, self.group = [], probe, group
 
-    def add(self, name, precision, make, make_args=lambda ids, hidden: (ids, hidden), settings="",
-            size_mib=None):
+    def add(self, name, precision, make, make_args=lambda ids, hidden: (ids, hidden), settings="", size_mib=None):
         gc.collect()
         before, start = resident_mib(), time.perf_counter()
         call = make()
@@ -128,15 +137,28 @@ class _Loader:
         if not settings and hasattr(call, "settings"):
             settings = ", ".join(f"{k}={v}" for k, v in call.settings.items())
         memory = (loaded[0] - before[0], loaded[1] - before[1], ran[0] - before[0], ran[1] - before[1])
-        self.rows.append(BenchRow(f"{name} {precision}".strip(), precision, call, make_args, load_s, memory,
-                                  settings, size_mib, group=self.group))
+        self.rows.append(
+            BenchRow(
+                f"{name} {precision}".strip(),
+                precision,
+                call,
+                make_args,
+                load_s,
+                memory,
+                settings,
+                size_mib,
+                group=self.group,
+            )
+        )
 
 
 def _eager(layer):
     """PyTorch eager, the demo layout: the yardstick of every row."""
+
     def call(ids, hidden):
         with torch.inference_mode():
             return layer.forward_reference(ids, hidden)
+
     return call
 
 
@@ -150,8 +172,9 @@ def _bf16_copy(layer):
 
     with torch.device("meta"):
         clone = EngramLayer(layer.config, layer.layer_id, layer.hashing)
-    clone.load_state_dict({k: v.to(torch.bfloat16) if v.is_floating_point() else v
-                           for k, v in layer.state_dict().items()}, assign=True)
+    clone.load_state_dict(
+        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in layer.state_dict().items()}, assign=True
+    )
     clone.compress_lut = layer.compress_lut
     return clone.eval()
 
@@ -163,15 +186,17 @@ def _matmul_floor(width_in: int, width_out: int, precision: str):
     x = ops.parameter([-1, width_in], np.float32, name="x")
     weight = np.random.default_rng(0).standard_normal((width_in, width_out), np.float32)
     model = openvino.Model([ops.matmul(x, ops.constant(weight), False, False)], [x])
-    request = openvino.Core().compile_model(
-        model, "CPU", {"INFERENCE_PRECISION_HINT": precision}).create_infer_request()
+    request = (
+        openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision}).create_infer_request()
+    )
     return lambda x: request.infer({"x": x})
 
 
 def random_calibration(config, num_ids: int, count: int = 32) -> list[dict]:
     """Seeded random sequences of 14 tokens: int8 calibration for benchmarks (not for accuracy)."""
-    return [dict(zip(("input_ids", "hidden_states"), random_inputs(config, num_ids, 1, 14, 100 + i)))
-            for i in range(count)]
+    return [
+        dict(zip(("input_ids", "hidden_states"), random_inputs(config, num_ids, 1, 14, 100 + i))) for i in range(count)
+    ]
 
 
 def _quantized(files, workdir: Path, config, num_ids: int, modes: list[str]) -> None:
@@ -180,14 +205,22 @@ def _quantized(files, workdir: Path, config, num_ids: int, modes: list[str]) -> 
 
     calibration = random_calibration(config, num_ids)
     for mode in modes:
-        options = QuantizeOptions(mode, calibration=calibration if mode == "int8" else None,
-                                  group_size=min(128, config.engram_hidden_size))
+        options = QuantizeOptions(
+            mode, calibration=calibration if mode == "int8" else None, group_size=min(128, config.engram_hidden_size)
+        )
         files[mode] = quantize(files["optimized"], workdir / f"{mode}.xml", options)
 
 
-def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: list[str],
-              repeat: int = 20, warmup: int = 3, profile: bool = False,
-              modes: list[str] = ()) -> list[BenchRow]:
+def run_bench(
+    layer,
+    workdir: Path,
+    shapes: list[tuple[int, int]],
+    precisions: list[str],
+    repeat: int = 20,
+    warmup: int = 3,
+    profile: bool = False,
+    modes: list[str] = (),
+) -> list[BenchRow]:
     """Export raw and optimized graphs of ``layer`` into ``workdir``, quantize in ``modes``, time
     every path, print; with ``profile``, also OpenVINO's per-node times of each model."""
     import onnx_ir as ir
@@ -206,8 +239,7 @@ def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: l
     ir.save(optimized, files["optimized"])
     for graph in ("raw", "optimized"):
         for precision in precisions:
-            files[graph, precision] = compile_onnx(files[graph], workdir / f"{graph}_{precision}.xml",
-                                                   precision)
+            files[graph, precision] = compile_onnx(files[graph], workdir / f"{graph}_{precision}.xml", precision)
     num_ids = len(layer.hashing.lut)
     _quantized(files, workdir, config, num_ids, modes)
     width_in, width_out = config.engram_hidden_size, (config.hc_mult + 1) * config.hidden_size
@@ -218,22 +250,39 @@ def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: l
     def group_rows(precision):
         def add_rows(add):
             if precision == "bf16":
-                add("pytorch eager (demo layout)", "bf16", lambda: _eager(_bf16_copy(layer)),
-                    _torch_args(torch.bfloat16), torch_version)
+                add(
+                    "pytorch eager (demo layout)",
+                    "bf16",
+                    lambda: _eager(_bf16_copy(layer)),
+                    _torch_args(torch.bfloat16),
+                    torch_version,
+                )
             if precision == "f32":
                 for graph in ("raw", "optimized"):
                     add(f"onnxruntime {graph}", "f32", lambda g=graph: EngramRuntime(files[g], runtime="ort"))
             for graph in ("raw", "optimized"):
-                add(f"openvino {graph}", precision,
+                add(
+                    f"openvino {graph}",
+                    precision,
                     lambda g=graph: EngramRuntime(files[g, precision], table_memory="populate"),
-                    size_mib=_weights_mib(files[graph, precision]))
-            add("openvino matmul floor", precision,
-                lambda: _matmul_floor(width_in, width_out, precision), floor_args,
-                f"[B*T,{width_in}]x[{width_in},{width_out}]")
+                    size_mib=_weights_mib(files[graph, precision]),
+                )
+            add(
+                "openvino matmul floor",
+                precision,
+                lambda: _matmul_floor(width_in, width_out, precision),
+                floor_args,
+                f"[B*T,{width_in}]x[{width_in},{width_out}]",
+            )
             if precision == precisions[-1]:
                 for mode in modes:
-                    add(f"openvino {mode}", "", lambda m=mode: EngramRuntime(files[m], table_memory="populate"),
-                        size_mib=_weights_mib(files[mode]))
+                    add(
+                        f"openvino {mode}",
+                        "",
+                        lambda m=mode: EngramRuntime(files[m], table_memory="populate"),
+                        size_mib=_weights_mib(files[mode]),
+                    )
+
         return add_rows
 
     # Rows are timed in groups that each fit in memory beside the PyTorch layer (one per precision,
@@ -243,8 +292,9 @@ def run_bench(layer, workdir: Path, shapes: list[tuple[int, int]], precisions: l
     for index, add_rows in enumerate(group_rows(p) for p in precisions):
         loader = _Loader(random_inputs(config, num_ids, 2, 3), group=index)
         with progress.stage(f"loading the models of group {index + 1}"):
-            loader.add("pytorch eager (demo layout)", "f32", lambda: _eager(layer),
-                       _torch_args(torch.float32), torch_version)
+            loader.add(
+                "pytorch eager (demo layout)", "f32", lambda: _eager(layer), _torch_args(torch.float32), torch_version
+            )
             add_rows(loader.add)
         with progress.stage(f"timing {len(loader.rows)} rows x {len(shapes)} shapes, {repeat} rounds"):
             time_rows(loader.rows, inputs, warmup, repeat)
@@ -278,21 +328,46 @@ def report(rows: list[BenchRow], shapes) -> str:
         table = []
         for row in rows:
             ms, floor = row.median(shape), floors.get(row.precision)
-            table.append([row.group + 1, row.name, f"{ms:.2f}", f"{eager[row.group].median(shape) / ms:.2f}x",
-                          f"{ms / floor:.2f}" if floor and "floor" not in row.name else ""])
-        lines += [f"\nB={shape[0]}, T={shape[1]}: median of {len(rows[0].times_ms[shape])} rounds",
-                  format_table(table, ["group", "row", "ms", "vs eager f32", "/ floor"])]
-    memory = [[row.name, f"{row.size_mib:.0f}" if row.size_mib is not None else "",
-               f"{row.load_s:.1f}", *(f"{m:+.0f}" for m in row.memory_mib), row.settings]
-              for row in rows if not (row.name == "pytorch eager (demo layout) f32" and row.group)]
-    lines += ["\nloading each model (resident memory growth in MiB: private = RssAnon, file = RssFile "
-              "such as mmapped weights):",
-              format_table(memory, ["row", ".bin MiB", "load s", "private loaded", "file loaded",
-                                    "private run", "file run", "settings"])]
+            table.append(
+                [
+                    row.group + 1,
+                    row.name,
+                    f"{ms:.2f}",
+                    f"{eager[row.group].median(shape) / ms:.2f}x",
+                    f"{ms / floor:.2f}" if floor and "floor" not in row.name else "",
+                ]
+            )
+        lines += [
+            f"\nB={shape[0]}, T={shape[1]}: median of {len(rows[0].times_ms[shape])} rounds",
+            format_table(table, ["group", "row", "ms", "vs eager f32", "/ floor"]),
+        ]
+    memory = [
+        [
+            row.name,
+            f"{row.size_mib:.0f}" if row.size_mib is not None else "",
+            f"{row.load_s:.1f}",
+            *(f"{m:+.0f}" for m in row.memory_mib),
+            row.settings,
+        ]
+        for row in rows
+        if not (row.name == "pytorch eager (demo layout) f32" and row.group)
+    ]
+    lines += [
+        "\nloading each model (resident memory growth in MiB: private = RssAnon, file = RssFile "
+        "such as mmapped weights):",
+        format_table(
+            memory,
+            ["row", ".bin MiB", "load s", "private loaded", "file loaded", "private run", "file run", "settings"],
+        ),
+    ]
     checks = []
     for text, top, bottom, shape, bound in TARGETS:
-        pairs = [(a, b) for a in rows for b in rows
-                 if a.name == top and b.name == bottom and a.group == b.group and shape in a.times_ms]
+        pairs = [
+            (a, b)
+            for a in rows
+            for b in rows
+            if a.name == top and b.name == bottom and a.group == b.group and shape in a.times_ms
+        ]
         if pairs:
             checks.append(target_line(text, pairs[0][0].median(shape) / pairs[0][1].median(shape), bound))
     if checks:
@@ -343,5 +418,6 @@ def profile_top(xml: Path, ids: np.ndarray, hidden: np.ndarray, precision: str, 
                 key = (stage, info.node_type, info.exec_type, info.node_name)
                 totals[key] += info.real_time.total_seconds() * 1e3 / rounds
     rows = [[f"{ms:.2f}", stage, kind, impl, name[:40]] for (stage, kind, impl, name), ms in totals.most_common(top)]
-    return (f"{xml.name}: {sum(totals.values()):.2f} ms in nodes\n"
-            + format_table(rows, ["ms", "stage", "node", "kernel", "name"]))
+    return f"{xml.name}: {sum(totals.values()):.2f} ms in nodes\n" + format_table(
+        rows, ["ms", "stage", "node", "kernel", "name"]
+    )

@@ -50,8 +50,7 @@ def shapes_for(config) -> tuple[LookupShape, LookupShape]:
     """The lookup of a demo-family ``config`` (its heads, row width and table size), and the V4.1 row
     shape over at most as many rows (deepseek-demo dims: ``DEMO`` and ``V41``; small configs stay small)."""
     rows = config.n_head_per_ngram * sum(config.engram_vocab_size)
-    demo = LookupShape("demo", config.max_ngram_size - 1, config.n_head_per_ngram, config.head_dim, rows,
-                       DEMO.forms)
+    demo = LookupShape("demo", config.max_ngram_size - 1, config.n_head_per_ngram, config.head_dim, rows, DEMO.forms)
     return demo, dataclasses.replace(V41, table_rows=min(V41.table_rows, rows))
 
 
@@ -66,8 +65,13 @@ def _hash(ids, shape: LookupShape):
     per_head = shape.table_rows // shape.columns
     primes = [per_head] * shape.columns
     lut = ops.constant(np.arange(_VOCAB, dtype=np.int64))
-    attributes = {"multipliers": ",".join(map(str, multipliers)), "primes": ",".join(map(str, primes)),
-                  "pad_id": 0, "n_head_per_ngram": shape.heads, "blocking": 0}
+    attributes = {
+        "multipliers": ",".join(map(str, multipliers)),
+        "primes": ",".join(map(str, primes)),
+        "pad_id": 0,
+        "n_head_per_ngram": shape.heads,
+        "blocking": 0,
+    }
     return make_node("EngramHash", [ids, lut.output(0)], attributes, "i32", 3).output(0)
 
 
@@ -107,46 +111,65 @@ def _lookup_model(shape: LookupShape, form: str, folder: Path, resident: bool):
     def normal(dtype):
         return lambda: rng.standard_normal((rows_count, width), np.float32).astype(dtype).view(np.uint8)
 
+    def bf16_normal():  # the upper half of each f32: bf16 bits
+        values = rng.standard_normal((rows_count, width), np.float32)
+        return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+
     def codes(count, high=256):
         return lambda: rng.integers(0, high, count, np.uint8)
 
     if form in ("f32", "f16", "bf16"):
         kind = {"f32": "f32", "f16": "f16", "bf16": "bf16"}[form]
-        if form == "bf16":
-            make = lambda: (rng.standard_normal((rows_count, width), np.float32).view(np.uint32) >> 16  # noqa: E731
-                            ).astype(np.uint16).view(np.uint8)
-        else:
-            make = normal(np.float32 if form == "f32" else np.float16)
+        make = bf16_normal if form == "bf16" else normal(np.float32 if form == "f32" else np.float16)
         table = _constant(_stored(file, make, resident), kind, [rows_count, width])
         data = table if form == "f32" else ops.convert(table, np.float32)
         values = ops.gather(data, rows, 0)
     elif form in ("u8", "u4"):
         # NNCF's per-row asymmetric compression: f16 (codes - zero point) * f16 scale, then f32
-        code_bytes, zero_bytes = (rows_count * width, rows_count) if form == "u8" else (rows_count * width // 2,
-                                                                                      (rows_count + 1) // 2)
-        store = _stored(file, lambda: np.concatenate([
-            codes(code_bytes)(), codes(zero_bytes)(),
-            rng.uniform(1e-3, 1e-2, rows_count).astype(np.float16).view(np.uint8)]),
-            resident)
-        grouped, per_row = ([rows_count, 1, width], [rows_count, 1, 1]) if form == "u4" else ([rows_count, width],
-                                                                                          [rows_count, 1])
+        code_bytes, zero_bytes = (
+            (rows_count * width, rows_count) if form == "u8" else (rows_count * width // 2, (rows_count + 1) // 2)
+        )
+        store = _stored(
+            file,
+            lambda: np.concatenate(
+                [
+                    codes(code_bytes)(),
+                    codes(zero_bytes)(),
+                    rng.uniform(1e-3, 1e-2, rows_count).astype(np.float16).view(np.uint8),
+                ]
+            ),
+            resident,
+        )
+        grouped, per_row = (
+            ([rows_count, 1, width], [rows_count, 1, 1]) if form == "u4" else ([rows_count, width], [rows_count, 1])
+        )
         code = _constant(store[:code_bytes], form, grouped)
-        zero = _constant(store[code_bytes:code_bytes + zero_bytes], form, per_row)
-        scale = _constant(store[code_bytes + zero_bytes:], "f16", per_row)
+        zero = _constant(store[code_bytes : code_bytes + zero_bytes], form, per_row)
+        scale = _constant(store[code_bytes + zero_bytes :], "f16", per_row)
         decoded = ops.multiply(ops.subtract(ops.convert(code, np.float16), ops.convert(zero, np.float16)), scale)
         if form == "u4":
             decoded = ops.reshape(decoded, np.array([rows_count, width], np.int64), False)
         values = ops.gather(ops.convert(decoded, np.float32), rows, 0)
     else:  # fp8: the ops engram.HashGatherFP8 becomes (ov_extension's convert_hash_gather_fp8)
-        store = _stored(file, lambda: np.concatenate([codes(rows_count * width)() & 0xF7,  # no NaN codes
-                                                      codes(rows_count * width // 32, 8)() + 120]), resident)
-        table = _constant(store[:rows_count * width], "u8", [rows_count, width])
-        scales = _constant(store[rows_count * width:], "u8", [rows_count, width // 32])
+        store = _stored(
+            file,
+            lambda: np.concatenate(
+                [
+                    codes(rows_count * width)() & 0xF7,  # no NaN codes
+                    codes(rows_count * width // 32, 8)() + 120,
+                ]
+            ),
+            resident,
+        )
+        table = _constant(store[: rows_count * width], "u8", [rows_count, width])
+        scales = _constant(store[rows_count * width :], "u8", [rows_count, width // 32])
 
         def decode(byte_codes, lut):
             return ops.gather(ops.constant(np.asarray(lut, np.float32)), ops.convert(byte_codes, np.int32), 0)
-        blocks = ops.reshape(decode(ops.gather(table, rows, 0), e4m3_values()),
-                             np.array([0, 0, 0, -1, 32], np.int64), True)
+
+        blocks = ops.reshape(
+            decode(ops.gather(table, rows, 0), e4m3_values()), np.array([0, 0, 0, -1, 32], np.int64), True
+        )
         scale = ops.unsqueeze(decode(ops.gather(scales, rows, 0), e8m0_values()), np.array([-1], np.int64))
         values = ops.multiply(blocks, scale)
     if shape.name == "v4.1":
@@ -175,8 +198,13 @@ class _Compiled:
         self.request.infer({"input_ids": ids})
 
 
-def run_lookup_bench(workdir: Path, shapes: list[tuple[int, int]], repeat: int, warmup: int = 3,
-                     lookups: tuple[LookupShape, ...] = (DEMO, V41)) -> list[str]:
+def run_lookup_bench(
+    workdir: Path,
+    shapes: list[tuple[int, int]],
+    repeat: int,
+    warmup: int = 3,
+    lookups: tuple[LookupShape, ...] = (DEMO, V41),
+) -> list[str]:
     """Print the lookup tables; returns the target lines (met or MISSED)."""
     from engram_export.bench import resident_mib, round_robin_ms, target_line
 
@@ -189,21 +217,43 @@ def run_lookup_bench(workdir: Path, shapes: list[tuple[int, int]], repeat: int, 
             calls[form, "row kernel"] = _Compiled(lookup, form, workdir, kernel=True)
         for batch, tokens in shapes:
             rounds = [rng.integers(0, _VOCAB, (batch, tokens)) for _ in range(warmup + repeat)]
-            medians = round_robin_ms({name: (lambda index, call=call: lambda: call(rounds[index]))
-                                      for name, call in calls.items()}, repeat, warmup)
+            medians = round_robin_ms(
+                {name: (lambda index, call=call: lambda: call(rounds[index])) for name, call in calls.items()},
+                repeat,
+                warmup,
+            )
             floor = medians["f32", "openvino"]
             for form in lookup.forms:
                 ours, theirs = medians[form, "row kernel"], medians[form, "openvino"]
-                table.append([lookup.name, f"{batch}x{tokens}", form, f"{theirs:.2f}", f"{ours:.2f}",
-                              f"{theirs / ours:.2f}x", f"{ours / floor:.2f}"])
+                table.append(
+                    [
+                        lookup.name,
+                        f"{batch}x{tokens}",
+                        form,
+                        f"{theirs:.2f}",
+                        f"{ours:.2f}",
+                        f"{theirs / ours:.2f}x",
+                        f"{ours / floor:.2f}",
+                    ]
+                )
                 if form in ("u8", "u4", "fp8"):
-                    checks.append(target_line(f"{lookup.name} {batch}x{tokens}: {form} row kernel / f32 Gather "
-                                              "floor <= 1", ours / floor, 1))
+                    checks.append(
+                        target_line(
+                            f"{lookup.name} {batch}x{tokens}: {form} row kernel / f32 Gather floor <= 1",
+                            ours / floor,
+                            1,
+                        )
+                    )
         del calls
-    print(f"\nlookup alone, f32 out, median of {repeat} calls, fresh ids each call (ms); floor: OpenVINO's "
-          "Gather on a resident f32 table of the same rows:")
-    print(format_table(table, ["table shape", "BxT", "stored", "openvino", "row kernel", "kernel speed-up",
-                               "kernel / floor"]))
+    print(
+        f"\nlookup alone, f32 out, median of {repeat} calls, fresh ids each call (ms); floor: OpenVINO's "
+        "Gather on a resident f32 table of the same rows:"
+    )
+    print(
+        format_table(
+            table, ["table shape", "BxT", "stored", "openvino", "row kernel", "kernel speed-up", "kernel / floor"]
+        )
+    )
     memory_rows, shape = [], next(lookup for lookup in lookups if "u8" in lookup.forms)
     for table_memory in ("mmap", "populate", "hugepages"):
         _, file = resident_mib()
@@ -215,14 +265,28 @@ def run_lookup_bench(workdir: Path, shapes: list[tuple[int, int]], repeat: int, 
             compiled(ids)
             first.append((time.perf_counter() - start) * 1e3)
         ran = resident_mib()
-        memory_rows.append([table_memory, f"{compiled.load_s:.2f}", f"{compiled.loaded_mib[0]:+.0f}",
-                            f"{compiled.loaded_mib[1]:+.0f}", f"{first[0]:.2f}", f"{statistics.median(first[1:]):.2f}",
-                            f"{ran[1] - file:+.0f}"])
+        memory_rows.append(
+            [
+                table_memory,
+                f"{compiled.load_s:.2f}",
+                f"{compiled.loaded_mib[0]:+.0f}",
+                f"{compiled.loaded_mib[1]:+.0f}",
+                f"{first[0]:.2f}",
+                f"{statistics.median(first[1:]):.2f}",
+                f"{ran[1] - file:+.0f}",
+            ]
+        )
         del compiled
-    print(f"\ntable_memory, {shape.name} u8 table ({shape.table_rows * (shape.row_size + 3) / 2**20:.0f} MiB with "
-          "scales and zero points), a fresh mapping of a file in the page cache; B=50, T=14:")
-    print(format_table(memory_rows, ["table_memory", "load s", "private MiB", "file MiB", "1st call ms",
-                                     "calls 2-5 ms", "file MiB after"]))
+    print(
+        f"\ntable_memory, {shape.name} u8 table ({shape.table_rows * (shape.row_size + 3) / 2**20:.0f} MiB with "
+        "scales and zero points), a fresh mapping of a file in the page cache; B=50, T=14:"
+    )
+    print(
+        format_table(
+            memory_rows,
+            ["table_memory", "load s", "private MiB", "file MiB", "1st call ms", "calls 2-5 ms", "file MiB after"],
+        )
+    )
     return checks
 
 

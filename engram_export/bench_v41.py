@@ -34,8 +34,9 @@ def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: int, quantize: bool,
-                  decode_only: bool = False) -> None:
+def run_bench_v41(
+    config, workdir: Path, shapes: list[tuple[int, int]], repeat: int, quantize: bool, decode_only: bool = False
+) -> None:
     """Print the tables above; ``decode_only`` (``bench --decode``): the costs and the decode rows."""
     from engram_export.bench import _matmul_floor, cpu_summary, resident_mib, round_robin_ms, target_line
     from engram_export.decode_bench import decode_rows
@@ -49,11 +50,17 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
     shapes = list(dict.fromkeys([*shapes, (1, 1)]))  # B=1, T=1: the INT8 decode target
     layer = config.layer_ids[-1]
     rng = np.random.default_rng(0)
-    rounds = {shape: [(rng.integers(0, config.compressed_vocab_size, shape), rng.random(shape) > 0.05)
-                      for _ in range(repeat + 2)] for shape in shapes}
+    rounds = {
+        shape: [
+            (rng.integers(0, config.compressed_vocab_size, shape), rng.random(shape) > 0.05) for _ in range(repeat + 2)
+        ]
+        for shape in shapes
+    }
     hashing = V41Hashing(dataclasses.replace(config, tokenizer=None))  # the synthetic tokenizer maps id i to i
-    rows = {lid: np.concatenate([hashing.rows(ids, mask, lid).ravel() for shape in shapes
-                                 for ids, mask in rounds[shape]]) for lid in config.layer_ids}
+    rows = {
+        lid: np.concatenate([hashing.rows(ids, mask, lid).ravel() for shape in shapes for ids, mask in rounds[shape]])
+        for lid in config.layer_ids
+    }
     start = time.perf_counter()
     checkpoint = write_v41_checkpoint(workdir / "checkpoint", config.to_dict(), rows=rows, tokenizer=True)
     table_gb = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / 1e9
@@ -61,14 +68,30 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
     shards = {p.stat().st_ino for p in checkpoint.glob("*.safetensors")}
     non_table = 2 * config.projection_width * config.embedding_width * 2 / 2**20  # bf16 wkv, MiB
     steps = []
-    for name, make in (("export", lambda: export_checkpoint(checkpoint, workdir / "onnx")),
-                       ("compile bf16", lambda: compile_folder(workdir / "onnx", workdir / "bf16", "bf16")),
-                       *([("quantize int8-weights", lambda: quantize_folder(
-                           workdir / "onnx", workdir / "int8", QuantizeOptions("int8-weights")))] if quantize else [])):
+    for name, make in (
+        ("export", lambda: export_checkpoint(checkpoint, workdir / "onnx")),
+        ("compile bf16", lambda: compile_folder(workdir / "onnx", workdir / "bf16", "bf16")),
+        *(
+            [
+                (
+                    "quantize int8-weights",
+                    lambda: quantize_folder(workdir / "onnx", workdir / "int8", QuantizeOptions("int8-weights")),
+                )
+            ]
+            if quantize
+            else []
+        ),
+    ):
         start = time.perf_counter()
         folder = make()
-        steps.append([name, f"{time.perf_counter() - start:.1f}", f"{_own_bytes(folder, shards) / 2**20:.0f}",
-                      f"{_peak_gib():.2f}"])
+        steps.append(
+            [
+                name,
+                f"{time.perf_counter() - start:.1f}",
+                f"{_own_bytes(folder, shards) / 2**20:.0f}",
+                f"{_peak_gib():.2f}",
+            ]
+        )
     private, _ = resident_mib()
     start = time.perf_counter()
     runtimes = {"bf16": EngramRuntime(workdir / "bf16")}
@@ -76,17 +99,24 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
     after = resident_mib()[0] - private
     if quantize:
         runtimes["int8-weights"] = EngramRuntime(workdir / "int8")
-    print(f"\ncost of export, compile, load ({len(config.layer_ids)} layers; non-table weights as bf16: "
-          f"{non_table:.0f} MiB):")
-    print(format_table(steps + [["load bf16 folder", f"{load_s:.1f}", "-", f"{_peak_gib():.2f}"]],
-                       ["step", "seconds", "MiB written (not table links)", "peak RSS GiB so far"]))
+    print(
+        f"\ncost of export, compile, load ({len(config.layer_ids)} layers; non-table weights as bf16: "
+        f"{non_table:.0f} MiB):"
+    )
+    print(
+        format_table(
+            steps + [["load bf16 folder", f"{load_s:.1f}", "-", f"{_peak_gib():.2f}"]],
+            ["step", "seconds", "MiB written (not table links)", "peak RSS GiB so far"],
+        )
+    )
     print(f"resident memory added by loading: {after / 1024:.2f} GiB (private)")
     table, fuse_ms, floor_ms, checks = [], {}, {}, []
     if not decode_only:
-        print(f"\nlayer {layer}, median of {repeat} rounds, fresh ids each call, the floor timed in the same "
-              "rounds (ms):")
+        print(
+            f"\nlayer {layer}, median of {repeat} rounds, fresh ids each call, the floor timed in the same rounds (ms):"
+        )
         fp8_floor = _fp8_matmul(config.embedding_width, config.projection_width)
-    for shape in ([] if decode_only else shapes):
+    for shape in [] if decode_only else shapes:
         hidden = rng.standard_normal((*shape, config.hc_mult, config.hidden_size), dtype=np.float32)
         floor = _matmul_floor(config.embedding_width, config.projection_width, "bf16")
         e = rng.standard_normal((shape[0] * shape[1], config.embedding_width), dtype=np.float32)
@@ -102,29 +132,58 @@ def run_bench_v41(config, workdir: Path, shapes: list[tuple[int, int]], repeat: 
                 handle = runtime.prefetch(*next(fresh))
                 handle.wait()
                 return lambda: served.fuse(handle, hidden)
+
             calls[name, "lookup"], calls[name, "fuse"] = lookup_call, fuse_call
         medians = round_robin_ms(calls, repeat)
         floor_ms[shape] = medians["floor"]
-        table.append([f"{shape[0]}x{shape[1]}", "MatMul, FP8 weights", "", f"{medians['fp8 floor']:.2f}",
-                      f"{medians['floor']:.2f}", f"{medians['fp8 floor'] / medians['floor']:.2f}"])
+        table.append(
+            [
+                f"{shape[0]}x{shape[1]}",
+                "MatMul, FP8 weights",
+                "",
+                f"{medians['fp8 floor']:.2f}",
+                f"{medians['floor']:.2f}",
+                f"{medians['fp8 floor'] / medians['floor']:.2f}",
+            ]
+        )
         for name in runtimes:
             fuse_ms[shape, name] = medians[name, "fuse"]
-            table.append([f"{shape[0]}x{shape[1]}", name, f"{medians[name, 'lookup']:.2f}",
-                          f"{medians[name, 'fuse']:.2f}", f"{medians['floor']:.2f}",
-                          f"{medians[name, 'fuse'] / medians['floor']:.2f}"])
+            table.append(
+                [
+                    f"{shape[0]}x{shape[1]}",
+                    name,
+                    f"{medians[name, 'lookup']:.2f}",
+                    f"{medians[name, 'fuse']:.2f}",
+                    f"{medians['floor']:.2f}",
+                    f"{medians[name, 'fuse'] / medians['floor']:.2f}",
+                ]
+            )
     if table:
         print(format_table(table, ["BxT", "model", "lookup", "fuse stage", "MatMul floor bf16", "fuse / floor"]))
-    checks += [(f"bf16 fuse / floor at {b}x{t} <= 1.15", fuse_ms[(b, t), "bf16"] / floor_ms[b, t], 1.15)
-               for b, t in floor_ms if b == 50]
+    checks += [
+        (f"bf16 fuse / floor at {b}x{t} <= 1.15", fuse_ms[(b, t), "bf16"] / floor_ms[b, t], 1.15)
+        for b, t in floor_ms
+        if b == 50
+    ]
     if ((1, 1), "int8-weights") in fuse_ms:
-        checks.append(("int8-weights fuse faster than bf16 at 1x1 >= 1.8x",
-                       fuse_ms[(1, 1), "bf16"] / fuse_ms[(1, 1), "int8-weights"], -1.8))
+        checks.append(
+            (
+                "int8-weights fuse faster than bf16 at 1x1 >= 1.8x",
+                fuse_ms[(1, 1), "bf16"] / fuse_ms[(1, 1), "int8-weights"],
+                -1.8,
+            )
+        )
     for name, runtime in runtimes.items():
         rows = decode_rows(runtime.layer(layer), (1, 8, 50), repeat)
         print(f"\ndecode, layer {layer}, {name}: median of {repeat} rounds")
         print(format_table(rows, ["B", "step ms", "stateless [B,1] ms", "step / stateless", "tokens/s"]))
-        checks.append((f"{name} decode step / stateless [B,1] call <= 1.3 (worst of B = 1, 8, 50)",
-                       max(float(row[3]) for row in rows), 1.3))
+        checks.append(
+            (
+                f"{name} decode step / stateless [B,1] call <= 1.3 (worst of B = 1, 8, 50)",
+                max(float(row[3]) for row in rows),
+                1.3,
+            )
+        )
     print("\ntargets (ratios from this run):")
     print(*(target_line(*check) for check in checks), sep="\n")
 

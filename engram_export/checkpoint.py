@@ -21,8 +21,23 @@ from engram_export.errors import EngramError
 __all__ = ["Checkpoint", "TensorLocation", "read_header", "torch_dtype", "DTYPE_BYTES"]
 
 INDEX, SINGLE, CONFIG = "model.safetensors.index.json", "model.safetensors", "config.json"
-DTYPE_BYTES = {"F8_E4M3": 1, "F8_E8M0": 1, "U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4,
-               "I64": 8, "F64": 8, "BOOL": 1, "U16": 2, "I16": 2, "U32": 4, "U64": 8}
+DTYPE_BYTES = {
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "U8": 1,
+    "I8": 1,
+    "BF16": 2,
+    "F16": 2,
+    "F32": 4,
+    "I32": 4,
+    "I64": 8,
+    "F64": 8,
+    "BOOL": 1,
+    "U16": 2,
+    "I16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 MAX_HEADER = 100 << 20
 
 
@@ -30,9 +45,19 @@ def torch_dtype(name: str):
     """The torch dtype of a safetensors dtype name (torch is imported only when a tensor is used)."""
     import torch
 
-    return {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "U8": torch.uint8,
-            "I8": torch.int8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-            "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool}[name]
+    return {
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E8M0": torch.float8_e8m0fnu,
+        "U8": torch.uint8,
+        "I8": torch.int8,
+        "BF16": torch.bfloat16,
+        "F16": torch.float16,
+        "F32": torch.float32,
+        "I32": torch.int32,
+        "I64": torch.int64,
+        "F64": torch.float64,
+        "BOOL": torch.bool,
+    }[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +95,13 @@ def read_header(path: Path) -> dict[str, TensorLocation]:
         except (KeyError, TypeError, ValueError) as exc:
             raise EngramError(f"checkpoint: {path}: malformed entry for {name} ({exc!r})") from None
         if end - begin != expected or begin < 0:
-            raise EngramError(f"checkpoint: {path}: {name} holds {end - begin} bytes, its dtype and shape "
-                              f"need {expected}")
+            raise EngramError(
+                f"checkpoint: {path}: {name} holds {end - begin} bytes, its dtype and shape need {expected}"
+            )
         if start + end > size:
-            raise EngramError(f"checkpoint: {path} is truncated: {name} ends at byte {start + end}, the "
-                              f"file has {size}")
+            raise EngramError(
+                f"checkpoint: {path} is truncated: {name} ends at byte {start + end}, the file has {size}"
+            )
         tensors[name] = TensorLocation(name, path, start + begin, expected, dtype, shape)
     return tensors
 

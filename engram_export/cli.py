@@ -23,15 +23,17 @@ __all__ = ["main"]
 
 
 def add_layer_source(parser: argparse.ArgumentParser, checkpoint: bool = False) -> None:
-    parser.add_argument("--config", required=not checkpoint,
-                        help="preset name (tiny, deepseek-demo) or JSON file")
+    parser.add_argument("--config", required=not checkpoint, help="preset name (tiny, deepseek-demo) or JSON file")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--weights", type=Path, help=".safetensors or .pt state dict")
     weights.add_argument("--random-init", action="store_true", help="seeded random weights")
     if checkpoint:
-        weights.add_argument("--checkpoint", type=Path,
-                             help="DeepSeek-V4.1 checkpoint folder (config.json, tokenizer.json, "
-                                  "safetensors shards): tables stay in its shards, hard-linked")
+        weights.add_argument(
+            "--checkpoint",
+            type=Path,
+            help="DeepSeek-V4.1 checkpoint folder (config.json, tokenizer.json, "
+            "safetensors shards): tables stay in its shards, hard-linked",
+        )
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     parser.add_argument("--prefix", default="", help="key prefix of the layer in a full-model checkpoint")
     parser.add_argument("--layer", type=int, help="layer id (one of the config's layer_ids)")
@@ -45,8 +47,9 @@ def layer_from_args(args):
         raise EngramError("give --layer (one of the config's layer_ids)")
     config = load_config(args.config)
     with _stage(f"building layer {args.layer} ({'random' if args.random_init else args.weights})"):
-        return build_layer(config, args.layer, weights=args.weights, prefix=args.prefix,
-                           seed=args.seed if args.random_init else None)
+        return build_layer(
+            config, args.layer, weights=args.weights, prefix=args.prefix, seed=args.seed if args.random_init else None
+        )
 
 
 def check_workdir(workdir: Path | None) -> None:
@@ -98,16 +101,24 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="trace Engram layers to ONNX (hash-gather as one custom node)")
     add_layer_source(p, checkpoint=True)
     add_copy_table(p)
-    p.add_argument("-o", "--output", type=Path, required=True,
-                   help="output .onnx file; without --layer, a folder for every layer with a manifest")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output .onnx file; without --layer, a folder for every layer with a manifest",
+    )
     p.add_argument("--no-optimize", action="store_true", help="keep the raw trace (no graph passes)")
     p.set_defaults(func=run_export)
 
 
 def add_copy_table(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--copy-table", action="store_true",
-                        help="DeepSeek-V4.1: copy the table shards where no hard link can be made "
-                             "(another file system) instead of refusing")
+    parser.add_argument(
+        "--copy-table",
+        action="store_true",
+        help="DeepSeek-V4.1: copy the table shards where no hard link can be made "
+        "(another file system) instead of refusing",
+    )
 
 
 def run_export(args) -> None:
@@ -132,8 +143,16 @@ def run_export(args) -> None:
     if args.layer is None:
         from engram_export.folders import export_folder
 
-        print(export_folder(config, args.output, weights=args.weights,
-                            prefix=args.prefix, seed=args.seed, optimize=not args.no_optimize))
+        print(
+            export_folder(
+                config,
+                args.output,
+                weights=args.weights,
+                prefix=args.prefix,
+                seed=args.seed,
+                optimize=not args.no_optimize,
+            )
+        )
         return
     layer = layer_from_args(args)
     print(export_layer(layer, args.output, optimize=not args.no_optimize))
@@ -146,8 +165,10 @@ def export_random_v41(config, args) -> Path:
     from engram_export.synthetic import write_v41_checkpoint
 
     if not args.random_init:
-        raise EngramError("DeepSeek-V4.1 layers are exported from their checkpoint folder: use "
-                          "--checkpoint DIR (or --config with --random-init)")
+        raise EngramError(
+            "DeepSeek-V4.1 layers are exported from their checkpoint folder: use "
+            "--checkpoint DIR (or --config with --random-init)"
+        )
     small = all(config.table_rows(layer) * config.head_dim <= 2**30 for layer in config.layer_ids)
     rows = None if small else {layer: [] for layer in config.layer_ids}
     if not small:
@@ -155,8 +176,9 @@ def export_random_v41(config, args) -> Path:
     # named like a staging folder, so that the next run here removes it if this one is killed
     scratch_prefix = f"{STAGING_PREFIX}{os.getpid()}-"
     with tempfile.TemporaryDirectory(prefix=scratch_prefix, dir=args.output.parent) as scratch:
-        checkpoint = write_v41_checkpoint(Path(scratch) / "checkpoint", config.to_dict(), seed=args.seed,
-                                          rows=rows, tokenizer=True)
+        checkpoint = write_v41_checkpoint(
+            Path(scratch) / "checkpoint", config.to_dict(), seed=args.seed, rows=rows, tokenizer=True
+        )
         return export_checkpoint(checkpoint, args.output, args.layer, args.copy_table)
 
 
@@ -181,8 +203,7 @@ def run_optimize(args) -> None:
         result = optimize(model)
     after = collections.Counter(node.op_type for node in model.graph)
     save_onnx(model, args.output)
-    print(f"nodes: {sum(before.values())} -> {sum(after.values())}"
-          f"{'' if result.modified else ' (nothing to fuse)'}")
+    print(f"nodes: {sum(before.values())} -> {sum(after.values())}{'' if result.modified else ' (nothing to fuse)'}")
     for op in sorted(set(before) | set(after), key=lambda op: -before[op]):
         if before[op] != after[op]:
             print(f"  {op:20s} {before[op]:4d} -> {after[op]}")
@@ -194,8 +215,9 @@ def add_compile(sub) -> None:
     p = sub.add_parser("compile", help="convert an exported .onnx (or folder) to OpenVINO IR for CPU")
     p.add_argument("model", type=Path, help="exported .onnx, or a folder from export without --layer")
     p.add_argument("--precision", choices=["f32", "bf16"], default="f32")
-    p.add_argument("-o", "--output", type=Path, required=True,
-                   help="output .xml (the .bin goes beside), or a folder for a folder")
+    p.add_argument(
+        "-o", "--output", type=Path, required=True, help="output .xml (the .bin goes beside), or a folder for a folder"
+    )
     add_copy_table(p)
     p.set_defaults(func=run_compile)
 
@@ -220,31 +242,36 @@ def add_quantize(sub) -> None:
     p.add_argument("--mode", choices=["int8-weights", "int4-weights", "int8"], required=True)
     p.add_argument("--int4", choices=["sym", "asym"], default="sym", help="int4-weights: INT4 kind")
     p.add_argument("--group-size", type=int, default=128, help="int4-weights: weights per scale")
-    p.add_argument("--table-bits", type=int, choices=[4, 8], default=8,
-                   help="int4-weights: the table in INT8 (default) or INT4 (groups of its row width)")
-    p.add_argument("--precision", choices=["f32", "bf16"], default="f32",
-                   help="inference precision of what stays in float")
-    p.add_argument("--calibration", type=Path,
-                   help="int8: .npz with input_ids [N,T] and hidden_states [N,T,G,D], or a text file")
-    p.add_argument("--calibration-hidden", type=Path,
-                   help="int8 with a text --calibration: hidden states .npy [N,T,G,D]")
+    p.add_argument(
+        "--table-bits",
+        type=int,
+        choices=[4, 8],
+        default=8,
+        help="int4-weights: the table in INT8 (default) or INT4 (groups of its row width)",
+    )
+    p.add_argument(
+        "--precision", choices=["f32", "bf16"], default="f32", help="inference precision of what stays in float"
+    )
+    p.add_argument(
+        "--calibration", type=Path, help="int8: .npz with input_ids [N,T] and hidden_states [N,T,G,D], or a text file"
+    )
+    p.add_argument(
+        "--calibration-hidden", type=Path, help="int8 with a text --calibration: hidden states .npy [N,T,G,D]"
+    )
     p.add_argument("--subset-size", type=int, default=64, help="int8: calibration sequences used")
     add_copy_table(p)
     p.set_defaults(func=run_quantize)
 
 
 def run_quantize(args) -> None:
-    from engram_export.quantize import (QuantizeOptions, compressed_constants, quantize, read_calibration,
-                                        read_model)
+    from engram_export.quantize import QuantizeOptions, compressed_constants, quantize, read_calibration, read_model
 
     check_at_least(1, group_size=args.group_size, subset_size=args.subset_size)
-    check_output(args.output, args.model.is_dir(), ".xml",
-                 [args.model, args.calibration, args.calibration_hidden])
+    check_output(args.output, args.model.is_dir(), ".xml", [args.model, args.calibration, args.calibration_hidden])
     calibration = None
     if args.mode == "int8":
         if args.calibration is None:
-            raise EngramError("mode int8 needs --calibration (an .npz, or a text file with "
-                              "--calibration-hidden)")
+            raise EngramError("mode int8 needs --calibration (an .npz, or a text file with --calibration-hidden)")
         source = args.model  # a folder's layers share the config: calibrate from its first file
         if source.is_dir():
             from engram_export.manifest import read_manifest
@@ -252,13 +279,22 @@ def run_quantize(args) -> None:
             source = source / next(iter(read_manifest(source, check_hashes=False).layers.values()))
         _, info = read_model(source)
         text = args.calibration.suffix != ".npz"
-        calibration = read_calibration(info.config, info.num_ids,
-                                       npz=None if text else args.calibration,
-                                       text=args.calibration if text else None,
-                                       hidden_npy=args.calibration_hidden)
-    options = QuantizeOptions(args.mode, int4_symmetric=args.int4 == "sym", group_size=args.group_size,
-                              table_bits=args.table_bits, precision=args.precision,
-                              calibration=calibration, subset_size=args.subset_size)
+        calibration = read_calibration(
+            info.config,
+            info.num_ids,
+            npz=None if text else args.calibration,
+            text=args.calibration if text else None,
+            hidden_npy=args.calibration_hidden,
+        )
+    options = QuantizeOptions(
+        args.mode,
+        int4_symmetric=args.int4 == "sym",
+        group_size=args.group_size,
+        table_bits=args.table_bits,
+        precision=args.precision,
+        calibration=calibration,
+        subset_size=args.subset_size,
+    )
     if args.model.is_dir():
         from engram_export.folders import quantize_folder
 
@@ -269,20 +305,27 @@ def run_quantize(args) -> None:
 
     stored = compressed_constants(openvino_core().read_model(str(output)))
     size = output.with_suffix(".bin").stat().st_size
-    print(f"{output}: {args.mode}, .bin {size / 2**20:.0f} MiB, table stored as "
-          f"{', '.join(stored['table']) or '-'}, projection as {', '.join(stored['projection']) or '-'}")
+    print(
+        f"{output}: {args.mode}, .bin {size / 2**20:.0f} MiB, table stored as "
+        f"{', '.join(stored['table']) or '-'}, projection as {', '.join(stored['projection']) or '-'}"
+    )
 
 
 # run ------------------------------------------------------------------------------------------------
 def add_run(sub) -> None:
     p = sub.add_parser("run", help="run a model on input_ids and hidden_states from an .npz")
     p.add_argument("model", type=Path, help=".xml (OpenVINO) or .onnx")
-    p.add_argument("--inputs", type=Path, required=True,
-                   help=".npz with input_ids and hidden_states (and, for DeepSeek-V4.1, token_mask)")
+    p.add_argument(
+        "--inputs",
+        type=Path,
+        required=True,
+        help=".npz with input_ids and hidden_states (and, for DeepSeek-V4.1, token_mask)",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help=".npz to write 'output' to")
     p.add_argument("--runtime", choices=["ov", "ort"], default="ov")
-    p.add_argument("--precision", choices=["f32", "bf16"], default=None,
-                   help="OpenVINO inference precision (default: the model's)")
+    p.add_argument(
+        "--precision", choices=["f32", "bf16"], default=None, help="OpenVINO inference precision (default: the model's)"
+    )
     p.add_argument("--layer", type=int, help="with a model folder: the layer to run")
     p.set_defaults(func=run_run)
 
@@ -311,10 +354,20 @@ def add_verify(sub) -> None:
     p = sub.add_parser("verify", help="compare PyTorch, ONNX Runtime, OpenVINO f32 and bf16")
     add_layer_source(p, checkpoint=True)
     p.add_argument("--onnx", type=Path, help="an exported .onnx of this layer (default: export one)")
-    p.add_argument("--shape", action="append", default=None, metavar="BxT",
-                   help="batch x tokens to check (repeatable; default 50x14, 1x1, 3x17)")
-    p.add_argument("--model", type=Path, action="append", default=[],
-                   help="also check this .xml (e.g. from quantize) against PyTorch (repeatable)")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=None,
+        metavar="BxT",
+        help="batch x tokens to check (repeatable; default 50x14, 1x1, 3x17)",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=[],
+        help="also check this .xml (e.g. from quantize) against PyTorch (repeatable)",
+    )
     p.add_argument("--workdir", type=Path, help="keep exported and compiled files here")
     p.set_defaults(func=run_verify)
 
@@ -338,8 +391,7 @@ def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(),
     from engram_export.compile import compile_onnx
     from engram_export.export import export_layer
     from engram_export.models.config import is_deepseek_v41
-    from engram_export.verify import (comparisons_table, default_paths, failures_summary,
-                                      verify_paths, verify_paths_v41)
+    from engram_export.verify import comparisons_table, default_paths, failures_summary, verify_paths, verify_paths_v41
 
     if onnx_path is None:
         onnx_path = (export or (lambda path: export_layer(layer, path)))(workdir / "engram.onnx")
@@ -382,8 +434,12 @@ def run_verify(args) -> int:
 # demo -----------------------------------------------------------------------------------------------
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="deepseek-demo preset, random weights: export, compile, verify")
-    p.add_argument("--engram-vocab-size", type=int, default=None,
-                   help="base table size per n-gram order (default: the demo's 646400 = 10.3M rows)")
+    p.add_argument(
+        "--engram-vocab-size",
+        type=int,
+        default=None,
+        help="base table size per n-gram order (default: the demo's 646400 = 10.3M rows)",
+    )
     p.add_argument("--layer", type=int, default=1)
     p.add_argument("--workdir", type=Path, help="keep the files here (default: a temporary folder)")
     p.set_defaults(func=run_demo)
@@ -399,9 +455,11 @@ def run_demo(args) -> int:
     with _stage(f"random weights for layer {args.layer} of deepseek-demo"):
         layer = build_layer(config, args.layer, seed=0)
     rows = layer.multi_head_embedding.embedding.weight.shape[0]
-    print(f"deepseek-demo layer {args.layer}: table {rows:,} x {config.head_dim} "
-          f"({rows * config.head_dim * 4 / 2**30:.2f} GiB f32), D={config.hidden_size}, "
-          f"G={config.hc_mult}, heads={config.num_heads}")
+    print(
+        f"deepseek-demo layer {args.layer}: table {rows:,} x {config.head_dim} "
+        f"({rows * config.head_dim * 4 / 2**30:.2f} GiB f32), D={config.hidden_size}, "
+        f"G={config.hc_mult}, heads={config.num_heads}"
+    )
     with working_folder(args.workdir, "engram-demo-") as workdir:
         ok = verify_layer(layer, workdir, None, [(50, 14), (1, 1), (3, 17)])
     print(f"demo {'passed' if ok else 'FAILED'} in {time.perf_counter() - start:.0f} s")
@@ -433,14 +491,23 @@ def add_bench(sub) -> None:
     p.add_argument("--precision", choices=["f32", "bf16", "all"], default="all")
     p.add_argument("--repeat", type=int, default=20, help="timed rounds (median is reported)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--modes", default="int8-weights,int4-weights,int8",
-                   help="NNCF modes to quantize and time (comma-separated, or 'none')")
+    p.add_argument(
+        "--modes",
+        default="int8-weights,int4-weights,int8",
+        help="NNCF modes to quantize and time (comma-separated, or 'none')",
+    )
     p.add_argument("--profile", action="store_true", help="also print OpenVINO per-node times")
-    p.add_argument("--lookup", action="store_true",
-                   help="only the lookup table: every stored table form, row kernel against OpenVINO")
-    p.add_argument("--decode", action="store_true",
-                   help="serving numbers instead: decode steps for B in 1, 8, 50 (bf16 and int8), "
-                        "throughput with 1 and 2 streams, prefetch against serial")
+    p.add_argument(
+        "--lookup",
+        action="store_true",
+        help="only the lookup table: every stored table form, row kernel against OpenVINO",
+    )
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="serving numbers instead: decode steps for B in 1, 8, 50 (bf16 and int8), "
+        "throughput with 1 and 2 streams, prefetch against serial",
+    )
     p.add_argument("--workdir", type=Path, help="keep the exported files here")
     p.set_defaults(func=run_bench_command)
 
@@ -467,8 +534,10 @@ def run_bench_command(args) -> None:
         from engram_export.bench_v41 import run_bench_v41
 
         if args.weights or args.engram_vocab_size or args.lookup:
-            raise EngramError("bench of a DeepSeek-V4.1 config builds its own sparse checkpoint: drop "
-                              "--weights, --engram-vocab-size and --lookup")
+            raise EngramError(
+                "bench of a DeepSeek-V4.1 config builds its own sparse checkpoint: drop "
+                "--weights, --engram-vocab-size and --lookup"
+            )
         with working_folder(args.workdir, "engram-bench-") as workdir:
             run_bench_v41(config, workdir, shapes, args.repeat, "int8-weights" in modes, decode_only=args.decode)
         return
@@ -483,8 +552,9 @@ def run_bench_command(args) -> None:
         raise EngramError(f"unknown quantization mode(s) {', '.join(unknown)}")
     layer_id = config.layer_ids[0] if args.layer is None else args.layer
     with _stage(f"building layer {layer_id}"):
-        layer = build_layer(config, layer_id, weights=args.weights, prefix=args.prefix,
-                            seed=None if args.weights else 0)
+        layer = build_layer(
+            config, layer_id, weights=args.weights, prefix=args.prefix, seed=None if args.weights else 0
+        )
     with working_folder(args.workdir, "engram-bench-") as workdir:
         if args.decode:
             decode_bench(layer, workdir, "int8" in modes, args.repeat)
@@ -499,8 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--debug", action="store_true", help="print the trace of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_export, add_optimize, add_compile, add_quantize, add_run, add_verify, add_demo,
-                add_bench, add_extension):
+    for add in (
+        add_export,
+        add_optimize,
+        add_compile,
+        add_quantize,
+        add_run,
+        add_verify,
+        add_demo,
+        add_bench,
+        add_extension,
+    ):
         add(sub)
     return parser
 
@@ -543,8 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exception(exc)
-    print(f"engram-export: {'' if code == 130 else 'error: '}{' '.join(message.splitlines())}",
-          file=sys.stderr)
+    print(f"engram-export: {'' if code == 130 else 'error: '}{' '.join(message.splitlines())}", file=sys.stderr)
     return code
 
 

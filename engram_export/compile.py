@@ -77,8 +77,11 @@ def _fold_fp8_projection(model) -> None:
 
     from engram_export.models.deepseek_v41 import BLOCK, dequantize_blocks
 
-    constants = {op.get_friendly_name(): op for op in model.get_ops()
-                 if op.get_type_name() == "Constant" and op.get_friendly_name() in ("wkv", "wkv_scale")}
+    constants = {
+        op.get_friendly_name(): op
+        for op in model.get_ops()
+        if op.get_type_name() == "Constant" and op.get_friendly_name() in ("wkv", "wkv_scale")
+    }
     matmuls = [op for op in model.get_ops() if op.get_type_name() == "MatMul"]
     if len(constants) != 2 or len(matmuls) != 1:
         raise EngramError("expected the FP8 wkv, its scales and one projection MatMul in a DeepSeek-V4.1 model")
@@ -89,11 +92,12 @@ def _fold_fp8_projection(model) -> None:
     weight = openvino.Tensor(openvino.Type.bf16, openvino.Shape(list(wkv.shape)))
     bits, rows = weight.data.view(np.uint16), 32 * BLOCK
     for start in range(0, wkv.shape[0], rows):  # in row blocks: no f32 copy of the whole matrix
-        block = dequantize_blocks(wkv[start:start + rows], scale[start // BLOCK:(start + rows) // BLOCK])
-        bits[start:start + len(block)] = block.bfloat16().view(torch.int16).numpy().view(np.uint16)
+        block = dequantize_blocks(wkv[start : start + rows], scale[start // BLOCK : (start + rows) // BLOCK])
+        bits[start : start + len(block)] = block.bfloat16().view(torch.int16).numpy().view(np.uint16)
     matmul = matmuls[0]
-    folded = ops.matmul(matmul.input_value(0), ops.convert(openvino.op.Constant(weight), openvino.Type.f32),
-                        False, True)
+    folded = ops.matmul(
+        matmul.input_value(0), ops.convert(openvino.op.Constant(weight), openvino.Type.f32), False, True
+    )
     matmul.output(0).replace(folded.output(0))
 
 
@@ -116,8 +120,9 @@ def _recorded_fingerprint(path: Path) -> dict:
     touches the .bin."""
     found = re.fullmatch(r"(\d+) ([0-9a-f]{64})", xml_rt_value(path, BIN_KEY) or "")
     if not found:
-        raise EngramError(f"{path} records no fingerprint of its .bin (not written by this "
-                          f"engram-export: compile it again)")
+        raise EngramError(
+            f"{path} records no fingerprint of its .bin (not written by this engram-export: compile it again)"
+        )
     return {"size": int(found[1]), "sampled_sha256": found[2]}
 
 
@@ -134,8 +139,9 @@ def read_openvino(path: str | Path):
     return model, info
 
 
-def save_ir(model, output: Path, compress_to_fp16: bool, links: dict[str, Path] | None = None,
-            copy_table: bool = False) -> Path:
+def save_ir(
+    model, output: Path, compress_to_fp16: bool, links: dict[str, Path] | None = None, copy_table: bool = False
+) -> Path:
     """Write ``model`` to ``output`` (.xml, its .bin beside), whole or not at all, the .xml recording
     the .bin's size and sampled SHA-256 (``integrity.py``) for every later reader to check.
 
@@ -156,8 +162,7 @@ def save_ir(model, output: Path, compress_to_fp16: bool, links: dict[str, Path] 
     return output
 
 
-def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f32",
-                 copy_table: bool = False) -> Path:
+def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f32", copy_table: bool = False) -> Path:
     """Write the OpenVINO IR of ``onnx_path`` to ``output`` (.xml, with its .bin beside; a DeepSeek-V4.1
     table stays in its checkpoint shard, linked beside)."""
     if precision not in PRECISIONS:

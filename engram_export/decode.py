@@ -25,8 +25,9 @@ IDS_STATE, MASK_STATE, CONV_STATE = "engram_ids_history", "engram_mask_history",
 def _only(model, type_name: str):
     ops = [op for op in model.get_ops() if op.get_type_name() == type_name]
     if len(ops) != 1:
-        raise EngramError(f"decode needs an optimized export (one {type_name} op, found {len(ops)}); "
-                          f"export without --no-optimize")
+        raise EngramError(
+            f"decode needs an optimized export (one {type_name} op, found {len(ops)}); export without --no-optimize"
+        )
     return ops[0]
 
 
@@ -61,8 +62,9 @@ def _recent(history, new, before: int):
     """The last ``before`` columns of history followed by ``new``."""
     from openvino import opset13 as ops
 
-    return ops.slice(ops.concat([history, new], 1), np.array([-before]), np.array([2**31 - 1]),
-                     np.array([1]), np.array([1]))
+    return ops.slice(
+        ops.concat([history, new], 1), np.array([-before]), np.array([2**31 - 1]), np.array([1]), np.array([1])
+    )
 
 
 def _stateful_lookup(lookup, info):
@@ -76,14 +78,18 @@ def _stateful_lookup(lookup, info):
     pad = info.config.pad_token_id if info.takes_mask else info.config.pad_id
     # raw pad ids to start with; i32 (the CPU plugin keeps no i64 state; ids are checked to fit)
     history, ids_variable = _state(IDS_STATE, np.full((1, before), pad, np.int32), ids)
-    assigns = [openvino.op.assign(_recent(history, openvino.opset13.convert(ids, openvino.Type.i32), before),
-                                  ids_variable)]
+    assigns = [
+        openvino.op.assign(_recent(history, openvino.opset13.convert(ids, openvino.Type.i32), before), ids_variable)
+    ]
     arguments = [hash_op.input_value(0), hash_op.input_value(1)]
     if info.takes_mask:  # u8 state (no boolean state in the CPU plugin): 0 = blocked, as before a sequence
         mask = hash_op.input_value(2)
         mask_history, mask_variable = _state(MASK_STATE, np.zeros((1, before), np.uint8), ids)
-        assigns.append(openvino.op.assign(
-            _recent(mask_history, openvino.opset13.convert(mask, openvino.Type.u8), before), mask_variable))
+        assigns.append(
+            openvino.op.assign(
+                _recent(mask_history, openvino.opset13.convert(mask, openvino.Type.u8), before), mask_variable
+            )
+        )
         arguments += [mask, history.output(0), mask_history.output(0)]
     else:
         arguments.append(history.output(0))
@@ -160,14 +166,17 @@ class DecodeSession:
 
         if not isinstance(hidden_by_layer, dict):
             if len(self._requests) != 1:
-                raise EngramError(f"give hidden states per layer, {{layer: array}}, for layers "
-                                  f"{list(self._requests)}")
+                raise EngramError(f"give hidden states per layer, {{layer: array}}, for layers {list(self._requests)}")
             hidden_by_layer = {next(iter(self._requests)): hidden_by_layer}
         if sorted(hidden_by_layer, key=str) != sorted(self._requests, key=str):
-            raise EngramError(f"hidden states are for layers {sorted(hidden_by_layer, key=str)}, the "
-                              f"session serves {sorted(self._requests)}")
-        checked = {layer: check_inputs(self.runtime.layer(layer).info, input_ids, hidden, token_mask)
-                   for layer, hidden in hidden_by_layer.items()}
+            raise EngramError(
+                f"hidden states are for layers {sorted(hidden_by_layer, key=str)}, the "
+                f"session serves {sorted(self._requests)}"
+            )
+        checked = {
+            layer: check_inputs(self.runtime.layer(layer).info, input_ids, hidden, token_mask)
+            for layer, hidden in hidden_by_layer.items()
+        }
         batch = next(iter(checked.values()))[0]["input_ids"].shape[0]
         if batch != self.batch_size:
             raise EngramError(f"this session decodes {self.batch_size} sequences, got a batch of {batch}")

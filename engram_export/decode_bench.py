@@ -39,8 +39,9 @@ def decode_rows(runtime, batches, repeat: int) -> list[list]:
     for batch in batches:
         ids, hidden = random_inputs(config, runtime.info.num_ids, batch, 1, seed=batch, negative=negative)
         session = runtime.session(batch)
-        prompt_ids, prompt_hidden = random_inputs(config, runtime.info.num_ids, batch, 8, seed=batch + 1,
-                                                  negative=negative)
+        prompt_ids, prompt_hidden = random_inputs(
+            config, runtime.info.num_ids, batch, 8, seed=batch + 1, negative=negative
+        )
         session.prefill(prompt_ids, prompt_hidden)
         step = lambda: session.step(ids, hidden)  # noqa: E731 (the state grows; cost stays the same)
         stateless = lambda: runtime(ids, hidden)  # noqa: E731
@@ -53,8 +54,15 @@ def decode_rows(runtime, batches, repeat: int) -> list[list]:
                 call()
                 times[name].append((time.perf_counter() - start) * 1e3)
         step_ms, stateless_ms = (statistics.median(times[k]) for k in ("step", "stateless"))
-        rows.append([batch, f"{step_ms:.2f}", f"{stateless_ms:.2f}", f"{step_ms / stateless_ms:.2f}",
-                     f"{batch / step_ms * 1e3:.0f}"])
+        rows.append(
+            [
+                batch,
+                f"{step_ms:.2f}",
+                f"{stateless_ms:.2f}",
+                f"{step_ms / stateless_ms:.2f}",
+                f"{batch / step_ms * 1e3:.0f}",
+            ]
+        )
     return rows
 
 
@@ -68,8 +76,9 @@ def throughput_rows(xml: Path, precision: str, batch: int, tokens: int, requests
     rows = []
     for hint, streams in (("LATENCY", 1), ("THROUGHPUT", 2)):
         model, info = read_openvino(xml)
-        compiled = openvino_core().compile_model(model, "CPU", {
-            "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint, "NUM_STREAMS": streams})
+        compiled = openvino_core().compile_model(
+            model, "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint, "NUM_STREAMS": streams}
+        )
         jobs = openvino.AsyncInferQueue(compiled, streams)
         ids, hidden = random_inputs(info.config, info.num_ids, batch, tokens, seed=3)
         for _ in range(streams):
@@ -80,8 +89,13 @@ def throughput_rows(xml: Path, precision: str, batch: int, tokens: int, requests
             jobs.start_async({"input_ids": ids, "hidden_states": hidden})
         jobs.wait_all()
         seconds = time.perf_counter() - start
-        rows.append([f"{hint}, {streams} stream{'s' if streams > 1 else ''}", f"{requests / seconds:.1f}",
-                     f"{requests * batch * tokens / seconds:.0f}"])
+        rows.append(
+            [
+                f"{hint}, {streams} stream{'s' if streams > 1 else ''}",
+                f"{requests / seconds:.1f}",
+                f"{requests * batch * tokens / seconds:.0f}",
+            ]
+        )
     return rows
 
 
@@ -103,8 +117,9 @@ def shared_runtime_rows(xml: Path, batch: int, tokens: int, requests: int, round
             for _ in range(rounds):
                 for threads in (1, 2):
                     start = time.perf_counter()
-                    list(pool.map(lambda _: runtime(ids, hidden), range(requests))) if threads == 2 else \
-                        [runtime(ids, hidden) for _ in range(requests)]
+                    list(pool.map(lambda _: runtime(ids, hidden), range(requests))) if threads == 2 else [
+                        runtime(ids, hidden) for _ in range(requests)
+                    ]
                     rates[threads].append(requests / (time.perf_counter() - start))
         base = statistics.median(rates[1])
         for threads in (1, 2):
@@ -120,8 +135,9 @@ def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
     1 - (time still spent waiting for the lookup once the backbone is done) / (lookup alone)."""
     import torch
 
-    rounds = [random_inputs(runtime.config, runtime.info.num_ids, batch, tokens, seed=100 + i)
-              for i in range(3 * repeat + 6)]
+    rounds = [
+        random_inputs(runtime.config, runtime.info.num_ids, batch, tokens, seed=100 + i) for i in range(3 * repeat + 6)
+    ]
     fresh = iter(rounds)
 
     def lookup_alone():
@@ -154,11 +170,14 @@ def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
         runtime.fuse(handle, hidden)
         overlapped.append(time.perf_counter() - start)
     exposed_ms = statistics.median(exposed) * 1e3
-    return [["lookup alone (fresh ids)", f"{lookup_ms:.2f}"], ["backbone stand-in", f"{backbone_ms:.2f}"],
-            ["serial: lookup + fuse, then backbone", f"{statistics.median(serial) * 1e3:.2f}"],
-            ["overlapped: prefetch, backbone, fuse", f"{statistics.median(overlapped) * 1e3:.2f}"],
-            ["lookup still exposed after the backbone", f"{exposed_ms:.2f}"],
-            ["share of the lookup hidden", f"{1 - exposed_ms / lookup_ms:.0%}"]]
+    return [
+        ["lookup alone (fresh ids)", f"{lookup_ms:.2f}"],
+        ["backbone stand-in", f"{backbone_ms:.2f}"],
+        ["serial: lookup + fuse, then backbone", f"{statistics.median(serial) * 1e3:.2f}"],
+        ["overlapped: prefetch, backbone, fuse", f"{statistics.median(overlapped) * 1e3:.2f}"],
+        ["lookup still exposed after the backbone", f"{exposed_ms:.2f}"],
+        ["share of the lookup hidden", f"{1 - exposed_ms / lookup_ms:.0%}"],
+    ]
 
 
 def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
@@ -168,16 +187,24 @@ def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
     for name, xml in files.items():
         runtime = EngramRuntime(xml)
         print(f"\ndecode, one layer, {name} ({runtime.settings}): median of {repeat} rounds")
-        print(format_table(decode_rows(runtime, batches, repeat),
-                           ["B", "step ms", "stateless [B,1] ms", "step / stateless", "tokens/s"]))
+        print(
+            format_table(
+                decode_rows(runtime, batches, repeat),
+                ["B", "step ms", "stateless [B,1] ms", "step / stateless", "tokens/s"],
+            )
+        )
     first = next(iter(files.values()))
     runtime = EngramRuntime(first)
     print(f"\nthroughput, {first.stem}, independent [50, 14] requests through AsyncInferQueue:")
-    print(format_table(throughput_rows(first, runtime.precision, 50, 14, 4 * repeat),
-                       ["hint", "requests/s", "tokens/s"]))
+    print(
+        format_table(throughput_rows(first, runtime.precision, 50, 14, 4 * repeat), ["hint", "requests/s", "tokens/s"])
+    )
     print(f"\nthreads sharing one EngramRuntime ({first.stem}), [50, 14] calls:")
-    print(format_table(shared_runtime_rows(first, 50, 14, repeat),
-                       ["hint", "threads", "requests/s", "tokens/s", "vs 1 thread"]))
+    print(
+        format_table(
+            shared_runtime_rows(first, 50, 14, repeat), ["hint", "threads", "requests/s", "tokens/s", "vs 1 thread"]
+        )
+    )
     print(f"\nprefetch, {first.stem}, B=50, T=14 (ms, medians):")
     print(format_table(prefetch_rows(runtime, 50, 14, repeat), ["what", "ms"]))
 
@@ -193,7 +220,8 @@ def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int) -> None:
     files = {"bf16": compile_onnx(onnx_path, workdir / "engram_bf16.xml", "bf16")}
     if with_int8:
         calibration = random_calibration(layer.config, len(layer.hashing.lut))
-        files["int8"] = quantize(onnx_path, workdir / "engram_int8.xml",
-                                 QuantizeOptions("int8", calibration=calibration))
+        files["int8"] = quantize(
+            onnx_path, workdir / "engram_int8.xml", QuantizeOptions("int8", calibration=calibration)
+        )
     print(f"CPU: {cpu_summary()}")
     run_decode_bench(files, repeat=repeat)

@@ -12,6 +12,7 @@ def one_line(exc: BaseException) -> str:
     OpenVINO source location (its messages start with ``Exception from src/...`` and ``Check '...'
     failed at src/...``, and give the reason last)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    reasons = [line for line in lines
-               if not line.startswith(("Exception from src/", "Check '")) and " at src/" not in line]
+    reasons = [
+        line for line in lines if not line.startswith(("Exception from src/", "Check '")) and " at src/" not in line
+    ]
     return (reasons or lines or [type(exc).__name__])[0]

@@ -23,8 +23,7 @@ from engram_export.model_info import EXTERNAL_DATA_KEY, ModelInfo, record_extern
 from engram_export.models.engram import EngramLayer
 from engram_export.resources import require_disk, tensor_bytes
 
-__all__ = ["export_layer", "load_onnx", "save_onnx", "optimize_graph", "EXTERNAL_DATA_THRESHOLD", "OPSET",
-           "IR_VERSION"]
+__all__ = ["export_layer", "load_onnx", "save_onnx", "optimize_graph", "EXTERNAL_DATA_THRESHOLD", "OPSET", "IR_VERSION"]
 
 log = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GiB limit, with room for the graph itself
@@ -46,18 +45,23 @@ def trace(layer: EngramLayer) -> ir.Model:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                layer, (input_ids, hidden), dynamo=True, verbose=False,
-                input_names=["input_ids", "hidden_states"], output_names=["output"],
+                layer,
+                (input_ids, hidden),
+                dynamo=True,
+                verbose=False,
+                input_names=["input_ids", "hidden_states"],
+                output_names=["output"],
                 opset_version=OPSET,
-                dynamic_shapes={"input_ids": {0: batch, 1: tokens},
-                                "hidden_states": {0: batch, 1: tokens}},
-                custom_translation_table=onnx_op.translation_table())
+                dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "hidden_states": {0: batch, 1: tokens}},
+                custom_translation_table=onnx_op.translation_table(),
+            )
     finally:
         layer.reference_layout = False
         onnx_log.setLevel(level)
     model = program.model
-    function = ir.serde.deserialize_function(onnx_op.hash_gather_function(
-        config.max_ngram_size, model.opset_imports[""]))
+    function = ir.serde.deserialize_function(
+        onnx_op.hash_gather_function(config.max_ngram_size, model.opset_imports[""])
+    )
     model.functions[function.identifier()] = function
     model.opset_imports[onnx_op.DOMAIN] = onnx_op.OPSET_VERSION
     model.ir_version = IR_VERSION
@@ -76,8 +80,7 @@ def load_onnx(path: str | Path) -> ir.Model:
         raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
 
 
-def save_onnx(model: ir.Model, output: str | Path,
-              external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+def save_onnx(model: ir.Model, output: str | Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Write ``model`` whole or not at all; initializers go to ``<name>.data`` if the file would be
     larger than ``external_data_threshold`` bytes, and the .onnx then records that file's size and
     sampled SHA-256 (``integrity.py``), which every reader checks."""
@@ -85,8 +88,10 @@ def save_onnx(model: ir.Model, output: str | Path,
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
     external = size > external_data_threshold
     model.metadata_props.pop(EXTERNAL_DATA_KEY, None)  # a loaded model's record of its old data file
-    with progress.stage(f"writing {output.name} ({size / 2**20:.0f} MiB"
-                        f"{', external data' if external else ''})"), staged_output(output) as staged:
+    with (
+        progress.stage(f"writing {output.name} ({size / 2**20:.0f} MiB{', external data' if external else ''})"),
+        staged_output(output) as staged,
+    ):
         if not external:
             ir.save(ir.external_data.load_to_model(model), staged)  # every tensor inside the file
             return output
@@ -109,13 +114,20 @@ def optimize_graph(model: ir.Model) -> ir.Model:
     return model
 
 
-def export_layer(layer: EngramLayer, output: str | Path, optimize: bool = True,
-                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+def export_layer(
+    layer: EngramLayer,
+    output: str | Path,
+    optimize: bool = True,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> Path:
     """Export ``layer`` to ``output`` (.onnx), with the graph passes unless ``optimize`` is False;
     returns the path written."""
     check_output_file(output, ".onnx")  # before the trace, which takes a while
-    require_disk(Path(output).parent, tensor_bytes(layer.state_dict().values()),
-                 f"export: the ONNX file of layer {layer.layer_id}")
+    require_disk(
+        Path(output).parent,
+        tensor_bytes(layer.state_dict().values()),
+        f"export: the ONNX file of layer {layer.layer_id}",
+    )
     with progress.stage(f"tracing Engram layer {layer.layer_id} with torch.onnx.export"):
         model = trace(layer)
     if optimize:

@@ -11,8 +11,15 @@ from typing import Iterable, Iterator
 
 from engram_export.errors import EngramError
 
-__all__ = ["staged_output", "staged_folder", "check_input_file", "check_output_file",
-           "check_output_folder", "load_npz", "STAGING_PREFIX"]
+__all__ = [
+    "staged_output",
+    "staged_folder",
+    "check_input_file",
+    "check_output_file",
+    "check_output_folder",
+    "load_npz",
+    "STAGING_PREFIX",
+]
 
 # Short and fixed: a staging name derived from the output's (up to 255 bytes) could be too long.
 STAGING_PREFIX = ".engram-staging-"
@@ -39,8 +46,7 @@ def _check_targets(targets: list[Path], inputs: Iterable[Path | None]) -> None:
     sources = {p.resolve() for given in inputs if given is not None for p in written_files(Path(given))}
     for target in targets:
         if len(os.fsencode(target.name)) > name_max:
-            raise EngramError(f"output name {target.name} is longer than the {name_max} bytes "
-                              f"{folder} allows")
+            raise EngramError(f"output name {target.name} is longer than the {name_max} bytes {folder} allows")
         if target.resolve() in sources:
             raise EngramError(f"output {target} would overwrite an input")
 
@@ -83,7 +89,7 @@ def _make_staging(parent: Path) -> Path:
     that dead processes (killed runs) left there."""
     with contextlib.suppress(OSError):
         for entry in parent.iterdir():
-            pid = entry.name[len(STAGING_PREFIX):].split("-")[0]
+            pid = entry.name[len(STAGING_PREFIX) :].split("-")[0]
             if entry.name.startswith(STAGING_PREFIX) and pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(entry, ignore_errors=True)
     staging = parent / f"{STAGING_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
@@ -151,13 +157,13 @@ def load_npz(path: str | Path, names: tuple[str, ...], optional: tuple[str, ...]
     with _unreadable(path):
         data = np.load(path, allow_pickle=False)
     if not isinstance(data, np.lib.npyio.NpzFile):  # np.load reads an .npy whatever its name
-        raise EngramError(f"inputs: {path} is not an .npz archive (it holds a single array, "
-                          f"like an .npy file)")
+        raise EngramError(f"inputs: {path} is not an .npz archive (it holds a single array, like an .npy file)")
     with data, _unreadable(path):
         missing = [n for n in names if n not in data.files]
         if missing:
-            raise EngramError(f"inputs: {path} has no {', '.join(missing)} "
-                              f"(found {', '.join(data.files) or 'nothing'})")
+            raise EngramError(
+                f"inputs: {path} has no {', '.join(missing)} (found {', '.join(data.files) or 'nothing'})"
+            )
         return {n: data[n] for n in (*names, *optional) if n in data.files}
 
 

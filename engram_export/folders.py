@@ -20,8 +20,9 @@ def layer_file(layer_id: int, suffix: str) -> str:
     return f"layer_{layer_id}{suffix}"
 
 
-def export_folder(config, folder: Path, weights: Path | None = None, prefix: str = "",
-                  seed: int | None = None, optimize: bool = True) -> Path:
+def export_folder(
+    config, folder: Path, weights: Path | None = None, prefix: str = "", seed: int | None = None, optimize: bool = True
+) -> Path:
     """Export every layer in ``config.layer_ids``. ``prefix`` may hold ``{layer}`` (full-model
     checkpoints); random weights use ``seed + layer id``."""
     from engram_export.export import export_layer
@@ -29,14 +30,22 @@ def export_folder(config, folder: Path, weights: Path | None = None, prefix: str
     from engram_export.models.weights import build_layer, layer_prefix
 
     if weights is not None and len(config.layer_ids) > 1 and layer_prefix(prefix, 0) == layer_prefix(prefix, 1):
-        raise EngramError("exporting several layers from one checkpoint needs --prefix with {layer}, "
-                          "e.g. 'model.layers.{layer}.engram.'")
+        raise EngramError(
+            "exporting several layers from one checkpoint needs --prefix with {layer}, "
+            "e.g. 'model.layers.{layer}.engram.'"
+        )
     hashing = EngramHashing(config)
     layers = {}
     with staged_folder(folder) as staging:
         for layer_id in config.layer_ids:
-            layer = build_layer(config, layer_id, weights=weights, prefix=prefix,
-                                seed=None if weights is not None else seed + layer_id, hashing=hashing)
+            layer = build_layer(
+                config,
+                layer_id,
+                weights=weights,
+                prefix=prefix,
+                seed=None if weights is not None else seed + layer_id,
+                hashing=hashing,
+            )
             layers[layer_id] = layer_file(layer_id, ".onnx")
             export_layer(layer, staging / layers[layer_id], optimize=optimize)
             del layer
@@ -45,8 +54,9 @@ def export_folder(config, folder: Path, weights: Path | None = None, prefix: str
     return folder
 
 
-def export_checkpoint(checkpoint_dir: Path, output: Path, layer_id: int | None = None,
-                      copy_table: bool = False) -> Path:
+def export_checkpoint(
+    checkpoint_dir: Path, output: Path, layer_id: int | None = None, copy_table: bool = False
+) -> Path:
     """A DeepSeek-V4.1 checkpoint folder: layer ``layer_id`` to an .onnx, or every Engram layer to a
     folder with a manifest. Tables stay in the checkpoint's shards, hard-linked beside the files."""
     from engram_export.checkpoint import Checkpoint
@@ -78,8 +88,7 @@ def compile_folder(source: Path, folder: Path, precision: str, copy_table: bool 
         for layer_id, name in manifest.layers.items():
             layers[layer_id] = layer_file(layer_id, ".xml")
             compile_onnx(Path(source) / name, staging / layers[layer_id], precision, copy_table)
-        write_manifest(staging, Manifest(manifest.config, layers, "openvino", precision,
-                                         source=manifest.source))
+        write_manifest(staging, Manifest(manifest.config, layers, "openvino", precision, source=manifest.source))
     return folder
 
 
@@ -92,6 +101,7 @@ def quantize_folder(source: Path, folder: Path, options, copy_table: bool = Fals
         for layer_id, name in manifest.layers.items():
             layers[layer_id] = layer_file(layer_id, ".xml")
             quantize(Path(source) / name, staging / layers[layer_id], options, copy_table)
-        write_manifest(staging, Manifest(manifest.config, layers, "openvino", options.precision,
-                                         options.mode, manifest.source))
+        write_manifest(
+            staging, Manifest(manifest.config, layers, "openvino", options.precision, options.mode, manifest.source)
+        )
     return folder

@@ -39,11 +39,16 @@ def check_ids(info: ModelInfo, input_ids) -> np.ndarray:
         raise EngramError(f"input_ids is empty: shape {list(ids.shape)} (batch and tokens must be >= 1)")
     high, low = int(ids.max()), int(ids.min())
     if high >= info.num_ids:
-        raise EngramError(f"input_ids: id {high} is out of range [0, {info.num_ids})"
-                          + ("" if info.takes_mask else " (negative ids pass through as in the reference)"))
+        raise EngramError(
+            f"input_ids: id {high} is out of range [0, {info.num_ids})"
+            + ("" if info.takes_mask else " (negative ids pass through as in the reference)")
+        )
     if low < (0 if info.takes_mask else INT32_MIN):
-        raise EngramError(f"input_ids: id {low} is out of range [0, {info.num_ids})" if info.takes_mask
-                          else f"input_ids: id {low} is below int32's range")
+        raise EngramError(
+            f"input_ids: id {low} is out of range [0, {info.num_ids})"
+            if info.takes_mask
+            else f"input_ids: id {low} is below int32's range"
+        )
     return np.ascontiguousarray(ids, dtype=np.int64)
 
 
@@ -72,8 +77,9 @@ def check_hidden(info: ModelInfo, feeds: dict, hidden_states) -> np.ndarray:
         raise EngramError(f"hidden_states must be float32, got dtype {hidden.dtype}")
     expected = [*feeds["input_ids"].shape, config.hc_mult, config.hidden_size]
     if list(hidden.shape) != expected:
-        raise EngramError(f"hidden_states must be [batch, tokens, hc_mult, hidden_size] = {expected}, "
-                          f"got {list(hidden.shape)}")
+        raise EngramError(
+            f"hidden_states must be [batch, tokens, hc_mult, hidden_size] = {expected}, got {list(hidden.shape)}"
+        )
     return np.ascontiguousarray(hidden)
 
 

@@ -69,8 +69,7 @@ def check_fingerprint(path: Path, entry: dict, check: str, where: str) -> None:
         raise EngramError(f"{where} lists {path.name}, which is missing from {path.parent}")
     size = path.stat().st_size
     if size != entry["size"]:
-        raise EngramError(f"{path} has {size} bytes, {where} says {entry['size']} (truncated, changed "
-                          f"or replaced)")
+        raise EngramError(f"{path} has {size} bytes, {where} says {entry['size']} (truncated, changed or replaced)")
     if check == "full" and "sha256" not in entry:  # a file too large to hash at write time
         check = "sampled"
     if check == "sampled" and sampled_sha256(path) != entry["sampled_sha256"]:

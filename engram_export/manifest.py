@@ -41,7 +41,7 @@ def model_files(folder: Path, name: str) -> list[str]:
     if name.endswith(".xml"):
         from engram_export.tables import table_files
 
-        return [name, name[:-len(".xml")] + ".bin", *sorted(table_files(folder / name))]
+        return [name, name[: -len(".xml")] + ".bin", *sorted(table_files(folder / name))]
     import onnx
 
     from engram_export.model_info import external_files
@@ -67,12 +67,19 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
     from engram_export.fileio import staged_output
 
     with progress.stage(f"hashing the files of {len(manifest.layers)} layers"):
-        manifest.files = {file: fingerprint(folder / file) for name in manifest.layers.values()
-                          for file in model_files(folder, name)}
-    data = {"format": FORMAT, "config": manifest.config.to_dict(), "kind": manifest.kind,
-            "precision": manifest.precision, "quantization": manifest.quantization,
-            "source": manifest.source, "layers": {str(k): v for k, v in manifest.layers.items()},
-            "files": manifest.files}
+        manifest.files = {
+            file: fingerprint(folder / file) for name in manifest.layers.values() for file in model_files(folder, name)
+        }
+    data = {
+        "format": FORMAT,
+        "config": manifest.config.to_dict(),
+        "kind": manifest.kind,
+        "precision": manifest.precision,
+        "quantization": manifest.quantization,
+        "source": manifest.source,
+        "layers": {str(k): v for k, v in manifest.layers.items()},
+        "files": manifest.files,
+    }
     with staged_output(folder / MANIFEST) as staged:
         staged.write_text(json.dumps(data, indent=2))
     return folder / MANIFEST
@@ -82,18 +89,28 @@ def _parse(path: Path) -> Manifest:
     try:
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT:
-            raise EngramError(f"{path} has format {data.get('format')!r}; this engram-export reads format "
-                              f"{FORMAT} (export or compile the model again)")
+            raise EngramError(
+                f"{path} has format {data.get('format')!r}; this engram-export reads format "
+                f"{FORMAT} (export or compile the model again)"
+            )
         layers = data["layers"]
         if not isinstance(layers, dict) or not layers:
             raise EngramError(f"{path} lists no layers")
         files = data["files"]
         if not isinstance(files, dict) or not all(
-                isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sampled_sha256"), str)
-                for e in files.values()):
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sampled_sha256"), str)
+            for e in files.values()
+        ):
             raise EngramError(f"{path}: every file entry needs a size and a sampled_sha256")
-        return Manifest(config_from_dict(data["config"]), {int(k): v for k, v in layers.items()},
-                        data["kind"], data["precision"], data["quantization"], data["source"], files)
+        return Manifest(
+            config_from_dict(data["config"]),
+            {int(k): v for k, v in layers.items()},
+            data["kind"],
+            data["precision"],
+            data["quantization"],
+            data["source"],
+            files,
+        )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, EngramError):
             raise
@@ -108,8 +125,7 @@ def read_manifest(folder: str | Path, check_hashes: bool | str = True) -> Manife
     """
     check = {True: "sampled", False: "size"}.get(check_hashes, check_hashes)
     if check not in CHECKS:
-        raise EngramError(f"check_hashes must be True, False or one of {', '.join(CHECKS)}, "
-                          f"got {check_hashes!r}")
+        raise EngramError(f"check_hashes must be True, False or one of {', '.join(CHECKS)}, got {check_hashes!r}")
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():

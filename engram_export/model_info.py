@@ -43,8 +43,12 @@ class ModelInfo:
         return is_deepseek_v41(self.config)
 
     def to_metadata(self) -> dict[str, str]:
-        metadata = {CONFIG_KEY: json.dumps(self.config.to_dict()), LAYER_KEY: str(self.layer_id),
-                    NUM_IDS_KEY: str(self.num_ids), PRECISION_KEY: self.precision}
+        metadata = {
+            CONFIG_KEY: json.dumps(self.config.to_dict()),
+            LAYER_KEY: str(self.layer_id),
+            NUM_IDS_KEY: str(self.num_ids),
+            PRECISION_KEY: self.precision,
+        }
         if self.quantization:
             metadata[QUANTIZATION_KEY] = self.quantization
         return metadata
@@ -55,30 +59,42 @@ class ModelInfo:
             raise EngramError(f"{source} was not exported by engram-export (no Engram metadata)")
         try:
             config = config_from_dict(json.loads(metadata[CONFIG_KEY]))
-            info = cls(config, int(metadata[LAYER_KEY]), int(metadata[NUM_IDS_KEY]),
-                       metadata.get(PRECISION_KEY, "f32"), metadata.get(QUANTIZATION_KEY))
+            info = cls(
+                config,
+                int(metadata[LAYER_KEY]),
+                int(metadata[NUM_IDS_KEY]),
+                metadata.get(PRECISION_KEY, "f32"),
+                metadata.get(QUANTIZATION_KEY),
+            )
         except (json.JSONDecodeError, ValueError, TypeError) as exc:
             raise EngramError(f"{source}: malformed Engram metadata ({exc})") from None
         if info.layer_id not in config.layer_ids:
-            raise EngramError(f"{source}: metadata says layer {info.layer_id}, which is not one of the "
-                              f"config's layer_ids {list(config.layer_ids)}")
+            raise EngramError(
+                f"{source}: metadata says layer {info.layer_id}, which is not one of the "
+                f"config's layer_ids {list(config.layer_ids)}"
+            )
         if not 1 <= info.num_ids < 2**31 or info.precision not in PRECISIONS:
-            raise EngramError(f"{source}: malformed Engram metadata (num_ids {info.num_ids}, precision "
-                              f"{info.precision!r})")
+            raise EngramError(
+                f"{source}: malformed Engram metadata (num_ids {info.num_ids}, precision {info.precision!r})"
+            )
         return info
 
     def check_inputs_shape(self, shapes: dict[str, list], source: str | Path) -> None:
         """Refuse a graph whose inputs disagree with this metadata (``shapes``: input name -> dims,
         ``None`` for a dynamic one)."""
-        expected = {"input_ids": [None, None],
-                    "hidden_states": [None, None, self.config.hc_mult, self.config.hidden_size]}
+        expected = {
+            "input_ids": [None, None],
+            "hidden_states": [None, None, self.config.hc_mult, self.config.hidden_size],
+        }
         if self.takes_mask:
             expected["token_mask"] = [None, None]
         for name, dims in expected.items():
             got = shapes.get(name)
             if got is None or len(got) != len(dims) or any(d is not None and g != d for g, d in zip(got, dims)):
-                raise EngramError(f"{source}: the graph's {name} is {got}, its metadata says "
-                                  f"{['?' if d is None else d for d in dims]} (file and metadata disagree)")
+                raise EngramError(
+                    f"{source}: the graph's {name} is {got}, its metadata says "
+                    f"{['?' if d is None else d for d in dims]} (file and metadata disagree)"
+                )
 
     @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelInfo":
@@ -91,9 +107,13 @@ class ModelInfo:
         metadata = {p.key: p.value for p in model.metadata_props}
         info = cls.from_metadata(metadata, path)
         _check_external_data(model, metadata.get(EXTERNAL_DATA_KEY), Path(path))
-        info.check_inputs_shape({i.name: [d.dim_value if d.HasField("dim_value") else None
-                                          for d in i.type.tensor_type.shape.dim]
-                                 for i in model.graph.input}, path)
+        info.check_inputs_shape(
+            {
+                i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                for i in model.graph.input
+            },
+            path,
+        )
         return info
 
     @classmethod
@@ -103,9 +123,13 @@ class ModelInfo:
             if model.has_rt_info([RT_INFO_SECTION, key]):
                 metadata[key] = model.get_rt_info([RT_INFO_SECTION, key]).astype(str)
         info = cls.from_metadata(metadata, path)
-        info.check_inputs_shape({p.get_friendly_name(): [d.get_length() if d.is_static else None
-                                                         for d in p.get_partial_shape()]
-                                 for p in model.get_parameters()}, path)
+        info.check_inputs_shape(
+            {
+                p.get_friendly_name(): [d.get_length() if d.is_static else None for d in p.get_partial_shape()]
+                for p in model.get_parameters()
+            },
+            path,
+        )
         return info
 
     def write_openvino(self, model) -> None:
@@ -130,8 +154,13 @@ def external_files(model) -> set[str]:
     """The external data files an ``onnx.ModelProto`` reads (its tensors' ``location``s)."""
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-    return {entry.value for tensor in _get_all_tensors(model) if uses_external_data(tensor)
-            for entry in tensor.external_data if entry.key == "location"}
+    return {
+        entry.value
+        for tensor in _get_all_tensors(model)
+        if uses_external_data(tensor)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
 
 
 def record_external_data(model, folder: Path) -> None:

@@ -21,8 +21,17 @@ from onnx.reference.op_run import OpRun
 
 from engram_export.models.hashing import hash_rows
 
-__all__ = ["DOMAIN", "OP_TYPE", "OPSET_VERSION", "hash_gather_function", "translation_table",
-           "HashGather", "hash_gather_nodes", "GATED_CONV_OP_TYPE", "gated_short_conv_function"]
+__all__ = [
+    "DOMAIN",
+    "OP_TYPE",
+    "OPSET_VERSION",
+    "hash_gather_function",
+    "translation_table",
+    "HashGather",
+    "hash_gather_nodes",
+    "GATED_CONV_OP_TYPE",
+    "gated_short_conv_function",
+]
 
 DOMAIN = "engram"
 OP_TYPE = "HashGather"
@@ -66,8 +75,12 @@ def hash_gather_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -> on
     nodes = [
         *compression_nodes(),
         # left-pad with the pad id, then s_k = padded[:, N-1-k : N-1-k+T]
-        n("Constant", [], ["pads"], value=helper.make_tensor(
-            "pads", TensorProto.INT64, [4], [0, max_ngram_size - 1, 0, 0])),
+        n(
+            "Constant",
+            [],
+            ["pads"],
+            value=helper.make_tensor("pads", TensorProto.INT64, [4], [0, max_ngram_size - 1, 0, 0]),
+        ),
         n("Pad", ["x", "pads", "pad"], ["padded"]),
         n("Shape", ["x"], ["len"], start=1, end=2),
         n("Constant", [], ["axis1"], value=helper.make_tensor("axis1", TensorProto.INT64, [1], [1])),
@@ -76,8 +89,7 @@ def hash_gather_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -> on
     for k in range(max_ngram_size):
         start = max_ngram_size - 1 - k
         nodes += [
-            n("Constant", [], [f"start{k}"], value=helper.make_tensor(
-                f"start{k}", TensorProto.INT64, [1], [start])),
+            n("Constant", [], [f"start{k}"], value=helper.make_tensor(f"start{k}", TensorProto.INT64, [1], [start])),
             n("Add", [f"start{k}", "len"], [f"end{k}"]),
             n("Slice", ["padded", f"start{k}", f"end{k}", "axis1"], [f"s{k}"]),
             n("Constant", [], [f"k{k}"], value=helper.make_tensor(f"k{k}", TensorProto.INT64, [], [k])),
@@ -91,27 +103,29 @@ def hash_gather_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -> on
         if k >= 1:
             nodes.append(n("Unsqueeze", [f"mix{k}", "minus1"], [f"mix{k}_u"]))
             mixes.append(f"mix{k}_u")
-    nodes.insert(0, n("Constant", [], ["minus1"], value=helper.make_tensor(
-        "minus1", TensorProto.INT64, [1], [-1])))
+    nodes.insert(0, n("Constant", [], ["minus1"], value=helper.make_tensor("minus1", TensorProto.INT64, [1], [-1])))
     nodes += [
-        n("Concat", mixes, ["mixes"], axis=-1),                        # [B,T,N-1]
-        n("Unsqueeze", ["mixes", "minus1"], ["mixes4"]),               # [B,T,N-1,1]
-        n("Constant", [], ["per_order"], value=helper.make_tensor(
-            "per_order", TensorProto.INT64, [2], [orders, -1])),
-        n("Reshape", ["primes", "per_order"], ["primes2d"]),           # [N-1, heads]
-        n("Mod", ["mixes4", "primes2d"], ["hashes4"], fmod=0),         # floor mod, >= 0
-        n("Constant", [], ["flat_heads"], value=helper.make_tensor(
-            "flat_heads", TensorProto.INT64, [3], [0, 0, -1])),
-        n("Reshape", ["hashes4", "flat_heads"], ["hashes"]),           # [B,T,H]
+        n("Concat", mixes, ["mixes"], axis=-1),  # [B,T,N-1]
+        n("Unsqueeze", ["mixes", "minus1"], ["mixes4"]),  # [B,T,N-1,1]
+        n("Constant", [], ["per_order"], value=helper.make_tensor("per_order", TensorProto.INT64, [2], [orders, -1])),
+        n("Reshape", ["primes", "per_order"], ["primes2d"]),  # [N-1, heads]
+        n("Mod", ["mixes4", "primes2d"], ["hashes4"], fmod=0),  # floor mod, >= 0
+        n("Constant", [], ["flat_heads"], value=helper.make_tensor("flat_heads", TensorProto.INT64, [3], [0, 0, -1])),
+        n("Reshape", ["hashes4", "flat_heads"], ["hashes"]),  # [B,T,H]
         n("CumSum", ["primes", "zero"], ["offsets"], exclusive=1),
         n("Add", ["hashes", "offsets"], ["rows"]),
-        n("Gather", ["table", "rows"], ["rows_embedded"], axis=0),     # [B,T,H,d]
+        n("Gather", ["table", "rows"], ["rows_embedded"], axis=0),  # [B,T,H,d]
         n("Reshape", ["rows_embedded", "flat_heads"], ["embeddings"]),  # [B,T,H*d]
     ]
     return helper.make_function(
-        DOMAIN, OP_TYPE, ["input_ids", "compress_lut", "table"], ["embeddings"], nodes,
+        DOMAIN,
+        OP_TYPE,
+        ["input_ids", "compress_lut", "table"],
+        ["embeddings"],
+        nodes,
         [helper.make_opsetid("", max(opset, MIN_BODY_OPSET))],
-        attributes=["multipliers", "primes", "pad_id", "n_head_per_ngram"])
+        attributes=["multipliers", "primes", "pad_id", "n_head_per_ngram"],
+    )
 
 
 def hash_gather_schema() -> onnx.defs.OpSchema:
@@ -119,17 +133,23 @@ def hash_gather_schema() -> onnx.defs.OpSchema:
     schema = onnx.defs.OpSchema
     attr = schema.AttrType
     return schema(
-        OP_TYPE, DOMAIN, OPSET_VERSION, doc=__doc__,
-        inputs=[schema.FormalParameter("input_ids", "tensor(int64)"),
-                schema.FormalParameter("compress_lut", "tensor(int64)"),
-                schema.FormalParameter("table", "T")],
+        OP_TYPE,
+        DOMAIN,
+        OPSET_VERSION,
+        doc=__doc__,
+        inputs=[
+            schema.FormalParameter("input_ids", "tensor(int64)"),
+            schema.FormalParameter("compress_lut", "tensor(int64)"),
+            schema.FormalParameter("table", "T"),
+        ],
         outputs=[schema.FormalParameter("embeddings", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"],
-                           "table and embedding type")],
-        attributes=[schema.Attribute("multipliers", attr.INTS, "odd multiplier per n-gram position"),
-                    schema.Attribute("primes", attr.INTS, "modulus (table size) per head"),
-                    schema.Attribute("pad_id", attr.INT, "compressed id padding the left edge"),
-                    schema.Attribute("n_head_per_ngram", attr.INT, "heads per n-gram order")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "table and embedding type")],
+        attributes=[
+            schema.Attribute("multipliers", attr.INTS, "odd multiplier per n-gram position"),
+            schema.Attribute("primes", attr.INTS, "modulus (table size) per head"),
+            schema.Attribute("pad_id", attr.INT, "compressed id padding the left edge"),
+            schema.Attribute("n_head_per_ngram", attr.INT, "heads per n-gram order"),
+        ],
     )
 
 
@@ -145,13 +165,11 @@ def gated_short_conv_function(opset: int) -> onnx.FunctionProto:
     ``eps_query``, ``eps_conv``, ``score_scale`` (sqrt D), ``floor`` (of |score|), ``channels`` (G*D),
     ``dilations`` and ``pads`` of the causal conv over [B, G*D, T, 1].
     """
-    floats, ints, one = (onnx.AttributeProto.FLOAT, onnx.AttributeProto.INTS,
-                         onnx.AttributeProto.INT)
+    floats, ints, one = (onnx.AttributeProto.FLOAT, onnx.AttributeProto.INTS, onnx.AttributeProto.INT)
     n = helper.make_node
 
     def ints_const(name, values):
-        return n("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,
-                                                                 [len(values)], values))
+        return n("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
 
     def rms(x, eps_attr, out):
         return _ref_attr(n("RMSNormalization", [x, "ones"], [out], axis=-1), "epsilon", eps_attr, floats)
@@ -164,8 +182,7 @@ def gated_short_conv_function(opset: int) -> onnx.FunctionProto:
         n("Concat", ["keys_width", "dim"], ["sizes"], axis=0),
         n("Split", ["proj", "sizes"], ["keys_flat", "value"], axis=-1),
         n("Reshape", ["keys_flat", "hidden_shape"], ["keys"]),
-        n("ConstantOfShape", ["dim"], ["ones"],
-          value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+        n("ConstantOfShape", ["dim"], ["ones"], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
         rms("keys", "eps_key", "keys_normed"),
         rms("hidden", "eps_query", "query_normed"),
         n("Mul", ["keys_normed", "query_normed"], ["product"]),
@@ -188,9 +205,17 @@ def gated_short_conv_function(opset: int) -> onnx.FunctionProto:
         ints_const("columns_shape", [0, 0, 1, -1]),
         n("Reshape", ["gated_normed", "columns_shape"], ["columns_flat"]),
         n("Transpose", ["columns_flat"], ["columns"], perm=[0, 3, 1, 2]),
-        _ref_attr(_ref_attr(_ref_attr(n("Conv", ["columns", "conv_weight"], ["mixed"]),
-                                      "group", "channels", one), "dilations", "dilations", ints),
-                  "pads", "pads", ints),
+        _ref_attr(
+            _ref_attr(
+                _ref_attr(n("Conv", ["columns", "conv_weight"], ["mixed"]), "group", "channels", one),
+                "dilations",
+                "dilations",
+                ints,
+            ),
+            "pads",
+            "pads",
+            ints,
+        ),
         n("Sigmoid", ["mixed"], ["mixed_sigmoid"]),
         n("Mul", ["mixed", "mixed_sigmoid"], ["activated"]),
         n("Transpose", ["activated"], ["activated_rows"], perm=[0, 2, 3, 1]),
@@ -198,10 +223,14 @@ def gated_short_conv_function(opset: int) -> onnx.FunctionProto:
         n("Add", ["gated", "conv_out"], ["output"]),
     ]
     return helper.make_function(
-        DOMAIN, GATED_CONV_OP_TYPE, ["proj", "hidden", "scales", "conv_weight"], ["output"], nodes,
+        DOMAIN,
+        GATED_CONV_OP_TYPE,
+        ["proj", "hidden", "scales", "conv_weight"],
+        ["output"],
+        nodes,
         [helper.make_opsetid("", max(opset, MIN_GATED_CONV_OPSET))],
-        attributes=["eps_key", "eps_query", "eps_conv", "score_scale", "floor", "channels",
-                    "dilations", "pads"])
+        attributes=["eps_key", "eps_query", "eps_conv", "score_scale", "floor", "channels", "dilations", "pads"],
+    )
 
 
 def translation_table() -> dict:
@@ -214,8 +243,15 @@ def translation_table() -> dict:
     hash_gather_op = values.Op(values.Opset(DOMAIN, OPSET_VERSION), OP_TYPE, hash_gather_schema())
 
     def hash_gather(input_ids, compress_lut, table, multipliers, primes, pad_id, n_head_per_ngram):
-        return hash_gather_op(input_ids, compress_lut, table, multipliers=multipliers,
-                                 primes=primes, pad_id=pad_id, n_head_per_ngram=n_head_per_ngram)
+        return hash_gather_op(
+            input_ids,
+            compress_lut,
+            table,
+            multipliers=multipliers,
+            primes=primes,
+            pad_id=pad_id,
+            n_head_per_ngram=n_head_per_ngram,
+        )
 
     return {torch.ops.engram_export.hash_gather.default: hash_gather}
 
@@ -229,8 +265,7 @@ class HashGather(OpRun):
 
     op_domain = DOMAIN
 
-    def _run(self, input_ids, compress_lut, table, multipliers=None, primes=None, pad_id=None,
-             n_head_per_ngram=None):
+    def _run(self, input_ids, compress_lut, table, multipliers=None, primes=None, pad_id=None, n_head_per_ngram=None):
         rows = hash_rows(input_ids, compress_lut, multipliers, primes, pad_id, n_head_per_ngram)
         embedded = np.asarray(table)[rows]
         return (embedded.reshape(*rows.shape[:2], -1),)

@@ -35,9 +35,21 @@ from onnx.reference.op_run import OpRun
 from engram_export.models.hashing import compress_ids
 from engram_export.onnx_op import DOMAIN, MIN_BODY_OPSET, OPSET_VERSION, compression_nodes
 
-__all__ = ["FP8_OP_TYPE", "FP8_INPUTS", "FP8_ATTRIBUTES", "BLOCK", "hash_gather_fp8_function",
-           "hash_gather_fp8_schema", "hash_gather_fp8_nodes", "HashGatherFP8", "BLOCKED_OP_TYPE",
-           "BLOCKED_INPUTS", "blocked_hash_nodes", "hash_gather_blocked_function", "HashGatherBlocked"]
+__all__ = [
+    "FP8_OP_TYPE",
+    "FP8_INPUTS",
+    "FP8_ATTRIBUTES",
+    "BLOCK",
+    "hash_gather_fp8_function",
+    "hash_gather_fp8_schema",
+    "hash_gather_fp8_nodes",
+    "HashGatherFP8",
+    "BLOCKED_OP_TYPE",
+    "BLOCKED_INPUTS",
+    "blocked_hash_nodes",
+    "hash_gather_blocked_function",
+    "HashGatherBlocked",
+]
 
 FP8_OP_TYPE = "HashGatherFP8"
 FP8_INPUTS = ["input_ids", "token_mask", "compress_lut", "table", "scales"]
@@ -56,8 +68,9 @@ def _decode_tables() -> tuple[np.ndarray, np.ndarray]:
 
 def _const(name, dtype, values, dims=None) -> onnx.NodeProto:
     values = list(values)
-    return helper.make_node("Constant", [], [name], value=helper.make_tensor(
-        name, dtype, [len(values)] if dims is None else dims, values))
+    return helper.make_node(
+        "Constant", [], [name], value=helper.make_tensor(name, dtype, [len(values)] if dims is None else dims, values)
+    )
 
 
 def blocked_hash_nodes(max_ngram_size: int) -> list[onnx.NodeProto]:
@@ -101,13 +114,13 @@ def blocked_hash_nodes(max_ngram_size: int) -> list[onnx.NodeProto]:
             nodes.append(n("Unsqueeze", [f"mix{s}", "minus1"], [f"mix{s}_u"]))
             mixes.append(f"mix{s}_u")
     nodes += [
-        n("Concat", mixes, ["mixes"], axis=-1),                          # [B,T,N-1]
-        n("Unsqueeze", ["mixes", "minus1"], ["mixes4"]),                 # [B,T,N-1,1]
+        n("Concat", mixes, ["mixes"], axis=-1),  # [B,T,N-1]
+        n("Unsqueeze", ["mixes", "minus1"], ["mixes4"]),  # [B,T,N-1,1]
         const("per_order", TensorProto.INT64, [before, -1]),
-        n("Reshape", ["primes", "per_order"], ["primes2d"]),             # [N-1, heads]
-        n("Mod", ["mixes4", "primes2d"], ["hashes4"], fmod=0),           # floor mod, >= 0
+        n("Reshape", ["primes", "per_order"], ["primes2d"]),  # [N-1, heads]
+        n("Mod", ["mixes4", "primes2d"], ["hashes4"], fmod=0),  # floor mod, >= 0
         const("flat", TensorProto.INT64, [0, 0, -1]),
-        n("Reshape", ["hashes4", "flat"], ["hashes"]),                   # [B,T,C]
+        n("Reshape", ["hashes4", "flat"], ["hashes"]),  # [B,T,C]
         n("CumSum", ["primes", "zero"], ["offsets"], exclusive=1),
         n("Add", ["hashes", "offsets"], ["rows"]),
     ]
@@ -126,8 +139,8 @@ def hash_gather_fp8_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -
     nodes = [
         *blocked_hash_nodes(max_ngram_size),
         # FP8 lookup: the stored bytes, decoded through 256-entry tables
-        n("Gather", ["table", "rows"], ["codes"], axis=0),               # uint8 [B,T,C,d]
-        n("Gather", ["scales", "rows"], ["scale_codes"], axis=0),        # uint8 [B,T,C,d/32]
+        n("Gather", ["table", "rows"], ["codes"], axis=0),  # uint8 [B,T,C,d]
+        n("Gather", ["scales", "rows"], ["scale_codes"], axis=0),  # uint8 [B,T,C,d/32]
         n("Cast", ["codes"], ["codes32"], to=TensorProto.INT32),
         n("Cast", ["scale_codes"], ["scale_codes32"], to=TensorProto.INT32),
         const("e4m3", TensorProto.FLOAT, e4m3.tolist()),
@@ -135,14 +148,20 @@ def hash_gather_fp8_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -
         n("Gather", ["e4m3", "codes32"], ["values"], axis=0),
         n("Gather", ["e8m0", "scale_codes32"], ["block_scales"], axis=0),
         const("blocks_shape", TensorProto.INT64, [0, 0, 0, -1, BLOCK]),
-        n("Reshape", ["values", "blocks_shape"], ["blocks"]),            # [B,T,C,d/32,32]
-        n("Unsqueeze", ["block_scales", "minus1"], ["block_scales5"]),   # [B,T,C,d/32,1]
+        n("Reshape", ["values", "blocks_shape"], ["blocks"]),  # [B,T,C,d/32,32]
+        n("Unsqueeze", ["block_scales", "minus1"], ["block_scales5"]),  # [B,T,C,d/32,1]
         n("Mul", ["blocks", "block_scales5"], ["scaled"]),
-        n("Reshape", ["scaled", "flat"], ["embeddings"]),                # [B,T,C*d]
+        n("Reshape", ["scaled", "flat"], ["embeddings"]),  # [B,T,C*d]
     ]
     return helper.make_function(
-        DOMAIN, FP8_OP_TYPE, FP8_INPUTS, ["embeddings"], nodes,
-        [helper.make_opsetid("", max(opset, MIN_BODY_OPSET))], attributes=FP8_ATTRIBUTES)
+        DOMAIN,
+        FP8_OP_TYPE,
+        FP8_INPUTS,
+        ["embeddings"],
+        nodes,
+        [helper.make_opsetid("", max(opset, MIN_BODY_OPSET))],
+        attributes=FP8_ATTRIBUTES,
+    )
 
 
 def hash_gather_blocked_function(max_ngram_size: int, opset: int = MIN_BODY_OPSET) -> onnx.FunctionProto:
@@ -150,13 +169,19 @@ def hash_gather_blocked_function(max_ngram_size: int, opset: int = MIN_BODY_OPSE
     n = helper.make_node
     nodes = [
         *blocked_hash_nodes(max_ngram_size),
-        n("Gather", ["table", "rows"], ["gathered"], axis=0),            # stored type [B,T,C,d]
+        n("Gather", ["table", "rows"], ["gathered"], axis=0),  # stored type [B,T,C,d]
         n("Cast", ["gathered"], ["values"], to=TensorProto.FLOAT),
-        n("Reshape", ["values", "flat"], ["embeddings"]),                # [B,T,C*d]
+        n("Reshape", ["values", "flat"], ["embeddings"]),  # [B,T,C*d]
     ]
     return helper.make_function(
-        DOMAIN, BLOCKED_OP_TYPE, BLOCKED_INPUTS, ["embeddings"], nodes,
-        [helper.make_opsetid("", max(opset, MIN_BODY_OPSET))], attributes=FP8_ATTRIBUTES)
+        DOMAIN,
+        BLOCKED_OP_TYPE,
+        BLOCKED_INPUTS,
+        ["embeddings"],
+        nodes,
+        [helper.make_opsetid("", max(opset, MIN_BODY_OPSET))],
+        attributes=FP8_ATTRIBUTES,
+    )
 
 
 def hash_gather_fp8_schema() -> onnx.defs.OpSchema:
@@ -164,17 +189,24 @@ def hash_gather_fp8_schema() -> onnx.defs.OpSchema:
     schema = onnx.defs.OpSchema
     attr = schema.AttrType
     return schema(
-        FP8_OP_TYPE, DOMAIN, OPSET_VERSION, doc=__doc__,
-        inputs=[schema.FormalParameter("input_ids", "tensor(int64)"),
-                schema.FormalParameter("token_mask", "tensor(bool)"),
-                schema.FormalParameter("compress_lut", "tensor(int64)"),
-                schema.FormalParameter("table", "tensor(uint8)"),
-                schema.FormalParameter("scales", "tensor(uint8)")],
+        FP8_OP_TYPE,
+        DOMAIN,
+        OPSET_VERSION,
+        doc=__doc__,
+        inputs=[
+            schema.FormalParameter("input_ids", "tensor(int64)"),
+            schema.FormalParameter("token_mask", "tensor(bool)"),
+            schema.FormalParameter("compress_lut", "tensor(int64)"),
+            schema.FormalParameter("table", "tensor(uint8)"),
+            schema.FormalParameter("scales", "tensor(uint8)"),
+        ],
         outputs=[schema.FormalParameter("embeddings", "tensor(float)")],
-        attributes=[schema.Attribute("multipliers", attr.INTS, "odd multiplier per n-gram position"),
-                    schema.Attribute("primes", attr.INTS, "modulus (table size) per column"),
-                    schema.Attribute("pad_id", attr.INT, "compressed id of blocked positions"),
-                    schema.Attribute("n_heads", attr.INT, "heads per n-gram order")],
+        attributes=[
+            schema.Attribute("multipliers", attr.INTS, "odd multiplier per n-gram position"),
+            schema.Attribute("primes", attr.INTS, "modulus (table size) per column"),
+            schema.Attribute("pad_id", attr.INT, "compressed id of blocked positions"),
+            schema.Attribute("n_heads", attr.INT, "heads per n-gram order"),
+        ],
     )
 
 
@@ -187,15 +219,26 @@ class HashGatherFP8(OpRun):
 
     op_domain = DOMAIN
 
-    def _run(self, input_ids, token_mask, compress_lut, table, scales, multipliers=None, primes=None,
-             pad_id=None, n_heads=None):
+    def _run(
+        self,
+        input_ids,
+        token_mask,
+        compress_lut,
+        table,
+        scales,
+        multipliers=None,
+        primes=None,
+        pad_id=None,
+        n_heads=None,
+    ):
         from engram_export.models.deepseek_v41 import hash_rows_v41
 
         e4m3, e8m0 = _decode_tables()
-        rows = hash_rows_v41(compress_ids(input_ids, np.asarray(compress_lut)), token_mask, multipliers,
-                             primes, pad_id, n_heads)
-        values = e4m3[np.asarray(table)[rows]]                       # [B,T,C,d]
-        block_scales = e8m0[np.asarray(scales)[rows]]                # [B,T,C,d/32]
+        rows = hash_rows_v41(
+            compress_ids(input_ids, np.asarray(compress_lut)), token_mask, multipliers, primes, pad_id, n_heads
+        )
+        values = e4m3[np.asarray(table)[rows]]  # [B,T,C,d]
+        block_scales = e8m0[np.asarray(scales)[rows]]  # [B,T,C,d/32]
         scaled = values.reshape(*block_scales.shape, BLOCK) * block_scales[..., None]
         return (scaled.reshape(*rows.shape[:2], -1).astype(np.float32),)
 
@@ -206,10 +249,12 @@ class HashGatherBlocked(OpRun):
 
     op_domain = DOMAIN
 
-    def _run(self, input_ids, token_mask, compress_lut, table, multipliers=None, primes=None,
-             pad_id=None, n_heads=None):
+    def _run(
+        self, input_ids, token_mask, compress_lut, table, multipliers=None, primes=None, pad_id=None, n_heads=None
+    ):
         from engram_export.models.deepseek_v41 import hash_rows_v41
 
-        rows = hash_rows_v41(compress_ids(input_ids, np.asarray(compress_lut)), token_mask, multipliers,
-                             primes, pad_id, n_heads)
+        rows = hash_rows_v41(
+            compress_ids(input_ids, np.asarray(compress_lut)), token_mask, multipliers, primes, pad_id, n_heads
+        )
         return (np.asarray(table)[rows].astype(np.float32).reshape(*rows.shape[:2], -1),)

@@ -59,14 +59,18 @@ def read_model(path: str | Path):
     """An exported .onnx or an f32 .xml, as an ``openvino.Model`` and its ``ModelInfo``."""
     model, info = read_openvino(path)
     if info.quantization or info.precision != "f32":
-        raise EngramError(f"{path} is already {info.quantization or info.precision}; quantize the "
-                          f"exported .onnx or an f32 .xml")
+        raise EngramError(
+            f"{path} is already {info.quantization or info.precision}; quantize the exported .onnx or an f32 .xml"
+        )
     return model, info
 
 
 def _table_gather_names(model) -> list[str]:
-    return [op.get_friendly_name() for op in model.get_ops()
-            if op.get_type_name() == "Gather" and op.input_value(0).get_node().get_type_name() == "Constant"]
+    return [
+        op.get_friendly_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "Gather" and op.input_value(0).get_node().get_type_name() == "Constant"
+    ]
 
 
 def _compress_table(nncf, model, bits: int, group_size: int):
@@ -75,8 +79,14 @@ def _compress_table(nncf, model, bits: int, group_size: int):
     ignored = nncf.IgnoredScope(names=matmuls, validate=False)
     if bits == 8:
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=ignored)
-    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group_size,
-                                 ratio=1.0, all_layers=True, ignored_scope=ignored)
+    return nncf.compress_weights(
+        model,
+        mode=nncf.CompressWeightsMode.INT4_ASYM,
+        group_size=group_size,
+        ratio=1.0,
+        all_layers=True,
+        ignored_scope=ignored,
+    )
 
 
 def _detach_v41_tables(model, model_path: Path, output: Path, options: QuantizeOptions) -> dict:
@@ -85,15 +95,16 @@ def _detach_v41_tables(model, model_path: Path, output: Path, options: QuantizeO
     from engram_export import tables
 
     if options.mode != "int8-weights":
-        raise EngramError(f"DeepSeek-V4.1 models take --mode int8-weights (the projection in INT8, the "
-                          f"table kept FP8); {options.mode} is not supported for them yet")
+        raise EngramError(
+            f"DeepSeek-V4.1 models take --mode int8-weights (the projection in INT8, the "
+            f"table kept FP8); {options.mode} is not supported for them yet"
+        )
     if model_path.suffix != ".onnx":
         raise EngramError(f"quantize the exported .onnx of a DeepSeek-V4.1 layer, not {model_path.name}")
     return tables.detach(model, model_path, output.name)
 
 
-def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions,
-             copy_table: bool = False) -> Path:
+def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions, copy_table: bool = False) -> Path:
     """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml)."""
     import nncf
 
@@ -102,20 +113,21 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
     links = _detach_v41_tables(model, Path(model_path), output, options) if info.takes_mask else None
     row_width, width = info.config.head_dim, info.config.engram_hidden_size
     if options.mode == "int4-weights" and width % options.group_size:
-        raise EngramError(f"group size {options.group_size} does not divide the projection's {width} "
-                          f"input channels; choose a divisor of {width}")
+        raise EngramError(
+            f"group size {options.group_size} does not divide the projection's {width} "
+            f"input channels; choose a divisor of {width}"
+        )
     with progress.stage(f"quantizing ({options.mode})"):
         if options.mode == "int8-weights":
             # V4.1: the projection only (its Gathers read the 256-entry FP8 decode tables, not weights)
             ignored = nncf.IgnoredScope(types=["Gather"]) if info.takes_mask else None
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                          ignored_scope=ignored)
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=ignored)
         elif options.mode == "int4-weights":
-            mode = nncf.CompressWeightsMode.INT4_SYM if options.int4_symmetric else \
-                nncf.CompressWeightsMode.INT4_ASYM
+            mode = nncf.CompressWeightsMode.INT4_SYM if options.int4_symmetric else nncf.CompressWeightsMode.INT4_ASYM
             table = nncf.IgnoredScope(names=_table_gather_names(model), validate=False)
-            model = nncf.compress_weights(model, mode=mode, group_size=options.group_size, ratio=1.0,
-                                          all_layers=True, ignored_scope=table)
+            model = nncf.compress_weights(
+                model, mode=mode, group_size=options.group_size, ratio=1.0, all_layers=True, ignored_scope=table
+            )
             model = _compress_table(nncf, model, options.table_bits, min(options.group_size, row_width))
         else:
             from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
@@ -124,13 +136,17 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
             subset = min(options.subset_size, len(options.calibration))
             # 7-bit weights everywhere: CPUs without VNNI (AVX2 only) saturate the 16-bit sums of
             # u8 x s8 products, and an IR runs wherever it is copied (mean cosine 0.991 -> 0.9999)
-            model = nncf.quantize(model, dataset, subset_size=subset,
-                                  ignored_scope=nncf.IgnoredScope(types=["Gather"]),
-                                  advanced_parameters=AdvancedQuantizationParameters(
-                                      overflow_fix=OverflowFix.ENABLE))
+            model = nncf.quantize(
+                model,
+                dataset,
+                subset_size=subset,
+                ignored_scope=nncf.IgnoredScope(types=["Gather"]),
+                advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE),
+            )
             model = _compress_table(nncf, model, 8, row_width)
-    ModelInfo(info.config, info.layer_id, info.num_ids, options.precision,
-              quantization=options.mode).write_openvino(model)
+    ModelInfo(info.config, info.layer_id, info.num_ids, options.precision, quantization=options.mode).write_openvino(
+        model
+    )
     return save_ir(model, output, compress_to_fp16=False, links=links, copy_table=copy_table)
 
 
@@ -158,8 +174,13 @@ def compressed_constants(model) -> dict[str, dict[str, int]]:
     return counts
 
 
-def read_calibration(config, num_ids: int, npz: str | Path | None = None, text: str | Path | None = None,
-                     hidden_npy: str | Path | None = None) -> list[dict]:
+def read_calibration(
+    config,
+    num_ids: int,
+    npz: str | Path | None = None,
+    text: str | Path | None = None,
+    hidden_npy: str | Path | None = None,
+) -> list[dict]:
     """Calibration items (batch 1 each) from an .npz, or from a text file and a hidden-state .npy.
 
     The text is tokenized with the config's tokenizer as one stream and cut into N windows of T tokens,
@@ -177,8 +198,10 @@ def read_calibration(config, num_ids: int, npz: str | Path | None = None, text: 
     else:
         raise EngramError("calibration needs an .npz, or a text file with a hidden-state .npy")
     feeds, hidden = check_inputs(info, ids, hidden)
-    return [{**{name: value[i:i + 1] for name, value in feeds.items()}, "hidden_states": hidden[i:i + 1]}
-            for i in range(len(hidden))]
+    return [
+        {**{name: value[i : i + 1] for name, value in feeds.items()}, "hidden_states": hidden[i : i + 1]}
+        for i in range(len(hidden))
+    ]
 
 
 def _ids_from_text(config, text: Path, hidden_npy: Path):
@@ -200,6 +223,8 @@ def _ids_from_text(config, text: Path, hidden_npy: Path):
     tokenizer = Tokenizer.from_file(str(find_tokenizer_file(config.tokenizer)))
     stream = tokenizer.encode(text.read_text(), add_special_tokens=False).ids
     if len(stream) < count * length:
-        raise EngramError(f"calibration: {text} gives {len(stream)} tokens, {count} x {length} needed "
-                          f"for the hidden states in {hidden_npy}")
-    return np.array(stream[:count * length], np.int64).reshape(count, length), hidden
+        raise EngramError(
+            f"calibration: {text} gives {len(stream)} tokens, {count} x {length} needed "
+            f"for the hidden states in {hidden_npy}"
+        )
+    return np.array(stream[: count * length], np.int64).reshape(count, length), hidden

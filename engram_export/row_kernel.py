@@ -63,7 +63,7 @@ def _populated(data: np.ndarray, name: str) -> np.ndarray:
 def _huge_page_copy(data: np.ndarray, name: str) -> np.ndarray:
     buffer = np.empty(data.nbytes + _HUGE_PAGE, np.uint8)
     start = -buffer.ctypes.data % _HUGE_PAGE
-    copy = buffer[start:start + data.nbytes]
+    copy = buffer[start : start + data.nbytes]
     _madvise(copy, _MADV_HUGEPAGE)  # before the first touch, so the kernel backs it with huge pages
     with progress.stage(f"copying {name} into huge pages ({data.nbytes / 2**30:.2f} GiB)"):
         copy[:] = data
@@ -84,8 +84,10 @@ def _check_fits(constants, table_memory: str) -> None:
         return
     needed, available = sum(c.get_byte_size() for c in constants), _available_bytes()
     if needed > available:
-        raise EngramError(f"table_memory={table_memory!r} holds the table in RAM: {needed / 2**30:.1f} GiB "
-                          f"needed, {available / 2**30:.1f} GiB available; use table_memory='mmap'")
+        raise EngramError(
+            f"table_memory={table_memory!r} holds the table in RAM: {needed / 2**30:.1f} GiB "
+            f"needed, {available / 2**30:.1f} GiB available; use table_memory='mmap'"
+        )
 
 
 def _stored_bytes(constant, rows: int, table_memory: str):
@@ -143,8 +145,7 @@ def _type(node) -> str:
     return node.get_element_type().get_type_name()
 
 
-def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, output_type: str,
-                 table_memory: str):
+def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, output_type: str, table_memory: str):
     """``EngramGatherRows`` over the stored bytes of these constants, or None if their layout is not one
     the kernel reads (a [R, d] or [R, groups, d/groups] table, one scale and zero point per group)."""
     from engram_export.ov_extension import make_node
@@ -152,8 +153,14 @@ def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, ou
     table_rows = table.get_output_shape(0)[0]
     if table_rows < 1 or int(np.prod(table.get_output_shape(0))) != table_rows * row_size:
         return None
-    attributes = {"element": element, "row_size": row_size, "scale": "none", "group_size": row_size,
-                  "zero_point": "none", "output_type": output_type}
+    attributes = {
+        "element": element,
+        "row_size": row_size,
+        "scale": "none",
+        "group_size": row_size,
+        "zero_point": "none",
+        "output_type": output_type,
+    }
     parts = [(table, table_rows)]
     if scale is not None:
         groups = int(np.prod(scale.get_output_shape(0))) // table_rows
@@ -166,8 +173,11 @@ def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, ou
             return None
         attributes["zero_point"] = _type(zero_point)
         parts.append((zero_point, 1))
-    if (attributes["scale"] not in ("none", "f16", "f32", "e8m0")
-            or attributes["zero_point"] not in ("none", "u8", "u4")):
+    if attributes["scale"] not in ("none", "f16", "f32", "e8m0") or attributes["zero_point"] not in (
+        "none",
+        "u8",
+        "u4",
+    ):
         return None
     _check_fits([node for node, _ in parts], table_memory)
     inputs = [rows] + [_stored_bytes(node, count, table_memory).output(0) for node, count in parts]
@@ -208,8 +218,10 @@ def _fp8_decode(gathers, produced):
         stack += [value.get_node() for value in node.input_values()]
     # A bf16 IR stores the E4M3 table in f16, where its NaN codes (0x7F, 0xFF) became 65504: the kernel
     # decodes them as the spec says (NaN); every other entry must be exactly the spec's.
-    expected = sorted([np.asarray(e4m3_values(), np.float32), np.asarray(e8m0_values(), np.float32)],
-                      key=lambda v: np.nan_to_num(v).max())
+    expected = sorted(
+        [np.asarray(e4m3_values(), np.float32), np.asarray(e8m0_values(), np.float32)],
+        key=lambda v: np.nan_to_num(v).max(),
+    )
     found = sorted(luts, key=lambda v: np.nan_to_num(v, posinf=0).max())
     if len(found) != 2 or not all(np.array_equal(a[~np.isnan(b)], b[~np.isnan(b)]) for a, b in zip(found, expected)):
         return None
@@ -233,9 +245,11 @@ def install(lookup, table_memory: str = "mmap") -> bool:
     if len(gathers) == 1:
         gather = gathers[0]
         # DeepSeek-V4.1's float tables: the rows flattened to [B, T, C*d] after the Gather
-        flat = (produced.get_node().get_type_name() == "Reshape"
-                and produced.get_node().input_value(0).get_node().get_name() == gather.get_name()
-                and produced.get_partial_shape().rank.get_length() == 3)
+        flat = (
+            produced.get_node().get_type_name() == "Reshape"
+            and produced.get_node().input_value(0).get_node().get_name() == gather.get_name()
+            and produced.get_partial_shape().rank.get_length() == 3
+        )
         parts = _decompressed_table(gather)
         if parts is None or not (flat or produced.get_node().get_name() == gather.get_name()):
             return False
@@ -243,16 +257,23 @@ def install(lookup, table_memory: str = "mmap") -> bool:
         element = _type(table)
         if element not in (_FLOAT_TABLES if scale is None else _CODE_TABLES):
             return False
-        node = _gather_rows(rows, element, gather.get_output_partial_shape(0)[3].get_length(), table, scale,
-                            zero_point, output_type, table_memory)
+        node = _gather_rows(
+            rows,
+            element,
+            gather.get_output_partial_shape(0)[3].get_length(),
+            table,
+            scale,
+            zero_point,
+            output_type,
+            table_memory,
+        )
         replacement = node and (_flat_rows(node) if flat else node.output(0))
     elif len(gathers) == 2 and produced.get_partial_shape().rank.get_length() == 3:
         parts = _fp8_decode(gathers, produced)
         if parts is None:
             return False
         codes, scales = parts
-        node = _gather_rows(rows, "e4m3", codes.get_output_shape(0)[1], codes, scales, None, output_type,
-                            table_memory)
+        node = _gather_rows(rows, "e4m3", codes.get_output_shape(0)[1], codes, scales, None, output_type, table_memory)
         replacement = node and _flat_rows(node)
     else:
         return False

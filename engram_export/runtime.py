@@ -17,12 +17,27 @@ import numpy as np
 
 from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file
-from engram_export.inputs import (_array, check_hidden, check_ids, check_inputs, check_lookup_inputs, check_out,
-                                  fuse_feeds)
+from engram_export.inputs import (
+    _array,
+    check_hidden,
+    check_ids,
+    check_inputs,
+    check_lookup_inputs,
+    check_out,
+    fuse_feeds,
+)
 from engram_export.model_info import PRECISIONS, ModelInfo
 
-__all__ = ["EngramRuntime", "Prefetch", "check_inputs", "check_ids", "check_lookup_inputs", "check_hidden",
-           "check_out", "RUNTIMES"]
+__all__ = [
+    "EngramRuntime",
+    "Prefetch",
+    "check_inputs",
+    "check_ids",
+    "check_lookup_inputs",
+    "check_hidden",
+    "check_out",
+    "RUNTIMES",
+]
 
 RUNTIMES = ("ov", "ort")
 
@@ -51,8 +66,16 @@ class _RequestPool:
 class _OpenVINO:
     """Two compiled stages (``stages.split_stages``): lookup, then fuse on its output tensor."""
 
-    def __init__(self, path: Path, precision: str | None, device: str, threads: int | None,
-                 ov_config: dict | None = None, table_memory: str = "mmap", lookup_kernel: bool = True):
+    def __init__(
+        self,
+        path: Path,
+        precision: str | None,
+        device: str,
+        threads: int | None,
+        ov_config: dict | None = None,
+        table_memory: str = "mmap",
+        lookup_kernel: bool = True,
+    ):
         from engram_export.compile import read_openvino
         from engram_export.stages import split_stages
 
@@ -76,8 +99,11 @@ class _OpenVINO:
         self._streams = threading.BoundedSemaphore(max(1, int(fuse.get_property("NUM_STREAMS"))))
         precision_hint = fuse.get_property("INFERENCE_PRECISION_HINT")
         group = fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
-        self.settings = {"precision": getattr(precision_hint, "get_type_name", lambda: precision_hint)(),
-                         "dynamic-quantization-group": group, "lookup": self._lookup_kind}
+        self.settings = {
+            "precision": getattr(precision_hint, "get_type_name", lambda: precision_hint)(),
+            "dynamic-quantization-group": group,
+            "lookup": self._lookup_kind,
+        }
         self._decode, self._decode_lock = None, threading.Lock()
 
     def _compile(self, lookup, fuse):
@@ -97,17 +123,23 @@ class _OpenVINO:
         installed = self.lookup_kernel and row_kernel.install(lookup, self.table_memory)
         self._lookup_kind = f"row kernel, table {self.table_memory}" if installed else "openvino gather"
         try:
-            if not any(op.get_friendly_name() == "engram_table" and op.get_element_type().get_type_name() == "f32"
-                       for op in lookup.get_ops()):
-                return (core.compile_model(lookup, self.device, self.config),
-                        core.compile_model(fuse, self.device, self.config))
+            if not any(
+                op.get_friendly_name() == "engram_table" and op.get_element_type().get_type_name() == "f32"
+                for op in lookup.get_ops()
+            ):
+                return (
+                    core.compile_model(lookup, self.device, self.config),
+                    core.compile_model(fuse, self.device, self.config),
+                )
             with ThreadPoolExecutor(1) as apart:
-                compiled = apart.submit(core.compile_model, lookup, self.device,
-                                        {**self.config, "CPU_DENORMALS_OPTIMIZATION": True}).result()
+                compiled = apart.submit(
+                    core.compile_model, lookup, self.device, {**self.config, "CPU_DENORMALS_OPTIMIZATION": True}
+                ).result()
             return compiled, core.compile_model(fuse, self.device, self.config)
         except RuntimeError as exc:
-            raise EngramError(f"OpenVINO cannot compile {self.path.name} for device {self.device!r}: "
-                              f"{one_line(exc)}") from None
+            raise EngramError(
+                f"OpenVINO cannot compile {self.path.name} for device {self.device!r}: {one_line(exc)}"
+            ) from None
 
     def decode_requests(self):
         """A (lookup, fuse) pair of requests of the stateful decode stages, compiled once."""
@@ -187,8 +219,7 @@ class _OnnxRuntime:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = onnxruntime.InferenceSession(str(path), options,
-                                                        providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EngramError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
@@ -263,9 +294,18 @@ class EngramRuntime:
     reaches it. Results equal the one-shot call.
     """
 
-    def __init__(self, path: str | Path, runtime: str = "ov", precision: str | None = None,
-                 device: str = "CPU", threads: int | None = None, check_hashes: bool | str = True,
-                 ov_config: dict | None = None, table_memory: str = "mmap", lookup_kernel: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        runtime: str = "ov",
+        precision: str | None = None,
+        device: str = "CPU",
+        threads: int | None = None,
+        check_hashes: bool | str = True,
+        ov_config: dict | None = None,
+        table_memory: str = "mmap",
+        lookup_kernel: bool = True,
+    ):
         from engram_export.row_kernel import TABLE_MEMORY
 
         if runtime not in RUNTIMES:
@@ -274,11 +314,13 @@ class EngramRuntime:
             raise EngramError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if not isinstance(device, str) or not device:
             raise EngramError(f"device must be an OpenVINO device name such as 'CPU', got {device!r}")
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
-                                    or not 1 <= threads <= 4096):
+        if threads is not None and (
+            not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 4096
+        ):
             raise EngramError(f"threads must be a positive integer or None, got {threads!r}")
-        if ov_config is not None and (not isinstance(ov_config, dict)
-                                      or not all(isinstance(k, str) for k in ov_config)):
+        if ov_config is not None and (
+            not isinstance(ov_config, dict) or not all(isinstance(k, str) for k in ov_config)
+        ):
             raise EngramError(f"ov_config must be a dict of OpenVINO property names, got {ov_config!r}")
         if table_memory not in TABLE_MEMORY:
             raise EngramError(f"table_memory must be one of {', '.join(TABLE_MEMORY)}, got {table_memory!r}")
@@ -289,15 +331,23 @@ class EngramRuntime:
             from engram_export.manifest import read_manifest
 
             self.manifest = read_manifest(self.path, check_hashes)
-            self._layers = {layer: EngramRuntime(self.path / name, runtime, precision, device, threads,
-                                                 ov_config=ov_config, table_memory=table_memory,
-                                                 lookup_kernel=lookup_kernel)
-                            for layer, name in self.manifest.layers.items()}
+            self._layers = {
+                layer: EngramRuntime(
+                    self.path / name,
+                    runtime,
+                    precision,
+                    device,
+                    threads,
+                    ov_config=ov_config,
+                    table_memory=table_memory,
+                    lookup_kernel=lookup_kernel,
+                )
+                for layer, name in self.manifest.layers.items()
+            }
             for layer, served in self._layers.items():
                 file = self.path / self.manifest.layers[layer]
                 if served.layer_id != layer:
-                    raise EngramError(f"{file} holds layer {served.layer_id}; the manifest lists it as "
-                                      f"layer {layer}")
+                    raise EngramError(f"{file} holds layer {served.layer_id}; the manifest lists it as layer {layer}")
                 if served.config != self.manifest.config:
                     raise EngramError(f"{file} was exported with another config than the manifest's")
             first = next(iter(self._layers.values()))
@@ -366,8 +416,9 @@ class EngramRuntime:
         backends = {layer_id: layer._backend for layer_id, layer in self._layers.items()}
         if not all(isinstance(backend, _OpenVINO) for backend in backends.values()):
             raise EngramError("prefetch needs the OpenVINO runtime (runtime='ov')")
-        return Prefetch(feeds, {layer_id: (backend, backend.start_lookup(feeds))
-                                for layer_id, backend in backends.items()})
+        return Prefetch(
+            feeds, {layer_id: (backend, backend.start_lookup(feeds)) for layer_id, backend in backends.items()}
+        )
 
     def as_torch(self) -> dict:
         """Each layer as a PyTorch module (``engram_export.torch.OpenVINOEngram``): layer id -> module.
@@ -403,5 +454,7 @@ class EngramRuntime:
         return self._backend.finish(handle._take(self.layer_id, self._backend), handle.feeds, hidden, out)
 
     def __repr__(self) -> str:
-        return (f"EngramRuntime({str(self.path)!r}, runtime={self.runtime!r}, "
-                f"precision={self.precision!r}, layers={self.layer_ids})")
+        return (
+            f"EngramRuntime({str(self.path)!r}, runtime={self.runtime!r}, "
+            f"precision={self.precision!r}, layers={self.layer_ids})"
+        )

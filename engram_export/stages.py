@@ -84,8 +84,7 @@ def split_stages(model, precision: str = "f32"):
             continue
         if node.get_type_name() != "ShapeOf":
             raise EngramError(f"the fuse stage reads input_ids through {node.get_type_name()}")
-        batch_and_tokens = ops.slice(ops.shape_of(parameter, node.get_output_element_type(0)),
-                                     [0], [2], [1])
+        batch_and_tokens = ops.slice(ops.shape_of(parameter, node.get_output_element_type(0)), [0], [2], [1])
         for user in list(node.output(0).get_target_inputs()):
             user.replace_source_output(batch_and_tokens.output(0))
     fuse = openvino.Model(model.get_results(), fuse_inputs, "engram_fuse")

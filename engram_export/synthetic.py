@@ -45,13 +45,15 @@ def table_rows_bytes(config: V41Config, layer_id: int, rows: np.ndarray, seed: i
     """(FP8 values [n, head_dim], E8M0 scales [n, head_dim/32]) of table rows ``rows``, as uint8."""
     rows = np.asarray(rows, np.uint64)[:, None]
     values = _fp8(_mix(seed, layer_id, rows, np.arange(config.head_dim, dtype=np.uint64)))
-    scales = 120 + (_mix(seed + 1, layer_id, rows, np.arange(config.head_dim // BLOCK, dtype=np.uint64))
-                    % np.uint64(8)).astype(np.uint8)
+    scales = 120 + (
+        _mix(seed + 1, layer_id, rows, np.arange(config.head_dim // BLOCK, dtype=np.uint64)) % np.uint64(8)
+    ).astype(np.uint8)
     return values, scales
 
 
-def float_rows_bytes(config: V41Config, layer_id: int, rows: np.ndarray, seed: int = 0,
-                     table_dtype: str = "BF16") -> np.ndarray:
+def float_rows_bytes(
+    config: V41Config, layer_id: int, rows: np.ndarray, seed: int = 0, table_dtype: str = "BF16"
+) -> np.ndarray:
     """The stored bytes [n, head_dim * itemsize] (uint8) of rows ``rows`` of a BF16 or F32 table: random
     sign and mantissa bits, exponents giving magnitudes in [2**-7, 2**1)."""
     rows = np.asarray(rows, np.uint64)[:, None]
@@ -72,10 +74,13 @@ def _small_tensors(config: V41Config, layer_id: int, seed: int) -> dict[str, tup
     wkv = _fp8(rng.integers(0, 256, (out, width), dtype=np.uint8))
     wkv_scale = rng.integers(112, 118, expected["wkv.scale"][1], dtype=np.uint8)
     streams = (config.hc_mult, config.hidden_size)
-    q, k = (torch.from_numpy(rng.normal(1, 0.2, streams)).bfloat16().view(torch.uint16).numpy()
-            for _ in range(2))
-    return {"wkv.weight": ("F8_E4M3", wkv.tobytes()), "wkv.scale": ("F8_E8M0", wkv_scale.tobytes()),
-            "q_weight": ("BF16", q.tobytes()), "k_weight": ("BF16", k.tobytes())}
+    q, k = (torch.from_numpy(rng.normal(1, 0.2, streams)).bfloat16().view(torch.uint16).numpy() for _ in range(2))
+    return {
+        "wkv.weight": ("F8_E4M3", wkv.tobytes()),
+        "wkv.scale": ("F8_E8M0", wkv_scale.tobytes()),
+        "q_weight": ("BF16", q.tobytes()),
+        "k_weight": ("BF16", k.tobytes()),
+    }
 
 
 def _write_shard(path: Path, small: dict[str, tuple[str, bytes, tuple]], large: dict[str, tuple[str, tuple, int]]):
@@ -99,9 +104,15 @@ def _write_shard(path: Path, small: dict[str, tuple[str, bytes, tuple]], large: 
     return {name: start + header[name]["data_offsets"][0] for name in large}
 
 
-def write_v41_checkpoint(folder: str | Path, config: dict, seed: int = 0,
-                         rows: dict[int, np.ndarray] | None = None, prefix: str = "",
-                         tokenizer: bool = False, table_dtype: str = "F8_E4M3") -> Path:
+def write_v41_checkpoint(
+    folder: str | Path,
+    config: dict,
+    seed: int = 0,
+    rows: dict[int, np.ndarray] | None = None,
+    prefix: str = "",
+    tokenizer: bool = False,
+    table_dtype: str = "F8_E4M3",
+) -> Path:
     """Write a checkpoint folder for the V4.1 ``config`` (a ``config.json`` dict).
 
     ``rows``: layer id -> the table rows to write (default: every row, for small tables only).
@@ -122,13 +133,20 @@ def write_v41_checkpoint(folder: str | Path, config: dict, seed: int = 0,
     for index, layer_id in enumerate(parsed.layer_ids):
         shard = f"model-{index + 1:05d}-of-{len(parsed.layer_ids):05d}.safetensors"
         expected = _expected(parsed, layer_id)
-        names = {suffix: f"{prefix}layers.{layer_id}.engram.{suffix}" for suffix in expected
-                 if fp8 or suffix != "embed.scale"}
-        small = {names[s]: (dtype, data, expected[s][1]) for s, (dtype, data) in
-                 _small_tensors(parsed, layer_id, seed).items()}
+        names = {
+            suffix: f"{prefix}layers.{layer_id}.engram.{suffix}"
+            for suffix in expected
+            if fp8 or suffix != "embed.scale"
+        }
+        small = {
+            names[s]: (dtype, data, expected[s][1])
+            for s, (dtype, data) in _small_tensors(parsed, layer_id, seed).items()
+        }
         dtypes = {"embed.scale": "F8_E8M0", "embed.weight": table_dtype}
-        large = {names[s]: (dtypes[s], expected[s][1], math.prod(expected[s][1]) * DTYPE_BYTES[dtypes[s]])
-                 for s in table_tensors}
+        large = {
+            names[s]: (dtypes[s], expected[s][1], math.prod(expected[s][1]) * DTYPE_BYTES[dtypes[s]])
+            for s in table_tensors
+        }
         offsets = _write_shard(folder / shard, small, large)
         wanted = np.arange(parsed.table_rows(layer_id)) if rows is None else np.unique(rows[layer_id])
         if fp8:

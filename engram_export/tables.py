@@ -45,9 +45,11 @@ def link_or_copy(source: Path, target: Path, copy: bool) -> None:
     except OSError as exc:
         size = source.stat().st_size / 2**30
         if not copy:
-            raise EngramError(f"cannot hard-link the table file {source} into {target.parent} "
-                              f"({exc.strerror}): put the output on the same file system, or pass "
-                              f"--copy-table to copy {size:.1f} GiB") from None
+            raise EngramError(
+                f"cannot hard-link the table file {source} into {target.parent} "
+                f"({exc.strerror}): put the output on the same file system, or pass "
+                f"--copy-table to copy {size:.1f} GiB"
+            ) from None
         with progress.stage(f"copying {source.name} ({size:.1f} GiB, --copy-table)"):
             shutil.copyfile(source, target)
 
@@ -62,14 +64,19 @@ def detach(model, onnx_path: Path, xml_name: str) -> dict[str, Path]:
     from engram_export.model_info import RT_INFO_SECTION
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
-    external = {t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer
-                if t.name in TABLE_CONSTANTS}
-    constants = {op.get_friendly_name(): op for op in model.get_ops()
-                 if op.get_type_name() == "Constant" and op.get_friendly_name() in external}
+    external = {
+        t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer if t.name in TABLE_CONSTANTS
+    }
+    constants = {
+        op.get_friendly_name(): op
+        for op in model.get_ops()
+        if op.get_type_name() == "Constant" and op.get_friendly_name() in external
+    }
     if "table" not in external or set(constants) != set(external):
-        raise EngramError(f"{onnx_path}: expected the external table constants table (and table_scale), "
-                          f"found {sorted(constants)}")
-    stem, records, links = xml_name[:-len(".xml")], {}, {}
+        raise EngramError(
+            f"{onnx_path}: expected the external table constants table (and table_scale), found {sorted(constants)}"
+        )
+    stem, records, links = xml_name[: -len(".xml")], {}, {}
     for name, constant in constants.items():
         source = onnx_path.parent / external[name]["location"]
         target = f"{stem}.{source.name.removeprefix(onnx_path.stem + '.')}"
@@ -79,9 +86,12 @@ def detach(model, onnx_path: Path, xml_name: str) -> dict[str, Path]:
         parameter.output(0).set_names({f"engram_{name}"})
         constant.output(0).replace(parameter.output(0))
         model.add_parameters([parameter])
-        records[f"engram_{name}"] = {"file": target, "offset": int(external[name].get("offset", 0)),
-                                     "shape": list(parameter.get_output_partial_shape(0).to_shape()),
-                                     **fingerprint(source, full=False)}
+        records[f"engram_{name}"] = {
+            "file": target,
+            "offset": int(external[name].get("offset", 0)),
+            "shape": list(parameter.get_output_partial_shape(0).to_shape()),
+            **fingerprint(source, full=False),
+        }
     model.set_rt_info(json.dumps(records), [RT_INFO_SECTION, TABLES_KEY])
     return links
 
@@ -122,8 +132,9 @@ def shared_constant(data: np.ndarray, owner, kind: str = "u8", shape=None):
 
     alias = np.ctypeslib.as_array((ctypes.c_uint8 * data.nbytes).from_address(data.ctypes.data)).view(_Owned)
     alias.owner = owner
-    tensor = openvino.Tensor(alias, openvino.Shape(list(data.shape if shape is None else shape)),
-                             getattr(openvino.Type, kind))
+    tensor = openvino.Tensor(
+        alias, openvino.Shape(list(data.shape if shape is None else shape)), getattr(openvino.Type, kind)
+    )
     constant = openvino.op.Constant(tensor, shared_memory=True)
     constant.set_rt_info(alias, "engram_mapping")
     return constant

@@ -50,8 +50,9 @@ class OpenVINOEngram(nn.Module):
     def __init__(self, runtime):
         super().__init__()
         if runtime.layer_ids != [runtime.layer_id]:
-            raise EngramError(f"OpenVINOEngram serves one layer: pass rt.layer(L), not a runtime of layers "
-                              f"{runtime.layer_ids}")
+            raise EngramError(
+                f"OpenVINOEngram serves one layer: pass rt.layer(L), not a runtime of layers {runtime.layer_ids}"
+            )
         self.runtime, self.layer_id = runtime, runtime.layer_id
         self._pending = None  # (prefetch handle, ids, mask) from the model's pre-hook
         self._lock = threading.Lock()
@@ -68,8 +69,11 @@ class OpenVINOEngram(nn.Module):
         mask = None if token_mask is None else _numpy(token_mask, torch.bool)
         with self._lock:
             pending, self._pending = self._pending, None
-        if pending is not None and (ids is None or np.array_equal(ids, pending[1])) and (
-                mask is None or np.array_equal(mask, pending[2])):
+        if (
+            pending is not None
+            and (ids is None or np.array_equal(ids, pending[1]))
+            and (mask is None or np.array_equal(mask, pending[2]))
+        ):
             out = self.runtime.fuse(pending[0], hidden)
         elif ids is None:
             raise EngramError(f"Engram layer {self.layer_id}: input_ids are needed (no lookup was prefetched)")
@@ -88,8 +92,9 @@ def _engram_layer_types() -> tuple[type, ...]:
     return EngramLayer, V41EngramLayer
 
 
-def swap_engram_modules(model: nn.Module, runtime, input_ids: str = "input_ids",
-                        token_mask: str | None = None) -> list[str]:
+def swap_engram_modules(
+    model: nn.Module, runtime, input_ids: str = "input_ids", token_mask: str | None = None
+) -> list[str]:
     """Replace every PyTorch Engram layer in ``model`` by the OpenVINO one of ``runtime`` (a folder of
     layers or one layer) and prefetch their lookups from ``model``'s input ids; returns the names of the
     replaced modules.

@@ -23,9 +23,20 @@ import torch
 
 from engram_export.models.engram import EngramLayer
 
-__all__ = ["Comparison", "compare", "random_inputs", "verify_paths", "verify_paths_v41", "format_table",
-           "comparisons_table", "default_paths", "failures_summary", "F32_MAX_REL",
-           "BF16_MIN_MEAN_COSINE", "QUANTIZED_MIN_MEAN_COSINE"]
+__all__ = [
+    "Comparison",
+    "compare",
+    "random_inputs",
+    "verify_paths",
+    "verify_paths_v41",
+    "format_table",
+    "comparisons_table",
+    "default_paths",
+    "failures_summary",
+    "F32_MAX_REL",
+    "BF16_MIN_MEAN_COSINE",
+    "QUANTIZED_MIN_MEAN_COSINE",
+]
 
 F32_MAX_REL = 1e-4
 BF16_MIN_MEAN_COSINE = 0.999
@@ -51,8 +62,9 @@ def row_cosines(reference: np.ndarray, output: np.ndarray) -> np.ndarray:
     return np.sum(ref * out, axis=1) / np.maximum(norms, 1e-30)
 
 
-def compare(path: str, reference: np.ndarray, output: np.ndarray, precision: str = "f32",
-            quantization: str | None = None) -> Comparison:
+def compare(
+    path: str, reference: np.ndarray, output: np.ndarray, precision: str = "f32", quantization: str | None = None
+) -> Comparison:
     """Metrics of ``output`` against ``reference``; the criterion depends on ``precision`` and, for
     quantized models, on the quantization mode."""
     if output.shape != reference.shape:
@@ -71,8 +83,9 @@ def compare(path: str, reference: np.ndarray, output: np.ndarray, precision: str
         criterion = f"mean_cos >= {BF16_MIN_MEAN_COSINE}"
         passed = float(cosines.mean()) >= BF16_MIN_MEAN_COSINE
     shape = "x".join(str(s) for s in reference.shape[:2])
-    return Comparison(path, shape, max_abs, max_rel, float(cosines.min()), float(cosines.mean()),
-                      criterion, passed and finite)
+    return Comparison(
+        path, shape, max_abs, max_rel, float(cosines.min()), float(cosines.mean()), criterion, passed and finite
+    )
 
 
 def random_inputs(config, num_ids: int, batch: int, tokens: int, seed: int = 0, negative: bool = True):
@@ -86,8 +99,7 @@ def random_inputs(config, num_ids: int, batch: int, tokens: int, seed: int = 0, 
     return ids, hidden
 
 
-def verify_paths(layer: EngramLayer, runtimes: dict, shapes: list[tuple[int, int]],
-                 seed: int = 0) -> list[Comparison]:
+def verify_paths(layer: EngramLayer, runtimes: dict, shapes: list[tuple[int, int]], seed: int = 0) -> list[Comparison]:
     """Compare each ``{name: EngramRuntime}`` and the demo-layout forward to PyTorch, per shape."""
     results = []
     for batch, tokens in shapes:
@@ -98,8 +110,7 @@ def verify_paths(layer: EngramLayer, runtimes: dict, shapes: list[tuple[int, int
             reference_layout = layer.forward_reference(*args).numpy()
         results.append(compare("pytorch (demo layout)", reference, reference_layout))
         for name, runtime in runtimes.items():
-            results.append(compare(name, reference, runtime(ids, hidden), runtime.precision,
-                                   runtime.quantization))
+            results.append(compare(name, reference, runtime(ids, hidden), runtime.precision, runtime.quantization))
     return results
 
 
@@ -115,16 +126,24 @@ def verify_paths_v41(layer, runtimes: dict, shapes: list[tuple[int, int]], seed:
         hidden = rng.standard_normal((batch, tokens, config.hc_mult, config.hidden_size), dtype=np.float32)
         mask = rng.random((batch, tokens)) > 0.2
         with torch.inference_mode():
-            reference = layer(torch.from_numpy(ids), torch.from_numpy(hidden).double(),
-                              torch.from_numpy(mask)).numpy() - hidden
+            reference = (
+                layer(torch.from_numpy(ids), torch.from_numpy(hidden).double(), torch.from_numpy(mask)).numpy() - hidden
+            )
         for name, runtime in runtimes.items():
             output = runtime(ids, hidden, token_mask=mask)
             # metrics over the text tokens (Δ is 0 on image tokens), which must equal h exactly
-            result = compare(name, reference[mask][None], (output - hidden)[mask][None], runtime.precision,
-                             runtime.quantization)
+            result = compare(
+                name, reference[mask][None], (output - hidden)[mask][None], runtime.precision, runtime.quantization
+            )
             exact = np.array_equal(output[~mask], hidden[~mask])
-            results.append(dataclasses.replace(result, shape=f"{batch}x{tokens}", passed=result.passed and exact,
-                                               criterion=result.criterion + "; image tokens == h"))
+            results.append(
+                dataclasses.replace(
+                    result,
+                    shape=f"{batch}x{tokens}",
+                    passed=result.passed and exact,
+                    criterion=result.criterion + "; image tokens == h",
+                )
+            )
     return results
 
 
@@ -137,10 +156,20 @@ def format_table(rows: list[list], headers: list[str]) -> str:
 
 
 def comparisons_table(results: list[Comparison]) -> str:
-    rows = [[r.path, r.shape, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.min_cosine:.6f}",
-             f"{r.mean_cosine:.6f}", r.criterion, "ok" if r.passed else "FAIL"] for r in results]
-    return format_table(rows, ["path", "BxT", "max_abs", "max_rel", "min_cos", "mean_cos",
-                               "criterion", "result"])
+    rows = [
+        [
+            r.path,
+            r.shape,
+            f"{r.max_abs:.2e}",
+            f"{r.max_rel:.2e}",
+            f"{r.min_cosine:.6f}",
+            f"{r.mean_cosine:.6f}",
+            r.criterion,
+            "ok" if r.passed else "FAIL",
+        ]
+        for r in results
+    ]
+    return format_table(rows, ["path", "BxT", "max_abs", "max_rel", "min_cos", "mean_cos", "criterion", "result"])
 
 
 def default_paths(onnx_path: Path, xml_paths: dict[str, Path]) -> dict:
@@ -155,5 +184,8 @@ def default_paths(onnx_path: Path, xml_paths: dict[str, Path]) -> dict:
 
 def failures_summary(results: list[Comparison]) -> list[str]:
     """One loud line per failed path (quantized modes name the floor they missed)."""
-    return [f"FAILED: {r.path} at {r.shape}: {r.criterion} not met (mean_cos {r.mean_cosine:.6f}, "
-            f"max_rel {r.max_rel:.2e})" for r in results if not r.passed]
+    return [
+        f"FAILED: {r.path} at {r.shape}: {r.criterion} not met (mean_cos {r.mean_cosine:.6f}, max_rel {r.max_rel:.2e})"
+        for r in results
+        if not r.passed
+    ]

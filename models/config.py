@@ -13,8 +13,7 @@ from typing import Any
 
 from engram_export.errors import EngramError
 
-__all__ = ["EngramConfig", "load_config", "check_tokenizer", "preset_names", "config_from_dict",
-           "is_deepseek_v41"]
+__all__ = ["EngramConfig", "load_config", "check_tokenizer", "preset_names", "config_from_dict", "is_deepseek_v41"]
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -68,44 +67,67 @@ class EngramConfig:
 
     def __post_init__(self):
         """Refuse a config that is wrong or absurd before any work (types first, so no TypeError)."""
+
         def require(ok: bool, message: str) -> None:
             if not ok:
                 raise EngramError(f"config: {message}")
 
         def integer(name: str, value: Any, low: int, high: int) -> None:
-            require(is_int(value) and low <= value <= high,
-                    f"{name} must be an integer in [{low}, {high}], got {value!r}")
+            require(
+                is_int(value) and low <= value <= high, f"{name} must be an integer in [{low}, {high}], got {value!r}"
+            )
 
-        for name in ("max_ngram_size", "n_embed_per_ngram", "n_head_per_ngram", "kernel_size",
-                     "hidden_size", "hc_mult", "vocab_size", "pad_id", "seed"):
+        for name in (
+            "max_ngram_size",
+            "n_embed_per_ngram",
+            "n_head_per_ngram",
+            "kernel_size",
+            "hidden_size",
+            "hc_mult",
+            "vocab_size",
+            "pad_id",
+            "seed",
+        ):
             integer(name, getattr(self, name), *BOUNDS[name])
         for name in ("engram_vocab_size", "layer_ids"):
             value = getattr(self, name)
-            require(isinstance(value, (list, tuple)) and len(value) >= 1,
-                    f"{name} must be a non-empty list of integers, got {value!r}")
+            require(
+                isinstance(value, (list, tuple)) and len(value) >= 1,
+                f"{name} must be a non-empty list of integers, got {value!r}",
+            )
             for i, item in enumerate(value):
                 integer(f"{name}[{i}]", item, *BOUNDS[name])
-        require(len(self.engram_vocab_size) == self.max_ngram_size - 1,
-                f"engram_vocab_size needs one entry per n-gram order 2..{self.max_ngram_size} "
-                f"({self.max_ngram_size - 1}), got {len(self.engram_vocab_size)}")
-        require(self.n_embed_per_ngram % self.n_head_per_ngram == 0,
-                f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be a multiple of "
-                f"n_head_per_ngram ({self.n_head_per_ngram})")
-        require(len(set(self.layer_ids)) == len(self.layer_ids),
-                f"layer_ids must be distinct, got {list(self.layer_ids)}")
+        require(
+            len(self.engram_vocab_size) == self.max_ngram_size - 1,
+            f"engram_vocab_size needs one entry per n-gram order 2..{self.max_ngram_size} "
+            f"({self.max_ngram_size - 1}), got {len(self.engram_vocab_size)}",
+        )
+        require(
+            self.n_embed_per_ngram % self.n_head_per_ngram == 0,
+            f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be a multiple of "
+            f"n_head_per_ngram ({self.n_head_per_ngram})",
+        )
+        require(
+            len(set(self.layer_ids)) == len(self.layer_ids), f"layer_ids must be distinct, got {list(self.layer_ids)}"
+        )
         rows = self.n_head_per_ngram * sum(self.engram_vocab_size)
-        require(rows <= MAX_TABLE_ROWS,
-                f"engram_vocab_size {list(self.engram_vocab_size)} x n_head_per_ngram "
-                f"{self.n_head_per_ngram} makes a table of at least {rows} rows, at most {MAX_TABLE_ROWS}")
+        require(
+            rows <= MAX_TABLE_ROWS,
+            f"engram_vocab_size {list(self.engram_vocab_size)} x n_head_per_ngram "
+            f"{self.n_head_per_ngram} makes a table of at least {rows} rows, at most {MAX_TABLE_ROWS}",
+        )
         primes = len(self.layer_ids) * self.num_heads
-        require(primes <= MAX_HEAD_PRIMES,
-                f"{len(self.layer_ids)} layer_ids x {self.num_heads} heads need {primes} head primes, "
-                f"at most {MAX_HEAD_PRIMES}")
-        require(self.tokenizer is None or isinstance(self.tokenizer, str),
-                f"tokenizer must be a path or null, got {self.tokenizer!r}")
+        require(
+            primes <= MAX_HEAD_PRIMES,
+            f"{len(self.layer_ids)} layer_ids x {self.num_heads} heads need {primes} head primes, "
+            f"at most {MAX_HEAD_PRIMES}",
+        )
+        require(
+            self.tokenizer is None or isinstance(self.tokenizer, str),
+            f"tokenizer must be a path or null, got {self.tokenizer!r}",
+        )
         if self.tokenizer is None:  # with a tokenizer, load_config checks pad_id against its size
-            require(self.pad_id < self.vocab_size,
-                    f"pad_id {self.pad_id} is outside [0, vocab_size={self.vocab_size})")
+            require(self.pad_id < self.vocab_size, f"pad_id {self.pad_id} is outside [0, vocab_size={self.vocab_size})")
 
     @property
     def head_dim(self) -> int:
@@ -182,8 +204,9 @@ def load_config(name_or_path: str | Path):
     if not path.suffix and str(name_or_path) in preset_names():
         path = PRESET_DIR / f"{name_or_path}.json"
     if not path.is_file():
-        raise EngramError(f"config: {name_or_path} is neither a preset ({', '.join(preset_names())}) "
-                          f"nor a readable JSON file")
+        raise EngramError(
+            f"config: {name_or_path} is neither a preset ({', '.join(preset_names())}) nor a readable JSON file"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -206,5 +229,4 @@ def check_tokenizer(config: EngramConfig) -> None:
 
     size = tokenizer_size(config.tokenizer)
     if config.pad_id >= size:
-        raise EngramError(f"config: pad_id {config.pad_id} is outside the tokenizer's {size} ids "
-                          f"({config.tokenizer})")
+        raise EngramError(f"config: pad_id {config.pad_id} is outside the tokenizer's {size} ids ({config.tokenizer})")

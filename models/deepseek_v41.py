@@ -26,8 +26,20 @@ from torch import nn
 from engram_export.errors import EngramError
 from engram_export.models.primes import INT64_MAX, LAYER_SEED_STRIDE, _next_prime
 
-__all__ = ["V41Config", "V41Hashing", "V41EngramLayer", "hash_rows_v41", "e4m3_values", "e8m0_values",
-           "BLOCK", "MODEL_TYPE", "locate_layer", "open_layer", "TENSORS", "TABLE_DTYPES"]
+__all__ = [
+    "V41Config",
+    "V41Hashing",
+    "V41EngramLayer",
+    "hash_rows_v41",
+    "e4m3_values",
+    "e8m0_values",
+    "BLOCK",
+    "MODEL_TYPE",
+    "locate_layer",
+    "open_layer",
+    "TENSORS",
+    "TABLE_DTYPES",
+]
 
 MODEL_TYPE = "deepseek_v41"
 BLOCK = 32  # values per E8M0 scale: along a table row, and 32x32 blocks of wkv
@@ -53,13 +65,20 @@ class V41Config:
     backbone_vocab_size: int
     tokenizer: str | None = None
 
-    FIELDS = {"engram_layer_ids": "layer_ids", "engram_num_embeddings": "num_embeddings",
-              "engram_max_ngram_size": "max_ngram_size", "engram_vocab_size": "vocab_size",
-              "engram_n_heads": "n_heads", "engram_head_dim": "head_dim",
-              "engram_pad_token_id": "pad_token_id",
-              "engram_compressed_vocab_size": "compressed_vocab_size", "hc_mult": "hc_mult",
-              "hidden_size": "hidden_size", "rms_norm_eps": "rms_norm_eps",
-              "vocab_size": "backbone_vocab_size"}
+    FIELDS = {
+        "engram_layer_ids": "layer_ids",
+        "engram_num_embeddings": "num_embeddings",
+        "engram_max_ngram_size": "max_ngram_size",
+        "engram_vocab_size": "vocab_size",
+        "engram_n_heads": "n_heads",
+        "engram_head_dim": "head_dim",
+        "engram_pad_token_id": "pad_token_id",
+        "engram_compressed_vocab_size": "compressed_vocab_size",
+        "hc_mult": "hc_mult",
+        "hidden_size": "hidden_size",
+        "rms_norm_eps": "rms_norm_eps",
+        "vocab_size": "backbone_vocab_size",
+    }
 
     def __post_init__(self):
         def require(ok: bool, message: str) -> None:
@@ -69,27 +88,45 @@ class V41Config:
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
-        bounds = {"max_ngram_size": (2, 8), "vocab_size": (2, 2**31 - 1), "n_heads": (1, 64),
-                  "head_dim": (BLOCK, 2**14), "pad_token_id": (0, 2**24 - 1),
-                  "compressed_vocab_size": (1, 2**24), "hc_mult": (1, 64), "hidden_size": (1, 2**16),
-                  "backbone_vocab_size": (1, 2**24)}
+        bounds = {
+            "max_ngram_size": (2, 8),
+            "vocab_size": (2, 2**31 - 1),
+            "n_heads": (1, 64),
+            "head_dim": (BLOCK, 2**14),
+            "pad_token_id": (0, 2**24 - 1),
+            "compressed_vocab_size": (1, 2**24),
+            "hc_mult": (1, 64),
+            "hidden_size": (1, 2**16),
+            "backbone_vocab_size": (1, 2**24),
+        }
         for name, (low, high) in bounds.items():
             value = getattr(self, name)
-            require(is_int(value) and low <= value <= high,
-                    f"engram {name} must be an integer in [{low}, {high}], got {value!r}")
+            require(
+                is_int(value) and low <= value <= high,
+                f"engram {name} must be an integer in [{low}, {high}], got {value!r}",
+            )
         require(self.head_dim % BLOCK == 0, f"head_dim {self.head_dim} must be a multiple of {BLOCK}")
         for name in ("layer_ids", "num_embeddings"):
             values = getattr(self, name)
-            require(isinstance(values, tuple) and values and all(is_int(v) and 0 <= v < 2**31 for v in values),
-                    f"{name} must be a list of integers in [0, 2**31), got {values!r}")
+            require(
+                isinstance(values, tuple) and values and all(is_int(v) and 0 <= v < 2**31 for v in values),
+                f"{name} must be a list of integers in [0, 2**31), got {values!r}",
+            )
         require(len(set(self.layer_ids)) == len(self.layer_ids), f"layer_ids repeat: {self.layer_ids}")
-        require(len(self.num_embeddings) == len(self.layer_ids),
-                f"num_embeddings needs one entry per layer ({len(self.layer_ids)}), got "
-                f"{len(self.num_embeddings)}")
-        require(isinstance(self.rms_norm_eps, (int, float)) and not isinstance(self.rms_norm_eps, bool)
-                and 0 < self.rms_norm_eps < 1, f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps!r}")
-        require(self.tokenizer is None or isinstance(self.tokenizer, str),
-                f"tokenizer must be a path or null, got {self.tokenizer!r}")
+        require(
+            len(self.num_embeddings) == len(self.layer_ids),
+            f"num_embeddings needs one entry per layer ({len(self.layer_ids)}), got {len(self.num_embeddings)}",
+        )
+        require(
+            isinstance(self.rms_norm_eps, (int, float))
+            and not isinstance(self.rms_norm_eps, bool)
+            and 0 < self.rms_norm_eps < 1,
+            f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps!r}",
+        )
+        require(
+            self.tokenizer is None or isinstance(self.tokenizer, str),
+            f"tokenizer must be a path or null, got {self.tokenizer!r}",
+        )
 
     model_type = MODEL_TYPE
 
@@ -117,8 +154,10 @@ class V41Config:
     def from_hf(cls, data: dict[str, Any], base_dir: Path | None = None) -> "V41Config":
         """From a checkpoint's ``config.json`` (its ``engram_*`` and backbone fields)."""
         if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
-            raise EngramError(f"config: model_type must be {MODEL_TYPE!r}, got "
-                              f"{data.get('model_type') if isinstance(data, dict) else data!r}")
+            raise EngramError(
+                f"config: model_type must be {MODEL_TYPE!r}, got "
+                f"{data.get('model_type') if isinstance(data, dict) else data!r}"
+            )
         missing = [key for key in cls.FIELDS if key not in data]
         if missing:
             raise EngramError(f"config: missing field(s) {', '.join(missing)}")
@@ -138,14 +177,20 @@ class V41Config:
         ids could not be compressed as the model was trained)."""
         tokenizer = checkpoint.folder / "tokenizer.json"
         if not tokenizer.is_file():
-            raise EngramError(f"checkpoint: {checkpoint.folder} has no tokenizer.json (it builds the "
-                              f"compression table every hash depends on)")
+            raise EngramError(
+                f"checkpoint: {checkpoint.folder} has no tokenizer.json (it builds the "
+                f"compression table every hash depends on)"
+            )
         return cls.from_hf({**checkpoint.config, "tokenizer": str(tokenizer.resolve())})
 
     def to_dict(self) -> dict[str, Any]:
         data = {"model_type": MODEL_TYPE}
-        data.update({key: list(getattr(self, name)) if isinstance(getattr(self, name), tuple)
-                     else getattr(self, name) for key, name in self.FIELDS.items()})
+        data.update(
+            {
+                key: list(getattr(self, name)) if isinstance(getattr(self, name), tuple) else getattr(self, name)
+                for key, name in self.FIELDS.items()
+            }
+        )
         data["tokenizer"] = self.tokenizer
         return data
 
@@ -160,8 +205,7 @@ def e8m0_values() -> np.ndarray:
     return np.append(np.ldexp(1.0, np.arange(255) - 127), np.nan).astype(np.float32)
 
 
-def hash_rows_v41(ids: np.ndarray, token_mask: np.ndarray, multipliers, primes, pad: int,
-                  n_heads: int) -> np.ndarray:
+def hash_rows_v41(ids: np.ndarray, token_mask: np.ndarray, multipliers, primes, pad: int, n_heads: int) -> np.ndarray:
     """Reference kernel: compressed ids [B,T] and token mask [B,T] -> table rows [B,T,C], int64.
 
     Looking back s = 0..N-1 tokens from t, a token is ``pad`` once any of t, t-1, .., t-s is before
@@ -176,12 +220,12 @@ def hash_rows_v41(ids: np.ndarray, token_mask: np.ndarray, multipliers, primes, 
     blocked, rolling = np.zeros(ids.shape, bool), np.zeros(ids.shape, np.int64)
     columns = []
     for s, multiplier in enumerate(np.asarray(multipliers, dtype=np.int64)):
-        blocked |= ~padded_mask[:, before - s:before - s + length]
-        token = np.where(blocked, pad, padded_ids[:, before - s:before - s + length])
+        blocked |= ~padded_mask[:, before - s : before - s + length]
+        token = np.where(blocked, pad, padded_ids[:, before - s : before - s + length])
         product = token * multiplier
         rolling = np.bitwise_xor(rolling, product)  # 0 ^ x = x: the first look-back starts it
         if s >= 1:
-            columns += [rolling % prime for prime in primes[(s - 1) * n_heads:s * n_heads]]
+            columns += [rolling % prime for prime in primes[(s - 1) * n_heads : s * n_heads]]
     return np.stack(columns, axis=2) + offsets
 
 
@@ -201,23 +245,27 @@ class V41Hashing:
 
         lut = build_compression_table(config.tokenizer)
         if int(lut.max()) + 1 != config.compressed_vocab_size:
-            raise EngramError(f"config: the tokenizer compresses to {int(lut.max()) + 1} ids, "
-                              f"engram_compressed_vocab_size says {config.compressed_vocab_size} "
-                              f"(another tokenizer? every hash would change)")
+            raise EngramError(
+                f"config: the tokenizer compresses to {int(lut.max()) + 1} ids, "
+                f"engram_compressed_vocab_size says {config.compressed_vocab_size} "
+                f"(another tokenizer? every hash would change)"
+            )
         return lut
 
     @cached_property
     def pad(self) -> int:
         if self.config.pad_token_id >= len(self.lut):
-            raise EngramError(f"config: engram_pad_token_id {self.config.pad_token_id} is outside the "
-                              f"tokenizer's {len(self.lut)} ids")
+            raise EngramError(
+                f"config: engram_pad_token_id {self.config.pad_token_id} is outside the tokenizer's {len(self.lut)} ids"
+            )
         return int(self.lut[self.config.pad_token_id])
 
     def multipliers(self, layer_id: int) -> list[int]:
         self._check_layer(layer_id)
         high = (int(INT64_MAX) // self.config.compressed_vocab_size) // 2
         drawn = np.random.default_rng(LAYER_SEED_STRIDE * layer_id).integers(
-            0, high, size=self.config.max_ngram_size, dtype=np.int64)
+            0, high, size=self.config.max_ngram_size, dtype=np.int64
+        )
         return [int(m) for m in drawn * 2 + 1]
 
     @cached_property
@@ -232,8 +280,9 @@ class V41Hashing:
                     seen.add(candidate)
                     primes.append(candidate)
             if sum(primes) != rows:
-                raise EngramError(f"config: layer {layer_id}'s head primes sum to {sum(primes)}, "
-                                  f"engram_num_embeddings says {rows}")
+                raise EngramError(
+                    f"config: layer {layer_id}'s head primes sum to {sum(primes)}, engram_num_embeddings says {rows}"
+                )
             by_layer[layer_id] = primes
         return by_layer
 
@@ -243,13 +292,20 @@ class V41Hashing:
 
     def rows(self, input_ids: np.ndarray, token_mask: np.ndarray, layer_id: int) -> np.ndarray:
         """Table rows [B,T,C] of raw ids [B,T]."""
-        return hash_rows_v41(self.lut[input_ids], token_mask, self.multipliers(layer_id),
-                             self.primes(layer_id), self.pad, self.config.n_heads)
+        return hash_rows_v41(
+            self.lut[input_ids],
+            token_mask,
+            self.multipliers(layer_id),
+            self.primes(layer_id),
+            self.pad,
+            self.config.n_heads,
+        )
 
     def _check_layer(self, layer_id: int) -> None:
         if layer_id not in self.config.layer_ids:
-            raise EngramError(f"layer {layer_id} is not an Engram layer (engram_layer_ids: "
-                              f"{list(self.config.layer_ids)})")
+            raise EngramError(
+                f"layer {layer_id} is not an Engram layer (engram_layer_ids: {list(self.config.layer_ids)})"
+            )
 
 
 def dequantize_rows(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -273,11 +329,14 @@ def _expected(config: V41Config, layer_id: int) -> dict[str, tuple[tuple[str, ..
     """Checkpoint tensor -> (accepted dtypes, shape). ``embed.scale`` is only there for an FP8 table."""
     rows, out, width = config.table_rows(layer_id), config.projection_width, config.embedding_width
     streams = (config.hc_mult, config.hidden_size)
-    return {"embed.weight": (TABLE_DTYPES, (rows, config.head_dim)),
-            "embed.scale": (("F8_E8M0",), (rows, config.head_dim // BLOCK)),
-            "wkv.weight": (("F8_E4M3",), (out, width)),
-            "wkv.scale": (("F8_E8M0",), (math.ceil(out / BLOCK), math.ceil(width / BLOCK))),
-            "q_weight": (("BF16", "F32"), streams), "k_weight": (("BF16", "F32"), streams)}
+    return {
+        "embed.weight": (TABLE_DTYPES, (rows, config.head_dim)),
+        "embed.scale": (("F8_E8M0",), (rows, config.head_dim // BLOCK)),
+        "wkv.weight": (("F8_E4M3",), (out, width)),
+        "wkv.scale": (("F8_E8M0",), (math.ceil(out / BLOCK), math.ceil(width / BLOCK))),
+        "q_weight": (("BF16", "F32"), streams),
+        "k_weight": (("BF16", "F32"), streams),
+    }
 
 
 def locate_layer(checkpoint, config: V41Config, layer_id: int) -> dict:
@@ -293,15 +352,16 @@ def locate_layer(checkpoint, config: V41Config, layer_id: int) -> dict:
             except EngramError:
                 continue  # a float table has no scales
             table = located["embed.weight"]
-            raise EngramError(f"checkpoint: {table.name} is {table.dtype}, which takes no scales, but the "
-                              f"checkpoint also holds {found}")
+            raise EngramError(
+                f"checkpoint: {table.name} is {table.dtype}, which takes no scales, but the "
+                f"checkpoint also holds {found}"
+            )
         name = checkpoint.find(names)
         location = checkpoint.locate(name)
         if location.dtype not in dtypes:
             raise EngramError(f"checkpoint: {name} is {location.dtype}, expected {' or '.join(dtypes)}")
         if location.shape != shape:
-            raise EngramError(f"checkpoint: {name} has shape {list(location.shape)}, the config expects "
-                              f"{list(shape)}")
+            raise EngramError(f"checkpoint: {name} has shape {list(location.shape)}, the config expects {list(shape)}")
         located[suffix] = location
     return located
 
@@ -321,8 +381,10 @@ def _mapped(location) -> torch.Tensor:
 def open_layer(checkpoint, config: V41Config, layer_id: int, hashing: V41Hashing | None = None):
     """The PyTorch layer of a checkpoint: the table (and its scales) mapped from the shard, not read."""
     located = locate_layer(checkpoint, config, layer_id)
-    tensors = {suffix: _mapped(location) if suffix.startswith("embed.") else checkpoint.load(location.name)
-               for suffix, location in located.items()}
+    tensors = {
+        suffix: _mapped(location) if suffix.startswith("embed.") else checkpoint.load(location.name)
+        for suffix, location in located.items()
+    }
     return V41EngramLayer(config, layer_id, tensors, hashing)
 
 
@@ -334,8 +396,9 @@ class V41EngramLayer(nn.Module):
     ``q_weight`` and ``k_weight`` BF16).
     """
 
-    def __init__(self, config: V41Config, layer_id: int, tensors: dict[str, torch.Tensor],
-                 hashing: V41Hashing | None = None):
+    def __init__(
+        self, config: V41Config, layer_id: int, tensors: dict[str, torch.Tensor], hashing: V41Hashing | None = None
+    ):
         super().__init__()
         self.config, self.layer_id = config, layer_id
         self.hashing = hashing or V41Hashing(config)
@@ -350,16 +413,17 @@ class V41EngramLayer(nn.Module):
             return table[rows].float().flatten(-2)
         return dequantize_rows(table[rows], self.tensors["embed.scale"][rows]).flatten(-2)
 
-    def fuse(self, embeddings: torch.Tensor, hidden_states: torch.Tensor,
-             token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def fuse(
+        self, embeddings: torch.Tensor, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``h + gate * value`` from the looked-up rows, in float32 (float64 for float64 hidden states:
         the reference that ``verify`` compares every path with)."""
         config = self.config
         h = hidden_states if hidden_states.dtype == torch.float64 else hidden_states.float()
         weight = dequantize_blocks(self.tensors["wkv.weight"], self.tensors["wkv.scale"]).to(h.dtype)
         kv = embeddings.to(h.dtype) @ weight.T
-        key = kv[..., :config.hc_mult * config.hidden_size].unflatten(-1, (config.hc_mult, config.hidden_size))
-        value = kv[..., config.hc_mult * config.hidden_size:].unsqueeze(-2)
+        key = kv[..., : config.hc_mult * config.hidden_size].unflatten(-1, (config.hc_mult, config.hidden_size))
+        value = kv[..., config.hc_mult * config.hidden_size :].unsqueeze(-2)
         w = (self.tensors["q_weight"].float() * self.tensors["k_weight"].float()).to(h.dtype)
         eps = config.rms_norm_eps
         rstd = torch.rsqrt(h.pow(2).mean(-1) + eps) * torch.rsqrt(key.pow(2).mean(-1) + eps)
@@ -369,6 +433,7 @@ class V41EngramLayer(nn.Module):
             gate = gate * token_mask.unsqueeze(-1)
         return h + gate.unsqueeze(-1) * value
 
-    def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor,
-                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.fuse(self.lookup(input_ids, token_mask), hidden_states, token_mask)

@@ -40,8 +40,15 @@ class ShortConv(nn.Module):
     def __init__(self, hidden_size: int, kernel_size: int, dilation: int, hc_mult: int):
         super().__init__()
         channels = hidden_size * hc_mult
-        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False,
-                              padding=(kernel_size - 1) * dilation, dilation=dilation)
+        self.conv = nn.Conv1d(
+            channels,
+            channels,
+            kernel_size,
+            groups=channels,
+            bias=False,
+            padding=(kernel_size - 1) * dilation,
+            dilation=dilation,
+        )
         self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=SHORT_CONV_EPS) for _ in range(hc_mult))
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,9 +97,15 @@ class EngramLayer(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The hash-gather: embeddings [B, T, E] of raw ids [B, T]."""
-        return hash_gather(input_ids, self.compress_lut, self.multi_head_embedding.embedding.weight,
-                           self.multipliers, self.primes, self.hashing.pad_id,
-                           self.config.n_head_per_ngram)
+        return hash_gather(
+            input_ids,
+            self.compress_lut,
+            self.multi_head_embedding.embedding.weight,
+            self.multipliers,
+            self.primes,
+            self.hashing.pad_id,
+            self.config.n_head_per_ngram,
+        )
 
     def forward_reference(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """The demo's forward, branch by branch."""
@@ -125,4 +138,3 @@ class EngramLayer(nn.Module):
         gate = torch.sigmoid(gate.abs().clamp_min(1e-6).sqrt() * gate.sign())
         value = gate.unsqueeze(-1) * self.value_proj(embeddings).unsqueeze(2)
         return value + self.short_conv(value)
-

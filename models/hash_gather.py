@@ -15,12 +15,17 @@ __all__ = ["hash_gather"]
 
 
 @torch.library.custom_op("engram_export::hash_gather", mutates_args=())
-def hash_gather(input_ids: torch.Tensor, compress_lut: torch.Tensor, table: torch.Tensor,
-                multipliers: list[int], primes: list[int], pad_id: int,
-                n_head_per_ngram: int) -> torch.Tensor:
+def hash_gather(
+    input_ids: torch.Tensor,
+    compress_lut: torch.Tensor,
+    table: torch.Tensor,
+    multipliers: list[int],
+    primes: list[int],
+    pad_id: int,
+    n_head_per_ngram: int,
+) -> torch.Tensor:
     """Embeddings [B, T, H*d] of raw ids [B, T] from the multi-head table [sum(primes), d]."""
-    rows = hash_rows(input_ids.numpy(), compress_lut.numpy(), multipliers, primes, pad_id,
-                     n_head_per_ngram)
+    rows = hash_rows(input_ids.numpy(), compress_lut.numpy(), multipliers, primes, pad_id, n_head_per_ngram)
     return table[torch.from_numpy(rows)].flatten(-2)
 
 

@@ -28,8 +28,9 @@ def compress_ids(input_ids: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return np.where(ids >= 0, lut[np.clip(ids, 0, len(lut) - 1)], ids)
 
 
-def hash_rows(input_ids: np.ndarray, lut: np.ndarray, multipliers, primes, pad_id: int,
-              n_head_per_ngram: int) -> np.ndarray:
+def hash_rows(
+    input_ids: np.ndarray, lut: np.ndarray, multipliers, primes, pad_id: int, n_head_per_ngram: int
+) -> np.ndarray:
     """Reference kernel: raw ids [B,T] -> table rows [B,T,H] (head hash + head offset), int64.
 
     ``pad_id`` is the *compressed* pad id. Arithmetic is int64 and wraps like the demo's numpy code.
@@ -40,13 +41,13 @@ def hash_rows(input_ids: np.ndarray, lut: np.ndarray, multipliers, primes, pad_i
     primes = np.asarray(primes, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(primes)[:-1]]).astype(np.int64)
     padded = np.concatenate([np.full((batch, len(multipliers) - 1), pad_id, np.int64), x], axis=1)
-    shifted = [padded[:, len(multipliers) - 1 - k:][:, :length] for k in range(len(multipliers))]
+    shifted = [padded[:, len(multipliers) - 1 - k :][:, :length] for k in range(len(multipliers))]
     heads = []
     mix = shifted[0] * multipliers[0]
     for order in range(2, len(multipliers) + 1):
         mix = np.bitwise_xor(mix, shifted[order - 1] * multipliers[order - 1])
         first = (order - 2) * n_head_per_ngram
-        for prime in primes[first:first + n_head_per_ngram]:
+        for prime in primes[first : first + n_head_per_ngram]:
             heads.append(mix % prime)
     return np.stack(heads, axis=2) + offsets
 
@@ -74,8 +75,7 @@ class EngramHashing:
     def pad_id(self) -> int:
         """The compressed pad id (the demo compresses pad_id too)."""
         if not 0 <= self.config.pad_id < len(self.lut):
-            raise EngramError(f"config: pad_id {self.config.pad_id} is outside the tokenizer's "
-                              f"{len(self.lut)} ids")
+            raise EngramError(f"config: pad_id {self.config.pad_id} is outside the tokenizer's {len(self.lut)} ids")
         return int(self.lut[self.config.pad_id])
 
     def multipliers(self, layer_id: int) -> list[int]:
@@ -99,8 +99,10 @@ class EngramHashing:
                     seen.add(start)
                     primes.append(start)
             if sum(primes) > MAX_TABLE_ROWS:
-                raise EngramError(f"config: layer {layer_id}'s table would have {sum(primes)} rows, "
-                                  f"more than {MAX_TABLE_ROWS} (smaller engram_vocab_size?)")
+                raise EngramError(
+                    f"config: layer {layer_id}'s table would have {sum(primes)} rows, "
+                    f"more than {MAX_TABLE_ROWS} (smaller engram_vocab_size?)"
+                )
             by_layer[layer_id] = primes
         return by_layer
 
@@ -118,8 +120,14 @@ class EngramHashing:
 
     def rows(self, input_ids: np.ndarray, layer_id: int) -> np.ndarray:
         """Table rows [B,T,H] the layer reads for raw ids [B,T]."""
-        return hash_rows(input_ids, self.lut, self.multipliers(layer_id), self.primes(layer_id),
-                         self.pad_id, self.config.n_head_per_ngram)
+        return hash_rows(
+            input_ids,
+            self.lut,
+            self.multipliers(layer_id),
+            self.primes(layer_id),
+            self.pad_id,
+            self.config.n_head_per_ngram,
+        )
 
     def check_ids(self, input_ids: np.ndarray) -> None:
         """Refuse ids the tables cannot take: at or past the vocabulary, or below int32."""
@@ -127,12 +135,13 @@ class EngramHashing:
             return
         high, low = int(input_ids.max()), int(input_ids.min())
         if high >= len(self.lut):
-            raise EngramError(f"input_ids: id {high} is out of range [0, {len(self.lut)}) "
-                              f"(negative ids pass through as in the reference)")
+            raise EngramError(
+                f"input_ids: id {high} is out of range [0, {len(self.lut)}) "
+                f"(negative ids pass through as in the reference)"
+            )
         if low < INT32_MIN:
             raise EngramError(f"input_ids: negative id {low} is below int32's range")
 
     def _check_layer(self, layer_id: int) -> None:
         if layer_id not in self.config.layer_ids:
-            raise EngramError(f"layer {layer_id} is not an Engram layer (layer_ids = "
-                              f"{list(self.config.layer_ids)})")
+            raise EngramError(f"layer {layer_id} is not an Engram layer (layer_ids = {list(self.config.layer_ids)})")

@@ -38,8 +38,9 @@ def layer_prefix(prefix: str, layer_id: int) -> str:
             return prefix.format(layer=layer_id)
     except ValueError:  # unmatched braces, a bad format spec
         pass
-    raise EngramError(f"--prefix {prefix!r}: the only placeholder allowed is {{layer}} "
-                      f"(write a literal brace as {{{{ or }}}})")
+    raise EngramError(
+        f"--prefix {prefix!r}: the only placeholder allowed is {{layer}} (write a literal brace as {{{{ or }}}})"
+    )
 
 
 def read_checkpoint(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -52,17 +53,19 @@ def read_checkpoint(path: str | Path, prefix: str = "") -> dict[str, torch.Tenso
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+                return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         except (SafetensorError, OSError, ValueError) as exc:
             raise EngramError(f"weights: {path} is not a readable safetensors file ({exc})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch.load raises RuntimeError, EOFError, UnpicklingError...
-        raise EngramError(f"weights: {path} is not a readable torch state dict "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise EngramError(
+            f"weights: {path} is not a readable torch state dict "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EngramError(f"weights: {path} does not hold a state dict of tensors")
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def random_state_dict(layer: EngramLayer, seed: int) -> dict[str, torch.Tensor]:
@@ -92,50 +95,60 @@ def _check_state(layer: EngramLayer, state: dict[str, torch.Tensor]) -> None:
     expected = layer.state_dict()
     missing = [k for k in expected if k not in state and k != OFFSETS]
     if missing:
-        raise EngramError(f"weights: missing tensor(s) {', '.join(missing[:5])}"
-                          f"{' ...' if len(missing) > 5 else ''} (wrong --prefix or config?)")
+        raise EngramError(
+            f"weights: missing tensor(s) {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''} (wrong --prefix or config?)"
+        )
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise EngramError(f"weights: unexpected tensor(s) {', '.join(unexpected[:5])} "
-                          f"(checkpoint and config disagree)")
+        raise EngramError(f"weights: unexpected tensor(s) {', '.join(unexpected[:5])} (checkpoint and config disagree)")
     for name, value in state.items():
         if tuple(value.shape) != tuple(expected[name].shape):
-            raise EngramError(f"weights: tensor {name} has shape {list(value.shape)}, the config "
-                              f"expects {list(expected[name].shape)}")
+            raise EngramError(
+                f"weights: tensor {name} has shape {list(value.shape)}, the config expects {list(expected[name].shape)}"
+            )
         if name != OFFSETS and not value.is_floating_point():
             raise EngramError(f"weights: tensor {name} has dtype {value.dtype}, expected a float type")
     if OFFSETS in state and state[OFFSETS].tolist() != layer.hashing.offsets(layer.layer_id):
-        raise EngramError(f"weights: {OFFSETS} disagrees with the head primes of this config "
-                          f"(different engram_vocab_size, layer_ids or n_head_per_ngram?)")
+        raise EngramError(
+            f"weights: {OFFSETS} disagrees with the head primes of this config "
+            f"(different engram_vocab_size, layer_ids or n_head_per_ngram?)"
+        )
 
 
-def build_layer(config: EngramConfig, layer_id: int, weights: str | Path | None = None,
-                prefix: str = "", seed: int | None = None,
-                hashing: EngramHashing | None = None) -> EngramLayer:
+def build_layer(
+    config: EngramConfig,
+    layer_id: int,
+    weights: str | Path | None = None,
+    prefix: str = "",
+    seed: int | None = None,
+    hashing: EngramHashing | None = None,
+) -> EngramLayer:
     """A float32 layer in eval mode, with weights from ``weights`` or, if None, random from ``seed``."""
     if (weights is None) == (seed is None):
         raise EngramError("give either a weights file or a random-init seed, not both or neither")
     low, high = BOUNDS["seed"]
     if seed is not None and not (is_int(seed) and low <= seed <= high):
-        raise EngramError(f"weights: the random-init seed must be an integer in [{low}, {high}], "
-                          f"got {seed!r}")
+        raise EngramError(f"weights: the random-init seed must be an integer in [{low}, {high}], got {seed!r}")
     prefix = layer_prefix(prefix, layer_id)
     hashing = hashing or EngramHashing(config)
     with torch.device("meta"):
         layer = EngramLayer(config, layer_id, hashing)
     table = f"table {hashing.table_rows(layer_id)} rows x {config.head_dim}"
     source = "random" if weights is None else f"{weights}'s"
-    require_memory(tensor_bytes(layer.state_dict().values()),
-                   f"weights: {source} f32 weights of layer {layer_id} ({table})")
+    require_memory(
+        tensor_bytes(layer.state_dict().values()), f"weights: {source} f32 weights of layer {layer_id} ({table})"
+    )
     if weights is not None:
         state = read_checkpoint(weights, prefix)
         if not state:
             raise EngramError(f"weights: no tensor in {weights} starts with prefix {prefix!r}")
         _check_state(layer, state)
         # read (safetensors) or memory-mapped (.pt): the cast below copies what is not f32 yet
-        require_memory(sum(v.numel() * 4 for k, v in state.items()
-                           if k != OFFSETS and v.dtype != torch.float32),
-                       f"weights: casting {weights}'s weights of layer {layer_id} to f32 ({table})")
+        require_memory(
+            sum(v.numel() * 4 for k, v in state.items() if k != OFFSETS and v.dtype != torch.float32),
+            f"weights: casting {weights}'s weights of layer {layer_id} to f32 ({table})",
+        )
     else:
         log.info("random weights, seed %d, %s", seed, table)
         state = random_state_dict(layer, seed)

@@ -18,16 +18,21 @@ from engram_export.passes.fuse_gating import FuseGatingPass
 from engram_export.passes.fuse_projections import FuseProjectionsPass
 from engram_export.passes.fuse_short_conv import FuseShortConvPass
 
-__all__ = ["FuseProjectionsPass", "FuseGatingPass", "FuseShortConvPass", "FuseGatedConvPass",
-           "optimize", "lower_for_openvino", "PASSES"]
+__all__ = [
+    "FuseProjectionsPass",
+    "FuseGatingPass",
+    "FuseShortConvPass",
+    "FuseGatedConvPass",
+    "optimize",
+    "lower_for_openvino",
+    "PASSES",
+]
 
-PASSES = {"fuse-projections": FuseProjectionsPass, "fuse-gating": FuseGatingPass,
-          "fuse-short-conv": FuseShortConvPass}
+PASSES = {"fuse-projections": FuseProjectionsPass, "fuse-gating": FuseGatingPass, "fuse-short-conv": FuseShortConvPass}
 
 
 def _cleanup() -> list[ir.passes.PassBase]:
-    return [common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(),
-            common.RemoveUnusedOpsetsPass()]
+    return [common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()]
 
 
 def optimize(model: ir.Model) -> ir.passes.PassResult:

@@ -10,9 +10,21 @@ import onnx_ir as ir
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["RewritePass", "producer", "const", "scalar", "other_input", "attr", "RMSNorm",
-           "match_rms_norm", "Builder",
-           "Refused", "replace_value", "match_signed_sqrt_gate", "match_silu"]
+__all__ = [
+    "RewritePass",
+    "producer",
+    "const",
+    "scalar",
+    "other_input",
+    "attr",
+    "RMSNorm",
+    "match_rms_norm",
+    "Builder",
+    "Refused",
+    "replace_value",
+    "match_signed_sqrt_gate",
+    "match_silu",
+]
 
 
 class Refused(Exception):
@@ -117,8 +129,9 @@ def match_rms_norm(value: ir.Value) -> RMSNorm:
 def match_signed_sqrt_gate(value: ir.Value) -> tuple[ir.Value, float]:
     """``Sigmoid(Sqrt(Clip(Abs(s), floor)) * Sign(s))`` ending at ``value``: returns (s, floor)."""
     signed = producer(producer(value, "Sigmoid").inputs[0], "Mul")
-    sqrt_node = next((v.producer() for v in signed.inputs
-                      if v.producer() is not None and v.producer().op_type == "Sqrt"), None)
+    sqrt_node = next(
+        (v.producer() for v in signed.inputs if v.producer() is not None and v.producer().op_type == "Sqrt"), None
+    )
     if sqrt_node is None:
         raise Refused("gate: no signed square root")
     sign = producer(other_input(signed, sqrt_node.outputs[0]), "Sign")
@@ -150,8 +163,7 @@ class Builder:
         return self.tape.op(op_type, list(inputs), attributes or None)
 
     def ops(self, op_type: str, *inputs, num_outputs: int, **attributes) -> list[ir.Value]:
-        return list(self.tape.op_multi_out(op_type, list(inputs), attributes or None,
-                                           num_outputs=num_outputs))
+        return list(self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=num_outputs))
 
     def constant(self, name: str, array: np.ndarray) -> ir.Value:
         """A new initializer, named uniquely under the rewrite's prefix."""

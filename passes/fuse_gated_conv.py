@@ -18,9 +18,19 @@ import numpy as np
 import onnx_ir as ir
 
 from engram_export import onnx_op
-from engram_export.passes._graph import (Refused, RewritePass, attr, const, match_rms_norm,
-                                         match_signed_sqrt_gate, match_silu, other_input, producer,
-                                         replace_value, scalar)
+from engram_export.passes._graph import (
+    Refused,
+    RewritePass,
+    attr,
+    const,
+    match_rms_norm,
+    match_signed_sqrt_gate,
+    match_silu,
+    other_input,
+    producer,
+    replace_value,
+    scalar,
+)
 
 __all__ = ["FuseGatedConvPass"]
 
@@ -58,9 +68,15 @@ def match_block(residual: ir.Node) -> Block:
     columns = producer(conv.inputs[0], "Transpose")
     normed_gated, eps_conv = _unit_norm(producer(columns.inputs[0], "Reshape").inputs[0])
     weight = const(conv.inputs[1])
-    if (normed_gated is not gated or attr(rows, "perm") != [0, 2, 3, 1]
-            or attr(columns, "perm") != [0, 3, 1, 2] or weight is None or weight.ndim != 4
-            or len(conv.inputs) > 2 and conv.inputs[2] is not None):
+    if (
+        normed_gated is not gated
+        or attr(rows, "perm") != [0, 2, 3, 1]
+        or attr(columns, "perm") != [0, 3, 1, 2]
+        or weight is None
+        or weight.ndim != 4
+        or len(conv.inputs) > 2
+        and conv.inputs[2] is not None
+    ):
         raise Refused("not the batched causal conv of the gated value")
     kernel, dilation = weight.shape[2], attr(conv, "dilations", [1, 1])
     pads = attr(conv, "pads", [0, 0, 0, 0])
@@ -91,10 +107,23 @@ def match_block(residual: ir.Node) -> Block:
     groups, dim = hidden.shape[2], hidden.shape[3]
     if scales is None or scales.shape != (groups, dim) or weight.shape[0] != groups * dim:
         raise Refused("branch constants do not match [G, D]")
-    return Block(split.inputs[0], hidden, scales, weight, {
-        "eps_key": float(eps_key), "eps_query": float(eps_query), "eps_conv": float(eps_conv),
-        "score_scale": float(scalar(divide.inputs[1])), "floor": float(floor),
-        "channels": int(weight.shape[0]), "dilations": dilation, "pads": pads}, residual)
+    return Block(
+        split.inputs[0],
+        hidden,
+        scales,
+        weight,
+        {
+            "eps_key": float(eps_key),
+            "eps_query": float(eps_query),
+            "eps_conv": float(eps_conv),
+            "score_scale": float(scalar(divide.inputs[1])),
+            "floor": float(floor),
+            "channels": int(weight.shape[0]),
+            "dilations": dilation,
+            "pads": pads,
+        },
+        residual,
+    )
 
 
 class FuseGatedConvPass(RewritePass):
@@ -119,13 +148,15 @@ class FuseGatedConvPass(RewritePass):
             value = ir.Value(name=unique, const_value=ir.tensor(array.astype(np.float32), name=unique))
             graph.register_initializer(value)
             constants.append(value)
-        node = ir.node(onnx_op.GATED_CONV_OP_TYPE, [block.proj, block.hidden, *constants],
-                       attributes=block.attributes, domain=onnx_op.DOMAIN)
+        node = ir.node(
+            onnx_op.GATED_CONV_OP_TYPE,
+            [block.proj, block.hidden, *constants],
+            attributes=block.attributes,
+            domain=onnx_op.DOMAIN,
+        )
         graph.insert_before(block.residual, node)
         replace_value(block.residual.outputs[0], node.outputs[0])
-        function = ir.serde.deserialize_function(
-            onnx_op.gated_short_conv_function(model.opset_imports[""]))
+        function = ir.serde.deserialize_function(onnx_op.gated_short_conv_function(model.opset_imports[""]))
         model.functions.setdefault(function.identifier(), function)
         model.opset_imports.setdefault(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)
-        log.info("fuse-gated-conv: gates, gated value and short conv -> one %s node",
-                 onnx_op.GATED_CONV_OP_TYPE)
+        log.info("fuse-gated-conv: gates, gated value and short conv -> one %s node", onnx_op.GATED_CONV_OP_TYPE)

@@ -16,8 +16,18 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from engram_export.passes._graph import (Builder, Refused, RewritePass, attr, const, match_rms_norm,
-                                         match_signed_sqrt_gate, producer, replace_value, scalar)
+from engram_export.passes._graph import (
+    Builder,
+    Refused,
+    RewritePass,
+    attr,
+    const,
+    match_rms_norm,
+    match_signed_sqrt_gate,
+    producer,
+    replace_value,
+    scalar,
+)
 
 __all__ = ["FuseGatingPass", "merged_last_axis"]
 
@@ -60,9 +70,15 @@ def match_gate(value: ir.Value) -> Gate:
     select = producer(query_norm.x, "Gather")
     if attr(select, "axis") != 2 or const(select.inputs[1]) is None:
         raise Refused("gate: query is not hidden[:, :, i, :]")
-    return Gate(key_norm.x, select.inputs[0], int(const(select.inputs[1])),
-                (key_norm.weight, key_norm.eps), (query_norm.weight, query_norm.eps),
-                scalar(divide.inputs[1]), floor)
+    return Gate(
+        key_norm.x,
+        select.inputs[0],
+        int(const(select.inputs[1])),
+        (key_norm.weight, key_norm.eps),
+        (query_norm.weight, query_norm.eps),
+        scalar(divide.inputs[1]),
+        floor,
+    )
 
 
 def merged_last_axis(build: Builder, values: list[ir.Value]) -> ir.Value:
@@ -71,18 +87,27 @@ def merged_last_axis(build: Builder, values: list[ir.Value]) -> ir.Value:
     if len(values) == 1:
         return values[0]
     split = values[0].producer()
-    if (split is not None and split.op_type == "Split" and attr(split, "axis") == -1
-            and all(v.producer() is split for v in values)):
+    if (
+        split is not None
+        and split.op_type == "Split"
+        and attr(split, "axis") == -1
+        and all(v.producer() is split for v in values)
+    ):
         positions = [v.index() for v in values]
         sizes = const(split.inputs[1])
         if sizes is not None and positions == list(range(positions[0], positions[-1] + 1)):
-            merged = [*sizes[:positions[0]], sizes[positions[0]:positions[-1] + 1].sum(),
-                      *sizes[positions[-1] + 1:]]
-            parts = build.ops("Split", split.inputs[0], build.constant("split", np.array(merged)),
-                              axis=-1, num_outputs=len(merged))
-            for old, new in zip([o for i, o in enumerate(split.outputs)
-                                 if not positions[0] <= i <= positions[-1]],
-                                [p for i, p in enumerate(parts) if i != positions[0]]):
+            merged = [
+                *sizes[: positions[0]],
+                sizes[positions[0] : positions[-1] + 1].sum(),
+                *sizes[positions[-1] + 1 :],
+            ]
+            parts = build.ops(
+                "Split", split.inputs[0], build.constant("split", np.array(merged)), axis=-1, num_outputs=len(merged)
+            )
+            for old, new in zip(
+                [o for i, o in enumerate(split.outputs) if not positions[0] <= i <= positions[-1]],
+                [p for i, p in enumerate(parts) if i != positions[0]],
+            ):
                 replace_value(old, new)
             return parts[positions[0]]
     return build.op("Concat", *values, axis=-1)
@@ -127,18 +152,22 @@ class FuseGatingPass(RewritePass):
     def _fuse(graph: ir.Graph, concat: ir.Node, gates: list[Gate]) -> None:
         build = Builder(graph, "fused_gating")
         groups, dim = len(gates), gates[0].key_norm[0].shape[0]
-        keys = build.op("Reshape", merged_last_axis(build, [g.key for g in gates]),
-                        build.constant("shape", np.array([0, 0, groups, dim], np.int64)))
+        keys = build.op(
+            "Reshape",
+            merged_last_axis(build, [g.key for g in gates]),
+            build.constant("shape", np.array([0, 0, groups, dim], np.int64)),
+        )
         keys = build.rms_norm(keys, gates[0].key_norm[1], dim)
         query = build.rms_norm(gates[0].hidden, gates[0].query_norm[1], dim)
         # sum(k * w1 * q * w2): both norms' scales folded into one [G, D] constant
         scales = np.stack([g.key_norm[0] * g.query_norm[0] for g in gates])
         product = build.op("Mul", build.op("Mul", keys, query), build.constant("norm_scales", scales))
-        score = build.op("ReduceSum", product, build.constant("last_axis", np.array([-1], np.int64)),
-                         keepdims=1)
+        score = build.op("ReduceSum", product, build.constant("last_axis", np.array([-1], np.int64)), keepdims=1)
         score = build.op("Div", score, build.constant("scale", np.array(gates[0].scale, np.float32)))
-        magnitude = build.op("Sqrt", build.op("Clip", build.op("Abs", score), build.constant(
-            "floor", np.array(gates[0].floor, np.float32))))
+        magnitude = build.op(
+            "Sqrt",
+            build.op("Clip", build.op("Abs", score), build.constant("floor", np.array(gates[0].floor, np.float32))),
+        )
         gate = build.op("Sigmoid", build.op("Mul", magnitude, build.op("Sign", score)))
         build.insert_before(concat)
         replace_value(concat.outputs[0], gate)

@@ -58,16 +58,16 @@ class FuseProjectionsPass(ir.passes.InPlacePass):
     def _fuse(graph: ir.Graph, source: ir.Value, group) -> None:
         build = Builder(graph, "fused_projection")
         weight = np.concatenate([p[2] for p in group], axis=1)
-        bias = np.concatenate([p[3] if p[3] is not None else np.zeros(p[2].shape[1], p[2].dtype)
-                               for p in group])
+        bias = np.concatenate([p[3] if p[3] is not None else np.zeros(p[2].shape[1], p[2].dtype) for p in group])
         sizes = np.array([p[2].shape[1] for p in group], np.int64)
-        fused = build.op("Add", build.op("MatMul", source, build.constant("weight", weight)),
-                         build.constant("bias", bias))
-        parts = build.ops("Split", fused, build.constant("sizes", sizes), axis=-1,
-                          num_outputs=len(group))
+        fused = build.op(
+            "Add", build.op("MatMul", source, build.constant("weight", weight)), build.constant("bias", bias)
+        )
+        parts = build.ops("Split", fused, build.constant("sizes", sizes), axis=-1, num_outputs=len(group))
         first = min(graph.index(p[0]) for p in group)
         build.insert_before(graph.node(first))
         for (matmul, add, _, _), part in zip(group, parts):
             replace_value((add or matmul).outputs[0], part)
-        log.info("fuse-projections: %d projections of %s -> one MatMul [%d, %d]", len(group),
-                 source.name, *weight.shape)
+        log.info(
+            "fuse-projections: %d projections of %s -> one MatMul [%d, %d]", len(group), source.name, *weight.shape
+        )

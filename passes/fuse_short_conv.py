@@ -16,8 +16,18 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from engram_export.passes._graph import (Builder, Refused, RewritePass, attr, const, match_rms_norm,
-                                         match_silu, other_input, producer, replace_value)
+from engram_export.passes._graph import (
+    Builder,
+    Refused,
+    RewritePass,
+    attr,
+    const,
+    match_rms_norm,
+    match_silu,
+    other_input,
+    producer,
+    replace_value,
+)
 
 __all__ = ["FuseShortConvPass"]
 
@@ -26,11 +36,11 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class ShortConv:
-    value: ir.Value          # [B,T,G,D], the conv's input and the residual
+    value: ir.Value  # [B,T,G,D], the conv's input and the residual
     norm_weight: np.ndarray  # [G,D]
     eps: float
     conv: ir.Node
-    residual: ir.Node        # the final Add
+    residual: ir.Node  # the final Add
 
 
 def _perm(node: ir.Node) -> list[int]:
@@ -88,8 +98,12 @@ def _check_causal_crop(conv: ir.Node, crop: ir.Node, value: ir.Value) -> None:
         raise Refused("the crop does not keep outputs from t = 0 on the time axis")
     end = producer(crop.inputs[2], "Shape")
     source = end.inputs[0]
-    if (attr(end, "start"), attr(end, "end")) != (1, 2) or source.shape is None or \
-            value.shape is None or source.shape[1] != value.shape[1]:
+    if (
+        (attr(end, "start"), attr(end, "end")) != (1, 2)
+        or source.shape is None
+        or value.shape is None
+        or source.shape[1] != value.shape[1]
+    ):
         raise Refused("the crop does not keep exactly T outputs")
 
 
@@ -115,16 +129,29 @@ class FuseShortConvPass(RewritePass):
         normed = build.rms_norm(block.value, block.eps, dim)
         # The norms' [G, D] scales fold into the depthwise conv's per-channel weights.
         weight = const(conv.inputs[1]) * block.norm_weight.reshape(channels, 1, 1)
-        columns = build.op("Transpose", build.op("Reshape", normed, build.constant(
-            "columns", np.array([0, 0, 1, channels], np.int64))), perm=[0, 3, 1, 2])  # [B,C,T,1]
-        mixed = build.op("Conv", columns, build.constant("weight", weight[..., None]), group=channels,
-                         kernel_shape=[kernel, 1], dilations=[dilation, 1],
-                         pads=[(kernel - 1) * dilation, 0, 0, 0])
+        columns = build.op(
+            "Transpose",
+            build.op("Reshape", normed, build.constant("columns", np.array([0, 0, 1, channels], np.int64))),
+            perm=[0, 3, 1, 2],
+        )  # [B,C,T,1]
+        mixed = build.op(
+            "Conv",
+            columns,
+            build.constant("weight", weight[..., None]),
+            group=channels,
+            kernel_shape=[kernel, 1],
+            dilations=[dilation, 1],
+            pads=[(kernel - 1) * dilation, 0, 0, 0],
+        )
         activated = build.op("Mul", mixed, build.op("Sigmoid", mixed))
-        back = build.op("Reshape", build.op("Transpose", activated, perm=[0, 2, 3, 1]),
-                        build.constant("shape", np.array([0, 0, groups, dim], np.int64)))
+        back = build.op(
+            "Reshape",
+            build.op("Transpose", activated, perm=[0, 2, 3, 1]),
+            build.constant("shape", np.array([0, 0, groups, dim], np.int64)),
+        )
         output = build.op("Add", block.value, back)
         build.insert_before(block.residual)
         replace_value(block.residual.outputs[0], output)
-        log.info("fuse-short-conv: %d branch norms and a cropped conv -> causal conv on %d channels",
-                 groups, groups * dim)
+        log.info(
+            "fuse-short-conv: %d branch norms and a cropped conv -> causal conv on %d channels", groups, groups * dim
+        )

@@ -46,9 +46,20 @@ def load_backbone(device: str):
 
 
 def engram_config(tokenizer_json: Path, layer: int) -> EngramConfig:
-    return EngramConfig(engram_vocab_size=(131072, 131072), max_ngram_size=3, n_embed_per_ngram=256,
-                        n_head_per_ngram=4, layer_ids=(layer,), pad_id=0, seed=0, kernel_size=4,
-                        hidden_size=384, hc_mult=1, vocab_size=30522, tokenizer=str(tokenizer_json))
+    return EngramConfig(
+        engram_vocab_size=(131072, 131072),
+        max_ngram_size=3,
+        n_embed_per_ngram=256,
+        n_head_per_ngram=4,
+        layer_ids=(layer,),
+        pad_id=0,
+        seed=0,
+        kernel_size=4,
+        hidden_size=384,
+        hc_mult=1,
+        vocab_size=30522,
+        tokenizer=str(tokenizer_json),
+    )
 
 
 class Backbone:
@@ -123,8 +134,7 @@ def forward(backbone, runtime, ids, overlapped: bool, timeline=None):
     state = hidden.float().cpu().numpy()[:, :, None, :]
     out = runtime.fuse(handle, state) if overlapped else runtime(ids, state)
     if timeline is not None:
-        timeline.append(("engram " + ("fuse" if overlapped else "lookup + fuse"), start - t0,
-                         time.perf_counter() - t0))
+        timeline.append(("engram " + ("fuse" if overlapped else "lookup + fuse"), start - t0, time.perf_counter() - t0))
     hidden = backbone.run(engram_residual(out, hidden), backbone.layer, 6, timeline, t0)
     return hidden, time.perf_counter() - t0
 
@@ -167,8 +177,10 @@ def main() -> None:
     runtime = EngramRuntime(compile_onnx(onnx_path, Path(folder.name) / "engram.xml", args.precision))
     backbone = Backbone(model, args.layer)
     ids = np.array([tokenizer.encode(TEXT).ids] * 8, dtype=np.int64)
-    print(f"backbone MiniLM-L6 on {args.device}, Engram layer before backbone layer {args.layer} in "
-          f"OpenVINO ({runtime.precision}); batch {ids.shape[0]} x {ids.shape[1]} tokens")
+    print(
+        f"backbone MiniLM-L6 on {args.device}, Engram layer before backbone layer {args.layer} in "
+        f"OpenVINO ({runtime.precision}); batch {ids.shape[0]} x {ids.shape[1]} tokens"
+    )
 
     timeline: list = []
     forward(backbone, runtime, ids, overlapped=True)  # warm-up
@@ -185,18 +197,24 @@ def main() -> None:
     plain, _ = forward(backbone, runtime, ids, overlapped=False)
     fused, _ = forward(backbone, runtime, ids, overlapped=True)
     assert torch.allclose(plain, fused, atol=1e-5), "prefetch changed the result"
-    print(f"\nend to end, median of {args.repeat}: serial {serial:.2f} ms, overlapped {overlapped:.2f} ms "
-          f"({serial / overlapped:.2f}x); outputs identical")
+    print(
+        f"\nend to end, median of {args.repeat}: serial {serial:.2f} ms, overlapped {overlapped:.2f} ms "
+        f"({serial / overlapped:.2f}x); outputs identical"
+    )
 
     difference = drop_in(model, engram_layer, runtime, ids, args.layer)
-    print(f"\ndrop-in: the PyTorch model with its Engram module swapped for OpenVINO's "
-          f"(swap_engram_modules, lookup prefetched by the model's pre-hook): max difference "
-          f"{difference:.1e} of the largest output ({runtime.precision})")
+    print(
+        f"\ndrop-in: the PyTorch model with its Engram module swapped for OpenVINO's "
+        f"(swap_engram_modules, lookup prefetched by the model's pre-hook): max difference "
+        f"{difference:.1e} of the largest output ({runtime.precision})"
+    )
     assert difference < 0.05, "the swapped model disagrees with the PyTorch one"
 
     prompt = np.array([tokenizer.encode("the horse").ids[:-1]], dtype=np.int64)  # without [SEP]
-    print(f"\ngreedy-style decode ({args.steps} steps through rt.session): "
-          f"{greedy_loop(backbone, runtime, tokenizer, prompt, args.steps)!r}")
+    print(
+        f"\ngreedy-style decode ({args.steps} steps through rt.session): "
+        f"{greedy_loop(backbone, runtime, tokenizer, prompt, args.steps)!r}"
+    )
 
 
 if __name__ == "__main__":

@@ -41,9 +41,11 @@ def _export_and_compile(layer, folder: Path, optimize: bool) -> dict[str, Path]:
     from engram_export.export import export_layer
 
     onnx_path = export_layer(layer, folder / "engram.onnx", optimize=optimize)
-    return {"onnx": onnx_path,
-            "f32": compile_onnx(onnx_path, folder / "engram_f32.xml", "f32"),
-            "bf16": compile_onnx(onnx_path, folder / "engram_bf16.xml", "bf16")}
+    return {
+        "onnx": onnx_path,
+        "f32": compile_onnx(onnx_path, folder / "engram_f32.xml", "f32"),
+        "bf16": compile_onnx(onnx_path, folder / "engram_bf16.xml", "bf16"),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +67,11 @@ def folders(tiny_config, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("serving")
     exported = export_folder(tiny_config, root / "onnx", seed=5)
-    return {"onnx": exported, "bf16": compile_folder(exported, root / "bf16", "bf16"),
-            "f32": compile_folder(exported, root / "f32", "f32")}
+    return {
+        "onnx": exported,
+        "bf16": compile_folder(exported, root / "bf16", "bf16"),
+        "f32": compile_folder(exported, root / "f32", "f32"),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -33,18 +33,20 @@ def checkpoint(tiny_layer, tmp_path_factory) -> Path:
 def test_export_compile_run_matches_pytorch(checkpoint, tiny_layer, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    cli("export", "--config", "tiny", "--weights", checkpoint, "--layer", TINY_LAYER,
-        "-o", out / "engram.onnx")
+    cli("export", "--config", "tiny", "--weights", checkpoint, "--layer", TINY_LAYER, "-o", out / "engram.onnx")
     cli("compile", out / "engram.onnx", "--precision", "bf16", "-o", out / "engram_bf16.xml")
     cli("compile", out / "engram.onnx", "-o", out / "engram.xml")
-    assert leftovers(out) == sorted(["engram.onnx", "engram.xml", "engram.bin", "engram_bf16.xml",
-                                     "engram_bf16.bin"])
+    assert leftovers(out) == sorted(["engram.onnx", "engram.xml", "engram.bin", "engram_bf16.xml", "engram_bf16.bin"])
     ids, hidden = random_inputs(tiny_layer.config, tiny_layer.config.vocab_size, 50, 14, seed=9)
     np.savez(tmp_path / "in.npz", input_ids=ids, hidden_states=hidden)
     with torch.inference_mode():
         reference = tiny_layer(torch.from_numpy(ids), torch.from_numpy(hidden)).double().numpy()
-    for model, runtime, precision in [("engram.xml", "ov", "f32"), ("engram.onnx", "ort", "f32"),
-                                      ("engram.onnx", "ov", "f32"), ("engram_bf16.xml", "ov", "bf16")]:
+    for model, runtime, precision in [
+        ("engram.xml", "ov", "f32"),
+        ("engram.onnx", "ort", "f32"),
+        ("engram.onnx", "ov", "f32"),
+        ("engram_bf16.xml", "ov", "bf16"),
+    ]:
         result = tmp_path / f"{model}.{runtime}.npz"
         cli("run", out / model, "--inputs", tmp_path / "in.npz", "-o", result, "--runtime", runtime)
         output = np.load(result)["output"]
@@ -52,8 +54,19 @@ def test_export_compile_run_matches_pytorch(checkpoint, tiny_layer, tmp_path):
 
 
 def test_verify_prints_every_path(checkpoint):
-    done = cli("verify", "--config", "tiny", "--weights", checkpoint, "--layer", TINY_LAYER,
-               "--shape", "50x14", "--shape", "1x1")
+    done = cli(
+        "verify",
+        "--config",
+        "tiny",
+        "--weights",
+        checkpoint,
+        "--layer",
+        TINY_LAYER,
+        "--shape",
+        "50x14",
+        "--shape",
+        "1x1",
+    )
     for path in ("onnxruntime f32", "openvino f32", "openvino bf16", "pytorch (demo layout)"):
         assert done.stdout.count(path) == 2, done.stdout
     assert "max_rel" in done.stdout and "min_cos" in done.stdout
@@ -67,58 +80,131 @@ def test_demo_runs_with_a_small_table():
 
 
 def test_random_init_export(tmp_path):
-    cli("export", "--config", "tiny", "--random-init", "--seed", "3", "--layer", 1,
-        "-o", tmp_path / "r.onnx")
+    cli("export", "--config", "tiny", "--random-init", "--seed", "3", "--layer", 1, "-o", tmp_path / "r.onnx")
     assert (tmp_path / "r.onnx").is_file()
 
 
 def test_bad_cli_inputs(checkpoint, tmp_path, tiny_files):
-    refused(cli("export", "--config", "tiny", "--weights", checkpoint, "--layer", TINY_LAYER,
-                "-o", tmp_path / "missing" / "e.onnx", check=False), "output folder")
-    refused(cli("export", "--config", "tiny", "--weights", checkpoint, "--layer", 2,
-                "-o", tmp_path / "e.onnx", check=False), "layer 2 is not an Engram layer")
+    refused(
+        cli(
+            "export",
+            "--config",
+            "tiny",
+            "--weights",
+            checkpoint,
+            "--layer",
+            TINY_LAYER,
+            "-o",
+            tmp_path / "missing" / "e.onnx",
+            check=False,
+        ),
+        "output folder",
+    )
+    refused(
+        cli(
+            "export", "--config", "tiny", "--weights", checkpoint, "--layer", 2, "-o", tmp_path / "e.onnx", check=False
+        ),
+        "layer 2 is not an Engram layer",
+    )
     config = json.loads((Path(__file__).parents[1] / "models/presets/tiny.json").read_text())
     del config["hc_mult"]
     (tmp_path / "bad.json").write_text(json.dumps(config))
-    refused(cli("export", "--config", tmp_path / "bad.json", "--random-init", "--layer", 1,
-                "-o", tmp_path / "e.onnx", check=False), "missing field(s) hc_mult")
+    refused(
+        cli(
+            "export",
+            "--config",
+            tmp_path / "bad.json",
+            "--random-init",
+            "--layer",
+            1,
+            "-o",
+            tmp_path / "e.onnx",
+            check=False,
+        ),
+        "missing field(s) hc_mult",
+    )
     truncated = tmp_path / "trunc.safetensors"
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
-    refused(cli("export", "--config", "tiny", "--weights", truncated, "--layer", TINY_LAYER,
-                "-o", tmp_path / "e.onnx", check=False), "not a readable safetensors")
-    refused(cli("export", "--config", "deepseek-demo", "--weights", checkpoint, "--layer", 1,
-                "-o", tmp_path / "e.onnx", check=False), "has shape")
-    refused(cli("compile", tiny_files["onnx"], "-o", tmp_path / "nope" / "m.xml", check=False),
-            "output folder")
+    refused(
+        cli(
+            "export",
+            "--config",
+            "tiny",
+            "--weights",
+            truncated,
+            "--layer",
+            TINY_LAYER,
+            "-o",
+            tmp_path / "e.onnx",
+            check=False,
+        ),
+        "not a readable safetensors",
+    )
+    refused(
+        cli(
+            "export",
+            "--config",
+            "deepseek-demo",
+            "--weights",
+            checkpoint,
+            "--layer",
+            1,
+            "-o",
+            tmp_path / "e.onnx",
+            check=False,
+        ),
+        "has shape",
+    )
+    refused(cli("compile", tiny_files["onnx"], "-o", tmp_path / "nope" / "m.xml", check=False), "output folder")
     assert leftovers(tmp_path) == ["bad.json", "trunc.safetensors"]
 
 
-@pytest.mark.parametrize("inputs,message", [
-    (lambda ids, h: dict(input_ids=ids + 5000, hidden_states=h), "out of range [0, 5000)"),
-    (lambda ids, h: dict(input_ids=ids[0], hidden_states=h), "input_ids must be [batch, tokens]"),
-    (lambda ids, h: dict(input_ids=ids, hidden_states=h.astype(np.float16)), "must be float32"),
-    (lambda ids, h: dict(input_ids=ids, hidden_states=h[:, :, :2]), "got [2, 3, 2, 48]"),
-    (lambda ids, h: dict(input_ids=ids[:, :0], hidden_states=h[:, :0]), "input_ids is empty"),
-    (lambda ids, h: dict(input_ids=ids), "has no hidden_states"),
-])
+@pytest.mark.parametrize(
+    "inputs,message",
+    [
+        (lambda ids, h: dict(input_ids=ids + 5000, hidden_states=h), "out of range [0, 5000)"),
+        (lambda ids, h: dict(input_ids=ids[0], hidden_states=h), "input_ids must be [batch, tokens]"),
+        (lambda ids, h: dict(input_ids=ids, hidden_states=h.astype(np.float16)), "must be float32"),
+        (lambda ids, h: dict(input_ids=ids, hidden_states=h[:, :, :2]), "got [2, 3, 2, 48]"),
+        (lambda ids, h: dict(input_ids=ids[:, :0], hidden_states=h[:, :0]), "input_ids is empty"),
+        (lambda ids, h: dict(input_ids=ids), "has no hidden_states"),
+    ],
+)
 def test_run_refuses_bad_inputs(tiny_files, tmp_path, inputs, message):
     ids, hidden = random_inputs(load_tiny(), 5000, 2, 3)
     np.savez(tmp_path / "in.npz", **inputs(ids, hidden))
-    refused(cli("run", tiny_files["f32"], "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz",
-                check=False), message)
+    refused(
+        cli("run", tiny_files["f32"], "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz", check=False), message
+    )
     assert leftovers(tmp_path) == ["in.npz"]
 
 
 def test_run_refuses_corrupt_inputs_and_models(tiny_files, tmp_path):
     (tmp_path / "in.npz").write_bytes(b"not a zip")
-    refused(cli("run", tiny_files["f32"], "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz",
-                check=False), "not a readable .npz")
+    refused(
+        cli("run", tiny_files["f32"], "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz", check=False),
+        "not a readable .npz",
+    )
     ids, hidden = random_inputs(load_tiny(), 5000, 2, 3)
     np.savez(tmp_path / "ok.npz", input_ids=ids, hidden_states=hidden)
-    refused(cli("run", tmp_path / "none.xml", "--inputs", tmp_path / "ok.npz", "-o", tmp_path / "o.npz",
-                check=False), "does not exist")
-    refused(cli("run", tiny_files["f32"], "--runtime", "ort", "--inputs", tmp_path / "ok.npz",
-                "-o", tmp_path / "o.npz", check=False), "ONNX Runtime runs .onnx files")
+    refused(
+        cli("run", tmp_path / "none.xml", "--inputs", tmp_path / "ok.npz", "-o", tmp_path / "o.npz", check=False),
+        "does not exist",
+    )
+    refused(
+        cli(
+            "run",
+            tiny_files["f32"],
+            "--runtime",
+            "ort",
+            "--inputs",
+            tmp_path / "ok.npz",
+            "-o",
+            tmp_path / "o.npz",
+            check=False,
+        ),
+        "ONNX Runtime runs .onnx files",
+    )
     assert leftovers(tmp_path) == ["in.npz", "ok.npz"]
 
 
@@ -130,8 +216,12 @@ def load_tiny():
 
 def test_help_is_fast_and_lists_commands():
     """The one subprocess run: the module entry point, as the installed script calls it."""
-    done = subprocess.run([sys.executable, "-m", "engram_export.cli", "--help"], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    done = subprocess.run(
+        [sys.executable, "-m", "engram_export.cli", "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     assert done.returncode == 0, done.stderr
     for command in ("export", "compile", "run", "verify", "demo"):
         assert command in done.stdout
@@ -146,12 +236,18 @@ def test_optimize_prints_node_counts(tiny_raw_files, tmp_path):
 
 @pytest.mark.slow
 def test_bench_prints_every_row():
-    done = cli("bench", "--config", "tiny", "--batch", "2", "--tokens", "3", "--repeat", "2",
-               "--warmup", "1")
-    for row in ("pytorch eager (demo layout) f32", "pytorch eager (demo layout) bf16",
-                "onnxruntime raw f32", "onnxruntime optimized f32", "openvino raw f32",
-                "openvino optimized f32", "openvino matmul floor f32", "openvino optimized bf16",
-                "openvino matmul floor bf16"):
+    done = cli("bench", "--config", "tiny", "--batch", "2", "--tokens", "3", "--repeat", "2", "--warmup", "1")
+    for row in (
+        "pytorch eager (demo layout) f32",
+        "pytorch eager (demo layout) bf16",
+        "onnxruntime raw f32",
+        "onnxruntime optimized f32",
+        "openvino raw f32",
+        "openvino optimized f32",
+        "openvino matmul floor f32",
+        "openvino optimized bf16",
+        "openvino matmul floor bf16",
+    ):
         assert row in done.stdout, row
     assert "CPU:" in done.stdout and ("AMX present" in done.stdout or "no AMX" in done.stdout)
     assert "lookup alone" in done.stdout and "table_memory" in done.stdout  # the lookup tables, at the config's size

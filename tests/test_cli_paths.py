@@ -30,13 +30,15 @@ def inputs(tiny_config, tmp_path_factory) -> Path:
 
 def commands(files, folders, inputs, out: Path) -> dict[str, list]:
     """One argv per command writing ``out`` (a file path for file outputs: the suffix is replaced)."""
-    return {"export": [*EXPORT, "-o", out.with_suffix(".onnx")],
-            "optimize": ["optimize", files["onnx"], "-o", out.with_suffix(".onnx")],
-            "compile": ["compile", files["onnx"], "-o", out.with_suffix(".xml")],
-            "quantize": ["quantize", files["f32"], "--mode", "int8-weights", "-o", out.with_suffix(".xml")],
-            "run": ["run", files["f32"], "--inputs", inputs, "-o", out.with_suffix(".npz")],
-            "compile-folder": ["compile", folders["onnx"], "-o", out],
-            "export-folder": ["export", "--config", "tiny", "--random-init", "-o", out]}
+    return {
+        "export": [*EXPORT, "-o", out.with_suffix(".onnx")],
+        "optimize": ["optimize", files["onnx"], "-o", out.with_suffix(".onnx")],
+        "compile": ["compile", files["onnx"], "-o", out.with_suffix(".xml")],
+        "quantize": ["quantize", files["f32"], "--mode", "int8-weights", "-o", out.with_suffix(".xml")],
+        "run": ["run", files["f32"], "--inputs", inputs, "-o", out.with_suffix(".npz")],
+        "compile-folder": ["compile", folders["onnx"], "-o", out],
+        "export-folder": ["export", "--config", "tiny", "--random-init", "-o", out],
+    }
 
 
 def refused_and_untouched(tmp_path: Path, argv, message: str) -> None:
@@ -67,8 +69,9 @@ def test_a_non_empty_folder_or_a_file_as_output_folder(tiny_files, folders, inpu
     refused_and_untouched(tmp_path, argv, "exists and is not an empty folder")
 
 
-@pytest.mark.parametrize("command", ["export", "optimize", "compile", "quantize", "run", "compile-folder",
-                                     "export-folder"])
+@pytest.mark.parametrize(
+    "command", ["export", "optimize", "compile", "quantize", "run", "compile-folder", "export-folder"]
+)
 def test_a_read_only_output_folder(tiny_files, folders, inputs, tmp_path, monkeypatch, command):
     argv = commands(tiny_files, folders, inputs, tmp_path / "out")[command]
     access = os.access
@@ -101,8 +104,9 @@ def test_names_near_the_file_system_limit(tiny_files, tmp_path):
     longest = tmp_path / ("m" * 251 + ".xml")  # 255 bytes, and so is its .bin
     assert run_cli("compile", tiny_files["onnx"], "-o", longest)[0] == 0
     assert listing(tmp_path) == sorted([longest.name, longest.with_suffix(".bin").name])
-    refused_and_untouched(tmp_path, ["compile", tiny_files["onnx"], "-o", tmp_path / ("m" * 252 + ".xml")],
-                          "is longer than the 255 bytes")
+    refused_and_untouched(
+        tmp_path, ["compile", tiny_files["onnx"], "-o", tmp_path / ("m" * 252 + ".xml")], "is longer than the 255 bytes"
+    )
     # an .onnx of 255 bytes could not have its external data beside it
     refused_and_untouched(tmp_path, [*EXPORT, "-o", tmp_path / ("e" * 250 + ".onnx")], ".onnx.data is longer")
 
@@ -111,43 +115,55 @@ def test_output_equal_to_an_input(tiny_files, folders, inputs, tmp_path):
     (tmp_path / "in.npz").write_bytes(inputs.read_bytes())
     (tmp_path / "e.onnx").write_bytes(tiny_files["onnx"].read_bytes())
     (tmp_path / "q.bin").symlink_to(tiny_files["f32"].with_suffix(".bin"))  # -o q.xml writes q.bin
-    for argv in (["optimize", tmp_path / "e.onnx", "-o", tmp_path / "e.onnx"],
-                 ["run", tiny_files["f32"], "--inputs", tmp_path / "in.npz", "-o", tmp_path / "in.npz"],
-                 ["quantize", tiny_files["f32"], "--mode", "int8-weights", "-o", tiny_files["f32"]],
-                 ["quantize", tiny_files["f32"], "--mode", "int8-weights", "-o", tmp_path / "q.xml"],
-                 ["compile", folders["onnx"], "-o", folders["onnx"]],
-                 ["quantize", folders["f32"], "--mode", "int8-weights", "-o", folders["f32"]]):
+    for argv in (
+        ["optimize", tmp_path / "e.onnx", "-o", tmp_path / "e.onnx"],
+        ["run", tiny_files["f32"], "--inputs", tmp_path / "in.npz", "-o", tmp_path / "in.npz"],
+        ["quantize", tiny_files["f32"], "--mode", "int8-weights", "-o", tiny_files["f32"]],
+        ["quantize", tiny_files["f32"], "--mode", "int8-weights", "-o", tmp_path / "q.xml"],
+        ["compile", folders["onnx"], "-o", folders["onnx"]],
+        ["quantize", folders["f32"], "--mode", "int8-weights", "-o", folders["f32"]],
+    ):
         refused_and_untouched(tmp_path, argv, "would overwrite an input")
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"weights")
-    refused_and_untouched(tmp_path, ["export", "--config", "tiny", "--weights", weights, "-o", weights],
-                          "would overwrite an input")
+    refused_and_untouched(
+        tmp_path, ["export", "--config", "tiny", "--weights", weights, "-o", weights], "would overwrite an input"
+    )
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["bench", "--config", "tiny", "--batch", "0", "--tokens", "1"], "--batch must be >= 1, got 0"),
-    (["bench", "--config", "tiny", "--batch", "2", "--tokens", "-3"], "--tokens must be >= 1, got -3"),
-    (["bench", "--config", "tiny", "--repeat", "0"], "--repeat must be >= 1"),
-    (["bench", "--config", "tiny", "--warmup", "-1"], "--warmup must be >= 0"),
-    (["bench", "--config", "tiny", "--engram-vocab-size", "0"], "--engram-vocab-size must be >= 1"),
-    (["demo", "--engram-vocab-size", "0"], "--engram-vocab-size must be >= 1"),
-    (["demo", "--engram-vocab-size", "-5"], "--engram-vocab-size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--config", "tiny", "--batch", "0", "--tokens", "1"], "--batch must be >= 1, got 0"),
+        (["bench", "--config", "tiny", "--batch", "2", "--tokens", "-3"], "--tokens must be >= 1, got -3"),
+        (["bench", "--config", "tiny", "--repeat", "0"], "--repeat must be >= 1"),
+        (["bench", "--config", "tiny", "--warmup", "-1"], "--warmup must be >= 0"),
+        (["bench", "--config", "tiny", "--engram-vocab-size", "0"], "--engram-vocab-size must be >= 1"),
+        (["demo", "--engram-vocab-size", "0"], "--engram-vocab-size must be >= 1"),
+        (["demo", "--engram-vocab-size", "-5"], "--engram-vocab-size must be >= 1"),
+    ],
+)
 def test_zero_and_negative_counts(argv, message):
     refused(run_cli(*argv), message)
 
 
 @pytest.mark.parametrize("flag", ["--group-size", "--subset-size"])
 def test_zero_quantize_sizes(tiny_files, tmp_path, flag):
-    refused_and_untouched(tmp_path, ["quantize", tiny_files["f32"], "--mode", "int4-weights", flag, "0",
-                                     "-o", tmp_path / "q.xml"], f"{flag} must be >= 1")
+    refused_and_untouched(
+        tmp_path,
+        ["quantize", tiny_files["f32"], "--mode", "int4-weights", flag, "0", "-o", tmp_path / "q.xml"],
+        f"{flag} must be >= 1",
+    )
 
 
 def test_a_npy_named_npz(tiny_files, tmp_path):
     np.save(tmp_path / "in.npy", np.zeros(3, np.float32))
     (tmp_path / "in.npy").rename(tmp_path / "in.npz")
-    refused_and_untouched(tmp_path, ["run", tiny_files["f32"], "--inputs", tmp_path / "in.npz",
-                                     "-o", tmp_path / "o.npz"], "is not an .npz archive")
+    refused_and_untouched(
+        tmp_path,
+        ["run", tiny_files["f32"], "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz"],
+        "is not an .npz archive",
+    )
 
 
 def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
@@ -173,8 +189,7 @@ def test_outputs_follow_the_umask(tiny_files, tmp_path, umask):
     finally:
         os.umask(old)
     files = ["e.onnx", "c.xml", "c.bin", "f/manifest.json", "f/layer_1.onnx"]
-    assert {f: oct(os.stat(tmp_path / f).st_mode & 0o777) for f in files} == \
-        {f: oct(0o666 & ~umask) for f in files}
+    assert {f: oct(os.stat(tmp_path / f).st_mode & 0o777) for f in files} == {f: oct(0o666 & ~umask) for f in files}
     assert oct(os.stat(tmp_path / "f").st_mode & 0o777) == oct(0o777 & ~umask)
 
 
@@ -186,8 +201,10 @@ def test_unexpected_errors_are_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "trace", broken)
     code, out, err = run_cli(*EXPORT, "-o", tmp_path / "e.onnx")
-    assert (code, err) == (1, "engram-export: error: export failed: RuntimeError: kaput "
-                              "(run with --debug for the trace)\n")
+    assert (code, err) == (
+        1,
+        "engram-export: error: export failed: RuntimeError: kaput (run with --debug for the trace)\n",
+    )
     code, out, err = run_cli("--debug", *EXPORT, "-o", tmp_path / "e.onnx")
     assert code == 1 and "Traceback" in err and err.endswith("(run with --debug for the trace)\n")
 
@@ -205,9 +222,13 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     # SIGINT back to its default in the child: a suite started in the background (`pytest &`) has it
     # ignored, and Python then keeps ignoring it
-    process = subprocess.Popen([sys.executable, "-m", "engram_export.cli", "demo", "--engram-vocab-size",
-                                "200000", "--workdir", tmp_path], stderr=subprocess.PIPE, text=True, env=env,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engram_export.cli", "demo", "--engram-vocab-size", "200000", "--workdir", tmp_path],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines = []
     for line in process.stderr:  # progress lines: interrupt once the export has started writing
         lines.append(line)

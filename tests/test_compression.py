@@ -35,8 +35,10 @@ def test_table_matches_an_independent_implementation(bert_lut, tokenizer_json):
 
     tokenizer = Tokenizer.from_file(str(tokenizer_json))
     keys: dict[str, int] = {}
-    expected = [keys.setdefault(spec_key(tokenizer, i), len(keys))
-                for i in range(tokenizer.get_vocab_size(with_added_tokens=True))]
+    expected = [
+        keys.setdefault(spec_key(tokenizer, i), len(keys))
+        for i in range(tokenizer.get_vocab_size(with_added_tokens=True))
+    ]
     np.testing.assert_array_equal(bert_lut, expected)
     assert len(keys) < len(bert_lut)  # something was merged
 
@@ -59,8 +61,9 @@ def test_config_with_tokenizer_compresses_ids_and_pad(tiny_config, tokenizer_jso
     ids = np.array([[101, 7592, -1, 2088], [1010, 1012, 102, 0]])
     compressed = np.where(ids >= 0, bert_lut[np.maximum(ids, 0)], ids)
     identity = np.arange(hashing.compressed_vocab_size)
-    rows = hash_rows(compressed, identity, hashing.multipliers(1), hashing.primes(1), hashing.pad_id,
-                     config.n_head_per_ngram)
+    rows = hash_rows(
+        compressed, identity, hashing.multipliers(1), hashing.primes(1), hashing.pad_id, config.n_head_per_ngram
+    )
     np.testing.assert_array_equal(hashing.rows(ids, 1), rows)
     with pytest.raises(EngramError, match="out of range"):
         hashing.check_ids(np.array([[len(bert_lut)]]))

@@ -23,28 +23,41 @@ def tiny(**changes) -> dict:
     return {**TINY, **changes}
 
 
-@pytest.mark.parametrize("changes,field", [
-    # a wrong type, a bool where an int belongs, zero, negative, absurd
-    *[({"max_ngram_size": v}, "max_ngram_size") for v in (True, 1, 9, "3", 3.0, None)],
-    ({"max_ngram_size": 4}, "engram_vocab_size"),  # 3 orders, 2 entries
-    *[({"engram_vocab_size": v}, "engram_vocab_size") for v in (
-        [True, 1499], [997, 1], [997, 2**31], [997, "1499"], [997, 1499.0], [], 997, None)],
-    *[({"n_head_per_ngram": v}, "n_head_per_ngram") for v in (0, -1, 65, False)],
-    *[({"n_embed_per_ngram": v}, "n_embed_per_ngram") for v in (0, 30, 2**17, True)],
-    *[({"kernel_size": v}, "kernel_size") for v in (0, -4, 65, True)],
-    *[({"hidden_size": v}, "hidden_size") for v in (0, -48, 2**17, 48.0)],
-    *[({"hc_mult": v}, "hc_mult") for v in (0, 65, True)],
-    *[({"vocab_size": v}, "vocab_size") for v in (0, -1, 2**24 + 1, 10**30, True)],
-    *[({"pad_id": v}, "pad_id") for v in (-1, 5000, True, "2")],  # 5000 == vocab_size
-    *[({"seed": v}, "seed") for v in (-1, 2**63, 10**100, True, 1.5)],
-    *[({"layer_ids": v}, "layer_ids") for v in ([], [1, 1], [-1], [10000], [True, 3], [1, 3.0], "1")],
-    ({"tokenizer": 5}, "tokenizer"),
-    # more than 2**31 table rows (n_head_per_ngram x sum(engram_vocab_size))
-    ({"engram_vocab_size": [2**30, 2**30]}, "engram_vocab_size"),
-    # 100 layers x 7 orders x 64 heads: 44800 primes to find, tens of seconds
-    ({"layer_ids": list(range(100)), "max_ngram_size": 8, "engram_vocab_size": [997] * 7,
-      "n_head_per_ngram": 64, "n_embed_per_ngram": 64}, "layer_ids"),
-])
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        # a wrong type, a bool where an int belongs, zero, negative, absurd
+        *[({"max_ngram_size": v}, "max_ngram_size") for v in (True, 1, 9, "3", 3.0, None)],
+        ({"max_ngram_size": 4}, "engram_vocab_size"),  # 3 orders, 2 entries
+        *[
+            ({"engram_vocab_size": v}, "engram_vocab_size")
+            for v in ([True, 1499], [997, 1], [997, 2**31], [997, "1499"], [997, 1499.0], [], 997, None)
+        ],
+        *[({"n_head_per_ngram": v}, "n_head_per_ngram") for v in (0, -1, 65, False)],
+        *[({"n_embed_per_ngram": v}, "n_embed_per_ngram") for v in (0, 30, 2**17, True)],
+        *[({"kernel_size": v}, "kernel_size") for v in (0, -4, 65, True)],
+        *[({"hidden_size": v}, "hidden_size") for v in (0, -48, 2**17, 48.0)],
+        *[({"hc_mult": v}, "hc_mult") for v in (0, 65, True)],
+        *[({"vocab_size": v}, "vocab_size") for v in (0, -1, 2**24 + 1, 10**30, True)],
+        *[({"pad_id": v}, "pad_id") for v in (-1, 5000, True, "2")],  # 5000 == vocab_size
+        *[({"seed": v}, "seed") for v in (-1, 2**63, 10**100, True, 1.5)],
+        *[({"layer_ids": v}, "layer_ids") for v in ([], [1, 1], [-1], [10000], [True, 3], [1, 3.0], "1")],
+        ({"tokenizer": 5}, "tokenizer"),
+        # more than 2**31 table rows (n_head_per_ngram x sum(engram_vocab_size))
+        ({"engram_vocab_size": [2**30, 2**30]}, "engram_vocab_size"),
+        # 100 layers x 7 orders x 64 heads: 44800 primes to find, tens of seconds
+        (
+            {
+                "layer_ids": list(range(100)),
+                "max_ngram_size": 8,
+                "engram_vocab_size": [997] * 7,
+                "n_head_per_ngram": 64,
+                "n_embed_per_ngram": 64,
+            },
+            "layer_ids",
+        ),
+    ],
+)
 def test_bad_field_is_refused_naming_it(changes, field):
     with pytest.raises(EngramError, match=re.escape(field)) as info:
         EngramConfig.from_dict(tiny(**changes))
@@ -72,18 +85,39 @@ def test_presets_load(name):
 
 def test_bounds_admit_real_models():
     """DeepSeek-V4.1's dimensions and every field at its bound are accepted."""
-    EngramConfig.from_dict(tiny(max_ngram_size=4, engram_vocab_size=[16_000_000] * 3, n_head_per_ngram=8,
-                                n_embed_per_ngram=2048, hidden_size=5120, vocab_size=129280,
-                                layer_ids=[1, 14]))
-    EngramConfig.from_dict(tiny(max_ngram_size=8, engram_vocab_size=[2] * 7, n_head_per_ngram=64,
-                                n_embed_per_ngram=2**16, kernel_size=64, hidden_size=2**16, hc_mult=64,
-                                vocab_size=2**24, pad_id=2**24 - 1, seed=2**63 - 1, layer_ids=[0, 9999]))
+    EngramConfig.from_dict(
+        tiny(
+            max_ngram_size=4,
+            engram_vocab_size=[16_000_000] * 3,
+            n_head_per_ngram=8,
+            n_embed_per_ngram=2048,
+            hidden_size=5120,
+            vocab_size=129280,
+            layer_ids=[1, 14],
+        )
+    )
+    EngramConfig.from_dict(
+        tiny(
+            max_ngram_size=8,
+            engram_vocab_size=[2] * 7,
+            n_head_per_ngram=64,
+            n_embed_per_ngram=2**16,
+            kernel_size=64,
+            hidden_size=2**16,
+            hc_mult=64,
+            vocab_size=2**24,
+            pad_id=2**24 - 1,
+            seed=2**63 - 1,
+            layer_ids=[0, 9999],
+        )
+    )
 
 
 def test_exact_table_rows_are_checked_when_hashing():
     """2**31 - 1 is prime: layer 1's table fits exactly, layer 3's next prime does not."""
-    config = EngramConfig.from_dict(tiny(max_ngram_size=2, engram_vocab_size=[2**31 - 1],
-                                         n_head_per_ngram=1, n_embed_per_ngram=8))
+    config = EngramConfig.from_dict(
+        tiny(max_ngram_size=2, engram_vocab_size=[2**31 - 1], n_head_per_ngram=1, n_embed_per_ngram=8)
+    )
     with pytest.raises(EngramError, match="layer 3's table would have 2147483659 rows"):
         EngramHashing(config).primes(1)
 
@@ -119,16 +153,23 @@ def test_missing_or_corrupt_tokenizer_is_refused_with_the_config(tmp_path):
 
 
 # --prefix ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("prefix,expected", [
-    ("", ""), ("engram.", "engram."), ("model.layers.{layer}.engram.", "model.layers.3.engram."),
-    ("l{layer:02d}.", "l03."), ("a{{b}}.", "a{b}."),
-])
+@pytest.mark.parametrize(
+    "prefix,expected",
+    [
+        ("", ""),
+        ("engram.", "engram."),
+        ("model.layers.{layer}.engram.", "model.layers.3.engram."),
+        ("l{layer:02d}.", "l03."),
+        ("a{{b}}.", "a{b}."),
+    ],
+)
 def test_layer_prefix(prefix, expected):
     assert layer_prefix(prefix, 3) == expected
 
 
-@pytest.mark.parametrize("prefix", ["{lyr}.", "{", "}", "a{layer", "{}", "{0}", "{layer.x}",
-                                    "{layer[0]}", "{layer:zz}", "{layer}{lyr}"])
+@pytest.mark.parametrize(
+    "prefix", ["{lyr}.", "{", "}", "a{layer", "{}", "{0}", "{layer.x}", "{layer[0]}", "{layer:zz}", "{layer}{lyr}"]
+)
 def test_unknown_prefix_placeholder_is_refused(prefix, tmp_path):
     with pytest.raises(EngramError, match=r"--prefix .*only placeholder allowed is \{layer\}"):
         layer_prefix(prefix, 3)
@@ -145,14 +186,18 @@ def test_bad_random_seed_is_refused(seed):
 
 def test_table_larger_than_memory_is_refused_at_once():
     """About 2e9 rows x 1280 f32: 9.5 TiB, refused before a byte is allocated."""
-    config = load_config("tiny").replace(engram_vocab_size=(500_000_000, 500_000_000),
-                                         n_head_per_ngram=2, n_embed_per_ngram=2560)
+    config = load_config("tiny").replace(
+        engram_vocab_size=(500_000_000, 500_000_000), n_head_per_ngram=2, n_embed_per_ngram=2560
+    )
     start = time.perf_counter()
     with pytest.raises(EngramError) as info:
         build_layer(config, 1, seed=0)
     assert time.perf_counter() - start < 5
-    match = re.fullmatch(r"weights: random f32 weights of layer 1 \(table (\d+) rows x 1280\) would need "
-                         r"([\d.]+) GiB of memory, [\d.]+ GiB available", str(info.value))
+    match = re.fullmatch(
+        r"weights: random f32 weights of layer 1 \(table (\d+) rows x 1280\) would need "
+        r"([\d.]+) GiB of memory, [\d.]+ GiB available",
+        str(info.value),
+    )
     assert match, str(info.value)
     assert float(match[2]) + 0.1 >= int(match[1]) * 1280 * 4 / 2**30 > 9000  # table alone
 

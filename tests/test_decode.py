@@ -18,7 +18,7 @@ from engram_export.verify import compare, random_inputs
 def decode(session, ids, hidden_by_layer, prompt):
     outputs = [session.prefill(ids[:, :prompt], {k: h[:, :prompt] for k, h in hidden_by_layer.items()})]
     for t in range(prompt, ids.shape[1]):
-        outputs.append(session.step(ids[:, t:t + 1], {k: h[:, t:t + 1] for k, h in hidden_by_layer.items()}))
+        outputs.append(session.step(ids[:, t : t + 1], {k: h[:, t : t + 1] for k, h in hidden_by_layer.items()}))
     return {layer: np.concatenate([o[layer] for o in outputs], axis=1) for layer in hidden_by_layer}
 
 
@@ -70,8 +70,9 @@ def test_refused_calls_leave_the_session_usable(folders, layers, tiny_raw_files)
     session = runtime.session(2)
     session.prefill(ids[:, :4], {1: hidden[:, :4], 3: hidden[:, :4]})
     with pytest.raises(EngramError, match="decodes 2 sequences, got a batch of 3"):
-        session.step(np.zeros((3, 1), np.int64), {1: np.zeros((3, 1, 4, 48), np.float32),
-                                                   3: np.zeros((3, 1, 4, 48), np.float32)})
+        session.step(
+            np.zeros((3, 1), np.int64), {1: np.zeros((3, 1, 4, 48), np.float32), 3: np.zeros((3, 1, 4, 48), np.float32)}
+        )
     with pytest.raises(EngramError, match="one token per sequence"):
         session.step(ids[:, 4:6], {1: hidden[:, 4:6], 3: hidden[:, 4:6]})
     with pytest.raises(EngramError, match=r"hidden states are for layers \[1, 2\]"):
@@ -79,8 +80,7 @@ def test_refused_calls_leave_the_session_usable(folders, layers, tiny_raw_files)
     with pytest.raises(EngramError, match="out of range"):
         session.step(ids[:, 4:5] + 5000, {1: hidden[:, 4:5], 3: hidden[:, 4:5]})
     step = session.step(ids[:, 4:5], {1: hidden[:, 4:5], 3: hidden[:, 4:5]})
-    np.testing.assert_allclose(step[1], runtime.layer(1)(ids[:, :5], hidden[:, :5])[:, 4:5],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(step[1], runtime.layer(1)(ids[:, :5], hidden[:, :5])[:, 4:5], rtol=1e-5, atol=1e-6)
     with pytest.raises(EngramError, match="batch size must be a positive integer"):
         runtime.session(0)
     with pytest.raises(EngramError, match="decode needs an optimized export"):

@@ -15,17 +15,43 @@ import pytest
 import torch
 
 from engram_export.errors import EngramError
-from engram_export.models.deepseek_v41 import (BLOCK, V41Config, V41EngramLayer, V41Hashing, e4m3_values,
-                                               e8m0_values, hash_rows_v41)
+from engram_export.models.deepseek_v41 import (
+    BLOCK,
+    V41Config,
+    V41EngramLayer,
+    V41Hashing,
+    e4m3_values,
+    e8m0_values,
+    hash_rows_v41,
+)
 
-RELEASED = {"model_type": "deepseek_v41", "engram_layer_ids": [1, 14],
-            "engram_num_embeddings": [384006168, 384016682], "engram_max_ngram_size": 4,
-            "engram_vocab_size": 16000000, "engram_n_heads": 8, "engram_head_dim": 256,
-            "engram_pad_token_id": 2, "engram_compressed_vocab_size": 99092, "hc_mult": 4,
-            "hidden_size": 5120, "rms_norm_eps": 1e-20, "vocab_size": 129280}
-TINY = {**RELEASED, "engram_layer_ids": [1, 3], "engram_num_embeddings": [4038, 4124],
-        "engram_max_ngram_size": 3, "engram_vocab_size": 997, "engram_n_heads": 2, "engram_head_dim": 64,
-        "engram_compressed_vocab_size": 3000, "hidden_size": 48, "vocab_size": 5000}
+RELEASED = {
+    "model_type": "deepseek_v41",
+    "engram_layer_ids": [1, 14],
+    "engram_num_embeddings": [384006168, 384016682],
+    "engram_max_ngram_size": 4,
+    "engram_vocab_size": 16000000,
+    "engram_n_heads": 8,
+    "engram_head_dim": 256,
+    "engram_pad_token_id": 2,
+    "engram_compressed_vocab_size": 99092,
+    "hc_mult": 4,
+    "hidden_size": 5120,
+    "rms_norm_eps": 1e-20,
+    "vocab_size": 129280,
+}
+TINY = {
+    **RELEASED,
+    "engram_layer_ids": [1, 3],
+    "engram_num_embeddings": [4038, 4124],
+    "engram_max_ngram_size": 3,
+    "engram_vocab_size": 997,
+    "engram_n_heads": 2,
+    "engram_head_dim": 64,
+    "engram_compressed_vocab_size": 3000,
+    "hidden_size": 48,
+    "vocab_size": 5000,
+}
 
 
 def test_released_multipliers_and_primes():
@@ -65,10 +91,8 @@ def test_hash_matches_the_spec_loop(config):
     ids[0, :4] = config.compressed_vocab_size - 1  # the largest products
     mask = rng.random((3, 11)) > 0.25
     for layer in config.layer_ids:
-        got = hash_rows_v41(ids, mask, hashing.multipliers(layer), hashing.primes(layer), hashing.pad,
-                            config.n_heads)
-        expected = spec_rows(ids, mask, hashing.multipliers(layer), hashing.primes(layer), hashing.pad,
-                             config.n_heads)
+        got = hash_rows_v41(ids, mask, hashing.multipliers(layer), hashing.primes(layer), hashing.pad, config.n_heads)
+        expected = spec_rows(ids, mask, hashing.multipliers(layer), hashing.primes(layer), hashing.pad, config.n_heads)
         np.testing.assert_array_equal(got, expected)
         assert got.max() < config.table_rows(layer)
 
@@ -93,31 +117,36 @@ def random_tensors(config: V41Config, layer: int, seed: int) -> dict[str, torch.
 
     out, width = config.projection_width, config.embedding_width
     rows = config.table_rows(layer)
-    return {"embed.weight": fp8((rows, config.head_dim)),
-            "embed.scale": e8m0((rows, config.head_dim // BLOCK), 120, 128),
-            "wkv.weight": fp8((out, width)),
-            "wkv.scale": e8m0((math.ceil(out / BLOCK), math.ceil(width / BLOCK)), 112, 118),
-            "q_weight": torch.from_numpy(rng.normal(1, 0.2, (config.hc_mult, config.hidden_size))).bfloat16(),
-            "k_weight": torch.from_numpy(rng.normal(1, 0.2, (config.hc_mult, config.hidden_size))).bfloat16()}
+    return {
+        "embed.weight": fp8((rows, config.head_dim)),
+        "embed.scale": e8m0((rows, config.head_dim // BLOCK), 120, 128),
+        "wkv.weight": fp8((out, width)),
+        "wkv.scale": e8m0((math.ceil(out / BLOCK), math.ceil(width / BLOCK)), 112, 118),
+        "q_weight": torch.from_numpy(rng.normal(1, 0.2, (config.hc_mult, config.hidden_size))).bfloat16(),
+        "k_weight": torch.from_numpy(rng.normal(1, 0.2, (config.hc_mult, config.hidden_size))).bfloat16(),
+    }
 
 
 def spec_output(config, layer, tensors, hashing, ids, hidden, mask):
     """Section 8 in float64 numpy."""
     e4m3, e8m0 = e4m3_values().astype(np.float64), e8m0_values().astype(np.float64)
-    raw = {k: v.view(torch.uint8).numpy() if v.dtype != torch.bfloat16 else v.float().numpy().astype(np.float64)
-           for k, v in tensors.items()}
-    rows = spec_rows(hashing.lut[ids], mask, hashing.multipliers(layer), hashing.primes(layer), hashing.pad,
-                     config.n_heads)
+    raw = {
+        k: v.view(torch.uint8).numpy() if v.dtype != torch.bfloat16 else v.float().numpy().astype(np.float64)
+        for k, v in tensors.items()
+    }
+    rows = spec_rows(
+        hashing.lut[ids], mask, hashing.multipliers(layer), hashing.primes(layer), hashing.pad, config.n_heads
+    )
     values = e4m3[raw["embed.weight"][rows]] * np.repeat(e8m0[raw["embed.scale"][rows]], BLOCK, axis=-1)
     e = values.reshape(*ids.shape, -1)
     scale = np.repeat(np.repeat(e8m0[raw["wkv.scale"]], BLOCK, 0), BLOCK, 1)
-    weight = e4m3[raw["wkv.weight"]] * scale[:raw["wkv.weight"].shape[0], :raw["wkv.weight"].shape[1]]
+    weight = e4m3[raw["wkv.weight"]] * scale[: raw["wkv.weight"].shape[0], : raw["wkv.weight"].shape[1]]
     kv = e @ weight.T
     hc, d = config.hc_mult, config.hidden_size
-    key, value = kv[..., :hc * d].reshape(*ids.shape, hc, d), kv[..., hc * d:]
+    key, value = kv[..., : hc * d].reshape(*ids.shape, hc, d), kv[..., hc * d :]
     h = hidden.astype(np.float64)
     eps = config.rms_norm_eps
-    rstd = 1 / np.sqrt((h ** 2).mean(-1) + eps) / np.sqrt((key ** 2).mean(-1) + eps)
+    rstd = 1 / np.sqrt((h**2).mean(-1) + eps) / np.sqrt((key**2).mean(-1) + eps)
     dot = (h * raw["q_weight"] * raw["k_weight"] * key).sum(-1) * rstd / np.sqrt(d)
     gate = 1 / (1 + np.exp(-np.sign(dot) * np.sqrt(np.maximum(np.abs(dot), 1e-6))))
     gate = np.where(mask[..., None], gate, 0.0)
@@ -143,14 +172,17 @@ def test_layer_matches_the_spec(batch, tokens):
         np.testing.assert_array_equal(out[~mask], hidden[~mask])  # image tokens: exactly h
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"engram_num_embeddings": [4039, 4124]}, "head primes sum to 4038"),
-    ({"model_type": "deepseek_v3"}, "model_type must be 'deepseek_v41'"),
-    ({"engram_head_dim": 48}, "must be a multiple of 32"),
-    ({"engram_n_heads": True}, "n_heads must be an integer"),
-    ({"rms_norm_eps": 0}, "rms_norm_eps must be in"),
-    ({"engram_num_embeddings": [4038]}, "needs one entry per layer"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"engram_num_embeddings": [4039, 4124]}, "head primes sum to 4038"),
+        ({"model_type": "deepseek_v3"}, "model_type must be 'deepseek_v41'"),
+        ({"engram_head_dim": 48}, "must be a multiple of 32"),
+        ({"engram_n_heads": True}, "n_heads must be an integer"),
+        ({"rms_norm_eps": 0}, "rms_norm_eps must be in"),
+        ({"engram_num_embeddings": [4038]}, "needs one entry per layer"),
+    ],
+)
 def test_config_refusals(change, message):
     with pytest.raises(EngramError, match=message):
         V41Hashing(V41Config.from_hf({**TINY, **change})).primes(1)

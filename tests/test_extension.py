@@ -37,10 +37,16 @@ def test_prebuilt_library_from_the_environment_without_cmake(tmp_path):
     prebuilt = tmp_path / "prebuilt" / "libengram.so"
     prebuilt.parent.mkdir()
     shutil.copy2(cli("extension").stdout.strip(), prebuilt)
-    code = ("from engram_export.ov_extension import library_path, openvino_core\n"
-            "print(library_path()); print(len(openvino_core().get_available_devices()) > 0)")
-    env = {**os.environ, "PATH": _python_only_path(tmp_path), "ENGRAM_EXPORT_EXTENSION": str(prebuilt),
-           "ENGRAM_EXPORT_CACHE": str(tmp_path / "empty-cache")}
+    code = (
+        "from engram_export.ov_extension import library_path, openvino_core\n"
+        "print(library_path()); print(len(openvino_core().get_available_devices()) > 0)"
+    )
+    env = {
+        **os.environ,
+        "PATH": _python_only_path(tmp_path),
+        "ENGRAM_EXPORT_EXTENSION": str(prebuilt),
+        "ENGRAM_EXPORT_CACHE": str(tmp_path / "empty-cache"),
+    }
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.split() == [str(prebuilt), "True"], done.stderr
     assert not (tmp_path / "empty-cache").exists()  # nothing was built
@@ -52,8 +58,11 @@ def test_the_wheel_carries_the_extension_built_against_its_openvino(tmp_path):
     makes one platform wheel with the library inside; unpacked elsewhere, the package loads that library
     with no cmake or compiler on PATH and nothing built."""
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "-q", "-w",
-                           str(tmp_path / "dist")], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "-q", "-w", str(tmp_path / "dist")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     assert wheel.name.endswith("-py3-none-linux_x86_64.whl")
@@ -64,14 +73,17 @@ def test_the_wheel_carries_the_extension_built_against_its_openvino(tmp_path):
     assert (package / "ov_extension" / "openvino_version.txt").read_text() == openvino.__version__
     # the unpacked wheel first on sys.path; an editable install of this checkout redirects imports of
     # engram_export to it through a finder of its own, so that finder is dropped
-    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
-            "sys.meta_path = [f for f in sys.meta_path if 'Redirect' not in type(f).__name__]\n"
-            "from engram_export.ov_extension import library_path, openvino_core\n"
-            "print(library_path()); print(len(openvino_core().get_available_devices()) > 0)")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "sys.meta_path = [f for f in sys.meta_path if 'Redirect' not in type(f).__name__]\n"
+        "from engram_export.ov_extension import library_path, openvino_core\n"
+        "print(library_path()); print(len(openvino_core().get_available_devices()) > 0)"
+    )
     env = {**os.environ, "PATH": _python_only_path(tmp_path), "ENGRAM_EXPORT_CACHE": str(tmp_path / "empty-cache")}
     env.pop("ENGRAM_EXPORT_EXTENSION", None)
-    done = subprocess.run([sys.executable, "-c", code, str(site)], env=env, capture_output=True, text=True,
-                          cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(site)], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == [str(package / "ov_extension" / "libengram_ov_extension.so"), "True"]
     assert not (tmp_path / "empty-cache").exists()  # nothing was built

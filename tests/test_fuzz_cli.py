@@ -36,9 +36,15 @@ def corpus(tiny_files, folders, tiny_layer, tiny_config, tmp_path_factory) -> di
     ids, hidden = random_inputs(tiny_config, tiny_config.vocab_size, 2, 3)
     np.savez(root / "in.npz", input_ids=ids, hidden_states=hidden)
     config = Path(__file__).parents[1] / "models/presets/tiny.json"
-    return {"onnx": tiny_files["onnx"], "xml": tiny_files["f32"], "npz": root / "in.npz",
-            "safetensors": root / "w.safetensors", "json": config, "folder": folders["onnx"],
-            "xml-folder": folders["f32"]}
+    return {
+        "onnx": tiny_files["onnx"],
+        "xml": tiny_files["f32"],
+        "npz": root / "in.npz",
+        "safetensors": root / "w.safetensors",
+        "json": config,
+        "folder": folders["onnx"],
+        "xml-folder": folders["f32"],
+    }
 
 
 def corrupt(rng: random.Random, data: bytes) -> tuple[bytes, bool]:
@@ -47,7 +53,7 @@ def corrupt(rng: random.Random, data: bytes) -> tuple[bytes, bool]:
     if kind == "empty" or not data:
         return b"", True
     if kind == "truncate":
-        return data[:rng.randrange(len(data))], False
+        return data[: rng.randrange(len(data))], False
     if kind == "random":
         return rng.randbytes(rng.choice([1, 17, 4096])), False
     data = bytearray(data)
@@ -157,7 +163,7 @@ class Case:
             if flags:
                 i = rng.choice(flags)
                 self.bad = argv[i] in ("-o", "--config", "--mode", "--inputs")
-                return argv[:i] + argv[i + 2:]
+                return argv[:i] + argv[i + 2 :]
         if roll < 0.5 and counts:
             flag = rng.choice(sorted(counts))
             value = rng.choice(BAD_COUNTS + ["1", "3", "2", HUGE])
@@ -168,12 +174,16 @@ class Case:
 
 def build(rng: random.Random, case: Case, corpus: dict[str, Path]) -> list:
     """One argv: a command on (maybe damaged) inputs with a (maybe bad) output and flags."""
-    command = rng.choice(["export", "export", "optimize", "compile", "compile-folder", "quantize",
-                          "run", "run", "checks"])
+    command = rng.choice(
+        ["export", "export", "optimize", "compile", "compile-folder", "quantize", "run", "run", "checks"]
+    )
     if command == "export":
         weights = case.source(corpus["safetensors"], ".safetensors") if rng.random() < 0.5 else None
-        source = ["--weights", weights, "--layer", TINY_LAYER] if weights else \
-            ["--random-init", "--layer", rng.choice([1, 3])]
+        source = (
+            ["--weights", weights, "--layer", TINY_LAYER]
+            if weights
+            else ["--random-init", "--layer", rng.choice([1, 3])]
+        )
         argv = ["export", "--config", case.source(corpus["json"], ".json"), *source]
         argv = [*case.flags(argv, {"--layer": 1, "--seed": 0}), "-o", case.output(".onnx", [weights])]
         if not case.bad:  # a trace costs seconds: only where something is surely wrong
@@ -198,13 +208,31 @@ def build(rng: random.Random, case: Case, corpus: dict[str, Path]) -> list:
     if command == "run":
         model = case.source(corpus[rng.choice(["onnx", "xml"])], ".xml")
         inputs = case.source(corpus["npz"], ".npz")
-        argv = ["run", model, "--inputs", inputs, "--runtime", rng.choice(["ov", "ort"]),
-                "-o", case.output(".npz", [model, inputs])]
+        argv = [
+            "run",
+            model,
+            "--inputs",
+            inputs,
+            "--runtime",
+            rng.choice(["ov", "ort"]),
+            "-o",
+            case.output(".npz", [model, inputs]),
+        ]
         return case.flags(argv, {"--layer": 1})
     # bench, demo and verify would run for long: only surely bad values that are refused at once
     case.bad = True
-    flag, value = rng.choice([("--batch", "--tokens"), ("--repeat", None), ("--warmup", None),
-                              ("--engram-vocab-size", None), ("--workdir", None)]), rng.choice(BAD_COUNTS)
+    flag, value = (
+        rng.choice(
+            [
+                ("--batch", "--tokens"),
+                ("--repeat", None),
+                ("--warmup", None),
+                ("--engram-vocab-size", None),
+                ("--workdir", None),
+            ]
+        ),
+        rng.choice(BAD_COUNTS),
+    )
     if flag[0] == "--engram-vocab-size" and rng.random() < 0.3:
         value = HUGE  # more memory than any machine has: refused before any work
     if flag[0] == "--workdir":

@@ -44,8 +44,9 @@ def hashing_for(name: str) -> EngramHashing:
     return hashing
 
 
-def hash_gather_model(config, layer_id: int, table: np.ndarray, rows_only: bool,
-                      hashing: EngramHashing | None = None) -> onnx.ModelProto:
+def hash_gather_model(
+    config, layer_id: int, table: np.ndarray, rows_only: bool, hashing: EngramHashing | None = None
+) -> onnx.ModelProto:
     """A one-node model; with ``rows_only`` its function returns the row indices, not the lookup."""
     hashing = hashing or EngramHashing(config)
     function = onnx_op.hash_gather_function(config.max_ngram_size, 18)
@@ -53,17 +54,28 @@ def hash_gather_model(config, layer_id: int, table: np.ndarray, rows_only: bool,
         del function.node[-2:]  # the table Gather and the final Reshape
         function.output[0] = "rows"
     node = helper.make_node(
-        onnx_op.OP_TYPE, ["input_ids", "compress_lut", "table"], ["out"], domain=onnx_op.DOMAIN,
-        multipliers=hashing.multipliers(layer_id), primes=hashing.primes(layer_id),
-        pad_id=hashing.pad_id, n_head_per_ngram=config.n_head_per_ngram)
+        onnx_op.OP_TYPE,
+        ["input_ids", "compress_lut", "table"],
+        ["out"],
+        domain=onnx_op.DOMAIN,
+        multipliers=hashing.multipliers(layer_id),
+        primes=hashing.primes(layer_id),
+        pad_id=hashing.pad_id,
+        n_head_per_ngram=config.n_head_per_ngram,
+    )
     graph = helper.make_graph(
-        [node], "hash", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"])],
-        [helper.make_tensor_value_info("out", TensorProto.INT64 if rows_only else TensorProto.FLOAT,
-                                       ["B", "T", "W"])],
-        [onnx.numpy_helper.from_array(hashing.lut, "compress_lut"),
-         onnx.numpy_helper.from_array(table, "table")])
-    return helper.make_model(graph, functions=[function], ir_version=10, opset_imports=[
-        helper.make_opsetid("", 18), helper.make_opsetid(onnx_op.DOMAIN, 1)])
+        [node],
+        "hash",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("out", TensorProto.INT64 if rows_only else TensorProto.FLOAT, ["B", "T", "W"])],
+        [onnx.numpy_helper.from_array(hashing.lut, "compress_lut"), onnx.numpy_helper.from_array(table, "table")],
+    )
+    return helper.make_model(
+        graph,
+        functions=[function],
+        ir_version=10,
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(onnx_op.DOMAIN, 1)],
+    )
 
 
 def adversarial_ids(num_ids: int, seed: int = 0) -> np.ndarray:

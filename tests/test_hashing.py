@@ -76,12 +76,19 @@ def spec_rows(ids, lut, pad, multipliers, primes, heads_per_order) -> np.ndarray
 CONFIGS = {
     "tiny": load_config("tiny"),
     "demo-dims": load_config("deepseek-demo"),
-    "four-gram": load_config("tiny").replace(max_ngram_size=4, engram_vocab_size=(101, 211, 307),
-                                             n_head_per_ngram=3, n_embed_per_ngram=12,
-                                             layer_ids=(0, 2, 7), seed=5,
-                                             pad_id=0, vocab_size=300),
-    "one-head": load_config("tiny").replace(n_head_per_ngram=1, n_embed_per_ngram=8,
-                                            layer_ids=(4,), vocab_size=7, pad_id=6),
+    "four-gram": load_config("tiny").replace(
+        max_ngram_size=4,
+        engram_vocab_size=(101, 211, 307),
+        n_head_per_ngram=3,
+        n_embed_per_ngram=12,
+        layer_ids=(0, 2, 7),
+        seed=5,
+        pad_id=0,
+        vocab_size=300,
+    ),
+    "one-head": load_config("tiny").replace(
+        n_head_per_ngram=1, n_embed_per_ngram=8, layer_ids=(4,), vocab_size=7, pad_id=6
+    ),
 }
 
 
@@ -102,8 +109,7 @@ def test_constants_and_rows_match_the_spec(name):
         ids = rng.integers(0, config.vocab_size, size=(3, 11))
         ids[1, 4] = -1
         ids[2, 0] = -100
-        expected = spec_rows(ids, hashing.lut, hashing.pad_id, multipliers, layer_primes,
-                             config.n_head_per_ngram)
+        expected = spec_rows(ids, hashing.lut, hashing.pad_id, multipliers, layer_primes, config.n_head_per_ngram)
         np.testing.assert_array_equal(hashing.rows(ids, layer_id), expected)
 
 
@@ -130,8 +136,9 @@ def test_wrapping_products_for_negative_ids_match_python_integers():
     multipliers = hashing.multipliers(4)
     assert max(multipliers) > 2**59
     expected = spec_rows(ids, hashing.lut, hashing.pad_id, multipliers, hashing.primes(4), 1)
-    np.testing.assert_array_equal(hash_rows(ids, hashing.lut, multipliers, hashing.primes(4),
-                                            hashing.pad_id, 1), expected)
+    np.testing.assert_array_equal(
+        hash_rows(ids, hashing.lut, multipliers, hashing.primes(4), hashing.pad_id, 1), expected
+    )
 
 
 def test_is_prime_agrees_with_trial_division():

@@ -12,22 +12,28 @@ from engram_export.models.weights import build_layer, read_checkpoint
 from tests.conftest import TINY_LAYER
 
 SPEC_NAMES = (  # spec section 6, hc_mult = 4
-    ["multi_head_embedding.offsets", "multi_head_embedding.embedding.weight",
-     "value_proj.weight", "value_proj.bias", "short_conv.conv.weight"]
+    [
+        "multi_head_embedding.offsets",
+        "multi_head_embedding.embedding.weight",
+        "value_proj.weight",
+        "value_proj.bias",
+        "short_conv.conv.weight",
+    ]
     + [f"key_projs.{i}.{p}" for i in range(4) for p in ("weight", "bias")]
-    + [f"{n}.{i}.weight" for n in ("norm1", "norm2", "short_conv.norms") for i in range(4)])
+    + [f"{n}.{i}.weight" for n in ("norm1", "norm2", "short_conv.norms") for i in range(4)]
+)
 
 
 def test_state_dict_has_the_demo_names_and_shapes(tiny_layer, tiny_config):
     state = tiny_layer.state_dict()
     assert sorted(state) == sorted(SPEC_NAMES)
     d, width = tiny_config.hidden_size, tiny_config.engram_hidden_size
-    assert state["multi_head_embedding.embedding.weight"].shape == (sum(tiny_layer.primes),
-                                                                   tiny_config.head_dim)
+    assert state["multi_head_embedding.embedding.weight"].shape == (sum(tiny_layer.primes), tiny_config.head_dim)
     assert state["key_projs.3.weight"].shape == (d, width)
     assert state["short_conv.conv.weight"].shape == (4 * d, 1, tiny_config.kernel_size)
     assert state["multi_head_embedding.offsets"].tolist() == [
-        sum(tiny_layer.primes[:h]) for h in range(len(tiny_layer.primes))]
+        sum(tiny_layer.primes[:h]) for h in range(len(tiny_layer.primes))
+    ]
 
 
 @pytest.mark.parametrize("batch,tokens", [(1, 1), (2, 17), (50, 14)])
@@ -76,8 +82,9 @@ def test_checkpoint_round_trip(tiny_layer, tiny_config, tmp_path, fmt, with_offs
 
 def test_full_model_checkpoint_with_prefix_and_bf16(tiny_layer, tiny_config, tmp_path):
     prefix = f"model.layers.{TINY_LAYER}.engram."
-    state = {prefix + k: v.to(torch.bfloat16) if v.is_floating_point() else v
-             for k, v in tiny_layer.state_dict().items()}
+    state = {
+        prefix + k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tiny_layer.state_dict().items()
+    }
     state["model.embed_tokens.weight"] = torch.zeros(3, 3)
     save_file(state, tmp_path / "model.safetensors")
     loaded = _reload(tiny_config, tmp_path / "model.safetensors", prefix=prefix)
@@ -90,16 +97,18 @@ def test_shape_mismatch_names_tensor_and_shapes(tiny_layer, tiny_config, tmp_pat
     state = dict(tiny_layer.state_dict())
     state["key_projs.2.weight"] = torch.zeros(48, 63)
     save_file(state, tmp_path / "w.safetensors")
-    with pytest.raises(EngramError, match=r"key_projs\.2\.weight has shape \[48, 63\], the config "
-                                          r"expects \[48, 64\]"):
+    with pytest.raises(
+        EngramError,
+        match=r"key_projs\.2\.weight has shape \[48, 63\], the config "
+        r"expects \[48, 64\]",
+    ):
         _reload(tiny_config, tmp_path / "w.safetensors")
 
 
 def test_checkpoint_from_another_config_is_refused(tiny_layer, tiny_config, tmp_path):
     torch.save(dict(tiny_layer.state_dict()), tmp_path / "w.pt")
     with pytest.raises(EngramError, match="multi_head_embedding.embedding.weight has shape"):
-        build_layer(tiny_config.replace(engram_vocab_size=(1009, 1499)), TINY_LAYER,
-                    weights=tmp_path / "w.pt")
+        build_layer(tiny_config.replace(engram_vocab_size=(1009, 1499)), TINY_LAYER, weights=tmp_path / "w.pt")
     with pytest.raises(EngramError, match="unexpected tensor.*key_projs.3"):
         build_layer(tiny_config.replace(hc_mult=3), TINY_LAYER, weights=tmp_path / "w.pt")
     state = dict(tiny_layer.state_dict())

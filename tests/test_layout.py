@@ -15,8 +15,12 @@ def _imports() -> dict[str, set[str]]:
     """Module name -> the package modules it imports anywhere in its code (the package itself left out:
     importing any submodule runs ``engram_export/__init__.py`` first, which is not a cycle of code)."""
     found = {}
-    paths = [Path(folder) / file for folder, _, files in os.walk(ROOT / "engram_export", followlinks=True)
-             for file in files if file.endswith(".py")]  # models/ and passes/ through their links
+    paths = [
+        Path(folder) / file
+        for folder, _, files in os.walk(ROOT / "engram_export", followlinks=True)
+        for file in files
+        if file.endswith(".py")
+    ]  # models/ and passes/ through their links
     for path in paths:
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

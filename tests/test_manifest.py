@@ -34,20 +34,25 @@ def flip_byte(path, offset):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda m: m["layers"].update({"1": "layer_3.xml", "3": "layer_1.xml"}),
-     "holds layer 3; the manifest lists it as layer 1"),
-    (lambda m: m["files"]["layer_1.bin"].pop("sampled_sha256"), "needs a size and a sampled_sha256"),
-    (lambda m: m["files"].pop("layer_1.bin"), "layer 1 reads layer_1.bin, which the manifest does not list"),
-    (lambda m: m["files"].pop("layer_1.xml"), "layer 1's file layer_1.xml has no size and hash entry"),
-    (lambda m: m["layers"].update({"1": "../elsewhere/layer_1.xml"}), "is not a file name inside the folder"),
-    (lambda m: m["files"].update({"/etc/passwd": {"size": 1, "sampled_sha256": "x"}}), "not a file name inside"),
-    (lambda m: m.update(layers={}), "lists no layers"),
-    (lambda m: m.update(format=1), "this engram-export reads format 2"),
-    (lambda m: m["files"]["layer_3.bin"].update(size=5), "layer_3.bin has"),
-    (lambda m: m["config"].update(hidden_size=64), "another config than the manifest's"),
-    (lambda m: m["layers"].update({"1": "layer_1.onnx"}), "is not an .xml file"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            lambda m: m["layers"].update({"1": "layer_3.xml", "3": "layer_1.xml"}),
+            "holds layer 3; the manifest lists it as layer 1",
+        ),
+        (lambda m: m["files"]["layer_1.bin"].pop("sampled_sha256"), "needs a size and a sampled_sha256"),
+        (lambda m: m["files"].pop("layer_1.bin"), "layer 1 reads layer_1.bin, which the manifest does not list"),
+        (lambda m: m["files"].pop("layer_1.xml"), "layer 1's file layer_1.xml has no size and hash entry"),
+        (lambda m: m["layers"].update({"1": "../elsewhere/layer_1.xml"}), "is not a file name inside the folder"),
+        (lambda m: m["files"].update({"/etc/passwd": {"size": 1, "sampled_sha256": "x"}}), "not a file name inside"),
+        (lambda m: m.update(layers={}), "lists no layers"),
+        (lambda m: m.update(format=1), "this engram-export reads format 2"),
+        (lambda m: m["files"]["layer_3.bin"].update(size=5), "layer_3.bin has"),
+        (lambda m: m["config"].update(hidden_size=64), "another config than the manifest's"),
+        (lambda m: m["layers"].update({"1": "layer_1.onnx"}), "is not an .xml file"),
+    ],
+)
 def test_manifest_faults_are_refused(copy, change, message):
     edit(copy, change)
     with pytest.raises(EngramError, match=message):
@@ -73,11 +78,17 @@ def test_flipped_byte_in_a_bin_is_refused(copy, monkeypatch):
     size = (copy / "layer_1.bin").stat().st_size
     gap_start = (size - 256) * 1 // 63 + 256
     assert gap_start < (size - 256) * 2 // 63  # there is an unsampled gap between blocks 1 and 2
-    edit(copy, lambda m: m["files"]["layer_1.bin"].update(
-        sampled_sha256=integrity.sampled_sha256(copy / "layer_1.bin"), size=size))
+    edit(
+        copy,
+        lambda m: m["files"]["layer_1.bin"].update(
+            sampled_sha256=integrity.sampled_sha256(copy / "layer_1.bin"), size=size
+        ),
+    )
     flip_byte(copy / "layer_1.bin", gap_start)
-    assert integrity.sampled_sha256(copy / "layer_1.bin") == json.loads(
-        (copy / "manifest.json").read_text())["files"]["layer_1.bin"]["sampled_sha256"]
+    assert (
+        integrity.sampled_sha256(copy / "layer_1.bin")
+        == json.loads((copy / "manifest.json").read_text())["files"]["layer_1.bin"]["sampled_sha256"]
+    )
     # ...and the full check finds it
     with pytest.raises(EngramError, match="layer_1.bin does not match its SHA-256"):
         EngramRuntime(copy, check_hashes="full")
@@ -159,8 +170,9 @@ def test_nothing_is_written_beside_the_source(tiny_config, tmp_path, monkeypatch
     import onnx_ir
 
     saved, real_save = [], onnx_ir.save
-    monkeypatch.setattr(onnx_ir, "save", lambda model, path, **kw: (saved.append(Path(path)),
-                                                                    real_save(model, path, **kw))[1])
+    monkeypatch.setattr(
+        onnx_ir, "save", lambda model, path, **kw: (saved.append(Path(path)), real_save(model, path, **kw))[1]
+    )
     compile_onnx(path, tmp_path / "m.xml")
     EngramRuntime(path)
     assert saved and not [p for p in saved if p.parent == source]  # the lowered graph went elsewhere

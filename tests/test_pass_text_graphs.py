@@ -31,8 +31,9 @@ def _model(text: str) -> ir.Model:
 def _run(model: ir.Model, x: np.ndarray, **feeds: np.ndarray) -> list[np.ndarray]:
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = onnxruntime.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return session.run(None, {"x": x, **feeds})
 
 
@@ -156,8 +157,10 @@ def _check_rewrite(text: str, passes: list, expected_ops: dict, feeds: dict) -> 
 
 
 def _feeds(rng, batch: int = 2, tokens: int = 7) -> dict:
-    return {"x": rng.standard_normal((batch, tokens, 12)).astype(np.float32),
-            "h": rng.standard_normal((batch, tokens, 2, 4)).astype(np.float32)}
+    return {
+        "x": rng.standard_normal((batch, tokens, 12)).astype(np.float32),
+        "h": rng.standard_normal((batch, tokens, 2, 4)).astype(np.float32),
+    }
 
 
 def test_fuse_gating_on_a_text_graph():
@@ -170,8 +173,12 @@ def test_fuse_gating_on_a_text_graph():
     > {{
         k0, k1, v = Split <axis = -1> (x, sizes){_gates()}
     }}"""
-    _check_rewrite(text, [FuseGatingPass()], {"RMSNormalization": 2, "Gather": 0, "Concat": 0, "Sigmoid": 1,
-                                              "Split": 1}, _feeds(rng))
+    _check_rewrite(
+        text,
+        [FuseGatingPass()],
+        {"RMSNormalization": 2, "Gather": 0, "Concat": 0, "Sigmoid": 1, "Split": 1},
+        _feeds(rng),
+    )
 
 
 def test_fuse_gating_refuses_branches_out_of_order():
@@ -191,9 +198,12 @@ def test_fuse_short_conv_on_a_text_graph():
     text = f"""{_HEADER}
     short_conv (float[B, T, 2, 4] x) => (float[B, T, 2, 4] y) <{_constants(rng)}> {{{_short_conv("x")}
     }}"""
-    model = _check_rewrite(text, [FuseShortConvPass()], {"RMSNormalization": 1, "Conv": 1, "Slice": 0,
-                                                         "Gather": 0, "Concat": 0},
-                           {"x": rng.standard_normal((2, 7, 2, 4)).astype(np.float32)})
+    model = _check_rewrite(
+        text,
+        [FuseShortConvPass()],
+        {"RMSNormalization": 1, "Conv": 1, "Slice": 0, "Gather": 0, "Concat": 0},
+        {"x": rng.standard_normal((2, 7, 2, 4)).astype(np.float32)},
+    )
     (conv,) = [node for node in model.graph if node.op_type == "Conv"]
     assert list(conv.attributes["pads"].as_ints()) == [4, 0, 0, 0]  # causal: left padding only
 
@@ -219,7 +229,11 @@ def test_fuse_gated_conv_after_the_other_passes_on_a_text_graph():
         vu = Unsqueeze(v, ax2)
         gated = Mul(gates, vu){_short_conv("gated")}
     }}"""
-    model = _check_rewrite(text, [FuseGatingPass(), FuseShortConvPass(), FuseGatedConvPass()],
-                           {"GatedShortConv": 1, "Conv": 0, "RMSNormalization": 0, "Sigmoid": 0}, _feeds(rng))
+    model = _check_rewrite(
+        text,
+        [FuseGatingPass(), FuseShortConvPass(), FuseGatedConvPass()],
+        {"GatedShortConv": 1, "Conv": 0, "RMSNormalization": 0, "Sigmoid": 0},
+        _feeds(rng),
+    )
     (node,) = [n for n in model.graph if n.op_type == "GatedShortConv"]
     assert node.domain == "engram" and list(node.attributes["dilations"].as_ints()) == [2, 1]

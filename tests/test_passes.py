@@ -16,8 +16,14 @@ import onnx_ir as ir
 import onnxruntime
 import pytest
 
-from engram_export.passes import (FuseGatedConvPass, FuseGatingPass, FuseProjectionsPass,
-                                  FuseShortConvPass, lower_for_openvino, optimize)
+from engram_export.passes import (
+    FuseGatedConvPass,
+    FuseGatingPass,
+    FuseProjectionsPass,
+    FuseShortConvPass,
+    lower_for_openvino,
+    optimize,
+)
 from engram_export.verify import random_inputs
 
 SHAPES = [(1, 1), (3, 17), (50, 14)]
@@ -33,8 +39,7 @@ def run(model: ir.Model, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     proto = ir.serde.serialize_model(model)
-    session = onnxruntime.InferenceSession(proto.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"input_ids": ids, "hidden_states": hidden})[0]
 
 
@@ -58,13 +63,15 @@ def apply(pass_, model: ir.Model) -> bool:
     return result.modified
 
 
-@pytest.mark.parametrize("pass_type,max_rel,expected", [
-    (FuseProjectionsPass, 1e-6, {"MatMul": 1, "Split": 1}),
-    (FuseGatingPass, 1e-5, {"RMSNormalization": 2 + 4, "ReduceSum": 1, "Sigmoid": 1 + 1}),
-    (FuseShortConvPass, 1e-5, {"RMSNormalization": 8 + 1, "Conv": 1, "Slice": 0, "Gather": 4}),
-])
-def test_pass_fires_keeps_outputs_and_is_idempotent(raw, tiny_config, tiny_raw_files, pass_type,
-                                                    max_rel, expected):
+@pytest.mark.parametrize(
+    "pass_type,max_rel,expected",
+    [
+        (FuseProjectionsPass, 1e-6, {"MatMul": 1, "Split": 1}),
+        (FuseGatingPass, 1e-5, {"RMSNormalization": 2 + 4, "ReduceSum": 1, "Sigmoid": 1 + 1}),
+        (FuseShortConvPass, 1e-5, {"RMSNormalization": 8 + 1, "Conv": 1, "Slice": 0, "Gather": 4}),
+    ],
+)
+def test_pass_fires_keeps_outputs_and_is_idempotent(raw, tiny_config, tiny_raw_files, pass_type, max_rel, expected):
     assert apply(pass_type(), raw)
     for op, count in expected.items():
         assert ops(raw)[op] == count, (op, ops(raw))
@@ -95,7 +102,11 @@ def test_fuse_gated_conv_on_the_batched_form(raw, tiny_config, tiny_raw_files):
     optimize(raw)
     assert lower_for_openvino(raw).modified
     assert [(n.domain, n.op_type) for n in raw.graph] == [
-        ("engram", "HashGather"), ("", "MatMul"), ("", "Add"), ("engram", "GatedShortConv")]
+        ("engram", "HashGather"),
+        ("", "MatMul"),
+        ("", "Add"),
+        ("engram", "GatedShortConv"),
+    ]
     assert sorted(f.name for f in raw.functions.values()) == ["GatedShortConv", "HashGather"]
     check(raw)
     assert_same_outputs(ir.load(tiny_raw_files["onnx"]), raw, tiny_config, 1e-5)
@@ -129,8 +140,7 @@ def test_fuse_projections_refuses_non_constant_weights():
     w = ir.Value(name="w", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([4, 3]))
     first = ir.node("MatMul", [x, w])
     second = ir.node("MatMul", [x, w])
-    graph = ir.Graph([x, w], [first.outputs[0], second.outputs[0]], nodes=[first, second],
-                     opset_imports={"": 23})
+    graph = ir.Graph([x, w], [first.outputs[0], second.outputs[0]], nodes=[first, second], opset_imports={"": 23})
     assert not FuseProjectionsPass()(ir.Model(graph, ir_version=11)).modified
 
 

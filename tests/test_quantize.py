@@ -22,16 +22,19 @@ from tests.test_cli import cli, refused
 MODES = {
     "int8-weights": ({}, {"table": {"u8": 1}, "projection": {"u8": 1}}),
     "int4-weights": ({"group_size": 32}, {"table": {"u8": 1}, "projection": {"i4": 1}}),
-    "int4-weights-asym-table4": ({"group_size": 16, "int4_symmetric": False, "table_bits": 4},
-                                 {"table": {"u4": 1}, "projection": {"u4": 1}}),
+    "int4-weights-asym-table4": (
+        {"group_size": 16, "int4_symmetric": False, "table_bits": 4},
+        {"table": {"u4": 1}, "projection": {"u4": 1}},
+    ),
     "int8": ({"calibration": "calibration"}, {"table": {"u8": 1}, "projection": {"i8": 1}}),
 }
 
 
 @pytest.fixture(scope="module")
 def calibration(tiny_config):
-    return [dict(zip(("input_ids", "hidden_states"), random_inputs(tiny_config, 5000, 1, 14, 100 + i)))
-            for i in range(16)]
+    return [
+        dict(zip(("input_ids", "hidden_states"), random_inputs(tiny_config, 5000, 1, 14, 100 + i))) for i in range(16)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +56,11 @@ def test_constants_are_compressed_to_the_mode_types(quantized, name):
 def table_bytes(xml) -> int:
     """Bytes of every constant behind the table Gather's data input (weights, scales, zero points)."""
     model = openvino_core().read_model(str(xml))
-    (gather,) = [op for op in model.get_ops() if op.get_type_name() == "Gather"
-                 and op.input_value(1).get_node().get_type_name() == "EngramHash"]
+    (gather,) = [
+        op
+        for op in model.get_ops()
+        if op.get_type_name() == "Gather" and op.input_value(1).get_node().get_type_name() == "EngramHash"
+    ]
     stack, seen, total = [gather.input_value(0).get_node()], set(), 0
     while stack:
         node = stack.pop()
@@ -67,8 +73,9 @@ def table_bytes(xml) -> int:
     return total
 
 
-@pytest.mark.parametrize("name,fraction", [("int8-weights", 1 / 4), ("int8", 1 / 4),
-                                           ("int4-weights-asym-table4", 1 / 8)])
+@pytest.mark.parametrize(
+    "name,fraction", [("int8-weights", 1 / 4), ("int8", 1 / 4), ("int4-weights-asym-table4", 1 / 8)]
+)
 def test_table_size_on_disk(quantized, tiny_layer, name, fraction):
     """INT8 a quarter of f32, INT4 an eighth, plus an f16 scale and a zero point per row (the INT4
     table's groups are min(group size, row width) = one row here)."""
@@ -98,8 +105,11 @@ def test_int8_keeps_the_table_compressed_in_memory(quantized, kernel):
     names = {op.get_friendly_name() if kernel else op.get_rt_info()["layerType"].astype(str) for op in lookup_ops}
     assert ("EngramGatherRows" if kernel else "Gather") in names
     constants = [op for op in lookup_ops if op.get_rt_info()["layerType"].astype(str) == "Const"]
-    table_types = {op.get_rt_info()["outputPrecisions"].astype(str) for op in constants
-                   if np.prod(op.get_output_partial_shape(0).to_shape()) >= 10328 * 8}
+    table_types = {
+        op.get_rt_info()["outputPrecisions"].astype(str)
+        for op in constants
+        if np.prod(op.get_output_partial_shape(0).to_shape()) >= 10328 * 8
+    }
     assert table_types == {"u8"}, table_types
 
 
@@ -115,8 +125,9 @@ def test_bad_options(tiny_files, tmp_path, tiny_config):
         quantize(q, tmp_path / "q2.xml", QuantizeOptions("int8-weights"))
     with pytest.raises(EngramError, match="output folder"):
         quantize(tiny_files["onnx"], tmp_path / "no" / "q.xml", QuantizeOptions("int8-weights"))
-    np.savez(tmp_path / "bad.npz", input_ids=np.zeros((2, 3), np.int64),
-             hidden_states=np.zeros((2, 3, 4, 47), np.float32))
+    np.savez(
+        tmp_path / "bad.npz", input_ids=np.zeros((2, 3), np.int64), hidden_states=np.zeros((2, 3, 4, 47), np.float32)
+    )
     with pytest.raises(EngramError, match=r"got \[2, 3, 4, 47\]"):
         read_calibration(tiny_config, 5000, npz=tmp_path / "bad.npz")
 
@@ -134,15 +145,30 @@ def test_calibration_from_text_and_hidden_states(tiny_config, tokenizer_json, tm
 
 
 def test_quantize_command_end_to_end(tiny_files, calibration, tmp_path):
-    np.savez(tmp_path / "calib.npz", input_ids=np.concatenate([c["input_ids"] for c in calibration]),
-             hidden_states=np.concatenate([c["hidden_states"] for c in calibration]))
-    done = cli("quantize", tiny_files["onnx"], "-o", tmp_path / "int8.xml", "--mode", "int8",
-               "--calibration", tmp_path / "calib.npz", "--subset-size", "8")
+    np.savez(
+        tmp_path / "calib.npz",
+        input_ids=np.concatenate([c["input_ids"] for c in calibration]),
+        hidden_states=np.concatenate([c["hidden_states"] for c in calibration]),
+    )
+    done = cli(
+        "quantize",
+        tiny_files["onnx"],
+        "-o",
+        tmp_path / "int8.xml",
+        "--mode",
+        "int8",
+        "--calibration",
+        tmp_path / "calib.npz",
+        "--subset-size",
+        "8",
+    )
     assert "table stored as u8, projection as i8" in done.stdout
     ids, hidden = random_inputs(EngramRuntime(tmp_path / "int8.xml").config, 5000, 2, 5)
     np.savez(tmp_path / "in.npz", input_ids=ids, hidden_states=hidden)
     cli("run", tmp_path / "int8.xml", "--inputs", tmp_path / "in.npz", "-o", tmp_path / "out.npz")
     assert np.load(tmp_path / "out.npz")["output"].shape == (2, 5, 4, 48)
-    refused(cli("quantize", tiny_files["onnx"], "-o", tmp_path / "x.xml", "--mode", "int8", check=False),
-            "mode int8 needs --calibration")
+    refused(
+        cli("quantize", tiny_files["onnx"], "-o", tmp_path / "x.xml", "--mode", "int8", check=False),
+        "mode int8 needs --calibration",
+    )
     assert not (tmp_path / "x.xml").exists()

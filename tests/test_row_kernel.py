@@ -30,10 +30,14 @@ V41_LAYER = 3
 def demo_models(tiny_files, tmp_path_factory) -> dict[str, Path]:
     """Demo-family lookups over f32, f16 (bf16 IR), u8 and u4 tables."""
     folder = tmp_path_factory.mktemp("row_kernel")
-    return {"f32 table": tiny_files["f32"], "f16 table": tiny_files["bf16"],
-            "u8 table": quantize(tiny_files["onnx"], folder / "u8.xml", QuantizeOptions("int8-weights")),
-            "u4 table": quantize(tiny_files["onnx"], folder / "u4.xml",
-                                 QuantizeOptions("int4-weights", group_size=16, table_bits=4))}
+    return {
+        "f32 table": tiny_files["f32"],
+        "f16 table": tiny_files["bf16"],
+        "u8 table": quantize(tiny_files["onnx"], folder / "u8.xml", QuantizeOptions("int8-weights")),
+        "u4 table": quantize(
+            tiny_files["onnx"], folder / "u4.xml", QuantizeOptions("int4-weights", group_size=16, table_bits=4)
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +69,19 @@ def _all_models(demo_models, v41_models):
     return {**demo_models, **v41_models}
 
 
-@pytest.mark.parametrize("name", ["f32 table", "f16 table", "u8 table", "u4 table", "fp8 table", "fp8 table, bf16 IR",
-                                  "bf16 table", "f32 table (v4.1)"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "f32 table",
+        "f16 table",
+        "u8 table",
+        "u4 table",
+        "fp8 table",
+        "fp8 table, bf16 IR",
+        "bf16 table",
+        "f32 table (v4.1)",
+    ],
+)
 def test_kernel_equals_openvino_gather_in_f32(demo_models, v41_models, name):
     path = _all_models(demo_models, v41_models)[name]
     kernel, gather = _layer(path, precision="f32"), _layer(path, precision="f32", lookup_kernel=False)
@@ -83,8 +98,9 @@ def _bf16_nearest_even(values: np.ndarray) -> np.ndarray:
     return rounded.view(np.float32)
 
 
-@pytest.mark.parametrize("name", ["f32 table", "f16 table", "u8 table", "u4 table", "fp8 table", "fp8 table, bf16 IR",
-                                  "bf16 table"])
+@pytest.mark.parametrize(
+    "name", ["f32 table", "f16 table", "u8 table", "u4 table", "fp8 table", "fp8 table, bf16 IR", "bf16 table"]
+)
 def test_kernel_rounds_bf16_to_nearest_even(demo_models, v41_models, name):
     path = _all_models(demo_models, v41_models)[name]
     exact, bf16 = _layer(path, precision="f32"), _layer(path, precision="bf16")
@@ -99,8 +115,9 @@ def test_table_memory_changes_no_value(demo_models, v41_models, name, table_memo
     mapped, placed = _layer(path), _layer(path, table_memory=table_memory)
     assert placed.settings["lookup"] == f"row kernel, table {table_memory}"
     ids, mask = _ids(mapped, (50, 14), 3)
-    hidden = np.random.default_rng(3).standard_normal((50, 14, mapped.config.hc_mult, mapped.config.hidden_size),
-                                                      dtype=np.float32)
+    hidden = np.random.default_rng(3).standard_normal(
+        (50, 14, mapped.config.hc_mult, mapped.config.hidden_size), dtype=np.float32
+    )
     np.testing.assert_array_equal(placed.lookup(ids, mask), mapped.lookup(ids, mask))
     np.testing.assert_array_equal(placed(ids, hidden, mask), mapped(ids, hidden, mask))
 
@@ -137,8 +154,13 @@ def test_u4_codes_and_zero_points_packed_across_rows():
     scales = rng.random(count).astype(np.float16)
     pack = lambda nibbles: (nibbles[0::2] | (np.append(nibbles, 0)[1::2] << 4)).astype(np.uint8)  # noqa: E731
     rows = rng.integers(0, count, (2, 3, 4)).astype(np.int32)
-    got = _run_op(rows, pack(codes.ravel()).reshape(count, -1), scales.view(np.uint8), pack(zeros),
-                  {"element": "u4", "row_size": width, "scale": "f16", "group_size": group, "zero_point": "u4"})
+    got = _run_op(
+        rows,
+        pack(codes.ravel()).reshape(count, -1),
+        scales.view(np.uint8),
+        pack(zeros),
+        {"element": "u4", "row_size": width, "scale": "f16", "group_size": group, "zero_point": "u4"},
+    )
     expected = (codes.astype(np.float32) - zeros[:, None]) * scales.astype(np.float32)[:, None]
     np.testing.assert_array_equal(got, expected[rows])
 
@@ -150,9 +172,14 @@ def test_u8_groups_with_f32_scales():
     zeros = rng.integers(0, 256, (count, width // group)).astype(np.uint8)
     scales = rng.standard_normal((count, width // group)).astype(np.float32)
     rows = rng.integers(0, count, (3, 2, 5)).astype(np.int32)
-    got = _run_op(rows, codes, scales.view(np.uint8).ravel(), zeros.ravel(),
-                  {"element": "u8", "row_size": width, "scale": "f32", "group_size": group, "zero_point": "u8"})
-    expected = ((codes.astype(np.float32).reshape(count, -1, group) - zeros[..., None]) * scales[..., None])
+    got = _run_op(
+        rows,
+        codes,
+        scales.view(np.uint8).ravel(),
+        zeros.ravel(),
+        {"element": "u8", "row_size": width, "scale": "f32", "group_size": group, "zero_point": "u8"},
+    )
+    expected = (codes.astype(np.float32).reshape(count, -1, group) - zeros[..., None]) * scales[..., None]
     np.testing.assert_array_equal(got, expected.reshape(count, width)[rows])
 
 
@@ -164,11 +191,17 @@ def test_fp8_decode_covers_every_code_and_scale():
     codes = np.arange(256, dtype=np.uint8).reshape(8, 32)
     scale_codes = np.array([0, 1, 100, 127, 130, 200, 254, 255], np.uint8)
     rows = np.arange(8, dtype=np.int32).reshape(1, 1, 8)
-    got = _run_op(rows, codes, scale_codes, None,
-                  {"element": "e4m3", "row_size": 32, "scale": "e8m0", "group_size": 32, "zero_point": "none"})
+    got = _run_op(
+        rows,
+        codes,
+        scale_codes,
+        None,
+        {"element": "e4m3", "row_size": 32, "scale": "e8m0", "group_size": 32, "zero_point": "none"},
+    )
     with np.errstate(over="ignore"):  # 448 * 2^127 is inf, in the kernel as in float32 numpy
-        expected = (np.asarray(e4m3_values(), np.float32)[codes]
-                    * np.asarray(e8m0_values(), np.float32)[scale_codes][:, None])
+        expected = (
+            np.asarray(e4m3_values(), np.float32)[codes] * np.asarray(e8m0_values(), np.float32)[scale_codes][:, None]
+        )
     np.testing.assert_array_equal(got[0, 0], expected)
 
 
@@ -234,9 +267,13 @@ def _lookup_with(after):
 
     ids = ops.parameter([-1, -1], np.int64, name="input_ids")
     lut = ops.constant(np.arange(100, dtype=np.int64))
-    rows = make_node("EngramHash", [ids.output(0), lut.output(0)],
-                     {"multipliers": "3,5", "primes": "7,11", "pad_id": 0, "n_head_per_ngram": 2, "blocking": 0},
-                     "i32", 3)
+    rows = make_node(
+        "EngramHash",
+        [ids.output(0), lut.output(0)],
+        {"multipliers": "3,5", "primes": "7,11", "pad_id": 0, "n_head_per_ngram": 2, "blocking": 0},
+        "i32",
+        3,
+    )
     table = ops.constant(np.random.default_rng(0).standard_normal((18, 4)).astype(np.float32))
     return openvino.Model([after(ops.gather(table, rows, 0))], [ids])
 
@@ -273,7 +310,8 @@ def test_lookup_bench_prints_every_form_and_memory_mode(tmp_path, capsys):
 @pytest.mark.parametrize("table_memory", ["populate", "hugepages"])
 def test_a_table_larger_than_free_memory_is_refused_for_ram_modes(demo_models, monkeypatch, table_memory):
     monkeypatch.setattr(row_kernel, "_available_bytes", lambda: 4096)
-    with pytest.raises(EngramError, match=f"table_memory='{table_memory}' holds the table in RAM: .* use "
-                                          "table_memory='mmap'"):
+    with pytest.raises(
+        EngramError, match=f"table_memory='{table_memory}' holds the table in RAM: .* use table_memory='mmap'"
+    ):
         EngramRuntime(demo_models["u8 table"], table_memory=table_memory)
     assert EngramRuntime(demo_models["u8 table"]).settings["lookup"] == "row kernel, table mmap"  # any size

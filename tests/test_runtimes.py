@@ -44,10 +44,14 @@ def runtimes(tiny_files, tiny_raw_files):
     """Every path, on the optimized graph and on the raw trace."""
     paths = {}
     for graph, files in (("optimized", tiny_files), ("raw", tiny_raw_files)):
-        paths.update({f"{graph} onnxruntime": EngramRuntime(files["onnx"], runtime="ort"),
-                      f"{graph} openvino-onnx f32": EngramRuntime(files["onnx"], precision="f32"),
-                      f"{graph} openvino f32": EngramRuntime(files["f32"]),
-                      f"{graph} openvino bf16": EngramRuntime(files["bf16"])})
+        paths.update(
+            {
+                f"{graph} onnxruntime": EngramRuntime(files["onnx"], runtime="ort"),
+                f"{graph} openvino-onnx f32": EngramRuntime(files["onnx"], precision="f32"),
+                f"{graph} openvino f32": EngramRuntime(files["f32"]),
+                f"{graph} openvino bf16": EngramRuntime(files["bf16"]),
+            }
+        )
     return paths
 
 
@@ -104,8 +108,7 @@ def test_bf16_fuse_stage_hands_the_gemm_output_to_the_kernel_in_bf16(tiny_files)
     (numbers: test_every_path_matches_pytorch)."""
     runtime = EngramRuntime(tiny_files["bf16"])
     nodes = runtime._backend.fuses.compiled.get_runtime_model().get_ordered_ops()
-    kinds = [(n.get_rt_info()["layerType"].astype(str), n.get_rt_info()["runtimePrecision"].astype(str))
-             for n in nodes]
+    kinds = [(n.get_rt_info()["layerType"].astype(str), n.get_rt_info()["runtimePrecision"].astype(str)) for n in nodes]
     assert ("FullyConnected", "bf16") in kinds and ("Reference", "bf16") in kinds, kinds
     assert not {"Reorder", "Convert"} & {kind for kind, _ in kinds}, kinds
 
@@ -123,17 +126,26 @@ def test_gated_short_conv_reads_bf16_projections_exactly(batch, tokens):
     values = rng.standard_normal((batch, tokens, (groups + 1) * dim)).astype(np.float32)
     values = (values.view(np.uint32) & 0xFFFF0000).view(np.float32)  # exactly representable in bf16
     hidden = rng.standard_normal((batch, tokens, groups, dim)).astype(np.float32)
-    constants = [ops.constant(rng.uniform(0.5, 1.5, (groups, dim)).astype(np.float32)).output(0),
-                 ops.constant(rng.standard_normal((groups * dim, 1, kernel, 1)).astype(np.float32)).output(0)]
-    attributes = {"eps_key": 1e-5, "eps_query": 1e-5, "eps_conv": 1e-5, "score_scale": 4.0, "floor": 1e-6,
-                  "dilation": 2}
+    constants = [
+        ops.constant(rng.uniform(0.5, 1.5, (groups, dim)).astype(np.float32)).output(0),
+        ops.constant(rng.standard_normal((groups * dim, 1, kernel, 1)).astype(np.float32)).output(0),
+    ]
+    attributes = {
+        "eps_key": 1e-5,
+        "eps_query": 1e-5,
+        "eps_conv": 1e-5,
+        "score_scale": 4.0,
+        "floor": 1e-6,
+        "dilation": 2,
+    }
     outputs = []
     for kind in (openvino.Type.f32, openvino.Type.bf16):
         proj = ops.parameter([-1, -1, (groups + 1) * dim], kind, name="proj")
         query = ops.parameter([-1, -1, groups, dim], np.float32, name="hidden")
         node = make_node("EngramGatedShortConv", [proj.output(0), query.output(0), *constants], attributes, "f32", 4)
-        compiled = openvino_core().compile_model(openvino.Model([node.output(0)], [proj, query]), "CPU",
-                                                 {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = openvino_core().compile_model(
+            openvino.Model([node.output(0)], [proj, query]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+        )
         feed = values
         if kind == openvino.Type.bf16:
             feed = openvino.Tensor(kind, openvino.Shape(list(values.shape)))
@@ -169,8 +181,9 @@ def test_tokenizer_config_end_to_end(tiny_config, tokenizer_json, tmp_path):
     xml = compile_onnx(onnx_path, tmp_path / "tok.xml")
     from tokenizers import Tokenizer
 
-    encoded = Tokenizer.from_file(str(tokenizer_json)).encode("Only Alexander the Great could tame "
-                                                              "the horse Bucephalus. ２ ²")
+    encoded = Tokenizer.from_file(str(tokenizer_json)).encode(
+        "Only Alexander the Great could tame the horse Bucephalus. ２ ²"
+    )
     ids = np.array([encoded.ids], dtype=np.int64)
     hidden = np.random.default_rng(0).standard_normal((1, ids.shape[1], 4, 48), dtype=np.float32)
     with torch.inference_mode():
@@ -236,13 +249,16 @@ def test_out_receives_the_output_without_a_copy(runtimes, tiny_config, name):
     np.testing.assert_array_equal(out, expected)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda h: np.zeros(h.shape, np.float64), "out must be float32"),
-    (lambda h: np.zeros(h.shape[:-1], np.float32), "out must be float32"),
-    (lambda h: np.zeros((*h.shape[:-1], 2 * h.shape[-1]), np.float32)[..., ::2], "C-contiguous"),
-    (lambda h: h, "must not share memory with hidden_states"),
-    (lambda h: [0.0], "out must be a numpy array"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda h: np.zeros(h.shape, np.float64), "out must be float32"),
+        (lambda h: np.zeros(h.shape[:-1], np.float32), "out must be float32"),
+        (lambda h: np.zeros((*h.shape[:-1], 2 * h.shape[-1]), np.float32)[..., ::2], "C-contiguous"),
+        (lambda h: h, "must not share memory with hidden_states"),
+        (lambda h: [0.0], "out must be a numpy array"),
+    ],
+)
 def test_bad_out_is_refused_and_left_alone(runtimes, tiny_config, bad, message):
     runtime = runtimes["optimized openvino f32"]
     ids, hidden = random_inputs(tiny_config, 5000, 2, 3, seed=4)

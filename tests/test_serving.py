@@ -35,8 +35,9 @@ def test_every_layer_matches_pytorch(folders, layers, kind):
     assert runtime.layer_ids == [1, 3]
     for layer_id, layer in layers.items():
         ids, hidden = random_inputs(layer.config, 5000, 50, 14, seed=layer_id)
-        result = compare(kind, reference(layer, ids, hidden), runtime.layer(layer_id)(ids, hidden),
-                         runtime.layer(layer_id).precision)
+        result = compare(
+            kind, reference(layer, ids, hidden), runtime.layer(layer_id)(ids, hidden), runtime.layer(layer_id).precision
+        )
         assert result.passed, result
 
 
@@ -47,8 +48,7 @@ def test_prefetch_equals_the_one_shot_call(folders, layers, batch, tokens):
     expected = {layer: runtime.layer(layer)(ids, hidden) for layer in runtime.layer_ids}
     handle = runtime.prefetch(ids)
     for layer in (3, 1):  # any order
-        np.testing.assert_array_equal(runtime.layer(layer).fuse(handle, hidden, input_ids=ids),
-                                      expected[layer])
+        np.testing.assert_array_equal(runtime.layer(layer).fuse(handle, hidden, input_ids=ids), expected[layer])
 
 
 def test_prefetch_reads_its_own_copy_of_the_ids(folders, tiny_config):
@@ -120,12 +120,15 @@ def test_folder_commands(folders, tmp_path, tiny_config):
     ids, hidden = random_inputs(tiny_config, 5000, 2, 5)
     np.savez(tmp_path / "in.npz", input_ids=ids, hidden_states=hidden)
     cli("run", tmp_path / "int8w", "--layer", "3", "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o.npz")
-    refused(cli("run", tmp_path / "int8w", "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o2.npz",
-                check=False), "give --layer")
-    refused(cli("compile", tmp_path / "exported", "-o", tmp_path / "exported", check=False),
-            "would overwrite an input")
-    refused(cli("export", "--config", "tiny", "--weights", tmp_path / "in.npz", "-o", tmp_path / "x",
-                check=False), "needs --prefix with {layer}")
+    refused(
+        cli("run", tmp_path / "int8w", "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o2.npz", check=False),
+        "give --layer",
+    )
+    refused(cli("compile", tmp_path / "exported", "-o", tmp_path / "exported", check=False), "would overwrite an input")
+    refused(
+        cli("export", "--config", "tiny", "--weights", tmp_path / "in.npz", "-o", tmp_path / "x", check=False),
+        "needs --prefix with {layer}",
+    )
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
 
 
@@ -139,8 +142,7 @@ def test_backbone_sample_runs():
 
     sample = Path(__file__).parents[1] / "samples" / "backbone_prefetch.py"
     command = [sys.executable, str(sample), "--repeat", "2", "--steps", "2", "--precision", "f32"]
-    done = subprocess.run(command, capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "engram lookup started" in done.stdout and "backbone layer 5" in done.stdout
     assert "outputs identical" in done.stdout and "greedy-style decode (2 steps" in done.stdout

@@ -26,8 +26,7 @@ def _inputs(config):
 def test_threads_get_their_own_answers(folders, tiny_config, kind, backend):
     runtime = EngramRuntime(folders[kind], runtime=backend)
     inputs = _inputs(tiny_config)
-    expected = {(layer, i): runtime.layer(layer)(*inputs[i])
-                for layer in runtime.layer_ids for i in range(len(inputs))}
+    expected = {(layer, i): runtime.layer(layer)(*inputs[i]) for layer in runtime.layer_ids for i in range(len(inputs))}
 
     def call(k: int):
         i, layer = k % len(inputs), runtime.layer_ids[k // len(inputs) % 2]
@@ -52,8 +51,7 @@ def test_many_prefetch_handles_in_flight(folders, tiny_config):
     handles = [runtime.prefetch(ids) for ids, _ in inputs]
     for handle, (ids, hidden) in zip(reversed(handles), reversed(inputs)):
         for layer in (3, 1):
-            np.testing.assert_array_equal(runtime.layer(layer).fuse(handle, hidden),
-                                          runtime.layer(layer)(ids, hidden))
+            np.testing.assert_array_equal(runtime.layer(layer).fuse(handle, hidden), runtime.layer(layer)(ids, hidden))
 
 
 def test_sessions_in_threads(folders, tiny_config):
@@ -66,7 +64,7 @@ def test_sessions_in_threads(folders, tiny_config):
         session = runtime.session(2)
         outs = [session.prefill(ids[:, :3], {1: hidden[:, :3], 3: hidden[:, :3]})[3]]
         for t in range(3, 8):
-            outs.append(session.step(ids[:, t:t + 1], {1: hidden[:, t:t + 1], 3: hidden[:, t:t + 1]})[3])
+            outs.append(session.step(ids[:, t : t + 1], {1: hidden[:, t : t + 1], 3: hidden[:, t : t + 1]})[3])
         return np.concatenate(outs, axis=1)
 
     with ThreadPoolExecutor(4) as pool:

@@ -37,20 +37,28 @@ def test_the_issue_commands(checkpoint, tmp_path):
         ok("run", tmp_path / model, "--layer", 3, "--inputs", tmp_path / "in.npz", "-o", tmp_path / f"{model}.npz")
         output = np.load(tmp_path / f"{model}.npz")["output"]
         np.testing.assert_array_equal(output[~mask], hidden[~mask])
-    ok("run", tmp_path / "v41_l3.onnx", "--runtime", "ort", "--inputs", tmp_path / "in.npz",
-       "-o", tmp_path / "ort.npz")
-    np.testing.assert_allclose(np.load(tmp_path / "ort.npz")["output"], np.load(tmp_path / "v41_bf16.npz")["output"],
-                               rtol=1e-2, atol=1e-2)
+    ok("run", tmp_path / "v41_l3.onnx", "--runtime", "ort", "--inputs", tmp_path / "in.npz", "-o", tmp_path / "ort.npz")
+    np.testing.assert_allclose(
+        np.load(tmp_path / "ort.npz")["output"], np.load(tmp_path / "v41_bf16.npz")["output"], rtol=1e-2, atol=1e-2
+    )
 
 
 def test_verify_and_bench(checkpoint):
     out = ok("verify", "--checkpoint", checkpoint, "--layer", 1, "--shape", "50x14", "--shape", "1x1")
     assert "6 passed, 0 failed" in out and "image tokens == h" in out
     out = ok("bench", "--config", "v41-tiny", "--batch", 2, "--tokens", 3, "--repeat", 2)
-    for row in ("export", "compile bf16", "load bf16 folder", "MatMul floor bf16", "fuse / floor",
-                "MatMul, FP8 weights", "1x1", "decode, layer 3, int8-weights",
-                "int8-weights fuse faster than bf16 at 1x1 >= 1.8x:",
-                "int8-weights decode step / stateless [B,1] call <= 1.3"):
+    for row in (
+        "export",
+        "compile bf16",
+        "load bf16 folder",
+        "MatMul floor bf16",
+        "fuse / floor",
+        "MatMul, FP8 weights",
+        "1x1",
+        "decode, layer 3, int8-weights",
+        "int8-weights fuse faster than bf16 at 1x1 >= 1.8x:",
+        "int8-weights decode step / stateless [B,1] call <= 1.3",
+    ):
         assert row in out, row
     out = ok("bench", "--config", "v41-tiny", "--decode", "--repeat", 2, "--modes", "none")
     assert "decode, layer 3, bf16" in out and "fuse / floor" not in out
@@ -62,15 +70,18 @@ def test_random_init_preset(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch checkpoint left
 
 
-@pytest.mark.parametrize("args,message", [
-    (["export", "--checkpoint", "{ck}", "--config", "tiny", "-o", "{out}/x"], "drop --config"),
-    (["export", "--config", "v41-tiny", "--weights", "{ck}/config.json", "-o", "{out}/x"], "from their checkpoint"),
-    (["export", "--checkpoint", "{out}", "-o", "{out}/x"], "has no config.json"),
-    (["export", "--checkpoint", "{ck}", "--layer", 2, "-o", "{out}/x.onnx"], "layer 2 is not an Engram layer"),
-    (["verify", "--checkpoint", "{ck}", "-o", "{out}/x"], "unrecognized arguments"),
-    (["verify", "--checkpoint", "{ck}"], "give --layer"),
-    (["bench", "--config", "v41-tiny", "--lookup"], "drop --weights, --engram-vocab-size and --lookup"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["export", "--checkpoint", "{ck}", "--config", "tiny", "-o", "{out}/x"], "drop --config"),
+        (["export", "--config", "v41-tiny", "--weights", "{ck}/config.json", "-o", "{out}/x"], "from their checkpoint"),
+        (["export", "--checkpoint", "{out}", "-o", "{out}/x"], "has no config.json"),
+        (["export", "--checkpoint", "{ck}", "--layer", 2, "-o", "{out}/x.onnx"], "layer 2 is not an Engram layer"),
+        (["verify", "--checkpoint", "{ck}", "-o", "{out}/x"], "unrecognized arguments"),
+        (["verify", "--checkpoint", "{ck}"], "give --layer"),
+        (["bench", "--config", "v41-tiny", "--lookup"], "drop --weights, --engram-vocab-size and --lookup"),
+    ],
+)
 def test_refusals(checkpoint, tmp_path, args, message):
     before = listing(tmp_path)
     code, out, err = run_cli(*[str(a).format(ck=checkpoint, out=tmp_path) for a in args])

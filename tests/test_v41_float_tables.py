@@ -44,16 +44,23 @@ def widen(stored: np.ndarray, dtype: str) -> np.ndarray:
 @pytest.fixture(scope="module", params=DTYPES)
 def case(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"v41_{request.param}")
-    checkpoint = write_v41_checkpoint(root / "checkpoint", TINY, seed=4, prefix="model.", tokenizer=True,
-                                      table_dtype=request.param)
+    checkpoint = write_v41_checkpoint(
+        root / "checkpoint", TINY, seed=4, prefix="model.", tokenizer=True, table_dtype=request.param
+    )
     exported = export_checkpoint(checkpoint, root / "onnx")
     ckpt = Checkpoint(checkpoint)
     config = V41Config.from_checkpoint(ckpt)
     hashing = V41Hashing(config)
-    return {"dtype": request.param, "checkpoint": checkpoint, "config": config, "hashing": hashing,
-            "layers": {layer: open_layer(ckpt, config, layer, hashing) for layer in config.layer_ids},
-            "onnx": exported, "f32": compile_folder(exported, root / "f32", "f32"),
-            "bf16": compile_folder(exported, root / "bf16", "bf16")}
+    return {
+        "dtype": request.param,
+        "checkpoint": checkpoint,
+        "config": config,
+        "hashing": hashing,
+        "layers": {layer: open_layer(ckpt, config, layer, hashing) for layer in config.layer_ids},
+        "onnx": exported,
+        "f32": compile_folder(exported, root / "f32", "f32"),
+        "bf16": compile_folder(exported, root / "bf16", "bf16"),
+    }
 
 
 def inputs(config, batch, tokens, seed):
@@ -71,13 +78,15 @@ def test_every_path_matches_the_pytorch_layer(case, path, batch, tokens):
         ids, hidden, mask = inputs(case["config"], batch, tokens, seed=batch + tokens + layer)
         got = runtime.layer(layer)(ids, hidden, token_mask=mask)
         with torch.inference_mode():
-            expected = case["layers"][layer](torch.from_numpy(ids), torch.from_numpy(hidden).double(),
-                                             torch.from_numpy(mask)).numpy()
+            expected = case["layers"][layer](
+                torch.from_numpy(ids), torch.from_numpy(hidden).double(), torch.from_numpy(mask)
+            ).numpy()
         np.testing.assert_array_equal(got[~mask], hidden[~mask])  # image tokens: exactly h
         delta, delta_ref = got - hidden, expected - hidden
         if path == "bf16":
-            cosine = (delta * delta_ref).sum(-1)[mask] / (np.linalg.norm(delta, axis=-1)[mask]
-                                                          * np.linalg.norm(delta_ref, axis=-1)[mask])
+            cosine = (delta * delta_ref).sum(-1)[mask] / (
+                np.linalg.norm(delta, axis=-1)[mask] * np.linalg.norm(delta_ref, axis=-1)[mask]
+            )
             assert cosine.mean() >= 0.999, (path, cosine.mean())
         else:
             assert np.abs(delta - delta_ref).max() <= 1e-4 * np.abs(delta_ref).max(), path
@@ -87,8 +96,7 @@ def test_lookup_gives_the_table_rows(case):
     """The f32 model's lookup and the PyTorch layer's both give the stored rows, exactly."""
     config, hashing = case["config"], case["hashing"]
     ids, _, mask = inputs(config, 4, 9, seed=5)
-    rows = hash_rows_v41(hashing.lut[ids], mask, hashing.multipliers(3), hashing.primes(3), hashing.pad,
-                         config.n_heads)
+    rows = hash_rows_v41(hashing.lut[ids], mask, hashing.multipliers(3), hashing.primes(3), hashing.pad, config.n_heads)
     stored = float_rows_bytes(config, 3, rows.ravel(), seed=4, table_dtype=case["dtype"])
     expected = widen(stored, case["dtype"]).reshape(4, 9, -1)
     np.testing.assert_array_equal(EngramRuntime(case["f32"]).layer(3).lookup(ids, token_mask=mask), expected)
@@ -112,14 +120,19 @@ def test_table_stays_stored_and_linked(case):
     # the row kernel reads the table as its stored bytes (u8, each row head_dim * itemsize of them);
     # OpenVINO's Gather reads a constant of the stored type
     for kind in ("f32", "bf16"):
-        for kernel, expected in ((True, ("u8", config.head_dim * itemsize)), (False, (OV_TYPES[case["dtype"]],
-                                                                                      config.head_dim))):
+        for kernel, expected in (
+            (True, ("u8", config.head_dim * itemsize)),
+            (False, (OV_TYPES[case["dtype"]], config.head_dim)),
+        ):
             runtime = EngramRuntime(case[kind], lookup_kernel=kernel).layer(3)
             ops = runtime._backend.lookups.compiled.get_runtime_model().get_ops()
-            tables = {(op.get_rt_info()["outputPrecisions"].astype(str), op.get_output_partial_shape(0).to_shape()[1])
-                      for op in ops if op.get_rt_info()["layerType"].astype(str) == "Const"
-                      and op.get_output_partial_shape(0).is_static
-                      and op.get_output_partial_shape(0).to_shape()[0] == config.table_rows(3)}
+            tables = {
+                (op.get_rt_info()["outputPrecisions"].astype(str), op.get_output_partial_shape(0).to_shape()[1])
+                for op in ops
+                if op.get_rt_info()["layerType"].astype(str) == "Const"
+                and op.get_output_partial_shape(0).is_static
+                and op.get_output_partial_shape(0).to_shape()[0] == config.table_rows(3)
+            }
             assert tables == {expected}, (kind, kernel, tables)
 
 
@@ -127,7 +140,7 @@ def _add_tensor(shard, name: str, dtype: str, shape: list[int], data: bytes) -> 
     """Append a tensor to a safetensors file (offsets are relative to the data: the others stay valid)."""
     raw = shard.read_bytes()
     length = int.from_bytes(raw[:8], "little")
-    header, body = json.loads(raw[8:8 + length]), raw[8 + length:]
+    header, body = json.loads(raw[8 : 8 + length]), raw[8 + length :]
     header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(body), len(body) + len(data)]}
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
@@ -143,8 +156,11 @@ def test_scales_beside_a_float_table_are_refused(tmp_path):
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     index["weight_map"][name] = shard.name
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(EngramError, match=r"layers.1.engram.embed.weight is BF16, which takes no scales, but "
-                                          r"the checkpoint also holds layers.1.engram.embed.scale"):
+    with pytest.raises(
+        EngramError,
+        match=r"layers.1.engram.embed.weight is BF16, which takes no scales, but "
+        r"the checkpoint also holds layers.1.engram.embed.scale",
+    ):
         export_checkpoint(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -161,27 +177,44 @@ def test_blocked_op_is_exact_in_every_runtime(dtype, tmp_path):
     lut = np.random.default_rng(1).integers(0, config.compressed_vocab_size, config.backbone_vocab_size)
     stored = float_rows_bytes(config, 3, np.arange(config.table_rows(3)), seed=9, table_dtype=dtype)
     ids, _, mask = inputs(config, 3, 11, seed=2)
-    rows = hash_rows_v41(lut[ids], mask, hashing.multipliers(3), hashing.primes(3), hashing.pad,
-                         config.n_heads)
+    rows = hash_rows_v41(lut[ids], mask, hashing.multipliers(3), hashing.primes(3), hashing.pad, config.n_heads)
     # bf16: a subnormal, -0, the largest finite magnitudes. Not in an f32 table: OpenVINO's CPU plugin
     # flushes f32 constants with subnormals to zero (in a copy)
     if dtype == "BF16":
         stored[rows[0, 0, 0], :8] = np.array([0x0001, 0x8000, 0x7F7F, 0xFF7F], np.uint16).view(np.uint8)
     expected = widen(stored, dtype)[rows].reshape(*ids.shape, -1)
-    table = helper.make_tensor("table", {"BF16": TensorProto.BFLOAT16, "F32": TensorProto.FLOAT}[dtype],
-                               [config.table_rows(3), config.head_dim], stored.tobytes(), raw=True)
-    node = helper.make_node(onnx_op_fp8.BLOCKED_OP_TYPE, onnx_op_fp8.BLOCKED_INPUTS, ["out"],
-                            domain=onnx_op.DOMAIN, multipliers=hashing.multipliers(3),
-                            primes=hashing.primes(3), pad_id=hashing.pad, n_heads=config.n_heads)
+    table = helper.make_tensor(
+        "table",
+        {"BF16": TensorProto.BFLOAT16, "F32": TensorProto.FLOAT}[dtype],
+        [config.table_rows(3), config.head_dim],
+        stored.tobytes(),
+        raw=True,
+    )
+    node = helper.make_node(
+        onnx_op_fp8.BLOCKED_OP_TYPE,
+        onnx_op_fp8.BLOCKED_INPUTS,
+        ["out"],
+        domain=onnx_op.DOMAIN,
+        multipliers=hashing.multipliers(3),
+        primes=hashing.primes(3),
+        pad_id=hashing.pad,
+        n_heads=config.n_heads,
+    )
     graph = helper.make_graph(
-        [node], "blocked",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"]),
-         helper.make_tensor_value_info("token_mask", TensorProto.BOOL, ["b", "t"])],
+        [node],
+        "blocked",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"]),
+            helper.make_tensor_value_info("token_mask", TensorProto.BOOL, ["b", "t"]),
+        ],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "t", None])],
-        [onnx.numpy_helper.from_array(lut.astype(np.int64), "compress_lut"), table])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23),
-                                                    helper.make_opsetid(onnx_op.DOMAIN, 1)],
-                              functions=[onnx_op_fp8.hash_gather_blocked_function(config.max_ngram_size, 23)])
+        [onnx.numpy_helper.from_array(lut.astype(np.int64), "compress_lut"), table],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(onnx_op.DOMAIN, 1)],
+        functions=[onnx_op_fp8.hash_gather_blocked_function(config.max_ngram_size, 23)],
+    )
     model.ir_version = 11
     onnx.checker.check_model(model, full_check=True)
     feeds = {"input_ids": ids, "token_mask": mask}
@@ -230,8 +263,9 @@ def test_a_large_float_table_is_mapped_not_read(tmp_path, dtype):
     rows = hashing.rows(ids, mask, 1)
     table_bytes = config.table_rows(1) * config.head_dim * {"BF16": 2, "F32": 4}[dtype]
     assert table_bytes > 2**31
-    checkpoint = write_v41_checkpoint(tmp_path / "checkpoint", config_dict, tokenizer=True, table_dtype=dtype,
-                                      rows={1: rows.ravel()})
+    checkpoint = write_v41_checkpoint(
+        tmp_path / "checkpoint", config_dict, tokenizer=True, table_dtype=dtype, rows={1: rows.ravel()}
+    )
     compiled = compile_folder(export_checkpoint(checkpoint, tmp_path / "onnx"), tmp_path / "f32", "f32")
     before = _rss()
     layer = EngramRuntime(compiled).layer(1)

@@ -64,21 +64,38 @@ def fp8_model(multipliers, primes, pad, n_heads, lut, table, scales, rows_only=F
     function = onnx_op_fp8.hash_gather_fp8_function(len(multipliers), 18)
     if rows_only:
         cut = next(i for i, node in enumerate(function.node) if "rows" in node.output)
-        del function.node[cut + 1:]
+        del function.node[cut + 1 :]
         function.output[0] = "rows"
-    node = helper.make_node(onnx_op_fp8.FP8_OP_TYPE, onnx_op_fp8.FP8_INPUTS, ["out"], domain=onnx_op.DOMAIN,
-                            multipliers=list(multipliers), primes=list(primes), pad_id=int(pad),
-                            n_heads=n_heads)
+    node = helper.make_node(
+        onnx_op_fp8.FP8_OP_TYPE,
+        onnx_op_fp8.FP8_INPUTS,
+        ["out"],
+        domain=onnx_op.DOMAIN,
+        multipliers=list(multipliers),
+        primes=list(primes),
+        pad_id=int(pad),
+        n_heads=n_heads,
+    )
     graph = helper.make_graph(
-        [node], "hash_fp8",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"]),
-         helper.make_tensor_value_info("token_mask", TensorProto.BOOL, ["B", "T"])],
-        [helper.make_tensor_value_info("out", TensorProto.INT64 if rows_only else TensorProto.FLOAT,
-                                       ["B", "T", "W"])],
-        [onnx.numpy_helper.from_array(lut, "compress_lut"), onnx.numpy_helper.from_array(table, "table"),
-         onnx.numpy_helper.from_array(scales, "scales")])
-    return helper.make_model(graph, functions=[function], ir_version=10, opset_imports=[
-        helper.make_opsetid("", 18), helper.make_opsetid(onnx_op.DOMAIN, 1)])
+        [node],
+        "hash_fp8",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"]),
+            helper.make_tensor_value_info("token_mask", TensorProto.BOOL, ["B", "T"]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.INT64 if rows_only else TensorProto.FLOAT, ["B", "T", "W"])],
+        [
+            onnx.numpy_helper.from_array(lut, "compress_lut"),
+            onnx.numpy_helper.from_array(table, "table"),
+            onnx.numpy_helper.from_array(scales, "scales"),
+        ],
+    )
+    return helper.make_model(
+        graph,
+        functions=[function],
+        ir_version=10,
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(onnx_op.DOMAIN, 1)],
+    )
 
 
 def rows_model(multipliers, primes, pad, n_heads, lut) -> onnx.ModelProto:
@@ -140,24 +157,43 @@ def test_blocking_rows_with_decode_history(seed, tmp_path):
     history_ids, history_mask = random_inputs(length=before, seed=seed + 10)
     history_mask[0] = True
     history_mask[2, -1] = False  # the token just before the call masked, everything else unmasked
-    full = hash_rows_v41(lut[np.concatenate([history_ids, ids], 1)], np.concatenate([history_mask, mask], 1),
-                         multipliers, primes, pad, config.n_heads)
+    full = hash_rows_v41(
+        lut[np.concatenate([history_ids, ids], 1)],
+        np.concatenate([history_mask, mask], 1),
+        multipliers,
+        primes,
+        pad,
+        config.n_heads,
+    )
     hash_op, parameters = read_hash_op(rows_model(multipliers, primes, pad, config.n_heads, lut), tmp_path)
     parameters = with_history(hash_op, parameters, before)
-    got = ov_hash_rows(hash_op, parameters, {"input_ids": ids, "token_mask": mask, "history_ids": history_ids,
-                                             "history_mask": history_mask})
+    got = ov_hash_rows(
+        hash_op,
+        parameters,
+        {"input_ids": ids, "token_mask": mask, "history_ids": history_ids, "history_mask": history_mask},
+    )
     np.testing.assert_array_equal(got, full[:, before:])
     # an all-masked history is the same as none; one token at a time gives the same rows as all at once
     history_mask[:] = False
-    got = ov_hash_rows(hash_op, parameters, {"input_ids": ids, "token_mask": mask, "history_ids": history_ids,
-                                             "history_mask": history_mask})
+    got = ov_hash_rows(
+        hash_op,
+        parameters,
+        {"input_ids": ids, "token_mask": mask, "history_ids": history_ids, "history_mask": history_mask},
+    )
     alone = hash_rows_v41(lut[ids], mask, multipliers, primes, pad, config.n_heads)
     np.testing.assert_array_equal(got, alone)
     window_ids, window_mask = np.concatenate([history_ids, ids], 1), np.concatenate([history_mask, mask], 1)
     for t in range(ids.shape[1]):
-        step = ov_hash_rows(hash_op, parameters, {
-            "input_ids": ids[:, t:t + 1], "token_mask": mask[:, t:t + 1],
-            "history_ids": window_ids[:, t:t + before], "history_mask": window_mask[:, t:t + before]})
+        step = ov_hash_rows(
+            hash_op,
+            parameters,
+            {
+                "input_ids": ids[:, t : t + 1],
+                "token_mask": mask[:, t : t + 1],
+                "history_ids": window_ids[:, t : t + before],
+                "history_mask": window_mask[:, t : t + before],
+            },
+        )
         np.testing.assert_array_equal(step[:, 0], got[:, t])
 
 
@@ -180,12 +216,21 @@ def test_inputs_are_checked_when_the_graph_is_built(tmp_path):
     wrong = {
         "token_mask must be boolean": [ids, lut, ids],
         "compress_lut must be i64 or i32": [ids, mask, mask],
-        "token_mask must be \\[": [
-            ids, lut, ov.opset13.parameter([-1, -1, 2], ov.Type.boolean).output(0)],
-        "history_ids must be": [ids, lut, mask, ov.opset13.parameter([-1, 5], ov.Type.i64).output(0),
-                                ov.opset13.parameter([-1, 3], ov.Type.boolean).output(0)],
-        "history_mask must be boolean": [ids, lut, mask, ov.opset13.parameter([-1, 3], ov.Type.i64).output(0),
-                                         ov.opset13.parameter([-1, 3], ov.Type.i64).output(0)],
+        "token_mask must be \\[": [ids, lut, ov.opset13.parameter([-1, -1, 2], ov.Type.boolean).output(0)],
+        "history_ids must be": [
+            ids,
+            lut,
+            mask,
+            ov.opset13.parameter([-1, 5], ov.Type.i64).output(0),
+            ov.opset13.parameter([-1, 3], ov.Type.boolean).output(0),
+        ],
+        "history_mask must be boolean": [
+            ids,
+            lut,
+            mask,
+            ov.opset13.parameter([-1, 3], ov.Type.i64).output(0),
+            ov.opset13.parameter([-1, 3], ov.Type.i64).output(0),
+        ],
         "inputs \\(blocking=1\\)": [ids, lut, mask, ov.opset13.parameter([-1, 3], ov.Type.i64).output(0)],
     }
     for message, arguments in wrong.items():
@@ -217,23 +262,42 @@ def demo_rows_model(multipliers, primes, pad, n_head_per_ngram, lut) -> onnx.Mod
     function = onnx_op.hash_gather_function(len(multipliers), 18)
     del function.node[-2:]  # the table Gather and the final Reshape
     function.output[0] = "rows"
-    node = helper.make_node(onnx_op.OP_TYPE, ["input_ids", "compress_lut", "table"], ["out"],
-                            domain=onnx_op.DOMAIN, multipliers=list(multipliers), primes=list(primes),
-                            pad_id=pad, n_head_per_ngram=n_head_per_ngram)
+    node = helper.make_node(
+        onnx_op.OP_TYPE,
+        ["input_ids", "compress_lut", "table"],
+        ["out"],
+        domain=onnx_op.DOMAIN,
+        multipliers=list(multipliers),
+        primes=list(primes),
+        pad_id=pad,
+        n_head_per_ngram=n_head_per_ngram,
+    )
     graph = helper.make_graph(
-        [node], "hash", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"])],
+        [node],
+        "hash",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"])],
         [helper.make_tensor_value_info("out", TensorProto.INT64, ["B", "T", "H"])],
-        [onnx.numpy_helper.from_array(lut, "compress_lut"),
-         onnx.numpy_helper.from_array(np.zeros((1, 1), np.float32), "table")])
-    return helper.make_model(graph, functions=[function], ir_version=10, opset_imports=[
-        helper.make_opsetid("", 18), helper.make_opsetid(onnx_op.DOMAIN, 1)])
+        [
+            onnx.numpy_helper.from_array(lut, "compress_lut"),
+            onnx.numpy_helper.from_array(np.zeros((1, 1), np.float32), "table"),
+        ],
+    )
+    return helper.make_model(
+        graph,
+        functions=[function],
+        ir_version=10,
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(onnx_op.DOMAIN, 1)],
+    )
 
 
 # the demo's hash: multipliers ~2^59 (negative ids' products wrap), primes just under 2^31 (rows need i64)
 DEMO_CASES = {
     "huge-multipliers": ([576460752303423487, 1317624576693539401, 288230376151711745], [100003, 200003], 1),
-    "int32-primes": ([76632096046245, 4839876093313, 35959672319349], [2147483249, 2147483269, 2147483353,
-                                                                        2147483399], 2),
+    "int32-primes": (
+        [76632096046245, 4839876093313, 35959672319349],
+        [2147483249, 2147483269, 2147483353, 2147483399],
+        2,
+    ),
 }
 
 
@@ -257,8 +321,9 @@ def test_demo_hash_is_unchanged(name, tmp_path):
     hash_op.set_arguments([*hash_op.input_values(), history.output(0)])
     hash_op.validate_and_infer_types()
     history_ids = ids[:, :before]
-    got = ov_hash_rows(hash_op, {**parameters, "history_ids": history}, {
-        "input_ids": ids[:, before:], "history_ids": history_ids})
+    got = ov_hash_rows(
+        hash_op, {**parameters, "history_ids": history}, {"input_ids": ids[:, before:], "history_ids": history_ids}
+    )
     np.testing.assert_array_equal(got, expected[:, before:])
 
 
@@ -268,8 +333,11 @@ def demo_ir(tmp_path):
     lut = random_lut(99092)
     hash_op, parameters = read_hash_op(demo_rows_model(multipliers, primes, 5, heads, lut), tmp_path)
     ids, _ = random_inputs()
-    return (ov.Model([hash_op.output(0)], [parameters["input_ids"]]), ids,
-            hash_rows(ids, lut, multipliers, primes, 5, heads))
+    return (
+        ov.Model([hash_op.output(0)], [parameters["input_ids"]]),
+        ids,
+        hash_rows(ids, lut, multipliers, primes, 5, heads),
+    )
 
 
 def test_irs_without_the_blocking_attribute_still_read(tmp_path):
@@ -296,11 +364,13 @@ def test_blocking_survives_an_ir_round_trip(tmp_path):
     read = openvino_core().read_model(str(tmp_path / "v41.xml"))
     ids, mask = random_inputs()
     got = openvino_core().compile_model(read, "CPU")({"input_ids": ids, "token_mask": mask})[0]
-    np.testing.assert_array_equal(got.astype(np.int64),
-                                  hash_rows_v41(lut[ids], mask, multipliers, primes, pad, config.n_heads))
+    np.testing.assert_array_equal(
+        got.astype(np.int64), hash_rows_v41(lut[ids], mask, multipliers, primes, pad, config.n_heads)
+    )
 
 
 # --- the whole HashGatherFP8 op on small tables -------------------------------------------------------
+
 
 def small_cases():
     tiny = V41Hashing(V41Config.from_hf(TINY))
@@ -348,8 +418,11 @@ def test_fp8_lookup_is_exact_in_every_runtime(name, tmp_path):
     onnx.save(model, path)
     ov_model = openvino_core().read_model(str(path))
     assert [op.get_type_name() for op in ov_model.get_ops()].count(HASH_OP_TYPE) == 1
-    table_gathers = [op for op in ov_model.get_ops() if op.get_type_name() == "Gather"
-                     and op.input_value(1).get_node().get_type_name() == HASH_OP_TYPE]
+    table_gathers = [
+        op
+        for op in ov_model.get_ops()
+        if op.get_type_name() == "Gather" and op.input_value(1).get_node().get_type_name() == HASH_OP_TYPE
+    ]
     table_types = [op.input_value(0).get_element_type().get_type_name() for op in table_gathers]
     assert table_types == ["u8", "u8"]
     for config in ({"INFERENCE_PRECISION_HINT": "f32"}, {}):

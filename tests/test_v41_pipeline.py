@@ -40,9 +40,12 @@ def checkpoint(tmp_path_factory):
 def v41(checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("v41_out")
     exported = export_checkpoint(checkpoint, root / "onnx")
-    return {"onnx": exported, "f32": compile_folder(exported, root / "f32", "f32"),
-            "bf16": compile_folder(exported, root / "bf16", "bf16"),
-            "int8-weights": quantize_folder(exported, root / "int8", QuantizeOptions("int8-weights"))}
+    return {
+        "onnx": exported,
+        "f32": compile_folder(exported, root / "f32", "f32"),
+        "bf16": compile_folder(exported, root / "bf16", "bf16"),
+        "int8-weights": quantize_folder(exported, root / "int8", QuantizeOptions("int8-weights")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,7 @@ def reference(checkpoint):
 
     def run(layer_id, ids, hidden, mask):
         return spec_output(config, layer_id, layers[layer_id].tensors, hashing, ids, hidden, mask)
+
     run.config, run.hashing, run.layers = config, hashing, layers
     return run
 
@@ -72,8 +76,9 @@ def check(path, got, expected, hidden, mask):
     if path in ("onnx-ort", "onnx", "f32"):
         assert np.abs(delta - delta_ref).max() <= 1e-4 * np.abs(delta_ref).max(), path
     else:
-        cosine = (delta * delta_ref).sum(-1)[mask] / (np.linalg.norm(delta, axis=-1)[mask]
-                                                      * np.linalg.norm(delta_ref, axis=-1)[mask])
+        cosine = (delta * delta_ref).sum(-1)[mask] / (
+            np.linalg.norm(delta, axis=-1)[mask] * np.linalg.norm(delta_ref, axis=-1)[mask]
+        )
         assert cosine.mean() >= 0.999 and cosine.min() >= 0.99, (path, cosine.mean(), cosine.min())
 
 
@@ -95,12 +100,19 @@ def test_lookup_gives_the_dequantized_rows(v41, reference, path):
 
     runtime = EngramRuntime(v41[path]).layer(3)
     ids, _, mask = inputs(reference.config, 4, 9, seed=5)
-    rows = spec_rows(reference.hashing.lut[ids], mask, reference.hashing.multipliers(3),
-                     reference.hashing.primes(3), reference.hashing.pad, reference.config.n_heads)
-    tensors = {k: v.view(torch.uint8).numpy() for k, v in reference.layers[3].tensors.items()
-               if k.startswith("embed.")}
-    expected = (e4m3_values()[tensors["embed.weight"][rows]]
-                * np.repeat(e8m0_values()[tensors["embed.scale"][rows]], 32, axis=-1)).reshape(4, 9, -1)
+    rows = spec_rows(
+        reference.hashing.lut[ids],
+        mask,
+        reference.hashing.multipliers(3),
+        reference.hashing.primes(3),
+        reference.hashing.pad,
+        reference.config.n_heads,
+    )
+    tensors = {k: v.view(torch.uint8).numpy() for k, v in reference.layers[3].tensors.items() if k.startswith("embed.")}
+    expected = (
+        e4m3_values()[tensors["embed.weight"][rows]]
+        * np.repeat(e8m0_values()[tensors["embed.scale"][rows]], 32, axis=-1)
+    ).reshape(4, 9, -1)
     np.testing.assert_array_equal(runtime.lookup(ids, token_mask=mask), expected)
 
 
@@ -114,8 +126,11 @@ def test_prefetch_and_decode(v41, reference):
     session = runtime.session(3)
     outs = [session.prefill(ids[:, :4], {1: hidden[:, :4], 3: hidden[:, :4]}, token_mask=mask[:, :4])]
     for t in range(4, 12):
-        outs.append(session.step(ids[:, t:t + 1], {1: hidden[:, t:t + 1], 3: hidden[:, t:t + 1]},
-                                 token_mask=mask[:, t:t + 1]))
+        outs.append(
+            session.step(
+                ids[:, t : t + 1], {1: hidden[:, t : t + 1], 3: hidden[:, t : t + 1]}, token_mask=mask[:, t : t + 1]
+            )
+        )
     for layer in runtime.layer_ids:
         np.testing.assert_array_equal(np.concatenate([o[layer] for o in outs], axis=1), full[layer])
 
@@ -133,10 +148,13 @@ def test_tables_are_linked_not_copied(v41, checkpoint):
         assert all(p.stat().st_size < table_bytes for p in written), kind
     runtime = EngramRuntime(v41["bf16"]).layer(3)
     ops = runtime._backend.lookups.compiled.get_runtime_model().get_ops()
-    table_types = {op.get_rt_info()["outputPrecisions"].astype(str) for op in ops
-                   if op.get_rt_info()["layerType"].astype(str) == "Const"
-                   and op.get_output_partial_shape(0).is_static
-                   and op.get_output_partial_shape(0).to_shape()[0] == config.table_rows(3)}
+    table_types = {
+        op.get_rt_info()["outputPrecisions"].astype(str)
+        for op in ops
+        if op.get_rt_info()["layerType"].astype(str) == "Const"
+        and op.get_output_partial_shape(0).is_static
+        and op.get_output_partial_shape(0).to_shape()[0] == config.table_rows(3)
+    }
     assert table_types == {"u8"}, table_types
 
 
@@ -170,25 +188,35 @@ def _overwrite(path, offset, data):
         f.write(data)
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda f: _edit_config(f, engram_num_embeddings=[4038, 4125]), "head primes sum to 4124"),
-    (lambda f: _edit_config(f, engram_compressed_vocab_size=2999), "tokenizer compresses to 3000"),
-    (lambda f: _edit_config(f, hidden_size=64), "has shape"),
-    (lambda f: (f / "tokenizer.json").unlink(), "has no tokenizer.json"),
-    (lambda f: _edit_config(f, model_type="deepseek_v3"), "model_type must be 'deepseek_v41'"),
-    (lambda f: os.truncate(f / "model-00002-of-00002.safetensors", 5000), "is truncated"),
-    (lambda f: (f / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}})),
-     "holds no tensor layers.1.engram.embed.weight"),
-    (lambda f: _replace(f / "model.safetensors.index.json", "model-00001", "../model-00001"), "not a file in"),
-    (lambda f: _replace(f / "model.safetensors.index.json", "00001-of", "00009-of"), "is missing from"),
-    (lambda f: (f / "model.safetensors.index.json").write_text("{"), "is not a valid index"),
-    (lambda f: _edit_config(f, hc_mult=True), "hc_mult must be an integer"),
-    (lambda f: (f / "config.json").write_text("[1]"), "does not hold a JSON object"),
-    (lambda f: (f / "tokenizer.json").write_text("{"), "tokenizer: cannot read"),
-    (lambda f: _overwrite(f / "model-00001-of-00002.safetensors", 8, b"\xff\xfe"), "not a readable safetensors file"),
-    (lambda f: _overwrite(f / "model-00001-of-00002.safetensors", 0, (10**12).to_bytes(8, "little")),
-     "not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda f: _edit_config(f, engram_num_embeddings=[4038, 4125]), "head primes sum to 4124"),
+        (lambda f: _edit_config(f, engram_compressed_vocab_size=2999), "tokenizer compresses to 3000"),
+        (lambda f: _edit_config(f, hidden_size=64), "has shape"),
+        (lambda f: (f / "tokenizer.json").unlink(), "has no tokenizer.json"),
+        (lambda f: _edit_config(f, model_type="deepseek_v3"), "model_type must be 'deepseek_v41'"),
+        (lambda f: os.truncate(f / "model-00002-of-00002.safetensors", 5000), "is truncated"),
+        (
+            lambda f: (f / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}})),
+            "holds no tensor layers.1.engram.embed.weight",
+        ),
+        (lambda f: _replace(f / "model.safetensors.index.json", "model-00001", "../model-00001"), "not a file in"),
+        (lambda f: _replace(f / "model.safetensors.index.json", "00001-of", "00009-of"), "is missing from"),
+        (lambda f: (f / "model.safetensors.index.json").write_text("{"), "is not a valid index"),
+        (lambda f: _edit_config(f, hc_mult=True), "hc_mult must be an integer"),
+        (lambda f: (f / "config.json").write_text("[1]"), "does not hold a JSON object"),
+        (lambda f: (f / "tokenizer.json").write_text("{"), "tokenizer: cannot read"),
+        (
+            lambda f: _overwrite(f / "model-00001-of-00002.safetensors", 8, b"\xff\xfe"),
+            "not a readable safetensors file",
+        ),
+        (
+            lambda f: _overwrite(f / "model-00001-of-00002.safetensors", 0, (10**12).to_bytes(8, "little")),
+            "not a readable safetensors file",
+        ),
+    ],
+)
 def test_bad_checkpoints(checkpoint, tmp_path, change, message):
     folder = tmp_path / "checkpoint"
     shutil.copytree(checkpoint, folder)
@@ -204,19 +232,22 @@ def test_wrong_tensor_dtype(checkpoint, tmp_path):
     shard = folder / "model-00001-of-00002.safetensors"
     data = shard.read_bytes()
     length = int.from_bytes(data[:8], "little")
-    header = data[8:8 + length].replace(b'"F8_E4M3"', b'"I8"     ', 1)  # same length: layout unchanged
-    shard.write_bytes(data[:8] + header + data[8 + length:])
+    header = data[8 : 8 + length].replace(b'"F8_E4M3"', b'"I8"     ', 1)  # same length: layout unchanged
+    shard.write_bytes(data[:8] + header + data[8 + length :])
     with pytest.raises(EngramError, match="is I8, expected F8_E4M3"):
         export_checkpoint(folder, tmp_path / "out")
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda rt, ids, h, m: rt(ids + 5000, h, token_mask=m), "out of range"),
-    (lambda rt, ids, h, m: rt(ids * 0 - 1, h, token_mask=m), "id -1 is out of range"),
-    (lambda rt, ids, h, m: rt(ids, h, token_mask=m[:, :-1]), "token_mask must be"),
-    (lambda rt, ids, h, m: rt(ids, h, token_mask=m.astype(np.int64)), "token_mask must be bool"),
-    (lambda rt, ids, h, m: rt.lookup(ids, token_mask=m.astype(np.float32)), "token_mask must be bool"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda rt, ids, h, m: rt(ids + 5000, h, token_mask=m), "out of range"),
+        (lambda rt, ids, h, m: rt(ids * 0 - 1, h, token_mask=m), "id -1 is out of range"),
+        (lambda rt, ids, h, m: rt(ids, h, token_mask=m[:, :-1]), "token_mask must be"),
+        (lambda rt, ids, h, m: rt(ids, h, token_mask=m.astype(np.int64)), "token_mask must be bool"),
+        (lambda rt, ids, h, m: rt.lookup(ids, token_mask=m.astype(np.float32)), "token_mask must be bool"),
+    ],
+)
 def test_bad_inputs(v41, reference, call, message):
     runtime = EngramRuntime(v41["f32"]).layer(1)
     ids, hidden, mask = inputs(reference.config, 2, 5, seed=1)

@@ -40,8 +40,11 @@ _BUILT_AGAINST = "openvino_version.txt"  # written beside the wheel's library by
 def _cache_dir() -> Path:
     import openvino
 
-    sources = b"".join(path.read_bytes() for path in sorted(SOURCE_DIR.iterdir())
-                       if path.name == "CMakeLists.txt" or path.suffix in (".cpp", ".hpp"))
+    sources = b"".join(
+        path.read_bytes()
+        for path in sorted(SOURCE_DIR.iterdir())
+        if path.name == "CMakeLists.txt" or path.suffix in (".cpp", ".hpp")
+    )
     key = hashlib.sha256(sources + openvino.__version__.encode()).hexdigest()[:16]
     root = Path(os.environ.get("ENGRAM_EXPORT_CACHE", Path.home() / ".cache" / "engram-export"))
     return root / f"ov-extension-{key}"
@@ -54,14 +57,19 @@ def _build(target: Path) -> None:
     if cmake is None:
         raise EngramError("building the OpenVINO extension needs cmake and a C++17 compiler on PATH")
     ov_cmake_dir = Path(openvino.__file__).parent / "cmake"
-    with progress.stage(f"building the OpenVINO extension (once) into {target.parent}"), \
-            tempfile.TemporaryDirectory(prefix="engram-ov-build-") as build:
-        for step in ([cmake, "-S", str(SOURCE_DIR), "-B", build, f"-DOpenVINO_DIR={ov_cmake_dir}"],
-                     [cmake, "--build", build, "-j", str(os.cpu_count() or 1)]):
+    with (
+        progress.stage(f"building the OpenVINO extension (once) into {target.parent}"),
+        tempfile.TemporaryDirectory(prefix="engram-ov-build-") as build,
+    ):
+        for step in (
+            [cmake, "-S", str(SOURCE_DIR), "-B", build, f"-DOpenVINO_DIR={ov_cmake_dir}"],
+            [cmake, "--build", build, "-j", str(os.cpu_count() or 1)],
+        ):
             done = subprocess.run(step, capture_output=True, text=True)
             if done.returncode != 0:
-                raise EngramError(f"building the OpenVINO extension failed:\n{done.stdout[-3000:]}"
-                                  f"{done.stderr[-3000:]}")
+                raise EngramError(
+                    f"building the OpenVINO extension failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+                )
         staged = target.with_suffix(".tmp")
         shutil.copy2(Path(build) / _LIBRARY, staged)
         os.replace(staged, target)
@@ -77,8 +85,11 @@ def _packaged() -> Path | None:
     built_against = stamp.read_text().strip()
     if built_against == openvino.__version__:
         return library
-    log.warning("the packaged OpenVINO extension was built against openvino %s, this is %s: building "
-                "one for it", built_against, openvino.__version__)
+    log.warning(
+        "the packaged OpenVINO extension was built against openvino %s, this is %s: building one for it",
+        built_against,
+        openvino.__version__,
+    )
     return None
 
 
@@ -88,8 +99,9 @@ def library_path() -> Path:
     prebuilt = os.environ.get("ENGRAM_EXPORT_EXTENSION")
     if prebuilt:
         if not Path(prebuilt).is_file():
-            raise EngramError(f"ENGRAM_EXPORT_EXTENSION={prebuilt} is not a file (unset it to build the "
-                              "extension here)")
+            raise EngramError(
+                f"ENGRAM_EXPORT_EXTENSION={prebuilt} is not a file (unset it to build the extension here)"
+            )
         return Path(prebuilt)
     packaged = _packaged()
     if packaged is not None:
@@ -119,8 +131,15 @@ def openvino_core():
     return core
 
 
-_IR_PRECISIONS = {"f32": "FP32", "f16": "FP16", "bf16": "BF16", "i64": "I64", "i32": "I32", "u8": "U8",
-                  "boolean": "BOOL"}
+_IR_PRECISIONS = {
+    "f32": "FP32",
+    "f16": "FP16",
+    "bf16": "BF16",
+    "i64": "I64",
+    "i32": "I32",
+    "u8": "U8",
+    "boolean": "BOOL",
+}
 
 
 def _port(port_id: int, type_name: str, rank: int) -> str:
@@ -139,18 +158,27 @@ def make_node(type_name: str, inputs: list, attributes: dict, output_type: str, 
     ranks = [value.get_partial_shape().rank.get_length() for value in inputs]
     data = " ".join(f'{key}="{value}"' for key, value in attributes.items())
     op_id, result_id = len(inputs), len(inputs) + 1
-    layers = [f'<layer id="{i}" name="input{i}" type="Parameter" version="opset1">'
-              f'<data shape="{",".join("?" * rank) if rank else ""}" element_type="{kind}"/>'
-              f"<output>{_port(0, kind, rank)}</output></layer>" for i, (kind, rank) in enumerate(zip(types, ranks))]
-    layers.append(f'<layer id="{op_id}" name="{type_name}" type="{type_name}" version="engram_extension">'
-                  f"<data {data}/><input>{''.join(_port(i, t, r) for i, (t, r) in enumerate(zip(types, ranks)))}"
-                  f"</input><output>{_port(op_id, output_type, output_rank)}</output></layer>")
-    layers.append(f'<layer id="{result_id}" name="result" type="Result" version="opset1">'
-                  f"<input>{_port(0, output_type, output_rank)}</input></layer>")
+    layers = [
+        f'<layer id="{i}" name="input{i}" type="Parameter" version="opset1">'
+        f'<data shape="{",".join("?" * rank) if rank else ""}" element_type="{kind}"/>'
+        f"<output>{_port(0, kind, rank)}</output></layer>"
+        for i, (kind, rank) in enumerate(zip(types, ranks))
+    ]
+    layers.append(
+        f'<layer id="{op_id}" name="{type_name}" type="{type_name}" version="engram_extension">'
+        f"<data {data}/><input>{''.join(_port(i, t, r) for i, (t, r) in enumerate(zip(types, ranks)))}"
+        f"</input><output>{_port(op_id, output_type, output_rank)}</output></layer>"
+    )
+    layers.append(
+        f'<layer id="{result_id}" name="result" type="Result" version="opset1">'
+        f"<input>{_port(0, output_type, output_rank)}</input></layer>"
+    )
     edges = [f'<edge from-layer="{i}" from-port="0" to-layer="{op_id}" to-port="{i}"/>' for i in range(len(inputs))]
     edges.append(f'<edge from-layer="{op_id}" from-port="{op_id}" to-layer="{result_id}" to-port="0"/>')
-    xml = (f'<?xml version="1.0"?><net name="{type_name}" version="11"><layers>{"".join(layers)}</layers>'
-           f'<edges>{"".join(edges)}</edges></net>')
+    xml = (
+        f'<?xml version="1.0"?><net name="{type_name}" version="11"><layers>{"".join(layers)}</layers>'
+        f"<edges>{''.join(edges)}</edges></net>"
+    )
     template = openvino_core().read_model(xml, openvino.Tensor(openvino.Type.u8, openvino.Shape([0])))
     parameters = {p.get_friendly_name(): p for p in template.get_parameters()}
     (node,) = [op for op in template.get_ops() if op.get_type_name() == type_name]

@@ -404,7 +404,7 @@ def profile_top(xml: Path, ids: np.ndarray, hidden: np.ndarray, precision: str, 
     from engram_export.stages import EMBEDDINGS
 
     runtime = EngramRuntime(xml, precision=precision, table_memory="populate", ov_config={"PERF_COUNT": "YES"})
-    stages = runtime._backend  # the two compiled stages: profiling needs their requests
+    stages = runtime[runtime.layer_id]._backend  # the two compiled stages: profiling needs their requests
     lookup, fuse = stages.lookups.take(), stages.fuses.take()
     totals, rounds = collections.Counter(), 10
     for index in range(3 + rounds):

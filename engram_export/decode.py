@@ -136,7 +136,9 @@ class DecodeSession:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise EngramError(f"batch size must be a positive integer, got {batch_size!r}")
         self.runtime, self.batch_size = runtime, batch_size
-        self._requests = {layer: runtime.layer(layer)._decode_requests() for layer in runtime.layer_ids}
+        # an EngramRuntime (a mapping of layers) or one LayerRuntime
+        self._layers = dict(runtime) if hasattr(runtime, "layer_ids") else {runtime.layer_id: runtime}
+        self._requests = {layer_id: layer._decode_requests() for layer_id, layer in self._layers.items()}
         self._lock = threading.Lock()
         self.position = 0
 
@@ -174,7 +176,7 @@ class DecodeSession:
                 f"session serves {sorted(self._requests)}"
             )
         checked = {
-            layer: check_inputs(self.runtime.layer(layer).info, input_ids, hidden, token_mask)
+            layer: check_inputs(self._layers[layer].info, input_ids, hidden, token_mask)
             for layer, hidden in hidden_by_layer.items()
         }
         batch = next(iter(checked.values()))[0]["input_ids"].shape[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ from engram_export.model_info import PRECISIONS, ModelInfo
 
 __all__ = [
     "EngramRuntime",
+    "LayerRuntime",
+    "UnknownLayer",
     "Prefetch",
     "check_inputs",
     "check_ids",
@@ -266,8 +269,109 @@ class Prefetch:
             backend.lookups.give_back(request)
 
 
-class EngramRuntime:
-    """Exported Engram layers, ready to run.
+class UnknownLayer(EngramError, KeyError):
+    """A layer id the runtime does not serve: an ``EngramError`` with its one line, and a ``KeyError``
+    as a mapping's ``get`` expects."""
+
+    __str__ = EngramError.__str__  # the message, not KeyError's quoted key
+
+
+class LayerRuntime:
+    """One exported Engram layer, ready to run (what ``EngramRuntime``'s mapping holds per layer id).
+
+    ``layer(input_ids, hidden_states)`` runs it; ``layer.prefetch(input_ids)`` starts its lookup in the
+    background and ``layer.fuse(handle, hidden_states)`` finishes it; ``layer.lookup(input_ids)`` returns
+    the looked-up rows. Every call checks its inputs against the config the file carries first.
+    """
+
+    def __init__(self, path: Path, runtime: str, backend):
+        self.path, self.runtime, self._backend = path, runtime, backend
+        self.info = backend.info
+        self.precision = backend.precision
+        self.settings = backend.settings  # what the runtime compiled the model with
+
+    @property
+    def config(self):
+        return self.info.config
+
+    @property
+    def quantization(self) -> str | None:
+        return self.info.quantization
+
+    @property
+    def layer_id(self) -> int:
+        return self.info.layer_id
+
+    def __call__(self, input_ids, hidden_states, token_mask=None, *, out=None) -> np.ndarray:
+        """The layer's output [B,T,G,D] float32: the Engram output before the backbone's residual add
+        (demo family), or ``h + gate * value`` (DeepSeek-V4.1, whose ``token_mask`` marks image tokens
+        False). ``out``: a float32 array of that shape to write it into (returned), instead of a new one."""
+        feeds, hidden = check_inputs(self.info, input_ids, hidden_states, token_mask)
+        return self._backend(feeds, hidden, check_out(out, hidden))
+
+    def lookup(self, input_ids, token_mask=None) -> np.ndarray:
+        """The looked-up rows as the fuse stage receives them, float32 (dequantized for FP8 and INT8
+        tables): the host half of the host-lookup / device-fuse split (OpenVINO only)."""
+        self._need_openvino("lookup")
+        return self._backend.lookup_rows(check_lookup_inputs(self.info, input_ids, token_mask))
+
+    def prefetch(self, input_ids, token_mask=None) -> Prefetch:
+        """Start this layer's lookup for ``input_ids`` [B,T] and return at once (see ``Prefetch``)."""
+        return _prefetch(self.info, {self.layer_id: self}, input_ids, token_mask)
+
+    def fuse(self, handle: Prefetch, hidden_states, input_ids=None, *, out=None) -> np.ndarray:
+        """Finish this layer from a prefetch handle: the output of ``layer(input_ids, hidden_states)``.
+
+        ``input_ids``, if given, must be the ids the handle was made for. Every check comes before the
+        handle is used, so a refused call leaves it as it was."""
+        if not isinstance(handle, Prefetch):
+            raise EngramError(f"fuse needs the handle returned by prefetch, got {type(handle).__name__}")
+        if input_ids is not None and not np.array_equal(_array("input_ids", input_ids), handle.input_ids):
+            raise EngramError("this prefetch handle was made for other input_ids")
+        hidden = check_hidden(self.info, handle.feeds, hidden_states)
+        out = check_out(out, hidden)
+        return self._backend.finish(handle._take(self.layer_id, self._backend), handle.feeds, hidden, out)
+
+    def session(self, batch_size: int):
+        """A decode session for ``batch_size`` sequences of this layer (OpenVINO only)."""
+        from engram_export.decode import DecodeSession
+
+        return DecodeSession(self, batch_size)
+
+    def as_torch(self):
+        """This layer as a PyTorch module (``engram_export.torch.OpenVINOEngram``)."""
+        from engram_export.torch import OpenVINOEngram
+
+        return OpenVINOEngram(self)
+
+    def _need_openvino(self, what: str) -> None:
+        if not isinstance(self._backend, _OpenVINO):
+            raise EngramError(f"{what} needs the OpenVINO runtime (runtime='ov')")
+
+    def _decode_requests(self):
+        self._need_openvino("decode sessions")
+        return self._backend.decode_requests()
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerRuntime({str(self.path)!r}, runtime={self.runtime!r}, precision={self.precision!r}, "
+            f"layer={self.layer_id})"
+        )
+
+
+def _prefetch(info: ModelInfo, layers: dict, input_ids, token_mask) -> Prefetch:
+    """Start the lookup of each of ``layers`` (layer id -> LayerRuntime) on requests of their own."""
+    for layer in layers.values():
+        layer._need_openvino("prefetch")
+    # copies: the lookups read them after this returns, when the caller may have changed its arrays
+    feeds = {name: value.copy() for name, value in check_lookup_inputs(info, input_ids, token_mask).items()}
+    return Prefetch(
+        feeds, {layer_id: (layer._backend, layer._backend.start_lookup(feeds)) for layer_id, layer in layers.items()}
+    )
+
+
+class EngramRuntime(Mapping):
+    """Exported Engram layers, ready to run: a mapping of layer id -> ``LayerRuntime``.
 
     Args:
         path: ``.xml`` (OpenVINO IR from ``compile`` or ``quantize``), ``.onnx`` (from ``export``), or a
@@ -288,11 +392,15 @@ class EngramRuntime:
             ``True``/``"sampled"`` (size and sampled SHA-256), ``"full"`` (every byte), ``False``/``"size"``.
             A single ``.xml`` is always checked against the size and sampled hash its ``.bin`` had.
 
-    ``rt(input_ids, hidden_states)`` runs a single layer; ``rt.layer(L)`` picks a layer of a folder.
+    ``rt[L]`` (or ``rt.layer(L)``) is layer L; ``for L in rt``, ``len(rt)``, ``rt.items()`` as for a dict.
     ``rt.prefetch(input_ids)`` starts every layer's lookup (hash + table Gather) in the background and
-    returns at once; ``rt.layer(L).fuse(handle, hidden_states)`` finishes layer L when the backbone
-    reaches it. Results equal the one-shot call.
+    returns at once; ``rt[L].fuse(handle, hidden_states)`` finishes layer L when the backbone reaches it;
+    ``rt.session(B)`` decodes token by token over every layer. Results equal the one-shot call. A
+    runtime of one file (one layer) is also called like that layer: ``rt(input_ids, hidden_states)``.
     """
+
+    __eq__ = object.__eq__  # a runtime is one loaded model, not a value: identity, and hashable
+    __hash__ = object.__hash__
 
     def __init__(
         self,
@@ -327,47 +435,51 @@ class EngramRuntime:
         if not isinstance(lookup_kernel, bool):
             raise EngramError(f"lookup_kernel must be True or False, got {lookup_kernel!r}")
         self.path, self.runtime = Path(path), runtime
+        options = (runtime, precision, device, threads, ov_config, table_memory, lookup_kernel)
         if self.path.is_dir():
             from engram_export.manifest import read_manifest
 
             self.manifest = read_manifest(self.path, check_hashes)
-            self._layers = {
-                layer: EngramRuntime(
-                    self.path / name,
-                    runtime,
-                    precision,
-                    device,
-                    threads,
-                    ov_config=ov_config,
-                    table_memory=table_memory,
-                    lookup_kernel=lookup_kernel,
-                )
-                for layer, name in self.manifest.layers.items()
-            }
-            for layer, served in self._layers.items():
-                file = self.path / self.manifest.layers[layer]
-                if served.layer_id != layer:
-                    raise EngramError(f"{file} holds layer {served.layer_id}; the manifest lists it as layer {layer}")
+            self._layers = {}
+            for layer_id, name in self.manifest.layers.items():
+                file = self.path / name
+                served = _load_layer(file, *options)
+                if served.layer_id != layer_id:
+                    raise EngramError(
+                        f"{file} holds layer {served.layer_id}; the manifest lists it as layer {layer_id}"
+                    )
                 if served.config != self.manifest.config:
                     raise EngramError(f"{file} was exported with another config than the manifest's")
-            first = next(iter(self._layers.values()))
-            self._backend, self.info = None, first.info
-            self.precision, self.settings = first.precision, first.settings
-            return
-        path = check_input_file(path, (".xml", ".onnx"), "model")
-        if runtime == "ort":
-            if path.suffix != ".onnx":
-                raise EngramError(f"ONNX Runtime runs .onnx files, not {path.name}; use runtime 'ov'")
-            if precision not in (None, "f32"):
-                raise EngramError("ONNX Runtime runs this model in f32 only")
-            self._backend = _OnnxRuntime(path, threads)
+                self._layers[layer_id] = served
         else:
-            self._backend = _OpenVINO(path, precision, device, threads, ov_config, table_memory, lookup_kernel)
-        self.manifest = None
-        self.info = self._backend.info
-        self.precision = self._backend.precision
-        self.settings = self._backend.settings  # what the runtime compiled the model with
-        self._layers = {self.info.layer_id: self}
+            self.manifest = None
+            served = _load_layer(check_input_file(path, (".xml", ".onnx"), "model"), *options)
+            self._layers = {served.layer_id: served}
+        first = next(iter(self._layers.values()))
+        self.info, self.precision, self.settings = first.info, first.precision, first.settings
+
+    # the mapping: layer id -> LayerRuntime
+    def __getitem__(self, layer_id: int) -> LayerRuntime:
+        if layer_id not in self._layers:
+            raise UnknownLayer(f"no Engram layer {layer_id} here (layers: {self.layer_ids})")
+        return self._layers[layer_id]
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __contains__(self, layer_id) -> bool:
+        return layer_id in self._layers
+
+    def layer(self, layer_id: int) -> LayerRuntime:
+        """The runtime of one Engram layer: ``rt[layer_id]``."""
+        return self[layer_id]
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return list(self._layers)
 
     @property
     def config(self):
@@ -379,53 +491,37 @@ class EngramRuntime:
 
     @property
     def layer_id(self) -> int:
-        return self.info.layer_id
+        return self._only("layer_id").layer_id
 
-    @property
-    def layer_ids(self) -> list[int]:
-        return list(self._layers)
+    def _only(self, what: str) -> LayerRuntime:
+        if len(self._layers) != 1:
+            raise EngramError(f"{self.path} serves layers {self.layer_ids}: use rt[L].{what}")
+        return next(iter(self._layers.values()))
 
-    def layer(self, layer_id: int) -> "EngramRuntime":
-        """The runtime of one Engram layer."""
-        if layer_id not in self._layers:
-            raise EngramError(f"no Engram layer {layer_id} here (layers: {self.layer_ids})")
-        return self._layers[layer_id]
-
+    # a runtime of one layer is also called like that layer
     def __call__(self, input_ids, hidden_states, token_mask=None, *, out=None) -> np.ndarray:
-        """The layer's output [B,T,G,D] float32: the Engram output before the backbone's residual add
-        (demo family), or ``h + gate * value`` (DeepSeek-V4.1, whose ``token_mask`` marks image tokens
-        False). ``out``: a float32 array of that shape to write it into (returned), instead of a new one."""
-        if self._backend is None:
-            raise EngramError(f"{self.path} serves layers {self.layer_ids}: call rt.layer(L)(...)")
-        feeds, hidden = check_inputs(self.info, input_ids, hidden_states, token_mask)
-        return self._backend(feeds, hidden, check_out(out, hidden))
+        """``LayerRuntime.__call__`` of the one layer served."""
+        return self._only("__call__ (rt[L](...))")(input_ids, hidden_states, token_mask, out=out)
 
     def lookup(self, input_ids, token_mask=None) -> np.ndarray:
-        """The looked-up rows as the fuse stage receives them, float32 (dequantized for FP8 and INT8
-        tables): the host half of the host-lookup / device-fuse split (OpenVINO only)."""
-        if not isinstance(self._backend, _OpenVINO):
-            raise EngramError("lookup needs the OpenVINO runtime (runtime='ov') and one layer: rt.layer(L)")
-        return self._backend.lookup_rows(check_lookup_inputs(self.info, input_ids, token_mask))
+        """``LayerRuntime.lookup`` of the one layer served."""
+        return self._only("lookup(...)").lookup(input_ids, token_mask)
 
+    def fuse(self, handle: Prefetch, hidden_states, input_ids=None, *, out=None) -> np.ndarray:
+        """``LayerRuntime.fuse`` of the one layer served."""
+        return self._only("fuse(...)").fuse(handle, hidden_states, input_ids, out=out)
+
+    # over every layer
     def prefetch(self, input_ids, token_mask=None) -> Prefetch:
         """Start the lookup of every layer for ``input_ids`` [B,T] and return at once.
 
         Each call's lookups run on requests of their own: several handles may be in flight at once."""
-        # copies: the lookups read them after this returns, when the caller may have changed its arrays
-        feeds = {name: value.copy() for name, value in check_lookup_inputs(self.info, input_ids, token_mask).items()}
-        backends = {layer_id: layer._backend for layer_id, layer in self._layers.items()}
-        if not all(isinstance(backend, _OpenVINO) for backend in backends.values()):
-            raise EngramError("prefetch needs the OpenVINO runtime (runtime='ov')")
-        return Prefetch(
-            feeds, {layer_id: (backend, backend.start_lookup(feeds)) for layer_id, backend in backends.items()}
-        )
+        return _prefetch(self.info, self._layers, input_ids, token_mask)
 
     def as_torch(self) -> dict:
         """Each layer as a PyTorch module (``engram_export.torch.OpenVINOEngram``): layer id -> module.
         ``engram_export.torch.swap_engram_modules`` puts them into a model in place of its PyTorch ones."""
-        from engram_export.torch import OpenVINOEngram
-
-        return {layer: OpenVINOEngram(self.layer(layer)) for layer in self.layer_ids}
+        return {layer_id: layer.as_torch() for layer_id, layer in self._layers.items()}
 
     def session(self, batch_size: int):
         """A decode session for ``batch_size`` sequences over every layer served (OpenVINO only)."""
@@ -433,28 +529,20 @@ class EngramRuntime:
 
         return DecodeSession(self, batch_size)
 
-    def _decode_requests(self):
-        if not isinstance(self._backend, _OpenVINO):
-            raise EngramError("decode sessions need the OpenVINO runtime (runtime='ov')")
-        return self._backend.decode_requests()
-
-    def fuse(self, handle: Prefetch, hidden_states, input_ids=None, *, out=None) -> np.ndarray:
-        """Finish this layer from a prefetch handle: the output of ``rt(input_ids, hidden_states)``.
-
-        ``input_ids``, if given, must be the ids the handle was made for. Every check comes before the
-        handle is used, so a refused call leaves it as it was."""
-        if self._backend is None:
-            raise EngramError(f"{self.path} serves layers {self.layer_ids}: call rt.layer(L).fuse(...)")
-        if not isinstance(handle, Prefetch):
-            raise EngramError(f"fuse needs the handle returned by prefetch, got {type(handle).__name__}")
-        if input_ids is not None and not np.array_equal(_array("input_ids", input_ids), handle.input_ids):
-            raise EngramError("this prefetch handle was made for other input_ids")
-        hidden = check_hidden(self.info, handle.feeds, hidden_states)
-        out = check_out(out, hidden)
-        return self._backend.finish(handle._take(self.layer_id, self._backend), handle.feeds, hidden, out)
-
     def __repr__(self) -> str:
         return (
             f"EngramRuntime({str(self.path)!r}, runtime={self.runtime!r}, "
             f"precision={self.precision!r}, layers={self.layer_ids})"
         )
+
+
+def _load_layer(path: Path, runtime, precision, device, threads, ov_config, table_memory, lookup_kernel):
+    if runtime == "ort":
+        if path.suffix != ".onnx":
+            raise EngramError(f"ONNX Runtime runs .onnx files, not {path.name}; use runtime 'ov'")
+        if precision not in (None, "f32"):
+            raise EngramError("ONNX Runtime runs this model in f32 only")
+        return LayerRuntime(path, runtime, _OnnxRuntime(path, threads))
+    return LayerRuntime(
+        path, runtime, _OpenVINO(path, precision, device, threads, ov_config, table_memory, lookup_kernel)
+    )

@@ -49,10 +49,12 @@ class OpenVINOEngram(nn.Module):
 
     def __init__(self, runtime):
         super().__init__()
-        if runtime.layer_ids != [runtime.layer_id]:
-            raise EngramError(
-                f"OpenVINOEngram serves one layer: pass rt.layer(L), not a runtime of layers {runtime.layer_ids}"
-            )
+        if hasattr(runtime, "layer_ids"):  # an EngramRuntime: of one layer only
+            if len(runtime.layer_ids) != 1:
+                raise EngramError(
+                    f"OpenVINOEngram serves one layer: pass rt[L], not a runtime of layers {runtime.layer_ids}"
+                )
+            runtime = runtime[runtime.layer_ids[0]]
         self.runtime, self.layer_id = runtime, runtime.layer_id
         self._pending = None  # (prefetch handle, ids, mask) from the model's pre-hook
         self._lock = threading.Lock()
@@ -107,15 +109,16 @@ def swap_engram_modules(
         raise EngramError("the model holds no Engram layer (EngramLayer or V41EngramLayer)")
     if found[0][0] == "":
         raise EngramError("the model is itself an Engram layer: use rt.as_torch()[layer] in its place")
+    layers = dict(runtime) if hasattr(runtime, "layer_ids") else {runtime.layer_id: runtime}  # a LayerRuntime
     for name, module in found:
-        if module.layer_id not in runtime.layer_ids:
-            raise EngramError(f"{name} is Engram layer {module.layer_id}; the runtime serves {runtime.layer_ids}")
+        if module.layer_id not in layers:
+            raise EngramError(f"{name} is Engram layer {module.layer_id}; the runtime serves {list(layers)}")
         if module.config != runtime.config:
             raise EngramError(f"{name} has another config than the runtime's model")
     swapped = {}
     for name, module in found:
         parent_name, _, attribute = name.rpartition(".")
-        served = OpenVINOEngram(runtime.layer(module.layer_id))
+        served = OpenVINOEngram(layers[module.layer_id])
         model.get_submodule(parent_name).register_module(attribute, served)  # also replaces list entries
         swapped[name] = served
 

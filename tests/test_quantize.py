@@ -101,7 +101,7 @@ def test_int8_keeps_the_table_compressed_in_memory(quantized, kernel):
     """Compiled as two stages, the lookup keeps its u8 table, whether the row kernel reads it or
     OpenVINO's Gather: no f32 copy of the table in the runtime graph."""
     runtime = EngramRuntime(quantized["int8"], lookup_kernel=kernel)
-    lookup_ops = runtime._backend.lookups.compiled.get_runtime_model().get_ops()
+    lookup_ops = runtime[runtime.layer_id]._backend.lookups.compiled.get_runtime_model().get_ops()
     names = {op.get_friendly_name() if kernel else op.get_rt_info()["layerType"].astype(str) for op in lookup_ops}
     assert ("EngramGatherRows" if kernel else "Gather") in names
     constants = [op for op in lookup_ops if op.get_rt_info()["layerType"].astype(str) == "Const"]

@@ -107,7 +107,7 @@ def test_bf16_fuse_stage_hands_the_gemm_output_to_the_kernel_in_bf16(tiny_files)
     """The bf16 GEMM's output is read by EngramGatedShortConv as it is: no conversion node between them
     (numbers: test_every_path_matches_pytorch)."""
     runtime = EngramRuntime(tiny_files["bf16"])
-    nodes = runtime._backend.fuses.compiled.get_runtime_model().get_ordered_ops()
+    nodes = runtime[runtime.layer_id]._backend.fuses.compiled.get_runtime_model().get_ordered_ops()
     kinds = [(n.get_rt_info()["layerType"].astype(str), n.get_rt_info()["runtimePrecision"].astype(str)) for n in nodes]
     assert ("FullyConnected", "bf16") in kinds and ("Reference", "bf16") in kinds, kinds
     assert not {"Reorder", "Convert"} & {kind for kind, _ in kinds}, kinds

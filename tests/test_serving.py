@@ -41,6 +41,33 @@ def test_every_layer_matches_pytorch(folders, layers, kind):
         assert result.passed, result
 
 
+def test_a_runtime_is_a_mapping_of_its_layers(folders, layers):
+    """rt[L] is layer L's LayerRuntime, with its own call, lookup, prefetch and fuse; the folder's runtime
+    prefetches and decodes over all of them, and refuses what only one layer can do."""
+    from engram_export.runtime import LayerRuntime
+
+    runtime = EngramRuntime(folders["f32"])
+    assert len(runtime) == 2 and list(runtime) == [1, 3] and 3 in runtime and 2 not in runtime
+    assert all(isinstance(layer, LayerRuntime) for layer in runtime.values())
+    assert runtime[3] is runtime.layer(3) and dict(runtime.items())[1] is runtime[1]
+    assert runtime.get(2) is None
+    with pytest.raises(EngramError, match=r"no Engram layer 2 here \(layers: \[1, 3\]\)$"):
+        runtime[2]
+    with pytest.raises(EngramError, match=r"serves layers \[1, 3\]: use rt\[L\]"):
+        runtime(*random_inputs(layers[1].config, 5000, 1, 2))
+    ids, hidden = random_inputs(layers[3].config, 5000, 2, 5, seed=4)
+    expected = runtime[3](ids, hidden)
+    compare_to = reference(layers[3], ids, hidden)
+    assert compare("f32", compare_to, expected).passed
+    one = runtime[3].prefetch(ids)  # one layer's own lookup
+    with pytest.raises(EngramError, match="not made by this runtime for layer 1"):
+        runtime[1].fuse(one, hidden)
+    np.testing.assert_array_equal(runtime[3].fuse(one, hidden), expected)
+    np.testing.assert_array_equal(runtime[3].lookup(ids), EngramRuntime(folders["f32"] / "layer_3.xml").lookup(ids))
+    step = runtime[3].session(2).prefill(ids, hidden)
+    np.testing.assert_array_equal(step[3], expected)
+
+
 @pytest.mark.parametrize("batch,tokens", [(4, 9), (50, 14), (1, 1)])
 def test_prefetch_equals_the_one_shot_call(folders, layers, batch, tokens):
     runtime = EngramRuntime(folders["f32"])

@@ -25,7 +25,7 @@ def export_folder(
 ) -> Path:
     """Export every layer in ``config.layer_ids``. ``prefix`` may hold ``{layer}`` (full-model
     checkpoints); random weights use ``seed + layer id``."""
-    from engram_export.export import export_layer
+    from engram_export.onnx.export import export_layer
     from engram_export.models.hashing import EngramHashing
     from engram_export.models.weights import build_layer, layer_prefix
 
@@ -60,7 +60,7 @@ def export_checkpoint(
     """A DeepSeek-V4.1 checkpoint folder: layer ``layer_id`` to an .onnx, or every Engram layer to a
     folder with a manifest. Tables stay in the checkpoint's shards, hard-linked beside the files."""
     from engram_export.checkpoint import Checkpoint
-    from engram_export.export_v41 import export_v41_layer
+    from engram_export.onnx.export_v41 import export_v41_layer
     from engram_export.models.deepseek_v41 import V41Config, V41Hashing
 
     checkpoint = Checkpoint(checkpoint_dir)
@@ -78,7 +78,7 @@ def export_checkpoint(
 
 
 def compile_folder(source: Path, folder: Path, precision: str, copy_table: bool = False) -> Path:
-    from engram_export.compile import compile_onnx
+    from engram_export.openvino.compile import compile_onnx
 
     manifest = read_manifest(source)
     if manifest.kind != "onnx":
@@ -93,7 +93,7 @@ def compile_folder(source: Path, folder: Path, precision: str, copy_table: bool 
 
 
 def quantize_folder(source: Path, folder: Path, options, copy_table: bool = False) -> Path:
-    from engram_export.quantize import quantize
+    from engram_export.openvino.quantize import quantize
 
     manifest = read_manifest(source)
     layers = {}

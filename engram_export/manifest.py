@@ -39,7 +39,7 @@ class Manifest:
 def model_files(folder: Path, name: str) -> list[str]:
     """The names of the files that the model ``name`` reads: itself and its .bin or external data."""
     if name.endswith(".xml"):
-        from engram_export.tables import table_files
+        from engram_export.openvino.tables import table_files
 
         return [name, name[: -len(".xml")] + ".bin", *sorted(table_files(folder / name))]
     import onnx

@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from engram_export import onnx_op
+from engram_export.onnx import op as onnx_op
 from engram_export.passes._graph import (
     Refused,
     RewritePass,

@@ -37,8 +37,8 @@ def tiny_layer(tiny_config):
 
 
 def _export_and_compile(layer, folder: Path, optimize: bool) -> dict[str, Path]:
-    from engram_export.compile import compile_onnx
-    from engram_export.export import export_layer
+    from engram_export.openvino.compile import compile_onnx
+    from engram_export.onnx.export import export_layer
 
     onnx_path = export_layer(layer, folder / "engram.onnx", optimize=optimize)
     return {

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engram_export.verify import compare, random_inputs
+from engram_export.measure.verify import compare, random_inputs
 from tests.conftest import TINY_LAYER
 from tests.helpers import cli, refused
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from engram_export.fileio import staged_folder, staged_output
-from engram_export.verify import random_inputs
+from engram_export.measure.verify import random_inputs
 from tests.helpers import STAGING_PREFIX, listing, refused, run_cli
 
 EXPORT = ("export", "--config", "tiny", "--random-init", "--layer", "1")
@@ -194,7 +194,7 @@ def test_outputs_follow_the_umask(tiny_files, tmp_path, umask):
 
 
 def test_unexpected_errors_are_one_line(tmp_path, monkeypatch):
-    import engram_export.export as export
+    import engram_export.onnx.export as export
 
     def broken(*args, **kwargs):
         raise RuntimeError("kaput\nsecond line")

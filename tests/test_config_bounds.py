@@ -213,7 +213,8 @@ def test_require_memory_and_disk(tmp_path):
 
 
 def test_export_refuses_a_full_disk_before_tracing(tiny_layer, tmp_path, monkeypatch):
-    from engram_export import export, resources
+    from engram_export import resources
+    from engram_export.onnx import export
 
     monkeypatch.setattr(resources.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
     monkeypatch.setattr(export, "trace", lambda layer: pytest.fail("traced"))

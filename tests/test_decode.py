@@ -12,7 +12,7 @@ import torch
 
 from engram_export.errors import EngramError
 from engram_export.runtime import EngramRuntime
-from engram_export.verify import compare, random_inputs
+from engram_export.measure.verify import compare, random_inputs
 
 
 def decode(session, ids, hidden_by_layer, prompt):

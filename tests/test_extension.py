@@ -38,7 +38,7 @@ def test_prebuilt_library_from_the_environment_without_cmake(tmp_path):
     prebuilt.parent.mkdir()
     shutil.copy2(cli("extension").stdout.strip(), prebuilt)
     code = (
-        "from engram_export.ov_extension import library_path, openvino_core\n"
+        "from engram_export.openvino.extension import library_path, openvino_core\n"
         "print(library_path()); print(len(openvino_core().get_available_devices()) > 0)"
     )
     env = {
@@ -70,13 +70,14 @@ def test_the_wheel_carries_the_extension_built_against_its_openvino(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     package = site / "engram_export"
     assert (package / "models" / "config.py").is_file() and (package / "passes" / "_graph.py").is_file()
-    assert (package / "ov_extension" / "openvino_version.txt").read_text() == openvino.__version__
+    extension = package / "openvino" / "extension"
+    assert (extension / "openvino_version.txt").read_text() == openvino.__version__
     # the unpacked wheel first on sys.path; an editable install of this checkout redirects imports of
     # engram_export to it through a finder of its own, so that finder is dropped
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "sys.meta_path = [f for f in sys.meta_path if 'Redirect' not in type(f).__name__]\n"
-        "from engram_export.ov_extension import library_path, openvino_core\n"
+        "from engram_export.openvino.extension import library_path, openvino_core\n"
         "print(library_path()); print(len(openvino_core().get_available_devices()) > 0)"
     )
     env = {**os.environ, "PATH": _python_only_path(tmp_path), "ENGRAM_EXPORT_CACHE": str(tmp_path / "empty-cache")}
@@ -85,12 +86,12 @@ def test_the_wheel_carries_the_extension_built_against_its_openvino(tmp_path):
         [sys.executable, "-c", code, str(site)], env=env, capture_output=True, text=True, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == [str(package / "ov_extension" / "libengram_ov_extension.so"), "True"]
+    assert done.stdout.split() == [str(extension / "libengram_ov_extension.so"), "True"]
     assert not (tmp_path / "empty-cache").exists()  # nothing was built
 
 
 def test_a_packaged_library_is_used_only_with_the_openvino_it_was_built_against(tmp_path, monkeypatch, caplog):
-    from engram_export import ov_extension
+    from engram_export.openvino import extension as ov_extension
 
     monkeypatch.setattr(ov_extension, "SOURCE_DIR", tmp_path)
     assert ov_extension._packaged() is None  # a checkout: nothing packaged

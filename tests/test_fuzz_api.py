@@ -15,7 +15,7 @@ import pytest
 
 from engram_export.errors import EngramError
 from engram_export.runtime import EngramRuntime
-from engram_export.verify import random_inputs
+from engram_export.measure.verify import random_inputs
 
 LAYERS = (1, 3)
 

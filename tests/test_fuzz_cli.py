@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from engram_export.verify import random_inputs
+from engram_export.measure.verify import random_inputs
 from tests.conftest import TINY_LAYER
 from tests.helpers import STAGING_PREFIX, listing, run_cli
 

@@ -12,7 +12,7 @@ import pytest
 from engram_export import integrity
 from engram_export.errors import EngramError
 from engram_export.runtime import EngramRuntime
-from engram_export.verify import random_inputs
+from engram_export.measure.verify import random_inputs
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_single_xml_checks_its_bin(tiny_files, tmp_path):
 
 def test_onnx_folder_lists_external_data(tiny_config, tmp_path):
     from engram_export.manifest import model_files, read_manifest
-    from engram_export.export import export_layer
+    from engram_export.onnx.export import export_layer
     from engram_export.models.weights import build_layer
 
     folder = tmp_path / "f"
@@ -138,7 +138,7 @@ def test_onnx_folder_lists_external_data(tiny_config, tmp_path):
 
 
 def test_single_onnx_checks_its_external_data(tiny_config, tmp_path):
-    from engram_export.export import export_layer, load_onnx, save_onnx
+    from engram_export.onnx.export import export_layer, load_onnx, save_onnx
     from engram_export.models.weights import build_layer
 
     path = export_layer(build_layer(tiny_config, 1, seed=0), tmp_path / "m.onnx", external_data_threshold=1000)
@@ -159,8 +159,8 @@ def test_nothing_is_written_beside_the_source(tiny_config, tmp_path, monkeypatch
     folder is never written, so a read-only one works."""
     from pathlib import Path
 
-    from engram_export.compile import compile_onnx
-    from engram_export.export import export_layer
+    from engram_export.openvino.compile import compile_onnx
+    from engram_export.onnx.export import export_layer
     from engram_export.models.weights import build_layer
 
     source = tmp_path / "source"

@@ -24,7 +24,7 @@ from engram_export.passes import (
     lower_for_openvino,
     optimize,
 )
-from engram_export.verify import random_inputs
+from engram_export.measure.verify import random_inputs
 
 SHAPES = [(1, 1), (3, 17), (50, 14)]
 
@@ -115,8 +115,8 @@ def test_fuse_gated_conv_on_the_batched_form(raw, tiny_config, tiny_raw_files):
 
 def test_gated_conv_kernel_in_openvino_matches_its_function(raw, tiny_config, tmp_path):
     """The fused C++ kernel against the node's own standard-op definition (run by ONNX Runtime)."""
-    from engram_export.export import save_onnx
-    from engram_export.ov_extension import openvino_core
+    from engram_export.onnx.export import save_onnx
+    from engram_export.openvino.extension import openvino_core
 
     optimize(raw)
     lower_for_openvino(raw)
@@ -179,7 +179,7 @@ def test_fuse_short_conv_refuses_a_crop_that_does_not_start_at_zero(raw):
 
 def test_one_branch_model_is_optimized_too(tiny_config, tmp_path):
     """hc_mult 1: no Concat stacks the gates or joins the conv's norms; the passes still fire."""
-    from engram_export.export import export_layer
+    from engram_export.onnx.export import export_layer
     from engram_export.models.weights import build_layer
 
     config = tiny_config.replace(hc_mult=1)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from engram_export.errors import EngramError
-from engram_export.ov_extension import openvino_core
-from engram_export.quantize import QuantizeOptions, compressed_constants, quantize, read_calibration
+from engram_export.openvino.extension import openvino_core
+from engram_export.openvino.quantize import QuantizeOptions, compressed_constants, quantize, read_calibration
 from engram_export.runtime import EngramRuntime
-from engram_export.verify import QUANTIZED_MIN_MEAN_COSINE, compare, random_inputs
+from engram_export.measure.verify import QUANTIZED_MIN_MEAN_COSINE, compare, random_inputs
 from tests.test_cli import cli, refused
 
 MODES = {

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engram_export import row_kernel
+from engram_export.openvino import row_kernel
 from engram_export.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint
-from engram_export.quantize import QuantizeOptions, quantize
+from engram_export.openvino.quantize import QuantizeOptions, quantize
 from engram_export.runtime import EngramRuntime
 from engram_export.synthetic import write_v41_checkpoint
 from tests.test_deepseek_v41 import TINY
@@ -134,7 +134,7 @@ def _run_op(rows, table, scales, zeros, attributes, output_type="f32"):
     import openvino
     from openvino import opset13 as ops
 
-    from engram_export.ov_extension import make_node, openvino_core
+    from engram_export.openvino.extension import make_node, openvino_core
 
     parameter = ops.parameter([-1, -1, -1], np.int32, name="rows")
     inputs = [parameter.output(0)] + [ops.constant(a).output(0) for a in (table, scales, zeros) if a is not None]
@@ -263,7 +263,7 @@ def _lookup_with(after):
     import openvino
     from openvino import opset13 as ops
 
-    from engram_export.ov_extension import make_node
+    from engram_export.openvino.extension import make_node
 
     ids = ops.parameter([-1, -1], np.int64, name="input_ids")
     lut = ops.constant(np.arange(100, dtype=np.int64))
@@ -295,7 +295,7 @@ def test_install_leaves_an_unknown_graph_alone():
 def test_lookup_bench_prints_every_form_and_memory_mode(tmp_path, capsys):
     import dataclasses
 
-    from engram_export.bench_lookup import DEMO, V41, run_lookup_bench
+    from engram_export.measure.bench_lookup import DEMO, V41, run_lookup_bench
 
     small = (dataclasses.replace(DEMO, table_rows=16 * 2000), dataclasses.replace(V41, table_rows=24 * 500))
     checks = run_lookup_bench(tmp_path, [(2, 3)], repeat=2, warmup=1, lookups=small)

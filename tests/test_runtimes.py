@@ -11,11 +11,11 @@ import onnx
 import pytest
 import torch
 
-from engram_export import onnx_op
+from engram_export.onnx import op as onnx_op
 from engram_export.errors import EngramError
-from engram_export.export import export_layer
+from engram_export.onnx.export import export_layer
 from engram_export.runtime import EngramRuntime
-from engram_export.verify import compare, random_inputs
+from engram_export.measure.verify import compare, random_inputs
 
 # T=1; T=17 > the short conv's reach of (kernel-1)*dilation = 9 tokens; B=50, T=14 is Intel's shape.
 SHAPES = [(1, 1), (3, 17), (50, 14), (2, 40)]
@@ -78,7 +78,7 @@ def test_reference_evaluator_runs_the_numpy_kernel(tiny_layer, tiny_files):
 
 
 def test_compiled_model_keeps_the_table_a_standard_gather(tiny_files):
-    from engram_export.ov_extension import openvino_core
+    from engram_export.openvino.extension import openvino_core
 
     model = openvino_core().read_model(str(tiny_files["f32"]))
     ops = {op.get_friendly_name(): op for op in model.get_ops()}
@@ -92,7 +92,7 @@ def test_compiled_model_keeps_the_table_a_standard_gather(tiny_files):
 
 
 def test_optimized_graph_compiles_to_the_fused_kernel(tiny_files, tiny_raw_files):
-    from engram_export.ov_extension import openvino_core
+    from engram_export.openvino.extension import openvino_core
 
     def types(xml):
         return [op.get_type_name() for op in openvino_core().read_model(str(xml)).get_ops()]
@@ -119,7 +119,7 @@ def test_gated_short_conv_reads_bf16_projections_exactly(batch, tokens):
     import openvino
     from openvino import opset13 as ops
 
-    from engram_export.ov_extension import make_node, openvino_core
+    from engram_export.openvino.extension import make_node, openvino_core
 
     groups, dim, kernel = 2, 16, 3
     rng = np.random.default_rng(7)
@@ -172,7 +172,7 @@ def test_external_data_for_large_tables(tiny_layer, tmp_path):
 
 def test_tokenizer_config_end_to_end(tiny_config, tokenizer_json, tmp_path):
     """Compression inside the graph: raw BERT ids in, same numbers as PyTorch out."""
-    from engram_export.compile import compile_onnx
+    from engram_export.openvino.compile import compile_onnx
     from engram_export.models.weights import build_layer
 
     config = tiny_config.replace(tokenizer=str(tokenizer_json), pad_id=0, vocab_size=30522)

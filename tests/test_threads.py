@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engram_export.runtime import EngramRuntime
-from engram_export.verify import random_inputs
+from engram_export.measure.verify import random_inputs
 
 THREADS, CALLS = 8, 240
 SHAPES = [(1, 1), (2, 5), (3, 9), (4, 2), (1, 17), (5, 3), (2, 1), (3, 14)]

@@ -22,7 +22,7 @@ from engram_export.checkpoint import Checkpoint
 from engram_export.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint, quantize_folder
 from engram_export.models.deepseek_v41 import V41Config, V41Hashing, open_layer
-from engram_export.quantize import QuantizeOptions
+from engram_export.openvino.quantize import QuantizeOptions
 from engram_export.runtime import EngramRuntime
 from engram_export.synthetic import write_v41_checkpoint
 from tests.test_deepseek_v41 import RELEASED, TINY, spec_output, spec_rows

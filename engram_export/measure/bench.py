@@ -24,7 +24,7 @@ import psutil
 import torch
 
 from engram_export import progress
-from engram_export.verify import format_table, random_inputs
+from engram_export.measure.verify import format_table, random_inputs
 
 __all__ = [
     "BenchRow",
@@ -201,7 +201,7 @@ def random_calibration(config, num_ids: int, count: int = 32) -> list[dict]:
 
 def _quantized(files, workdir: Path, config, num_ids: int, modes: list[str]) -> None:
     """Quantize the optimized graph in each mode; int8 calibrates on seeded random sequences."""
-    from engram_export.quantize import QuantizeOptions, quantize
+    from engram_export.openvino.quantize import QuantizeOptions, quantize
 
     calibration = random_calibration(config, num_ids)
     for mode in modes:
@@ -225,8 +225,8 @@ def run_bench(
     every path, print; with ``profile``, also OpenVINO's per-node times of each model."""
     import onnx_ir as ir
 
-    from engram_export.compile import compile_onnx
-    from engram_export.export import export_layer, load_onnx, optimize_graph
+    from engram_export.openvino.compile import compile_onnx
+    from engram_export.onnx.export import export_layer, load_onnx, optimize_graph
     from engram_export.runtime import EngramRuntime
 
     config = layer.config
@@ -401,7 +401,7 @@ def profile_top(xml: Path, ids: np.ndarray, hidden: np.ndarray, precision: str, 
     """OpenVINO's per-node times (PERF_COUNT) of the runtime's own path for one model: its lookup stage
     (with the row kernel) and its fuse stage, as ``EngramRuntime`` compiles them."""
     from engram_export.runtime import EngramRuntime
-    from engram_export.stages import EMBEDDINGS
+    from engram_export.openvino.stages import EMBEDDINGS
 
     runtime = EngramRuntime(xml, precision=precision, table_memory="populate", ov_config={"PERF_COUNT": "YES"})
     stages = runtime[runtime.layer_id]._backend  # the two compiled stages: profiling needs their requests

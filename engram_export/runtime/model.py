@@ -18,7 +18,7 @@ import numpy as np
 
 from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file
-from engram_export.inputs import (
+from engram_export.runtime.inputs import (
     _array,
     check_hidden,
     check_ids,
@@ -79,8 +79,8 @@ class _OpenVINO:
         table_memory: str = "mmap",
         lookup_kernel: bool = True,
     ):
-        from engram_export.compile import read_openvino
-        from engram_export.stages import split_stages
+        from engram_export.openvino.compile import read_openvino
+        from engram_export.openvino.stages import split_stages
 
         model, self.info = read_openvino(path)
         self.path, self.device = path, device
@@ -119,8 +119,8 @@ class _OpenVINO:
         set, so that compile runs on a thread of its own: the caller's arithmetic keeps its subnormals."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from engram_export import row_kernel
-        from engram_export.ov_extension import openvino_core
+        from engram_export.openvino import row_kernel
+        from engram_export.openvino.extension import openvino_core
 
         core = openvino_core()
         installed = self.lookup_kernel and row_kernel.install(lookup, self.table_memory)
@@ -148,8 +148,8 @@ class _OpenVINO:
         """A (lookup, fuse) pair of requests of the stateful decode stages, compiled once."""
         with self._decode_lock:
             if self._decode is None:
-                from engram_export.compile import read_openvino
-                from engram_export.decode import decode_stages
+                from engram_export.openvino.compile import read_openvino
+                from engram_export.runtime.decode import decode_stages
 
                 model, _ = read_openvino(self.path)
                 self._decode = self._compile(*decode_stages(model, self.info, self.precision))
@@ -169,7 +169,7 @@ class _OpenVINO:
         ``out`` (a new array if None): no copy of either, as large as the layer's output."""
         import openvino
 
-        from engram_export.stages import EMBEDDINGS
+        from engram_export.openvino.stages import EMBEDDINGS
 
         try:
             lookup.wait()
@@ -334,7 +334,7 @@ class LayerRuntime:
 
     def session(self, batch_size: int):
         """A decode session for ``batch_size`` sequences of this layer (OpenVINO only)."""
-        from engram_export.decode import DecodeSession
+        from engram_export.runtime.decode import DecodeSession
 
         return DecodeSession(self, batch_size)
 
@@ -414,7 +414,7 @@ class EngramRuntime(Mapping):
         table_memory: str = "mmap",
         lookup_kernel: bool = True,
     ):
-        from engram_export.row_kernel import TABLE_MEMORY
+        from engram_export.openvino.row_kernel import TABLE_MEMORY
 
         if runtime not in RUNTIMES:
             raise EngramError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -525,7 +525,7 @@ class EngramRuntime(Mapping):
 
     def session(self, batch_size: int):
         """A decode session for ``batch_size`` sequences over every layer served (OpenVINO only)."""
-        from engram_export.decode import DecodeSession
+        from engram_export.runtime.decode import DecodeSession
 
         return DecodeSession(self, batch_size)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.verify import format_table
+from engram_export.measure.verify import format_table
 
 __all__ = ["run_bench_v41"]
 
@@ -38,11 +38,11 @@ def run_bench_v41(
     config, workdir: Path, shapes: list[tuple[int, int]], repeat: int, quantize: bool, decode_only: bool = False
 ) -> None:
     """Print the tables above; ``decode_only`` (``bench --decode``): the costs and the decode rows."""
-    from engram_export.bench import _matmul_floor, cpu_summary, resident_mib, round_robin_ms, target_line
-    from engram_export.decode_bench import decode_rows
+    from engram_export.measure.bench import _matmul_floor, cpu_summary, resident_mib, round_robin_ms, target_line
+    from engram_export.measure.decode_bench import decode_rows
     from engram_export.folders import compile_folder, export_checkpoint, quantize_folder
     from engram_export.models.deepseek_v41 import V41Hashing
-    from engram_export.quantize import QuantizeOptions
+    from engram_export.openvino.quantize import QuantizeOptions
     from engram_export.runtime import EngramRuntime
     from engram_export.synthetic import write_v41_checkpoint
 
@@ -195,7 +195,7 @@ def _fp8_matmul(width_in: int, width_out: int):
     import openvino
     from openvino import opset13 as ops
 
-    from engram_export.tables import shared_constant
+    from engram_export.openvino.tables import shared_constant
 
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 256, (width_out, width_in), dtype=np.uint8) & 0x77  # no NaN codes

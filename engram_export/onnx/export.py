@@ -16,7 +16,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from engram_export import onnx_op, progress
+from engram_export import progress
+from engram_export.onnx import op as onnx_op
 from engram_export.errors import EngramError
 from engram_export.fileio import check_output_file, staged_output
 from engram_export.model_info import EXTERNAL_DATA_KEY, ModelInfo, record_external_data

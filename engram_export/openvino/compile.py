@@ -21,12 +21,13 @@ from typing import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from engram_export import progress, tables
+from engram_export import progress
+from engram_export.openvino import tables
 from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file, check_output_file, staged_output
 from engram_export.integrity import check_fingerprint, fingerprint
 from engram_export.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, xml_rt_value
-from engram_export.ov_extension import HASH_OP_TYPE, openvino_core
+from engram_export.openvino.extension import HASH_OP_TYPE, openvino_core
 
 __all__ = ["compile_onnx", "read_onnx", "read_openvino", "save_ir"]
 

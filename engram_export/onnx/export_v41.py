@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from engram_export import progress
 from engram_export.fileio import check_output_file, staged_output
 from engram_export.model_info import ModelInfo, record_external_data
-from engram_export.tables import link_or_copy
+from engram_export.openvino.tables import link_or_copy
 
 __all__ = ["build_v41_model", "export_v41_layer"]
 
@@ -57,8 +57,8 @@ def build_v41_model(
     """The layer's ONNX model. ``located``: tensor suffix -> ``TensorLocation``; ``small``: the loaded
     q/k weights; ``shard_names``: suffix -> the linked shard holding it (``SHARD_TENSORS``)."""
     from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
-    from engram_export.onnx_op import DOMAIN, OPSET_VERSION
-    from engram_export.onnx_op_fp8 import (
+    from engram_export.onnx.op import DOMAIN, OPSET_VERSION
+    from engram_export.onnx.op_fp8 import (
         BLOCKED_OP_TYPE,
         FP8_OP_TYPE,
         hash_gather_blocked_function,

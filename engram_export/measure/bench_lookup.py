@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from engram_export.errors import EngramError
-from engram_export.verify import format_table
+from engram_export.measure.verify import format_table
 
 __all__ = ["run_lookup_bench", "print_targets", "shapes_for", "LookupShape", "DEMO", "V41"]
 
@@ -58,7 +58,7 @@ def _hash(ids, shape: LookupShape):
     """EngramHash (demo hashing) over ids in [0, 2^20) -> rows in [0, table_rows)."""
     from openvino import opset13 as ops
 
-    from engram_export.ov_extension import make_node
+    from engram_export.openvino.extension import make_node
 
     rng = np.random.default_rng(0)
     multipliers = (rng.integers(1, 2**31, shape.orders + 1) * 2 + 1).tolist()
@@ -78,7 +78,7 @@ def _hash(ids, shape: LookupShape):
 def _stored(path: Path, make, resident: bool) -> np.ndarray:
     """The table bytes ``make()`` gives, written to ``path`` once, mapped read-only; with ``resident``,
     every page mapped in now (no page faults while timed)."""
-    from engram_export.row_kernel import _populated
+    from engram_export.openvino.row_kernel import _populated
 
     if not path.exists():
         data = make()
@@ -89,7 +89,7 @@ def _stored(path: Path, make, resident: bool) -> np.ndarray:
 
 
 def _constant(data: np.ndarray, kind: str, shape):
-    from engram_export.tables import shared_constant
+    from engram_export.openvino.tables import shared_constant
 
     return shared_constant(data, data, kind, shape)
 
@@ -150,7 +150,7 @@ def _lookup_model(shape: LookupShape, form: str, folder: Path, resident: bool):
         if form == "u4":
             decoded = ops.reshape(decoded, np.array([rows_count, width], np.int64), False)
         values = ops.gather(ops.convert(decoded, np.float32), rows, 0)
-    else:  # fp8: the ops engram.HashGatherFP8 becomes (ov_extension's convert_hash_gather_fp8)
+    else:  # fp8: the ops engram.HashGatherFP8 becomes (the extension's convert_hash_gather_fp8)
         store = _stored(
             file,
             lambda: np.concatenate(
@@ -181,9 +181,9 @@ class _Compiled:
     """One lookup stage compiled for CPU in f32, with or without the row kernel."""
 
     def __init__(self, shape, form, folder, kernel: bool, table_memory: str = "mmap", resident: bool = True):
-        from engram_export import row_kernel
-        from engram_export.bench import resident_mib
-        from engram_export.ov_extension import openvino_core
+        from engram_export.openvino import row_kernel
+        from engram_export.measure.bench import resident_mib
+        from engram_export.openvino.extension import openvino_core
 
         before, start = resident_mib(), time.perf_counter()
         model = _lookup_model(shape, form, folder, resident)
@@ -206,7 +206,7 @@ def run_lookup_bench(
     lookups: tuple[LookupShape, ...] = (DEMO, V41),
 ) -> list[str]:
     """Print the lookup tables; returns the target lines (met or MISSED)."""
-    from engram_export.bench import resident_mib, round_robin_ms, target_line
+    from engram_export.measure.bench import resident_mib, round_robin_ms, target_line
 
     rng = np.random.default_rng(5)
     checks, table = [], []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.verify import format_table, random_inputs
+from engram_export.measure.verify import format_table, random_inputs
 
 __all__ = ["run_decode_bench", "decode_bench"]
 
@@ -70,8 +70,8 @@ def throughput_rows(xml: Path, precision: str, batch: int, tokens: int, requests
     """Independent requests through AsyncInferQueue: LATENCY (1 stream) vs THROUGHPUT (2 streams)."""
     import openvino
 
-    from engram_export.compile import read_openvino
-    from engram_export.ov_extension import openvino_core
+    from engram_export.openvino.compile import read_openvino
+    from engram_export.openvino.extension import openvino_core
 
     rows = []
     for hint, streams in (("LATENCY", 1), ("THROUGHPUT", 2)):
@@ -211,10 +211,10 @@ def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
 
 def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int) -> None:
     """Export and compile ``layer`` (bf16, and static int8 if asked) into ``workdir``, then time it."""
-    from engram_export.bench import cpu_summary, random_calibration
-    from engram_export.compile import compile_onnx
-    from engram_export.export import export_layer
-    from engram_export.quantize import QuantizeOptions, quantize
+    from engram_export.measure.bench import cpu_summary, random_calibration
+    from engram_export.openvino.compile import compile_onnx
+    from engram_export.onnx.export import export_layer
+    from engram_export.openvino.quantize import QuantizeOptions, quantize
 
     onnx_path = export_layer(layer, workdir / "engram.onnx")
     files = {"bf16": compile_onnx(onnx_path, workdir / "engram_bf16.xml", "bf16")}

@@ -23,7 +23,7 @@ import numpy as np
 
 from engram_export import progress
 from engram_export.errors import EngramError
-from engram_export.compile import read_openvino, save_ir
+from engram_export.openvino.compile import read_openvino, save_ir
 from engram_export.fileio import check_output_file
 from engram_export.model_info import ModelInfo
 
@@ -92,7 +92,7 @@ def _compress_table(nncf, model, bits: int, group_size: int):
 def _detach_v41_tables(model, model_path: Path, output: Path, options: QuantizeOptions) -> dict:
     """DeepSeek-V4.1: the FP8 table leaves the model before NNCF sees it (it stays FP8, in its
     checkpoint shard); NNCF compresses the projection, which ``read_onnx`` made a bf16 constant."""
-    from engram_export import tables
+    from engram_export.openvino import tables
 
     if options.mode != "int8-weights":
         raise EngramError(
@@ -187,7 +187,7 @@ def read_calibration(
     N and T taken from the .npy's [N, T, G, D] shape.
     """
     from engram_export.fileio import load_npz
-    from engram_export.inputs import check_inputs
+    from engram_export.runtime.inputs import check_inputs
 
     info = ModelInfo(config, config.layer_ids[0], num_ids)
     if npz is not None:

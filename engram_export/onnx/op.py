@@ -8,7 +8,7 @@ Three implementations, all bit-exact on the row indices:
 - a model-local ONNX function of standard int64 ops (``hash_gather_function``), which ONNX Runtime
   and ``onnx.checker`` use: the file runs anywhere with no custom-op library;
 - the numpy reference kernel (``HashGatherOp`` for ``onnx.reference.ReferenceEvaluator``);
-- the OpenVINO C++ extension (``ov_extension/``), since OpenVINO's CPU plugin runs i64 math in i32 and
+- the OpenVINO C++ extension (``openvino/extension/``), since OpenVINO's CPU plugin runs i64 math in i32 and
   would silently break the function's decomposition.
 """
 

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from engram_export.errors import EngramError
-from engram_export.stages import EMBEDDINGS
+from engram_export.openvino.stages import EMBEDDINGS
 
 __all__ = ["decode_stages", "DecodeSession"]
 
@@ -116,7 +116,7 @@ def _stateful_fuse(fuse, info):
 def decode_stages(model, info, precision: str):
     """(lookup, fuse) stateful ``openvino.Model``s of an optimized Engram model (DeepSeek-V4.1 has no
     short conv: its fuse stage keeps no state)."""
-    from engram_export.stages import split_stages
+    from engram_export.openvino.stages import split_stages
 
     if not info.takes_mask:
         _only(model, "EngramGatedShortConv")  # refuse raw graphs before changing anything
@@ -164,7 +164,7 @@ class DecodeSession:
 
     def _checked(self, input_ids, hidden_by_layer, token_mask=None) -> dict:
         """layer -> (lookup feeds, hidden), every input checked; nothing runs here."""
-        from engram_export.inputs import check_inputs
+        from engram_export.runtime.inputs import check_inputs
 
         if not isinstance(hidden_by_layer, dict):
             if len(self._requests) != 1:
@@ -185,7 +185,7 @@ class DecodeSession:
         return checked
 
     def _run(self, input_ids, hidden_by_layer, token_mask, start: bool) -> dict:
-        from engram_export.inputs import fuse_feeds
+        from engram_export.runtime.inputs import fuse_feeds
 
         checked = self._checked(input_ids, hidden_by_layer, token_mask)
         tokens = next(iter(checked.values()))[0]["input_ids"].shape[1]

@@ -16,7 +16,7 @@ Three implementations, bit-exact on the rows and the f32 values:
 - a model-local ONNX function of standard ops (``hash_gather_fp8_function``) for ONNX Runtime and
   ``onnx.checker``: int64 hash, uint8 Gathers, decoding through two 256-entry f32 Constants;
 - the numpy reference kernel (``HashGatherFP8`` for ``onnx.reference.ReferenceEvaluator``);
-- the OpenVINO extension (``ov_extension/``): ``EngramHash`` with ``blocking=1`` for the rows, then
+- the OpenVINO extension (``openvino/extension/``): ``EngramHash`` with ``blocking=1`` for the rows, then
   the same standard ops, so the table stays the data input of a plain Gather.
 
 ``engram.HashGatherBlocked(input_ids, token_mask, compress_lut, table float [R,d]) -> float32 [B,T,C*d]``
@@ -33,7 +33,7 @@ from onnx import TensorProto, helper
 from onnx.reference.op_run import OpRun
 
 from engram_export.models.hashing import compress_ids
-from engram_export.onnx_op import DOMAIN, MIN_BODY_OPSET, OPSET_VERSION, compression_nodes
+from engram_export.onnx.op import DOMAIN, MIN_BODY_OPSET, OPSET_VERSION, compression_nodes
 
 __all__ = [
     "FP8_OP_TYPE",

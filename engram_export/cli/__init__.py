@@ -122,7 +122,7 @@ def add_copy_table(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args) -> None:
-    from engram_export.export import export_layer
+    from engram_export.onnx.export import export_layer
 
     check_output(args.output, args.layer is None, ".onnx", [args.weights, args.checkpoint])
     if args.checkpoint is not None:
@@ -193,7 +193,7 @@ def add_optimize(sub) -> None:
 def run_optimize(args) -> None:
     import collections
 
-    from engram_export.export import load_onnx, save_onnx
+    from engram_export.onnx.export import load_onnx, save_onnx
     from engram_export.passes import optimize
 
     check_output_file(args.output, ".onnx", [args.model])
@@ -229,7 +229,7 @@ def run_compile(args) -> None:
 
         print(compile_folder(args.model, args.output, args.precision, args.copy_table))
         return
-    from engram_export.compile import compile_onnx
+    from engram_export.openvino.compile import compile_onnx
 
     print(compile_onnx(args.model, args.output, args.precision, args.copy_table))
 
@@ -264,7 +264,13 @@ def add_quantize(sub) -> None:
 
 
 def run_quantize(args) -> None:
-    from engram_export.quantize import QuantizeOptions, compressed_constants, quantize, read_calibration, read_model
+    from engram_export.openvino.quantize import (
+        QuantizeOptions,
+        compressed_constants,
+        quantize,
+        read_calibration,
+        read_model,
+    )
 
     check_at_least(1, group_size=args.group_size, subset_size=args.subset_size)
     check_output(args.output, args.model.is_dir(), ".xml", [args.model, args.calibration, args.calibration_hidden])
@@ -301,7 +307,7 @@ def run_quantize(args) -> None:
         print(quantize_folder(args.model, args.output, options, args.copy_table))
         return
     output = quantize(args.model, args.output, options, args.copy_table)
-    from engram_export.ov_extension import openvino_core
+    from engram_export.openvino.extension import openvino_core
 
     stored = compressed_constants(openvino_core().read_model(str(output)))
     size = output.with_suffix(".bin").stat().st_size
@@ -388,10 +394,16 @@ def parse_shapes(values: list[str] | None) -> list[tuple[int, int]]:
 def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(), export=None) -> bool:
     """Export (unless given; with ``export(path)`` if given), compile f32 and bf16, compare every path
     (and ``extra`` .xml files); prints the table and a loud line for each failure."""
-    from engram_export.compile import compile_onnx
-    from engram_export.export import export_layer
+    from engram_export.openvino.compile import compile_onnx
+    from engram_export.onnx.export import export_layer
     from engram_export.models.config import is_deepseek_v41
-    from engram_export.verify import comparisons_table, default_paths, failures_summary, verify_paths, verify_paths_v41
+    from engram_export.measure.verify import (
+        comparisons_table,
+        default_paths,
+        failures_summary,
+        verify_paths,
+        verify_paths_v41,
+    )
 
     if onnx_path is None:
         onnx_path = (export or (lambda path: export_layer(layer, path)))(workdir / "engram.onnx")
@@ -473,7 +485,7 @@ def add_extension(sub) -> None:
 
 
 def run_extension(args) -> None:
-    from engram_export.ov_extension import library_path
+    from engram_export.openvino.extension import library_path
 
     print(library_path())
 
@@ -516,9 +528,9 @@ def run_bench_command(args) -> None:
     # PyTorch's OpenMP threads otherwise spin on the cores after each eager call, slowing whichever
     # row comes next (measured: a bf16 MatMul floor at B=50 T=1 took 1.8x as long right after one)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from engram_export.bench import run_bench
-    from engram_export.bench_lookup import print_targets, run_lookup_bench, shapes_for
-    from engram_export.decode_bench import decode_bench
+    from engram_export.measure.bench import run_bench
+    from engram_export.measure.bench_lookup import print_targets, run_lookup_bench, shapes_for
+    from engram_export.measure.decode_bench import decode_bench
     from engram_export.models.config import is_deepseek_v41, load_config
     from engram_export.models.weights import build_layer
 
@@ -531,7 +543,7 @@ def run_bench_command(args) -> None:
     config = load_config(args.config)
     modes = [] if args.modes == "none" else args.modes.split(",")
     if is_deepseek_v41(config):  # the released size from a sparse checkpoint
-        from engram_export.bench_v41 import run_bench_v41
+        from engram_export.measure.bench_v41 import run_bench_v41
 
         if args.weights or args.engram_vocab_size or args.lookup:
             raise EngramError(
@@ -624,7 +636,3 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(exc)
     print(f"engram-export: {'' if code == 130 else 'error: '}{' '.join(message.splitlines())}", file=sys.stderr)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

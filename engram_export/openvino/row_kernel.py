@@ -32,7 +32,7 @@ import numpy as np
 
 from engram_export import progress
 from engram_export.errors import EngramError
-from engram_export.tables import shared_constant
+from engram_export.openvino.tables import shared_constant
 
 __all__ = ["install", "TABLE_MEMORY"]
 
@@ -148,7 +148,7 @@ def _type(node) -> str:
 def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, output_type: str, table_memory: str):
     """``EngramGatherRows`` over the stored bytes of these constants, or None if their layout is not one
     the kernel reads (a [R, d] or [R, groups, d/groups] table, one scale and zero point per group)."""
-    from engram_export.ov_extension import make_node
+    from engram_export.openvino.extension import make_node
 
     table_rows = table.get_output_shape(0)[0]
     if table_rows < 1 or int(np.prod(table.get_output_shape(0))) != table_rows * row_size:

@@ -83,3 +83,18 @@ def test_a_moved_module_keeps_its_old_path_for_one_release(old):
     assert namespace["module"] is new
     assert warned[0].filename == __file__  # attributed to the importer's line, not to the import system
     assert not (ROOT / "engram_export" / f"{old}.py").exists()
+
+
+def test_tests_share_helpers_through_helper_modules_only():
+    """Shared test code lives in helper modules (``tests/helpers.py``, ``tests/v41_spec.py``), never in a
+    test file or conftest another file imports."""
+    imported = {
+        (path.name, node.module)
+        for path in (ROOT / "tests").glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and node.module
+        and node.module.startswith("tests.")
+        and node.module.split(".")[1].startswith(("test_", "conftest"))
+    }
+    assert imported == set(), imported

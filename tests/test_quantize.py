@@ -17,7 +17,7 @@ from engram_export.openvino.extension import openvino_core
 from engram_export.openvino.quantize import QuantizeOptions, compressed_constants, quantize, read_calibration
 from engram_export.runtime import EngramRuntime
 from engram_export.measure.verify import QUANTIZED_MIN_MEAN_COSINE, compare, random_inputs
-from tests.test_cli import cli, refused
+from tests.helpers import cli, refused
 
 MODES = {
     "int8-weights": ({}, {"table": {"u8": 1}, "projection": {"u8": 1}}),

@@ -20,7 +20,7 @@ from engram_export.folders import compile_folder, export_checkpoint
 from engram_export.openvino.quantize import QuantizeOptions, quantize
 from engram_export.runtime import EngramRuntime
 from engram_export.synthetic import write_v41_checkpoint
-from tests.test_deepseek_v41 import TINY
+from tests.v41_spec import TINY
 
 SHAPES = [(50, 14), (1, 1), (3, 17)]
 V41_LAYER = 3

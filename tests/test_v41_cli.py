@@ -8,7 +8,7 @@ import pytest
 from engram_export.manifest import read_manifest
 from engram_export.synthetic import write_v41_checkpoint
 from tests.helpers import listing, refused, run_cli
-from tests.test_deepseek_v41 import TINY
+from tests.v41_spec import TINY
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from engram_export.models.hashing import _next_prime
 from engram_export.openvino.extension import openvino_core
 from engram_export.runtime import EngramRuntime
 from engram_export.synthetic import float_rows_bytes, write_v41_checkpoint
-from tests.test_deepseek_v41 import TINY
+from tests.v41_spec import TINY
 
 DTYPES = ["BF16", "F32"]
 OV_TYPES = {"BF16": "bf16", "F32": "f32"}

@@ -25,7 +25,7 @@ from engram_export.models.deepseek_v41 import V41Config, V41Hashing, open_layer
 from engram_export.openvino.quantize import QuantizeOptions
 from engram_export.runtime import EngramRuntime
 from engram_export.synthetic import write_v41_checkpoint
-from tests.test_deepseek_v41 import RELEASED, TINY, spec_output, spec_rows
+from tests.v41_spec import RELEASED, TINY, spec_output, spec_rows
 
 SHAPES = [(50, 14), (1, 1), (3, 17)]
 

@@ -8,10 +8,9 @@ import pytest
 
 from engram_export import progress
 from engram_export.models.config import load_config
+from tests.helpers import TINY_LAYER
 
 progress.quiet()
-
-TINY_LAYER = 3  # the second layer of the tiny preset: its primes depend on layer 1's
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from typing import NamedTuple
 from engram_export.cli import main
 from engram_export.fileio import STAGING_PREFIX
 
+TINY_LAYER = 3  # the second layer of the tiny preset: its primes depend on layer 1's
+
 __all__ = ["run_cli", "cli", "refused", "listing", "Done", "STAGING_PREFIX"]
 
 

@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import save_file
 
 from engram_export.measure.verify import random_inputs
-from tests.conftest import TINY_LAYER
+from tests.helpers import TINY_LAYER
 from tests.helpers import STAGING_PREFIX, listing, run_cli
 
 CASES = 400

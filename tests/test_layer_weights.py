@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from engram_export.errors import EngramError
 from engram_export.models.weights import build_layer, read_checkpoint
-from tests.conftest import TINY_LAYER
+from tests.helpers import TINY_LAYER
 
 SPEC_NAMES = (  # spec section 6, hc_mult = 4
     [

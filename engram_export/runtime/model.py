@@ -1,10 +1,11 @@
-"""Run exported Engram layers: ``EngramRuntime(path)(input_ids, hidden_states) -> output``.
+"""Run exported Engram layers: ``EngramRuntime(path)[layer](input_ids, hidden_states) -> output``.
 
 ``path`` is an ``.xml`` IR (OpenVINO), an ``.onnx`` file (OpenVINO, or ONNX Runtime with
-``runtime="ort"``), or a folder of every layer with a manifest. Inputs are checked against the config
-the file carries before anything runs, so a wrong shape, dtype or id is refused with a one-line
-``EngramError``, not a library trace. Prefetch and decode sessions build on the OpenVINO backend's
-two stages (``stages.py``, ``decode.py``).
+``runtime="ort"``), or a folder of every layer with a manifest; ``EngramRuntime`` maps each layer id to
+a ``LayerRuntime``. Inputs are checked against the config the file carries before anything runs, so a
+wrong shape, dtype or id is refused with a one-line ``EngramError``, not a library trace. Prefetch and
+decode sessions build on the OpenVINO backend's two stages (``openvino/stages.py``,
+``runtime/decode.py``).
 """
 
 from __future__ import annotations

@@ -68,6 +68,22 @@ def test_a_runtime_is_a_mapping_of_its_layers(folders, layers):
     np.testing.assert_array_equal(step[3], expected)
 
 
+def test_profile_lists_the_nodes_of_both_stages(folders, layers):
+    ids, hidden = random_inputs(layers[3].config, 5000, 2, 5, seed=4)
+    with pytest.raises(EngramError, match="PERF_COUNT"):
+        EngramRuntime(folders["f32"])[3].profile(ids, hidden)
+    layer = EngramRuntime(folders["f32"], ov_config={"PERF_COUNT": True})[3]
+    with pytest.raises(EngramError, match="rounds must be a positive integer"):
+        layer.profile(ids, hidden, rounds=0)
+    nodes = layer.profile(ids, hidden, rounds=2, warmup=1)
+    assert {n["stage"] for n in nodes} == {"lookup", "fuse"}
+    assert {"EngramGatherRows", "output"} <= {n["name"] for n in nodes}  # the row kernel, the fused kernel
+    assert all(n["ms"] >= 0 for n in nodes) and [n["ms"] for n in nodes] == sorted(
+        (n["ms"] for n in nodes), reverse=True
+    )
+    np.testing.assert_array_equal(layer(ids, hidden), EngramRuntime(folders["f32"])[3](ids, hidden))
+
+
 @pytest.mark.parametrize("batch,tokens", [(4, 9), (50, 14), (1, 1)])
 def test_prefetch_equals_the_one_shot_call(folders, layers, batch, tokens):
     runtime = EngramRuntime(folders["f32"])

@@ -10,7 +10,6 @@ reads) of a table not yet in memory in the timings; ``bench --lookup`` shows wha
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import gc
 import os
@@ -398,26 +397,13 @@ def round_robin_ms(calls: dict, rounds: int, warmup: int = 1) -> dict:
 
 
 def profile_top(xml: Path, ids: np.ndarray, hidden: np.ndarray, precision: str, top: int = 12) -> str:
-    """OpenVINO's per-node times (PERF_COUNT) of the runtime's own path for one model: its lookup stage
-    (with the row kernel) and its fuse stage, as ``EngramRuntime`` compiles them."""
+    """OpenVINO's per-node times (``LayerRuntime.profile``) of the runtime's own path for one model: its
+    lookup stage (with the row kernel) and its fuse stage, as ``EngramRuntime`` compiles them."""
     from engram_export.runtime import EngramRuntime
-    from engram_export.openvino.stages import EMBEDDINGS
 
-    runtime = EngramRuntime(xml, precision=precision, table_memory="populate", ov_config={"PERF_COUNT": "YES"})
-    stages = runtime[runtime.layer_id]._backend  # the two compiled stages: profiling needs their requests
-    lookup, fuse = stages.lookups.take(), stages.fuses.take()
-    totals, rounds = collections.Counter(), 10
-    for index in range(3 + rounds):
-        lookup.infer({"input_ids": ids})
-        fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
-        fuse.infer({"hidden_states": hidden})
-        if index < 3:
-            continue
-        for stage, request in (("lookup", lookup), ("fuse", fuse)):
-            for info in request.get_profiling_info():
-                key = (stage, info.node_type, info.exec_type, info.node_name)
-                totals[key] += info.real_time.total_seconds() * 1e3 / rounds
-    rows = [[f"{ms:.2f}", stage, kind, impl, name[:40]] for (stage, kind, impl, name), ms in totals.most_common(top)]
-    return f"{xml.name}: {sum(totals.values()):.2f} ms in nodes\n" + format_table(
+    runtime = EngramRuntime(xml, precision=precision, table_memory="populate", ov_config={"PERF_COUNT": True})
+    nodes = runtime[runtime.layer_id].profile(ids, hidden)
+    rows = [[f"{n['ms']:.2f}", n["stage"], n["node"], n["kernel"], n["name"][:40]] for n in nodes[:top]]
+    return f"{xml.name}: {sum(n['ms'] for n in nodes):.2f} ms in nodes\n" + format_table(
         rows, ["ms", "stage", "node", "kernel", "name"]
     )

@@ -187,6 +187,33 @@ class _OpenVINO:
         finally:
             self.lookups.give_back(lookup)
 
+    def profile(self, feeds: dict, hidden: np.ndarray, rounds: int, warmup: int) -> list[dict]:
+        """OpenVINO's per-node times of both stages, averaged over ``rounds`` calls after ``warmup``."""
+        import collections
+
+        from engram_export.openvino.stages import EMBEDDINGS
+
+        if self.fuses.compiled.get_property("PERF_COUNT") not in (True, "YES"):  # the CPU plugin says "NO"
+            raise EngramError("profile needs per-node counters: load with ov_config={'PERF_COUNT': True}")
+        lookup, fuse = self.lookups.take(), self.fuses.take()
+        totals = collections.Counter()
+        try:
+            for index in range(warmup + rounds):
+                lookup.infer(feeds)
+                fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
+                fuse.infer({"hidden_states": hidden, **fuse_feeds(feeds)})
+                for stage, request in (("lookup", lookup), ("fuse", fuse)):
+                    for info in request.get_profiling_info() if index >= warmup else ():
+                        key = (stage, info.node_type, info.exec_type, info.node_name)
+                        totals[key] += info.real_time.total_seconds() * 1e3 / rounds
+        finally:
+            self.lookups.give_back(lookup)
+            self.fuses.give_back(fuse)
+        return [
+            {"stage": stage, "node": node, "kernel": kernel, "name": name, "ms": ms}
+            for (stage, node, kernel, name), ms in totals.most_common()
+        ]
+
     def lookup_rows(self, feeds: dict) -> np.ndarray:
         """The lookup stage alone: the embeddings the fuse stage receives, as float32."""
         request = self.start_lookup(feeds)
@@ -315,6 +342,17 @@ class LayerRuntime:
         tables): the host half of the host-lookup / device-fuse split (OpenVINO only)."""
         self._need_openvino("lookup")
         return self._backend.lookup_rows(check_lookup_inputs(self.info, input_ids, token_mask))
+
+    def profile(self, input_ids, hidden_states, token_mask=None, rounds: int = 10, warmup: int = 3) -> list[dict]:
+        """OpenVINO's per-node times of this layer's two stages (lookup, fuse) on these inputs: one dict
+        per node (stage, node type, kernel, name, ms per call), slowest first. Needs a runtime loaded with
+        ``ov_config={"PERF_COUNT": True}`` (the counters cost a little on every call)."""
+        self._need_openvino("profile")
+        for name, value in (("rounds", rounds), ("warmup", warmup)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (name == "rounds"):
+                raise EngramError(f"{name} must be a {'positive' if name == 'rounds' else 'non-negative'} integer")
+        feeds, hidden = check_inputs(self.info, input_ids, hidden_states, token_mask)
+        return self._backend.profile(feeds, hidden, rounds, warmup)
 
     def prefetch(self, input_ids, token_mask=None) -> Prefetch:
         """Start this layer's lookup for ``input_ids`` [B,T] and return at once (see ``Prefetch``)."""

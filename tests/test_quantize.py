@@ -172,3 +172,17 @@ def test_quantize_command_end_to_end(tiny_files, calibration, tmp_path):
         "mode int8 needs --calibration",
     )
     assert not (tmp_path / "x.xml").exists()
+
+
+@pytest.mark.parametrize("name", ["int8-weights", "int4-weights", "int8"])
+def test_quantized_projection_stays_quantized_under_bf16(quantized, tiny_layer, name):
+    """Loaded with precision bf16, a quantized projection is left as NNCF made it (the bf16 fuse stage
+    retypes only float projections): the GEMM keeps integer weights, and the numbers hold."""
+    runtime = EngramRuntime(quantized[name], precision="bf16")
+    fuse = runtime[runtime.layer_id]._backend.fuses.compiled.get_runtime_model().get_ordered_ops()
+    gemm = [op for op in fuse if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"]
+    assert len(gemm) == 1 and gemm[0].get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8", "u4", "i4")
+    ids, hidden = random_inputs(tiny_layer.config, len(tiny_layer.hashing.lut), 3, 17, seed=6)
+    with torch.inference_mode():
+        reference = tiny_layer(torch.from_numpy(ids), torch.from_numpy(hidden)).double().numpy()
+    assert compare(name, reference, runtime(ids, hidden), "bf16", name).passed

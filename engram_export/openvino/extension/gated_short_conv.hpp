@@ -38,9 +38,8 @@ static inline float fast_exp(float x) {
     return p;
 }
 
-// The projection's output as f32: f32 as stored, bf16 widened (exact) where it is read, so a bf16 GEMM's
-// output reaches the kernel without a conversion pass over it.
-static inline float widen(float x) { return x; }
+// bf16 bits -> f32 (exact): a bf16 GEMM's output reaches the kernel without a conversion pass over it,
+// each row widened into the kernel's scratch as it is read.
 static inline float widen(uint16_t bf16_bits) {
     const uint32_t bits = static_cast<uint32_t>(bf16_bits) << 16;
     float value;

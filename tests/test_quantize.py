@@ -186,3 +186,18 @@ def test_quantized_projection_stays_quantized_under_bf16(quantized, tiny_layer, 
     with torch.inference_mode():
         reference = tiny_layer(torch.from_numpy(ids), torch.from_numpy(hidden)).double().numpy()
     assert compare(name, reference, runtime(ids, hidden), "bf16", name).passed
+
+
+def test_quantize_model_works_on_a_model_in_memory(tiny_files, quantized):
+    """The core step takes and returns an ``openvino.Model`` (``quantize`` reads, calls it, writes):
+    the same compression as the file path, and the mode recorded in the model."""
+    from engram_export.openvino.quantize import quantize_model, read_model
+
+    model, info = read_model(tiny_files["onnx"])
+    model = quantize_model(model, info, QuantizeOptions("int8-weights"))
+    assert compressed_constants(model) == compressed_constants(
+        openvino_core().read_model(str(quantized["int8-weights"]))
+    )
+    from engram_export.model_info import QUANTIZATION_KEY, RT_INFO_SECTION
+
+    assert model.get_rt_info([RT_INFO_SECTION, QUANTIZATION_KEY]).astype(str) == "int8-weights"

@@ -27,7 +27,15 @@ from engram_export.openvino.compile import read_openvino, save_ir
 from engram_export.fileio import check_output_file
 from engram_export.model_info import ModelInfo
 
-__all__ = ["MODES", "QuantizeOptions", "quantize", "read_calibration", "compressed_constants"]
+__all__ = [
+    "MODES",
+    "QuantizeOptions",
+    "quantize",
+    "quantize_model",
+    "read_model",
+    "read_calibration",
+    "compressed_constants",
+]
 
 MODES = ("int8-weights", "int4-weights", "int8")
 
@@ -104,13 +112,13 @@ def _detach_v41_tables(model, model_path: Path, output: Path, options: QuantizeO
     return tables.detach(model, model_path, output.name)
 
 
-def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions, copy_table: bool = False) -> Path:
-    """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml)."""
+def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
+    """NNCF on an ``openvino.Model`` (the f32 model of one exported layer, as ``read_model`` returns it):
+    the quantized ``openvino.Model``, its ``ModelInfo`` recorded in it. ``model`` is consumed. The core
+    of ``quantize``, for callers that hold the model already (a DeepSeek-V4.1 model must have its FP8
+    table detached first, as ``quantize`` does)."""
     import nncf
 
-    output = check_output_file(output, ".xml")
-    model, info = read_model(model_path)
-    links = _detach_v41_tables(model, Path(model_path), output, options) if info.takes_mask else None
     row_width, width = info.config.head_dim, info.config.engram_hidden_size
     if options.mode == "int4-weights" and width % options.group_size:
         raise EngramError(
@@ -147,6 +155,16 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
     ModelInfo(info.config, info.layer_id, info.num_ids, options.precision, quantization=options.mode).write_openvino(
         model
     )
+    return model
+
+
+def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions, copy_table: bool = False) -> Path:
+    """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml): read, detach a
+    DeepSeek-V4.1 table, ``quantize_model``, write."""
+    output = check_output_file(output, ".xml")
+    model, info = read_model(model_path)
+    links = _detach_v41_tables(model, Path(model_path), output, options) if info.takes_mask else None
+    model = quantize_model(model, info, options)
     return save_ir(model, output, compress_to_fp16=False, links=links, copy_table=copy_table)
 
 

@@ -49,12 +49,10 @@ class OpenVINOEngram(nn.Module):
 
     def __init__(self, runtime):
         super().__init__()
-        if hasattr(runtime, "layer_ids"):  # an EngramRuntime: of one layer only
-            if len(runtime.layer_ids) != 1:
-                raise EngramError(
-                    f"OpenVINOEngram serves one layer: pass rt[L], not a runtime of layers {runtime.layer_ids}"
-                )
-            runtime = runtime[runtime.layer_ids[0]]
+        layers = runtime.layers  # a LayerRuntime, or an EngramRuntime of one layer
+        if len(layers) != 1:
+            raise EngramError(f"OpenVINOEngram serves one layer: pass rt[L], not a runtime of layers {list(layers)}")
+        (runtime,) = layers.values()
         self.runtime, self.layer_id = runtime, runtime.layer_id
         self._pending = None  # (prefetch handle, ids, mask) from the model's pre-hook
         self._lock = threading.Lock()
@@ -109,7 +107,7 @@ def swap_engram_modules(
         raise EngramError("the model holds no Engram layer (EngramLayer or V41EngramLayer)")
     if found[0][0] == "":
         raise EngramError("the model is itself an Engram layer: use rt.as_torch()[layer] in its place")
-    layers = dict(runtime) if hasattr(runtime, "layer_ids") else {runtime.layer_id: runtime}  # a LayerRuntime
+    layers = runtime.layers  # an EngramRuntime's layers, or one LayerRuntime
     for name, module in found:
         if module.layer_id not in layers:
             raise EngramError(f"{name} is Engram layer {module.layer_id}; the runtime serves {list(layers)}")

@@ -136,8 +136,7 @@ class DecodeSession:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise EngramError(f"batch size must be a positive integer, got {batch_size!r}")
         self.runtime, self.batch_size = runtime, batch_size
-        # an EngramRuntime (a mapping of layers) or one LayerRuntime
-        self._layers = dict(runtime) if hasattr(runtime, "layer_ids") else {runtime.layer_id: runtime}
+        self._layers = runtime.layers  # an EngramRuntime's layers, or one LayerRuntime
         self._requests = {layer_id: layer._decode_requests() for layer_id, layer in self._layers.items()}
         self._lock = threading.Lock()
         self.position = 0

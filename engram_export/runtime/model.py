@@ -330,6 +330,11 @@ class LayerRuntime:
     def layer_id(self) -> int:
         return self.info.layer_id
 
+    @property
+    def layers(self) -> dict:
+        """Layer id -> LayerRuntime, as for an ``EngramRuntime``: this layer alone."""
+        return {self.layer_id: self}
+
     def __call__(self, input_ids, hidden_states, token_mask=None, *, out=None) -> np.ndarray:
         """The layer's output [B,T,G,D] float32: the Engram output before the backbone's residual add
         (demo family), or ``h + gate * value`` (DeepSeek-V4.1, whose ``token_mask`` marks image tokens
@@ -356,7 +361,7 @@ class LayerRuntime:
 
     def prefetch(self, input_ids, token_mask=None) -> Prefetch:
         """Start this layer's lookup for ``input_ids`` [B,T] and return at once (see ``Prefetch``)."""
-        return _prefetch(self.info, {self.layer_id: self}, input_ids, token_mask)
+        return _prefetch(self.info, self.layers, input_ids, token_mask)
 
     def fuse(self, handle: Prefetch, hidden_states, input_ids=None, *, out=None) -> np.ndarray:
         """Finish this layer from a prefetch handle: the output of ``layer(input_ids, hidden_states)``.
@@ -519,6 +524,11 @@ class EngramRuntime(Mapping):
     @property
     def layer_ids(self) -> list[int]:
         return list(self._layers)
+
+    @property
+    def layers(self) -> dict:
+        """Layer id -> LayerRuntime (a copy: the runtime's own mapping does not change)."""
+        return dict(self._layers)
 
     @property
     def config(self):

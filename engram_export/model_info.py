@@ -97,20 +97,16 @@ class ModelInfo:
                 )
 
     @classmethod
-    def from_onnx(cls, path: str | Path) -> "ModelInfo":
-        import onnx
-
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # protobuf DecodeError and friends
-            raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
-        metadata = {p.key: p.value for p in model.metadata_props}
+    def from_onnx(cls, model, path: str | Path) -> "ModelInfo":
+        """The info of an exported ``onnx_ir.Model`` read from ``path``, after checking that its inputs
+        match the metadata and its external data files are the ones it was written with."""
+        metadata = dict(model.metadata_props)
         info = cls.from_metadata(metadata, path)
-        _check_external_data(model, metadata.get(EXTERNAL_DATA_KEY), Path(path))
+        _check_external_data(external_locations(model), metadata.get(EXTERNAL_DATA_KEY), Path(path))
         info.check_inputs_shape(
             {
-                i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
-                for i in model.graph.input
+                value.name: [d if isinstance(d, int) else None for d in value.shape or ()]
+                for value in model.graph.inputs
             },
             path,
         )
@@ -163,6 +159,20 @@ def external_files(model) -> set[str]:
     }
 
 
+def external_locations(model) -> set[str]:
+    """The external data files an ``onnx_ir.Model`` reads: the ``location`` of every external tensor,
+    initializer or node attribute, in every graph."""
+    import onnx_ir as ir
+
+    tensors = [
+        value.const_value for graph in (model.graph, *model.graph.subgraphs()) for value in graph.initializers.values()
+    ]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        tensors += [a.value for a in node.attributes.values() if a.type == ir.AttributeType.TENSOR]
+        tensors += [t for a in node.attributes.values() if a.type == ir.AttributeType.TENSORS for t in a.value]
+    return {tensor.location for tensor in tensors if isinstance(tensor, ir.ExternalTensor)}
+
+
 def record_external_data(model, folder: Path) -> None:
     """Record in ``model`` (an ``onnx.ModelProto``) the size and sampled SHA-256 of each external data
     file it reads from ``folder``."""
@@ -174,11 +184,10 @@ def record_external_data(model, folder: Path) -> None:
     model.metadata_props.add(key=EXTERNAL_DATA_KEY, value=json.dumps(files))
 
 
-def _check_external_data(model, record: str | None, path: Path) -> None:
-    """Refuse an .onnx whose external data files are not the ones it was written with."""
+def _check_external_data(uses: set[str], record: str | None, path: Path) -> None:
+    """Refuse an .onnx whose external data files (``uses``) are not the ones it was written with."""
     from engram_export.integrity import check_fingerprint
 
-    uses = external_files(model)
     if not uses:
         return
     try:

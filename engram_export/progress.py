@@ -2,17 +2,21 @@
 
 Each stage logs ``what ...`` when it starts and ``what: done in N s`` when it ends, at INFO level on the
 ``engram_export.progress`` logger: a library user sees them only if their logging shows INFO; the
-command line shows them on stderr (``-q`` hides them).
+command line shows them on stderr (``-q`` hides them). Work with a known size (bytes written, bench
+rounds) also logs how far it got, at most once a second, each record carrying ``progress=(done, total)``
+for a handler to draw as a bar (the command line does, on a terminal).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
-__all__ = ["stage", "quiet", "LOGGER"]
+__all__ = ["stage", "steps", "bytes_written", "quiet", "LOGGER"]
 
 LOGGER = "engram_export.progress"
 log = logging.getLogger(LOGGER)
@@ -33,3 +37,67 @@ def stage(what: str) -> Iterator[dict]:
     notes["seconds"] = time.perf_counter() - start
     extra = "".join(f", {k} {v}" for k, v in notes.items() if k != "seconds")
     log.info("%s: done in %.1f s%s", what, notes["seconds"], extra)
+
+
+class _Steps:
+    """Counts work done and logs it, at most once per ``every`` seconds (and at the end)."""
+
+    def __init__(self, what: str, total: float, unit: str, every: float):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.done, self._shown = 0.0, time.perf_counter()
+
+    def set(self, done: float, force: bool = False) -> None:
+        self.done = done
+        now = time.perf_counter()
+        if force or now - self._shown >= self.every:
+            self._shown = now
+            scale = 2**30 if self.unit == "GiB" else 1
+            log.info(
+                "%s: %.1f%% (%.4g / %.4g %s)",
+                self.what,
+                100 * done / max(self.total, 1),
+                done / scale,
+                self.total / scale,
+                self.unit,
+                extra={"progress": (done, self.total)},
+            )
+
+    def advance(self, amount: float = 1) -> None:
+        self.set(self.done + amount)
+
+
+@contextlib.contextmanager
+def steps(what: str, total: float, unit: str = "", every: float = 1.0) -> Iterator[_Steps]:
+    """A stage whose work is ``total`` units: call ``advance`` (or ``set``) on the yielded counter."""
+    with stage(what):
+        counter = _Steps(what, total, unit, every)
+        yield counter
+        counter.set(counter.total, force=True)
+
+
+@contextlib.contextmanager
+def bytes_written(folder: Path, total: int, what: str) -> Iterator[None]:
+    """Report the bytes written into ``folder`` (the sum of its files' sizes: a staging folder of ours)
+    while the block writes ``total`` bytes there, polled by a thread: for writers, such as onnx-ir's
+    external data, that report nothing themselves."""
+    stop = threading.Event()
+
+    def written() -> int:
+        size = 0
+        for file in folder.iterdir():
+            with contextlib.suppress(OSError):  # renamed or removed since listed
+                size += file.stat().st_size
+        return size
+
+    def watch(counter: _Steps) -> None:
+        while not stop.wait(0.5):
+            counter.set(written())
+
+    with steps(f"writing {what}", total, "GiB") as counter:
+        watcher = threading.Thread(target=watch, args=(counter,), daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()

@@ -154,9 +154,13 @@ def test_single_onnx_checks_its_external_data(tiny_config, tmp_path):
             EngramRuntime(path, runtime=backend)
 
 
-def test_nothing_is_written_beside_the_source(tiny_config, tmp_path, monkeypatch):
-    """compile (and OpenVINO runs of an .onnx) lower the graph in a private temporary folder: the source
-    folder is never written, so a read-only one works."""
+def test_an_onnx_file_is_read_once_and_nothing_else_is_written(tiny_config, tmp_path, monkeypatch):
+    """compile, and OpenVINO and ONNX Runtime loads of an .onnx, open the file once (the graph goes to
+    OpenVINO and ONNX Runtime in memory, external data is mapped) and write nothing but their outputs:
+    no lowered copy, no temporary folder, nothing beside the source (so a read-only one works)."""
+    import builtins
+    import os
+    import tempfile
     from pathlib import Path
 
     from engram_export.openvino.compile import compile_onnx
@@ -167,13 +171,25 @@ def test_nothing_is_written_beside_the_source(tiny_config, tmp_path, monkeypatch
     source.mkdir()
     path = export_layer(build_layer(tiny_config, 1, seed=0), source / "m.onnx", external_data_threshold=1000)
     before = sorted(p.name for p in source.iterdir())
-    import onnx_ir
+    opened, real_open = [], builtins.open
 
-    saved, real_save = [], onnx_ir.save
-    monkeypatch.setattr(
-        onnx_ir, "save", lambda model, path, **kw: (saved.append(Path(path)), real_save(model, path, **kw))[1]
-    )
-    compile_onnx(path, tmp_path / "m.xml")
-    EngramRuntime(path)
-    assert saved and not [p for p in saved if p.parent == source]  # the lowered graph went elsewhere
+    def recording_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(Path(file).resolve())
+        return real_open(file, *args, **kwargs)
+
+    def no_temporary_folder(*args, **kwargs):
+        raise AssertionError("a temporary folder was made")
+
+    monkeypatch.setattr(builtins, "open", recording_open)
+    monkeypatch.setattr(tempfile, "mkdtemp", no_temporary_folder)
+    for load in (
+        lambda: compile_onnx(path, tmp_path / "m.xml"),
+        lambda: EngramRuntime(path),
+        lambda: EngramRuntime(path, runtime="ort"),
+    ):
+        opened.clear()
+        load()
+        assert opened.count(path.resolve()) == 1, opened
     assert sorted(p.name for p in source.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml", "source"]

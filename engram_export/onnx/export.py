@@ -12,22 +12,29 @@ import logging
 import warnings
 from pathlib import Path
 
-import onnx
 import onnx_ir as ir
 import torch
 
 from engram_export import progress
 from engram_export.onnx import op as onnx_op
-from engram_export.errors import EngramError
-from engram_export.fileio import check_output_file, staged_output
-from engram_export.model_info import EXTERNAL_DATA_KEY, ModelInfo, record_external_data
+from engram_export.fileio import check_output_file
+from engram_export.model_info import ModelInfo
 from engram_export.models.engram import EngramLayer
+from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD, load_onnx, read_onnx_file, save_onnx
 from engram_export.resources import require_disk, tensor_bytes
 
-__all__ = ["export_layer", "load_onnx", "save_onnx", "optimize_graph", "EXTERNAL_DATA_THRESHOLD", "OPSET", "IR_VERSION"]
+__all__ = [
+    "export_layer",
+    "load_onnx",
+    "read_onnx_file",
+    "save_onnx",
+    "optimize_graph",
+    "EXTERNAL_DATA_THRESHOLD",
+    "OPSET",
+    "IR_VERSION",
+]
 
 log = logging.getLogger(__name__)
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GiB limit, with room for the graph itself
 OPSET = 23  # RMSNormalization: one op per RMSNorm, fused kernels in OpenVINO and ONNX Runtime
 IR_VERSION = 11  # what opset 23 needs; ONNX Runtime 1.31 reads <= 13
 
@@ -67,41 +74,6 @@ def trace(layer: EngramLayer) -> ir.Model:
     model.opset_imports[onnx_op.DOMAIN] = onnx_op.OPSET_VERSION
     model.ir_version = IR_VERSION
     return model
-
-
-def load_onnx(path: str | Path) -> ir.Model:
-    """An exported .onnx (with its external data) as an onnx_ir model, for the passes."""
-    from engram_export.fileio import check_input_file
-
-    path = check_input_file(path, (".onnx",), "model")
-    ModelInfo.from_onnx(path)  # refuses files that engram-export did not write
-    try:
-        return ir.load(path)
-    except Exception as exc:  # protobuf and file errors
-        raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
-
-
-def save_onnx(model: ir.Model, output: str | Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
-    """Write ``model`` whole or not at all; initializers go to ``<name>.data`` if the file would be
-    larger than ``external_data_threshold`` bytes, and the .onnx then records that file's size and
-    sampled SHA-256 (``integrity.py``), which every reader checks."""
-    output = check_output_file(output, ".onnx")
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
-    external = size > external_data_threshold
-    model.metadata_props.pop(EXTERNAL_DATA_KEY, None)  # a loaded model's record of its old data file
-    with (
-        progress.stage(f"writing {output.name} ({size / 2**20:.0f} MiB{', external data' if external else ''})"),
-        staged_output(output) as staged,
-    ):
-        if not external:
-            ir.save(ir.external_data.load_to_model(model), staged)  # every tensor inside the file
-            return output
-        data = staged.with_name(f"{output.name}.data")
-        ir.save(model, staged, external_data=data.name, size_threshold_bytes=1024)
-        proto = onnx.load(str(staged), load_external_data=False)  # the graph alone: small
-        record_external_data(proto, staged.parent)
-        onnx.save(proto, str(staged))
-    return output
 
 
 def optimize_graph(model: ir.Model) -> ir.Model:

@@ -9,14 +9,12 @@ plugin) and records bf16 as the inference precision, which the runtime applies w
 
 from __future__ import annotations
 
-import contextlib
+import io
+import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -26,38 +24,14 @@ from engram_export.openvino import tables
 from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file, check_output_file, staged_output
 from engram_export.integrity import check_fingerprint, fingerprint
+from engram_export.onnx.files import read_onnx_file
 from engram_export.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, xml_rt_value
 from engram_export.openvino.extension import HASH_OP_TYPE, openvino_core
 
-__all__ = ["compile_onnx", "read_onnx", "read_openvino", "save_ir"]
+__all__ = ["compile_onnx", "to_openvino", "read_onnx", "read_openvino", "save_ir"]
 
 BIN_KEY = "engram.bin"  # "<size> <sampled sha256>" of the .bin
 _PLACEHOLDER = "engram-bin-fingerprint-to-be-written"
-
-
-@contextlib.contextmanager
-def _lowered(onnx_path: Path) -> Iterator[Path]:
-    """``onnx_path`` with ``passes.lower_for_openvino`` applied, as a file OpenVINO can read.
-
-    The lowered graph goes to a private temporary folder, never beside the source (which may be
-    read-only); its external data is hard-linked there (OpenVINO refuses data outside the model's
-    folder), or copied when the temporary folder is on another file system."""
-    from engram_export.manifest import model_files
-    from engram_export.passes import lower_for_openvino
-
-    model = ir.load(onnx_path)  # read_onnx has checked the file already
-    if not lower_for_openvino(model).modified:
-        yield onnx_path
-        return
-    with tempfile.TemporaryDirectory(prefix="engram-lowered-") as scratch:
-        lowered = Path(scratch) / onnx_path.name
-        ir.save(model, lowered)  # external tensors keep their relative locations
-        for name in model_files(onnx_path.parent, onnx_path.name)[1:]:
-            try:
-                os.link(onnx_path.parent / name, Path(scratch) / name)
-            except OSError:
-                shutil.copyfile(onnx_path.parent / name, Path(scratch) / name)
-        yield lowered
 
 
 def _read_model(path: Path, shown: Path):
@@ -102,18 +76,92 @@ def _fold_fp8_projection(model) -> None:
     matmul.output(0).replace(folded.output(0))
 
 
-def read_onnx(onnx_path: str | Path):
-    """The ONNX file as an ``openvino.Model`` (hash as ``EngramHash``, the post-projection block as
-    ``EngramGatedShortConv`` when the graph was optimized) and its ``ModelInfo``."""
-    onnx_path = check_input_file(onnx_path, (".onnx",), "model")
-    info = ModelInfo.from_onnx(onnx_path)
-    with _lowered(onnx_path) as lowered:
-        model = _read_model(lowered, onnx_path)
+# ONNX element types of the tensors an exported file keeps in external data -> OpenVINO's
+_OV_TYPES = {
+    ir.DataType.FLOAT: "f32",
+    ir.DataType.FLOAT16: "f16",
+    ir.DataType.BFLOAT16: "bf16",
+    ir.DataType.UINT8: "u8",
+    ir.DataType.INT8: "i8",
+    ir.DataType.INT32: "i32",
+    ir.DataType.INT64: "i64",
+    ir.DataType.BOOL: "boolean",
+}
+
+
+def _external_as_inputs(model: ir.Model) -> dict[str, ir.ExternalTensor]:
+    """Make each initializer of ``model`` held in external data a graph input of its type and shape
+    (OpenVINO reads the external data of an in-memory graph only from below the working directory);
+    returns those tensors by name."""
+    moved = {}
+    for name, value in list(model.graph.initializers.items()):
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        if tensor.dtype not in _OV_TYPES:
+            raise EngramError(f"initializer {name} is stored as {tensor.dtype.name}, which engram-export does not map")
+        model.graph.initializers.pop(name)
+        value.const_value = None
+        value.type, value.shape = ir.TensorType(tensor.dtype), tensor.shape
+        model.graph.inputs.append(value)
+        moved[name] = tensor
+    return moved
+
+
+def _mapped_back(converted, moved: dict[str, ir.ExternalTensor]) -> None:
+    """Replace the inputs ``_external_as_inputs`` made by constants over read-only mappings of their
+    files (``tables.shared_constant``: nothing is read until used); each records its file and offset."""
+    parameters = {p.get_friendly_name(): p for p in converted.get_parameters()}
+    for name, tensor in moved.items():
+        path, offset = os.path.abspath(tensor.path), tensor.offset or 0
+        data = tables.map_bytes(Path(path), offset, tensor.nbytes, name)
+        constant = tables.shared_constant(data, data, _OV_TYPES[tensor.dtype], list(tensor.shape))
+        constant.set_friendly_name(name)
+        constant.output(0).set_names({name})
+        constant.get_rt_info()[tables.SOURCE_KEY] = json.dumps({"path": path, "offset": offset})
+        parameters[name].output(0).replace(constant.output(0))
+        converted.remove_parameter(parameters[name])
+
+
+def to_openvino(model: ir.Model):
+    """An exported Engram graph (``onnx_ir.Model``, as ``read_onnx_file`` or ``trace`` and
+    ``optimize_graph`` give it) as an ``openvino.Model``: the hash as ``EngramHash``, the post-projection
+    block as ``EngramGatedShortConv`` when the graph was optimized (``passes.lower_for_openvino``, on a
+    copy: ``model`` is left as it was), a DeepSeek-V4.1 FP8 projection folded into bf16. The graph goes
+    to OpenVINO in memory; tensors in external data are mapped from their files, not read or copied."""
+    from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD
+    from engram_export.passes import lower_for_openvino
+
+    info = ModelInfo.from_metadata(dict(model.metadata_props), "the model")
+    lowered = model.clone()  # shares the tensors
+    lower_for_openvino(lowered)
+    moved = _external_as_inputs(lowered)
+    inline = sum(v.const_value.nbytes for v in lowered.graph.initializers.values() if v.const_value is not None)
+    if inline > EXTERNAL_DATA_THRESHOLD:
+        raise EngramError(
+            f"the model holds {inline / 2**30:.1f} GiB of tensors in memory, more than one ONNX protobuf "
+            f"can carry to OpenVINO: write it with save_onnx and read it back (its tables then stay in the file)"
+        )
+    try:
+        converted = openvino_core().read_model(io.BytesIO(ir.to_proto(lowered).SerializeToString()))
+    except RuntimeError as exc:
+        raise EngramError(f"OpenVINO cannot read the model: {one_line(exc)}") from None
+    _mapped_back(converted, moved)
     if info.takes_mask:
-        _fold_fp8_projection(model)
-    if not any(op.get_type_name() == HASH_OP_TYPE for op in model.get_ops()):
-        raise EngramError(f"{onnx_path}: the hash-gather node was not converted to {HASH_OP_TYPE}")
-    return model, info
+        _fold_fp8_projection(converted)
+    if not any(op.get_type_name() == HASH_OP_TYPE for op in converted.get_ops()):
+        raise EngramError(f"the hash-gather node was not converted to {HASH_OP_TYPE}")
+    return converted
+
+
+def read_onnx(onnx_path: str | Path):
+    """The exported .onnx file as an ``openvino.Model`` (``to_openvino``) and its ``ModelInfo``; the
+    file is read once, its external data mapped."""
+    model, info = read_onnx_file(onnx_path)
+    try:
+        return to_openvino(model), info
+    except EngramError as exc:
+        raise EngramError(f"{onnx_path}: {exc}") from None
 
 
 def _recorded_fingerprint(path: Path) -> dict:
@@ -172,5 +220,5 @@ def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f3
     with progress.stage(f"converting {Path(onnx_path).name} to OpenVINO"):
         model, info = read_onnx(onnx_path)
     ModelInfo(info.config, info.layer_id, info.num_ids, precision).write_openvino(model)
-    links = tables.detach(model, Path(onnx_path), output.name) if info.takes_mask else None
+    links = tables.detach(model, Path(onnx_path).stem, output.name) if info.takes_mask else None
     return save_ir(model, output, compress_to_fp16=precision == "bf16", links=links, copy_table=copy_table)

@@ -109,7 +109,7 @@ def _detach_v41_tables(model, model_path: Path, output: Path, options: QuantizeO
         )
     if model_path.suffix != ".onnx":
         raise EngramError(f"quantize the exported .onnx of a DeepSeek-V4.1 layer, not {model_path.name}")
-    return tables.detach(model, model_path, output.name)
+    return tables.detach(model, model_path.stem, output.name)
 
 
 def quantize_model(model, info: ModelInfo, options: QuantizeOptions):

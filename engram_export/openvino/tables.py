@@ -35,6 +35,7 @@ __all__ = ["detach", "attach", "table_files", "link_or_copy", "shared_constant",
 
 TABLES_KEY = "engram.tables"  # rt_info: JSON, parameter name -> {file, offset, shape, size, sampled_sha256}
 TABLE_CONSTANTS = ("table", "table_scale")  # the ONNX initializers of the table and (FP8 only) its scales
+SOURCE_KEY = "engram_source"  # a table constant's rt_info: JSON {path, offset} of its external data
 
 
 def link_or_copy(source: Path, target: Path, copy: bool) -> None:
@@ -54,33 +55,31 @@ def link_or_copy(source: Path, target: Path, copy: bool) -> None:
             shutil.copyfile(source, target)
 
 
-def detach(model, onnx_path: Path, xml_name: str) -> dict[str, Path]:
-    """Replace the table constants of ``model`` (read from ``onnx_path``) by parameters and record
-    them in its rt_info as files ``<xml stem>.<shard>``; returns those names -> the files to link."""
-    import onnx
+def detach(model, onnx_stem: str, xml_name: str) -> dict[str, Path]:
+    """Replace the table constants of ``model`` (``compile.to_openvino``'s, which records the file each
+    one was read from, ``<onnx stem>.<shard>``) by parameters and record them in its rt_info as files
+    ``<xml stem>.<shard>``; returns those names -> the files to link."""
     from openvino import opset13 as ops
 
     from engram_export.integrity import fingerprint
     from engram_export.model_info import RT_INFO_SECTION
 
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    external = {
-        t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer if t.name in TABLE_CONSTANTS
-    }
     constants = {
         op.get_friendly_name(): op
         for op in model.get_ops()
-        if op.get_type_name() == "Constant" and op.get_friendly_name() in external
+        if op.get_type_name() == "Constant" and op.get_friendly_name() in TABLE_CONSTANTS
     }
-    if "table" not in external or set(constants) != set(external):
+    if "table" not in constants or not all(SOURCE_KEY in op.get_rt_info() for op in constants.values()):
         raise EngramError(
-            f"{onnx_path}: expected the external table constants table (and table_scale), found {sorted(constants)}"
+            f"expected the table constants (table, and table_scale if FP8) read from external data, "
+            f"found {sorted(constants)}"
         )
     stem, records, links = xml_name[: -len(".xml")], {}, {}
     for name, constant in constants.items():
-        source = onnx_path.parent / external[name]["location"]
-        target = f"{stem}.{source.name.removeprefix(onnx_path.stem + '.')}"
-        links[target] = source
+        source = json.loads(constant.get_rt_info()[SOURCE_KEY].astype(str))
+        path = Path(source["path"])
+        target = f"{stem}.{path.name.removeprefix(onnx_stem + '.')}"
+        links[target] = path
         parameter = ops.parameter(constant.get_output_partial_shape(0), constant.get_element_type())
         parameter.set_friendly_name(f"engram_{name}")
         parameter.output(0).set_names({f"engram_{name}"})
@@ -88,9 +87,9 @@ def detach(model, onnx_path: Path, xml_name: str) -> dict[str, Path]:
         model.add_parameters([parameter])
         records[f"engram_{name}"] = {
             "file": target,
-            "offset": int(external[name].get("offset", 0)),
+            "offset": source["offset"],
             "shape": list(parameter.get_output_partial_shape(0).to_shape()),
-            **fingerprint(source, full=False),
+            **fingerprint(path, full=False),
         }
     model.set_rt_info(json.dumps(records), [RT_INFO_SECTION, TABLES_KEY])
     return links
@@ -140,9 +139,12 @@ def shared_constant(data: np.ndarray, owner, kind: str = "u8", shape=None):
     return constant
 
 
-def _map(path: Path, offset: int, nbytes: int) -> np.memmap:
-    """A read-only mapping of ``nbytes`` bytes at ``offset`` with random-access advice."""
-    mapped = np.memmap(path, np.uint8, "r", offset, nbytes)
+def map_bytes(path: Path, offset: int, nbytes: int, what: str) -> np.memmap:
+    """A read-only mapping of ``nbytes`` bytes of ``path`` at ``offset`` with random-access advice."""
+    try:
+        mapped = np.memmap(path, np.uint8, "r", offset, (nbytes,))
+    except (OSError, ValueError) as exc:
+        raise EngramError(f"cannot map {what}: {nbytes} bytes at offset {offset} of {path} ({exc})") from None
     if hasattr(mmap, "MADV_RANDOM"):
         mapped._mmap.madvise(mmap.MADV_RANDOM)  # a cold row reads its page, not megabytes ahead
     return mapped
@@ -160,7 +162,7 @@ def attach(model, xml: Path) -> None:
         if name not in parameters:
             raise EngramError(f"{xml} records table {name}, which is not an input of the model")
         kind = parameters[name].get_element_type()
-        mapped = _map(path, record["offset"], math.prod(record["shape"]) * kind.size)
+        mapped = map_bytes(path, record["offset"], math.prod(record["shape"]) * kind.size, name)
         constant = shared_constant(mapped, mapped, kind.get_type_name(), record["shape"])
         constant.set_friendly_name(name)
         parameters[name].output(0).replace(constant.output(0))

@@ -96,6 +96,7 @@ class _OpenVINO:
             # B=1 T=1; Zen 4) for a mean cosine against bf16 of 0.99985 instead of 0.99988.
             self.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 128
         self.config.update(ov_config or {})
+        self._model = model.clone()  # for the decode stages, built on first use (shares the constants)
         lookup, fuse = self._compile(*split_stages(model, self.precision))
         self.lookups, self.fuses = _RequestPool(lookup), _RequestPool(fuse)
         # at most as many calls inside OpenVINO as it has streams: more would only queue inside the
@@ -149,11 +150,9 @@ class _OpenVINO:
         """A (lookup, fuse) pair of requests of the stateful decode stages, compiled once."""
         with self._decode_lock:
             if self._decode is None:
-                from engram_export.openvino.compile import read_openvino
                 from engram_export.runtime.decode import decode_stages
 
-                model, _ = read_openvino(self.path)
-                self._decode = self._compile(*decode_stages(model, self.info, self.precision))
+                self._decode = self._compile(*decode_stages(self._model.clone(), self.info, self.precision))
         return tuple(compiled.create_infer_request() for compiled in self._decode)
 
     def start_lookup(self, feeds: dict):
@@ -238,19 +237,27 @@ def _as_float32(tensor) -> np.ndarray:
 
 
 class _OnnxRuntime:
-    """An ``onnxruntime.InferenceSession``: its ``run`` is safe to call from many threads."""
+    """An ``onnxruntime.InferenceSession``: its ``run`` is safe to call from many threads. The file is
+    read once (``read_onnx_file``, which checks it); the session gets the graph from memory and maps
+    the external data from the file's folder."""
 
     def __init__(self, path: Path, threads: int | None):
+        import onnx_ir as ir
         import onnxruntime
 
-        self.info = ModelInfo.from_onnx(path)
+        from engram_export.onnx.files import read_onnx_file
+
+        model, self.info = read_onnx_file(path)
         self.precision = "f32"
         self.settings = {"onnxruntime": onnxruntime.__version__}
         options = onnxruntime.SessionOptions()
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(
+                ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EngramError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
 

@@ -1,0 +1,64 @@
+"""Exported .onnx files: read once, written whole or not at all.
+
+An exported file carries its ``ModelInfo`` and, when its tensors live in a ``<name>.data`` file beside
+it, that file's size and sampled SHA-256 (``integrity.py``), which every reader checks before use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx_ir as ir
+
+from engram_export import progress
+from engram_export.errors import EngramError
+from engram_export.fileio import check_input_file, check_output_file, staged_output
+from engram_export.model_info import EXTERNAL_DATA_KEY, ModelInfo, external_locations
+
+__all__ = ["load_onnx", "read_onnx_file", "save_onnx", "EXTERNAL_DATA_THRESHOLD"]
+
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GiB limit, with room for the graph itself
+
+
+def read_onnx_file(path: str | Path) -> tuple[ir.Model, ModelInfo]:
+    """An exported .onnx, read once: its graph as an onnx_ir model (external data mapped, read only
+    where used) and its ``ModelInfo``, checked against the graph and the external data files."""
+    path = check_input_file(path, (".onnx",), "model")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf and file errors
+        raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+    return model, ModelInfo.from_onnx(model, path)  # refuses files that engram-export did not write
+
+
+def load_onnx(path: str | Path) -> ir.Model:
+    """An exported .onnx as an onnx_ir model, for the passes (``read_onnx_file`` with its info)."""
+    return read_onnx_file(path)[0]
+
+
+def save_onnx(model: ir.Model, output: str | Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    """Write ``model`` whole or not at all; initializers go to ``<name>.data`` if the file would be
+    larger than ``external_data_threshold`` bytes, and the .onnx then records that file's size and
+    sampled SHA-256. ``model`` itself is left as it was."""
+    from engram_export.integrity import fingerprint
+
+    output = check_output_file(output, ".onnx")
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+    external = size > external_data_threshold
+    with (
+        progress.stage(f"writing {output.name} ({size / 2**20:.0f} MiB{', external data' if external else ''})"),
+        staged_output(output) as staged,
+    ):
+        written = model.clone()  # shares the tensors; its initializers and metadata change below
+        written.metadata_props.pop(EXTERNAL_DATA_KEY, None)  # a loaded model's record of its old data file
+        if not external:
+            ir.save(ir.external_data.load_to_model(written), staged)  # every tensor inside the file
+            return output
+        data = staged.with_name(f"{output.name}.data")
+        with progress.bytes_written(staged.parent, size, data.name):
+            ir.external_data.unload_from_model(written, staged.parent, data.name, size_threshold_bytes=1024)
+        files = {name: fingerprint(staged.parent / name, full=False) for name in sorted(external_locations(written))}
+        written.metadata_props[EXTERNAL_DATA_KEY] = json.dumps(files)
+        ir.save(written, staged)
+    return output

@@ -28,6 +28,8 @@ from engram_export.measure.verify import format_table, random_inputs
 __all__ = [
     "BenchRow",
     "cpu_summary",
+    "matmul_floor",
+    "resident_mib",
     "run_bench",
     "time_rows",
     "round_robin_ms",
@@ -178,7 +180,9 @@ def _bf16_copy(layer):
     return clone.eval()
 
 
-def _matmul_floor(width_in: int, width_out: int, precision: str):
+def matmul_floor(width_in: int, width_out: int, precision: str):
+    """The projection GEMM alone in OpenVINO ([N, width_in] x [width_in, width_out], random weights) as a
+    function of x: the floor the fuse stage is measured against."""
     import openvino
     from openvino import opset13 as ops
 
@@ -269,7 +273,7 @@ def run_bench(
             add(
                 "openvino matmul floor",
                 precision,
-                lambda: _matmul_floor(width_in, width_out, precision),
+                lambda: matmul_floor(width_in, width_out, precision),
                 floor_args,
                 f"[B*T,{width_in}]x[{width_in},{width_out}]",
             )

@@ -78,14 +78,14 @@ def _hash(ids, shape: LookupShape):
 def _stored(path: Path, make, resident: bool) -> np.ndarray:
     """The table bytes ``make()`` gives, written to ``path`` once, mapped read-only; with ``resident``,
     every page mapped in now (no page faults while timed)."""
-    from engram_export.openvino.row_kernel import _populated
+    from engram_export.openvino.row_kernel import populate
 
     if not path.exists():
         data = make()
         data.tofile(path.with_suffix(".tmp"))
         path.with_suffix(".tmp").rename(path)
     mapped = np.memmap(path, np.uint8, "r")
-    return _populated(mapped, path.name) if resident else mapped
+    return populate(mapped, path.name) if resident else mapped
 
 
 def _constant(data: np.ndarray, kind: str, shape):

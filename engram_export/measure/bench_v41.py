@@ -38,7 +38,7 @@ def run_bench_v41(
     config, workdir: Path, shapes: list[tuple[int, int]], repeat: int, quantize: bool, decode_only: bool = False
 ) -> None:
     """Print the tables above; ``decode_only`` (``bench --decode``): the costs and the decode rows."""
-    from engram_export.measure.bench import _matmul_floor, cpu_summary, resident_mib, round_robin_ms, target_line
+    from engram_export.measure.bench import matmul_floor, cpu_summary, resident_mib, round_robin_ms, target_line
     from engram_export.measure.decode_bench import decode_rows
     from engram_export.folders import compile_folder, export_checkpoint, quantize_folder
     from engram_export.models.deepseek_v41 import V41Hashing
@@ -118,7 +118,7 @@ def run_bench_v41(
         fp8_floor = _fp8_matmul(config.embedding_width, config.projection_width)
     for shape in [] if decode_only else shapes:
         hidden = rng.standard_normal((*shape, config.hc_mult, config.hidden_size), dtype=np.float32)
-        floor = _matmul_floor(config.embedding_width, config.projection_width, "bf16")
+        floor = matmul_floor(config.embedding_width, config.projection_width, "bf16")
         e = rng.standard_normal((shape[0] * shape[1], config.embedding_width), dtype=np.float32)
         calls = {"floor": lambda _: lambda: floor(e), "fp8 floor": lambda _: lambda: fp8_floor(e)}
         for name, runtime in runtimes.items():

@@ -34,7 +34,7 @@ from engram_export import progress
 from engram_export.errors import EngramError
 from engram_export.openvino.tables import shared_constant
 
-__all__ = ["install", "TABLE_MEMORY"]
+__all__ = ["install", "populate", "TABLE_MEMORY"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def _madvise(array: np.ndarray, advice: int) -> bool:
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
 
 
-def _populated(data: np.ndarray, name: str) -> np.ndarray:
+def populate(data: np.ndarray, name: str) -> np.ndarray:
+    """Fault in every page of the mapping ``data`` now (``table_memory="populate"``); returns it."""
     if not _madvise(data, _MADV_POPULATE_READ):  # Linux < 5.14: touch one byte per page
         with progress.stage(f"reading {name} into memory ({data.nbytes / 2**30:.2f} GiB)"):
             int(data[::_PAGE].sum())
@@ -101,7 +102,7 @@ def _stored_bytes(constant, rows: int, table_memory: str):
     else:
         _madvise(data, mmap.MADV_RANDOM)
         if table_memory == "populate":
-            _populated(data, name)
+            populate(data, name)
     shape = (rows, data.size // rows) if rows > 1 else (data.size,)
     return shared_constant(data, (constant, view, data), shape=shape)
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["stage", "steps", "bytes_written", "quiet", "LOGGER"]
+__all__ = ["stage", "steps", "bytes_written", "quiet", "TerminalHandler", "LOGGER"]
 
 LOGGER = "engram_export.progress"
 log = logging.getLogger(LOGGER)
@@ -76,7 +77,7 @@ def steps(what: str, total: float, unit: str = "", every: float = 1.0) -> Iterat
 
 
 @contextlib.contextmanager
-def bytes_written(folder: Path, total: int, what: str) -> Iterator[None]:
+def bytes_written(folder: Path, total: int, what: str, every: float = 0.5) -> Iterator[None]:
     """Report the bytes written into ``folder`` (the sum of its files' sizes: a staging folder of ours)
     while the block writes ``total`` bytes there, polled by a thread: for writers, such as onnx-ir's
     external data, that report nothing themselves."""
@@ -84,16 +85,17 @@ def bytes_written(folder: Path, total: int, what: str) -> Iterator[None]:
 
     def written() -> int:
         size = 0
-        for file in folder.iterdir():
-            with contextlib.suppress(OSError):  # renamed or removed since listed
-                size += file.stat().st_size
+        for parent, _, files in os.walk(folder):  # the writer may use a temporary folder inside
+            for name in files:
+                with contextlib.suppress(OSError):  # renamed or removed since listed
+                    size += os.stat(os.path.join(parent, name)).st_size
         return size
 
     def watch(counter: _Steps) -> None:
-        while not stop.wait(0.5):
+        while not stop.wait(every):
             counter.set(written())
 
-    with steps(f"writing {what}", total, "GiB") as counter:
+    with steps(f"writing {what}", total, "GiB", every) as counter:
         watcher = threading.Thread(target=watch, args=(counter,), daemon=True)
         watcher.start()
         try:
@@ -101,3 +103,31 @@ def bytes_written(folder: Path, total: int, what: str) -> Iterator[None]:
         finally:
             stop.set()
             watcher.join()
+
+
+class TerminalHandler(logging.StreamHandler):
+    """Shows progress lines as ``[engram-export] ...``; on a terminal, a record with ``progress`` redraws
+    one line as a bar instead of adding lines."""
+
+    WIDTH = 24
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.setFormatter(logging.Formatter("[engram-export] %(message)s"))
+        self._bar_open = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            progress = getattr(record, "progress", None)
+            line = self.format(record)
+            if progress and self.stream.isatty():
+                done, total = progress
+                filled = int(self.WIDTH * min(done / max(total, 1), 1.0))
+                self.stream.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {line}\033[K")
+                self._bar_open = True
+            else:
+                self.stream.write(("\n" if self._bar_open else "") + line + "\n")
+                self._bar_open = False
+            self.flush()
+        except Exception:  # as logging.StreamHandler: a broken stream never breaks the work
+            self.handleError(record)

@@ -618,13 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import logging
 
-        from engram_export.progress import LOGGER
+        from engram_export.progress import LOGGER, TerminalHandler
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        shown = logging.StreamHandler(sys.stderr)  # progress lines, as "[engram-export] ..."
-        shown.setFormatter(logging.Formatter("[engram-export] %(message)s"))
         progress_log = logging.getLogger(LOGGER)
-        progress_log.handlers[:] = [shown]
+        progress_log.handlers[:] = [TerminalHandler(sys.stderr)]
         progress_log.propagate = False
         progress_log.setLevel(logging.WARNING if {"-q", "--quiet"} & set(argv) else logging.INFO)
         return args.func(args) or 0

@@ -110,15 +110,18 @@ def time_rows(rows: list[BenchRow], shapes: dict, warmup: int, repeat: int) -> N
     """For each shape (``{shape: (ids, hidden)}``): warm every row up, then ``repeat`` rounds."""
     for shape, (ids, hidden) in shapes.items():
         args = [row.make_args(ids, hidden) for row in rows]
-        for row, row_args in zip(rows, args):
-            for _ in range(warmup):
-                row.call(*row_args)
-            row.times_ms[shape] = []
-        for _ in range(repeat):
+        with progress.steps(f"timing {len(rows)} rows at B, T = {shape}", warmup + repeat, "rounds") as rounds:
             for row, row_args in zip(rows, args):
-                start = time.perf_counter()
-                row.call(*row_args)
-                row.times_ms[shape].append((time.perf_counter() - start) * 1e3)
+                for _ in range(warmup):
+                    row.call(*row_args)
+                row.times_ms[shape] = []
+            rounds.advance(warmup)
+            for _ in range(repeat):
+                for row, row_args in zip(rows, args):
+                    start = time.perf_counter()
+                    row.call(*row_args)
+                    row.times_ms[shape].append((time.perf_counter() - start) * 1e3)
+                rounds.advance()
 
 
 class _Loader:
@@ -390,13 +393,15 @@ def round_robin_ms(calls: dict, rounds: int, warmup: int = 1) -> dict:
     ``warmup`` rounds untimed. An entry is a factory ``round index -> zero-argument call``, made outside
     the timing (a round's fresh inputs, a prefetch to fuse)."""
     times = {name: [] for name in calls}
-    for index in range(warmup + rounds):
-        for name, make in calls.items():
-            call = make(index)
-            start = time.perf_counter()
-            call()
-            if index >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
+    with progress.steps(f"timing {len(calls)} calls round-robin", warmup + rounds, "rounds") as done:
+        for index in range(warmup + rounds):
+            for name, make in calls.items():
+                call = make(index)
+                start = time.perf_counter()
+                call()
+                if index >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+            done.advance()
     return {name: statistics.median(values) for name, values in times.items()}
 
 

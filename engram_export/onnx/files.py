@@ -19,6 +19,7 @@ from engram_export.model_info import EXTERNAL_DATA_KEY, ModelInfo, external_loca
 __all__ = ["load_onnx", "read_onnx_file", "save_onnx", "EXTERNAL_DATA_THRESHOLD"]
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GiB limit, with room for the graph itself
+_INLINE_BELOW = 1024  # with external data, smaller tensors stay in the .onnx
 
 
 def read_onnx_file(path: str | Path) -> tuple[ir.Model, ModelInfo]:
@@ -56,8 +57,10 @@ def save_onnx(model: ir.Model, output: str | Path, external_data_threshold: int 
             ir.save(ir.external_data.load_to_model(written), staged)  # every tensor inside the file
             return output
         data = staged.with_name(f"{output.name}.data")
-        with progress.bytes_written(staged.parent, size, data.name):
-            ir.external_data.unload_from_model(written, staged.parent, data.name, size_threshold_bytes=1024)
+        tensors = [v.const_value for v in written.graph.initializers.values() if v.const_value]
+        data_bytes = sum(t.nbytes for t in tensors if t.nbytes >= _INLINE_BELOW)
+        with progress.bytes_written(staged.parent, data_bytes, data.name):
+            ir.external_data.unload_from_model(written, staged.parent, data.name, size_threshold_bytes=_INLINE_BELOW)
         files = {name: fingerprint(staged.parent / name, full=False) for name in sorted(external_locations(written))}
         written.metadata_props[EXTERNAL_DATA_KEY] = json.dumps(files)
         ir.save(written, staged)

@@ -1,7 +1,13 @@
-"""Shared fixtures: small configs, one exported and compiled tiny layer per test session."""
+"""Shared fixtures: small configs, one exported and compiled tiny layer per test run.
+
+The files of the session fixtures are built once per run, not once per pytest-xdist worker: the first
+worker to need them builds them under a file lock in a folder all workers see; the others reuse them.
+Tests read these files; one that changes a file works on a copy.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -48,29 +54,50 @@ def _export_and_compile(layer, folder: Path, optimize: bool) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny_files(tiny_layer, tmp_path_factory) -> dict[str, Path]:
+def run_folder(tmp_path_factory, worker_id) -> Path:
+    """A folder of this test run that every xdist worker sees (without xdist: the session's own)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+def _built_once(run_folder: Path, name: str, build) -> dict[str, Path]:
+    """``build(folder)``'s files (name -> path), built by the first worker that asks, under a lock."""
+    from filelock import FileLock
+
+    folder, record = run_folder / name, run_folder / f"{name}.json"
+    with FileLock(f"{record}.lock"):
+        if not record.exists():
+            folder.mkdir()
+            record.write_text(json.dumps({key: str(path) for key, path in build(folder).items()}))
+    return {key: Path(path) for key, path in json.loads(record.read_text()).items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tiny_layer, run_folder) -> dict[str, Path]:
     """The tiny layer exported to ONNX (graph passes applied) and compiled to f32 and bf16 IR."""
-    return _export_and_compile(tiny_layer, tmp_path_factory.mktemp("tiny"), optimize=True)
+    return _built_once(run_folder, "tiny", lambda folder: _export_and_compile(tiny_layer, folder, optimize=True))
 
 
 @pytest.fixture(scope="session")
-def tiny_raw_files(tiny_layer, tmp_path_factory) -> dict[str, Path]:
+def tiny_raw_files(tiny_layer, run_folder) -> dict[str, Path]:
     """The same, from the raw trace (``--no-optimize``)."""
-    return _export_and_compile(tiny_layer, tmp_path_factory.mktemp("tiny_raw"), optimize=False)
+    return _built_once(run_folder, "tiny_raw", lambda folder: _export_and_compile(tiny_layer, folder, optimize=False))
 
 
 @pytest.fixture(scope="session")
-def folders(tiny_config, tmp_path_factory) -> dict[str, Path]:
+def folders(tiny_config, run_folder) -> dict[str, Path]:
     """Every layer of the tiny preset (random weights, seed 5 + layer id): exported, f32, bf16."""
     from engram_export.folders import compile_folder, export_folder
 
-    root = tmp_path_factory.mktemp("serving")
-    exported = export_folder(tiny_config, root / "onnx", seed=5)
-    return {
-        "onnx": exported,
-        "bf16": compile_folder(exported, root / "bf16", "bf16"),
-        "f32": compile_folder(exported, root / "f32", "f32"),
-    }
+    def build(root: Path) -> dict[str, Path]:
+        exported = export_folder(tiny_config, root / "onnx", seed=5)
+        return {
+            "onnx": exported,
+            "bf16": compile_folder(exported, root / "bf16", "bf16"),
+            "f32": compile_folder(exported, root / "f32", "f32"),
+        }
+
+    return _built_once(run_folder, "serving", build)
 
 
 @pytest.fixture(scope="session")

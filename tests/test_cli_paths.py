@@ -178,17 +178,21 @@ def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
     assert listing(tmp_path) == sorted(["e.onnx", live.name, f"{live.name}/partial.onnx"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o027])
-def test_outputs_follow_the_umask(tiny_files, tmp_path, umask):
+def test_outputs_follow_the_umask(tiny_files, tiny_raw_files, folders, tmp_path, umask):
+    """Every kind of output (an .onnx, its external data, an IR, a folder with its manifest) gets the
+    modes a plain file or folder made under the caller's umask gets (staging folders are private)."""
+    from engram_export.onnx.files import load_onnx, save_onnx
+
     old = os.umask(umask)
     try:
-        assert run_cli(*EXPORT, "-o", tmp_path / "e.onnx")[0] == 0
+        assert run_cli("optimize", tiny_raw_files["onnx"], "-o", tmp_path / "o.onnx")[0] == 0
+        save_onnx(load_onnx(tiny_files["onnx"]), tmp_path / "e.onnx", external_data_threshold=1000)
         assert run_cli("compile", tiny_files["onnx"], "-o", tmp_path / "c.xml")[0] == 0
-        assert run_cli("export", "--config", "tiny", "--random-init", "-o", tmp_path / "f")[0] == 0
+        assert run_cli("compile", folders["onnx"], "-o", tmp_path / "f")[0] == 0
     finally:
         os.umask(old)
-    files = ["e.onnx", "c.xml", "c.bin", "f/manifest.json", "f/layer_1.onnx"]
+    files = ["o.onnx", "e.onnx", "e.onnx.data", "c.xml", "c.bin", "f/manifest.json", "f/layer_1.xml", "f/layer_1.bin"]
     assert {f: oct(os.stat(tmp_path / f).st_mode & 0o777) for f in files} == {f: oct(0o666 & ~umask) for f in files}
     assert oct(os.stat(tmp_path / "f").st_mode & 0o777) == oct(0o777 & ~umask)
 

@@ -176,19 +176,20 @@ def test_folder_commands(folders, tmp_path, tiny_config):
 
 
 @pytest.mark.slow
-def test_backbone_sample_runs():
-    """samples/backbone_prefetch.py: MiniLM backbone in PyTorch, the Engram layer in OpenVINO."""
-    import os
-    import subprocess
+def test_backbone_sample_runs(monkeypatch, capsys):
+    """samples/backbone_prefetch.py, run as a script (in this process): MiniLM backbone in PyTorch, the
+    Engram layer in OpenVINO."""
+    import runpy
     import sys
     from pathlib import Path
 
     sample = Path(__file__).parents[1] / "samples" / "backbone_prefetch.py"
-    command = [sys.executable, str(sample), "--repeat", "2", "--steps", "2", "--precision", "f32"]
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "engram lookup started" in done.stdout and "backbone layer 5" in done.stdout
-    assert "outputs identical" in done.stdout and "greedy-style decode (2 steps" in done.stdout
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", [str(sample), "--repeat", "2", "--steps", "2", "--precision", "f32"])
+    runpy.run_path(str(sample), run_name="__main__")
+    stdout = capsys.readouterr().out
+    assert "engram lookup started" in stdout and "backbone layer 5" in stdout
+    assert "outputs identical" in stdout and "greedy-style decode (2 steps" in stdout
     # the torch drop-in: in f32 the swapped model equals the PyTorch one up to float32 rounding
-    (line,) = [line for line in done.stdout.splitlines() if line.startswith("drop-in:")]
+    (line,) = [line for line in stdout.splitlines() if line.startswith("drop-in:")]
     assert float(line.split("max difference ")[1].split()[0]) <= 1e-4, line

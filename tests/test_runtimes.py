@@ -267,3 +267,26 @@ def test_bad_out_is_refused_and_left_alone(runtimes, tiny_config, bad, message):
     with pytest.raises(EngramError, match=message):
         runtime(ids, hidden, out=out)
     np.testing.assert_array_equal(np.asarray(out), before)
+
+
+def test_the_pipeline_in_memory(tiny_layer, tiny_files):
+    """trace -> optimize_graph -> to_openvino with no file written or read gives the model that reading
+    the exported file gives (same nodes, same outputs bit for bit); to_openvino lowers a copy, so the
+    onnx_ir model it was given is left as it was."""
+    from engram_export.onnx.export import optimize_graph, trace
+    from engram_export.openvino.compile import read_onnx, to_openvino
+    from engram_export.openvino.extension import openvino_core
+
+    model = optimize_graph(trace(tiny_layer))
+    before = (model.graph.num_nodes(), list(model.graph.initializers))
+    in_memory = to_openvino(model)
+    assert (model.graph.num_nodes(), list(model.graph.initializers)) == before
+    from_file, _ = read_onnx(tiny_files["onnx"])
+    kinds = sorted(op.get_type_name() for op in in_memory.get_ops())
+    assert kinds == sorted(op.get_type_name() for op in from_file.get_ops()) and "EngramGatedShortConv" in kinds
+    ids, hidden = random_inputs(tiny_layer.config, len(tiny_layer.hashing.lut), 3, 7, seed=2)
+    core = openvino_core()
+    got, expected = (
+        core.compile_model(m, "CPU")({"input_ids": ids, "hidden_states": hidden})[0] for m in (in_memory, from_file)
+    )
+    np.testing.assert_array_equal(got, expected)

@@ -132,7 +132,7 @@ def to_openvino(model: ir.Model):
     from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD
     from engram_export.passes import lower_for_openvino
 
-    info = ModelInfo.from_metadata(dict(model.metadata_props), "the model")
+    fp8_projection = "wkv_scale" in model.graph.initializers  # DeepSeek-V4.1
     lowered = model.clone()  # shares the tensors
     lower_for_openvino(lowered)
     moved = _external_as_inputs(lowered)
@@ -147,7 +147,7 @@ def to_openvino(model: ir.Model):
     except RuntimeError as exc:
         raise EngramError(f"OpenVINO cannot read the model: {one_line(exc)}") from None
     _mapped_back(converted, moved)
-    if info.takes_mask:
+    if fp8_projection:
         _fold_fp8_projection(converted)
     if not any(op.get_type_name() == HASH_OP_TYPE for op in converted.get_ops()):
         raise EngramError(f"the hash-gather node was not converted to {HASH_OP_TYPE}")

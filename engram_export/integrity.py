@@ -10,9 +10,10 @@ time a server starts. So every file we write gets a fingerprint of two parts, ch
   a header or tail rewritten, or a corrupt region larger than the gaps between blocks.
 
 What only the full hash catches: a few flipped bytes between the sampled blocks of a file larger than
-64 MiB. ``check="full"`` (``EngramRuntime(check_hashes="full")``) hashes every byte of every file up to
-16 GiB; larger ones (a checkpoint's table shards, linked, not written by us) record no full hash and
-are checked by size and sampled hash.
+64 MiB. ``check="full"`` (``EngramRuntime(check_hashes="full")``) hashes every byte of every file we
+wrote, up to 16 GiB. A checkpoint's table shards, linked beside a model, not written by us, record no
+full hash whatever their size (export and compile cost the same whatever the table size) and are
+checked by size and sampled hash.
 """
 
 from __future__ import annotations

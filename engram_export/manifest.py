@@ -64,11 +64,16 @@ def _check_name(folder: Path, name, where: str) -> None:
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
     """Fingerprint every file the layers read and write ``manifest.json`` (whole or not at all)."""
     from engram_export import progress
-    from engram_export.fileio import staged_output
+    from engram_export.fileio import staged_output, written_files
+
+    def own(name: str) -> set[str]:  # the files written with the model (not linked checkpoint shards)
+        return {path.name for path in written_files(folder / name)}
 
     with progress.stage(f"hashing the files of {len(manifest.layers)} layers"):
         manifest.files = {
-            file: fingerprint(folder / file) for name in manifest.layers.values() for file in model_files(folder, name)
+            file: fingerprint(folder / file, full=file in own(name))
+            for name in manifest.layers.values()
+            for file in model_files(folder, name)
         }
     data = {
         "format": FORMAT,

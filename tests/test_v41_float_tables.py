@@ -23,6 +23,7 @@ from engram_export.onnx import op_fp8 as onnx_op_fp8
 from engram_export.checkpoint import Checkpoint
 from engram_export.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint
+from engram_export.manifest import read_manifest
 from engram_export.models.deepseek_v41 import V41Config, V41Hashing, hash_rows_v41, open_layer
 from engram_export.models.hashing import _next_prime
 from engram_export.openvino.extension import openvino_core
@@ -118,6 +119,12 @@ def test_table_stays_stored_and_linked(case):
         assert len(linked) == 2 and all(p.stat().st_ino in shards for p in linked), kind
         written = [p for p in case[kind].iterdir() if p.suffix in (".onnx", ".bin")]
         assert all(p.stat().st_size < table_bytes for p in written), kind
+        # the manifest hashes whole what was written, the linked shards by size and sampled hash only:
+        # writing a folder costs the same whatever the table size
+        files = read_manifest(case[kind]).files
+        assert {name for name, entry in files.items() if "sha256" in entry} == {p.name for p in written} | (
+            {p.with_suffix(".xml").name for p in written if p.suffix == ".bin"}
+        ), kind
     # the row kernel reads the table as its stored bytes (u8, each row head_dim * itemsize of them);
     # OpenVINO's Gather reads a constant of the stored type
     for kind in ("f32", "bf16"):

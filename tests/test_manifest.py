@@ -193,3 +193,22 @@ def test_an_onnx_file_is_read_once_and_nothing_else_is_written(tiny_config, tmp_
         assert opened.count(path.resolve()) == 1, opened
     assert sorted(p.name for p in source.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml", "source"]
+
+
+def test_external_data_with_another_hard_link_is_read(tiny_config, tmp_path):
+    """An export whose data file has a second hard link (a backup made with ``cp -al``; DeepSeek-V4.1
+    shards always have one) compiles and runs: onnx-ir's refusal of hard-linked data files does not
+    apply to files engram-export has checked against their fingerprints."""
+    import os
+
+    from engram_export.measure.verify import random_inputs
+    from engram_export.models.weights import build_layer
+    from engram_export.onnx.export import export_layer
+    from engram_export.openvino.compile import compile_onnx
+
+    layer = build_layer(tiny_config, 1, seed=0)
+    path = export_layer(layer, tmp_path / "m.onnx", external_data_threshold=1000)
+    os.link(tmp_path / "m.onnx.data", tmp_path / "backup.data")
+    ids, hidden = random_inputs(tiny_config, len(layer.hashing.lut), 2, 5)
+    from_onnx = EngramRuntime(path)(ids, hidden)
+    np.testing.assert_array_equal(EngramRuntime(compile_onnx(path, tmp_path / "m.xml"))(ids, hidden), from_onnx)

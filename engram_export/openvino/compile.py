@@ -89,6 +89,24 @@ _OV_TYPES = {
 }
 
 
+def _by_absolute_path(model: ir.Model) -> None:
+    """Point each external initializer of ``model`` (a copy) at its file by absolute path, with no base
+    folder: onnx-ir then reads it without its checks against hard links, which refuse a file linked
+    into another folder (a DeepSeek-V4.1 shard, a copy made with ``cp -al``). The files were checked
+    when the model was read (``ModelInfo.from_onnx``: plain names beside it, fingerprints)."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            value.const_value = ir.ExternalTensor(
+                os.path.abspath(tensor.path),
+                tensor.offset,
+                tensor.length,
+                tensor.dtype,
+                shape=tensor.shape,
+                name=tensor.name,
+            )
+
+
 def _external_as_inputs(model: ir.Model) -> dict[str, ir.ExternalTensor]:
     """Make each initializer of ``model`` held in external data a graph input of its type and shape
     (OpenVINO reads the external data of an in-memory graph only from below the working directory);
@@ -113,7 +131,7 @@ def _mapped_back(converted, moved: dict[str, ir.ExternalTensor]) -> None:
     files (``tables.shared_constant``: nothing is read until used); each records its file and offset."""
     parameters = {p.get_friendly_name(): p for p in converted.get_parameters()}
     for name, tensor in moved.items():
-        path, offset = os.path.abspath(tensor.path), tensor.offset or 0
+        path, offset = tensor.path, tensor.offset or 0
         data = tables.map_bytes(Path(path), offset, tensor.nbytes, name)
         constant = tables.shared_constant(data, data, _OV_TYPES[tensor.dtype], list(tensor.shape))
         constant.set_friendly_name(name)
@@ -134,6 +152,7 @@ def to_openvino(model: ir.Model):
 
     fp8_projection = "wkv_scale" in model.graph.initializers  # DeepSeek-V4.1
     lowered = model.clone()  # shares the tensors
+    _by_absolute_path(lowered)
     lower_for_openvino(lowered)
     moved = _external_as_inputs(lowered)
     inline = sum(v.const_value.nbytes for v in lowered.graph.initializers.values() if v.const_value is not None)

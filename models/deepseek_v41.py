@@ -317,8 +317,12 @@ def dequantize_rows(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def dequantize_blocks(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """FP8 E4M3 [O, I] with one E8M0 scale per 32x32 block, [ceil(O/32), ceil(I/32)] -> float32."""
     out, width = weight.shape
+    values = weight.float()
+    if out % BLOCK == 0 and width % BLOCK == 0:  # each scale broadcast over its block: no [O, I] of scales
+        values.view(out // BLOCK, BLOCK, width // BLOCK, BLOCK).mul_(scale.float()[:, None, :, None])
+        return values
     full = scale.float().repeat_interleave(BLOCK, 0)[:out].repeat_interleave(BLOCK, 1)[:, :width]
-    return weight.float() * full
+    return values.mul_(full)
 
 
 TENSORS = ("embed.weight", "embed.scale", "wkv.weight", "wkv.scale", "q_weight", "k_weight")

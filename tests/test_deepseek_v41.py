@@ -101,3 +101,19 @@ def test_tokenizer_size_must_match(tokenizer_json):
     config = V41Config.from_hf({**TINY, "tokenizer": str(tokenizer_json)})
     with pytest.raises(EngramError, match="engram_compressed_vocab_size says 3000"):
         V41Hashing(config).lut
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (70, 45)])
+def test_dequantize_blocks_scales_each_32x32_block(shape):
+    """Each FP8 value times the E8M0 scale of its 32x32 block (blocks cut short at the edges)."""
+    from engram_export.models.deepseek_v41 import dequantize_blocks
+
+    rng = np.random.default_rng(0)
+    weight = torch.from_numpy(rng.integers(0, 0x7F, shape, dtype=np.uint8)).view(torch.float8_e4m3fn)
+    blocks = (-(-shape[0] // 32), -(-shape[1] // 32))
+    scale = torch.from_numpy(rng.integers(110, 140, blocks, dtype=np.uint8)).view(torch.float8_e8m0fnu)
+    expected = np.empty(shape, np.float32)
+    for i in range(shape[0]):
+        for j in range(shape[1]):
+            expected[i, j] = float(weight[i, j].float()) * 2.0 ** (int(scale[i // 32, j // 32].view(torch.uint8)) - 127)
+    np.testing.assert_array_equal(dequantize_blocks(weight, scale).numpy(), expected)

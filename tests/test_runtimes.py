@@ -290,3 +290,20 @@ def test_the_pipeline_in_memory(tiny_layer, tiny_files):
         core.compile_model(m, "CPU")({"input_ids": ids, "hidden_states": hidden})[0] for m in (in_memory, from_file)
     )
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_broken_graph_is_refused_by_name(tiny_files, tmp_path):
+    """An .onnx whose graph reads a value nothing makes (one flipped bit in a name does it) is refused
+    with an error that names the file, by compile and the OpenVINO runtime alike."""
+    from engram_export.openvino.compile import compile_onnx
+
+    model = onnx.load(str(tiny_files["onnx"]))
+    node = next(n for n in model.graph.node if n.op_type == "Add")
+    node.input[0] = "made_by_nothing"
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    with pytest.raises(EngramError, match="broken.onnx: the graph is broken"):
+        compile_onnx(broken, tmp_path / "b.xml")
+    with pytest.raises(EngramError, match="broken.onnx: the graph is broken"):
+        EngramRuntime(broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]

@@ -151,9 +151,12 @@ def to_openvino(model: ir.Model):
     from engram_export.passes import lower_for_openvino
 
     fp8_projection = "wkv_scale" in model.graph.initializers  # DeepSeek-V4.1
-    lowered = model.clone()  # shares the tensors
-    _by_absolute_path(lowered)
-    lower_for_openvino(lowered)
+    try:
+        lowered = model.clone()  # shares the tensors
+        _by_absolute_path(lowered)
+        lower_for_openvino(lowered)
+    except Exception as exc:  # onnx-ir's errors on a graph it cannot walk (RuntimeError, ValueError, PassError)
+        raise EngramError(f"the graph is broken ({type(exc).__name__}: {one_line(exc)})") from None
     moved = _external_as_inputs(lowered)
     inline = sum(v.const_value.nbytes for v in lowered.graph.initializers.values() if v.const_value is not None)
     if inline > EXTERNAL_DATA_THRESHOLD:

@@ -166,7 +166,7 @@ def test_a_npy_named_npz(tiny_files, tmp_path):
     )
 
 
-def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
+def test_stale_staging_folders_of_dead_processes_are_removed(tiny_files, tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = tmp_path / f"{STAGING_PREFIX}{dead.pid}-0000"
@@ -174,8 +174,8 @@ def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
     for folder in (stale, live):
         folder.mkdir()
         (folder / "partial.onnx").write_text("x")
-    assert run_cli(*EXPORT, "-o", tmp_path / "e.onnx")[0] == 0
-    assert listing(tmp_path) == sorted(["e.onnx", live.name, f"{live.name}/partial.onnx"])
+    assert run_cli("compile", tiny_files["onnx"], "-o", tmp_path / "c.xml")[0] == 0
+    assert listing(tmp_path) == sorted(["c.xml", "c.bin", live.name, f"{live.name}/partial.onnx"])
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

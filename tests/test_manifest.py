@@ -15,6 +15,25 @@ from engram_export.runtime import EngramRuntime
 from engram_export.measure.verify import random_inputs
 
 
+@pytest.fixture(scope="module")
+def exported_with_data(tiny_config, tmp_path_factory):
+    """Layer 1 of the tiny preset (seed 0) exported with its tensors in ``m.onnx.data``: one trace for
+    the module; tests use ``data_copy``."""
+    from engram_export.models.weights import build_layer
+    from engram_export.onnx.export import export_layer
+
+    folder = tmp_path_factory.mktemp("with_data")
+    return export_layer(build_layer(tiny_config, 1, seed=0), folder / "m.onnx", external_data_threshold=1000)
+
+
+def data_copy(exported, folder):
+    """A copy of ``m.onnx`` and its ``m.onnx.data`` in ``folder`` (made if needed)."""
+    folder.mkdir(exist_ok=True)
+    for name in ("m.onnx", "m.onnx.data"):
+        shutil.copyfile(exported.parent / name, folder / name)
+    return folder / "m.onnx"
+
+
 @pytest.fixture
 def copy(folders, tmp_path):
     folder = tmp_path / "model"
@@ -119,29 +138,22 @@ def test_single_xml_checks_its_bin(tiny_files, tmp_path):
     np.testing.assert_array_equal(EngramRuntime(xml)(ids, hidden), EngramRuntime(tiny_files["f32"])(ids, hidden))
 
 
-def test_onnx_folder_lists_external_data(tiny_config, tmp_path):
-    from engram_export.manifest import model_files, read_manifest
-    from engram_export.onnx.export import export_layer
-    from engram_export.models.weights import build_layer
+def test_onnx_folder_lists_external_data(exported_with_data, tiny_config, tmp_path):
+    from engram_export.manifest import Manifest, model_files, read_manifest, write_manifest
 
-    folder = tmp_path / "f"
-    folder.mkdir()
-    export_layer(build_layer(tiny_config, 1, seed=0), folder / "layer_1.onnx", external_data_threshold=1000)
-    assert model_files(folder, "layer_1.onnx") == ["layer_1.onnx", "layer_1.onnx.data"]
-    from engram_export.manifest import Manifest, write_manifest
-
-    write_manifest(folder, Manifest(tiny_config.replace(layer_ids=(1,)), {1: "layer_1.onnx"}, "onnx"))
-    assert set(read_manifest(folder).files) == {"layer_1.onnx", "layer_1.onnx.data"}
-    flip_byte(folder / "layer_1.onnx.data", 10)
-    with pytest.raises(EngramError, match="layer_1.onnx.data does not match"):
+    folder = data_copy(exported_with_data, tmp_path / "f").parent
+    assert model_files(folder, "m.onnx") == ["m.onnx", "m.onnx.data"]
+    write_manifest(folder, Manifest(tiny_config.replace(layer_ids=(1,)), {1: "m.onnx"}, "onnx"))
+    assert set(read_manifest(folder).files) == {"m.onnx", "m.onnx.data"}
+    flip_byte(folder / "m.onnx.data", 10)
+    with pytest.raises(EngramError, match="m.onnx.data does not match"):
         read_manifest(folder)
 
 
-def test_single_onnx_checks_its_external_data(tiny_config, tmp_path):
-    from engram_export.onnx.export import export_layer, load_onnx, save_onnx
-    from engram_export.models.weights import build_layer
+def test_single_onnx_checks_its_external_data(exported_with_data, tiny_config, tmp_path):
+    from engram_export.onnx.export import load_onnx, save_onnx
 
-    path = export_layer(build_layer(tiny_config, 1, seed=0), tmp_path / "m.onnx", external_data_threshold=1000)
+    path = data_copy(exported_with_data, tmp_path)
     ids, hidden = random_inputs(tiny_config, 5000, 2, 3)
     expected = EngramRuntime(path, runtime="ort")(ids, hidden)
     resaved = save_onnx(load_onnx(path), tmp_path / "again.onnx", external_data_threshold=1000)
@@ -154,7 +166,7 @@ def test_single_onnx_checks_its_external_data(tiny_config, tmp_path):
             EngramRuntime(path, runtime=backend)
 
 
-def test_an_onnx_file_is_read_once_and_nothing_else_is_written(tiny_config, tmp_path, monkeypatch):
+def test_an_onnx_file_is_read_once_and_nothing_else_is_written(exported_with_data, tmp_path, monkeypatch):
     """compile, and OpenVINO and ONNX Runtime loads of an .onnx, open the file once (the graph goes to
     OpenVINO and ONNX Runtime in memory, external data is mapped) and write nothing but their outputs:
     no lowered copy, no temporary folder, nothing beside the source (so a read-only one works)."""
@@ -164,12 +176,9 @@ def test_an_onnx_file_is_read_once_and_nothing_else_is_written(tiny_config, tmp_
     from pathlib import Path
 
     from engram_export.openvino.compile import compile_onnx
-    from engram_export.onnx.export import export_layer
-    from engram_export.models.weights import build_layer
 
     source = tmp_path / "source"
-    source.mkdir()
-    path = export_layer(build_layer(tiny_config, 1, seed=0), source / "m.onnx", external_data_threshold=1000)
+    path = data_copy(exported_with_data, source)
     before = sorted(p.name for p in source.iterdir())
     opened, real_open = [], builtins.open
 
@@ -195,20 +204,16 @@ def test_an_onnx_file_is_read_once_and_nothing_else_is_written(tiny_config, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml", "source"]
 
 
-def test_external_data_with_another_hard_link_is_read(tiny_config, tmp_path):
+def test_external_data_with_another_hard_link_is_read(exported_with_data, tiny_config, tmp_path):
     """An export whose data file has a second hard link (a backup made with ``cp -al``; DeepSeek-V4.1
     shards always have one) compiles and runs: onnx-ir's refusal of hard-linked data files does not
     apply to files engram-export has checked against their fingerprints."""
     import os
 
-    from engram_export.measure.verify import random_inputs
-    from engram_export.models.weights import build_layer
-    from engram_export.onnx.export import export_layer
     from engram_export.openvino.compile import compile_onnx
 
-    layer = build_layer(tiny_config, 1, seed=0)
-    path = export_layer(layer, tmp_path / "m.onnx", external_data_threshold=1000)
+    path = data_copy(exported_with_data, tmp_path)
     os.link(tmp_path / "m.onnx.data", tmp_path / "backup.data")
-    ids, hidden = random_inputs(tiny_config, len(layer.hashing.lut), 2, 5)
+    ids, hidden = random_inputs(tiny_config, 5000, 2, 5)
     from_onnx = EngramRuntime(path)(ids, hidden)
     np.testing.assert_array_equal(EngramRuntime(compile_onnx(path, tmp_path / "m.xml"))(ids, hidden), from_onnx)

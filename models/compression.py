@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +61,18 @@ def build_compression_table(path: str | Path) -> np.ndarray:
     """old id -> new id (int64) over every id of the tokenizer, added tokens included.
 
     New ids are handed out in first-seen order of the normalized keys; a token whose decoded text holds
-    U+FFFD (a partial UTF-8 byte sequence) is keyed by its raw token string instead.
+    U+FFFD (a partial UTF-8 byte sequence) is keyed by its raw token string instead. Built once per
+    version of the file (a model's layers and its reference share one tokenizer; a Python loop over
+    every id); each call gets its own copy.
     """
-    tokenizer = read_tokenizer(path)
+    file = find_tokenizer_file(path).resolve()
+    stat = file.stat()
+    return _compression_table(file, stat.st_mtime_ns, stat.st_size).copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _compression_table(file: Path, mtime_ns: int, size: int) -> np.ndarray:
+    tokenizer = read_tokenizer(file)
     normalizer = _normalizer()
     key_to_new: dict[str, int] = {}
     lut = np.empty(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)

@@ -76,3 +76,23 @@ def test_missing_or_corrupt_tokenizer(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(EngramError, match="cannot read"):
         build_compression_table(bad)
+
+
+def test_the_table_is_built_once_per_version_of_the_file(tokenizer_json, tmp_path):
+    """Cached by path, modification time and size: a second call is a copy of the first (changing it
+    changes nothing shared); a tokenizer rewritten at the same path gets its own table."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from engram_export.models.compression import build_compression_table
+
+    path = tmp_path / "tokenizer.json"
+    shutil.copyfile(tokenizer_json, path)
+    first = build_compression_table(path)
+    first[:] = -1
+    second = build_compression_table(tmp_path)  # the folder names the same file
+    assert len(second) == 30522 and second.min() == 0
+    Tokenizer(WordLevel({"a": 0, "A": 1, "b": 2}, unk_token="a")).save(str(path))
+    np.testing.assert_array_equal(build_compression_table(path), [0, 0, 1])

@@ -167,7 +167,7 @@ def test_single_onnx_checks_its_external_data(exported_with_data, tiny_config, t
 
 
 def test_an_onnx_file_is_read_once_and_nothing_else_is_written(exported_with_data, tmp_path, monkeypatch):
-    """compile, and OpenVINO and ONNX Runtime loads of an .onnx, open the file once (the graph goes to
+    """compile, quantize, and OpenVINO and ONNX Runtime loads of an .onnx, open the file once (the graph goes to
     OpenVINO and ONNX Runtime in memory, external data is mapped) and write nothing but their outputs:
     no lowered copy, no temporary folder, nothing beside the source (so a read-only one works)."""
     import builtins
@@ -176,6 +176,7 @@ def test_an_onnx_file_is_read_once_and_nothing_else_is_written(exported_with_dat
     from pathlib import Path
 
     from engram_export.openvino.compile import compile_onnx
+    from engram_export.openvino.quantize import QuantizeOptions, quantize
 
     source = tmp_path / "source"
     path = data_copy(exported_with_data, source)
@@ -194,6 +195,7 @@ def test_an_onnx_file_is_read_once_and_nothing_else_is_written(exported_with_dat
     monkeypatch.setattr(tempfile, "mkdtemp", no_temporary_folder)
     for load in (
         lambda: compile_onnx(path, tmp_path / "m.xml"),
+        lambda: quantize(path, tmp_path / "q.xml", QuantizeOptions("int8-weights")),
         lambda: EngramRuntime(path),
         lambda: EngramRuntime(path, runtime="ort"),
     ):
@@ -201,7 +203,7 @@ def test_an_onnx_file_is_read_once_and_nothing_else_is_written(exported_with_dat
         load()
         assert opened.count(path.resolve()) == 1, opened
     assert sorted(p.name for p in source.iterdir()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml", "source"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml", "q.bin", "q.xml", "source"]
 
 
 def test_external_data_with_another_hard_link_is_read(exported_with_data, tiny_config, tmp_path):

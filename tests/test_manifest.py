@@ -212,10 +212,14 @@ def test_external_data_with_another_hard_link_is_read(exported_with_data, tiny_c
     apply to files engram-export has checked against their fingerprints."""
     import os
 
+    from engram_export.onnx.files import load_onnx, save_onnx
     from engram_export.openvino.compile import compile_onnx
 
     path = data_copy(exported_with_data, tmp_path)
+    (tmp_path / "again").mkdir()
     os.link(tmp_path / "m.onnx.data", tmp_path / "backup.data")
     ids, hidden = random_inputs(tiny_config, 5000, 2, 5)
     from_onnx = EngramRuntime(path)(ids, hidden)
     np.testing.assert_array_equal(EngramRuntime(compile_onnx(path, tmp_path / "m.xml"))(ids, hidden), from_onnx)
+    resaved = save_onnx(load_onnx(path), tmp_path / "again" / "m.onnx", external_data_threshold=1000)
+    np.testing.assert_array_equal(EngramRuntime(resaved)(ids, hidden), from_onnx)

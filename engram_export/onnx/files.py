@@ -7,6 +7,7 @@ it, that file's size and sampled SHA-256 (``integrity.py``), which every reader 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import onnx_ir as ir
@@ -16,7 +17,7 @@ from engram_export.errors import EngramError
 from engram_export.fileio import check_input_file, check_output_file, staged_output
 from engram_export.model_info import EXTERNAL_DATA_KEY, ModelInfo, external_locations
 
-__all__ = ["load_onnx", "read_onnx_file", "save_onnx", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = ["load_onnx", "read_onnx_file", "save_onnx", "with_absolute_data_paths", "EXTERNAL_DATA_THRESHOLD"]
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GiB limit, with room for the graph itself
 _INLINE_BELOW = 1024  # with external data, smaller tensors stay in the .onnx
@@ -31,6 +32,25 @@ def read_onnx_file(path: str | Path) -> tuple[ir.Model, ModelInfo]:
     except Exception as exc:  # protobuf and file errors
         raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
     return model, ModelInfo.from_onnx(model, path)  # refuses files that engram-export did not write
+
+
+def with_absolute_data_paths(model: ir.Model) -> None:
+    """Point each external initializer of ``model`` (a copy: ONNX Runtime takes only relative locations)
+    at its file by absolute path, with no base folder. onnx-ir then reads it without its own checks
+    against links, which refuse a data file with a second hard link (a DeepSeek-V4.1 shard always has
+    one; so does a copy made with ``cp -al``); ``read_onnx_file`` has checked these files: plain names
+    beside the .onnx, with the fingerprints it recorded."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            value.const_value = ir.ExternalTensor(
+                os.path.abspath(tensor.path),
+                tensor.offset,
+                tensor.length,
+                tensor.dtype,
+                shape=tensor.shape,
+                name=tensor.name,
+            )
 
 
 def load_onnx(path: str | Path) -> ir.Model:
@@ -52,6 +72,7 @@ def save_onnx(model: ir.Model, output: str | Path, external_data_threshold: int 
         staged_output(output) as staged,
     ):
         written = model.clone()  # shares the tensors; its initializers and metadata change below
+        with_absolute_data_paths(written)
         written.metadata_props.pop(EXTERNAL_DATA_KEY, None)  # a loaded model's record of its old data file
         if not external:
             ir.save(ir.external_data.load_to_model(written), staged)  # every tensor inside the file

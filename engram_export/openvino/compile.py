@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import warnings
 from pathlib import Path
@@ -89,24 +88,6 @@ _OV_TYPES = {
 }
 
 
-def _by_absolute_path(model: ir.Model) -> None:
-    """Point each external initializer of ``model`` (a copy) at its file by absolute path, with no base
-    folder: onnx-ir then reads it without its checks against hard links, which refuse a file linked
-    into another folder (a DeepSeek-V4.1 shard, a copy made with ``cp -al``). The files were checked
-    when the model was read (``ModelInfo.from_onnx``: plain names beside it, fingerprints)."""
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            value.const_value = ir.ExternalTensor(
-                os.path.abspath(tensor.path),
-                tensor.offset,
-                tensor.length,
-                tensor.dtype,
-                shape=tensor.shape,
-                name=tensor.name,
-            )
-
-
 def _external_as_inputs(model: ir.Model) -> dict[str, ir.ExternalTensor]:
     """Make each initializer of ``model`` held in external data a graph input of its type and shape
     (OpenVINO reads the external data of an in-memory graph only from below the working directory);
@@ -147,13 +128,13 @@ def to_openvino(model: ir.Model):
     block as ``EngramGatedShortConv`` when the graph was optimized (``passes.lower_for_openvino``, on a
     copy: ``model`` is left as it was), a DeepSeek-V4.1 FP8 projection folded into bf16. The graph goes
     to OpenVINO in memory; tensors in external data are mapped from their files, not read or copied."""
-    from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD
+    from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD, with_absolute_data_paths
     from engram_export.passes import lower_for_openvino
 
     fp8_projection = "wkv_scale" in model.graph.initializers  # DeepSeek-V4.1
     try:
         lowered = model.clone()  # shares the tensors
-        _by_absolute_path(lowered)
+        with_absolute_data_paths(lowered)
         lower_for_openvino(lowered)
     except Exception as exc:  # onnx-ir's errors on a graph it cannot walk (RuntimeError, ValueError, PassError)
         raise EngramError(f"the graph is broken ({type(exc).__name__}: {one_line(exc)})") from None

@@ -35,7 +35,7 @@ __all__ = ["detach", "attach", "table_files", "link_or_copy", "shared_constant",
 
 TABLES_KEY = "engram.tables"  # rt_info: JSON, parameter name -> {file, offset, shape, size, sampled_sha256}
 TABLE_CONSTANTS = ("table", "table_scale")  # the ONNX initializers of the table and (FP8 only) its scales
-SOURCE_KEY = "engram_source"  # a table constant's rt_info: JSON {path, offset} of its external data
+SOURCE_KEY = "engram_source"  # rt_info of a constant mapped from external data: JSON {path, offset}
 
 
 def link_or_copy(source: Path, target: Path, copy: bool) -> None:

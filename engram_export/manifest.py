@@ -42,15 +42,15 @@ def model_files(folder: Path, name: str) -> list[str]:
         from engram_export.openvino.tables import table_files
 
         return [name, name[: -len(".xml")] + ".bin", *sorted(table_files(folder / name))]
-    import onnx
+    import onnx_ir as ir
 
-    from engram_export.model_info import external_files
+    from engram_export.model_info import external_locations
 
     try:
-        model = onnx.load(str(folder / name), load_external_data=False)
+        model = ir.load(folder / name)  # the graph; external data is not read
     except Exception as exc:  # protobuf DecodeError and friends
         raise EngramError(f"{folder / name} is not a readable ONNX file ({type(exc).__name__})") from None
-    return [name, *sorted(external_files(model))]
+    return [name, *sorted(external_locations(model))]
 
 
 def _check_name(folder: Path, name, where: str) -> None:

@@ -146,19 +146,6 @@ def xml_rt_value(xml: Path, key: str) -> str | None:
     return html.unescape(found[1]) if found else None
 
 
-def external_files(model) -> set[str]:
-    """The external data files an ``onnx.ModelProto`` reads (its tensors' ``location``s)."""
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    return {
-        entry.value
-        for tensor in _get_all_tensors(model)
-        if uses_external_data(tensor)
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-
-
 def external_locations(model) -> set[str]:
     """The external data files an ``onnx_ir.Model`` reads: the ``location`` of every external tensor,
     initializer or node attribute, in every graph."""
@@ -176,11 +163,14 @@ def external_locations(model) -> set[str]:
 def record_external_data(model, folder: Path) -> None:
     """Record in ``model`` (an ``onnx.ModelProto``) the size and sampled SHA-256 of each external data
     file it reads from ``folder``."""
+    import onnx_ir as ir
+
     from engram_export.integrity import fingerprint
 
     for prop in [p for p in model.metadata_props if p.key == EXTERNAL_DATA_KEY]:
         model.metadata_props.remove(prop)
-    files = {name: fingerprint(folder / name, full=False) for name in sorted(external_files(model))}
+    uses = external_locations(ir.serde.deserialize_model(model))  # wraps the tensors, reads no data
+    files = {name: fingerprint(folder / name, full=False) for name in sorted(uses)}
     model.metadata_props.add(key=EXTERNAL_DATA_KEY, value=json.dumps(files))
 
 

@@ -86,11 +86,14 @@ def tiny_raw_files(tiny_layer, run_folder) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def folders(tiny_config, run_folder) -> dict[str, Path]:
-    """Every layer of the tiny preset (random weights, seed 5 + layer id): exported, f32, bf16."""
-    from engram_export.folders import compile_folder, export_folder
+    """Every layer of the tiny preset (random weights, seed 5 + layer id): exported by the command line
+    (``test_folder_commands`` checks what it wrote), compiled to f32 and bf16."""
+    from engram_export.folders import compile_folder
+    from tests.helpers import cli
 
     def build(root: Path) -> dict[str, Path]:
-        exported = export_folder(tiny_config, root / "onnx", seed=5)
+        exported = root / "onnx"
+        cli("export", "--config", "tiny", "--random-init", "--seed", "5", "-o", exported)
         return {
             "onnx": exported,
             "bf16": compile_folder(exported, root / "bf16", "bf16"),

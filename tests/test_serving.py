@@ -155,10 +155,10 @@ def test_manifest_faults(folders, tmp_path):
 
 
 def test_folder_commands(folders, tmp_path, tiny_config):
-    cli("export", "--config", "tiny", "--random-init", "--seed", "5", "-o", tmp_path / "exported")
-    manifest = json.loads((tmp_path / "exported" / "manifest.json").read_text())
+    """``folders["onnx"]`` is the command line's ``export --random-init --seed 5`` of every layer."""
+    manifest = json.loads((folders["onnx"] / "manifest.json").read_text())
     assert manifest["layers"] == {"1": "layer_1.onnx", "3": "layer_3.onnx"}
-    cli("quantize", tmp_path / "exported", "-o", tmp_path / "int8w", "--mode", "int8-weights")
+    cli("quantize", folders["onnx"], "-o", tmp_path / "int8w", "--mode", "int8-weights")
     assert read_manifest(tmp_path / "int8w").quantization == "int8-weights"
     ids, hidden = random_inputs(tiny_config, 5000, 2, 5)
     np.savez(tmp_path / "in.npz", input_ids=ids, hidden_states=hidden)
@@ -167,7 +167,7 @@ def test_folder_commands(folders, tmp_path, tiny_config):
         cli("run", tmp_path / "int8w", "--inputs", tmp_path / "in.npz", "-o", tmp_path / "o2.npz", check=False),
         "give --layer",
     )
-    refused(cli("compile", tmp_path / "exported", "-o", tmp_path / "exported", check=False), "would overwrite an input")
+    refused(cli("compile", folders["onnx"], "-o", folders["onnx"], check=False), "would overwrite an input")
     refused(
         cli("export", "--config", "tiny", "--weights", tmp_path / "in.npz", "-o", tmp_path / "x", check=False),
         "needs --prefix with {layer}",

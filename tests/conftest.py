@@ -36,16 +36,21 @@ def tokenizer_json() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_layer(tiny_config):
+    """The PyTorch layer behind ``tiny_files`` (the command line's ``--random-init --seed 1`` export of
+    the same layer: every path is compared with it)."""
     from engram_export.models.weights import build_layer
 
     return build_layer(tiny_config, TINY_LAYER, seed=1)
 
 
-def _export_and_compile(layer, folder: Path, optimize: bool) -> dict[str, Path]:
+def _export_and_compile(folder: Path, optimize: bool) -> dict[str, Path]:
+    """``tiny_layer`` as the command line exports it (``--random-init --seed 1``), compiled."""
     from engram_export.openvino.compile import compile_onnx
-    from engram_export.onnx.export import export_layer
+    from tests.helpers import cli
 
-    onnx_path = export_layer(layer, folder / "engram.onnx", optimize=optimize)
+    onnx_path = folder / "engram.onnx"
+    options = [] if optimize else ["--no-optimize"]
+    cli("export", "--config", "tiny", "--random-init", "--seed", 1, "--layer", TINY_LAYER, "-o", onnx_path, *options)
     return {
         "onnx": onnx_path,
         "f32": compile_onnx(onnx_path, folder / "engram_f32.xml", "f32"),
@@ -73,15 +78,15 @@ def _built_once(run_folder: Path, name: str, build) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny_files(tiny_layer, run_folder) -> dict[str, Path]:
-    """The tiny layer exported to ONNX (graph passes applied) and compiled to f32 and bf16 IR."""
-    return _built_once(run_folder, "tiny", lambda folder: _export_and_compile(tiny_layer, folder, optimize=True))
+def tiny_files(run_folder) -> dict[str, Path]:
+    """``tiny_layer`` exported to ONNX (graph passes applied) and compiled to f32 and bf16 IR."""
+    return _built_once(run_folder, "tiny", lambda folder: _export_and_compile(folder, optimize=True))
 
 
 @pytest.fixture(scope="session")
-def tiny_raw_files(tiny_layer, run_folder) -> dict[str, Path]:
+def tiny_raw_files(run_folder) -> dict[str, Path]:
     """The same, from the raw trace (``--no-optimize``)."""
-    return _built_once(run_folder, "tiny_raw", lambda folder: _export_and_compile(tiny_layer, folder, optimize=False))
+    return _built_once(run_folder, "tiny_raw", lambda folder: _export_and_compile(folder, optimize=False))
 
 
 @pytest.fixture(scope="session")

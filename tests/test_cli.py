@@ -79,11 +79,6 @@ def test_demo_runs_with_a_small_table():
     assert "openvino bf16" in done.stdout
 
 
-def test_random_init_export(tmp_path):
-    cli("export", "--config", "tiny", "--random-init", "--seed", "3", "--layer", 1, "-o", tmp_path / "r.onnx")
-    assert (tmp_path / "r.onnx").is_file()
-
-
 def test_bad_cli_inputs(checkpoint, tmp_path, tiny_files):
     refused(
         cli(

@@ -72,3 +72,34 @@ def test_sessions_in_threads(folders, tiny_config):
     for (ids, hidden), decoded in zip(sequences, got):
         full = runtime.layer(3)(ids, hidden)
         assert np.abs(decoded - full).max() <= 1e-4 * np.abs(full).max()
+
+
+@pytest.mark.parametrize("threads", [None, 1])
+def test_a_failing_inference_raises_whatever_the_thread_count(threads):
+    """``stages.infer``, which the decode session and ``profile`` run their requests with, raises the
+    error of a failing inference with one OpenVINO thread too (OpenVINO 2026.4's CPU plugin drops that
+    error from a synchronous ``infer`` with ``INFERENCE_NUM_THREADS`` 1 and hands back an empty output)."""
+    import openvino
+    from openvino import opset13 as ops
+
+    from engram_export.openvino.stages import infer
+
+    x, y = ops.parameter([-1], np.float32, name="x"), ops.parameter([-1], np.float32, name="y")
+    config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+    compiled = openvino.Core().compile_model(openvino.Model([ops.add(x, y)], [x, y]), "CPU", config)
+    request = compiled.create_infer_request()
+    with pytest.raises(RuntimeError, match="mismatch"):
+        infer(request, {"x": np.zeros(6, np.float32), "y": np.zeros(5, np.float32)})
+    infer(request, {"x": np.ones(3, np.float32), "y": np.ones(3, np.float32)})
+    np.testing.assert_array_equal(request.get_output_tensor(0).data, [2, 2, 2])
+
+
+def test_one_thread_decodes_as_the_default(folders, tiny_config):
+    ids, hidden = random_inputs(tiny_config, 5000, 2, 4, seed=7)
+    results = []
+    for threads in (None, 1):
+        session = EngramRuntime(folders["f32"], threads=threads).layer(3).session(2)
+        steps = [session.prefill(ids[:, :2], hidden[:, :2])[3]]
+        steps += [session.step(ids[:, t : t + 1], hidden[:, t : t + 1])[3] for t in (2, 3)]
+        results.append(np.concatenate(steps, axis=1))
+    np.testing.assert_array_equal(results[1], results[0])

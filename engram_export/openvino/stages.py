@@ -12,9 +12,17 @@ from __future__ import annotations
 
 from engram_export.errors import EngramError
 
-__all__ = ["split_stages", "EMBEDDINGS"]
+__all__ = ["split_stages", "infer", "EMBEDDINGS"]
 
 EMBEDDINGS = "embeddings"
+
+
+def infer(request, inputs: dict) -> None:
+    """Run ``request`` on ``inputs`` and wait for it: always through ``start_async`` and ``wait``. With
+    ``INFERENCE_NUM_THREADS`` 1 (``EngramRuntime(threads=1)``), the CPU plugin of OpenVINO 2026.4 drops the
+    error of a failing synchronous ``infer`` and hands back an empty output; ``wait`` raises it."""
+    request.start_async(inputs)
+    request.wait()
 
 
 def _embeddings_output(model):

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from engram_export.errors import EngramError
-from engram_export.openvino.stages import EMBEDDINGS
+from engram_export.openvino.stages import EMBEDDINGS, infer
 
 __all__ = ["decode_stages", "DecodeSession"]
 
@@ -196,9 +196,9 @@ class DecodeSession:
             outputs = {}
             for layer, (feeds, hidden) in checked.items():
                 lookup, fuse = self._requests[layer]
-                lookup.infer(feeds)
+                infer(lookup, feeds)
                 fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
-                fuse.infer({"hidden_states": hidden, **fuse_feeds(feeds)})
+                infer(fuse, {"hidden_states": hidden, **fuse_feeds(feeds)})
                 outputs[layer] = fuse.get_output_tensor(0).data.copy()
             self.position += tokens
         return outputs

@@ -190,7 +190,7 @@ class _OpenVINO:
         """OpenVINO's per-node times of both stages, averaged over ``rounds`` calls after ``warmup``."""
         import collections
 
-        from engram_export.openvino.stages import EMBEDDINGS
+        from engram_export.openvino.stages import EMBEDDINGS, infer
 
         if self.fuses.compiled.get_property("PERF_COUNT") not in (True, "YES"):  # the CPU plugin says "NO"
             raise EngramError("profile needs per-node counters: load with ov_config={'PERF_COUNT': True}")
@@ -198,9 +198,9 @@ class _OpenVINO:
         totals = collections.Counter()
         try:
             for index in range(warmup + rounds):
-                lookup.infer(feeds)
+                infer(lookup, feeds)
                 fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
-                fuse.infer({"hidden_states": hidden, **fuse_feeds(feeds)})
+                infer(fuse, {"hidden_states": hidden, **fuse_feeds(feeds)})
                 for stage, request in (("lookup", lookup), ("fuse", fuse)):
                     for info in request.get_profiling_info() if index >= warmup else ():
                         key = (stage, info.node_type, info.exec_type, info.node_name)

@@ -65,7 +65,8 @@ def save_onnx(model: ir.Model, output: str | Path, external_data_threshold: int 
     from engram_export.integrity import fingerprint
 
     output = check_output_file(output, ".onnx")
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+    sizes = [v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value]
+    size = sum(sizes)
     external = size > external_data_threshold
     with (
         progress.stage(f"writing {output.name} ({size / 2**20:.0f} MiB{', external data' if external else ''})"),
@@ -78,8 +79,7 @@ def save_onnx(model: ir.Model, output: str | Path, external_data_threshold: int 
             ir.save(ir.external_data.load_to_model(written), staged)  # every tensor inside the file
             return output
         data = staged.with_name(f"{output.name}.data")
-        tensors = [v.const_value for v in written.graph.initializers.values() if v.const_value]
-        data_bytes = sum(t.nbytes for t in tensors if t.nbytes >= _INLINE_BELOW)
+        data_bytes = sum(nbytes for nbytes in sizes if nbytes >= _INLINE_BELOW)
         with progress.bytes_written(staged.parent, data_bytes, data.name):
             ir.external_data.unload_from_model(written, staged.parent, data.name, size_threshold_bytes=_INLINE_BELOW)
         files = {name: fingerprint(staged.parent / name, full=False) for name in sorted(external_locations(written))}

@@ -75,17 +75,20 @@ def _fold_fp8_projection(model) -> None:
     matmul.output(0).replace(folded.output(0))
 
 
-# ONNX element types of the tensors an exported file keeps in external data -> OpenVINO's
-_OV_TYPES = {
-    ir.DataType.FLOAT: "f32",
-    ir.DataType.FLOAT16: "f16",
-    ir.DataType.BFLOAT16: "bf16",
-    ir.DataType.UINT8: "u8",
-    ir.DataType.INT8: "i8",
-    ir.DataType.INT32: "i32",
-    ir.DataType.INT64: "i64",
-    ir.DataType.BOOL: "boolean",
-}
+# The element types of the tensors an exported file keeps in external data: whole bytes each, so a
+# tensor's mapping is its element count times the size of the OpenVINO type its input gets
+_MAPPED_TYPES = frozenset(
+    {
+        ir.DataType.FLOAT,
+        ir.DataType.FLOAT16,
+        ir.DataType.BFLOAT16,
+        ir.DataType.UINT8,
+        ir.DataType.INT8,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+        ir.DataType.BOOL,
+    }
+)
 
 
 def _external_as_inputs(model: ir.Model) -> dict[str, ir.ExternalTensor]:
@@ -97,7 +100,7 @@ def _external_as_inputs(model: ir.Model) -> dict[str, ir.ExternalTensor]:
         tensor = value.const_value
         if not isinstance(tensor, ir.ExternalTensor):
             continue
-        if tensor.dtype not in _OV_TYPES:
+        if tensor.dtype not in _MAPPED_TYPES:
             raise EngramError(f"initializer {name} is stored as {tensor.dtype.name}, which engram-export does not map")
         model.graph.initializers.pop(name)
         value.const_value = None
@@ -109,17 +112,12 @@ def _external_as_inputs(model: ir.Model) -> dict[str, ir.ExternalTensor]:
 
 def _mapped_back(converted, moved: dict[str, ir.ExternalTensor]) -> None:
     """Replace the inputs ``_external_as_inputs`` made by constants over read-only mappings of their
-    files (``tables.shared_constant``: nothing is read until used); each records its file and offset."""
+    files (``tables.mapped_in_place_of``, as tables are at load); each records its file and offset."""
     parameters = {p.get_friendly_name(): p for p in converted.get_parameters()}
     for name, tensor in moved.items():
         path, offset = tensor.path, tensor.offset or 0
-        data = tables.map_bytes(Path(path), offset, tensor.nbytes, name)
-        constant = tables.shared_constant(data, data, _OV_TYPES[tensor.dtype], list(tensor.shape))
-        constant.set_friendly_name(name)
-        constant.output(0).set_names({name})
+        constant = tables.mapped_in_place_of(converted, parameters[name], Path(path), offset, list(tensor.shape))
         constant.get_rt_info()[tables.SOURCE_KEY] = json.dumps({"path": path, "offset": offset})
-        parameters[name].output(0).replace(constant.output(0))
-        converted.remove_parameter(parameters[name])
 
 
 def to_openvino(model: ir.Model):

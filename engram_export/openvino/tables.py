@@ -161,9 +161,18 @@ def attach(model, xml: Path) -> None:
         check_fingerprint(path, record, "sampled", str(xml))
         if name not in parameters:
             raise EngramError(f"{xml} records table {name}, which is not an input of the model")
-        kind = parameters[name].get_element_type()
-        mapped = map_bytes(path, record["offset"], math.prod(record["shape"]) * kind.size, name)
-        constant = shared_constant(mapped, mapped, kind.get_type_name(), record["shape"])
-        constant.set_friendly_name(name)
-        parameters[name].output(0).replace(constant.output(0))
-        model.remove_parameter(parameters[name])
+        mapped_in_place_of(model, parameters[name], path, record["offset"], record["shape"])
+
+
+def mapped_in_place_of(model, parameter, path: Path, offset: int, shape):
+    """Replace the input ``parameter`` of ``model`` by a constant of its type and name and of ``shape``
+    over a read-only mapping of ``path`` at ``offset`` (nothing is read until used; the constant keeps
+    the mapping alive); returns the constant."""
+    kind, name = parameter.get_element_type(), parameter.get_friendly_name()
+    mapped = map_bytes(path, offset, math.prod(shape) * kind.size, name)
+    constant = shared_constant(mapped, mapped, kind.get_type_name(), shape)
+    constant.set_friendly_name(name)
+    constant.output(0).set_names(parameter.output(0).get_names())
+    parameter.output(0).replace(constant.output(0))
+    model.remove_parameter(parameter)
+    return constant

@@ -4,6 +4,7 @@ into a hidden staging folder beside, then renamed)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,8 @@ __all__ = [
     "check_output_file",
     "check_output_folder",
     "load_npz",
+    "link_or_copy",
+    "data_extents",
     "STAGING_PREFIX",
 ]
 
@@ -178,3 +181,87 @@ def _unreadable(path: Path) -> Iterator[None]:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
         raise EngramError(f"inputs: {path} is not a readable .npz ({exc})") from None
+
+
+# link() errors that mean "no hard link can be made here", where a copy is the way out
+_NO_LINK = {
+    errno.EXDEV: "another file system",
+    errno.EPERM: "hard links not allowed there",
+    errno.EMLINK: "too many links to the file",
+    errno.EOPNOTSUPP: "no hard links on that file system",
+}
+
+
+def link_or_copy(source: Path, target: Path, copy: bool) -> None:
+    """``target`` as a hard link to the file ``source`` is, symbolic links followed (a Hugging Face
+    cache snapshot is relative links into ``../../blobs``): no bytes copied. Where no link can be made
+    (another file system), a sparse copy when ``copy`` is asked for, refused at once if the target's
+    file system cannot hold it. Any other error is reported as it is."""
+    given = Path(source)
+    try:
+        source = given.resolve(strict=True)
+    except OSError as exc:
+        raise EngramError(f"cannot read the table file {given} ({exc.strerror})") from None
+    try:
+        os.link(source, target, follow_symlinks=False)  # ``source`` is resolved: a link to the file itself
+        return
+    except OSError as exc:
+        size = source.stat().st_size
+        why = _NO_LINK.get(exc.errno)
+        if why is None:
+            raise EngramError(f"cannot hard-link the table file {given} as {target} ({exc.strerror})") from None
+        if not copy:
+            raise EngramError(
+                f"cannot hard-link the table file {given} into {target.parent} ({why}): put the output on "
+                f"the same file system, or pass --copy-table to copy {size / 2**30:.1f} GiB"
+            ) from None
+    copy_sparse(source, target, given.name)
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (offset, length) of every run of data in the open file ``fd`` of ``size`` bytes: holes of a
+    sparse file left out (the whole file when the file system cannot tell)."""
+    extents, offset = [], 0
+    try:
+        while offset < size:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            extents.append((start, min(end, size) - start))
+            offset = end
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data past ``offset``
+            return extents
+        return [(0, size)] if size else []
+    return extents
+
+
+def copy_sparse(source: Path, target: Path, name: str | None = None) -> None:
+    """Copy ``source`` to ``target`` writing only its data (holes stay holes), after checking that the
+    target's file system (and memory, for a tmpfs) holds the data; progress in bytes."""
+    from engram_export import progress
+    from engram_export.resources import require_disk
+
+    name = name or source.name
+    with open(source, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        extents = data_extents(src.fileno(), size)
+        data = sum(length for _, length in extents)
+        what = f"copying {name} ({size / 2**30:.1f} GiB, {data / 2**30:.1f} GiB of data)"
+        require_disk(target.parent, data, what)
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with progress.steps(f"copying {name}", data, "GiB") as counter:
+                for start, length in extents:
+                    os.lseek(out, start, os.SEEK_SET)  # sendfile writes at the file position: holes skipped
+                    done = 0
+                    while done < length:
+                        sent = os.sendfile(out, src.fileno(), start + done, min(length - done, 1 << 30))
+                        if sent == 0:
+                            raise EngramError(f"copying {source}: the file ended early (changed while copied?)")
+                        done += sent
+                        counter.advance(sent)
+            os.ftruncate(out, size)
+        except OSError as exc:
+            raise EngramError(f"copying {source} to {target.parent} failed ({exc.strerror})") from None
+        finally:
+            os.close(out)

@@ -12,7 +12,7 @@ from typing import Iterable
 
 from engram_export.errors import EngramError
 
-__all__ = ["require_memory", "require_disk", "tensor_bytes"]
+__all__ = ["require_memory", "require_disk", "tensor_bytes", "file_system_type"]
 
 
 def _size(nbytes: int) -> str:
@@ -33,11 +33,33 @@ def require_memory(nbytes: int, what: str) -> None:
         raise EngramError(f"{what} would need {_size(nbytes)} of memory, {_size(available)} available")
 
 
+MEMORY_FILE_SYSTEMS = ("tmpfs", "ramfs")
+
+
+def file_system_type(folder: str | Path) -> str:
+    """The type of the file system mounted at or above ``folder`` ("ext4", "tmpfs", ...; "" if unknown)."""
+    import psutil
+
+    folder = str(Path(folder).resolve())
+    best, kind = "", ""
+    for partition in psutil.disk_partitions(all=True):
+        mount = partition.mountpoint.rstrip("/") or "/"
+        inside = folder == mount or folder.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, partition.fstype
+    return kind
+
+
 def require_disk(folder: str | Path, nbytes: int, what: str) -> None:
-    """Refuse ``nbytes`` more than the free space of the disk that holds (or will hold) ``folder``."""
+    """Refuse ``nbytes`` more than the free space of the disk that holds (or will hold) ``folder``; on a
+    file system held in memory (tmpfs, ramfs) more than the memory available too: filling one can bring
+    the OOM killer, whatever its size limit says."""
     folder = Path(folder).absolute()
     while not folder.exists():
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if nbytes > free:
         raise EngramError(f"{what} would need {_size(nbytes)} of disk in {folder}, {_size(free)} free")
+    kind = file_system_type(folder)
+    if kind in MEMORY_FILE_SYSTEMS:
+        require_memory(nbytes, f"{what} in {folder} (a {kind}: its files are held in memory)")

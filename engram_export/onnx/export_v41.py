@@ -17,6 +17,7 @@ and a signed square root; ``output = where(mask, h + gate * value, h)``.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engram_export import progress
-from engram_export.fileio import check_output_file, staged_output
+from engram_export.fileio import check_output_file, link_or_copy, staged_output
 from engram_export.model_info import ModelInfo, record_external_data
-from engram_export.openvino.tables import link_or_copy
 
 __all__ = ["build_v41_model", "export_v41_layer"]
 
@@ -205,7 +205,7 @@ def export_v41_layer(
         for suffix in filter(located.__contains__, SHARD_TENSORS):
             shard = located[suffix].file
             name = f"{output.stem}.{shard.name}"
-            if not (staged.parent / name).exists():
+            if not os.path.lexists(staged.parent / name):
                 link_or_copy(shard, staged.parent / name, copy_table)
             shard_names[suffix] = name
         model = build_v41_model(config, layer_id, located, small, hashing, shard_names)

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from engram_export import progress
 from engram_export.openvino import tables
 from engram_export.errors import EngramError, one_line
-from engram_export.fileio import check_input_file, check_output_file, staged_output
+from engram_export.fileio import check_input_file, check_output_file, link_or_copy, staged_output
 from engram_export.integrity import check_fingerprint, fingerprint
 from engram_export.onnx.files import read_onnx_file
 from engram_export.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, xml_rt_value
@@ -202,7 +202,7 @@ def save_ir(
     model.set_rt_info(_PLACEHOLDER, [RT_INFO_SECTION, BIN_KEY])
     with progress.stage(f"writing {output.name}"), staged_output(output) as staged:
         for name, source in (links or {}).items():
-            tables.link_or_copy(source, staged.parent / name, copy_table)
+            link_or_copy(source, staged.parent / name, copy_table)
         openvino.save_model(model, staged, compress_to_fp16=compress_to_fp16)
         weights = fingerprint(staged.with_suffix(".bin"), full=False)
         xml = staged.read_text()

@@ -22,37 +22,17 @@ import ctypes
 import json
 import math
 import mmap
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from engram_export import progress
 from engram_export.errors import EngramError
 
-__all__ = ["detach", "attach", "table_files", "link_or_copy", "shared_constant", "TABLES_KEY", "TABLE_CONSTANTS"]
+__all__ = ["detach", "attach", "table_files", "shared_constant", "TABLES_KEY", "TABLE_CONSTANTS"]
 
 TABLES_KEY = "engram.tables"  # rt_info: JSON, parameter name -> {file, offset, shape, size, sampled_sha256}
 TABLE_CONSTANTS = ("table", "table_scale")  # the ONNX initializers of the table and (FP8 only) its scales
 SOURCE_KEY = "engram_source"  # rt_info of a constant mapped from external data: JSON {path, offset}
-
-
-def link_or_copy(source: Path, target: Path, copy: bool) -> None:
-    """``target`` as a hard link to ``source`` (no bytes copied), or a copy when ``copy`` is asked for
-    and no link is possible (another file system)."""
-    try:
-        os.link(source, target)
-    except OSError as exc:
-        size = source.stat().st_size / 2**30
-        if not copy:
-            raise EngramError(
-                f"cannot hard-link the table file {source} into {target.parent} "
-                f"({exc.strerror}): put the output on the same file system, or pass "
-                f"--copy-table to copy {size:.1f} GiB"
-            ) from None
-        with progress.stage(f"copying {source.name} ({size:.1f} GiB, --copy-table)"):
-            shutil.copyfile(source, target)
 
 
 def detach(model, onnx_stem: str, xml_name: str) -> dict[str, Path]:

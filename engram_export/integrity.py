@@ -1,19 +1,21 @@
-"""Is a model file the one that was written? Sizes and hashes, cheap enough to check at every load.
+"""Is a model file the one that was written? Sizes and hashes, checked at every load.
 
-A full SHA-256 costs about a second per GB: fine for ``verify``, not for loading a 94 GiB table each
-time a server starts. So every file we write gets a fingerprint of two parts, checked at load:
+A full SHA-256 costs about a second per GB: right for every file up to about a GiB, too much for
+hashing a 94 GiB table each time a server starts. Every file we write records a fingerprint of three
+parts:
 
 - its size: catches truncation, a partial copy, a file replaced by another of a different size;
 - a *sampled* SHA-256: the whole file up to 64 MiB; above that, 64 blocks of 1 MiB at fixed,
-  evenly spaced offsets (the first and last included). It catches any change to a file of up to
-  64 MiB (every tiny and most quantized models), and, in larger files, a replaced or reordered file,
-  a header or tail rewritten, or a corrupt region larger than the gaps between blocks.
+  evenly spaced offsets (the first and last included): a replaced or reordered file, a header or tail
+  rewritten, a corrupt region larger than the gaps between blocks;
+- its full SHA-256 (files up to 16 GiB; a checkpoint's table shard when its SHA-256 is known without
+  reading it: the name of its blob in a Hugging Face cache, which is the file's LFS object id).
 
-What only the full hash catches: a few flipped bytes between the sampled blocks of a file larger than
-64 MiB. ``check="full"`` (``EngramRuntime(check_hashes="full")``) hashes every byte of every file we
-wrote, up to 16 GiB. A checkpoint's table shards, linked beside a model, not written by us, record no
-full hash whatever their size (export and compile cost the same whatever the table size) and are
-checked by size and sampled hash.
+How deep a load checks (``FileChecks``): ``"bounded"`` (the default) hashes every byte of each file
+up to ``LOAD_FULL_LIMIT`` (1 GiB) that records a full hash, and larger files by size and sampled hash,
+leaving them in ``deferred`` for a background pass (``runtime/verification.py``); ``"full"`` hashes
+every byte now; ``"sampled"`` and ``"size"`` check less. A file with no full hash (a checkpoint shard
+linked from a plain folder) is checked by size and sampled hash at every level.
 """
 
 from __future__ import annotations
@@ -24,20 +26,48 @@ from pathlib import Path
 
 from engram_export.errors import EngramError
 
-__all__ = ["fingerprint", "check_fingerprint", "sha256", "CHECKS"]
+__all__ = [
+    "fingerprint",
+    "check_fingerprint",
+    "sha256",
+    "lfs_sha256",
+    "FileChecks",
+    "file_checks",
+    "CHECKS",
+    "LOAD_FULL_LIMIT",
+]
 
 WHOLE_LIMIT = 64 << 20
 BLOCK, BLOCKS = 1 << 20, 64
 FULL_HASH_LIMIT = 16 << 30  # larger files (a checkpoint's table shards) get no full hash at write time
-CHECKS = ("size", "sampled", "full")
+LOAD_FULL_LIMIT = 1 << 30  # "bounded" checks hash files up to this size whole at load
+CHECKS = ("size", "sampled", "bounded", "full")
 
 
-def sha256(path: Path) -> str:
+def sha256(path: Path, on_chunk=None) -> str:
+    """SHA-256 of every byte of ``path``; ``on_chunk(fd, offset, nbytes)`` after each 16 MiB read."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
+        offset = 0
         while chunk := f.read(1 << 24):
             digest.update(chunk)
+            if on_chunk is not None:
+                on_chunk(f.fileno(), offset, len(chunk))
+            offset += len(chunk)
     return digest.hexdigest()
+
+
+def lfs_sha256(path: Path) -> str | None:
+    """The SHA-256 of ``path`` known without reading it: a file of a Hugging Face cache snapshot is a
+    link to ``blobs/<its LFS object id>``, which is the SHA-256 of its bytes (small files stored in git
+    have a 40-digit SHA-1 name instead, and get None)."""
+    if not Path(path).is_symlink():
+        return None
+    target = Path(path).resolve()
+    name = target.name
+    if target.parent.name == "blobs" and len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+        return name
+    return None
 
 
 def sampled_sha256(path: Path) -> str:
@@ -55,26 +85,60 @@ def sampled_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(path: Path, full: bool = True) -> dict:
-    """``{"size", "sampled_sha256"}`` and, with ``full``, ``"sha256"`` of every byte for files up to
+def fingerprint(path: Path, full: bool = True, known_sha256: str | None = None) -> dict:
+    """``{"size", "sampled_sha256"}`` and ``"sha256"``: ``known_sha256`` when given (read from a source
+    that vouches for it, such as ``lfs_sha256``), else, with ``full``, every byte hashed for files up to
     ``FULL_HASH_LIMIT`` (hashing a 100 GB table shard would take minutes at every export)."""
     entry = {"size": path.stat().st_size, "sampled_sha256": sampled_sha256(path)}
-    if full and entry["size"] <= FULL_HASH_LIMIT:
+    if known_sha256 is not None:
+        entry["sha256"] = known_sha256
+    elif full and entry["size"] <= FULL_HASH_LIMIT:
         entry["sha256"] = sha256(path)
     return entry
 
 
-def check_fingerprint(path: Path, entry: dict, check: str, where: str) -> None:
-    """Refuse ``path`` unless it matches ``entry`` to the depth ``check`` (one of ``CHECKS``)."""
+def check_fingerprint(path: Path, entry: dict, check: str, where: str) -> bool:
+    """Refuse ``path`` unless it matches ``entry`` to the depth ``check`` (one of ``CHECKS``); True when
+    every byte was hashed."""
     if not path.is_file():
         raise EngramError(f"{where} lists {path.name}, which is missing from {path.parent}")
     size = path.stat().st_size
     if size != entry["size"]:
         raise EngramError(f"{path} has {size} bytes, {where} says {entry['size']} (truncated, changed or replaced)")
+    if check == "bounded":
+        check = "full" if size <= LOAD_FULL_LIMIT else "sampled"
     if check == "full" and "sha256" not in entry:  # a file too large to hash at write time
         check = "sampled"
     if check == "sampled" and sampled_sha256(path) != entry["sampled_sha256"]:
         raise EngramError(f"{path} does not match its sampled SHA-256 in {where} (changed or corrupt)")
-    if check == "full":
-        if sha256(path) != entry["sha256"]:
-            raise EngramError(f"{path} does not match its SHA-256 in {where} (changed or corrupt)")
+    if check == "full" and sha256(path) != entry["sha256"]:
+        raise EngramError(f"{path} does not match its SHA-256 in {where} (changed or corrupt)")
+    return check == "full"
+
+
+def file_checks(check_hashes) -> FileChecks:
+    """The ``FileChecks`` of a user's ``check_hashes``: True (``"bounded"``), False (``"size"``), a level
+    name, ``"background"`` (``"bounded"`` now, the rest by ``runtime/verification.py``), or a
+    ``FileChecks``."""
+    if isinstance(check_hashes, FileChecks):
+        return check_hashes
+    level = {True: "bounded", False: "size", "background": "bounded"}.get(check_hashes, check_hashes)
+    if level not in CHECKS:
+        raise EngramError(
+            f"check_hashes must be True, False, 'background' or one of {', '.join(CHECKS)}, got {check_hashes!r}"
+        )
+    return FileChecks(level)
+
+
+class FileChecks:
+    """How deep a load checks the files it reads (``level``, one of ``CHECKS``), and what it left:
+    ``deferred`` holds (path, entry, where) of each file checked without hashing every byte."""
+
+    def __init__(self, level: str = "bounded"):
+        if level not in CHECKS:
+            raise EngramError(f"check level must be one of {', '.join(CHECKS)}, got {level!r}")
+        self.level, self.deferred = level, []
+
+    def check(self, path: Path, entry: dict, where: str) -> None:
+        if not check_fingerprint(path, entry, self.level, where):
+            self.deferred.append((path, entry, where))

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from engram_export.errors import EngramError
-from engram_export.integrity import CHECKS, check_fingerprint, fingerprint, sha256
+from engram_export.integrity import FileChecks, file_checks, fingerprint, sha256
 from engram_export.models.config import EngramConfig, config_from_dict
 
 __all__ = ["Manifest", "MANIFEST", "read_manifest", "write_manifest", "model_files", "sha256"]
@@ -38,19 +38,27 @@ class Manifest:
 
 def model_files(folder: Path, name: str) -> list[str]:
     """The names of the files that the model ``name`` reads: itself and its .bin or external data."""
+    return list(_model_files(folder, name))
+
+
+def _model_files(folder: Path, name: str) -> dict[str, str | None]:
+    """``model_files``, each with the full SHA-256 the model records for it when that was not hashed
+    by us (a checkpoint shard's, from a Hugging Face cache), else None."""
     if name.endswith(".xml"):
         from engram_export.openvino.tables import table_files
 
-        return [name, name[: -len(".xml")] + ".bin", *sorted(table_files(folder / name))]
+        tables = table_files(folder / name)
+        return {name: None, name[: -len(".xml")] + ".bin": None, **{t: tables[t].get("sha256") for t in sorted(tables)}}
     import onnx_ir as ir
 
-    from engram_export.model_info import external_locations
+    from engram_export.model_info import external_data_record, external_locations
 
     try:
         model = ir.load(folder / name)  # the graph; external data is not read
     except Exception as exc:  # protobuf DecodeError and friends
         raise EngramError(f"{folder / name} is not a readable ONNX file ({type(exc).__name__})") from None
-    return [name, *sorted(external_locations(model))]
+    recorded = external_data_record(model)
+    return {name: None, **{f: recorded.get(f, {}).get("sha256") for f in sorted(external_locations(model))}}
 
 
 def _check_name(folder: Path, name, where: str) -> None:
@@ -71,9 +79,9 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
 
     with progress.stage(f"hashing the files of {len(manifest.layers)} layers"):
         manifest.files = {
-            file: fingerprint(folder / file, full=file in own(name))
+            file: fingerprint(folder / file, full=file in own(name), known_sha256=known)
             for name in manifest.layers.values()
-            for file in model_files(folder, name)
+            for file, known in _model_files(folder, name).items()
         }
     data = {
         "format": FORMAT,
@@ -103,7 +111,10 @@ def _parse(path: Path) -> Manifest:
             raise EngramError(f"{path} lists no layers")
         files = data["files"]
         if not isinstance(files, dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sampled_sha256"), str)
+            isinstance(e, dict)
+            and isinstance(e.get("size"), int)
+            and isinstance(e.get("sampled_sha256"), str)
+            and isinstance(e.get("sha256", ""), str)
             for e in files.values()
         ):
             raise EngramError(f"{path}: every file entry needs a size and a sampled_sha256")
@@ -122,15 +133,14 @@ def _parse(path: Path) -> Manifest:
         raise EngramError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from None
 
 
-def read_manifest(folder: str | Path, check_hashes: bool | str = True) -> Manifest:
+def read_manifest(folder: str | Path, check_hashes: bool | str | FileChecks = True) -> Manifest:
     """The folder's manifest, once every file a layer reads is listed, inside the folder, and matches.
 
-    ``check_hashes``: ``True`` or ``"sampled"`` (size and sampled SHA-256, the default), ``"full"``
-    (every byte), ``False`` or ``"size"`` (sizes only).
+    ``check_hashes`` (``integrity.file_checks``): ``True`` (every byte of files up to 1 GiB, larger ones
+    by size and sampled SHA-256: the default), ``"full"`` (every byte), ``"sampled"``, ``False`` or
+    ``"size"`` (sizes only), or a ``FileChecks``, which then lists the files it did not hash whole.
     """
-    check = {True: "sampled", False: "size"}.get(check_hashes, check_hashes)
-    if check not in CHECKS:
-        raise EngramError(f"check_hashes must be True, False or one of {', '.join(CHECKS)}, got {check_hashes!r}")
+    checks = file_checks(check_hashes)
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -146,7 +156,7 @@ def read_manifest(folder: str | Path, check_hashes: bool | str = True) -> Manife
     for name in manifest.files:
         _check_name(folder, name, path)
     for name, entry in manifest.files.items():
-        check_fingerprint(folder / name, entry, check, str(path))
+        checks.check(folder / name, entry, str(path))
     for layer, name in manifest.layers.items():
         if name not in manifest.files:
             raise EngramError(f"{path}: layer {layer}'s file {name} has no size and hash entry")

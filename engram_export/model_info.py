@@ -97,12 +97,13 @@ class ModelInfo:
                 )
 
     @classmethod
-    def from_onnx(cls, model, path: str | Path) -> "ModelInfo":
+    def from_onnx(cls, model, path: str | Path, checks=None) -> "ModelInfo":
         """The info of an exported ``onnx_ir.Model`` read from ``path``, after checking that its inputs
-        match the metadata and its external data files are the ones it was written with."""
+        match the metadata and its external data files are the ones it was written with (to the depth
+        of ``checks``, an ``integrity.FileChecks``)."""
         metadata = dict(model.metadata_props)
         info = cls.from_metadata(metadata, path)
-        _check_external_data(external_locations(model), metadata.get(EXTERNAL_DATA_KEY), Path(path))
+        _check_external_data(external_locations(model), metadata.get(EXTERNAL_DATA_KEY), Path(path), checks)
         info.check_inputs_shape(
             {
                 value.name: [d if isinstance(d, int) else None for d in value.shape or ()]
@@ -160,9 +161,20 @@ def external_locations(model) -> set[str]:
     return {tensor.location for tensor in tensors if isinstance(tensor, ir.ExternalTensor)}
 
 
-def record_external_data(model, folder: Path) -> None:
+def external_data_record(model) -> dict:
+    """The fingerprints an ``onnx_ir.Model`` records of its external data files (name -> entry; empty
+    when it records none: ``ModelInfo.from_onnx`` is where a missing record is refused)."""
+    try:
+        files = json.loads(model.metadata_props.get(EXTERNAL_DATA_KEY, "{}"))
+    except ValueError:
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def record_external_data(model, folder: Path, known_sha256: dict[str, str] | None = None) -> None:
     """Record in ``model`` (an ``onnx.ModelProto``) the size and sampled SHA-256 of each external data
-    file it reads from ``folder``."""
+    file it reads from ``folder`` (checkpoint shards linked beside it: not hashed whole), and the full
+    SHA-256 of those in ``known_sha256`` (name -> digest)."""
     import onnx_ir as ir
 
     from engram_export.integrity import fingerprint
@@ -170,14 +182,16 @@ def record_external_data(model, folder: Path) -> None:
     for prop in [p for p in model.metadata_props if p.key == EXTERNAL_DATA_KEY]:
         model.metadata_props.remove(prop)
     uses = external_locations(ir.serde.deserialize_model(model))  # wraps the tensors, reads no data
-    files = {name: fingerprint(folder / name, full=False) for name in sorted(uses)}
+    known = known_sha256 or {}
+    files = {name: fingerprint(folder / name, full=False, known_sha256=known.get(name)) for name in sorted(uses)}
     model.metadata_props.add(key=EXTERNAL_DATA_KEY, value=json.dumps(files))
 
 
-def _check_external_data(uses: set[str], record: str | None, path: Path) -> None:
+def _check_external_data(uses: set[str], record: str | None, path: Path, checks=None) -> None:
     """Refuse an .onnx whose external data files (``uses``) are not the ones it was written with."""
-    from engram_export.integrity import check_fingerprint
+    from engram_export.integrity import FileChecks
 
+    checks = checks or FileChecks()
     if not uses:
         return
     try:
@@ -190,4 +204,4 @@ def _check_external_data(uses: set[str], record: str | None, path: Path) -> None
     for name, entry in files.items():
         if Path(name).name != name:
             raise EngramError(f"{path}: external data {name!r} is not a file beside it")
-        check_fingerprint(path.parent / name, entry, "sampled", str(path))
+        checks.check(path.parent / name, entry, str(path))

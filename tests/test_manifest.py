@@ -86,11 +86,13 @@ def test_symlinked_file_is_refused(copy, folders):
 
 
 def test_flipped_byte_in_a_bin_is_refused(copy, monkeypatch):
-    """Small files are hashed whole at load; in a large file only the sampled blocks are, and
-    check_hashes='full' finds a flip anywhere."""
+    """Files up to 1 GiB are hashed whole at load; with check_hashes='sampled' (or in a larger file)
+    only the sampled blocks are, and check_hashes='full' finds a flip anywhere."""
     flip_byte(copy / "layer_1.bin", (copy / "layer_1.bin").stat().st_size // 2)
-    with pytest.raises(EngramError, match="layer_1.bin does not match its sampled SHA-256"):
+    with pytest.raises(EngramError, match="layer_1.bin does not match its SHA-256"):
         EngramRuntime(copy)
+    with pytest.raises(EngramError, match="layer_1.bin does not match its sampled SHA-256"):
+        EngramRuntime(copy, check_hashes="sampled")
     # the same file as if it were large: the sampled blocks (64 of 256 bytes here) miss the flip...
     monkeypatch.setattr(integrity, "WHOLE_LIMIT", 1024)
     monkeypatch.setattr(integrity, "BLOCK", 256)
@@ -110,6 +112,8 @@ def test_flipped_byte_in_a_bin_is_refused(copy, monkeypatch):
     )
     # ...and the full check finds it
     with pytest.raises(EngramError, match="layer_1.bin does not match its SHA-256"):
+        EngramRuntime(copy)
+    with pytest.raises(EngramError, match="layer_1.bin does not match its SHA-256"):
         EngramRuntime(copy, check_hashes="full")
 
 
@@ -126,7 +130,7 @@ def test_single_xml_checks_its_bin(tiny_files, tmp_path):
     shutil.copy(tiny_files["f32"].with_suffix(".bin"), xml.with_suffix(".bin"))
     ids, hidden = random_inputs(EngramRuntime(xml).config, 5000, 2, 3)
     flip_byte(xml.with_suffix(".bin"), 100)
-    with pytest.raises(EngramError, match="m.bin does not match its sampled SHA-256 in"):
+    with pytest.raises(EngramError, match="m.bin does not match its SHA-256 in"):
         EngramRuntime(xml)
     xml.with_suffix(".bin").write_bytes(tiny_files["f32"].with_suffix(".bin").read_bytes()[:-8])
     with pytest.raises(EngramError, match="m.bin has .* bytes"):
@@ -162,7 +166,7 @@ def test_single_onnx_checks_its_external_data(exported_with_data, tiny_config, t
     np.testing.assert_array_equal(EngramRuntime(inline, runtime="ort")(ids, hidden), expected)
     flip_byte(tmp_path / "m.onnx.data", 1000)
     for backend in ("ort", "ov"):
-        with pytest.raises(EngramError, match="m.onnx.data does not match its sampled SHA-256"):
+        with pytest.raises(EngramError, match="m.onnx.data does not match its SHA-256"):
             EngramRuntime(path, runtime=backend)
 
 

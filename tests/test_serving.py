@@ -141,7 +141,7 @@ def test_manifest_faults(folders, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(folders["f32"], copy)
     (copy / "layer_3.bin").write_bytes((copy / "layer_3.bin").read_bytes()[:-4] + b"\0\0\0\0")
-    with pytest.raises(EngramError, match="layer_3.bin does not match its sampled SHA-256"):
+    with pytest.raises(EngramError, match="layer_3.bin does not match its SHA-256"):
         EngramRuntime(copy)
     (copy / "layer_3.bin").unlink()
     with pytest.raises(EngramError, match="lists layer_3.bin, which is missing"):

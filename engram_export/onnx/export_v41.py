@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engram_export import progress
 from engram_export.fileio import check_output_file, link_or_copy, staged_output
+from engram_export.integrity import lfs_sha256
 from engram_export.model_info import ModelInfo, record_external_data
 
 __all__ = ["build_v41_model", "export_v41_layer"]
@@ -201,15 +202,17 @@ def export_v41_layer(
     located = locate_layer(checkpoint, config, layer_id)
     small = {suffix: checkpoint.load(located[suffix].name) for suffix in ("q_weight", "k_weight")}
     with staged_output(output) as staged:
-        shard_names = {}
+        shard_names, known_sha256 = {}, {}
         for suffix in filter(located.__contains__, SHARD_TENSORS):
             shard = located[suffix].file
             name = f"{output.stem}.{shard.name}"
             if not os.path.lexists(staged.parent / name):
                 link_or_copy(shard, staged.parent / name, copy_table)
+                if lfs_sha256(shard):  # a Hugging Face cache names the blob by its SHA-256
+                    known_sha256[name] = lfs_sha256(shard)
             shard_names[suffix] = name
         model = build_v41_model(config, layer_id, located, small, hashing, shard_names)
-        record_external_data(model, staged.parent)
+        record_external_data(model, staged.parent, known_sha256)
         with progress.stage(f"writing {output.name}"):
             onnx.save(model, str(staged))
     return output

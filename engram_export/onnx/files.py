@@ -23,15 +23,16 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GiB limit, with room for
 _INLINE_BELOW = 1024  # with external data, smaller tensors stay in the .onnx
 
 
-def read_onnx_file(path: str | Path) -> tuple[ir.Model, ModelInfo]:
+def read_onnx_file(path: str | Path, checks=None) -> tuple[ir.Model, ModelInfo]:
     """An exported .onnx, read once: its graph as an onnx_ir model (external data mapped, read only
-    where used) and its ``ModelInfo``, checked against the graph and the external data files."""
+    where used) and its ``ModelInfo``, checked against the graph and the external data files (to the
+    depth of ``checks``, an ``integrity.FileChecks``; default: every byte of files up to 1 GiB)."""
     path = check_input_file(path, (".onnx",), "model")
     try:
         model = ir.load(path)
     except Exception as exc:  # protobuf and file errors
         raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
-    return model, ModelInfo.from_onnx(model, path)  # refuses files that engram-export did not write
+    return model, ModelInfo.from_onnx(model, path, checks)  # refuses files that engram-export did not write
 
 
 def with_absolute_data_paths(model: ir.Model) -> None:
@@ -82,7 +83,7 @@ def save_onnx(model: ir.Model, output: str | Path, external_data_threshold: int 
         data_bytes = sum(nbytes for nbytes in sizes if nbytes >= _INLINE_BELOW)
         with progress.bytes_written(staged.parent, data_bytes, data.name):
             ir.external_data.unload_from_model(written, staged.parent, data.name, size_threshold_bytes=_INLINE_BELOW)
-        files = {name: fingerprint(staged.parent / name, full=False) for name in sorted(external_locations(written))}
+        files = {name: fingerprint(staged.parent / name) for name in sorted(external_locations(written))}
         written.metadata_props[EXTERNAL_DATA_KEY] = json.dumps(files)
         ir.save(written, staged)
     return output

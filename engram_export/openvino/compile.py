@@ -22,9 +22,9 @@ from engram_export import progress
 from engram_export.openvino import tables
 from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file, check_output_file, link_or_copy, staged_output
-from engram_export.integrity import check_fingerprint, fingerprint
+from engram_export.integrity import FileChecks, fingerprint
 from engram_export.onnx.files import read_onnx_file
-from engram_export.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, xml_rt_value
+from engram_export.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, external_data_record, xml_rt_value
 from engram_export.openvino.extension import HASH_OP_TYPE, openvino_core
 
 __all__ = ["compile_onnx", "to_openvino", "read_onnx", "read_openvino", "save_ir"]
@@ -110,14 +110,17 @@ def _external_as_inputs(model: ir.Model) -> dict[str, ir.ExternalTensor]:
     return moved
 
 
-def _mapped_back(converted, moved: dict[str, ir.ExternalTensor]) -> None:
+def _mapped_back(converted, moved: dict[str, ir.ExternalTensor], recorded: dict) -> None:
     """Replace the inputs ``_external_as_inputs`` made by constants over read-only mappings of their
     files (``tables.mapped_in_place_of``, as tables are at load); each records its file and offset."""
     parameters = {p.get_friendly_name(): p for p in converted.get_parameters()}
     for name, tensor in moved.items():
         path, offset = tensor.path, tensor.offset or 0
         constant = tables.mapped_in_place_of(converted, parameters[name], Path(path), offset, list(tensor.shape))
-        constant.get_rt_info()[tables.SOURCE_KEY] = json.dumps({"path": path, "offset": offset})
+        source = {"path": path, "offset": offset}
+        if "sha256" in recorded.get(Path(path).name, {}):  # a checkpoint shard's SHA-256, known at export
+            source["sha256"] = recorded[Path(path).name]["sha256"]
+        constant.get_rt_info()[tables.SOURCE_KEY] = json.dumps(source)
 
 
 def to_openvino(model: ir.Model):
@@ -147,7 +150,7 @@ def to_openvino(model: ir.Model):
         converted = openvino_core().read_model(io.BytesIO(ir.to_proto(lowered).SerializeToString()))
     except RuntimeError as exc:
         raise EngramError(f"OpenVINO cannot read the model: {one_line(exc)}") from None
-    _mapped_back(converted, moved)
+    _mapped_back(converted, moved, external_data_record(model))
     if fp8_projection:
         _fold_fp8_projection(converted)
     if not any(op.get_type_name() == HASH_OP_TYPE for op in converted.get_ops()):
@@ -155,10 +158,10 @@ def to_openvino(model: ir.Model):
     return converted
 
 
-def read_onnx(onnx_path: str | Path):
+def read_onnx(onnx_path: str | Path, checks: FileChecks | None = None):
     """The exported .onnx file as an ``openvino.Model`` (``to_openvino``) and its ``ModelInfo``; the
     file is read once, its external data mapped."""
-    model, info = read_onnx_file(onnx_path)
+    model, info = read_onnx_file(onnx_path, checks)
     try:
         return to_openvino(model), info
     except EngramError as exc:
@@ -168,24 +171,26 @@ def read_onnx(onnx_path: str | Path):
 def _recorded_fingerprint(path: Path) -> dict:
     """The .bin fingerprint that ``save_ir`` wrote into the .xml's rt_info, read before OpenVINO
     touches the .bin."""
-    found = re.fullmatch(r"(\d+) ([0-9a-f]{64})", xml_rt_value(path, BIN_KEY) or "")
+    found = re.fullmatch(r"(\d+) ([0-9a-f]{64})(?: ([0-9a-f]{64}))?", xml_rt_value(path, BIN_KEY) or "")
     if not found:
         raise EngramError(
             f"{path} records no fingerprint of its .bin (not written by this engram-export: compile it again)"
         )
-    return {"size": int(found[1]), "sampled_sha256": found[2]}
+    return {"size": int(found[1]), "sampled_sha256": found[2], **({"sha256": found[3]} if found[3] else {})}
 
 
-def read_openvino(path: str | Path):
-    """An exported .onnx or a compiled .xml as an ``openvino.Model`` and its ``ModelInfo``; an .xml's
-    .bin must have the size and sampled SHA-256 recorded when it was written."""
+def read_openvino(path: str | Path, checks: FileChecks | None = None):
+    """An exported .onnx or a compiled .xml as an ``openvino.Model`` and its ``ModelInfo``; the files
+    it reads (an .xml's .bin and tables) must match the fingerprints recorded when they were written,
+    to the depth of ``checks`` (default: every byte of files up to 1 GiB)."""
     path = check_input_file(path, (".onnx", ".xml"), "model")
+    checks = checks or FileChecks()
     if path.suffix == ".onnx":
-        return read_onnx(path)
-    check_fingerprint(path.with_suffix(".bin"), _recorded_fingerprint(path), "sampled", str(path))
+        return read_onnx(path, checks)
+    checks.check(path.with_suffix(".bin"), _recorded_fingerprint(path), str(path))
     model = _read_model(path, path)
     info = ModelInfo.from_openvino(model, path)
-    tables.attach(model, path)
+    tables.attach(model, path, checks)
     return model, info
 
 
@@ -193,7 +198,7 @@ def save_ir(
     model, output: Path, compress_to_fp16: bool, links: dict[str, Path] | None = None, copy_table: bool = False
 ) -> Path:
     """Write ``model`` to ``output`` (.xml, its .bin beside), whole or not at all, the .xml recording
-    the .bin's size and sampled SHA-256 (``integrity.py``) for every later reader to check.
+    the .bin's size, sampled and full SHA-256 (``integrity.py``) for every later reader to check.
 
     ``links``: files to put beside it (name -> source), the checkpoint shards of tables that stay out
     of the IR (``tables.detach``): hard-linked, or copied with ``copy_table`` where no link can be."""
@@ -204,11 +209,12 @@ def save_ir(
         for name, source in (links or {}).items():
             link_or_copy(source, staged.parent / name, copy_table)
         openvino.save_model(model, staged, compress_to_fp16=compress_to_fp16)
-        weights = fingerprint(staged.with_suffix(".bin"), full=False)
+        weights = fingerprint(staged.with_suffix(".bin"))
         xml = staged.read_text()
         if xml.count(_PLACEHOLDER) != 1:
             raise EngramError(f"writing {output}: the weights fingerprint has no unique place in the IR")
-        staged.write_text(xml.replace(_PLACEHOLDER, f"{weights['size']} {weights['sampled_sha256']}"))
+        recorded = " ".join(str(weights[k]) for k in ("size", "sampled_sha256", "sha256") if k in weights)
+        staged.write_text(xml.replace(_PLACEHOLDER, recorded))
     return output
 
 

@@ -69,7 +69,7 @@ def detach(model, onnx_stem: str, xml_name: str) -> dict[str, Path]:
             "file": target,
             "offset": source["offset"],
             "shape": list(parameter.get_output_partial_shape(0).to_shape()),
-            **fingerprint(path, full=False),
+            **fingerprint(path, full=False, known_sha256=source.get("sha256")),
         }
     model.set_rt_info(json.dumps(records), [RT_INFO_SECTION, TABLES_KEY])
     return links
@@ -130,15 +130,14 @@ def map_bytes(path: Path, offset: int, nbytes: int, what: str) -> np.memmap:
     return mapped
 
 
-def attach(model, xml: Path) -> None:
+def attach(model, xml: Path, checks) -> None:
     """Put the recorded tables back into ``model`` as constants of the parameters' types that share
-    read-only mappings of their files (the constants keep the mappings alive)."""
-    from engram_export.integrity import check_fingerprint
-
+    read-only mappings of their files (the constants keep the mappings alive), each file checked first
+    (``checks``, an ``integrity.FileChecks``)."""
     parameters = {p.get_friendly_name(): p for p in model.get_parameters()}
     for name, record in _records(model).items():
         path = xml.parent / record["file"]
-        check_fingerprint(path, record, "sampled", str(xml))
+        checks.check(path, record, str(xml))
         if name not in parameters:
             raise EngramError(f"{xml} records table {name}, which is not an input of the model")
         mapped_in_place_of(model, parameters[name], path, record["offset"], record["shape"])

@@ -186,6 +186,8 @@ class DecodeSession:
     def _run(self, input_ids, hidden_by_layer, token_mask, start: bool) -> dict:
         from engram_export.runtime.inputs import fuse_feeds
 
+        for layer in self._layers.values():
+            layer._verification.check()
         checked = self._checked(input_ids, hidden_by_layer, token_mask)
         tokens = next(iter(checked.values()))[0]["input_ids"].shape[1]
         if not start and tokens != 1:

@@ -19,6 +19,7 @@ import numpy as np
 
 from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file
+from engram_export.integrity import FileChecks, file_checks
 from engram_export.runtime.inputs import (
     _array,
     check_hidden,
@@ -29,6 +30,7 @@ from engram_export.runtime.inputs import (
     fuse_feeds,
 )
 from engram_export.model_info import PRECISIONS, ModelInfo
+from engram_export.runtime.verification import Verification
 
 __all__ = [
     "EngramRuntime",
@@ -79,11 +81,12 @@ class _OpenVINO:
         ov_config: dict | None = None,
         table_memory: str = "mmap",
         lookup_kernel: bool = True,
+        checks: FileChecks | None = None,
     ):
         from engram_export.openvino.compile import read_openvino
         from engram_export.openvino.stages import split_stages
 
-        model, self.info = read_openvino(path)
+        model, self.info = read_openvino(path, checks)
         self.path, self.device = path, device
         self.table_memory, self.lookup_kernel = table_memory, lookup_kernel
         self.precision = precision or self.info.precision
@@ -241,13 +244,13 @@ class _OnnxRuntime:
     read once (``read_onnx_file``, which checks it); the session gets the graph from memory and maps
     the external data from the file's folder."""
 
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, checks: FileChecks | None = None):
         import onnx_ir as ir
         import onnxruntime
 
         from engram_export.onnx.files import read_onnx_file
 
-        model, self.info = read_onnx_file(path)
+        model, self.info = read_onnx_file(path, checks)
         self.precision = "f32"
         self.settings = {"onnxruntime": onnxruntime.__version__}
         options = onnxruntime.SessionOptions()
@@ -324,6 +327,7 @@ class LayerRuntime:
         self.info = backend.info
         self.precision = backend.precision
         self.settings = backend.settings  # what the runtime compiled the model with
+        self._verification = Verification()  # an EngramRuntime shares its own with its layers
 
     @property
     def config(self):
@@ -346,6 +350,7 @@ class LayerRuntime:
         """The layer's output [B,T,G,D] float32: the Engram output before the backbone's residual add
         (demo family), or ``h + gate * value`` (DeepSeek-V4.1, whose ``token_mask`` marks image tokens
         False). ``out``: a float32 array of that shape to write it into (returned), instead of a new one."""
+        self._verification.check()
         feeds, hidden = check_inputs(self.info, input_ids, hidden_states, token_mask)
         return self._backend(feeds, hidden, check_out(out, hidden))
 
@@ -353,6 +358,7 @@ class LayerRuntime:
         """The looked-up rows as the fuse stage receives them, float32 (dequantized for FP8 and INT8
         tables): the host half of the host-lookup / device-fuse split (OpenVINO only)."""
         self._need_openvino("lookup")
+        self._verification.check()
         return self._backend.lookup_rows(check_lookup_inputs(self.info, input_ids, token_mask))
 
     def profile(self, input_ids, hidden_states, token_mask=None, rounds: int = 10, warmup: int = 3) -> list[dict]:
@@ -360,6 +366,7 @@ class LayerRuntime:
         per node (stage, node type, kernel, name, ms per call), slowest first. Needs a runtime loaded with
         ``ov_config={"PERF_COUNT": True}`` (the counters cost a little on every call)."""
         self._need_openvino("profile")
+        self._verification.check()
         for name, value in (("rounds", rounds), ("warmup", warmup)):
             if not isinstance(value, int) or isinstance(value, bool) or value < (name == "rounds"):
                 raise EngramError(f"{name} must be a {'positive' if name == 'rounds' else 'non-negative'} integer")
@@ -375,6 +382,7 @@ class LayerRuntime:
 
         ``input_ids``, if given, must be the ids the handle was made for. Every check comes before the
         handle is used, so a refused call leaves it as it was."""
+        self._verification.check()
         if not isinstance(handle, Prefetch):
             raise EngramError(f"fuse needs the handle returned by prefetch, got {type(handle).__name__}")
         if input_ids is not None and not np.array_equal(_array("input_ids", input_ids), handle.input_ids):
@@ -401,6 +409,7 @@ class LayerRuntime:
 
     def _decode_requests(self):
         self._need_openvino("decode sessions")
+        self._verification.check()
         return self._backend.decode_requests()
 
     def __repr__(self) -> str:
@@ -414,6 +423,7 @@ def _prefetch(info: ModelInfo, layers: dict, input_ids, token_mask) -> Prefetch:
     """Start the lookup of each of ``layers`` (layer id -> LayerRuntime) on requests of their own."""
     for layer in layers.values():
         layer._need_openvino("prefetch")
+        layer._verification.check()
     # copies: the lookups read them after this returns, when the caller may have changed its arrays
     feeds = {name: value.copy() for name, value in check_lookup_inputs(info, input_ids, token_mask).items()}
     return Prefetch(
@@ -439,9 +449,13 @@ class EngramRuntime(Mapping):
         ov_config: OpenVINO properties passed to ``compile_model`` over the defaults (precision hint,
             ``PERFORMANCE_HINT: LATENCY``); e.g. ``{"PERFORMANCE_HINT": "THROUGHPUT"}`` for a server
             whose threads share the runtime (measured: 2 threads then run faster than 1).
-        check_hashes: for a folder, how every file is checked against the manifest before loading:
-            ``True``/``"sampled"`` (size and sampled SHA-256), ``"full"`` (every byte), ``False``/``"size"``.
-            A single ``.xml`` is always checked against the size and sampled hash its ``.bin`` had.
+        check_hashes: how every file is checked against the fingerprint recorded when it was written
+            (a folder's manifest; a single file's record of its .bin, external data and tables), before
+            loading: ``True`` (default: every byte of each file up to 1 GiB, larger ones by size and
+            sampled SHA-256), ``"background"`` (the same, then a low-priority thread hashes the larger
+            ones whole; a file that differs makes every later call fail), ``"full"`` (every byte now),
+            ``"sampled"``, ``False``/``"size"``. ``rt.verification`` says how far it got
+            (``runtime/verification.py``).
 
     ``rt[L]`` (or ``rt.layer(L)``) is layer L; ``for L in rt``, ``len(rt)``, ``rt.items()`` as for a dict.
     ``rt.prefetch(input_ids)`` starts every layer's lookup (hash + table Gather) in the background and
@@ -485,16 +499,17 @@ class EngramRuntime(Mapping):
             raise EngramError(f"table_memory must be one of {', '.join(TABLE_MEMORY)}, got {table_memory!r}")
         if not isinstance(lookup_kernel, bool):
             raise EngramError(f"lookup_kernel must be True or False, got {lookup_kernel!r}")
+        checks = file_checks(check_hashes)
         self.path, self.runtime = Path(path), runtime
         options = (runtime, precision, device, threads, ov_config, table_memory, lookup_kernel)
         if self.path.is_dir():
             from engram_export.manifest import read_manifest
 
-            self.manifest = read_manifest(self.path, check_hashes)
+            self.manifest = read_manifest(self.path, checks)
             self._layers = {}
             for layer_id, name in self.manifest.layers.items():
                 file = self.path / name
-                served = _load_layer(file, *options)
+                served = _load_layer(file, *options, FileChecks("size"))  # the manifest's checks are done
                 if served.layer_id != layer_id:
                     raise EngramError(
                         f"{file} holds layer {served.layer_id}; the manifest lists it as layer {layer_id}"
@@ -504,8 +519,11 @@ class EngramRuntime(Mapping):
                 self._layers[layer_id] = served
         else:
             self.manifest = None
-            served = _load_layer(check_input_file(path, (".xml", ".onnx"), "model"), *options)
+            served = _load_layer(check_input_file(path, (".xml", ".onnx"), "model"), *options, checks)
             self._layers = {served.layer_id: served}
+        self.verification = Verification(checks, background=check_hashes == "background")
+        for served in self._layers.values():
+            served._verification = self.verification
         first = next(iter(self._layers.values()))
         self.info, self.precision, self.settings = first.info, first.precision, first.settings
 
@@ -592,13 +610,13 @@ class EngramRuntime(Mapping):
         )
 
 
-def _load_layer(path: Path, runtime, precision, device, threads, ov_config, table_memory, lookup_kernel):
+def _load_layer(path: Path, runtime, precision, device, threads, ov_config, table_memory, lookup_kernel, checks):
     if runtime == "ort":
         if path.suffix != ".onnx":
             raise EngramError(f"ONNX Runtime runs .onnx files, not {path.name}; use runtime 'ov'")
         if precision not in (None, "f32"):
             raise EngramError("ONNX Runtime runs this model in f32 only")
-        return LayerRuntime(path, runtime, _OnnxRuntime(path, threads))
+        return LayerRuntime(path, runtime, _OnnxRuntime(path, threads, checks))
     return LayerRuntime(
-        path, runtime, _OpenVINO(path, precision, device, threads, ov_config, table_memory, lookup_kernel)
+        path, runtime, _OpenVINO(path, precision, device, threads, ov_config, table_memory, lookup_kernel, checks)
     )

@@ -7,6 +7,13 @@ about 101 GB with its scales) is a *sparse* file: the shard is sized with ``trun
 rows asked for are written (a few MB on disk); rows never written read as zeros, a valid FP8 value.
 Every row's bytes are a fixed function of (seed, layer, row), so any subset gives the same table. The
 table is FP8 with E8M0 scales (as released) or, with ``table_dtype``, BF16 or F32 without scales.
+
+FP8 values come in two kinds (``values``): ``"codes"``, uniformly random bytes (every FP8 code used: what
+bit-exactness tests want; magnitudes log-uniform over the whole FP8 range, and block scales spread over
+2^7), or ``"trained"``, what quantizing a trained bf16 tensor gives: Gaussian values, a log-normal
+magnitude per row, each 32-value block (32x32 for ``wkv``) scaled by the power of two that brings its
+largest value under 448, as DeepSeek's FP8 checkpoints are made. Accuracy floors of quantized models
+are measured on the second: per-tensor INT8 activations cannot resolve log-uniform values.
 """
 
 from __future__ import annotations
@@ -41,8 +48,35 @@ def _fp8(bits: np.ndarray) -> np.ndarray:
     return values
 
 
-def table_rows_bytes(config: V41Config, layer_id: int, rows: np.ndarray, seed: int = 0):
+def _gaussian(bits_a: np.ndarray, bits_b: np.ndarray) -> np.ndarray:
+    """Standard normal values from two arrays of random uint64 bits (Box-Muller)."""
+    u1 = ((bits_a >> np.uint64(11)).astype(np.float64) + 1) / 2.0**53
+    u2 = (bits_b >> np.uint64(11)).astype(np.float64) / 2.0**53
+    return np.sqrt(-2 * np.log(u1)) * np.cos(2 * np.pi * u2)
+
+
+def _to_fp8_blocks(values: np.ndarray, block_axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(E4M3 codes, E8M0 scale bytes) of ``values`` shaped with blocks on ``block_axes`` (the scale is
+    the power of two that brings each block's largest magnitude under 448)."""
+    import torch
+
+    amax = np.maximum(np.abs(values).max(axis=block_axes, keepdims=True), 2.0**-100)
+    exponent = np.clip(np.ceil(np.log2(amax / 448)), -127, 127)
+    scaled = torch.from_numpy((values / 2.0**exponent).astype(np.float32))
+    codes = scaled.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    return codes, (exponent + 127).astype(np.uint8).squeeze(block_axes)
+
+
+def table_rows_bytes(config: V41Config, layer_id: int, rows: np.ndarray, seed: int = 0, values: str = "codes"):
     """(FP8 values [n, head_dim], E8M0 scales [n, head_dim/32]) of table rows ``rows``, as uint8."""
+    if values == "trained":
+        keys = np.asarray(rows, np.uint64)[:, None]
+        columns = np.arange(config.head_dim, dtype=np.uint64)
+        gauss = _gaussian(_mix(seed, layer_id, keys, columns), _mix(seed + 2, layer_id, keys, columns))
+        magnitude = np.exp(0.5 * _gaussian(_mix(seed + 3, layer_id, keys), _mix(seed + 4, layer_id, keys)))
+        blocks = (gauss * magnitude / 16).reshape(len(keys), config.head_dim // BLOCK, BLOCK)
+        codes, scales = _to_fp8_blocks(blocks, (2,))
+        return codes.reshape(len(keys), config.head_dim), scales
     rows = np.asarray(rows, np.uint64)[:, None]
     values = _fp8(_mix(seed, layer_id, rows, np.arange(config.head_dim, dtype=np.uint64)))
     scales = 120 + (
@@ -64,15 +98,21 @@ def float_rows_bytes(
     return stored.view(np.uint8)
 
 
-def _small_tensors(config: V41Config, layer_id: int, seed: int) -> dict[str, tuple[str, bytes]]:
+def _small_tensors(config: V41Config, layer_id: int, seed: int, values: str = "codes") -> dict[str, tuple[str, bytes]]:
     """The non-table tensors of a layer: suffix -> (dtype, bytes)."""
     import torch
 
     rng = np.random.default_rng([seed, layer_id])
     expected = _expected(config, layer_id)
     out, width = expected["wkv.weight"][1]
-    wkv = _fp8(rng.integers(0, 256, (out, width), dtype=np.uint8))
-    wkv_scale = rng.integers(112, 118, expected["wkv.scale"][1], dtype=np.uint8)
+    if values == "trained":
+        blocks_out, blocks_in = expected["wkv.scale"][1]
+        weights = rng.normal(0, width**-0.5, (blocks_out * BLOCK, blocks_in * BLOCK))
+        codes, wkv_scale = _to_fp8_blocks(weights.reshape(blocks_out, BLOCK, blocks_in, BLOCK), (1, 3))
+        wkv = np.ascontiguousarray(codes.reshape(blocks_out * BLOCK, blocks_in * BLOCK)[:out, :width])
+    else:
+        wkv = _fp8(rng.integers(0, 256, (out, width), dtype=np.uint8))
+        wkv_scale = rng.integers(112, 118, expected["wkv.scale"][1], dtype=np.uint8)
     streams = (config.hc_mult, config.hidden_size)
     q, k = (torch.from_numpy(rng.normal(1, 0.2, streams)).bfloat16().view(torch.uint16).numpy() for _ in range(2))
     return {
@@ -112,15 +152,19 @@ def write_v41_checkpoint(
     prefix: str = "",
     tokenizer: bool = False,
     table_dtype: str = "F8_E4M3",
+    values: str = "codes",
 ) -> Path:
     """Write a checkpoint folder for the V4.1 ``config`` (a ``config.json`` dict).
 
     ``rows``: layer id -> the table rows to write (default: every row, for small tables only).
     ``prefix``: ``"model."`` to store the tensors under it, as some exports do.
     ``table_dtype``: ``"F8_E4M3"`` (with an F8_E8M0 ``embed.scale``, as released), ``"BF16"`` or ``"F32"``.
+    ``values``: ``"codes"`` or ``"trained"`` FP8 values (the module's docstring).
     """
     if table_dtype not in TABLE_DTYPES:
         raise ValueError(f"table_dtype must be one of {TABLE_DTYPES}, got {table_dtype!r}")
+    if values not in ("codes", "trained"):
+        raise ValueError(f"values must be 'codes' or 'trained', got {values!r}")
     fp8 = table_dtype == "F8_E4M3"
     table_tensors = ("embed.scale", "embed.weight") if fp8 else ("embed.weight",)
     folder = Path(folder)
@@ -140,7 +184,7 @@ def write_v41_checkpoint(
         }
         small = {
             names[s]: (dtype, data, expected[s][1])
-            for s, (dtype, data) in _small_tensors(parsed, layer_id, seed).items()
+            for s, (dtype, data) in _small_tensors(parsed, layer_id, seed, values).items()
         }
         dtypes = {"embed.scale": "F8_E8M0", "embed.weight": table_dtype}
         large = {
@@ -150,11 +194,11 @@ def write_v41_checkpoint(
         offsets = _write_shard(folder / shard, small, large)
         wanted = np.arange(parsed.table_rows(layer_id)) if rows is None else np.unique(rows[layer_id])
         if fp8:
-            values, scales = table_rows_bytes(parsed, layer_id, wanted, seed)
+            codes, scales = table_rows_bytes(parsed, layer_id, wanted, seed, values)
             _write_rows(folder / shard, offsets[names["embed.scale"]], wanted, scales)
         else:
-            values = float_rows_bytes(parsed, layer_id, wanted, seed, table_dtype)
-        _write_rows(folder / shard, offsets[names["embed.weight"]], wanted, values)
+            codes = float_rows_bytes(parsed, layer_id, wanted, seed, table_dtype)
+        _write_rows(folder / shard, offsets[names["embed.weight"]], wanted, codes)
         weight_map.update(dict.fromkeys(names.values(), shard))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2))
     return folder

@@ -258,6 +258,15 @@ def add_quantize(sub) -> None:
     p.add_argument(
         "--calibration-hidden", type=Path, help="int8 with a text --calibration: hidden states .npy [N,T,G,D]"
     )
+    p.add_argument(
+        "--calibration-text",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="int8: UTF-8 text files, tokenized with the model's tokenizer (--subset-size windows of "
+        "--calibration-tokens ids; hidden states reach no quantized op)",
+    )
+    p.add_argument("--calibration-tokens", type=int, default=64, help="int8 with --calibration-text: ids per window")
     p.add_argument("--subset-size", type=int, default=64, help="int8: calibration sequences used")
     add_copy_table(p)
     p.set_defaults(func=run_quantize)
@@ -266,32 +275,46 @@ def add_quantize(sub) -> None:
 def run_quantize(args) -> None:
     from engram_export.openvino.quantize import (
         QuantizeOptions,
+        calibration_from_text,
         compressed_constants,
         quantize,
         read_calibration,
         read_model,
     )
 
-    check_at_least(1, group_size=args.group_size, subset_size=args.subset_size)
-    check_output(args.output, args.model.is_dir(), ".xml", [args.model, args.calibration, args.calibration_hidden])
+    check_at_least(
+        1, group_size=args.group_size, subset_size=args.subset_size, calibration_tokens=args.calibration_tokens
+    )
+    texts = args.calibration_text or []
+    check_output(
+        args.output, args.model.is_dir(), ".xml", [args.model, args.calibration, args.calibration_hidden, *texts]
+    )
     calibration = None
+    if args.mode != "int8" and (args.calibration or texts):
+        raise EngramError(f"mode {args.mode} takes no calibration data (only int8 does)")
     if args.mode == "int8":
-        if args.calibration is None:
-            raise EngramError("mode int8 needs --calibration (an .npz, or a text file with --calibration-hidden)")
+        if (args.calibration is None) == (not texts):
+            raise EngramError(
+                "mode int8 needs calibration data: --calibration-text FILE [...], or --calibration (an .npz, "
+                "or a text file with --calibration-hidden)"
+            )
         source = args.model  # a folder's layers share the config: calibrate from its first file
         if source.is_dir():
             from engram_export.manifest import read_manifest
 
             source = source / next(iter(read_manifest(source, check_hashes=False).layers.values()))
         _, info = read_model(source)
-        text = args.calibration.suffix != ".npz"
-        calibration = read_calibration(
-            info.config,
-            info.num_ids,
-            npz=None if text else args.calibration,
-            text=args.calibration if text else None,
-            hidden_npy=args.calibration_hidden,
-        )
+        if texts:
+            calibration = calibration_from_text(info, texts, args.calibration_tokens, args.subset_size)
+        else:
+            text = args.calibration.suffix != ".npz"
+            calibration = read_calibration(
+                info.config,
+                info.num_ids,
+                npz=None if text else args.calibration,
+                text=args.calibration if text else None,
+                hidden_npy=args.calibration_hidden,
+            )
     options = QuantizeOptions(
         args.mode,
         int4_symmetric=args.int4 == "sym",

@@ -10,6 +10,12 @@ Modes:
   table) and then compressed per row as in ``int8-weights``. The short conv lives in the fused
   post-projection kernel and stays in float.
 
+DeepSeek-V4.1: the FP8 table stays FP8 in its checkpoint shard (detached after NNCF, which needs it
+to run the calibration); only the ``wkv`` projection is quantized. Its input is the looked-up rows,
+which depend on the token ids alone, so calibration needs only text (``calibration_from_text``); the
+gate's norms and dot products stay in float (``ModelType.TRANSFORMER``: NNCF's default would put
+fake-quantizers on every elementwise op of the gate).
+
 The IR records the mode and the runtime settings it was measured with (inference precision, dynamic
 quantization of activations), so ``EngramRuntime`` compiles it the same way everywhere.
 """
@@ -34,6 +40,7 @@ __all__ = [
     "quantize_model",
     "read_model",
     "read_calibration",
+    "calibration_from_text",
     "compressed_constants",
 ]
 
@@ -97,26 +104,20 @@ def _compress_table(nncf, model, bits: int, group_size: int):
     )
 
 
-def _detach_v41_tables(model, model_path: Path, output: Path, options: QuantizeOptions) -> dict:
-    """DeepSeek-V4.1: the FP8 table leaves the model before NNCF sees it (it stays FP8, in its
-    checkpoint shard); NNCF compresses the projection, which ``read_onnx`` made a bf16 constant."""
-    from engram_export.openvino import tables
-
-    if options.mode != "int8-weights":
-        raise EngramError(
-            f"DeepSeek-V4.1 models take --mode int8-weights (the projection in INT8, the "
-            f"table kept FP8); {options.mode} is not supported for them yet"
-        )
+def _check_v41(model_path: Path, options: QuantizeOptions) -> None:
+    """DeepSeek-V4.1: quantized from its exported .onnx (where its table is read from the shard), the
+    table kept as stored."""
     if model_path.suffix != ".onnx":
         raise EngramError(f"quantize the exported .onnx of a DeepSeek-V4.1 layer, not {model_path.name}")
-    return tables.detach(model, model_path.stem, output.name)
+    if options.mode == "int4-weights" and options.table_bits != 8:
+        raise EngramError("a DeepSeek-V4.1 table stays FP8 as stored: drop --table-bits")
 
 
 def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
     """NNCF on an ``openvino.Model`` (the f32 model of one exported layer, as ``read_model`` returns it):
     the quantized ``openvino.Model``, its ``ModelInfo`` recorded in it. ``model`` is consumed. The core
-    of ``quantize``, for callers that hold the model already (a DeepSeek-V4.1 model must have its FP8
-    table detached first, as ``quantize`` does)."""
+    of ``quantize``, for callers that hold the model already (a DeepSeek-V4.1 table is left in the
+    model: ``quantize`` detaches it afterwards)."""
     import nncf
 
     row_width, width = info.config.head_dim, info.config.engram_hidden_size
@@ -132,11 +133,17 @@ def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
             model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=ignored)
         elif options.mode == "int4-weights":
             mode = nncf.CompressWeightsMode.INT4_SYM if options.int4_symmetric else nncf.CompressWeightsMode.INT4_ASYM
-            table = nncf.IgnoredScope(names=_table_gather_names(model), validate=False)
+            # V4.1: its Gathers are the table's and the 256-entry FP8 decode tables'; the table stays FP8
+            table = (
+                nncf.IgnoredScope(types=["Gather"])
+                if info.takes_mask
+                else nncf.IgnoredScope(names=_table_gather_names(model), validate=False)
+            )
             model = nncf.compress_weights(
                 model, mode=mode, group_size=options.group_size, ratio=1.0, all_layers=True, ignored_scope=table
             )
-            model = _compress_table(nncf, model, options.table_bits, min(options.group_size, row_width))
+            if not info.takes_mask:
+                model = _compress_table(nncf, model, options.table_bits, min(options.group_size, row_width))
         else:
             from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
@@ -148,10 +155,12 @@ def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
                 model,
                 dataset,
                 subset_size=subset,
+                model_type=nncf.ModelType.TRANSFORMER if info.takes_mask else None,
                 ignored_scope=nncf.IgnoredScope(types=["Gather"]),
                 advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE),
             )
-            model = _compress_table(nncf, model, 8, row_width)
+            if not info.takes_mask:
+                model = _compress_table(nncf, model, 8, row_width)
     ModelInfo(info.config, info.layer_id, info.num_ids, options.precision, quantization=options.mode).write_openvino(
         model
     )
@@ -161,10 +170,14 @@ def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
 def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions, copy_table: bool = False) -> Path:
     """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml): read, detach a
     DeepSeek-V4.1 table, ``quantize_model``, write."""
+    from engram_export.openvino import tables
+
     output = check_output_file(output, ".xml")
     model, info = read_model(model_path)
-    links = _detach_v41_tables(model, Path(model_path), output, options) if info.takes_mask else None
+    if info.takes_mask:
+        _check_v41(Path(model_path), options)
     model = quantize_model(model, info, options)
+    links = tables.detach(model, Path(model_path).stem, output.name) if info.takes_mask else None
     return save_ir(model, output, compress_to_fp16=False, links=links, copy_table=copy_table)
 
 
@@ -215,6 +228,24 @@ def read_calibration(
         ids, hidden = _ids_from_text(config, Path(text), Path(hidden_npy))
     else:
         raise EngramError("calibration needs an .npz, or a text file with a hidden-state .npy")
+    feeds, hidden = check_inputs(info, ids, hidden)
+    return [
+        {**{name: value[i : i + 1] for name, value in feeds.items()}, "hidden_states": hidden[i : i + 1]}
+        for i in range(len(hidden))
+    ]
+
+
+def calibration_from_text(info: ModelInfo, paths: list, tokens: int = 64, count: int = 64, seed: int = 0) -> list[dict]:
+    """Calibration items (batch 1 each) from real text: ``count`` windows of ``tokens`` ids spread over
+    the files' token stream (the model's tokenizer), every token unmasked. Hidden states are seeded
+    standard normal: static INT8 quantizes the projection, whose input is the looked-up rows alone; the
+    hidden states reach only ops that stay in float (the demo's fused gate and conv, V4.1's gate)."""
+    from engram_export.runtime.inputs import check_inputs
+    from engram_export.text import token_stream, windows
+
+    ids = windows(token_stream(info.config.tokenizer, paths), tokens, count)
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((*ids.shape, info.config.hc_mult, info.config.hidden_size), dtype=np.float32)
     feeds, hidden = check_inputs(info, ids, hidden)
     return [
         {**{name: value[i : i + 1] for name, value in feeds.items()}, "hidden_states": hidden[i : i + 1]}

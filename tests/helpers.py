@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -12,7 +14,7 @@ from engram_export.fileio import STAGING_PREFIX
 
 TINY_LAYER = 3  # the second layer of the tiny preset: its primes depend on layer 1's
 
-__all__ = ["run_cli", "cli", "refused", "listing", "Done", "STAGING_PREFIX"]
+__all__ = ["run_cli", "cli", "refused", "listing", "hf_snapshot", "Done", "STAGING_PREFIX"]
 
 
 class Done(NamedTuple):
@@ -55,3 +57,16 @@ def refused(result: tuple[int, str, str], message: str) -> None:
 def listing(folder: Path) -> list[str]:
     """Every path under ``folder`` (hidden ones included), to compare before and after a command."""
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+def hf_snapshot(plain: Path, cache: Path) -> Path:
+    """``plain``'s files as ``huggingface-cli download`` leaves them: blobs named by their SHA-256 (the
+    LFS object id), and a snapshot folder of relative links to them."""
+    blobs, snapshot = cache / "blobs", cache / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in plain.iterdir():
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        os.link(file, blobs / digest)
+        os.symlink(f"../../blobs/{digest}", snapshot / file.name)
+    return snapshot

@@ -169,7 +169,7 @@ def test_quantize_command_end_to_end(tiny_files, calibration, tmp_path):
     assert np.load(tmp_path / "out.npz")["output"].shape == (2, 5, 4, 48)
     refused(
         cli("quantize", tiny_files["onnx"], "-o", tmp_path / "x.xml", "--mode", "int8", check=False),
-        "mode int8 needs --calibration",
+        "mode int8 needs calibration data",
     )
     assert not (tmp_path / "x.xml").exists()
 

@@ -5,7 +5,6 @@ with the reason)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,21 +18,8 @@ from engram_export.fileio import data_extents, link_or_copy
 from engram_export.manifest import read_manifest
 from engram_export.runtime import EngramRuntime
 from engram_export.synthetic import write_v41_checkpoint
-from tests.helpers import listing, refused, run_cli
+from tests.helpers import hf_snapshot, listing, refused, run_cli
 from tests.v41_spec import TINY
-
-
-def hf_snapshot(plain: Path, cache: Path) -> Path:
-    """``plain``'s files as ``huggingface-cli download`` leaves them: blobs named by their SHA-256 (the
-    LFS object id), and a snapshot folder of relative links to them."""
-    blobs, snapshot = cache / "blobs", cache / "snapshots" / "0123abcd"
-    blobs.mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    for file in plain.iterdir():
-        digest = hashlib.sha256(file.read_bytes()).hexdigest()
-        os.link(file, blobs / digest)
-        os.symlink(f"../../blobs/{digest}", snapshot / file.name)
-    return snapshot
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,7 @@ from engram_export.manifest import read_manifest
 from engram_export.measure.verify import random_inputs
 from engram_export.runtime import EngramRuntime, verification
 from engram_export.synthetic import write_v41_checkpoint
-from tests.helpers import run_cli
-from tests.test_table_links import hf_snapshot
+from tests.helpers import hf_snapshot, run_cli
 from tests.v41_spec import TINY
 
 

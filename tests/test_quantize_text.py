@@ -186,3 +186,16 @@ def test_weight_modes_take_no_calibration(v41, corpus, tmp_path):
     )
     with pytest.raises(EngramError, match="has no tokenizer"):
         token_stream(None, [corpus / "held_out.txt"])
+
+
+def test_verify_compares_each_quantized_model_with_the_spec(v41):
+    root = v41[0]
+    models = [root / mode / "layer_3.xml" for mode in ("int8", "int4-weights")]
+    code, out, err = run_cli(
+        "verify", "--checkpoint", root / "checkpoint", "--layer", 3, "--shape", "50x14",
+        *[arg for model in models for arg in ("--model", model)],
+    )  # fmt: skip
+    assert code == 0, err
+    for model, floor in zip(models, ("int8: mean_cos >= 0.999", "int4-weights: mean_cos >= 0.99")):
+        assert f"openvino {model}" in out and floor in out
+    assert "5 passed, 0 failed" in out

@@ -431,7 +431,8 @@ def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(),
     if onnx_path is None:
         onnx_path = (export or (lambda path: export_layer(layer, path)))(workdir / "engram.onnx")
     xml = {p: compile_onnx(onnx_path, workdir / f"engram_{p}.xml", p) for p in ("f32", "bf16")}
-    xml.update({path.name: path for path in extra})
+    names = [path.name for path in extra]  # two quantized folders both hold layer_3.xml: label by path
+    xml.update({path.name if names.count(path.name) == 1 else str(path): path for path in extra})
     with _stage(f"running every path at {', '.join(f'{b}x{t}' for b, t in shapes)}"):
         verify = verify_paths_v41 if is_deepseek_v41(layer.config) else verify_paths
         results = verify(layer, default_paths(onnx_path, xml), shapes)

@@ -199,3 +199,16 @@ def test_verify_compares_each_quantized_model_with_the_spec(v41):
     for model, floor in zip(models, ("int8: mean_cos >= 0.999", "int4-weights: mean_cos >= 0.99")):
         assert f"openvino {model}" in out and floor in out
     assert "5 passed, 0 failed" in out
+
+
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+def test_v41_static_int8_runs_an_int8_gemm_after_the_row_kernel(v41, precision):
+    """NNCF's activation quantizer (and SmoothQuant's scale) go with the GEMM into the fuse stage: split
+    off into the lookup, they left the CPU plugin a GEMM on f32 activations with decompressed weights
+    (measured at the released size: no faster than bf16)."""
+    layer = EngramRuntime(v41[0] / "int8", precision=precision)[3]
+    assert layer.settings["lookup"].startswith("row kernel")
+    fuse = layer._backend.fuses.compiled.get_runtime_model().get_ordered_ops()
+    kinds = {op.get_rt_info()["layerType"].astype(str): op for op in fuse}
+    assert "FullyConnectedCompressed" not in kinds
+    assert kinds["FullyConnected"].get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8")

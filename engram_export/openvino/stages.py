@@ -36,11 +36,23 @@ def _embeddings_output(model):
         matmuls = [op for op in model.get_ops() if op.get_type_name() == "MatMul"]
         if len(matmuls) != 1:
             raise EngramError(f"expected one projection MatMul after the lookup, found {len(matmuls)}")
-        return matmuls[0].input_value(0)
+        rows = matmuls[0].input_value(0)
+        while _projection_input_op(rows.get_node()):  # static INT8: they go with the GEMM into the fuse stage
+            rows = rows.get_node().input_value(0)
+        return rows
     consumers = [t.get_node() for t in hashes[0].output(0).get_target_inputs()]
     if len(consumers) != 1 or consumers[0].get_type_name() != "Gather":
         raise EngramError("unexpected graph after the hash: no single Gather on the table")
     return consumers[0].output(0)
+
+
+def _projection_input_op(node) -> bool:
+    """An op NNCF put on the projection's input: its activation quantizer (FakeQuantize) or SmoothQuant's
+    per-channel scale (a Multiply by a constant). Compiled apart from the GEMM, the CPU plugin would run
+    the GEMM on f32 activations with its weights decompressed: no INT8 kernel."""
+    if node.get_type_name() == "FakeQuantize":
+        return True
+    return node.get_type_name() == "Multiply" and node.input_value(1).get_node().get_type_name() == "Constant"
 
 
 def _ancestors(output) -> set:

@@ -105,7 +105,7 @@ def test_v41_floors_on_held_out_text(v41, corpus, mode, mean_floor, min_floor, b
         ids, hidden, mask = held_out_inputs(corpus, config, batch, tokens, seed=layer + batch)
         got = runtime[layer](ids, hidden, token_mask=mask)
         np.testing.assert_array_equal(got[~mask], hidden[~mask])  # image tokens: exactly h
-        cosine = row_cosines(got - hidden, reference(layer, ids, hidden, mask) - hidden)[mask]
+        cosine = row_cosines((got - hidden)[mask], (reference(layer, ids, hidden, mask) - hidden)[mask])
         assert cosine.mean() >= mean_floor and cosine.min() >= min_floor, (mode, layer, cosine.mean(), cosine.min())
 
 

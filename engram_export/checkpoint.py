@@ -83,7 +83,7 @@ def read_header(path: Path) -> dict[str, TensorLocation]:
                 raise ValueError(f"header length {length}")
             header = json.loads(f.read(length))
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise EngramError(f"checkpoint: {path} is not a readable safetensors file ({exc})") from None
+        raise EngramError(f"checkpoint: {path} is not a readable safetensors file ({exc})") from exc
     start, tensors = 8 + length, {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -93,7 +93,7 @@ def read_header(path: Path) -> dict[str, TensorLocation]:
             dtype, shape = entry["dtype"], tuple(entry["shape"])
             expected = math.prod(shape) * DTYPE_BYTES[dtype]
         except (KeyError, TypeError, ValueError) as exc:
-            raise EngramError(f"checkpoint: {path}: malformed entry for {name} ({exc!r})") from None
+            raise EngramError(f"checkpoint: {path}: malformed entry for {name} ({exc!r})") from exc
         if end - begin != expected or begin < 0:
             raise EngramError(
                 f"checkpoint: {path}: {name} holds {end - begin} bytes, its dtype and shape need {expected}"
@@ -119,7 +119,7 @@ class Checkpoint:
         try:
             self.config = json.loads(config.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EngramError(f"checkpoint: {config} is not valid JSON ({exc})") from None
+            raise EngramError(f"checkpoint: {config} is not valid JSON ({exc})") from exc
         if not isinstance(self.config, dict):
             raise EngramError(f"checkpoint: {config} does not hold a JSON object")
         self._headers: dict[Path, dict[str, TensorLocation]] = {}
@@ -133,7 +133,7 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 return {name: self._shard(file) for name, file in weight_map.items()}
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-                raise EngramError(f"checkpoint: {index} is not a valid index ({exc!r})") from None
+                raise EngramError(f"checkpoint: {index} is not a valid index ({exc!r})") from exc
         single = self.folder / SINGLE
         if not single.is_file():
             raise EngramError(f"checkpoint: {self.folder} has neither {INDEX} nor {SINGLE}")
@@ -171,7 +171,7 @@ class Checkpoint:
             with open(location.file, "rb") as f:
                 data = os.pread(f.fileno(), location.nbytes, location.offset)
         except OSError as exc:
-            raise EngramError(f"checkpoint: cannot read {name} from {location.file} ({exc.strerror})") from None
+            raise EngramError(f"checkpoint: cannot read {name} from {location.file} ({exc.strerror})") from exc
         if len(data) != location.nbytes:
             raise EngramError(f"checkpoint: {location.file} is truncated inside {name}")
         dtype = torch_dtype(location.dtype)

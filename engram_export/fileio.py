@@ -7,8 +7,8 @@ import contextlib
 import errno
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from engram_export.errors import EngramError
 
@@ -99,7 +99,7 @@ def _make_staging(parent: Path) -> Path:
     try:
         staging.mkdir()
     except OSError as exc:
-        raise EngramError(f"cannot write to {parent} ({exc.strerror})") from None
+        raise EngramError(f"cannot write to {parent} ({exc.strerror})") from exc
     return staging
 
 
@@ -180,7 +180,7 @@ def _unreadable(path: Path) -> Iterator[None]:
     except EngramError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
-        raise EngramError(f"inputs: {path} is not a readable .npz ({exc})") from None
+        raise EngramError(f"inputs: {path} is not a readable .npz ({exc})") from exc
 
 
 # link() errors that mean "no hard link can be made here", where a copy is the way out
@@ -201,7 +201,7 @@ def link_or_copy(source: Path, target: Path, copy: bool) -> None:
     try:
         source = given.resolve(strict=True)
     except OSError as exc:
-        raise EngramError(f"cannot read the table file {given} ({exc.strerror})") from None
+        raise EngramError(f"cannot read the table file {given} ({exc.strerror})") from exc
     try:
         os.link(source, target, follow_symlinks=False)  # ``source`` is resolved: a link to the file itself
         return
@@ -209,12 +209,12 @@ def link_or_copy(source: Path, target: Path, copy: bool) -> None:
         size = source.stat().st_size
         why = _NO_LINK.get(exc.errno)
         if why is None:
-            raise EngramError(f"cannot hard-link the table file {given} as {target} ({exc.strerror})") from None
+            raise EngramError(f"cannot hard-link the table file {given} as {target} ({exc.strerror})") from exc
         if not copy:
             raise EngramError(
                 f"cannot hard-link the table file {given} into {target.parent} ({why}): put the output on "
                 f"the same file system, or pass --copy-table to copy {size / 2**30:.1f} GiB"
-            ) from None
+            ) from exc
     copy_sparse(source, target, given.name)
 
 
@@ -262,6 +262,6 @@ def copy_sparse(source: Path, target: Path, name: str | None = None) -> None:
                         counter.advance(sent)
             os.ftruncate(out, size)
         except OSError as exc:
-            raise EngramError(f"copying {source} to {target.parent} failed ({exc.strerror})") from None
+            raise EngramError(f"copying {source} to {target.parent} failed ({exc.strerror})") from exc
         finally:
             os.close(out)

@@ -25,9 +25,9 @@ def export_folder(
 ) -> Path:
     """Export every layer in ``config.layer_ids``. ``prefix`` may hold ``{layer}`` (full-model
     checkpoints); random weights use ``seed + layer id``."""
-    from engram_export.onnx.export import export_layer
     from engram_export.models.hashing import EngramHashing
     from engram_export.models.weights import build_layer, layer_prefix
+    from engram_export.onnx.export import export_layer
 
     if weights is not None and len(config.layer_ids) > 1 and layer_prefix(prefix, 0) == layer_prefix(prefix, 1):
         raise EngramError(
@@ -60,8 +60,8 @@ def export_checkpoint(
     """A DeepSeek-V4.1 checkpoint folder: layer ``layer_id`` to an .onnx, or every Engram layer to a
     folder with a manifest. Tables stay in the checkpoint's shards, hard-linked beside the files."""
     from engram_export.checkpoint import Checkpoint
-    from engram_export.onnx.export_v41 import export_v41_layer
     from engram_export.models.deepseek_v41 import V41Config, V41Hashing
+    from engram_export.onnx.export_v41 import export_v41_layer
 
     checkpoint = Checkpoint(checkpoint_dir)
     config = V41Config.from_checkpoint(checkpoint)

@@ -56,7 +56,7 @@ def _model_files(folder: Path, name: str) -> dict[str, str | None]:
     try:
         model = ir.load(folder / name)  # the graph; external data is not read
     except Exception as exc:  # protobuf DecodeError and friends
-        raise EngramError(f"{folder / name} is not a readable ONNX file ({type(exc).__name__})") from None
+        raise EngramError(f"{folder / name} is not a readable ONNX file ({type(exc).__name__})") from exc
     recorded = external_data_record(model)
     return {name: None, **{f: recorded.get(f, {}).get("sha256") for f in sorted(external_locations(model))}}
 
@@ -130,7 +130,7 @@ def _parse(path: Path) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, EngramError):
             raise
-        raise EngramError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from None
+        raise EngramError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from exc
 
 
 def read_manifest(folder: str | Path, check_hashes: bool | str | FileChecks = True) -> Manifest:

@@ -54,7 +54,7 @@ class ModelInfo:
         return metadata
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, str], source: str | Path) -> "ModelInfo":
+    def from_metadata(cls, metadata: dict[str, str], source: str | Path) -> ModelInfo:
         if any(key not in metadata for key in (CONFIG_KEY, LAYER_KEY, NUM_IDS_KEY)):
             raise EngramError(f"{source} was not exported by engram-export (no Engram metadata)")
         try:
@@ -67,7 +67,7 @@ class ModelInfo:
                 metadata.get(QUANTIZATION_KEY),
             )
         except (json.JSONDecodeError, ValueError, TypeError) as exc:
-            raise EngramError(f"{source}: malformed Engram metadata ({exc})") from None
+            raise EngramError(f"{source}: malformed Engram metadata ({exc})") from exc
         if info.layer_id not in config.layer_ids:
             raise EngramError(
                 f"{source}: metadata says layer {info.layer_id}, which is not one of the "
@@ -90,14 +90,18 @@ class ModelInfo:
             expected["token_mask"] = [None, None]
         for name, dims in expected.items():
             got = shapes.get(name)
-            if got is None or len(got) != len(dims) or any(d is not None and g != d for g, d in zip(got, dims)):
+            if (
+                got is None
+                or len(got) != len(dims)
+                or any(d is not None and g != d for g, d in zip(got, dims, strict=True))
+            ):
                 raise EngramError(
                     f"{source}: the graph's {name} is {got}, its metadata says "
                     f"{['?' if d is None else d for d in dims]} (file and metadata disagree)"
                 )
 
     @classmethod
-    def from_onnx(cls, model, path: str | Path, checks=None) -> "ModelInfo":
+    def from_onnx(cls, model, path: str | Path, checks=None) -> ModelInfo:
         """The info of an exported ``onnx_ir.Model`` read from ``path``, after checking that its inputs
         match the metadata and its external data files are the ones it was written with (to the depth
         of ``checks``, an ``integrity.FileChecks``)."""
@@ -114,7 +118,7 @@ class ModelInfo:
         return info
 
     @classmethod
-    def from_openvino(cls, model, path: str | Path) -> "ModelInfo":
+    def from_openvino(cls, model, path: str | Path) -> ModelInfo:
         metadata = {}
         for key in (CONFIG_KEY, LAYER_KEY, NUM_IDS_KEY, PRECISION_KEY, QUANTIZATION_KEY):
             if model.has_rt_info([RT_INFO_SECTION, key]):
@@ -143,7 +147,7 @@ def xml_rt_value(xml: Path, key: str) -> str | None:
     try:
         found = re.search(rf'<{re.escape(key)} value="([^"]*)"', xml.read_text())
     except (OSError, UnicodeDecodeError) as exc:
-        raise EngramError(f"model: cannot read {xml} ({type(exc).__name__})") from None
+        raise EngramError(f"model: cannot read {xml} ({type(exc).__name__})") from exc
     return html.unescape(found[1]) if found else None
 
 
@@ -197,8 +201,8 @@ def _check_external_data(uses: set[str], record: str | None, path: Path, checks=
     try:
         files = json.loads(record)
         assert isinstance(files, dict) and all(isinstance(e, dict) for e in files.values())
-    except (TypeError, ValueError, AssertionError):
-        raise EngramError(f"{path} records no fingerprint of its external data (export it again)") from None
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise EngramError(f"{path} records no fingerprint of its external data (export it again)") from exc
     if uses != set(files):
         raise EngramError(f"{path} reads external data from {sorted(uses)}, it records {sorted(files)}")
     for name, entry in files.items():

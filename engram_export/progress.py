@@ -14,8 +14,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["stage", "steps", "bytes_written", "quiet", "TerminalHandler", "LOGGER"]
 

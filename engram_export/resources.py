@@ -7,8 +7,8 @@ full disk minutes later.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from engram_export.errors import EngramError
 

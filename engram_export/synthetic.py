@@ -138,7 +138,7 @@ def _write_shard(path: Path, small: dict[str, tuple[str, bytes, tuple]], large: 
     start = 8 + len(text)
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
-        for dtype, data, shape in small.values():
+        for _, data, _ in small.values():
             f.write(data)
         f.truncate(start + offset)
     return {name: start + header[name]["data_offsets"][0] for name in large}
@@ -213,7 +213,7 @@ def _write_rows(path: Path, offset: int, rows: np.ndarray, data: np.ndarray) -> 
         if len(rows) and rows[0] == 0 and np.all(np.diff(rows) == 1):
             os.pwrite(fd, data.tobytes(), offset)
         else:
-            for row, values in zip(rows.tolist(), data):
+            for row, values in zip(rows.tolist(), data, strict=True):
                 os.pwrite(fd, values.tobytes(), offset + row * width)
     finally:
         os.close(fd)

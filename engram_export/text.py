@@ -24,14 +24,14 @@ def read_text(path: str | Path) -> str:
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise EngramError(f"text: {path} does not exist") from None
-    except IsADirectoryError:
-        raise EngramError(f"text: {path} is a folder, not a text file") from None
+    except FileNotFoundError as exc:
+        raise EngramError(f"text: {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise EngramError(f"text: {path} is a folder, not a text file") from exc
     except UnicodeDecodeError as exc:
-        raise EngramError(f"text: {path} is not UTF-8 (byte {exc.start}: {exc.reason})") from None
+        raise EngramError(f"text: {path} is not UTF-8 (byte {exc.start}: {exc.reason})") from exc
     except OSError as exc:
-        raise EngramError(f"text: cannot read {path} ({exc.strerror})") from None
+        raise EngramError(f"text: cannot read {path} ({exc.strerror})") from exc
     if not text.strip():
         raise EngramError(f"text: {path} is empty")
     return text

@@ -32,7 +32,7 @@ def read_tokenizer(path: str | Path):
     try:
         return Tokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise EngramError(f"tokenizer: cannot read {file}: {exc}") from None
+        raise EngramError(f"tokenizer: cannot read {file}: {exc}") from exc
 
 
 def tokenizer_size(path: str | Path) -> int:

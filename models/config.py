@@ -143,7 +143,7 @@ class EngramConfig:
         """E: width of the flattened embedding, the projections' input."""
         return (self.max_ngram_size - 1) * self.n_embed_per_ngram
 
-    def replace(self, **changes: Any) -> "EngramConfig":
+    def replace(self, **changes: Any) -> EngramConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,7 +156,7 @@ class EngramConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> "EngramConfig":
+    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> EngramConfig:
         """Build a config from a JSON object; a relative tokenizer path is taken from ``base_dir``."""
         if not isinstance(data, dict):
             raise EngramError(f"config: expected a JSON object, got {type(data).__name__}")
@@ -210,7 +210,7 @@ def load_config(name_or_path: str | Path):
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EngramError(f"config: {path} is not valid JSON ({exc})") from None
+        raise EngramError(f"config: {path} is not valid JSON ({exc})") from exc
     config = config_from_dict(data, base_dir=path.parent)
     if isinstance(config, EngramConfig):
         check_tokenizer(config)

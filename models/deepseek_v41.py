@@ -151,7 +151,7 @@ class V41Config:
         return self.num_embeddings[self.layer_ids.index(layer_id)]
 
     @classmethod
-    def from_hf(cls, data: dict[str, Any], base_dir: Path | None = None) -> "V41Config":
+    def from_hf(cls, data: dict[str, Any], base_dir: Path | None = None) -> V41Config:
         """From a checkpoint's ``config.json`` (its ``engram_*`` and backbone fields)."""
         if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
             raise EngramError(
@@ -172,7 +172,7 @@ class V41Config:
         return cls(**values, tokenizer=tokenizer)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint) -> "V41Config":
+    def from_checkpoint(cls, checkpoint) -> V41Config:
         """From a checkpoint folder's ``config.json`` and ``tokenizer.json`` (required: without it the
         ids could not be compressed as the model was trained)."""
         tokenizer = checkpoint.folder / "tokenizer.json"
@@ -271,7 +271,7 @@ class V41Hashing:
     @cached_property
     def _primes_by_layer(self) -> dict[int, list[int]]:
         config, seen, by_layer = self.config, set(), {}
-        for layer_id, rows in zip(config.layer_ids, config.num_embeddings):
+        for layer_id, rows in zip(config.layer_ids, config.num_embeddings, strict=True):
             primes = []
             for _ in range(2, config.max_ngram_size + 1):
                 candidate = config.vocab_size - 1

@@ -55,14 +55,14 @@ def read_checkpoint(path: str | Path, prefix: str = "") -> dict[str, torch.Tenso
             with safe_open(str(path), framework="pt") as f:
                 return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         except (SafetensorError, OSError, ValueError) as exc:
-            raise EngramError(f"weights: {path} is not a readable safetensors file ({exc})") from None
+            raise EngramError(f"weights: {path} is not a readable safetensors file ({exc})") from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch.load raises RuntimeError, EOFError, UnpicklingError...
         raise EngramError(
             f"weights: {path} is not a readable torch state dict "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
+        ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EngramError(f"weights: {path} does not hold a state dict of tensors")
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -107,6 +107,7 @@ def merged_last_axis(build: Builder, values: list[ir.Value]) -> ir.Value:
             for old, new in zip(
                 [o for i, o in enumerate(split.outputs) if not positions[0] <= i <= positions[-1]],
                 [p for i, p in enumerate(parts) if i != positions[0]],
+                strict=True,
             ):
                 replace_value(old, new)
             return parts[positions[0]]

@@ -66,7 +66,7 @@ class FuseProjectionsPass(ir.passes.InPlacePass):
         parts = build.ops("Split", fused, build.constant("sizes", sizes), axis=-1, num_outputs=len(group))
         first = min(graph.index(p[0]) for p in group)
         build.insert_before(graph.node(first))
-        for (matmul, add, _, _), part in zip(group, parts):
+        for (matmul, add, _, _), part in zip(group, parts, strict=True):
             replace_value((add or matmul).outputs[0], part)
         log.info(
             "fuse-projections: %d projections of %s -> one MatMul [%d, %d]", len(group), source.name, *weight.shape

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram_export.openvino.compile import compile_onnx
-from engram_export.onnx.export import export_layer
 from engram_export.models.config import EngramConfig
 from engram_export.models.weights import build_layer
+from engram_export.onnx.export import export_layer
+from engram_export.openvino.compile import compile_onnx
 from engram_export.runtime import EngramRuntime
 from engram_export.torch import swap_engram_modules
 

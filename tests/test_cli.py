@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from engram_export.measure.verify import compare, random_inputs
-from tests.helpers import TINY_LAYER
-from tests.helpers import cli, refused
+from tests.helpers import TINY_LAYER, cli, refused
 
 
 def leftovers(folder: Path) -> list[str]:

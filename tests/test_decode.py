@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engram_export.errors import EngramError
-from engram_export.runtime import EngramRuntime
 from engram_export.measure.verify import compare, random_inputs
+from engram_export.runtime import EngramRuntime
 
 
 def decode(session, ids, hidden_by_layer, prompt):

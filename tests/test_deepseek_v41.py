@@ -8,13 +8,11 @@ spec's numbers.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from engram_export.errors import EngramError
-from tests.v41_spec import RELEASED, TINY, random_tensors, spec_output, spec_rows
 from engram_export.models.deepseek_v41 import (
     V41Config,
     V41EngramLayer,
@@ -23,6 +21,7 @@ from engram_export.models.deepseek_v41 import (
     e8m0_values,
     hash_rows_v41,
 )
+from tests.v41_spec import RELEASED, TINY, random_tensors, spec_output, spec_rows
 
 
 def test_released_multipliers_and_primes():
@@ -100,7 +99,7 @@ def test_missing_field_is_named():
 def test_tokenizer_size_must_match(tokenizer_json):
     config = V41Config.from_hf({**TINY, "tokenizer": str(tokenizer_json)})
     with pytest.raises(EngramError, match="engram_compressed_vocab_size says 3000"):
-        V41Hashing(config).lut
+        _ = V41Hashing(config).lut
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (70, 45)])

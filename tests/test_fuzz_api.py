@@ -14,8 +14,8 @@ import onnx
 import pytest
 
 from engram_export.errors import EngramError
-from engram_export.runtime import EngramRuntime
 from engram_export.measure.verify import random_inputs
+from engram_export.runtime import EngramRuntime
 
 LAYERS = (1, 3)
 

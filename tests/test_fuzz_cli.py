@@ -17,8 +17,7 @@ import pytest
 from safetensors.torch import save_file
 
 from engram_export.measure.verify import random_inputs
-from tests.helpers import TINY_LAYER
-from tests.helpers import STAGING_PREFIX, listing, run_cli
+from tests.helpers import STAGING_PREFIX, TINY_LAYER, listing, run_cli
 
 CASES = 400
 BUDGET_S = 20  # stop early on a slow machine rather than run for minutes

@@ -14,9 +14,9 @@ import openvino as ov
 import pytest
 from onnx import TensorProto, helper
 
-from engram_export.onnx import op as onnx_op
 from engram_export.models.config import load_config
 from engram_export.models.hashing import INT32_MIN, EngramHashing, _next_prime
+from engram_export.onnx import op as onnx_op
 from engram_export.openvino.extension import openvino_core
 
 TINY = load_config("tiny")

@@ -11,8 +11,8 @@ import pytest
 
 from engram_export import integrity
 from engram_export.errors import EngramError
-from engram_export.runtime import EngramRuntime
 from engram_export.measure.verify import random_inputs
+from engram_export.runtime import EngramRuntime
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ def test_fuse_projections_on_a_text_graph():
     assert _ops(model) == collections.Counter({"MatMul": 2, "Add": 1, "Split": 1})  # fused + the one on `a`
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
     x = rng.standard_normal((2, 4)).astype(np.float32)
-    for got, expected in zip(_run(model, x), _run(before, x)):
+    for got, expected in zip(_run(model, x), _run(before, x), strict=True):
         assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
     assert not FuseProjectionsPass()(model).modified  # idempotent
 
@@ -149,7 +149,7 @@ def _check_rewrite(text: str, passes: list, expected_ops: dict, feeds: dict) -> 
     counts = _ops(model)
     assert {op: counts[op] for op in expected_ops} == expected_ops, counts
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
-    for got, expected in zip(_run(model, **feeds), _run(before, **feeds)):
+    for got, expected in zip(_run(model, **feeds), _run(before, **feeds), strict=True):
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
     assert not ir.passes.PassManager(passes)(model).modified  # idempotent

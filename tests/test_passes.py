@@ -16,6 +16,7 @@ import onnx_ir as ir
 import onnxruntime
 import pytest
 
+from engram_export.measure.verify import random_inputs
 from engram_export.passes import (
     FuseGatedConvPass,
     FuseGatingPass,
@@ -24,7 +25,6 @@ from engram_export.passes import (
     lower_for_openvino,
     optimize,
 )
-from engram_export.measure.verify import random_inputs
 
 SHAPES = [(1, 1), (3, 17), (50, 14)]
 
@@ -179,8 +179,8 @@ def test_fuse_short_conv_refuses_a_crop_that_does_not_start_at_zero(raw):
 
 def test_one_branch_model_is_optimized_too(tiny_config, tmp_path):
     """hc_mult 1: no Concat stacks the gates or joins the conv's norms; the passes still fire."""
-    from engram_export.onnx.export import export_layer
     from engram_export.models.weights import build_layer
+    from engram_export.onnx.export import export_layer
 
     config = tiny_config.replace(hc_mult=1)
     path = export_layer(build_layer(config, 3, seed=0), tmp_path / "g1.onnx", optimize=False)

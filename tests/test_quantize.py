@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from engram_export.errors import EngramError
+from engram_export.measure.verify import QUANTIZED_MIN_MEAN_COSINE, compare, random_inputs
 from engram_export.openvino.extension import openvino_core
 from engram_export.openvino.quantize import QuantizeOptions, compressed_constants, quantize, read_calibration
 from engram_export.runtime import EngramRuntime
-from engram_export.measure.verify import QUANTIZED_MIN_MEAN_COSINE, compare, random_inputs
 from tests.helpers import cli, refused
 
 MODES = {
@@ -33,7 +33,8 @@ MODES = {
 @pytest.fixture(scope="module")
 def calibration(tiny_config):
     return [
-        dict(zip(("input_ids", "hidden_states"), random_inputs(tiny_config, 5000, 1, 14, 100 + i))) for i in range(16)
+        dict(zip(("input_ids", "hidden_states"), random_inputs(tiny_config, 5000, 1, 14, 100 + i), strict=True))
+        for i in range(16)
     ]
 
 

@@ -13,9 +13,11 @@ min >= 0.99; int4-weights mean >= 0.99; masked tokens exactly h. The demo family
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,21 +35,25 @@ from engram_export.text import token_stream, windows
 from tests.helpers import listing, refused, run_cli
 from tests.v41_spec import TINY, spec_output
 
+ROOT = Path(__file__).parents[1]
+
 
 def package_prose() -> str:
-    """The long descriptions of the installed distributions, in name order (deterministic)."""
-    texts = {}
-    for dist in importlib.metadata.distributions():
-        body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
-        if len(body) > 2000:
-            texts[dist.metadata.get("Name", "")] = body
-    return "\n\n".join(texts[name] for name in sorted(texts))
+    """The long descriptions of the distributions this project pins (``constraints.txt``), in its order:
+    the same text wherever the tests run, whatever else is installed."""
+    pinned = [line.split("==")[0] for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line]
+    texts = []
+    for name in pinned:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            metadata = importlib.metadata.distribution(name).metadata
+            texts.append(metadata.get_payload() or metadata.get("Description") or "")
+    return "\n\n".join(text for text in texts if text)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     prose = package_prose()
-    assert len(prose) > 200_000, "too little package prose installed to calibrate on"
+    assert len(prose) > 100_000, "too little package prose installed to calibrate on"
     cut = prose.rfind("\n\n", 0, int(len(prose) * 0.8))
     folder = tmp_path_factory.mktemp("corpus")
     (folder / "calibration.txt").write_text(prose[:cut])
@@ -59,7 +65,8 @@ def corpus(tmp_path_factory):
 def v41(corpus, tokenizer_json, tmp_path_factory):
     root = tmp_path_factory.mktemp("v41_text")
     lut = build_compression_table(str(tokenizer_json))
-    config = {**TINY, "vocab_size": len(lut), "engram_compressed_vocab_size": int(lut.max()) + 1}
+    # hidden 256: a row cosine over 48 values (TINY's) moves by 0.01 with one token's rounding
+    config = {**TINY, "hidden_size": 256, "vocab_size": len(lut), "engram_compressed_vocab_size": int(lut.max()) + 1}
     checkpoint = write_v41_checkpoint(root / "checkpoint", config, values="trained")
     shutil.copyfile(tokenizer_json, checkpoint / "tokenizer.json")
     commands = {
@@ -196,7 +203,7 @@ def test_verify_compares_each_quantized_model_with_the_spec(v41):
         *[arg for model in models for arg in ("--model", model)],
     )  # fmt: skip
     assert code == 0, err
-    for model, floor in zip(models, ("int8: mean_cos >= 0.999", "int4-weights: mean_cos >= 0.99")):
+    for model, floor in zip(models, ("int8: mean_cos >= 0.999", "int4-weights: mean_cos >= 0.99"), strict=True):
         assert f"openvino {model}" in out and floor in out
     assert "5 passed, 0 failed" in out
 

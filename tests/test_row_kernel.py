@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engram_export.openvino import row_kernel
 from engram_export.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint
+from engram_export.openvino import row_kernel
 from engram_export.openvino.quantize import QuantizeOptions, quantize
 from engram_export.runtime import EngramRuntime
 from engram_export.synthetic import write_v41_checkpoint

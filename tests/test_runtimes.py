@@ -11,11 +11,11 @@ import onnx
 import pytest
 import torch
 
-from engram_export.onnx import op as onnx_op
 from engram_export.errors import EngramError
+from engram_export.measure.verify import compare, random_inputs
+from engram_export.onnx import op as onnx_op
 from engram_export.onnx.export import export_layer
 from engram_export.runtime import EngramRuntime
-from engram_export.measure.verify import compare, random_inputs
 
 # T=1; T=17 > the short conv's reach of (kernel-1)*dilation = 9 tokens; B=50, T=14 is Intel's shape.
 SHAPES = [(1, 1), (3, 17), (50, 14), (2, 40)]
@@ -172,8 +172,8 @@ def test_external_data_for_large_tables(tiny_layer, tmp_path):
 
 def test_tokenizer_config_end_to_end(tiny_config, tokenizer_json, tmp_path):
     """Compression inside the graph: raw BERT ids in, same numbers as PyTorch out."""
-    from engram_export.openvino.compile import compile_onnx
     from engram_export.models.weights import build_layer
+    from engram_export.openvino.compile import compile_onnx
 
     config = tiny_config.replace(tokenizer=str(tokenizer_json), pad_id=0, vocab_size=30522)
     layer = build_layer(config, 1, seed=2)

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from engram_export.runtime import EngramRuntime
 from engram_export.measure.verify import random_inputs
+from engram_export.runtime import EngramRuntime
 
 THREADS, CALLS = 8, 240
 SHAPES = [(1, 1), (2, 5), (3, 9), (4, 2), (1, 17), (5, 3), (2, 1), (3, 14)]
@@ -49,7 +49,7 @@ def test_many_prefetch_handles_in_flight(folders, tiny_config):
     runtime = EngramRuntime(folders["f32"])
     inputs = _inputs(tiny_config)
     handles = [runtime.prefetch(ids) for ids, _ in inputs]
-    for handle, (ids, hidden) in zip(reversed(handles), reversed(inputs)):
+    for handle, (ids, hidden) in zip(reversed(handles), reversed(inputs), strict=True):
         for layer in (3, 1):
             np.testing.assert_array_equal(runtime.layer(layer).fuse(handle, hidden), runtime.layer(layer)(ids, hidden))
 
@@ -69,7 +69,7 @@ def test_sessions_in_threads(folders, tiny_config):
 
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(decode, range(4)))
-    for (ids, hidden), decoded in zip(sequences, got):
+    for (ids, hidden), decoded in zip(sequences, got, strict=True):
         full = runtime.layer(3)(ids, hidden)
         assert np.abs(decoded - full).max() <= 1e-4 * np.abs(full).max()
 

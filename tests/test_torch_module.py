@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from engram_export.errors import EngramError
+from engram_export.measure.verify import random_inputs
 from engram_export.runtime import EngramRuntime
 from engram_export.torch import OpenVINOEngram, _numpy, swap_engram_modules
-from engram_export.measure.verify import random_inputs
 
 
 class TwoEngramModel(nn.Module):

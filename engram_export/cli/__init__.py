@@ -417,9 +417,6 @@ def parse_shapes(values: list[str] | None) -> list[tuple[int, int]]:
 def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(), export=None) -> bool:
     """Export (unless given; with ``export(path)`` if given), compile f32 and bf16, compare every path
     (and ``extra`` .xml files); prints the table and a loud line for each failure."""
-    from engram_export.openvino.compile import compile_onnx
-    from engram_export.onnx.export import export_layer
-    from engram_export.models.config import is_deepseek_v41
     from engram_export.measure.verify import (
         comparisons_table,
         default_paths,
@@ -427,6 +424,9 @@ def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(),
         verify_paths,
         verify_paths_v41,
     )
+    from engram_export.models.config import is_deepseek_v41
+    from engram_export.onnx.export import export_layer
+    from engram_export.openvino.compile import compile_onnx
 
     if onnx_path is None:
         onnx_path = (export or (lambda path: export_layer(layer, path)))(workdir / "engram.onnx")

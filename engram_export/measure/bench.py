@@ -15,8 +15,8 @@ import gc
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import psutil
@@ -111,13 +111,13 @@ def time_rows(rows: list[BenchRow], shapes: dict, warmup: int, repeat: int) -> N
     for shape, (ids, hidden) in shapes.items():
         args = [row.make_args(ids, hidden) for row in rows]
         with progress.steps(f"timing {len(rows)} rows at B, T = {shape}", warmup + repeat, "rounds") as rounds:
-            for row, row_args in zip(rows, args):
+            for row, row_args in zip(rows, args, strict=True):
                 for _ in range(warmup):
                     row.call(*row_args)
                 row.times_ms[shape] = []
             rounds.advance(warmup)
             for _ in range(repeat):
-                for row, row_args in zip(rows, args):
+                for row, row_args in zip(rows, args, strict=True):
                     start = time.perf_counter()
                     row.call(*row_args)
                     row.times_ms[shape].append((time.perf_counter() - start) * 1e3)
@@ -201,7 +201,8 @@ def matmul_floor(width_in: int, width_out: int, precision: str):
 def random_calibration(config, num_ids: int, count: int = 32) -> list[dict]:
     """Seeded random sequences of 14 tokens: int8 calibration for benchmarks (not for accuracy)."""
     return [
-        dict(zip(("input_ids", "hidden_states"), random_inputs(config, num_ids, 1, 14, 100 + i))) for i in range(count)
+        dict(zip(("input_ids", "hidden_states"), random_inputs(config, num_ids, 1, 14, 100 + i), strict=True))
+        for i in range(count)
     ]
 
 
@@ -231,8 +232,8 @@ def run_bench(
     every path, print; with ``profile``, also OpenVINO's per-node times of each model."""
     import onnx_ir as ir
 
-    from engram_export.openvino.compile import compile_onnx
     from engram_export.onnx.export import export_layer, load_onnx, optimize_graph
+    from engram_export.openvino.compile import compile_onnx
     from engram_export.runtime import EngramRuntime
 
     config = layer.config

@@ -181,8 +181,8 @@ class _Compiled:
     """One lookup stage compiled for CPU in f32, with or without the row kernel."""
 
     def __init__(self, shape, form, folder, kernel: bool, table_memory: str = "mmap", resident: bool = True):
-        from engram_export.openvino import row_kernel
         from engram_export.measure.bench import resident_mib
+        from engram_export.openvino import row_kernel
         from engram_export.openvino.extension import openvino_core
 
         before, start = resident_mib(), time.perf_counter()
@@ -192,7 +192,7 @@ class _Compiled:
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         self.request = openvino_core().compile_model(model, "CPU", config).create_infer_request()
         self.load_s = time.perf_counter() - start
-        self.loaded_mib = [a - b for a, b in zip(resident_mib(), before)]
+        self.loaded_mib = [a - b for a, b in zip(resident_mib(), before, strict=True)]
 
     def __call__(self, ids):
         self.request.infer({"input_ids": ids})
@@ -218,7 +218,10 @@ def run_lookup_bench(
         for batch, tokens in shapes:
             rounds = [rng.integers(0, _VOCAB, (batch, tokens)) for _ in range(warmup + repeat)]
             medians = round_robin_ms(
-                {name: (lambda index, call=call: lambda: call(rounds[index])) for name, call in calls.items()},
+                {
+                    name: (lambda index, call=call, rounds=rounds: lambda: call(rounds[index]))
+                    for name, call in calls.items()
+                },
                 repeat,
                 warmup,
             )

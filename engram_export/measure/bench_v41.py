@@ -40,9 +40,9 @@ def run_bench_v41(
     config, workdir: Path, shapes: list[tuple[int, int]], repeat: int, quantize: bool, decode_only: bool = False
 ) -> None:
     """Print the tables above; ``decode_only`` (``bench --decode``): the costs and the decode rows."""
-    from engram_export.measure.bench import matmul_floor, cpu_summary, resident_mib, round_robin_ms, target_line
-    from engram_export.measure.decode_bench import decode_rows
     from engram_export.folders import compile_folder, export_checkpoint, quantize_folder
+    from engram_export.measure.bench import cpu_summary, matmul_floor, resident_mib, round_robin_ms, target_line
+    from engram_export.measure.decode_bench import decode_rows
     from engram_export.models.deepseek_v41 import V41Hashing
     from engram_export.openvino.quantize import QuantizeOptions
     from engram_export.runtime import EngramRuntime
@@ -131,7 +131,10 @@ def run_bench_v41(
         hidden = rng.standard_normal((*shape, config.hc_mult, config.hidden_size), dtype=np.float32)
         floor = matmul_floor(config.embedding_width, config.projection_width, "bf16")
         e = rng.standard_normal((shape[0] * shape[1], config.embedding_width), dtype=np.float32)
-        calls = {"floor": lambda _: lambda: floor(e), "fp8 floor": lambda _: lambda: fp8_floor(e)}
+        calls = {
+            "floor": lambda _, floor=floor, e=e: lambda: floor(e),
+            "fp8 floor": lambda _, e=e: lambda: fp8_floor(e),
+        }
         for name, runtime in runtimes.items():
             served, fresh = runtime.layer(layer), iter(rounds[shape] * 2)
 
@@ -139,7 +142,7 @@ def run_bench_v41(
                 ids, mask = next(fresh)
                 return lambda: served.lookup(ids, mask)
 
-            def fuse_call(_, runtime=runtime, served=served, fresh=fresh):
+            def fuse_call(_, runtime=runtime, served=served, fresh=fresh, hidden=hidden):
                 handle = runtime.prefetch(*next(fresh))
                 handle.wait()
                 return lambda: served.fuse(handle, hidden)

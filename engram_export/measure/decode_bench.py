@@ -43,8 +43,13 @@ def decode_rows(runtime, batches, repeat: int) -> list[list]:
             config, runtime.info.num_ids, batch, 8, seed=batch + 1, negative=negative
         )
         session.prefill(prompt_ids, prompt_hidden)
-        step = lambda: session.step(ids, hidden)  # noqa: E731 (the state grows; cost stays the same)
-        stateless = lambda: runtime(ids, hidden)  # noqa: E731
+
+        def step(session=session, ids=ids, hidden=hidden):  # the state grows; the cost stays the same
+            return session.step(ids, hidden)
+
+        def stateless(ids=ids, hidden=hidden):
+            return runtime(ids, hidden)
+
         times = {"step": [], "stateless": []}
         for call in (step, stateless):
             call()
@@ -113,11 +118,15 @@ def shared_runtime_rows(xml: Path, batch: int, tokens: int, requests: int, round
         ids, hidden = random_inputs(runtime.config, runtime.info.num_ids, batch, tokens, seed=5)
         rates = {1: [], 2: []}
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda _: runtime(ids, hidden), range(4)))  # warm-up
+
+            def call(_, runtime=runtime, ids=ids, hidden=hidden):
+                return runtime(ids, hidden)
+
+            list(pool.map(call, range(4)))  # warm-up
             for _ in range(rounds):
                 for threads in (1, 2):
                     start = time.perf_counter()
-                    list(pool.map(lambda _: runtime(ids, hidden), range(requests))) if threads == 2 else [
+                    list(pool.map(call, range(requests))) if threads == 2 else [
                         runtime(ids, hidden) for _ in range(requests)
                     ]
                     rates[threads].append(requests / (time.perf_counter() - start))
@@ -212,8 +221,8 @@ def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
 def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int) -> None:
     """Export and compile ``layer`` (bf16, and static int8 if asked) into ``workdir``, then time it."""
     from engram_export.measure.bench import cpu_summary, random_calibration
-    from engram_export.openvino.compile import compile_onnx
     from engram_export.onnx.export import export_layer
+    from engram_export.openvino.compile import compile_onnx
     from engram_export.openvino.quantize import QuantizeOptions, quantize
 
     onnx_path = export_layer(layer, workdir / "engram.onnx")

@@ -31,7 +31,7 @@ def read_onnx_file(path: str | Path, checks=None) -> tuple[ir.Model, ModelInfo]:
     try:
         model = ir.load(path)
     except Exception as exc:  # protobuf and file errors
-        raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+        raise EngramError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from exc
     return model, ModelInfo.from_onnx(model, path, checks)  # refuses files that engram-export did not write
 
 

@@ -19,12 +19,12 @@ import numpy as np
 import onnx_ir as ir
 
 from engram_export import progress
-from engram_export.openvino import tables
 from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file, check_output_file, link_or_copy, staged_output
 from engram_export.integrity import FileChecks, fingerprint
-from engram_export.onnx.files import read_onnx_file
 from engram_export.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, external_data_record, xml_rt_value
+from engram_export.onnx.files import read_onnx_file
+from engram_export.openvino import tables
 from engram_export.openvino.extension import HASH_OP_TYPE, openvino_core
 
 __all__ = ["compile_onnx", "to_openvino", "read_onnx", "read_openvino", "save_ir"]
@@ -38,7 +38,7 @@ def _read_model(path: Path, shown: Path):
     try:
         return openvino_core().read_model(str(path))
     except RuntimeError as exc:
-        raise EngramError(f"OpenVINO cannot read {shown}: {one_line(exc)}") from None
+        raise EngramError(f"OpenVINO cannot read {shown}: {one_line(exc)}") from exc
 
 
 def _fold_fp8_projection(model) -> None:
@@ -138,7 +138,7 @@ def to_openvino(model: ir.Model):
         with_absolute_data_paths(lowered)
         lower_for_openvino(lowered)
     except Exception as exc:  # onnx-ir's errors on a graph it cannot walk (RuntimeError, ValueError, PassError)
-        raise EngramError(f"the graph is broken ({type(exc).__name__}: {one_line(exc)})") from None
+        raise EngramError(f"the graph is broken ({type(exc).__name__}: {one_line(exc)})") from exc
     moved = _external_as_inputs(lowered)
     inline = sum(v.const_value.nbytes for v in lowered.graph.initializers.values() if v.const_value is not None)
     if inline > EXTERNAL_DATA_THRESHOLD:
@@ -149,7 +149,7 @@ def to_openvino(model: ir.Model):
     try:
         converted = openvino_core().read_model(io.BytesIO(ir.to_proto(lowered).SerializeToString()))
     except RuntimeError as exc:
-        raise EngramError(f"OpenVINO cannot read the model: {one_line(exc)}") from None
+        raise EngramError(f"OpenVINO cannot read the model: {one_line(exc)}") from exc
     _mapped_back(converted, moved, external_data_record(model))
     if fp8_projection:
         _fold_fp8_projection(converted)
@@ -165,7 +165,7 @@ def read_onnx(onnx_path: str | Path, checks: FileChecks | None = None):
     try:
         return to_openvino(model), info
     except EngramError as exc:
-        raise EngramError(f"{onnx_path}: {exc}") from None
+        raise EngramError(f"{onnx_path}: {exc}") from exc
 
 
 def _recorded_fingerprint(path: Path) -> dict:

@@ -29,9 +29,9 @@ import numpy as np
 
 from engram_export import progress
 from engram_export.errors import EngramError
-from engram_export.openvino.compile import read_openvino, save_ir
 from engram_export.fileio import check_output_file
 from engram_export.model_info import ModelInfo
+from engram_export.openvino.compile import read_openvino, save_ir
 
 __all__ = [
     "MODES",
@@ -265,7 +265,7 @@ def _ids_from_text(config, text: Path, hidden_npy: Path):
     try:
         hidden = np.load(hidden_npy, allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise EngramError(f"calibration: {hidden_npy} is not a readable .npy ({exc})") from None
+        raise EngramError(f"calibration: {hidden_npy} is not a readable .npy ({exc})") from exc
     if hidden.ndim != 4:
         raise EngramError(f"calibration: hidden states must be [N, T, G, D], got {list(hidden.shape)}")
     count, length = hidden.shape[:2]

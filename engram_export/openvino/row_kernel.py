@@ -224,7 +224,9 @@ def _fp8_decode(gathers, produced):
         key=lambda v: np.nan_to_num(v).max(),
     )
     found = sorted(luts, key=lambda v: np.nan_to_num(v, posinf=0).max())
-    if len(found) != 2 or not all(np.array_equal(a[~np.isnan(b)], b[~np.isnan(b)]) for a, b in zip(found, expected)):
+    if len(found) != 2 or not all(
+        np.array_equal(a[~np.isnan(b)], b[~np.isnan(b)]) for a, b in zip(found, expected, strict=True)
+    ):
         return None
     return codes, scales
 

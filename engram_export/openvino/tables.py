@@ -92,8 +92,8 @@ def table_files(xml: Path) -> dict[str, dict]:
         return {}
     try:
         return {record["file"]: record for record in json.loads(value).values()}
-    except (ValueError, KeyError, TypeError):
-        raise EngramError(f"{xml}: malformed table record") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EngramError(f"{xml}: malformed table record") from exc
 
 
 class _Owned(np.ndarray):
@@ -124,7 +124,7 @@ def map_bytes(path: Path, offset: int, nbytes: int, what: str) -> np.memmap:
     try:
         mapped = np.memmap(path, np.uint8, "r", offset, (nbytes,))
     except (OSError, ValueError) as exc:
-        raise EngramError(f"cannot map {what}: {nbytes} bytes at offset {offset} of {path} ({exc})") from None
+        raise EngramError(f"cannot map {what}: {nbytes} bytes at offset {offset} of {path} ({exc})") from exc
     if hasattr(mmap, "MADV_RANDOM"):
         mapped._mmap.madvise(mmap.MADV_RANDOM)  # a cold row reads its page, not megabytes ahead
     return mapped

@@ -39,7 +39,8 @@ def _state(name: str, start: np.ndarray, batch_like):
     holds a row per sequence and the broadcast changes nothing.
     """
     import openvino
-    from openvino import opset6, opset13 as ops
+    from openvino import opset6
+    from openvino import opset13 as ops
     from openvino.op.util import Variable, VariableInfo
 
     info = VariableInfo()

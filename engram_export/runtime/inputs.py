@@ -21,7 +21,7 @@ def _array(name: str, value) -> np.ndarray:
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as exc:
-        raise EngramError(f"{name} is not an array of numbers ({str(exc).splitlines()[0]})") from None
+        raise EngramError(f"{name} is not an array of numbers ({str(exc).splitlines()[0]})") from exc
     if array.dtype.kind not in "biuf":
         raise EngramError(f"{name} is not an array of numbers (dtype {array.dtype})")
     return array

@@ -20,6 +20,7 @@ import numpy as np
 from engram_export.errors import EngramError, one_line
 from engram_export.fileio import check_input_file
 from engram_export.integrity import FileChecks, file_checks
+from engram_export.model_info import PRECISIONS, ModelInfo
 from engram_export.runtime.inputs import (
     _array,
     check_hidden,
@@ -29,7 +30,6 @@ from engram_export.runtime.inputs import (
     check_out,
     fuse_feeds,
 )
-from engram_export.model_info import PRECISIONS, ModelInfo
 from engram_export.runtime.verification import Verification
 
 __all__ = [
@@ -147,7 +147,7 @@ class _OpenVINO:
         except RuntimeError as exc:
             raise EngramError(
                 f"OpenVINO cannot compile {self.path.name} for device {self.device!r}: {one_line(exc)}"
-            ) from None
+            ) from exc
 
     def decode_requests(self):
         """A (lookup, fuse) pair of requests of the stateful decode stages, compiled once."""
@@ -262,7 +262,7 @@ class _OnnxRuntime:
                 ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise EngramError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
+            raise EngramError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
 
     def __call__(self, feeds: dict, hidden: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         result = self.session.run(["output"], {**feeds, "hidden_states": hidden})[0]

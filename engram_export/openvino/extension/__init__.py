@@ -127,7 +127,7 @@ def openvino_core():
     try:
         core.add_extension(str(path))
     except RuntimeError as exc:  # e.g. a prebuilt library made for another OpenVINO release
-        raise EngramError(f"OpenVINO cannot load the extension {path}: {str(exc).splitlines()[0]}") from None
+        raise EngramError(f"OpenVINO cannot load the extension {path}: {str(exc).splitlines()[0]}") from exc
     return core
 
 
@@ -162,11 +162,11 @@ def make_node(type_name: str, inputs: list, attributes: dict, output_type: str, 
         f'<layer id="{i}" name="input{i}" type="Parameter" version="opset1">'
         f'<data shape="{",".join("?" * rank) if rank else ""}" element_type="{kind}"/>'
         f"<output>{_port(0, kind, rank)}</output></layer>"
-        for i, (kind, rank) in enumerate(zip(types, ranks))
+        for i, (kind, rank) in enumerate(zip(types, ranks, strict=True))
     ]
     layers.append(
         f'<layer id="{op_id}" name="{type_name}" type="{type_name}" version="engram_extension">'
-        f"<data {data}/><input>{''.join(_port(i, t, r) for i, (t, r) in enumerate(zip(types, ranks)))}"
+        f"<data {data}/><input>{''.join(_port(i, t, r) for i, (t, r) in enumerate(zip(types, ranks, strict=True)))}"
         f"</input><output>{_port(op_id, output_type, output_rank)}</output></layer>"
     )
     layers.append(

@@ -1,5 +1,14 @@
 """engram-export: a trained Engram layer to ONNX, OpenVINO and a CPU runtime beside the backbone.
 
+The names a user needs are here, each imported when first used (``import engram_export`` loads neither
+PyTorch nor OpenVINO):
+
+- ``EngramRuntime``: load an exported, compiled or quantized layer (or a folder of them) and run it;
+- ``EngramError``: the one exception a bad input, file or config raises;
+- ``load_config``, ``build_layer``: a config (preset or JSON) and its PyTorch layer (weights or random);
+- ``export_layer``, ``export_checkpoint``: a layer, or a DeepSeek-V4.1 checkpoint, to ONNX;
+- ``compile_onnx``, ``quantize``, ``QuantizeOptions``: ONNX to OpenVINO IR, f32 / bf16 or NNCF-quantized.
+
 The package's folders: ``models/`` (the PyTorch layers of both families), ``passes/`` (ONNX graph
 passes), ``onnx/`` (export and the custom ops), ``openvino/`` (compile, quantize, the C++ extension and
 what the runtime does to an IR at load), ``runtime/`` (``EngramRuntime``, decode sessions), ``cli/``
@@ -8,62 +17,30 @@ all share (errors, file checks and integrity, manifests, progress) and ``torch.p
 """
 
 import importlib
-import importlib.abc
-import importlib.util
-import sys
-import warnings
-
-__all__ = ["EngramRuntime", "EngramError"]
 
 from engram_export.errors import EngramError
 
-# Modules that moved into the folders above: old path -> new one. The old paths keep working for one
-# release (0.2 removes them), with a DeprecationWarning at the importer's line.
-MOVED = {
-    "export": "onnx.export",
-    "export_v41": "onnx.export_v41",
-    "onnx_op": "onnx.op",
-    "onnx_op_fp8": "onnx.op_fp8",
-    "compile": "openvino.compile",
-    "quantize": "openvino.quantize",
-    "stages": "openvino.stages",
-    "row_kernel": "openvino.row_kernel",
-    "tables": "openvino.tables",
-    "ov_extension": "openvino.extension",
-    "decode": "runtime.decode",
-    "inputs": "runtime.inputs",
-    "bench": "measure.bench",
-    "bench_lookup": "measure.bench_lookup",
-    "bench_v41": "measure.bench_v41",
-    "decode_bench": "measure.decode_bench",
-    "verify": "measure.verify",
+_PUBLIC = {
+    "EngramRuntime": "engram_export.runtime",
+    "load_config": "engram_export.models.config",
+    "build_layer": "engram_export.models.weights",
+    "export_layer": "engram_export.onnx.export",
+    "export_checkpoint": "engram_export.folders",
+    "compile_onnx": "engram_export.openvino.compile",
+    "quantize": "engram_export.openvino.quantize",
+    "QuantizeOptions": "engram_export.openvino.quantize",
 }
 
-
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves ``engram_export.<old>`` as the module now at ``engram_export.<new>`` (the same object)."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        package, _, name = fullname.rpartition(".")
-        return importlib.util.spec_from_loader(fullname, self) if package == __name__ and name in MOVED else None
-
-    def create_module(self, spec):
-        new = f"{__name__}.{MOVED[spec.name.rpartition('.')[2]]}"
-        # stacklevel 2: the importer's line (warnings skips the import system's own frames)
-        warnings.warn(f"{spec.name} moved to {new}; the old path goes in 0.2", DeprecationWarning, stacklevel=2)
-        return importlib.import_module(new)
-
-    def exec_module(self, module):
-        pass  # the module at its new path is already executed
+__all__ = ["EngramError", *_PUBLIC]
 
 
-sys.meta_path.append(_MovedModules())
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'engram_export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
 
-def __getattr__(name):
-    # The runtime pulls in OpenVINO and ONNX Runtime; import it only when asked for.
-    if name == "EngramRuntime":
-        from engram_export.runtime import EngramRuntime
-
-        return EngramRuntime
-    raise AttributeError(name)
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,13 +1,13 @@
 """The package's shape: no module imports one that imports it back (lazy imports inside functions
 count too), nothing but the entry point imports the CLI, the two top-level folders are the package's
-``models`` and ``passes``, and the modules that moved into folders keep their old import paths for one
-release, with a warning."""
+``models`` and ``passes``, and the top-level names are imported lazily."""
 
 from __future__ import annotations
 
 import ast
 import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,17 +72,17 @@ def test_models_and_passes_are_the_packages_own():
         assert link.is_symlink() and link.resolve() == (ROOT / name).resolve(), link
 
 
-@pytest.mark.parametrize("old", sorted(engram_export.MOVED))
-def test_a_moved_module_keeps_its_old_path_for_one_release(old):
-    new = importlib.import_module(f"engram_export.{engram_export.MOVED[old]}")
-    sys.modules.pop(f"engram_export.{old}", None)
-    vars(engram_export).pop(old, None)  # as if never imported in this process
-    namespace = {}
-    with pytest.warns(DeprecationWarning, match=rf"engram_export\.{old} moved to {new.__name__}") as warned:
-        exec(compile(f"from engram_export import {old} as module", __file__, "exec"), namespace)
-    assert namespace["module"] is new
-    assert warned[0].filename == __file__  # attributed to the importer's line, not to the import system
-    assert not (ROOT / "engram_export" / f"{old}.py").exists()
+def test_the_top_level_names_are_lazy_and_real():
+    """``import engram_export`` loads no heavy library; each public name is the object its module has."""
+    code = "import engram_export, sys; print(sorted({'torch', 'openvino', 'onnxruntime', 'nncf'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+    for name in engram_export.__all__:
+        value = getattr(engram_export, name)
+        assert getattr(importlib.import_module(value.__module__), name) is value, name
+    with pytest.raises(AttributeError, match="no attribute 'compile'"):
+        _ = engram_export.compile  # the 0.1 layout's module paths are gone
+    assert not (ROOT / "engram_export" / "compile.py").exists()
 
 
 def test_tests_share_helpers_through_helper_modules_only():

@@ -6,14 +6,27 @@ place at the end, so a failure leaves nothing half-written.
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
 from pathlib import Path
 
 from engram_export.errors import EngramError
-from engram_export.fileio import staged_folder
+from engram_export.fileio import STAGING_PREFIX, staged_folder
 from engram_export.integrity import sha256
 from engram_export.manifest import Manifest, read_manifest, write_manifest
 
-__all__ = ["export_folder", "export_checkpoint", "compile_folder", "quantize_folder", "layer_file"]
+__all__ = [
+    "export_folder",
+    "export_checkpoint",
+    "export_random_v41",
+    "calibration_for",
+    "compile_folder",
+    "quantize_folder",
+    "layer_file",
+]
+
+log = logging.getLogger(__name__)
 
 
 def layer_file(layer_id: int, suffix: str) -> str:
@@ -77,6 +90,27 @@ def export_checkpoint(
     return output
 
 
+def export_random_v41(
+    config, output: Path, layer_id: int | None = None, seed: int = 0, copy_table: bool = False
+) -> Path:
+    """A DeepSeek-V4.1 config with random weights: a synthetic checkpoint (``synthetic.py``) written
+    beside ``output`` and exported (``export_checkpoint``); its shards live on only as the output's hard
+    links. Tables of more than 2**30 values are left sparse (rows of zeros)."""
+    from engram_export.synthetic import write_v41_checkpoint
+
+    small = all(config.table_rows(layer) * config.head_dim <= 2**30 for layer in config.layer_ids)
+    rows = None if small else {layer: [] for layer in config.layer_ids}
+    if not small:
+        log.warning("random-init tables this large are left sparse (rows of zeros)")
+    # named like a staging folder, so that the next run here removes it if this one is killed
+    scratch_prefix = f"{STAGING_PREFIX}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix, dir=Path(output).parent) as scratch:
+        checkpoint = write_v41_checkpoint(
+            Path(scratch) / "checkpoint", config.to_dict(), seed=seed, rows=rows, tokenizer=True
+        )
+        return export_checkpoint(checkpoint, Path(output), layer_id, copy_table)
+
+
 def compile_folder(source: Path, folder: Path, precision: str, copy_table: bool = False) -> Path:
     from engram_export.openvino.compile import compile_onnx
 
@@ -105,3 +139,31 @@ def quantize_folder(source: Path, folder: Path, options, copy_table: bool = Fals
             staging, Manifest(manifest.config, layers, "openvino", options.precision, options.mode, manifest.source)
         )
     return folder
+
+
+def calibration_for(
+    model_path: str | Path,
+    texts: list | None = None,
+    npz: str | Path | None = None,
+    text: str | Path | None = None,
+    hidden_npy: str | Path | None = None,
+    tokens: int = 64,
+    count: int = 64,
+) -> list[dict]:
+    """Calibration items for static INT8 of ``model_path`` (.onnx, .xml or a folder of layers, whose
+    layers share one config): from real text (``texts``, ``calibration_from_text``), or from an .npz,
+    or a text file with hidden states (``read_calibration``)."""
+    from engram_export.openvino.quantize import calibration_from_text, read_calibration, read_model
+
+    if (npz is None and text is None) == (not texts):
+        raise EngramError(
+            "mode int8 needs calibration data: --calibration-text FILE [...], or --calibration (an .npz, "
+            "or a text file with --calibration-hidden)"
+        )
+    source = Path(model_path)
+    if source.is_dir():
+        source = source / next(iter(read_manifest(source, check_hashes=False).layers.values()))
+    _, info = read_model(source)
+    if texts:
+        return calibration_from_text(info, texts, tokens, count)
+    return read_calibration(info.config, info.num_ids, npz=npz, text=text, hidden_npy=hidden_npy)

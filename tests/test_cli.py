@@ -221,6 +221,19 @@ def test_help_is_fast_and_lists_commands():
         assert command in done.stdout
 
 
+def test_shared_flags_go_before_or_after_the_command(tiny_files, tmp_path, capsys):
+    """-q and --debug come from one parent parser: accepted on either side of the command, and a value
+    that looks like one (``--prefix=-q``) stays a value."""
+    from engram_export.cli import build_parser, main
+
+    for argv in (["-q", "extension"], ["extension", "-q"], ["--debug", "extension", "--quiet"]):
+        assert main(argv) == 0
+    assert capsys.readouterr().out.strip().endswith(".so")
+    args = build_parser().parse_args(["export", "--config", "tiny", "--random-init", "--prefix=-q", "-o", "x.onnx"])
+    assert args.prefix == "-q" and not getattr(args, "quiet", False)
+    assert build_parser().parse_args(["compile", "m.onnx", "-o", "m.xml", "-q"]).quiet
+
+
 def test_optimize_prints_node_counts(tiny_raw_files, tmp_path):
     done = cli("optimize", tiny_raw_files["onnx"], "-o", tmp_path / "opt.onnx")
     assert "nodes: 90 -> 28" in done.stdout and "MatMul" in done.stdout

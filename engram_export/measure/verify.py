@@ -32,6 +32,7 @@ __all__ = [
     "format_table",
     "comparisons_table",
     "default_paths",
+    "verify_layer",
     "failures_summary",
     "F32_MAX_REL",
     "BF16_MIN_MEAN_COSINE",
@@ -189,3 +190,22 @@ def failures_summary(results: list[Comparison]) -> list[str]:
         for r in results
         if not r.passed
     ]
+
+
+def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(), export=None) -> list[Comparison]:
+    """Export ``layer`` into ``workdir`` (unless ``onnx_path`` is given; with ``export(path)`` if given),
+    compile it f32 and bf16, and compare every path (and the ``extra`` .xml files, such as quantized
+    models) with the layer at each of ``shapes``: one ``Comparison`` per path and shape."""
+    from engram_export import progress
+    from engram_export.models.config import is_deepseek_v41
+    from engram_export.onnx.export import export_layer
+    from engram_export.openvino.compile import compile_onnx
+
+    if onnx_path is None:
+        onnx_path = (export or (lambda path: export_layer(layer, path)))(workdir / "engram.onnx")
+    xml = {p: compile_onnx(onnx_path, workdir / f"engram_{p}.xml", p) for p in ("f32", "bf16")}
+    names = [path.name for path in extra]  # two quantized folders both hold layer_3.xml: label by path
+    xml.update({path.name if names.count(path.name) == 1 else str(path): path for path in extra})
+    with progress.stage(f"running every path at {', '.join(f'{b}x{t}' for b, t in shapes)}"):
+        verify = verify_paths_v41 if is_deepseek_v41(layer.config) else verify_paths
+        return verify(layer, default_paths(onnx_path, xml), shapes)

@@ -1,0 +1,95 @@
+"""engram-export bench: PyTorch, ONNX Runtime and OpenVINO timed side by side."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from engram_export.cli.common import FLAGS, check_at_least, check_workdir, stage, with_table_size, working_folder
+from engram_export.errors import EngramError
+
+__all__ = ["add", "run"]
+
+
+def add(sub) -> None:
+    p = sub.add_parser("bench", parents=[FLAGS], help="time PyTorch, ONNX Runtime and OpenVINO side by side")
+    p.add_argument("--config", default="deepseek-demo", help="preset or JSON config")
+    p.add_argument("--weights", type=Path, help="checkpoint (default: random weights, seed 0)")
+    p.add_argument("--prefix", default="")
+    p.add_argument("--layer", type=int, help="layer id (default: the config's first)")
+    p.add_argument("--engram-vocab-size", type=int, help="override the table size per n-gram order")
+    p.add_argument("--batch", type=int, help="one workload of this batch (with --tokens)")
+    p.add_argument("--tokens", type=int, help="one workload of this many tokens")
+    p.add_argument("--precision", choices=["f32", "bf16", "all"], default="all")
+    p.add_argument("--repeat", type=int, default=20, help="timed rounds (median is reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--modes",
+        default="int8-weights,int4-weights,int8",
+        help="NNCF modes to quantize and time (comma-separated, or 'none')",
+    )
+    p.add_argument("--profile", action="store_true", help="also print OpenVINO per-node times")
+    p.add_argument(
+        "--lookup",
+        action="store_true",
+        help="only the lookup table: every stored table form, row kernel against OpenVINO",
+    )
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="serving numbers instead: decode steps for B in 1, 8, 50 (bf16 and int8), "
+        "throughput with 1 and 2 streams, prefetch against serial",
+    )
+    p.add_argument("--workdir", type=Path, help="keep the exported files here")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    # PyTorch's OpenMP threads otherwise spin on the cores after each eager call, slowing whichever
+    # row comes next (measured: a bf16 MatMul floor at B=50 T=1 took 1.8x as long right after one)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from engram_export.measure.bench import run_bench
+    from engram_export.measure.bench_lookup import print_targets, run_lookup_bench, shapes_for
+    from engram_export.measure.decode_bench import decode_bench
+    from engram_export.models.config import is_deepseek_v41, load_config
+    from engram_export.models.weights import build_layer
+
+    if (args.batch is None) != (args.tokens is None):
+        raise EngramError("give --batch and --tokens together (default: 50x14 and 50x1)")
+    check_at_least(1, batch=args.batch, tokens=args.tokens, repeat=args.repeat)
+    check_at_least(0, warmup=args.warmup)
+    shapes = [(args.batch, args.tokens)] if args.batch is not None else [(50, 14), (50, 1)]
+    check_workdir(args.workdir)
+    config = load_config(args.config)
+    modes = [] if args.modes == "none" else args.modes.split(",")
+    if is_deepseek_v41(config):  # the released size from a sparse checkpoint
+        from engram_export.measure.bench_v41 import run_bench_v41
+
+        if args.weights or args.engram_vocab_size or args.lookup:
+            raise EngramError(
+                "bench of a DeepSeek-V4.1 config builds its own sparse checkpoint: drop "
+                "--weights, --engram-vocab-size and --lookup"
+            )
+        with working_folder(args.workdir, "engram-bench-") as workdir:
+            run_bench_v41(config, workdir, shapes, args.repeat, "int8-weights" in modes, decode_only=args.decode)
+        return
+    config = with_table_size(config, args.engram_vocab_size)
+    if args.lookup:
+        with working_folder(args.workdir, "engram-bench-") as workdir:
+            print_targets(run_lookup_bench(workdir, shapes, args.repeat, args.warmup, shapes_for(config)))
+        return
+    precisions = ["f32", "bf16"] if args.precision == "all" else [args.precision]
+    unknown = sorted(set(modes) - {"int8-weights", "int4-weights", "int8"})
+    if unknown:
+        raise EngramError(f"unknown quantization mode(s) {', '.join(unknown)}")
+    layer_id = config.layer_ids[0] if args.layer is None else args.layer
+    with stage(f"building layer {layer_id}"):
+        layer = build_layer(
+            config, layer_id, weights=args.weights, prefix=args.prefix, seed=None if args.weights else 0
+        )
+    with working_folder(args.workdir, "engram-bench-") as workdir:
+        if args.decode:
+            decode_bench(layer, workdir, "int8" in modes, args.repeat)
+        else:
+            run_bench(layer, workdir, shapes, precisions, args.repeat, args.warmup, args.profile, modes)
+            print_targets(run_lookup_bench(workdir, shapes, args.repeat, args.warmup, shapes_for(config)))

@@ -16,7 +16,7 @@ import pytest
 
 from engram_export.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint
-from engram_export.openvino import row_kernel
+from engram_export.openvino import row_kernel, table_store
 from engram_export.openvino.quantize import QuantizeOptions, quantize
 from engram_export.runtime import EngramRuntime
 from engram_export.synthetic import write_v41_checkpoint
@@ -231,17 +231,17 @@ def test_populate_maps_every_page_and_mmap_none(tmp_path):
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 64 << 20, np.uint8).tobytes())
     lazy = np.memmap(path, np.uint8, "r")
     before = _rss_file_mib()
-    row_kernel._madvise(lazy, mmap.MADV_RANDOM)
+    table_store._madvise(lazy, mmap.MADV_RANDOM)
     assert _rss_file_mib() - before < 8
     eager = np.memmap(path, np.uint8, "r")
     before = _rss_file_mib()
-    row_kernel.populate(eager, "table")
+    table_store.populate(eager, "table")
     assert _rss_file_mib() - before > 60
 
 
 def test_huge_page_copy_is_equal_aligned_and_backed_by_huge_pages():
     data = np.random.default_rng(0).integers(0, 256, 16 << 20, np.uint8)
-    copy = row_kernel._huge_page_copy(data, "table")
+    copy = table_store.HugePagesStore().place(data, "table")
     np.testing.assert_array_equal(copy, data)
     assert copy.ctypes.data % (2 << 20) == 0
     enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -309,7 +309,7 @@ def test_lookup_bench_prints_every_form_and_memory_mode(tmp_path, capsys):
 
 @pytest.mark.parametrize("table_memory", ["populate", "hugepages"])
 def test_a_table_larger_than_free_memory_is_refused_for_ram_modes(demo_models, monkeypatch, table_memory):
-    monkeypatch.setattr(row_kernel, "_available_bytes", lambda: 4096)
+    monkeypatch.setattr(table_store, "_available_bytes", lambda: 4096)
     with pytest.raises(
         EngramError, match=f"table_memory='{table_memory}' holds the table in RAM: .* use table_memory='mmap'"
     ):

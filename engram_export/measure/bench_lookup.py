@@ -78,7 +78,7 @@ def _hash(ids, shape: LookupShape):
 def _stored(path: Path, make, resident: bool) -> np.ndarray:
     """The table bytes ``make()`` gives, written to ``path`` once, mapped read-only; with ``resident``,
     every page mapped in now (no page faults while timed)."""
-    from engram_export.openvino.row_kernel import populate
+    from engram_export.openvino.table_store import populate
 
     if not path.exists():
         data = make()

@@ -9,100 +9,32 @@ own path for a compressed table is a reference kernel (u8, u4, f16) or a chain o
 (FP8); see ``engram-export bench`` for both side by side. A graph that is not one of these forms is
 left as it is.
 
-How the table lives in memory (``table_memory``):
-
-- ``"mmap"`` (default): the file's pages, read on demand, with random-access advice (a cold row reads
-  its page, not megabytes ahead). Load costs nothing whatever the table size; resident memory is the
-  rows touched so far, in the page cache (shared by every process serving the file, evictable). The
-  only choice for a table larger than RAM. The first lookups pay a page fault per new page.
-- ``"populate"``: the same mapping, every page faulted in at load: load reads the whole table (disk
-  speed), resident file-backed memory is the table's size; first requests run as fast as later ones.
-- ``"hugepages"``: an anonymous copy in transparent huge pages (as SGLang keeps its host tables): load
-  copies the whole table, private memory grows by its size (not shared, not evictable), and random rows
-  cost fewer TLB misses.
+Where the table's bytes live while it is served (``table_memory``) is a ``table_store.TableStore``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
 
 import numpy as np
 
-from engram_export import progress
-from engram_export.errors import EngramError
+from engram_export.openvino.table_store import TableStore, table_store
 from engram_export.openvino.tables import shared_constant
 
-__all__ = ["install", "populate", "TABLE_MEMORY"]
+__all__ = ["install"]
 
 log = logging.getLogger(__name__)
 
-TABLE_MEMORY = ("mmap", "populate", "hugepages")
-_PAGE = mmap.PAGESIZE
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE, _MADV_POPULATE_READ = 14, 22
 _FLOAT_TABLES, _CODE_TABLES = ("f32", "f16", "bf16"), ("u8", "u4")
 
 
-def _madvise(array: np.ndarray, advice: int) -> bool:
-    """``madvise`` on the pages under ``array``; False where the kernel refuses the advice."""
-    start = array.ctypes.data // _PAGE * _PAGE
-    length = array.ctypes.data + array.nbytes - start
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
-
-
-def populate(data: np.ndarray, name: str) -> np.ndarray:
-    """Fault in every page of the mapping ``data`` now (``table_memory="populate"``); returns it."""
-    if not _madvise(data, _MADV_POPULATE_READ):  # Linux < 5.14: touch one byte per page
-        with progress.stage(f"reading {name} into memory ({data.nbytes / 2**30:.2f} GiB)"):
-            int(data[::_PAGE].sum())
-    return data
-
-
-def _huge_page_copy(data: np.ndarray, name: str) -> np.ndarray:
-    buffer = np.empty(data.nbytes + _HUGE_PAGE, np.uint8)
-    start = -buffer.ctypes.data % _HUGE_PAGE
-    copy = buffer[start : start + data.nbytes]
-    _madvise(copy, _MADV_HUGEPAGE)  # before the first touch, so the kernel backs it with huge pages
-    with progress.stage(f"copying {name} into huge pages ({data.nbytes / 2**30:.2f} GiB)"):
-        copy[:] = data
-    return copy  # a view: keeps `buffer` alive
-
-
-def _available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (what can be filled without swapping or evicting much)."""
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
-def _check_fits(constants, table_memory: str) -> None:
-    """``populate`` and ``hugepages`` hold the whole table in RAM: refuse, before touching anything, a
-    table larger than the memory available (``mmap`` reads on demand: any size)."""
-    if table_memory == "mmap":
-        return
-    needed, available = sum(c.get_byte_size() for c in constants), _available_bytes()
-    if needed > available:
-        raise EngramError(
-            f"table_memory={table_memory!r} holds the table in RAM: {needed / 2**30:.1f} GiB "
-            f"needed, {available / 2**30:.1f} GiB available; use table_memory='mmap'"
-        )
-
-
-def _stored_bytes(constant, rows: int, table_memory: str):
+def _stored_bytes(constant, rows: int, store: TableStore):
     """A u8 constant [rows, bytes per row] over the stored bytes of ``constant`` (flat for scales and
-    zero points: ``rows`` = 1), placed in memory as ``table_memory`` asks."""
+    zero points: ``rows`` = 1), placed in memory by ``store``."""
     view = constant.get_tensor_view().data  # shares the constant's memory (a mapping of the IR's .bin)
     data = np.ctypeslib.as_array((ctypes.c_uint8 * constant.get_byte_size()).from_address(view.ctypes.data))
-    name = constant.get_friendly_name()
-    if table_memory == "hugepages":
-        data = _huge_page_copy(data, name)
-    else:
-        _madvise(data, mmap.MADV_RANDOM)
-        if table_memory == "populate":
-            populate(data, name)
+    data = store.place(data, constant.get_friendly_name())
     shape = (rows, data.size // rows) if rows > 1 else (data.size,)
     return shared_constant(data, (constant, view, data), shape=shape)
 
@@ -146,7 +78,7 @@ def _type(node) -> str:
     return node.get_element_type().get_type_name()
 
 
-def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, output_type: str, table_memory: str):
+def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, output_type: str, store: TableStore):
     """``EngramGatherRows`` over the stored bytes of these constants, or None if their layout is not one
     the kernel reads (a [R, d] or [R, groups, d/groups] table, one scale and zero point per group)."""
     from engram_export.openvino.extension import make_node
@@ -180,8 +112,8 @@ def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, ou
         "u4",
     ):
         return None
-    _check_fits([node for node, _ in parts], table_memory)
-    inputs = [rows] + [_stored_bytes(node, count, table_memory).output(0) for node, count in parts]
+    store.check_fits(sum(node.get_byte_size() for node, _ in parts))
+    inputs = [rows] + [_stored_bytes(node, count, store).output(0) for node, count in parts]
     try:
         return make_node("EngramGatherRows", inputs, attributes, output_type, 4)
     except RuntimeError as exc:  # the op's own checks refuse a layout read wrongly here: keep the graph
@@ -231,12 +163,11 @@ def _fp8_decode(gathers, produced):
     return codes, scales
 
 
-def install(lookup, table_memory: str = "mmap") -> bool:
+def install(lookup, table_memory: str | TableStore = "mmap") -> bool:
     """Read the table of a lookup stage (``stages.split_stages``) with ``EngramGatherRows`` instead of
-    OpenVINO's Gather and decode ops, its bytes placed as ``table_memory`` says. Returns False, leaving
-    ``lookup`` as it was, for a graph it does not recognise."""
-    if table_memory not in TABLE_MEMORY:
-        raise EngramError(f"table_memory must be one of {', '.join(TABLE_MEMORY)}, got {table_memory!r}")
+    OpenVINO's Gather and decode ops, its bytes placed by the store ``table_memory`` names. Returns False,
+    leaving ``lookup`` as it was, for a graph it does not recognise."""
+    store = table_store(table_memory)
     (hash_op,) = [op for op in lookup.get_ops() if op.get_type_name() == "EngramHash"]
     gathers = [t.get_node() for t in hash_op.output(0).get_target_inputs() if t.get_node().get_type_name() == "Gather"]
     (result,) = lookup.get_results()
@@ -268,7 +199,7 @@ def install(lookup, table_memory: str = "mmap") -> bool:
             scale,
             zero_point,
             output_type,
-            table_memory,
+            store,
         )
         replacement = node and (_flat_rows(node) if flat else node.output(0))
     elif len(gathers) == 2 and produced.get_partial_shape().rank.get_length() == 3:
@@ -276,7 +207,7 @@ def install(lookup, table_memory: str = "mmap") -> bool:
         if parts is None:
             return False
         codes, scales = parts
-        node = _gather_rows(rows, "e4m3", codes.get_output_shape(0)[1], codes, scales, None, output_type, table_memory)
+        node = _gather_rows(rows, "e4m3", codes.get_output_shape(0)[1], codes, scales, None, output_type, store)
         replacement = node and _flat_rows(node)
     else:
         return False

@@ -1,16 +1,21 @@
 """Running exported layers beside a backbone.
 
 - ``model.py``: ``EngramRuntime``, a mapping of layer id -> ``LayerRuntime`` over an ``.xml``, an
-  ``.onnx`` or a folder of layers; OpenVINO (two compiled stages, prefetch) or ONNX Runtime;
+  ``.onnx`` or a folder of layers, loaded as ``options.py``'s ``RuntimeOptions`` say;
+- ``backend.py``: what a runtime needs of a backend; ``backend_openvino.py`` (two compiled stages,
+  prefetch) and ``backend_onnxruntime.py``;
+- ``verification.py``: how far the runtime's files are verified (and the background pass);
 - ``inputs.py``: the checks every call makes before anything runs;
 - ``decode.py``: token-by-token decode sessions with the short conv's state kept inside OpenVINO.
 """
 
 from engram_export.runtime.inputs import check_hidden, check_ids, check_inputs, check_lookup_inputs, check_out
-from engram_export.runtime.model import RUNTIMES, EngramRuntime, LayerRuntime, Prefetch, UnknownLayer
+from engram_export.runtime.model import EngramRuntime, LayerRuntime, Prefetch, UnknownLayer
+from engram_export.runtime.options import RUNTIMES, RuntimeOptions
 
 __all__ = [
     "EngramRuntime",
+    "RuntimeOptions",
     "LayerRuntime",
     "Prefetch",
     "UnknownLayer",

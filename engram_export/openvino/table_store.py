@@ -1,0 +1,122 @@
+"""Where a table's stored bytes live while a runtime serves them: one class per way (``table_memory``).
+
+The row kernel (``row_kernel.py``) reads each looked-up row from the array a store's ``place`` returns;
+a store decides which memory that is and what it costs. A new way for a table to live is one new class
+here, registered in ``TABLE_STORES``; nothing else in the runtime branches on it.
+
+- ``MappedStore`` (``"mmap"``, the default): the file's pages, read on demand, with random-access advice
+  (a cold row reads its page, not megabytes ahead). Load costs nothing whatever the table size; resident
+  memory is the rows touched so far, in the page cache (shared by every process serving the file,
+  evictable). The only choice for a table larger than RAM. The first lookups pay a page fault per page.
+- ``PopulatedStore`` (``"populate"``): the same mapping, every page faulted in at load: load reads the
+  whole table (disk speed), resident file-backed memory is the table's size; first requests run as
+  fast as later ones.
+- ``HugePagesStore`` (``"hugepages"``): an anonymous copy in transparent huge pages (as SGLang keeps
+  its host tables): load copies the whole table, private memory grows by its size (not shared, not
+  evictable), and random rows cost fewer TLB misses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from typing import ClassVar
+
+import numpy as np
+
+from engram_export import progress
+from engram_export.errors import EngramError
+
+__all__ = ["TableStore", "MappedStore", "PopulatedStore", "HugePagesStore", "TABLE_STORES", "table_store", "populate"]
+
+_PAGE = mmap.PAGESIZE
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_POPULATE_READ = 14, 22
+
+
+def _madvise(array: np.ndarray, advice: int) -> bool:
+    """``madvise`` on the pages under ``array``; False where the kernel refuses the advice."""
+    start = array.ctypes.data // _PAGE * _PAGE
+    length = array.ctypes.data + array.nbytes - start
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
+
+
+def populate(data: np.ndarray, name: str) -> np.ndarray:
+    """Fault in every page of the mapping ``data`` now; returns it."""
+    if not _madvise(data, _MADV_POPULATE_READ):  # Linux < 5.14: touch one byte per page
+        with progress.stage(f"reading {name} into memory ({data.nbytes / 2**30:.2f} GiB)"):
+            int(data[::_PAGE].sum())
+    return data
+
+
+def _available_bytes() -> int:
+    """MemAvailable (what can be filled without swapping or evicting much)."""
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+class TableStore:
+    """A way for a table's stored bytes to live in memory. ``place`` gets the bytes as the model holds
+    them (a read-only mapping of the file) and returns the array the row kernel reads from (the same
+    memory or a copy that the returned array keeps alive)."""
+
+    name: ClassVar[str]
+    resident: ClassVar[bool]  # holds the whole table in RAM: refused when it does not fit
+
+    def check_fits(self, nbytes: int) -> None:
+        """Refuse, before any byte is touched, a table this store cannot hold."""
+        if not self.resident:
+            return
+        available = _available_bytes()
+        if nbytes > available:
+            raise EngramError(
+                f"table_memory={self.name!r} holds the table in RAM: {nbytes / 2**30:.1f} GiB "
+                f"needed, {available / 2**30:.1f} GiB available; use table_memory='mmap'"
+            )
+
+    def place(self, data: np.ndarray, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+
+class MappedStore(TableStore):
+    name, resident = "mmap", False
+
+    def place(self, data: np.ndarray, name: str) -> np.ndarray:
+        _madvise(data, mmap.MADV_RANDOM)
+        return data
+
+
+class PopulatedStore(MappedStore):
+    name, resident = "populate", True
+
+    def place(self, data: np.ndarray, name: str) -> np.ndarray:
+        return populate(super().place(data, name), name)
+
+
+class HugePagesStore(TableStore):
+    name, resident = "hugepages", True
+
+    def place(self, data: np.ndarray, name: str) -> np.ndarray:
+        buffer = np.empty(data.nbytes + _HUGE_PAGE, np.uint8)
+        start = -buffer.ctypes.data % _HUGE_PAGE
+        copy = buffer[start : start + data.nbytes]
+        _madvise(copy, _MADV_HUGEPAGE)  # before the first touch, so the kernel backs it with huge pages
+        with progress.stage(f"copying {name} into huge pages ({data.nbytes / 2**30:.2f} GiB)"):
+            copy[:] = data
+        return copy  # a view: keeps `buffer` alive
+
+
+TABLE_STORES: dict[str, type[TableStore]] = {
+    store.name: store for store in (MappedStore, PopulatedStore, HugePagesStore)
+}
+
+
+def table_store(table_memory: str | TableStore) -> TableStore:
+    """The store for a ``table_memory`` name (or the store itself)."""
+    if isinstance(table_memory, TableStore):
+        return table_memory
+    if table_memory not in TABLE_STORES:
+        raise EngramError(f"table_memory must be one of {', '.join(TABLE_STORES)}, got {table_memory!r}")
+    return TABLE_STORES[table_memory]()

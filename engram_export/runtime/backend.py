@@ -1,0 +1,45 @@
+"""What a runtime needs of a backend, and the one place that picks it.
+
+Every backend runs a whole layer on checked inputs (``__call__``). The OpenVINO backend also runs it as
+two stages, so that the lookup can start early (prefetch, decode sessions, ``lookup``, ``profile``):
+``LayerRuntime`` asks ``supports_stages`` before using them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from engram_export.integrity import FileChecks
+from engram_export.model_info import ModelInfo
+from engram_export.runtime.options import RuntimeOptions
+
+__all__ = ["Backend", "load_backend", "supports_stages"]
+
+
+class Backend(Protocol):
+    info: ModelInfo
+    precision: str
+    settings: dict  # what the backend compiled the model with, for reports
+
+    def __call__(self, feeds: dict, hidden: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...
+
+
+def load_backend(path: Path, options: RuntimeOptions, checks: FileChecks | None = None) -> Backend:
+    """The backend ``options.runtime`` names, loaded from ``path``, its files checked by ``checks``."""
+    if options.runtime == "ort":
+        from engram_export.runtime.backend_onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(path, options, checks)
+    from engram_export.runtime.backend_openvino import OpenVINOBackend
+
+    return OpenVINOBackend(path, options, checks)
+
+
+def supports_stages(backend: Backend) -> bool:
+    """Whether ``backend`` runs a layer as two stages (lookup, then fuse)."""
+    from engram_export.runtime.backend_openvino import OpenVINOBackend
+
+    return isinstance(backend, OpenVINOBackend)

@@ -1,0 +1,198 @@
+"""The OpenVINO backend: a layer's two stages (lookup, fuse) compiled for a device, and pools of their
+infer requests so that any number of threads may call one runtime at once."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from engram_export.errors import EngramError, one_line
+from engram_export.integrity import FileChecks
+from engram_export.runtime.inputs import fuse_feeds
+from engram_export.runtime.options import RuntimeOptions
+
+__all__ = ["OpenVINOBackend"]
+
+
+class _RequestPool:
+    """Idle infer requests of one compiled model.
+
+    A compiled model may be shared by any number of threads, an infer request may not: every call
+    takes a request of its own (a new one when none is idle) and gives it back when done.
+    """
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+
+    def take(self):
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            return self.compiled.create_infer_request()
+
+    def give_back(self, request) -> None:
+        self._idle.put(request)
+
+
+class OpenVINOBackend:
+    """Two compiled stages (``stages.split_stages``): lookup, then fuse on its output tensor."""
+
+    def __init__(self, path: Path, options: RuntimeOptions, checks: FileChecks | None = None):
+        from engram_export.openvino.compile import read_openvino
+        from engram_export.openvino.stages import split_stages
+
+        model, self.info = read_openvino(path, checks)
+        self.path, self.device = path, options.device
+        self.table_memory, self.lookup_kernel = options.table_memory, options.lookup_kernel
+        self.precision = options.precision or self.info.precision
+        self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+        if options.threads:
+            self.config["INFERENCE_NUM_THREADS"] = options.threads
+        if self.info.quantization in ("int8-weights", "int4-weights"):
+            # The CPU plugin quantizes the activations of a compressed-weight MatMul per group, 32 by
+            # default. Groups of 128 measured 1.15-1.4x faster (demo and V4.1, B=50 T=14, B=50 T=1,
+            # B=1 T=1; Zen 4) for a mean cosine against bf16 of 0.99985 instead of 0.99988.
+            self.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 128
+        self.config.update(options.ov_config or {})
+        self._model = model.clone()  # for the decode stages, built on first use (shares the constants)
+        lookup, fuse = self._compile(*split_stages(model, self.precision))
+        self.lookups, self.fuses = _RequestPool(lookup), _RequestPool(fuse)
+        # at most as many calls inside OpenVINO as it has streams: more would only queue inside the
+        # plugin while their requests hold memory
+        self._streams = threading.BoundedSemaphore(max(1, int(fuse.get_property("NUM_STREAMS"))))
+        precision_hint = fuse.get_property("INFERENCE_PRECISION_HINT")
+        group = fuse.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
+        self.settings = {
+            "precision": getattr(precision_hint, "get_type_name", lambda: precision_hint)(),
+            "dynamic-quantization-group": group,
+            "lookup": self._lookup_kind,
+        }
+        self._decode, self._decode_lock = None, threading.Lock()
+
+    def _compile(self, lookup, fuse):
+        """Both stages compiled, the lookup's table read by the extension's row kernel where it knows
+        the table's form (``row_kernel.install``). A lookup left on OpenVINO's Gather over an f32 table
+        (a DeepSeek-V4.1 checkpoint that stores one) is compiled without the CPU plugin's scan of f32
+        constants for subnormals, which reads the whole table at every load (measured: +2 GiB resident for a
+        2 GiB table, +28 MiB without); the lookup only gathers and converts, so the flag changes no value it
+        computes. compile_model sets flush-to-zero on the thread that calls it with that flag and leaves it
+        set, so that compile runs on a thread of its own: the caller's arithmetic keeps its subnormals."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from engram_export.openvino import row_kernel
+        from engram_export.openvino.extension import openvino_core
+
+        core = openvino_core()
+        installed = self.lookup_kernel and row_kernel.install(lookup, self.table_memory)
+        self._lookup_kind = f"row kernel, table {self.table_memory}" if installed else "openvino gather"
+        try:
+            if not any(
+                op.get_friendly_name() == "engram_table" and op.get_element_type().get_type_name() == "f32"
+                for op in lookup.get_ops()
+            ):
+                return (
+                    core.compile_model(lookup, self.device, self.config),
+                    core.compile_model(fuse, self.device, self.config),
+                )
+            with ThreadPoolExecutor(1) as apart:
+                compiled = apart.submit(
+                    core.compile_model, lookup, self.device, {**self.config, "CPU_DENORMALS_OPTIMIZATION": True}
+                ).result()
+            return compiled, core.compile_model(fuse, self.device, self.config)
+        except RuntimeError as exc:
+            raise EngramError(
+                f"OpenVINO cannot compile {self.path.name} for device {self.device!r}: {one_line(exc)}"
+            ) from exc
+
+    def decode_requests(self):
+        """A (lookup, fuse) pair of requests of the stateful decode stages, compiled once."""
+        with self._decode_lock:
+            if self._decode is None:
+                from engram_export.runtime.decode import decode_stages
+
+                self._decode = self._compile(*decode_stages(self._model.clone(), self.info, self.precision))
+        return tuple(compiled.create_infer_request() for compiled in self._decode)
+
+    def start_lookup(self, feeds: dict):
+        """Start the lookup asynchronously (OpenVINO's threads, no GIL) on a request of its own. It
+        reads ``feeds`` in place: they must not change until it is finished (``prefetch`` passes
+        copies of its own)."""
+        request = self.lookups.take()
+        request.start_async(feeds, share_inputs=True)
+        return request
+
+    def finish(self, lookup, feeds: dict, hidden: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Wait for ``lookup`` (from ``start_lookup(feeds)``), run the fuse stage on its embeddings, and
+        give the lookup request back. The fuse stage reads ``hidden`` in place and writes straight into
+        ``out`` (a new array if None): no copy of either, as large as the layer's output."""
+        import openvino
+
+        from engram_export.openvino.stages import EMBEDDINGS
+
+        try:
+            lookup.wait()
+            fuse = self.fuses.take()
+            try:
+                result = np.empty(hidden.shape, np.float32) if out is None else out
+                fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
+                fuse.set_output_tensor(0, openvino.Tensor(result, shared_memory=True))
+                fuse.start_async({"hidden_states": hidden, **fuse_feeds(feeds)}, share_inputs=True)
+                fuse.wait()
+                return result
+            finally:
+                self.fuses.give_back(fuse)
+        finally:
+            self.lookups.give_back(lookup)
+
+    def profile(self, feeds: dict, hidden: np.ndarray, rounds: int, warmup: int) -> list[dict]:
+        """OpenVINO's per-node times of both stages, averaged over ``rounds`` calls after ``warmup``."""
+        import collections
+
+        from engram_export.openvino.stages import EMBEDDINGS, infer
+
+        if self.fuses.compiled.get_property("PERF_COUNT") not in (True, "YES"):  # the CPU plugin says "NO"
+            raise EngramError("profile needs per-node counters: load with ov_config={'PERF_COUNT': True}")
+        lookup, fuse = self.lookups.take(), self.fuses.take()
+        totals = collections.Counter()
+        try:
+            for index in range(warmup + rounds):
+                infer(lookup, feeds)
+                fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
+                infer(fuse, {"hidden_states": hidden, **fuse_feeds(feeds)})
+                for stage, request in (("lookup", lookup), ("fuse", fuse)):
+                    for info in request.get_profiling_info() if index >= warmup else ():
+                        key = (stage, info.node_type, info.exec_type, info.node_name)
+                        totals[key] += info.real_time.total_seconds() * 1e3 / rounds
+        finally:
+            self.lookups.give_back(lookup)
+            self.fuses.give_back(fuse)
+        return [
+            {"stage": stage, "node": node, "kernel": kernel, "name": name, "ms": ms}
+            for (stage, node, kernel, name), ms in totals.most_common()
+        ]
+
+    def lookup_rows(self, feeds: dict) -> np.ndarray:
+        """The lookup stage alone: the embeddings the fuse stage receives, as float32."""
+        request = self.start_lookup(feeds)
+        try:
+            request.wait()
+            return _as_float32(request.get_output_tensor(0))
+        finally:
+            self.lookups.give_back(request)
+
+    def __call__(self, feeds: dict, hidden: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        with self._streams:
+            return self.finish(self.start_lookup(feeds), feeds, hidden, out)
+
+
+def _as_float32(tensor) -> np.ndarray:
+    """An OpenVINO tensor's values as a float32 array (numpy has no bf16: widen its bits)."""
+    import openvino
+
+    if tensor.get_element_type() == openvino.Type.bf16:
+        return (tensor.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return tensor.data.astype(np.float32)

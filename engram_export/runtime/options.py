@@ -1,0 +1,66 @@
+"""How a runtime loads and runs its layers: one frozen record, checked in one place.
+
+``EngramRuntime(path, **options)`` builds it from its keyword arguments (or takes one ready made,
+``EngramRuntime(path, options=RuntimeOptions(...))``); the backends and the table store read their
+settings from it, so a setting passes by name from the caller to where it is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from engram_export.errors import EngramError
+from engram_export.integrity import FileChecks, file_checks
+from engram_export.model_info import PRECISIONS
+
+__all__ = ["RuntimeOptions", "RUNTIMES"]
+
+RUNTIMES = ("ov", "ort")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """The options of ``EngramRuntime`` (its docstring says what each does)."""
+
+    runtime: str = "ov"
+    precision: str | None = None
+    device: str = "CPU"
+    threads: int | None = None
+    check_hashes: bool | str = True
+    ov_config: Mapping | None = None
+    table_memory: str = "mmap"
+    lookup_kernel: bool = True
+
+    def __post_init__(self):
+        from engram_export.openvino.table_store import TABLE_STORES
+
+        if self.runtime not in RUNTIMES:
+            raise EngramError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise EngramError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise EngramError(f"device must be an OpenVINO device name such as 'CPU', got {self.device!r}")
+        threads = self.threads
+        if threads is not None and (
+            not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 4096
+        ):
+            raise EngramError(f"threads must be a positive integer or None, got {threads!r}")
+        if self.ov_config is not None:
+            if not isinstance(self.ov_config, Mapping) or not all(isinstance(k, str) for k in self.ov_config):
+                raise EngramError(f"ov_config must be a dict of OpenVINO property names, got {self.ov_config!r}")
+            object.__setattr__(self, "ov_config", MappingProxyType(dict(self.ov_config)))  # a copy, read-only
+        if self.table_memory not in TABLE_STORES:
+            raise EngramError(f"table_memory must be one of {', '.join(TABLE_STORES)}, got {self.table_memory!r}")
+        if not isinstance(self.lookup_kernel, bool):
+            raise EngramError(f"lookup_kernel must be True or False, got {self.lookup_kernel!r}")
+        self.file_checks()  # refuses a check_hashes it does not know
+
+    def file_checks(self) -> FileChecks:
+        """A fresh ``FileChecks`` of ``check_hashes`` (it records the files a load leaves unhashed)."""
+        return file_checks(self.check_hashes)
+
+    @property
+    def background_verification(self) -> bool:
+        return self.check_hashes == "background"

@@ -18,7 +18,7 @@ all share (errors, file checks and integrity, manifests, progress) and ``torch.p
 
 import importlib
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
 _PUBLIC = {
     "EngramRuntime": "engram_export.runtime",

@@ -7,32 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.errors import EngramError
+from engram_export.core.text import find_tokenizer_file, read_tokenizer
 
-__all__ = ["build_compression_table", "find_tokenizer_file", "read_tokenizer", "tokenizer_size"]
+__all__ = ["build_compression_table", "tokenizer_size"]
 
 _SENTINEL = "\ue000"  # keeps a text that is exactly one space from being stripped away
-
-
-def find_tokenizer_file(path: str | Path) -> Path:
-    """A ``tokenizer.json`` path, or a directory that holds one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise EngramError(f"tokenizer: {path} does not exist (give a tokenizer.json or its folder)")
-    return path
-
-
-def read_tokenizer(path: str | Path):
-    """The ``tokenizers.Tokenizer`` at ``path`` (a tokenizer.json or its folder), or a one-line error."""
-    from tokenizers import Tokenizer
-
-    file = find_tokenizer_file(path)
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise EngramError(f"tokenizer: cannot read {file}: {exc}") from exc
 
 
 def tokenizer_size(path: str | Path) -> int:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
 __all__ = ["EngramConfig", "load_config", "check_tokenizer", "preset_names", "config_from_dict", "is_deepseek_v41"]
 

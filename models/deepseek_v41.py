@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.models.primes import INT64_MAX, LAYER_SEED_STRIDE, _next_prime
 
 __all__ = [
@@ -374,7 +374,7 @@ def _mapped(location) -> torch.Tensor:
     """A read-only, file-backed view of a tensor's bytes in its stored dtype (nothing is read until used)."""
     import warnings
 
-    from engram_export.checkpoint import torch_dtype
+    from engram_export.core.checkpoint import torch_dtype
 
     array = np.memmap(location.file, np.uint8, "r", location.offset, location.nbytes)
     with warnings.catch_warnings():

@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.models.config import MAX_TABLE_ROWS, EngramConfig
 from engram_export.models.primes import INT64_MAX, LAYER_SEED_STRIDE, _next_prime, is_prime
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
+from engram_export.core.resources import require_memory, tensor_bytes
 from engram_export.models.config import BOUNDS, EngramConfig, is_int
 from engram_export.models.engram import EngramLayer
 from engram_export.models.hashing import EngramHashing
-from engram_export.resources import require_memory, tensor_bytes
 
 __all__ = ["build_layer", "layer_prefix", "read_checkpoint", "random_state_dict"]
 

@@ -9,7 +9,7 @@ the backbone runs on ``--device`` (the GPU in production).
 
 It prints the timeline of one forward pass (backbone layers computing while the lookup runs), the
 serial and overlapped end-to-end times, the drop-in (a PyTorch model holding the Engram layer as a
-module, swapped for the OpenVINO one with ``engram_export.torch.swap_engram_modules``, its lookup
+module, swapped for the OpenVINO one with ``engram_export.runtime.torch.swap_engram_modules``, its lookup
 prefetched by the model's pre-hook), and a short greedy-decode-style loop through the session API.
 """
 
@@ -28,7 +28,7 @@ from engram_export.models.weights import build_layer
 from engram_export.onnx.export import export_layer
 from engram_export.openvino.compile import compile_onnx
 from engram_export.runtime import EngramRuntime
-from engram_export.torch import swap_engram_modules
+from engram_export.runtime.torch import swap_engram_modules
 
 TEXT = "Only Alexander the Great could tame the horse Bucephalus, and the story spread across Macedon"
 

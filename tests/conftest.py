@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engram_export import progress
+from engram_export.core import progress
 from engram_export.models.config import load_config
 from tests.helpers import TINY_LAYER
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from engram_export.cli import main
-from engram_export.fileio import STAGING_PREFIX
+from engram_export.core.fileio import STAGING_PREFIX
 
 TINY_LAYER = 3  # the second layer of the tiny preset: its primes depend on layer 1's
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engram_export.fileio import staged_folder, staged_output
+from engram_export.core.fileio import staged_folder, staged_output
 from engram_export.measure.verify import random_inputs
 from tests.helpers import STAGING_PREFIX, listing, refused, run_cli
 

@@ -8,7 +8,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.models.compression import build_compression_table
 from engram_export.models.hashing import EngramHashing, hash_rows
 

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
+from engram_export.core.resources import require_disk, require_memory
 from engram_export.models.config import EngramConfig, load_config, preset_names
 from engram_export.models.hashing import EngramHashing
 from engram_export.models.weights import build_layer, layer_prefix
-from engram_export.resources import require_disk, require_memory
 
 TINY = load_config("tiny").to_dict()
 
@@ -213,7 +213,7 @@ def test_require_memory_and_disk(tmp_path):
 
 
 def test_export_refuses_a_full_disk_before_tracing(tiny_layer, tmp_path, monkeypatch):
-    from engram_export import resources
+    from engram_export.core import resources
     from engram_export.onnx import export
 
     monkeypatch.setattr(resources.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))

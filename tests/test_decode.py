@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.measure.verify import compare, random_inputs
 from engram_export.runtime import EngramRuntime
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.models.deepseek_v41 import (
     V41Config,
     V41EngramLayer,

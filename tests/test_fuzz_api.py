@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.measure.verify import random_inputs
 from engram_export.runtime import EngramRuntime
 
@@ -174,7 +174,7 @@ def test_bad_metadata(tiny_files, tmp_path, key, edit, message, backend):
 
 
 def test_library_errors_give_their_reason():
-    from engram_export.errors import one_line
+    from engram_export.core.errors import one_line
 
     openvino = RuntimeError(
         "Exception from src/inference/src/cpp/core.cpp:84:\nCheck 'false' failed at "

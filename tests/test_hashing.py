@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.models.config import load_config
 from engram_export.models.hashing import EngramHashing, hash_rows, is_prime
 

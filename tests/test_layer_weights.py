@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.models.weights import build_layer, read_checkpoint
 from tests.helpers import TINY_LAYER
 

@@ -61,6 +61,37 @@ def test_no_import_cycles():
     assert cycles == [], cycles
 
 
+# A module imports only modules of its own level or lower (lazy imports inside functions count too): a
+# file's folder tells its level.
+LEVELS = {
+    "engram_export.core": 0,  # errors, progress, file I/O, integrity, resources, text, checkpoint headers
+    "engram_export.models": 1,  # the families' configs, hashes and PyTorch layers
+    "engram_export.passes": 3,  # ONNX graph passes (they know the custom ops of onnx/)
+    "engram_export.contract": 2,  # what an exported file says about itself, the inputs it accepts
+    "engram_export.onnx": 3,  # export and the custom ops
+    "engram_export.openvino": 4,  # compile, quantize, the extension, what the runtime does to an IR
+    "engram_export.folders": 5,  # manifests and whole-model folders
+    "engram_export.runtime": 6,  # EngramRuntime, backends, decode sessions
+    "engram_export.runtime.torch": 7,  # the PyTorch drop-in
+    "engram_export.measure": 7,  # verify and the benches
+    "engram_export.cli": 8,  # the command line
+}
+
+
+def _level(module: str) -> int:
+    for prefix, level in LEVELS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return level
+    raise AssertionError(f"{module} is in no level of LEVELS")
+
+
+def test_no_import_runs_up_the_levels():
+    upward = sorted(
+        f"{name} -> {dep}" for name, deps in _imports().items() for dep in deps if _level(dep) > _level(name)
+    )
+    assert upward == [], upward
+
+
 def test_nothing_imports_the_cli():
     users = sorted(name for name, deps in _imports().items() if "engram_export.cli" in deps)
     assert users == ["engram_export.cli.__main__"], users

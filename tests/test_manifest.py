@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from engram_export import integrity
-from engram_export.errors import EngramError
+from engram_export.core import integrity
+from engram_export.core.errors import EngramError
 from engram_export.measure.verify import random_inputs
 from engram_export.runtime import EngramRuntime
 
@@ -143,7 +143,7 @@ def test_single_xml_checks_its_bin(tiny_files, tmp_path):
 
 
 def test_onnx_folder_lists_external_data(exported_with_data, tiny_config, tmp_path):
-    from engram_export.manifest import Manifest, model_files, read_manifest, write_manifest
+    from engram_export.folders.manifest import Manifest, model_files, read_manifest, write_manifest
 
     folder = data_copy(exported_with_data, tmp_path / "f").parent
     assert model_files(folder, "m.onnx") == ["m.onnx", "m.onnx.data"]

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.openvino.table_store import TABLE_STORES, HugePagesStore, MappedStore, PopulatedStore, table_store
 from engram_export.runtime import EngramRuntime, RuntimeOptions
 

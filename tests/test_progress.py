@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engram_export import progress
+from engram_export.core import progress
 
 
 @pytest.fixture

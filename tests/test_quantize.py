@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.measure.verify import QUANTIZED_MIN_MEAN_COSINE, compare, random_inputs
 from engram_export.openvino.extension import openvino_core
 from engram_export.openvino.quantize import QuantizeOptions, compressed_constants, quantize, read_calibration
@@ -199,6 +199,6 @@ def test_quantize_model_works_on_a_model_in_memory(tiny_files, quantized):
     assert compressed_constants(model) == compressed_constants(
         openvino_core().read_model(str(quantized["int8-weights"]))
     )
-    from engram_export.model_info import QUANTIZATION_KEY, RT_INFO_SECTION
+    from engram_export.contract.model_info import QUANTIZATION_KEY, RT_INFO_SECTION
 
     assert model.get_rt_info([RT_INFO_SECTION, QUANTIZATION_KEY]).astype(str) == "int8-weights"

@@ -23,15 +23,15 @@ import numpy as np
 import pytest
 import torch
 
-from engram_export.checkpoint import Checkpoint
-from engram_export.errors import EngramError
+from engram_export.core.checkpoint import Checkpoint
+from engram_export.core.errors import EngramError
+from engram_export.core.text import token_stream, windows
+from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.models.compression import build_compression_table
 from engram_export.models.deepseek_v41 import V41Config, V41Hashing, open_layer
 from engram_export.openvino.extension import openvino_core
 from engram_export.openvino.quantize import compressed_constants
 from engram_export.runtime import EngramRuntime
-from engram_export.synthetic import write_v41_checkpoint
-from engram_export.text import token_stream, windows
 from tests.helpers import listing, refused, run_cli
 from tests.v41_spec import TINY, spec_output
 

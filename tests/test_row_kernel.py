@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint
+from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.openvino import row_kernel, table_store
 from engram_export.openvino.quantize import QuantizeOptions, quantize
 from engram_export.runtime import EngramRuntime
-from engram_export.synthetic import write_v41_checkpoint
 from tests.v41_spec import TINY
 
 SHAPES = [(50, 14), (1, 1), (3, 17)]

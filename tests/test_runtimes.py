@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.measure.verify import compare, random_inputs
 from engram_export.onnx import op as onnx_op
 from engram_export.onnx.export import export_layer

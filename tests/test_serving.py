@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from engram_export.errors import EngramError
-from engram_export.manifest import read_manifest
+from engram_export.core.errors import EngramError
+from engram_export.folders.manifest import read_manifest
 from engram_export.measure.verify import compare, random_inputs
 from engram_export.runtime import EngramRuntime
 from tests.helpers import cli, refused

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engram_export.errors import EngramError
-from engram_export.fileio import data_extents, link_or_copy
-from engram_export.manifest import read_manifest
+from engram_export.core.errors import EngramError
+from engram_export.core.fileio import data_extents, link_or_copy
+from engram_export.folders.manifest import read_manifest
+from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.runtime import EngramRuntime
-from engram_export.synthetic import write_v41_checkpoint
 from tests.helpers import hf_snapshot, listing, refused, run_cli
 from tests.v41_spec import TINY
 

@@ -1,4 +1,4 @@
-"""``engram_export.torch``: OpenVINO Engram layers as PyTorch modules, swapped into a model in one call,
+"""``engram_export.runtime.torch``: OpenVINO Engram layers as PyTorch modules, swapped into a model in one call,
 their lookups prefetched from the model's input ids.
 
 Outputs are compared with the PyTorch layers at the f32 tolerance of ``verify`` (max |err| / max |ref|
@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.measure.verify import random_inputs
 from engram_export.runtime import EngramRuntime
-from engram_export.torch import OpenVINOEngram, _numpy, swap_engram_modules
+from engram_export.runtime.torch import OpenVINOEngram, _numpy, swap_engram_modules
 
 
 class TwoEngramModel(nn.Module):

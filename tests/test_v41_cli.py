@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engram_export.manifest import read_manifest
-from engram_export.synthetic import write_v41_checkpoint
+from engram_export.folders.manifest import read_manifest
+from engram_export.folders.synthetic import write_v41_checkpoint
 from tests.helpers import listing, refused, run_cli
 from tests.v41_spec import TINY
 

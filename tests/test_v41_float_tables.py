@@ -18,17 +18,17 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from engram_export.checkpoint import Checkpoint
-from engram_export.errors import EngramError
+from engram_export.core.checkpoint import Checkpoint
+from engram_export.core.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint
-from engram_export.manifest import read_manifest
+from engram_export.folders.manifest import read_manifest
+from engram_export.folders.synthetic import float_rows_bytes, write_v41_checkpoint
 from engram_export.models.deepseek_v41 import V41Config, V41Hashing, hash_rows_v41, open_layer
 from engram_export.models.hashing import _next_prime
 from engram_export.onnx import op as onnx_op
 from engram_export.onnx import op_fp8 as onnx_op_fp8
 from engram_export.openvino.extension import openvino_core
 from engram_export.runtime import EngramRuntime
-from engram_export.synthetic import float_rows_bytes, write_v41_checkpoint
 from tests.v41_spec import TINY
 
 DTYPES = ["BF16", "F32"]

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from engram_export.checkpoint import Checkpoint
-from engram_export.errors import EngramError
+from engram_export.core.checkpoint import Checkpoint
+from engram_export.core.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint, quantize_folder
+from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.models.deepseek_v41 import V41Config, V41Hashing, open_layer
 from engram_export.openvino.quantize import QuantizeOptions
 from engram_export.runtime import EngramRuntime
-from engram_export.synthetic import write_v41_checkpoint
 from tests.v41_spec import RELEASED, TINY, spec_output, spec_rows
 
 SHAPES = [(50, 14), (1, 1), (3, 17)]

@@ -12,12 +12,12 @@ import threading
 import numpy as np
 import pytest
 
-from engram_export import integrity
-from engram_export.errors import EngramError
-from engram_export.manifest import read_manifest
+from engram_export.core import integrity
+from engram_export.core.errors import EngramError
+from engram_export.folders.manifest import read_manifest
+from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.measure.verify import random_inputs
 from engram_export.runtime import EngramRuntime, verification
-from engram_export.synthetic import write_v41_checkpoint
 from tests.helpers import hf_snapshot, run_cli
 from tests.v41_spec import TINY
 

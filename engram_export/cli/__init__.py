@@ -14,7 +14,7 @@ import sys
 
 from engram_export.cli import bench, compile, demo, export, extension, optimize, quantize, run, verify
 from engram_export.cli.common import FLAGS
-from engram_export.errors import EngramError, one_line
+from engram_export.core.errors import EngramError, one_line
 
 __all__ = ["main", "build_parser"]
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import logging
 
-        from engram_export.progress import LOGGER, TerminalHandler
+        from engram_export.core.progress import LOGGER, TerminalHandler
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         progress_log = logging.getLogger(LOGGER)

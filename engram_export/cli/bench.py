@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from engram_export.cli.common import FLAGS, check_at_least, check_workdir, stage, with_table_size, working_folder
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
 __all__ = ["add", "run"]
 

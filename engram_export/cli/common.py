@@ -9,8 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from engram_export.errors import EngramError
-from engram_export.fileio import check_output_file, check_output_folder
+from engram_export.core.errors import EngramError
+from engram_export.core.fileio import check_output_file, check_output_folder
 
 __all__ = [
     "FLAGS",
@@ -120,6 +120,6 @@ def with_table_size(config, engram_vocab_size: int | None):
 
 
 def stage(what):
-    from engram_export.progress import stage
+    from engram_export.core.progress import stage
 
     return stage(what)

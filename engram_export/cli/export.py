@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engram_export.cli.common import COPY_TABLE, FLAGS, add_layer_source, check_output, layer_from_args
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
 __all__ = ["add", "run"]
 

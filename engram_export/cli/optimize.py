@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engram_export.cli.common import FLAGS, stage
-from engram_export.fileio import check_output_file
+from engram_export.core.fileio import check_output_file
 
 __all__ = ["add", "run"]
 

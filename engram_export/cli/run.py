@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from engram_export.cli.common import FLAGS
-from engram_export.errors import EngramError
-from engram_export.fileio import check_output_file
+from engram_export.core.errors import EngramError
+from engram_export.core.fileio import check_output_file
 
 __all__ = ["add", "run"]
 
@@ -32,7 +32,7 @@ def add(sub) -> None:
 def run(args) -> None:
     import numpy as np
 
-    from engram_export.fileio import load_npz, staged_output
+    from engram_export.core.fileio import load_npz, staged_output
     from engram_export.runtime import EngramRuntime
 
     check_output_file(args.output, ".npz", [args.model, args.inputs])

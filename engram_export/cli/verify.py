@@ -6,8 +6,8 @@ import functools
 from pathlib import Path
 
 from engram_export.cli.common import FLAGS, add_layer_source, check_workdir, layer_from_args, working_folder
-from engram_export.errors import EngramError
-from engram_export.fileio import check_output_file
+from engram_export.core.errors import EngramError
+from engram_export.core.fileio import check_output_file
 
 __all__ = ["add", "run", "report", "parse_shapes"]
 
@@ -67,7 +67,7 @@ def run(args) -> int:
             check_output_file(args.workdir / name, Path(name).suffix, [args.onnx, *args.model])
     export = None
     if args.checkpoint is not None:  # DeepSeek-V4.1: the layer reads the checkpoint, tables mapped
-        from engram_export.checkpoint import Checkpoint
+        from engram_export.core.checkpoint import Checkpoint
         from engram_export.folders import export_checkpoint
         from engram_export.models.deepseek_v41 import V41Config, open_layer
 

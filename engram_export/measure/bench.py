@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import torch
 
-from engram_export import progress
+from engram_export.core import progress
 from engram_export.measure.verify import format_table, random_inputs
 
 __all__ = [

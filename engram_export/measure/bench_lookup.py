@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.measure.verify import format_table
 
 __all__ = ["run_lookup_bench", "print_targets", "shapes_for", "LookupShape", "DEMO", "V41"]

@@ -41,12 +41,12 @@ def run_bench_v41(
 ) -> None:
     """Print the tables above; ``decode_only`` (``bench --decode``): the costs and the decode rows."""
     from engram_export.folders import compile_folder, export_checkpoint, quantize_folder
+    from engram_export.folders.synthetic import write_v41_checkpoint
     from engram_export.measure.bench import cpu_summary, matmul_floor, resident_mib, round_robin_ms, target_line
     from engram_export.measure.decode_bench import decode_rows
     from engram_export.models.deepseek_v41 import V41Hashing
     from engram_export.openvino.quantize import QuantizeOptions
     from engram_export.runtime import EngramRuntime
-    from engram_export.synthetic import write_v41_checkpoint
 
     print(f"CPU: {cpu_summary()}")
     shapes = list(dict.fromkeys([*shapes, (1, 1)]))  # B=1, T=1: the INT8 decode target

@@ -196,7 +196,7 @@ def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(),
     """Export ``layer`` into ``workdir`` (unless ``onnx_path`` is given; with ``export(path)`` if given),
     compile it f32 and bf16, and compare every path (and the ``extra`` .xml files, such as quantized
     models) with the layer at each of ``shapes``: one ``Comparison`` per path and shape."""
-    from engram_export import progress
+    from engram_export.core import progress
     from engram_export.models.config import is_deepseek_v41
     from engram_export.onnx.export import export_layer
     from engram_export.openvino.compile import compile_onnx

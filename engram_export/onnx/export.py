@@ -15,13 +15,13 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from engram_export import progress
-from engram_export.fileio import check_output_file
-from engram_export.model_info import ModelInfo
+from engram_export.contract.model_info import ModelInfo
+from engram_export.core import progress
+from engram_export.core.fileio import check_output_file
+from engram_export.core.resources import require_disk, tensor_bytes
 from engram_export.models.engram import EngramLayer
 from engram_export.onnx import op as onnx_op
 from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD, load_onnx, read_onnx_file, save_onnx
-from engram_export.resources import require_disk, tensor_bytes
 
 __all__ = [
     "export_layer",

@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engram_export import progress
-from engram_export.fileio import check_output_file, link_or_copy, staged_output
-from engram_export.integrity import lfs_sha256
-from engram_export.model_info import ModelInfo, record_external_data
+from engram_export.contract.model_info import ModelInfo, record_external_data
+from engram_export.core import progress
+from engram_export.core.fileio import check_output_file, link_or_copy, staged_output
+from engram_export.core.integrity import lfs_sha256
 
 __all__ = ["build_v41_model", "export_v41_layer"]
 

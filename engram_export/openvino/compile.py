@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from engram_export import progress
-from engram_export.errors import EngramError, one_line
-from engram_export.fileio import check_input_file, check_output_file, link_or_copy, staged_output
-from engram_export.integrity import FileChecks, fingerprint
-from engram_export.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, external_data_record, xml_rt_value
+from engram_export.contract.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, external_data_record, xml_rt_value
+from engram_export.core import progress
+from engram_export.core.errors import EngramError, one_line
+from engram_export.core.fileio import check_input_file, check_output_file, link_or_copy, staged_output
+from engram_export.core.integrity import FileChecks, fingerprint
 from engram_export.onnx.files import read_onnx_file
 from engram_export.openvino import tables
 from engram_export.openvino.extension import HASH_OP_TYPE, openvino_core

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export import progress
-from engram_export.errors import EngramError
-from engram_export.fileio import check_output_file
-from engram_export.model_info import ModelInfo
+from engram_export.contract.model_info import ModelInfo
+from engram_export.core import progress
+from engram_export.core.errors import EngramError
+from engram_export.core.fileio import check_output_file
 from engram_export.openvino.compile import read_openvino, save_ir
 
 __all__ = [
@@ -217,8 +217,8 @@ def read_calibration(
     The text is tokenized with the config's tokenizer as one stream and cut into N windows of T tokens,
     N and T taken from the .npy's [N, T, G, D] shape.
     """
-    from engram_export.fileio import load_npz
-    from engram_export.runtime.inputs import check_inputs
+    from engram_export.contract.inputs import check_inputs
+    from engram_export.core.fileio import load_npz
 
     info = ModelInfo(config, config.layer_ids[0], num_ids)
     if npz is not None:
@@ -240,8 +240,8 @@ def calibration_from_text(info: ModelInfo, paths: list, tokens: int = 64, count:
     the files' token stream (the model's tokenizer), every token unmasked. Hidden states are seeded
     standard normal: static INT8 quantizes the projection, whose input is the looked-up rows alone; the
     hidden states reach only ops that stay in float (the demo's fused gate and conv, V4.1's gate)."""
-    from engram_export.runtime.inputs import check_inputs
-    from engram_export.text import token_stream, windows
+    from engram_export.contract.inputs import check_inputs
+    from engram_export.core.text import token_stream, windows
 
     ids = windows(token_stream(info.config.tokenizer, paths), tokens, count)
     rng = np.random.default_rng(seed)
@@ -256,7 +256,7 @@ def calibration_from_text(info: ModelInfo, paths: list, tokens: int = 64, count:
 def _ids_from_text(config, text: Path, hidden_npy: Path):
     from tokenizers import Tokenizer
 
-    from engram_export.models.compression import find_tokenizer_file
+    from engram_export.core.text import find_tokenizer_file
 
     if config.tokenizer is None:
         raise EngramError("calibration from text needs a config with a tokenizer")

@@ -10,7 +10,7 @@ compiled together, the CPU plugin's low-precision pipeline folds the table's dec
 
 from __future__ import annotations
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
 __all__ = ["split_stages", "infer", "EMBEDDINGS"]
 

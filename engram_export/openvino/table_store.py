@@ -24,8 +24,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from engram_export import progress
-from engram_export.errors import EngramError
+from engram_export.core import progress
+from engram_export.core.errors import EngramError
 
 __all__ = ["TableStore", "MappedStore", "PopulatedStore", "HugePagesStore", "TABLE_STORES", "table_store", "populate"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
 __all__ = ["detach", "attach", "table_files", "shared_constant", "TABLES_KEY", "TABLE_CONSTANTS"]
 
@@ -41,8 +41,8 @@ def detach(model, onnx_stem: str, xml_name: str) -> dict[str, Path]:
     ``<xml stem>.<shard>``; returns those names -> the files to link."""
     from openvino import opset13 as ops
 
-    from engram_export.integrity import fingerprint
-    from engram_export.model_info import RT_INFO_SECTION
+    from engram_export.contract.model_info import RT_INFO_SECTION
+    from engram_export.core.integrity import fingerprint
 
     constants = {
         op.get_friendly_name(): op
@@ -76,7 +76,7 @@ def detach(model, onnx_stem: str, xml_name: str) -> dict[str, Path]:
 
 
 def _records(model) -> dict:
-    from engram_export.model_info import RT_INFO_SECTION
+    from engram_export.contract.model_info import RT_INFO_SECTION
 
     if not model.has_rt_info([RT_INFO_SECTION, TABLES_KEY]):
         return {}
@@ -85,7 +85,7 @@ def _records(model) -> dict:
 
 def table_files(xml: Path) -> dict[str, dict]:
     """The table files an .xml reads (name -> record), from its text, without reading the model."""
-    from engram_export.model_info import xml_rt_value
+    from engram_export.contract.model_info import xml_rt_value
 
     value = xml_rt_value(xml, TABLES_KEY)
     if value is None:

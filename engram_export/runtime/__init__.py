@@ -9,7 +9,7 @@
 - ``decode.py``: token-by-token decode sessions with the short conv's state kept inside OpenVINO.
 """
 
-from engram_export.runtime.inputs import check_hidden, check_ids, check_inputs, check_lookup_inputs, check_out
+from engram_export.contract.inputs import check_hidden, check_ids, check_inputs, check_lookup_inputs, check_out
 from engram_export.runtime.model import EngramRuntime, LayerRuntime, Prefetch, UnknownLayer
 from engram_export.runtime.options import RUNTIMES, RuntimeOptions
 

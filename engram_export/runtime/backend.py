@@ -12,8 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
-from engram_export.integrity import FileChecks
-from engram_export.model_info import ModelInfo
+from engram_export.contract.model_info import ModelInfo
+from engram_export.core.integrity import FileChecks
 from engram_export.runtime.options import RuntimeOptions
 
 __all__ = ["Backend", "load_backend", "supports_stages"]

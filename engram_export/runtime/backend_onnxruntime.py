@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.errors import EngramError
-from engram_export.integrity import FileChecks
+from engram_export.core.errors import EngramError
+from engram_export.core.integrity import FileChecks
 from engram_export.runtime.options import RuntimeOptions
 
 __all__ = ["OnnxRuntimeBackend"]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.errors import EngramError, one_line
-from engram_export.integrity import FileChecks
-from engram_export.runtime.inputs import fuse_feeds
+from engram_export.contract.inputs import fuse_feeds
+from engram_export.core.errors import EngramError, one_line
+from engram_export.core.integrity import FileChecks
 from engram_export.runtime.options import RuntimeOptions
 
 __all__ = ["OpenVINOBackend"]

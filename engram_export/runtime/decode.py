@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.openvino.stages import EMBEDDINGS, infer
 
 __all__ = ["decode_stages", "DecodeSession"]
@@ -164,7 +164,7 @@ class DecodeSession:
 
     def _checked(self, input_ids, hidden_by_layer, token_mask=None) -> dict:
         """layer -> (lookup feeds, hidden), every input checked; nothing runs here."""
-        from engram_export.runtime.inputs import check_inputs
+        from engram_export.contract.inputs import check_inputs
 
         if not isinstance(hidden_by_layer, dict):
             if len(self._requests) != 1:
@@ -185,7 +185,7 @@ class DecodeSession:
         return checked
 
     def _run(self, input_ids, hidden_by_layer, token_mask, start: bool) -> dict:
-        from engram_export.runtime.inputs import fuse_feeds
+        from engram_export.contract.inputs import fuse_feeds
 
         for layer in self._layers.values():
             layer._verification.check()

@@ -16,12 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.errors import EngramError
-from engram_export.fileio import check_input_file
-from engram_export.integrity import FileChecks
-from engram_export.model_info import ModelInfo
-from engram_export.runtime.backend import load_backend, supports_stages
-from engram_export.runtime.inputs import (
+from engram_export.contract.inputs import (
     _array,
     check_hidden,
     check_ids,
@@ -29,6 +24,11 @@ from engram_export.runtime.inputs import (
     check_lookup_inputs,
     check_out,
 )
+from engram_export.contract.model_info import ModelInfo
+from engram_export.core.errors import EngramError
+from engram_export.core.fileio import check_input_file
+from engram_export.core.integrity import FileChecks
+from engram_export.runtime.backend import load_backend, supports_stages
 from engram_export.runtime.options import RUNTIMES, RuntimeOptions
 from engram_export.runtime.verification import Verification
 
@@ -172,8 +172,8 @@ class LayerRuntime:
         return DecodeSession(self, batch_size)
 
     def as_torch(self):
-        """This layer as a PyTorch module (``engram_export.torch.OpenVINOEngram``)."""
-        from engram_export.torch import OpenVINOEngram
+        """This layer as a PyTorch module (``engram_export.runtime.torch.OpenVINOEngram``)."""
+        from engram_export.runtime.torch import OpenVINOEngram
 
         return OpenVINOEngram(self)
 
@@ -253,7 +253,7 @@ class EngramRuntime(Mapping):
         checks = options.file_checks()
         self.path, self.runtime, self.options = Path(path), options.runtime, options
         if self.path.is_dir():
-            from engram_export.manifest import read_manifest
+            from engram_export.folders.manifest import read_manifest
 
             self.manifest = read_manifest(self.path, checks)
             self._layers = {}
@@ -343,8 +343,8 @@ class EngramRuntime(Mapping):
         return _prefetch(self.info, self._layers, input_ids, token_mask)
 
     def as_torch(self) -> dict:
-        """Each layer as a PyTorch module (``engram_export.torch.OpenVINOEngram``): layer id -> module.
-        ``engram_export.torch.swap_engram_modules`` puts them into a model in place of its PyTorch ones."""
+        """Each layer as a PyTorch module (``engram_export.runtime.torch.OpenVINOEngram``): layer id -> module.
+        ``engram_export.runtime.torch.swap_engram_modules`` puts them into a model in place of its PyTorch ones."""
         return {layer_id: layer.as_torch() for layer_id, layer in self._layers.items()}
 
     def session(self, batch_size: int):

@@ -11,9 +11,9 @@ import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from engram_export.errors import EngramError
-from engram_export.integrity import FileChecks, file_checks
-from engram_export.model_info import PRECISIONS
+from engram_export.contract.model_info import PRECISIONS
+from engram_export.core.errors import EngramError
+from engram_export.core.integrity import FileChecks, file_checks
 
 __all__ = ["RuntimeOptions", "RUNTIMES"]
 

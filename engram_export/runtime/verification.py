@@ -20,8 +20,8 @@ import os
 import threading
 from pathlib import Path
 
-from engram_export.errors import EngramError
-from engram_export.integrity import FileChecks, sha256
+from engram_export.core.errors import EngramError
+from engram_export.core.integrity import FileChecks, sha256
 
 __all__ = ["Verification", "STATES"]
 

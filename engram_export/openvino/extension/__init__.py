@@ -25,8 +25,8 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from engram_export import progress
-from engram_export.errors import EngramError
+from engram_export.core import progress
+from engram_export.core.errors import EngramError
 
 __all__ = ["library_path", "openvino_core", "make_node", "HASH_OP_TYPE"]
 

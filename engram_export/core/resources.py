@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
 __all__ = ["require_memory", "require_disk", "tensor_bytes", "file_system_type"]
 

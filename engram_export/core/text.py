@@ -1,4 +1,4 @@
-"""Real text as token ids: what calibration reads (static INT8 scales; which table rows are hot).
+"""Real text and tokenizers: text as token ids, what calibration reads (static INT8 scales; which table rows are hot).
 
 Text files are read as UTF-8 and tokenized with the model's own tokenizer (the config's
 ``tokenizer.json``), without special tokens, as one stream per file. Lookups depend only on the ids,
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
-__all__ = ["read_text", "token_stream", "windows"]
+__all__ = ["read_text", "token_stream", "windows", "find_tokenizer_file", "read_tokenizer"]
 
 _BATCH_CHARS = 1 << 20  # tokenize a file in pieces of about this many characters, on paragraph breaks
 
@@ -49,10 +49,29 @@ def _pieces(text: str) -> list[str]:
     return pieces
 
 
+def find_tokenizer_file(path: str | Path) -> Path:
+    """A ``tokenizer.json`` path, or a directory that holds one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise EngramError(f"tokenizer: {path} does not exist (give a tokenizer.json or its folder)")
+    return path
+
+
+def read_tokenizer(path: str | Path):
+    """The ``tokenizers.Tokenizer`` at ``path`` (a tokenizer.json or its folder), or a one-line error."""
+    from tokenizers import Tokenizer
+
+    file = find_tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise EngramError(f"tokenizer: cannot read {file}: {exc}") from exc
+
+
 def token_stream(tokenizer_path: str | Path | None, paths: list[str | Path]) -> np.ndarray:
     """Every file of ``paths`` tokenized by the tokenizer at ``tokenizer_path``, as one int64 stream."""
-    from engram_export.models.compression import read_tokenizer
-
     if tokenizer_path is None:
         raise EngramError("text: this model's config has no tokenizer to turn text into ids")
     if not paths:

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 from engram_export.models.config import EngramConfig, config_from_dict, is_deepseek_v41
 
 __all__ = ["ModelInfo", "PRECISIONS"]
@@ -181,7 +181,7 @@ def record_external_data(model, folder: Path, known_sha256: dict[str, str] | Non
     SHA-256 of those in ``known_sha256`` (name -> digest)."""
     import onnx_ir as ir
 
-    from engram_export.integrity import fingerprint
+    from engram_export.core.integrity import fingerprint
 
     for prop in [p for p in model.metadata_props if p.key == EXTERNAL_DATA_KEY]:
         model.metadata_props.remove(prop)
@@ -193,7 +193,7 @@ def record_external_data(model, folder: Path, known_sha256: dict[str, str] | Non
 
 def _check_external_data(uses: set[str], record: str | None, path: Path, checks=None) -> None:
     """Refuse an .onnx whose external data files (``uses``) are not the ones it was written with."""
-    from engram_export.integrity import FileChecks
+    from engram_export.core.integrity import FileChecks
 
     checks = checks or FileChecks()
     if not uses:

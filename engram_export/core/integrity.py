@@ -24,7 +24,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
 __all__ = [
     "fingerprint",

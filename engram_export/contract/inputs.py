@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engram_export.errors import EngramError
-from engram_export.model_info import ModelInfo
+from engram_export.contract.model_info import ModelInfo
+from engram_export.core.errors import EngramError
 from engram_export.models.hashing import INT32_MIN
 
 __all__ = ["check_ids", "check_lookup_inputs", "check_hidden", "check_out", "check_inputs", "fuse_feeds"]

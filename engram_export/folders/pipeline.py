@@ -11,10 +11,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from engram_export.errors import EngramError
-from engram_export.fileio import STAGING_PREFIX, staged_folder
-from engram_export.integrity import sha256
-from engram_export.manifest import Manifest, read_manifest, write_manifest
+from engram_export.core.errors import EngramError
+from engram_export.core.fileio import STAGING_PREFIX, staged_folder
+from engram_export.core.integrity import sha256
+from engram_export.folders.manifest import Manifest, read_manifest, write_manifest
 
 __all__ = [
     "export_folder",
@@ -72,7 +72,7 @@ def export_checkpoint(
 ) -> Path:
     """A DeepSeek-V4.1 checkpoint folder: layer ``layer_id`` to an .onnx, or every Engram layer to a
     folder with a manifest. Tables stay in the checkpoint's shards, hard-linked beside the files."""
-    from engram_export.checkpoint import Checkpoint
+    from engram_export.core.checkpoint import Checkpoint
     from engram_export.models.deepseek_v41 import V41Config, V41Hashing
     from engram_export.onnx.export_v41 import export_v41_layer
 
@@ -96,7 +96,7 @@ def export_random_v41(
     """A DeepSeek-V4.1 config with random weights: a synthetic checkpoint (``synthetic.py``) written
     beside ``output`` and exported (``export_checkpoint``); its shards live on only as the output's hard
     links. Tables of more than 2**30 values are left sparse (rows of zeros)."""
-    from engram_export.synthetic import write_v41_checkpoint
+    from engram_export.folders.synthetic import write_v41_checkpoint
 
     small = all(config.table_rows(layer) * config.head_dim <= 2**30 for layer in config.layer_ids)
     rows = None if small else {layer: [] for layer in config.layer_ids}

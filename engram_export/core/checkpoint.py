@@ -16,7 +16,7 @@ import struct
 from functools import cached_property
 from pathlib import Path
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
 __all__ = ["Checkpoint", "TensorLocation", "read_header", "torch_dtype", "DTYPE_BYTES"]
 

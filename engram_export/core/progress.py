@@ -1,7 +1,7 @@
 """Progress of long work (trace, table write, compile, calibration), reported through ``logging``.
 
 Each stage logs ``what ...`` when it starts and ``what: done in N s`` when it ends, at INFO level on the
-``engram_export.progress`` logger: a library user sees them only if their logging shows INFO; the
+``engram_export.core.progress`` logger: a library user sees them only if their logging shows INFO; the
 command line shows them on stderr (``-q`` hides them). Work with a known size (bytes written, bench
 rounds) also logs how far it got, at most once a second, each record carrying ``progress=(done, total)``
 for a handler to draw as a bar (the command line does, on a terminal).
@@ -19,7 +19,7 @@ from pathlib import Path
 
 __all__ = ["stage", "steps", "bytes_written", "quiet", "TerminalHandler", "LOGGER"]
 
-LOGGER = "engram_export.progress"
+LOGGER = "engram_export.core.progress"
 log = logging.getLogger(LOGGER)
 
 

@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
 __all__ = [
     "staged_output",
@@ -238,8 +238,8 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 def copy_sparse(source: Path, target: Path, name: str | None = None) -> None:
     """Copy ``source`` to ``target`` writing only its data (holes stay holes), after checking that the
     target's file system (and memory, for a tmpfs) holds the data; progress in bytes."""
-    from engram_export import progress
-    from engram_export.resources import require_disk
+    from engram_export.core import progress
+    from engram_export.core.resources import require_disk
 
     name = name or source.name
     with open(source, "rb") as src:

@@ -1,4 +1,4 @@
-"""``engram_export.torch``: Engram layers served by OpenVINO as PyTorch modules.
+"""``engram_export.runtime.torch``: Engram layers served by OpenVINO as PyTorch modules.
 
 ``swap_engram_modules(model, runtime)`` replaces every PyTorch Engram layer inside ``model`` (the demo's
 ``EngramLayer``, DeepSeek-V4.1's ``V41EngramLayer``) by an ``OpenVINOEngram`` of the same layer and
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engram_export.errors import EngramError
+from engram_export.core.errors import EngramError
 
 __all__ = ["OpenVINOEngram", "swap_engram_modules"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_export.checkpoint import DTYPE_BYTES
+from engram_export.core.checkpoint import DTYPE_BYTES
 from engram_export.models.deepseek_v41 import BLOCK, TABLE_DTYPES, V41Config, _expected
 
 __all__ = ["write_v41_checkpoint", "table_rows_bytes", "float_rows_bytes", "write_word_tokenizer"]

@@ -46,7 +46,7 @@ def add(sub) -> None:
 
 def run(args) -> None:
     # PyTorch's OpenMP threads otherwise spin on the cores after each eager call, slowing whichever
-    # row comes next (measured: a bf16 MatMul floor at B=50 T=1 took 1.8x as long right after one)
+    # row comes next
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from engram_export.measure.bench import run_bench
     from engram_export.measure.bench_lookup import print_targets, run_lookup_bench, shapes_for

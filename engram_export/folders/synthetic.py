@@ -44,7 +44,7 @@ def _mix(*keys: np.ndarray) -> np.ndarray:
 def _fp8(bits: np.ndarray) -> np.ndarray:
     """E4M3 bytes from random bits, without the NaN codes (0x7F, 0xFF become 448 and -448)."""
     values = bits.astype(np.uint8) if bits.dtype == np.uint8 else (bits & np.uint64(0xFF)).astype(np.uint8)
-    values -= ((values & 0x7F) == 0x7F).view(np.uint8)  # no fancy indexing: 13x faster
+    values -= ((values & 0x7F) == 0x7F).view(np.uint8)  # no fancy indexing: much faster
     return values
 
 

@@ -139,9 +139,8 @@ def _bf16_projection_output(fuse) -> None:
     place.
 
     Typed f32 in the model, the CPU plugin runs the bf16 GEMM and then converts its output to f32 for the
-    custom op in a pass of its own (1.0-1.3 ms of 25 at B=50, T=14 on Zen 4). Typed bf16, the GEMM
-    writes bf16 and the kernel widens each row as it reads it: no pass, half the bytes (measured: the
-    GEMM + kernel + conversion 4.1-4.7 ms -> 3.4-3.5 ms). The projection's output is then rounded to
+    custom op in a pass of its own. Typed bf16, the GEMM writes bf16 and the kernel widens each row as it
+    reads it: no pass, half the bytes (docs/performance.md). The projection's output is then rounded to
     bf16, as a bf16 GEMM's output is in PyTorch: against the f32 path, the layer output's mean |error|
     went from 0.00087 to 0.00099 (deepseek-demo dims, cosine of the Engram delta 0.9999992); the bf16
     tolerances of the tests hold."""

@@ -54,8 +54,7 @@ class OpenVINOBackend:
             self.config["INFERENCE_NUM_THREADS"] = options.threads
         if self.info.quantization in ("int8-weights", "int4-weights"):
             # The CPU plugin quantizes the activations of a compressed-weight MatMul per group, 32 by
-            # default. Groups of 128 measured 1.15-1.4x faster (demo and V4.1, B=50 T=14, B=50 T=1,
-            # B=1 T=1; Zen 4) for a mean cosine against bf16 of 0.99985 instead of 0.99988.
+            # default; groups of 128 are faster for a small loss of accuracy (docs/performance.md).
             self.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 128
         self.config.update(options.ov_config or {})
         self._model = model.clone()  # for the decode stages, built on first use (shares the constants)
@@ -77,8 +76,8 @@ class OpenVINOBackend:
         """Both stages compiled, the lookup's table read by the extension's row kernel where it knows
         the table's form (``row_kernel.install``). A lookup left on OpenVINO's Gather over an f32 table
         (a DeepSeek-V4.1 checkpoint that stores one) is compiled without the CPU plugin's scan of f32
-        constants for subnormals, which reads the whole table at every load (measured: +2 GiB resident for a
-        2 GiB table, +28 MiB without); the lookup only gathers and converts, so the flag changes no value it
+        constants for subnormals, which reads the whole table at every load (docs/performance.md); the
+        lookup only gathers and converts, so the flag changes no value it
         computes. compile_model sets flush-to-zero on the thread that calls it with that flag and leaves it
         set, so that compile runs on a thread of its own: the caller's arithmetic keeps its subnormals."""
         from concurrent.futures import ThreadPoolExecutor

@@ -222,7 +222,7 @@ class EngramRuntime(Mapping):
             OpenVINO's own Gather and decode ops (for comparison; ``table_memory`` is then ignored).
         ov_config: OpenVINO properties passed to ``compile_model`` over the defaults (precision hint,
             ``PERFORMANCE_HINT: LATENCY``); e.g. ``{"PERFORMANCE_HINT": "THROUGHPUT"}`` for a server
-            whose threads share the runtime (measured: 2 threads then run faster than 1).
+            whose threads share the runtime (docs/performance.md).
         check_hashes: how every file is checked against the fingerprint recorded when it was written
             (a folder's manifest; a single file's record of its .bin, external data and tables), before
             loading: ``True`` (default: every byte of each file up to 1 GiB, larger ones by size and

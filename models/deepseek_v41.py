@@ -184,7 +184,7 @@ class V41Config:
         return cls.from_hf({**checkpoint.config, "tokenizer": str(tokenizer.resolve())})
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"model_type": MODEL_TYPE}
+        data: dict[str, Any] = {"model_type": MODEL_TYPE}
         data.update(
             {
                 key: list(getattr(self, name)) if isinstance(getattr(self, name), tuple) else getattr(self, name)
@@ -270,7 +270,7 @@ class V41Hashing:
 
     @cached_property
     def _primes_by_layer(self) -> dict[int, list[int]]:
-        config, seen, by_layer = self.config, set(), {}
+        config, seen, by_layer = self.config, set[int](), dict[int, list[int]]()
         for layer_id, rows in zip(config.layer_ids, config.num_embeddings, strict=True):
             primes = []
             for _ in range(2, config.max_ngram_size + 1):
@@ -347,7 +347,7 @@ def locate_layer(checkpoint, config: V41Config, layer_id: int) -> dict:
     """Where each of the layer's tensors is (``checkpoint.TensorLocation``), checked against the
     config: names with or without ``model.``, dtypes, shapes. Nothing is read but shard headers."""
     V41Hashing(config)._check_layer(layer_id)
-    located = {}
+    located: dict = {}
     for suffix, (dtypes, shape) in _expected(config, layer_id).items():
         names = [f"layers.{layer_id}.engram.{suffix}", f"model.layers.{layer_id}.engram.{suffix}"]
         if suffix == "embed.scale" and located["embed.weight"].dtype != "F8_E4M3":

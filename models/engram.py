@@ -24,6 +24,11 @@ __all__ = ["EngramLayer", "ShortConv", "MultiHeadEmbedding", "SHORT_CONV_EPS"]
 SHORT_CONV_EPS = 1e-5
 
 
+def _stacked(modules: nn.ModuleList, name: str) -> torch.Tensor:
+    """The ``name`` parameter of each module, stacked: [len(modules), ...]."""
+    return torch.stack([getattr(module, name) for module in modules])
+
+
 class MultiHeadEmbedding(nn.Module):
     """One table for all heads; head h's rows start at ``offsets[h]``."""
 
@@ -61,7 +66,7 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Batched norms and a left-padded (causal) conv: no outputs computed only to be cropped."""
         batch, length, groups, dim = x.shape
-        weight = torch.stack([norm.weight for norm in self.norms])
+        weight = _stacked(self.norms, "weight")
         normed = F.rms_norm(x, (dim,), eps=SHORT_CONV_EPS) * weight
         left = (self.conv.kernel_size[0] - 1) * self.conv.dilation[0]
         y = F.pad(normed.reshape(batch, length, groups * dim).transpose(1, 2), (left, 0))
@@ -129,11 +134,11 @@ class EngramLayer(nn.Module):
         """All branches at once: one key projection [G, D, E], batched norms and gates."""
         embeddings = self.embed(input_ids)
         dim = self.config.hidden_size
-        key_weight = torch.stack([p.weight for p in self.key_projs])
-        key_bias = torch.stack([p.bias for p in self.key_projs])
+        key_weight = _stacked(self.key_projs, "weight")
+        key_bias = _stacked(self.key_projs, "bias")
         keys = torch.einsum("bte,gde->btgd", embeddings, key_weight) + key_bias
-        keys = F.rms_norm(keys, (dim,)) * torch.stack([n.weight for n in self.norm1])
-        query = F.rms_norm(hidden_states, (dim,)) * torch.stack([n.weight for n in self.norm2])
+        keys = F.rms_norm(keys, (dim,)) * _stacked(self.norm1, "weight")
+        query = F.rms_norm(hidden_states, (dim,)) * _stacked(self.norm2, "weight")
         gate = (keys * query).sum(dim=-1) / math.sqrt(dim)
         gate = torch.sigmoid(gate.abs().clamp_min(1e-6).sqrt() * gate.sign())
         value = gate.unsqueeze(-1) * self.value_proj(embeddings).unsqueeze(2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import string
+import typing
 from pathlib import Path
 
 import torch
@@ -151,7 +152,7 @@ def build_layer(
         )
     else:
         log.info("random weights, seed %d, %s", seed, table)
-        state = random_state_dict(layer, seed)
+        state = random_state_dict(layer, typing.cast(int, seed))  # not None: checked above
     state = {k: v.to(torch.float32) for k, v in state.items() if k != OFFSETS}
     state[OFFSETS] = torch.tensor(hashing.offsets(layer_id), dtype=torch.long)
     layer.load_state_dict(state, assign=True)

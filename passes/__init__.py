@@ -10,6 +10,8 @@ applied when a model is compiled for OpenVINO, so exported .onnx files keep a si
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx_ir as ir
 from onnx_ir.passes import common
 
@@ -28,7 +30,11 @@ __all__ = [
     "PASSES",
 ]
 
-PASSES = {"fuse-projections": FuseProjectionsPass, "fuse-gating": FuseGatingPass, "fuse-short-conv": FuseShortConvPass}
+PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
+    "fuse-projections": FuseProjectionsPass,
+    "fuse-gating": FuseGatingPass,
+    "fuse-short-conv": FuseShortConvPass,
+}
 
 
 def _cleanup() -> list[ir.passes.PassBase]:

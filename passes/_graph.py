@@ -12,6 +12,9 @@ _log = logging.getLogger(__name__)
 
 __all__ = [
     "RewritePass",
+    "given",
+    "const_array",
+    "producer_of",
     "producer",
     "const",
     "scalar",
@@ -75,6 +78,13 @@ def producer(value: ir.Value | None, op_type: str) -> ir.Node:
     return node
 
 
+def given(value: ir.Value | None, what: str = "input") -> ir.Value:
+    """``value``, or ``Refused`` where the graph has none (an optional input left out)."""
+    if value is None:
+        raise Refused(f"no {what}")
+    return value
+
+
 def const(value: ir.Value | None) -> np.ndarray | None:
     tensor = ir.convenience.get_const_tensor(value) if value is not None else None
     return None if tensor is None else tensor.numpy()
@@ -87,14 +97,27 @@ def scalar(value: ir.Value | None) -> float:
     return array.item()
 
 
-def other_input(node: ir.Node, value: ir.Value) -> ir.Value:
+def const_array(value: ir.Value | None, what: str) -> np.ndarray:
+    """The constant behind ``value``, or ``Refused``."""
+    array = const(value)
+    if array is None:
+        raise Refused(f"{what} is not a constant")
+    return array
+
+
+def producer_of(value: ir.Value | None) -> ir.Node | None:
+    """The node that makes ``value`` (None for a graph input or a missing value)."""
+    return value.producer() if value is not None else None
+
+
+def other_input(node: ir.Node, value: ir.Value | None) -> ir.Value:
     """The input of a binary node that is not ``value``."""
     first, second = node.inputs
-    if first is value:
+    if first is value and second is not None:
         return second
-    if second is value:
+    if second is value and first is not None:
         return first
-    raise Refused(f"{node.op_type} does not read {value.name}")
+    raise Refused(f"{node.op_type} does not read {value.name if value else None}")
 
 
 def attr(node: ir.Node, name: str, default=None):
@@ -114,23 +137,24 @@ class RMSNorm:
     eps: float
 
 
-def match_rms_norm(value: ir.Value) -> RMSNorm:
+def match_rms_norm(value: ir.Value | None) -> RMSNorm:
     """The ``RMSNormalization`` (last axis, constant 1-D scale) that produces ``value``."""
     node = producer(value, "RMSNormalization")
     weight = const(node.inputs[1])
-    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    x = given(node.inputs[0])
+    rank = len(x.shape) if x.shape is not None else None
     if attr(node, "axis", -1) not in (-1, (rank or 0) - 1):
         raise Refused("RMSNormalization is not over the last axis")
     if weight is None or weight.ndim != 1:
         raise Refused("RMSNormalization without a constant 1-D scale")
-    return RMSNorm(node.inputs[0], weight, attr(node, "epsilon", 1e-5))
+    return RMSNorm(x, weight, attr(node, "epsilon", 1e-5))
 
 
-def match_signed_sqrt_gate(value: ir.Value) -> tuple[ir.Value, float]:
+def match_signed_sqrt_gate(value: ir.Value | None) -> tuple[ir.Value, float]:
     """``Sigmoid(Sqrt(Clip(Abs(s), floor)) * Sign(s))`` ending at ``value``: returns (s, floor)."""
     signed = producer(producer(value, "Sigmoid").inputs[0], "Mul")
     sqrt_node = next(
-        (v.producer() for v in signed.inputs if v.producer() is not None and v.producer().op_type == "Sqrt"), None
+        (node for v in signed.inputs if (node := producer_of(v)) is not None and node.op_type == "Sqrt"), None
     )
     if sqrt_node is None:
         raise Refused("gate: no signed square root")
@@ -139,15 +163,15 @@ def match_signed_sqrt_gate(value: ir.Value) -> tuple[ir.Value, float]:
     absolute = producer(clip.inputs[0], "Abs")
     if absolute.inputs[0] is not sign.inputs[0] or len(clip.inputs) != 2:
         raise Refused("gate: sign and magnitude of different values")
-    return sign.inputs[0], scalar(clip.inputs[1])
+    return given(sign.inputs[0]), scalar(clip.inputs[1])
 
 
-def match_silu(value: ir.Value) -> ir.Value:
+def match_silu(value: ir.Value | None) -> ir.Value:
     """``x * Sigmoid(x)`` ending at ``value``: returns x."""
     product = producer(value, "Mul")
     for x in product.inputs:
         other = other_input(product, x).producer()
-        if other is not None and other.op_type == "Sigmoid" and other.inputs[0] is x:
+        if x is not None and other is not None and other.op_type == "Sigmoid" and other.inputs[0] is x:
             return x
     raise Refused("no SiLU")
 

@@ -23,11 +23,14 @@ from engram_export.passes._graph import (
     RewritePass,
     attr,
     const,
+    const_array,
+    given,
     match_rms_norm,
     match_signed_sqrt_gate,
     match_silu,
     other_input,
     producer,
+    producer_of,
     replace_value,
     scalar,
 )
@@ -47,7 +50,7 @@ class Block:
     residual: ir.Node
 
 
-def _unit_norm(value: ir.Value) -> tuple[ir.Value, float]:
+def _unit_norm(value: ir.Value | None) -> tuple[ir.Value, float]:
     norm = match_rms_norm(value)
     if not np.all(norm.weight == 1):
         raise Refused("RMSNormalization with a scale (expected the batched, unit-scale form)")
@@ -83,20 +86,20 @@ def match_block(residual: ir.Node) -> Block:
     if pads != [(kernel - 1) * dilation[0], 0, 0, 0] or attr(conv, "group") != weight.shape[0]:
         raise Refused("the conv is not causal and depthwise")
     product = producer(gated, "Mul")
-    gate = next((v for v in product.inputs if v.producer() and v.producer().op_type == "Sigmoid"), None)
+    gate = next((v for v in product.inputs if (node := producer_of(v)) and node.op_type == "Sigmoid"), None)
     if gate is None:
         raise Refused("gated value is not gate * value")
     value = producer(other_input(product, gate), "Unsqueeze").inputs[0]
     score, floor = match_signed_sqrt_gate(gate)
     divide = producer(score, "Div")
     reduce = producer(divide.inputs[0], "ReduceSum")
-    if const(reduce.inputs[1]).tolist() != [-1] or attr(reduce, "keepdims", 1) != 1:
+    if const_array(reduce.inputs[1], "gate: ReduceSum axes").tolist() != [-1] or attr(reduce, "keepdims", 1) != 1:
         raise Refused("gate: ReduceSum is not over the last axis")
     scaled = producer(reduce.inputs[0], "Mul")
     scales = next((const(v) for v in scaled.inputs if const(v) is not None), None)
     normed_pair = producer(next(v for v in scaled.inputs if const(v) is None), "Mul")
     first, second = (_unit_norm(v) for v in normed_pair.inputs)
-    if first[0].producer() is None or first[0].producer().op_type != "Reshape":
+    if (node := first[0].producer()) is None or node.op_type != "Reshape":
         first, second = second, first
     (keys, eps_key), (hidden, eps_query) = first, second
     split = producer(producer(keys, "Reshape").inputs[0], "Split")
@@ -108,7 +111,7 @@ def match_block(residual: ir.Node) -> Block:
     if scales is None or scales.shape != (groups, dim) or weight.shape[0] != groups * dim:
         raise Refused("branch constants do not match [G, D]")
     return Block(
-        split.inputs[0],
+        given(split.inputs[0]),
         hidden,
         scales,
         weight,

@@ -22,6 +22,8 @@ from engram_export.passes._graph import (
     RewritePass,
     attr,
     const,
+    const_array,
+    given,
     match_rms_norm,
     match_signed_sqrt_gate,
     producer,
@@ -52,7 +54,7 @@ def _unsqueezed_axes(node: ir.Node) -> list[int]:
     return axes.tolist()
 
 
-def match_gate(value: ir.Value) -> Gate:
+def match_gate(value: ir.Value | None) -> Gate:
     """One branch's gate, from its stacked [B,T,1,1] form back to the key and the hidden state."""
     outer = producer(value, "Unsqueeze")
     inner = producer(outer.inputs[0], "Unsqueeze")
@@ -61,19 +63,22 @@ def match_gate(value: ir.Value) -> Gate:
     score, floor = match_signed_sqrt_gate(inner.inputs[0])
     divide = producer(score, "Div")
     reduce = producer(divide.inputs[0], "ReduceSum")
-    if const(reduce.inputs[1]).tolist() not in ([-1], [2]) or attr(reduce, "keepdims", 1) != 0:
+    if (
+        const_array(reduce.inputs[1], "gate: ReduceSum axes").tolist() not in ([-1], [2])
+        or attr(reduce, "keepdims", 1) != 0
+    ):
         raise Refused("gate: ReduceSum is not over the last axis")
     product = producer(reduce.inputs[0], "Mul")
     key_norm, query_norm = (match_rms_norm(v) for v in product.inputs)
-    if key_norm.x.producer() is not None and key_norm.x.producer().op_type == "Gather":
+    if (key_producer := key_norm.x.producer()) is not None and key_producer.op_type == "Gather":
         key_norm, query_norm = query_norm, key_norm
     select = producer(query_norm.x, "Gather")
     if attr(select, "axis") != 2 or const(select.inputs[1]) is None:
         raise Refused("gate: query is not hidden[:, :, i, :]")
     return Gate(
         key_norm.x,
-        select.inputs[0],
-        int(const(select.inputs[1])),
+        given(select.inputs[0]),
+        int(const_array(select.inputs[1], "gate: branch index")),
         (key_norm.weight, key_norm.eps),
         (query_norm.weight, query_norm.eps),
         scalar(divide.inputs[1]),
@@ -93,7 +98,7 @@ def merged_last_axis(build: Builder, values: list[ir.Value]) -> ir.Value:
         and attr(split, "axis") == -1
         and all(v.producer() is split for v in values)
     ):
-        positions = [v.index() for v in values]
+        positions = [index for v in values if (index := v.index()) is not None]
         sizes = const(split.inputs[1])
         if sizes is not None and positions == list(range(positions[0], positions[-1] + 1)):
             merged = [

@@ -22,10 +22,13 @@ from engram_export.passes._graph import (
     RewritePass,
     attr,
     const,
+    const_array,
+    given,
     match_rms_norm,
     match_silu,
     other_input,
     producer,
+    producer_of,
     replace_value,
 )
 
@@ -64,20 +67,22 @@ def match_short_conv(residual: ir.Node) -> ShortConv:
     if _perm(back) != [0, 2, 1] or _perm(to_channels) != [0, 2, 1]:
         raise Refused("unexpected layout around the conv")
     joined = to_channels.inputs[0]  # the branches' norms concatenated, or the one norm (hc_mult 1)
-    if joined.producer() is not None and joined.producer().op_type == "Concat":
-        if attr(joined.producer(), "axis") not in (-1, 2):
+    concat = producer_of(joined)
+    if concat is not None and concat.op_type == "Concat":
+        if attr(concat, "axis") not in (-1, 2):
             raise Refused("branch norms concatenated on another axis")
-        joined = list(joined.producer().inputs)
+        branches = list(concat.inputs)
     else:
-        joined = [joined]
-    norms = [match_rms_norm(v) for v in joined]
+        branches = [joined]
+    norms = [match_rms_norm(v) for v in branches]
     selects = [producer(n.x, "Gather") for n in norms]
     if any(s.inputs[0] is not value or attr(s, "axis") != 2 for s in selects):
         raise Refused("the conv's branches are not value[:, :, i, :] of the residual's value")
-    if [int(const(s.inputs[1])) for s in selects] != list(range(len(selects))):
+    if [int(const_array(s.inputs[1], "branch index")) for s in selects] != list(range(len(selects))):
         raise Refused("branches are not concatenated in order 0..G-1")
     if len({n.eps for n in norms}) != 1:
         raise Refused("branch norms use different eps")
+    value = given(value)
     _check_causal_crop(conv, crop, value)
     return ShortConv(value, np.stack([n.weight for n in norms]), norms[0].eps, conv, residual)
 
@@ -97,7 +102,7 @@ def _check_causal_crop(conv: ir.Node, crop: ir.Node, value: ir.Value) -> None:
     if starts is None or starts.tolist() != [0] or axes is None or axes.tolist() not in ([2], [-1]):
         raise Refused("the crop does not keep outputs from t = 0 on the time axis")
     end = producer(crop.inputs[2], "Shape")
-    source = end.inputs[0]
+    source = given(end.inputs[0])
     if (
         (attr(end, "start"), attr(end, "end")) != (1, 2)
         or source.shape is None
@@ -123,7 +128,7 @@ class FuseShortConvPass(RewritePass):
         build = Builder(graph, "fused_short_conv")
         groups, dim = block.norm_weight.shape
         conv = block.conv
-        kernel = const(conv.inputs[1]).shape[2]
+        kernel = const_array(conv.inputs[1], "conv weight").shape[2]
         dilation = attr(conv, "dilations", [1])[0]
         channels = groups * dim
         normed = build.rms_norm(block.value, block.eps, dim)

@@ -33,15 +33,16 @@ def run(args) -> None:
     import numpy as np
 
     from engram_export.core.fileio import load_npz, staged_output
-    from engram_export.runtime import EngramRuntime
+    from engram_export.runtime import EngramRuntime, LayerRuntime
 
     check_output_file(args.output, ".npz", [args.model, args.inputs])
     inputs = load_npz(args.inputs, ("input_ids", "hidden_states"), optional=("token_mask",))
-    runtime = EngramRuntime(args.model, runtime=args.runtime, precision=args.precision)
+    loaded = EngramRuntime(args.model, runtime=args.runtime, precision=args.precision)
+    runtime: EngramRuntime | LayerRuntime = loaded
     if args.layer is not None or args.model.is_dir():
         if args.layer is None:
-            raise EngramError(f"{args.model} serves layers {runtime.layer_ids}: give --layer")
-        runtime = runtime.layer(args.layer)
+            raise EngramError(f"{args.model} serves layers {loaded.layer_ids}: give --layer")
+        runtime = loaded.layer(args.layer)
     output = runtime(inputs["input_ids"], inputs["hidden_states"], inputs.get("token_mask"))
     with staged_output(args.output) as staged:
         np.savez(staged, output=output)

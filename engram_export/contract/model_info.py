@@ -82,7 +82,7 @@ class ModelInfo:
     def check_inputs_shape(self, shapes: dict[str, list], source: str | Path) -> None:
         """Refuse a graph whose inputs disagree with this metadata (``shapes``: input name -> dims,
         ``None`` for a dynamic one)."""
-        expected = {
+        expected: dict[str, list] = {
             "input_ids": [None, None],
             "hidden_states": [None, None, self.config.hc_mult, self.config.hidden_size],
         }
@@ -162,7 +162,7 @@ def external_locations(model) -> set[str]:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         tensors += [a.value for a in node.attributes.values() if a.type == ir.AttributeType.TENSOR]
         tensors += [t for a in node.attributes.values() if a.type == ir.AttributeType.TENSORS for t in a.value]
-    return {tensor.location for tensor in tensors if isinstance(tensor, ir.ExternalTensor)}
+    return {str(tensor.location) for tensor in tensors if isinstance(tensor, ir.ExternalTensor)}
 
 
 def external_data_record(model) -> dict:
@@ -199,7 +199,7 @@ def _check_external_data(uses: set[str], record: str | None, path: Path, checks=
     if not uses:
         return
     try:
-        files = json.loads(record)
+        files = json.loads(record or "")
         assert isinstance(files, dict) and all(isinstance(e, dict) for e in files.values())
     except (TypeError, ValueError, AssertionError) as exc:
         raise EngramError(f"{path} records no fingerprint of its external data (export it again)") from exc

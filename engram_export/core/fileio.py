@@ -207,7 +207,7 @@ def link_or_copy(source: Path, target: Path, copy: bool) -> None:
         return
     except OSError as exc:
         size = source.stat().st_size
-        why = _NO_LINK.get(exc.errno)
+        why = _NO_LINK.get(exc.errno or 0)
         if why is None:
             raise EngramError(f"cannot hard-link the table file {given} as {target} ({exc.strerror})") from exc
         if not copy:

@@ -89,7 +89,7 @@ def fingerprint(path: Path, full: bool = True, known_sha256: str | None = None) 
     """``{"size", "sampled_sha256"}`` and ``"sha256"``: ``known_sha256`` when given (read from a source
     that vouches for it, such as ``lfs_sha256``), else, with ``full``, every byte hashed for files up to
     ``FULL_HASH_LIMIT`` (hashing a 100 GB table shard would take minutes at every export)."""
-    entry = {"size": path.stat().st_size, "sampled_sha256": sampled_sha256(path)}
+    entry: dict = {"size": path.stat().st_size, "sampled_sha256": sampled_sha256(path)}
     if known_sha256 is not None:
         entry["sha256"] = known_sha256
     elif full and entry["size"] <= FULL_HASH_LIMIT:
@@ -137,7 +137,8 @@ class FileChecks:
     def __init__(self, level: str = "bounded"):
         if level not in CHECKS:
             raise EngramError(f"check level must be one of {', '.join(CHECKS)}, got {level!r}")
-        self.level, self.deferred = level, []
+        self.level = level
+        self.deferred: list[tuple[Path, dict, str]] = []
 
     def check(self, path: Path, entry: dict, where: str) -> None:
         if not check_fingerprint(path, entry, self.level, where):

@@ -18,6 +18,7 @@ from pathlib import Path
 from engram_export.core.errors import EngramError
 from engram_export.core.integrity import FileChecks, file_checks, fingerprint, sha256
 from engram_export.models.config import EngramConfig, config_from_dict
+from engram_export.models.deepseek_v41 import V41Config
 
 __all__ = ["Manifest", "MANIFEST", "read_manifest", "write_manifest", "model_files", "sha256"]
 
@@ -27,7 +28,7 @@ FORMAT = 2
 
 @dataclasses.dataclass
 class Manifest:
-    config: EngramConfig
+    config: EngramConfig | V41Config
     layers: dict[int, str]  # layer id -> file name in the folder (.onnx or .xml)
     kind: str  # "onnx" or "openvino"
     precision: str = "f32"
@@ -154,7 +155,7 @@ def read_manifest(folder: str | Path, check_hashes: bool | str | FileChecks = Tr
         if not name.endswith(suffix):
             raise EngramError(f"{path}: layer {layer}'s file {name} is not an {suffix} file")
     for name in manifest.files:
-        _check_name(folder, name, path)
+        _check_name(folder, name, str(path))
     for name, entry in manifest.files.items():
         checks.check(folder / name, entry, str(path))
     for layer, name in manifest.layers.items():

@@ -11,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from engram_export.core.errors import EngramError
 from engram_export.core.fileio import STAGING_PREFIX, staged_folder
 from engram_export.core.integrity import sha256
@@ -99,7 +101,7 @@ def export_random_v41(
     from engram_export.folders.synthetic import write_v41_checkpoint
 
     small = all(config.table_rows(layer) * config.head_dim <= 2**30 for layer in config.layer_ids)
-    rows = None if small else {layer: [] for layer in config.layer_ids}
+    rows = None if small else {layer: np.zeros(0, np.int64) for layer in config.layer_ids}
     if not small:
         log.warning("random-init tables this large are left sparse (rows of zeros)")
     # named like a staging folder, so that the next run here removes it if this one is killed

@@ -31,10 +31,10 @@ from engram_export.models.deepseek_v41 import BLOCK, TABLE_DTYPES, V41Config, _e
 __all__ = ["write_v41_checkpoint", "table_rows_bytes", "float_rows_bytes", "write_word_tokenizer"]
 
 
-def _mix(*keys: np.ndarray) -> np.ndarray:
+def _mix(*keys: np.ndarray | int) -> np.ndarray:
     """A splitmix64-style hash of uint64 keys: deterministic pseudo-random bits."""
     with np.errstate(over="ignore"):
-        x = np.uint64(0x9E3779B97F4A7C15)
+        x = np.asarray(np.uint64(0x9E3779B97F4A7C15))
         for key in keys:
             x = (x ^ np.asarray(key, np.uint64)) * np.uint64(0xBF58476D1CE4E5B9)
             x ^= x >> np.uint64(31)
@@ -77,12 +77,12 @@ def table_rows_bytes(config: V41Config, layer_id: int, rows: np.ndarray, seed: i
         blocks = (gauss * magnitude / 16).reshape(len(keys), config.head_dim // BLOCK, BLOCK)
         codes, scales = _to_fp8_blocks(blocks, (2,))
         return codes.reshape(len(keys), config.head_dim), scales
-    rows = np.asarray(rows, np.uint64)[:, None]
-    values = _fp8(_mix(seed, layer_id, rows, np.arange(config.head_dim, dtype=np.uint64)))
+    keys = np.asarray(rows, np.uint64)[:, None]
+    codes = _fp8(_mix(seed, layer_id, keys, np.arange(config.head_dim, dtype=np.uint64)))
     scales = 120 + (
-        _mix(seed + 1, layer_id, rows, np.arange(config.head_dim // BLOCK, dtype=np.uint64)) % np.uint64(8)
+        _mix(seed + 1, layer_id, keys, np.arange(config.head_dim // BLOCK, dtype=np.uint64)) % np.uint64(8)
     ).astype(np.uint8)
-    return values, scales
+    return codes, scales
 
 
 def float_rows_bytes(

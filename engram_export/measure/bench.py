@@ -75,7 +75,8 @@ class BenchRow:
 
 def cpu_summary() -> str:
     """CPU model, the ISA features that matter here (AMX or not), and thread counts."""
-    flags, model = set(), "unknown CPU"
+    flags: set[str] = set()
+    model = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags") and not flags:
@@ -128,7 +129,8 @@ class _Loader:
     """Builds rows, measuring each model's load (compile) time and resident memory."""
 
     def __init__(self, probe, group: int = 0):
-        self.rows, self.probe, self.group = [], probe, group
+        self.rows: list = []
+        self.probe, self.group = probe, group
 
     def add(self, name, precision, make, make_args=lambda ids, hidden: (ids, hidden), settings="", size_mib=None):
         gc.collect()
@@ -206,7 +208,7 @@ def random_calibration(config, num_ids: int, count: int = 32) -> list[dict]:
     ]
 
 
-def _quantized(files, workdir: Path, config, num_ids: int, modes: list[str]) -> None:
+def _quantized(files, workdir: Path, config, num_ids: int, modes: tuple[str, ...] | list[str]) -> None:
     """Quantize the optimized graph in each mode; int8 calibrates on seeded random sequences."""
     from engram_export.openvino.quantize import QuantizeOptions, quantize
 
@@ -226,7 +228,7 @@ def run_bench(
     repeat: int = 20,
     warmup: int = 3,
     profile: bool = False,
-    modes: list[str] = (),
+    modes: tuple[str, ...] | list[str] = (),
 ) -> list[BenchRow]:
     """Export raw and optimized graphs of ``layer`` into ``workdir``, quantize in ``modes``, time
     every path, print; with ``profile``, also OpenVINO's per-node times of each model."""
@@ -237,7 +239,7 @@ def run_bench(
     from engram_export.runtime import EngramRuntime
 
     config = layer.config
-    files = {"raw": export_layer(layer, workdir / "raw.onnx", optimize=False)}
+    files: dict = {"raw": export_layer(layer, workdir / "raw.onnx", optimize=False)}
     # The optimized graph keeps pointing at raw.onnx.data for the table: one copy on disk and in the
     # page cache for both ONNX Runtime sessions, so neither is timed against evicted pages.
     optimized = load_onnx(files["raw"])
@@ -403,7 +405,7 @@ def round_robin_ms(calls: dict, rounds: int, warmup: int = 1) -> dict:
     """Median ms of each entry, timed round-robin: every round calls each entry once, the first
     ``warmup`` rounds untimed. An entry is a factory ``round index -> zero-argument call``, made outside
     the timing (a round's fresh inputs, a prefetch to fuse)."""
-    times = {name: [] for name in calls}
+    times: dict = {name: [] for name in calls}
     with progress.steps(f"timing {len(calls)} calls round-robin", warmup + rounds, "rounds") as done:
         for index in range(warmup + rounds):
             for name, make in calls.items():

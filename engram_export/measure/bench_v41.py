@@ -131,7 +131,7 @@ def run_bench_v41(
         hidden = rng.standard_normal((*shape, config.hc_mult, config.hidden_size), dtype=np.float32)
         floor = matmul_floor(config.embedding_width, config.projection_width, "bf16")
         e = rng.standard_normal((shape[0] * shape[1], config.embedding_width), dtype=np.float32)
-        calls = {
+        calls: dict = {
             "floor": lambda _, floor=floor, e=e: lambda: floor(e),
             "fp8 floor": lambda _, e=e: lambda: fp8_floor(e),
         }
@@ -197,14 +197,14 @@ def run_bench_v41(
         )
     step_b1 = {}
     for name, runtime in runtimes.items():
-        rows = decode_rows(runtime.layer(layer), (1, 8, 50), repeat)
-        step_b1[name] = float(rows[0][1])
+        decoded = decode_rows(runtime.layer(layer), (1, 8, 50), repeat)
+        step_b1[name] = float(decoded[0][1])
         print(f"\ndecode, layer {layer}, {name}: median of {repeat} rounds")
-        print(format_table(rows, ["B", "step ms", "stateless [B,1] ms", "step / stateless", "tokens/s"]))
+        print(format_table(decoded, ["B", "step ms", "stateless [B,1] ms", "step / stateless", "tokens/s"]))
         checks.append(
             (
                 f"{name} decode step / stateless [B,1] call <= 1.3 (worst of B = 1, 8, 50)",
-                max(float(row[3]) for row in rows),
+                max(float(row[3]) for row in decoded),
                 1.3,
             )
         )

@@ -50,7 +50,7 @@ def decode_rows(runtime, batches, repeat: int) -> list[list]:
         def stateless(ids=ids, hidden=hidden):
             return runtime(ids, hidden)
 
-        times = {"step": [], "stateless": []}
+        times: dict[str, list[float]] = {"step": [], "stateless": []}
         for call in (step, stateless):
             call()
         for _ in range(repeat):
@@ -116,7 +116,7 @@ def shared_runtime_rows(xml: Path, batch: int, tokens: int, requests: int, round
     for hint in ("LATENCY", "THROUGHPUT"):
         runtime = EngramRuntime(xml, ov_config={"PERFORMANCE_HINT": hint})
         ids, hidden = random_inputs(runtime.config, runtime.info.num_ids, batch, tokens, seed=5)
-        rates = {1: [], 2: []}
+        rates: dict[int, list[float]] = {1: [], 2: []}
         with ThreadPoolExecutor(2) as pool:
 
             def call(_, runtime=runtime, ids=ids, hidden=hidden):

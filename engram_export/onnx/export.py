@@ -17,6 +17,7 @@ import torch
 
 from engram_export.contract.model_info import ModelInfo
 from engram_export.core import progress
+from engram_export.core.errors import EngramError
 from engram_export.core.fileio import check_output_file
 from engram_export.core.resources import require_disk, tensor_bytes
 from engram_export.models.engram import EngramLayer
@@ -66,6 +67,8 @@ def trace(layer: EngramLayer) -> ir.Model:
     finally:
         layer.reference_layout = False
         onnx_log.setLevel(level)
+    if program is None:
+        raise EngramError("torch.onnx.export returned no program")
     model = program.model
     function = ir.serde.deserialize_function(
         onnx_op.hash_gather_function(config.max_ngram_size, model.opset_imports[""])

@@ -202,14 +202,15 @@ def export_v41_layer(
     located = locate_layer(checkpoint, config, layer_id)
     small = {suffix: checkpoint.load(located[suffix].name) for suffix in ("q_weight", "k_weight")}
     with staged_output(output) as staged:
-        shard_names, known_sha256 = {}, {}
+        shard_names: dict[str, str] = {}
+        known_sha256: dict[str, str] = {}
         for suffix in filter(located.__contains__, SHARD_TENSORS):
             shard = located[suffix].file
             name = f"{output.stem}.{shard.name}"
             if not os.path.lexists(staged.parent / name):
                 link_or_copy(shard, staged.parent / name, copy_table)
-                if lfs_sha256(shard):  # a Hugging Face cache names the blob by its SHA-256
-                    known_sha256[name] = lfs_sha256(shard)
+                if digest := lfs_sha256(shard):  # a Hugging Face cache names the blob by its SHA-256
+                    known_sha256[name] = digest
             shard_names[suffix] = name
         model = build_v41_model(config, layer_id, located, small, hashing, shard_names)
         record_external_data(model, staged.parent, known_sha256)

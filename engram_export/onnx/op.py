@@ -40,7 +40,7 @@ MIN_BODY_OPSET = 18  # BitwiseXor
 MIN_GATED_CONV_OPSET = 23  # RMSNormalization
 
 
-def _ref_attr(node: onnx.NodeProto, name: str, ref: str, kind: int) -> onnx.NodeProto:
+def _ref_attr(node: onnx.NodeProto, name: str, ref: str, kind: onnx.AttributeProto.AttributeType) -> onnx.NodeProto:
     node.attribute.append(onnx.AttributeProto(name=name, ref_attr_name=ref, type=kind))
     return node
 

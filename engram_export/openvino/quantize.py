@@ -148,7 +148,7 @@ def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
             from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
             dataset = nncf.Dataset(options.calibration)
-            subset = min(options.subset_size, len(options.calibration))
+            subset = min(options.subset_size, len(options.calibration or []))
             # 7-bit weights everywhere: CPUs without VNNI (AVX2 only) saturate the 16-bit sums of
             # u8 x s8 products, and an IR runs wherever it is copied (mean cosine 0.991 -> 0.9999)
             model = nncf.quantize(

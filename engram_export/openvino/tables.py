@@ -125,8 +125,9 @@ def map_bytes(path: Path, offset: int, nbytes: int, what: str) -> np.memmap:
         mapped = np.memmap(path, np.uint8, "r", offset, (nbytes,))
     except (OSError, ValueError) as exc:
         raise EngramError(f"cannot map {what}: {nbytes} bytes at offset {offset} of {path} ({exc})") from exc
-    if hasattr(mmap, "MADV_RANDOM"):
-        mapped._mmap.madvise(mmap.MADV_RANDOM)  # a cold row reads its page, not megabytes ahead
+    mapping = getattr(mapped, "_mmap", None)  # numpy keeps the mmap object of a memmap there
+    if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
+        mapping.madvise(mmap.MADV_RANDOM)  # a cold row reads its page, not megabytes ahead
     return mapped
 
 

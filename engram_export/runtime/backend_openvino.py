@@ -156,7 +156,7 @@ class OpenVINOBackend:
         if self.fuses.compiled.get_property("PERF_COUNT") not in (True, "YES"):  # the CPU plugin says "NO"
             raise EngramError("profile needs per-node counters: load with ov_config={'PERF_COUNT': True}")
         lookup, fuse = self.lookups.take(), self.fuses.take()
-        totals = collections.Counter()
+        totals: collections.Counter = collections.Counter()
         try:
             for index in range(warmup + rounds):
                 infer(lookup, feeds)

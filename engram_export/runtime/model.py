@@ -11,6 +11,7 @@ decode sessions build on the OpenVINO backend's two stages (``openvino/stages.py
 from __future__ import annotations
 
 import threading
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from engram_export.core.integrity import FileChecks
 from engram_export.runtime.backend import load_backend, supports_stages
 from engram_export.runtime.options import RUNTIMES, RuntimeOptions
 from engram_export.runtime.verification import Verification
+
+if typing.TYPE_CHECKING:
+    from engram_export.folders.manifest import Manifest
 
 __all__ = [
     "EngramRuntime",
@@ -252,6 +256,7 @@ class EngramRuntime(Mapping):
             raise EngramError(f"options must be a RuntimeOptions, got {type(options).__name__}")
         checks = options.file_checks()
         self.path, self.runtime, self.options = Path(path), options.runtime, options
+        self.manifest: Manifest | None
         if self.path.is_dir():
             from engram_export.folders.manifest import read_manifest
 

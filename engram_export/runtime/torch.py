@@ -18,6 +18,7 @@ read in place (no copy), others are converted once on the way in and out.
 from __future__ import annotations
 
 import threading
+import typing
 
 import numpy as np
 import torch
@@ -102,7 +103,9 @@ def swap_engram_modules(
     ``input_ids`` (and, for DeepSeek-V4.1, ``token_mask``): the keyword of ``model.forward`` that holds
     them (the first positional argument is taken for the ids when the keyword is not given). Every layer
     is checked (layer served, same config) before anything is replaced."""
-    found = [(name, module) for name, module in model.named_modules() if isinstance(module, _engram_layer_types())]
+    found: list[tuple[str, typing.Any]] = [
+        (name, module) for name, module in model.named_modules() if isinstance(module, _engram_layer_types())
+    ]
     if not found:
         raise EngramError("the model holds no Engram layer (EngramLayer or V41EngramLayer)")
     if found[0][0] == "":

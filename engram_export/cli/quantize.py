@@ -44,7 +44,7 @@ def add(sub) -> None:
         "--calibration-tokens ids; hidden states reach no quantized op)",
     )
     p.add_argument("--calibration-tokens", type=int, default=64, help="int8 with --calibration-text: ids per window")
-    p.add_argument("--subset-size", type=int, default=64, help="int8: calibration sequences used")
+    p.add_argument("--subset-size", type=int, default=300, help="int8: calibration sequences used")
     p.set_defaults(func=run)
 
 

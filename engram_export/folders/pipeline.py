@@ -150,7 +150,7 @@ def calibration_for(
     text: str | Path | None = None,
     hidden_npy: str | Path | None = None,
     tokens: int = 64,
-    count: int = 64,
+    count: int = 300,
 ) -> list[dict]:
     """Calibration items for static INT8 of ``model_path`` (.onnx, .xml or a folder of layers, whose
     layers share one config): from real text (``texts``, ``calibration_from_text``), or from an .npz,

@@ -55,7 +55,7 @@ class QuantizeOptions:
     table_bits: int = 8  # int4-weights: the table in INT8 (default) or INT4
     precision: str = "f32"  # inference precision of what stays in float
     calibration: list[dict] | None = None  # int8: items of input_ids [1,T] and hidden_states [1,T,G,D]
-    subset_size: int = 64
+    subset_size: int = 300  # NNCF's own default; fewer left held-out rows outside the calibrated range
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -235,7 +235,9 @@ def read_calibration(
     ]
 
 
-def calibration_from_text(info: ModelInfo, paths: list, tokens: int = 64, count: int = 64, seed: int = 0) -> list[dict]:
+def calibration_from_text(
+    info: ModelInfo, paths: list, tokens: int = 64, count: int = 300, seed: int = 0
+) -> list[dict]:
     """Calibration items (batch 1 each) from real text: ``count`` windows of ``tokens`` ids spread over
     the files' token stream (the model's tokenizer), every token unmasked. Hidden states are seeded
     standard normal: static INT8 quantizes the projection, whose input is the looked-up rows alone; the

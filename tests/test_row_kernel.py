@@ -138,7 +138,7 @@ def _run_op(rows, table, scales, zeros, attributes, output_type="f32"):
 
     parameter = ops.parameter([-1, -1, -1], np.int32, name="rows")
     inputs = [parameter.output(0)] + [ops.constant(a).output(0) for a in (table, scales, zeros) if a is not None]
-    node = make_node("EngramGatherRows", inputs, {**attributes, "output_type": output_type}, output_type, 4)
+    node = make_node("EngramGatherRows", inputs, {**attributes, "output_type": output_type})
     model = openvino.Model([node.output(0)], [parameter])
     compiled = openvino_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return compiled.create_infer_request().infer([rows])[0]
@@ -270,9 +270,7 @@ def _lookup_with(after):
     rows = make_node(
         "EngramHash",
         [ids.output(0), lut.output(0)],
-        {"multipliers": "3,5", "primes": "7,11", "pad_id": 0, "n_head_per_ngram": 2, "blocking": 0},
-        "i32",
-        3,
+        {"multipliers": [3, 5], "primes": [7, 11], "pad_id": 0, "n_head_per_ngram": 2, "blocking": 0},
     )
     table = ops.constant(np.random.default_rng(0).standard_normal((18, 4)).astype(np.float32))
     return openvino.Model([after(ops.gather(table, rows, 0))], [ids])

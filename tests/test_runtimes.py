@@ -142,7 +142,7 @@ def test_gated_short_conv_reads_bf16_projections_exactly(batch, tokens):
     for kind in (openvino.Type.f32, openvino.Type.bf16):
         proj = ops.parameter([-1, -1, (groups + 1) * dim], kind, name="proj")
         query = ops.parameter([-1, -1, groups, dim], np.float32, name="hidden")
-        node = make_node("EngramGatedShortConv", [proj.output(0), query.output(0), *constants], attributes, "f32", 4)
+        node = make_node("EngramGatedShortConv", [proj.output(0), query.output(0), *constants], attributes)
         compiled = openvino_core().compile_model(
             openvino.Model([node.output(0)], [proj, query]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
         )

@@ -66,13 +66,13 @@ def _hash(ids, shape: LookupShape):
     primes = [per_head] * shape.columns
     lut = ops.constant(np.arange(_VOCAB, dtype=np.int64))
     attributes = {
-        "multipliers": ",".join(map(str, multipliers)),
-        "primes": ",".join(map(str, primes)),
+        "multipliers": [int(m) for m in multipliers],
+        "primes": [int(p) for p in primes],
         "pad_id": 0,
         "n_head_per_ngram": shape.heads,
         "blocking": 0,
     }
-    return make_node("EngramHash", [ids, lut.output(0)], attributes, "i32", 3).output(0)
+    return make_node("EngramHash", [ids, lut.output(0)], attributes).output(0)
 
 
 def _stored(path: Path, make, resident: bool) -> np.ndarray:

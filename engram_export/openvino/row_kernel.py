@@ -115,7 +115,7 @@ def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, ou
     store.check_fits(sum(node.get_byte_size() for node, _ in parts))
     inputs = [rows] + [_stored_bytes(node, count, store).output(0) for node, count in parts]
     try:
-        return make_node("EngramGatherRows", inputs, attributes, output_type, 4)
+        return make_node("EngramGatherRows", inputs, attributes)
     except RuntimeError as exc:  # the op's own checks refuse a layout read wrongly here: keep the graph
         log.warning("table lookup left to OpenVINO's Gather: %s", str(exc).splitlines()[0])
         return None

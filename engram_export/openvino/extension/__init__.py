@@ -131,58 +131,19 @@ def openvino_core():
     return core
 
 
-_IR_PRECISIONS = {
-    "f32": "FP32",
-    "f16": "FP16",
-    "bf16": "BF16",
-    "i64": "I64",
-    "i32": "I32",
-    "u8": "U8",
-    "boolean": "BOOL",
-}
+@cache
+def _node_factory():
+    """OpenVINO's ``NodeFactory`` with the extension's ops (as openvino-tokenizers builds its nodes); kept
+    for the process, so the library stays loaded under every node it made."""
+    from openvino.utils.node_factory import NodeFactory
+
+    factory = NodeFactory()
+    factory.add_extension(str(library_path()))
+    return factory
 
 
-def _port(port_id: int, type_name: str, rank: int) -> str:
-    dims = "".join("<dim>-1</dim>" for _ in range(rank))
-    return f'<port id="{port_id}" precision="{_IR_PRECISIONS[type_name]}">{dims}</port>'
-
-
-def make_node(type_name: str, inputs: list, attributes: dict, output_type: str, output_rank: int):
-    """A new node of one of the extension's ops over ``inputs`` (``openvino.Output``s).
-
-    OpenVINO's Python API cannot construct a C++ op of an extension, but its IR reader can: the node is
-    read from a one-op IR whose parameters then hand their consumers over to ``inputs``."""
-    import openvino
-
-    types = [value.get_element_type().get_type_name() for value in inputs]
-    ranks = [value.get_partial_shape().rank.get_length() for value in inputs]
-    data = " ".join(f'{key}="{value}"' for key, value in attributes.items())
-    op_id, result_id = len(inputs), len(inputs) + 1
-    layers = [
-        f'<layer id="{i}" name="input{i}" type="Parameter" version="opset1">'
-        f'<data shape="{",".join("?" * rank) if rank else ""}" element_type="{kind}"/>'
-        f"<output>{_port(0, kind, rank)}</output></layer>"
-        for i, (kind, rank) in enumerate(zip(types, ranks, strict=True))
-    ]
-    layers.append(
-        f'<layer id="{op_id}" name="{type_name}" type="{type_name}" version="engram_extension">'
-        f"<data {data}/><input>{''.join(_port(i, t, r) for i, (t, r) in enumerate(zip(types, ranks, strict=True)))}"
-        f"</input><output>{_port(op_id, output_type, output_rank)}</output></layer>"
-    )
-    layers.append(
-        f'<layer id="{result_id}" name="result" type="Result" version="opset1">'
-        f"<input>{_port(0, output_type, output_rank)}</input></layer>"
-    )
-    edges = [f'<edge from-layer="{i}" from-port="0" to-layer="{op_id}" to-port="{i}"/>' for i in range(len(inputs))]
-    edges.append(f'<edge from-layer="{op_id}" from-port="{op_id}" to-layer="{result_id}" to-port="0"/>')
-    xml = (
-        f'<?xml version="1.0"?><net name="{type_name}" version="11"><layers>{"".join(layers)}</layers>'
-        f"<edges>{''.join(edges)}</edges></net>"
-    )
-    template = openvino_core().read_model(xml, openvino.Tensor(openvino.Type.u8, openvino.Shape([0])))
-    parameters = {p.get_friendly_name(): p for p in template.get_parameters()}
-    (node,) = [op for op in template.get_ops() if op.get_type_name() == type_name]
-    for i, value in enumerate(inputs):
-        parameters[f"input{i}"].output(0).replace(value)
-    node.validate_and_infer_types()
-    return node
+def make_node(type_name: str, inputs: list, attributes: dict):
+    """A new node of one of the extension's ops over ``inputs`` (``openvino.Output``s). ``attributes``
+    take Python values: numbers, strings, lists for vectors, and an element type as its name (``"bf16"``)
+    or an ``openvino.Type``; the op checks them and infers its output type and shape."""
+    return _node_factory().create(type_name, inputs, attributes)

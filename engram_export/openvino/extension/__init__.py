@@ -145,5 +145,8 @@ def _node_factory():
 def make_node(type_name: str, inputs: list, attributes: dict):
     """A new node of one of the extension's ops over ``inputs`` (``openvino.Output``s). ``attributes``
     take Python values: numbers, strings, lists for vectors, and an element type as its name (``"bf16"``)
-    or an ``openvino.Type``; the op checks them and infers its output type and shape."""
-    return _node_factory().create(type_name, inputs, attributes)
+    or an ``openvino.Type``; the op checks them and infers its output type and shape. The node is named
+    after its op (as profiles list it)."""
+    node = _node_factory().create(type_name, inputs, attributes)
+    node.set_friendly_name(type_name)
+    return node

@@ -7,8 +7,12 @@ every later step (compile, run, verify) knows the shapes and id range to check w
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
+import re
 from pathlib import Path
+
+import onnx_ir as ir
 
 from engram_export.core.errors import EngramError
 from engram_export.models.config import EngramConfig, config_from_dict, is_deepseek_v41
@@ -141,8 +145,6 @@ class ModelInfo:
 def xml_rt_value(xml: Path, key: str) -> str | None:
     """The value of rt_info entry ``key`` read from an IR's .xml text, without OpenVINO reading the
     model (and so before it maps the .bin or needs the tables)."""
-    import html
-    import re
 
     try:
         found = re.search(rf'<{re.escape(key)} value="([^"]*)"', xml.read_text())
@@ -154,7 +156,6 @@ def xml_rt_value(xml: Path, key: str) -> str | None:
 def external_locations(model) -> set[str]:
     """The external data files an ``onnx_ir.Model`` reads: the ``location`` of every external tensor,
     initializer or node attribute, in every graph."""
-    import onnx_ir as ir
 
     tensors = [
         value.const_value for graph in (model.graph, *model.graph.subgraphs()) for value in graph.initializers.values()
@@ -179,7 +180,6 @@ def record_external_data(model, folder: Path, known_sha256: dict[str, str] | Non
     """Record in ``model`` (an ``onnx.ModelProto``) the size and sampled SHA-256 of each external data
     file it reads from ``folder`` (checkpoint shards linked beside it: not hashed whole), and the full
     SHA-256 of those in ``known_sha256`` (name -> digest)."""
-    import onnx_ir as ir
 
     from engram_export.core.integrity import fingerprint
 

@@ -16,6 +16,8 @@ import struct
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from engram_export.core.errors import EngramError
 
 __all__ = ["Checkpoint", "TensorLocation", "read_header", "torch_dtype", "DTYPE_BYTES"]
@@ -43,7 +45,6 @@ MAX_HEADER = 100 << 20
 
 def torch_dtype(name: str):
     """The torch dtype of a safetensors dtype name (torch is imported only when a tensor is used)."""
-    import torch
 
     return {
         "F8_E4M3": torch.float8_e4m3fn,
@@ -164,7 +165,6 @@ class Checkpoint:
     def load(self, name: str):
         """A (small) tensor as a torch tensor in its stored dtype, read from its bytes alone (mapping the
         whole shard, as ``safetensors`` does, fails for shards larger than the address-space limit)."""
-        import torch
 
         location = self.locate(name)
         try:

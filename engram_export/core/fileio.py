@@ -7,8 +7,11 @@ import contextlib
 import errno
 import os
 import shutil
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 from engram_export.core.errors import EngramError
 
@@ -154,7 +157,6 @@ def check_input_file(path: str | Path, suffixes: tuple[str, ...], what: str) -> 
 def load_npz(path: str | Path, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
     """The arrays ``names`` (and those of ``optional`` it holds) of an .npz file (no pickles), or an
     error naming what is wrong."""
-    import numpy as np
 
     path = check_input_file(path, (".npz",), "inputs")
     with _unreadable(path):
@@ -173,7 +175,6 @@ def load_npz(path: str | Path, names: tuple[str, ...], optional: tuple[str, ...]
 @contextlib.contextmanager
 def _unreadable(path: Path) -> Iterator[None]:
     """Errors of numpy and zipfile reading ``path`` (corrupt, truncated, pickled) as one line."""
-    import zipfile
 
     try:
         yield

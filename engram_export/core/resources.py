@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+import psutil
+
 from engram_export.core.errors import EngramError
 
 __all__ = ["require_memory", "require_disk", "tensor_bytes", "file_system_type"]
@@ -26,7 +28,6 @@ def tensor_bytes(tensors: Iterable) -> int:
 
 def require_memory(nbytes: int, what: str) -> None:
     """Refuse ``nbytes`` more than the memory available now (psutil's estimate, page cache included)."""
-    import psutil
 
     available = psutil.virtual_memory().available
     if nbytes > available:
@@ -38,7 +39,6 @@ MEMORY_FILE_SYSTEMS = ("tmpfs", "ramfs")
 
 def file_system_type(folder: str | Path) -> str:
     """The type of the file system mounted at or above ``folder`` ("ext4", "tmpfs", ...; "" if unknown)."""
-    import psutil
 
     folder = str(Path(folder).resolve())
     best, kind = "", ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from engram_export.core.errors import EngramError
 
@@ -61,7 +62,6 @@ def find_tokenizer_file(path: str | Path) -> Path:
 
 def read_tokenizer(path: str | Path):
     """The ``tokenizers.Tokenizer`` at ``path`` (a tokenizer.json or its folder), or a one-line error."""
-    from tokenizers import Tokenizer
 
     file = find_tokenizer_file(path)
     try:

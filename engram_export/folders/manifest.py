@@ -15,6 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import onnx_ir as ir
+
 from engram_export.core.errors import EngramError
 from engram_export.core.integrity import FileChecks, file_checks, fingerprint, sha256
 from engram_export.models.config import EngramConfig, config_from_dict
@@ -50,7 +52,6 @@ def _model_files(folder: Path, name: str) -> dict[str, str | None]:
 
         tables = table_files(folder / name)
         return {name: None, name[: -len(".xml")] + ".bin": None, **{t: tables[t].get("sha256") for t in sorted(tables)}}
-    import onnx_ir as ir
 
     from engram_export.contract.model_info import external_data_record, external_locations
 

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
+from tokenizers import Tokenizer, models
 
 from engram_export.core.checkpoint import DTYPE_BYTES
 from engram_export.models.deepseek_v41 import BLOCK, TABLE_DTYPES, V41Config, _expected
@@ -58,7 +60,6 @@ def _gaussian(bits_a: np.ndarray, bits_b: np.ndarray) -> np.ndarray:
 def _to_fp8_blocks(values: np.ndarray, block_axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(E4M3 codes, E8M0 scale bytes) of ``values`` shaped with blocks on ``block_axes`` (the scale is
     the power of two that brings each block's largest magnitude under 448)."""
-    import torch
 
     amax = np.maximum(np.abs(values).max(axis=block_axes, keepdims=True), 2.0**-100)
     exponent = np.clip(np.ceil(np.log2(amax / 448)), -127, 127)
@@ -100,7 +101,6 @@ def float_rows_bytes(
 
 def _small_tensors(config: V41Config, layer_id: int, seed: int, values: str = "codes") -> dict[str, tuple[str, bytes]]:
     """The non-table tensors of a layer: suffix -> (dtype, bytes)."""
-    import torch
 
     rng = np.random.default_rng([seed, layer_id])
     expected = _expected(config, layer_id)
@@ -222,7 +222,6 @@ def _write_rows(path: Path, offset: int, rows: np.ndarray, data: np.ndarray) -> 
 def write_word_tokenizer(path: Path, vocab_size: int, compressed_size: int) -> Path:
     """A word-level ``tokenizer.json`` of ``vocab_size`` tokens that compresses to ``compressed_size``
     ids: ``w0 .. w{C-1}``, then upper-case copies ``W0 ..`` that normalize to the same keys."""
-    from tokenizers import Tokenizer, models
 
     words = [f"w{i}" for i in range(compressed_size)]
     words += [f"W{i}" for i in range(vocab_size - compressed_size)]

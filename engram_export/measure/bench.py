@@ -19,8 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
+import openvino
 import psutil
 import torch
+from openvino import opset13 as ops
 
 from engram_export.core import progress
 from engram_export.measure.verify import format_table, random_inputs
@@ -188,8 +191,6 @@ def _bf16_copy(layer):
 def matmul_floor(width_in: int, width_out: int, precision: str):
     """The projection GEMM alone in OpenVINO ([N, width_in] x [width_in, width_out], random weights) as a
     function of x: the floor the fuse stage is measured against."""
-    import openvino
-    from openvino import opset13 as ops
 
     x = ops.parameter([-1, width_in], np.float32, name="x")
     weight = np.random.default_rng(0).standard_normal((width_in, width_out), np.float32)
@@ -232,7 +233,6 @@ def run_bench(
 ) -> list[BenchRow]:
     """Export raw and optimized graphs of ``layer`` into ``workdir``, quantize in ``modes``, time
     every path, print; with ``profile``, also OpenVINO's per-node times of each model."""
-    import onnx_ir as ir
 
     from engram_export.onnx.export import export_layer, load_onnx, optimize_graph
     from engram_export.openvino.compile import compile_onnx

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import openvino
+from openvino import opset13 as ops
 
 from engram_export.core.errors import EngramError
 from engram_export.measure.verify import format_table
@@ -56,7 +58,6 @@ def shapes_for(config) -> tuple[LookupShape, LookupShape]:
 
 def _hash(ids, shape: LookupShape):
     """EngramHash (demo hashing) over ids in [0, 2^20) -> rows in [0, table_rows)."""
-    from openvino import opset13 as ops
 
     from engram_export.openvino.extension import make_node
 
@@ -96,8 +97,6 @@ def _constant(data: np.ndarray, kind: str, shape):
 
 def _lookup_model(shape: LookupShape, form: str, folder: Path, resident: bool):
     """The lookup stage of ``form`` as an IR holds it: [B,T] ids -> [B,T,C,d] (demo) or [B,T,C*d]."""
-    import openvino
-    from openvino import opset13 as ops
 
     from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
 

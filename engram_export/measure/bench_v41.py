@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import openvino
+from openvino import opset13 as ops
 
 from engram_export.measure.verify import format_table
 
@@ -231,8 +233,6 @@ def _fp8_matmul(width_in: int, width_out: int):
     """A MatMul of the projection's shape with FP8 E4M3 weights and a scale per output channel, in bf16:
     what OpenVINO does with FP8 weights on this CPU (it decompresses them with a Convert and a Multiply
     on every call instead of reading them inside its GEMM kernel)."""
-    import openvino
-    from openvino import opset13 as ops
 
     from engram_export.openvino.tables import shared_constant
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import openvino
+import torch
 
 from engram_export.measure.verify import format_table, random_inputs
 
@@ -73,7 +76,6 @@ def decode_rows(runtime, batches, repeat: int) -> list[list]:
 
 def throughput_rows(xml: Path, precision: str, batch: int, tokens: int, requests: int) -> list[list]:
     """Independent requests through AsyncInferQueue: LATENCY (1 stream) vs THROUGHPUT (2 streams)."""
-    import openvino
 
     from engram_export.openvino.compile import read_openvino
     from engram_export.openvino.extension import openvino_core
@@ -108,7 +110,6 @@ def shared_runtime_rows(xml: Path, batch: int, tokens: int, requests: int, round
     """One ``EngramRuntime`` called by 1, then 2 threads at once (each call on its own requests), with
     the default LATENCY hint and with the THROUGHPUT hint (``ov_config``): ``rounds`` alternating
     rounds of ``requests`` calls each, medians (this machine's speed drifts by 20% within a minute)."""
-    from concurrent.futures import ThreadPoolExecutor
 
     from engram_export.runtime import EngramRuntime
 
@@ -142,7 +143,6 @@ def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
 
     Every round uses fresh ids (the table rows are not in cache, as with new tokens). Hidden share:
     1 - (time still spent waiting for the lookup once the backbone is done) / (lookup alone)."""
-    import torch
 
     rounds = [
         random_inputs(runtime.config, runtime.info.num_ids, batch, tokens, seed=100 + i) for i in range(3 * repeat + 6)

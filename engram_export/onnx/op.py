@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper
 from onnx.reference.op_run import OpRun
+from onnxscript import values
 
 from engram_export.models.hashing import hash_rows
 
@@ -235,8 +237,6 @@ def gated_short_conv_function(opset: int) -> onnx.FunctionProto:
 
 def translation_table() -> dict:
     """``custom_translation_table`` entry for ``torch.onnx.export``: the torch op -> one ONNX node."""
-    import torch
-    from onnxscript import values
 
     import engram_export.models.hash_gather  # noqa: F401  (registers the torch op)
 

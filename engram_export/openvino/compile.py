@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import openvino
+import torch
+from openvino import opset13 as ops
 
 from engram_export.contract.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, external_data_record, xml_rt_value
 from engram_export.core import progress
@@ -45,9 +48,6 @@ def _fold_fp8_projection(model) -> None:
     """DeepSeek-V4.1: the FP8 ``wkv`` dequantized here, once, into a bf16 constant [out, in]. E4M3
     values times powers of two are exact in bf16; left to the CPU plugin, folding the standard-op
     dequantization (a Gather over 157M values) took 34 s at every load of a released-size layer."""
-    import openvino
-    import torch
-    from openvino import opset13 as ops
 
     from engram_export.models.deepseek_v41 import BLOCK, dequantize_blocks
 
@@ -202,7 +202,6 @@ def save_ir(
 
     ``links``: files to put beside it (name -> source), the checkpoint shards of tables that stay out
     of the IR (``tables.detach``): hard-linked, or copied with ``copy_table`` where no link can be."""
-    import openvino
 
     model.set_rt_info(_PLACEHOLDER, [RT_INFO_SECTION, BIN_KEY])
     with progress.stage(f"writing {output.name}"), staged_output(output) as staged:

@@ -25,7 +25,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import nncf
 import numpy as np
+from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+from tokenizers import Tokenizer
 
 from engram_export.contract.model_info import ModelInfo
 from engram_export.core import progress
@@ -118,7 +121,6 @@ def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
     the quantized ``openvino.Model``, its ``ModelInfo`` recorded in it. ``model`` is consumed. The core
     of ``quantize``, for callers that hold the model already (a DeepSeek-V4.1 table is left in the
     model: ``quantize`` detaches it afterwards)."""
-    import nncf
 
     row_width, width = info.config.head_dim, info.config.engram_hidden_size
     if options.mode == "int4-weights" and width % options.group_size:
@@ -145,8 +147,6 @@ def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
             if not info.takes_mask:
                 model = _compress_table(nncf, model, options.table_bits, min(options.group_size, row_width))
         else:
-            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-
             dataset = nncf.Dataset(options.calibration)
             subset = min(options.subset_size, len(options.calibration or []))
             # 7-bit weights everywhere: CPUs without VNNI (AVX2 only) saturate the 16-bit sums of
@@ -256,7 +256,6 @@ def calibration_from_text(
 
 
 def _ids_from_text(config, text: Path, hidden_npy: Path):
-    from tokenizers import Tokenizer
 
     from engram_export.core.text import find_tokenizer_file
 

@@ -18,6 +18,7 @@ import ctypes
 import logging
 
 import numpy as np
+from openvino import opset13 as ops
 
 from engram_export.openvino.table_store import TableStore, table_store
 from engram_export.openvino.tables import shared_constant
@@ -220,6 +221,5 @@ def install(lookup, table_memory: str | TableStore = "mmap") -> bool:
 
 def _flat_rows(node):
     """[B, T, C, d] -> [B, T, C*d]."""
-    from openvino import opset13 as ops
 
     return ops.reshape(node, np.array([0, 0, -1], np.int64), special_zero=True).output(0)

@@ -10,6 +10,10 @@ compiled together, the CPU plugin's low-precision pipeline folds the table's dec
 
 from __future__ import annotations
 
+import openvino
+from openvino import opset13 as ops
+from openvino.preprocess import PrePostProcessor
+
 from engram_export.core.errors import EngramError
 
 __all__ = ["split_stages", "infer", "EMBEDDINGS"]
@@ -74,8 +78,6 @@ def split_stages(model, precision: str = "f32"):
     the stages in bf16, as the bf16 lookup makes them and the bf16 GEMM reads them: no conversion to
     f32 and back, half the bytes.
     """
-    import openvino
-    from openvino import opset13 as ops
 
     embeddings = _embeddings_output(model)
     lookup_side = _ancestors(embeddings)
@@ -109,8 +111,6 @@ def split_stages(model, precision: str = "f32"):
             user.replace_source_output(batch_and_tokens.output(0))
     fuse = openvino.Model(model.get_results(), fuse_inputs, "engram_fuse")
     if precision == "bf16":
-        from openvino.preprocess import PrePostProcessor
-
         steps = PrePostProcessor(lookup)
         steps.output().tensor().set_element_type(openvino.Type.bf16)
         lookup = steps.build()
@@ -144,8 +144,6 @@ def _bf16_projection_output(fuse) -> None:
     bf16, as a bf16 GEMM's output is in PyTorch: against the f32 path, the layer output's mean |error|
     went from 0.00087 to 0.00099 (deepseek-demo dims, cosine of the Engram delta 0.9999992); the bf16
     tolerances of the tests hold."""
-    import openvino
-    from openvino import opset13 as ops
 
     bf16 = openvino.Type.bf16
     for conv in [op for op in fuse.get_ops() if op.get_type_name() == "EngramGatedShortConv"]:

@@ -23,6 +23,7 @@ import mmap
 from typing import ClassVar
 
 import numpy as np
+import psutil
 
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
@@ -52,7 +53,6 @@ def populate(data: np.ndarray, name: str) -> np.ndarray:
 
 def _available_bytes() -> int:
     """MemAvailable (what can be filled without swapping or evicting much)."""
-    import psutil
 
     return psutil.virtual_memory().available
 

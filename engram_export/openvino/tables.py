@@ -25,6 +25,8 @@ import mmap
 from pathlib import Path
 
 import numpy as np
+import openvino
+from openvino import opset13 as ops
 
 from engram_export.core.errors import EngramError
 
@@ -39,7 +41,6 @@ def detach(model, onnx_stem: str, xml_name: str) -> dict[str, Path]:
     """Replace the table constants of ``model`` (``compile.to_openvino``'s, which records the file each
     one was read from, ``<onnx stem>.<shard>``) by parameters and record them in its rt_info as files
     ``<xml stem>.<shard>``; returns those names -> the files to link."""
-    from openvino import opset13 as ops
 
     from engram_export.contract.model_info import RT_INFO_SECTION
     from engram_export.core.integrity import fingerprint
@@ -107,7 +108,6 @@ def shared_constant(data: np.ndarray, owner, kind: str = "u8", shape=None):
     """A constant over ``data``'s bytes (no copy), of element type ``kind`` (an ``openvino.Type`` name)
     and ``shape`` (default ``data``'s). The tensor is only a view: the constant keeps ``owner`` alive in
     its rt_info (OpenVINO releases it with the last copy of the node, compiled models included)."""
-    import openvino
 
     alias = np.ctypeslib.as_array((ctypes.c_uint8 * data.nbytes).from_address(data.ctypes.data)).view(_Owned)
     alias.owner = owner

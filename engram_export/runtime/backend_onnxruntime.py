@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
+import onnxruntime
 
 from engram_export.core.errors import EngramError
 from engram_export.core.integrity import FileChecks
@@ -24,8 +26,6 @@ class OnnxRuntimeBackend:
             raise EngramError(f"ONNX Runtime runs .onnx files, not {path.name}; use runtime 'ov'")
         if options.precision not in (None, "f32"):
             raise EngramError("ONNX Runtime runs this model in f32 only")
-        import onnx_ir as ir
-        import onnxruntime
 
         from engram_export.onnx.files import read_onnx_file
 

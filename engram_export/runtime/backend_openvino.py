@@ -3,11 +3,14 @@ infer requests so that any number of threads may call one runtime at once."""
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import openvino
 
 from engram_export.contract.inputs import fuse_feeds
 from engram_export.core.errors import EngramError, one_line
@@ -80,7 +83,6 @@ class OpenVINOBackend:
         lookup only gathers and converts, so the flag changes no value it
         computes. compile_model sets flush-to-zero on the thread that calls it with that flag and leaves it
         set, so that compile runs on a thread of its own: the caller's arithmetic keeps its subnormals."""
-        from concurrent.futures import ThreadPoolExecutor
 
         from engram_export.openvino import row_kernel
         from engram_export.openvino.extension import openvino_core
@@ -128,7 +130,6 @@ class OpenVINOBackend:
         """Wait for ``lookup`` (from ``start_lookup(feeds)``), run the fuse stage on its embeddings, and
         give the lookup request back. The fuse stage reads ``hidden`` in place and writes straight into
         ``out`` (a new array if None): no copy of either, as large as the layer's output."""
-        import openvino
 
         from engram_export.openvino.stages import EMBEDDINGS
 
@@ -149,7 +150,6 @@ class OpenVINOBackend:
 
     def profile(self, feeds: dict, hidden: np.ndarray, rounds: int, warmup: int) -> list[dict]:
         """OpenVINO's per-node times of both stages, averaged over ``rounds`` calls after ``warmup``."""
-        import collections
 
         from engram_export.openvino.stages import EMBEDDINGS, infer
 
@@ -190,7 +190,6 @@ class OpenVINOBackend:
 
 def _as_float32(tensor) -> np.ndarray:
     """An OpenVINO tensor's values as a float32 array (numpy has no bf16: widen its bits)."""
-    import openvino
 
     if tensor.get_element_type() == openvino.Type.bf16:
         return (tensor.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)

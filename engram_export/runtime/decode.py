@@ -13,6 +13,10 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import openvino
+from openvino import opset6
+from openvino import opset13 as ops
+from openvino.op.util import Variable, VariableInfo
 
 from engram_export.core.errors import EngramError
 from engram_export.openvino.stages import EMBEDDINGS, infer
@@ -38,10 +42,6 @@ def _state(name: str, start: np.ndarray, batch_like):
     compile), so the state starts as one row, ``start``, broadcast to the batch; once assigned it
     holds a row per sequence and the broadcast changes nothing.
     """
-    import openvino
-    from openvino import opset6
-    from openvino import opset13 as ops
-    from openvino.op.util import Variable, VariableInfo
 
     info = VariableInfo()
     info.variable_id = name
@@ -54,14 +54,12 @@ def _state(name: str, start: np.ndarray, batch_like):
 
 
 def _batch_of(value):
-    from openvino import opset13 as ops
 
     return ops.gather(ops.shape_of(value), ops.constant(np.array([0], np.int64)), ops.constant(0))
 
 
 def _recent(history, new, before: int):
     """The last ``before`` columns of history followed by ``new``."""
-    from openvino import opset13 as ops
 
     return ops.slice(
         ops.concat([history, new], 1), np.array([-before]), np.array([2**31 - 1]), np.array([1]), np.array([1])
@@ -71,7 +69,6 @@ def _recent(history, new, before: int):
 def _stateful_lookup(lookup, info):
     """The lookup with the last N-1 raw ids (and, for DeepSeek-V4.1, their mask: a masked or
     not-yet-seen token blocks the n-grams that reach it) kept as state instead of pads."""
-    import openvino
 
     hash_op = _only(lookup, "EngramHash")
     ids = hash_op.input_value(0)
@@ -100,8 +97,6 @@ def _stateful_lookup(lookup, info):
 
 
 def _stateful_fuse(fuse, info):
-    import openvino
-    from openvino import opset13 as ops
 
     conv = _only(fuse, "EngramGatedShortConv")
     config = info.config

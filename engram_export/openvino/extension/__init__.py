@@ -25,6 +25,9 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+import openvino
+from openvino.utils.node_factory import NodeFactory
+
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
 
@@ -38,7 +41,6 @@ _BUILT_AGAINST = "openvino_version.txt"  # written beside the wheel's library by
 
 
 def _cache_dir() -> Path:
-    import openvino
 
     sources = b"".join(
         path.read_bytes()
@@ -51,7 +53,6 @@ def _cache_dir() -> Path:
 
 
 def _build(target: Path) -> None:
-    import openvino
 
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -77,7 +78,6 @@ def _build(target: Path) -> None:
 
 def _packaged() -> Path | None:
     """The wheel's library, if there is one and this OpenVINO is the release it was built against."""
-    import openvino
 
     library, stamp = SOURCE_DIR / _LIBRARY, SOURCE_DIR / _BUILT_AGAINST
     if not (library.is_file() and stamp.is_file()):
@@ -121,7 +121,6 @@ def library_path() -> Path:
 @cache
 def openvino_core():
     """The process's ``openvino.Core`` with the Engram extension loaded."""
-    import openvino
 
     core, path = openvino.Core(), library_path()
     try:
@@ -135,7 +134,6 @@ def openvino_core():
 def _node_factory():
     """OpenVINO's ``NodeFactory`` with the extension's ops (as openvino-tokenizers builds its nodes); kept
     for the process, so the library stays loaded under every node it made."""
-    from openvino.utils.node_factory import NodeFactory
 
     factory = NodeFactory()
     factory.add_extension(str(library_path()))

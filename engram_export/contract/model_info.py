@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from engram_export.core.errors import EngramError
+from engram_export.core.integrity import FileChecks, fingerprint
 from engram_export.models.config import EngramConfig, config_from_dict, is_deepseek_v41
 
 __all__ = ["ModelInfo", "PRECISIONS"]
@@ -181,8 +182,6 @@ def record_external_data(model, folder: Path, known_sha256: dict[str, str] | Non
     file it reads from ``folder`` (checkpoint shards linked beside it: not hashed whole), and the full
     SHA-256 of those in ``known_sha256`` (name -> digest)."""
 
-    from engram_export.core.integrity import fingerprint
-
     for prop in [p for p in model.metadata_props if p.key == EXTERNAL_DATA_KEY]:
         model.metadata_props.remove(prop)
     uses = external_locations(ir.serde.deserialize_model(model))  # wraps the tensors, reads no data
@@ -193,7 +192,6 @@ def record_external_data(model, folder: Path, known_sha256: dict[str, str] | Non
 
 def _check_external_data(uses: set[str], record: str | None, path: Path, checks=None) -> None:
     """Refuse an .onnx whose external data files (``uses``) are not the ones it was written with."""
-    from engram_export.core.integrity import FileChecks
 
     checks = checks or FileChecks()
     if not uses:

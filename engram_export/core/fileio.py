@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engram_export.core import progress
 from engram_export.core.errors import EngramError
+from engram_export.core.resources import require_disk
 
 __all__ = [
     "staged_output",
@@ -239,8 +241,6 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 def copy_sparse(source: Path, target: Path, name: str | None = None) -> None:
     """Copy ``source`` to ``target`` writing only its data (holes stay holes), after checking that the
     target's file system (and memory, for a tmpfs) holds the data; progress in bytes."""
-    from engram_export.core import progress
-    from engram_export.core.resources import require_disk
 
     name = name or source.name
     with open(source, "rb") as src:

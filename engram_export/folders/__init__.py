@@ -1,19 +1,12 @@
 """Every Engram layer of a model in one folder: ``manifest`` (what binds the folder's files),
 ``pipeline`` (export, compile and quantize folder to folder) and ``synthetic`` (checkpoint folders of
 any size with seeded weights, for random-init exports, tests and benches). Above ``onnx/`` and
-``openvino/``, below the runtime, which reads manifests."""
+``openvino/``, below the runtime, which reads manifests: the pipeline's names are imported on first use,
+so reading a manifest does not load NNCF."""
 
-from engram_export.folders.pipeline import (
-    calibration_for,
-    compile_folder,
-    export_checkpoint,
-    export_folder,
-    export_random_v41,
-    layer_file,
-    quantize_folder,
-)
+import importlib
 
-__all__ = [
+_PIPELINE = (
     "export_folder",
     "export_checkpoint",
     "export_random_v41",
@@ -21,4 +14,14 @@ __all__ = [
     "compile_folder",
     "quantize_folder",
     "layer_file",
-]
+)
+
+__all__ = list(_PIPELINE)
+
+
+def __getattr__(name: str):
+    if name not in _PIPELINE:
+        raise AttributeError(f"module 'engram_export.folders' has no attribute {name!r}")
+    value = getattr(importlib.import_module("engram_export.folders.pipeline"), name)
+    globals()[name] = value
+    return value

@@ -17,10 +17,14 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from engram_export.contract.model_info import external_data_record, external_locations
+from engram_export.core import progress
 from engram_export.core.errors import EngramError
+from engram_export.core.fileio import staged_output, written_files
 from engram_export.core.integrity import FileChecks, file_checks, fingerprint, sha256
 from engram_export.models.config import EngramConfig, config_from_dict
 from engram_export.models.deepseek_v41 import V41Config
+from engram_export.openvino.tables import table_files
 
 __all__ = ["Manifest", "MANIFEST", "read_manifest", "write_manifest", "model_files", "sha256"]
 
@@ -48,12 +52,8 @@ def _model_files(folder: Path, name: str) -> dict[str, str | None]:
     """``model_files``, each with the full SHA-256 the model records for it when that was not hashed
     by us (a checkpoint shard's, from a Hugging Face cache), else None."""
     if name.endswith(".xml"):
-        from engram_export.openvino.tables import table_files
-
         tables = table_files(folder / name)
         return {name: None, name[: -len(".xml")] + ".bin": None, **{t: tables[t].get("sha256") for t in sorted(tables)}}
-
-    from engram_export.contract.model_info import external_data_record, external_locations
 
     try:
         model = ir.load(folder / name)  # the graph; external data is not read
@@ -73,8 +73,6 @@ def _check_name(folder: Path, name, where: str) -> None:
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
     """Fingerprint every file the layers read and write ``manifest.json`` (whole or not at all)."""
-    from engram_export.core import progress
-    from engram_export.core.fileio import staged_output, written_files
 
     def own(name: str) -> set[str]:  # the files written with the model (not linked checkpoint shards)
         return {path.name for path in written_files(folder / name)}

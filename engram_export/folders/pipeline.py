@@ -13,10 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
+from engram_export.core.checkpoint import Checkpoint
 from engram_export.core.errors import EngramError
 from engram_export.core.fileio import STAGING_PREFIX, staged_folder
 from engram_export.core.integrity import sha256
 from engram_export.folders.manifest import Manifest, read_manifest, write_manifest
+from engram_export.folders.synthetic import write_v41_checkpoint
+from engram_export.models.deepseek_v41 import V41Config, V41Hashing
+from engram_export.models.hashing import EngramHashing
+from engram_export.models.weights import build_layer, layer_prefix
+from engram_export.onnx.export import export_layer
+from engram_export.onnx.export_v41 import export_v41_layer
+from engram_export.openvino.compile import compile_onnx
+from engram_export.openvino.quantize import calibration_from_text, quantize, read_calibration, read_model
 
 __all__ = [
     "export_folder",
@@ -40,9 +49,6 @@ def export_folder(
 ) -> Path:
     """Export every layer in ``config.layer_ids``. ``prefix`` may hold ``{layer}`` (full-model
     checkpoints); random weights use ``seed + layer id``."""
-    from engram_export.models.hashing import EngramHashing
-    from engram_export.models.weights import build_layer, layer_prefix
-    from engram_export.onnx.export import export_layer
 
     if weights is not None and len(config.layer_ids) > 1 and layer_prefix(prefix, 0) == layer_prefix(prefix, 1):
         raise EngramError(
@@ -74,9 +80,6 @@ def export_checkpoint(
 ) -> Path:
     """A DeepSeek-V4.1 checkpoint folder: layer ``layer_id`` to an .onnx, or every Engram layer to a
     folder with a manifest. Tables stay in the checkpoint's shards, hard-linked beside the files."""
-    from engram_export.core.checkpoint import Checkpoint
-    from engram_export.models.deepseek_v41 import V41Config, V41Hashing
-    from engram_export.onnx.export_v41 import export_v41_layer
 
     checkpoint = Checkpoint(checkpoint_dir)
     config = V41Config.from_checkpoint(checkpoint)
@@ -98,7 +101,6 @@ def export_random_v41(
     """A DeepSeek-V4.1 config with random weights: a synthetic checkpoint (``synthetic.py``) written
     beside ``output`` and exported (``export_checkpoint``); its shards live on only as the output's hard
     links. Tables of more than 2**30 values are left sparse (rows of zeros)."""
-    from engram_export.folders.synthetic import write_v41_checkpoint
 
     small = all(config.table_rows(layer) * config.head_dim <= 2**30 for layer in config.layer_ids)
     rows = None if small else {layer: np.zeros(0, np.int64) for layer in config.layer_ids}
@@ -114,7 +116,6 @@ def export_random_v41(
 
 
 def compile_folder(source: Path, folder: Path, precision: str, copy_table: bool = False) -> Path:
-    from engram_export.openvino.compile import compile_onnx
 
     manifest = read_manifest(source)
     if manifest.kind != "onnx":
@@ -129,7 +130,6 @@ def compile_folder(source: Path, folder: Path, precision: str, copy_table: bool 
 
 
 def quantize_folder(source: Path, folder: Path, options, copy_table: bool = False) -> Path:
-    from engram_export.openvino.quantize import quantize
 
     manifest = read_manifest(source)
     layers = {}
@@ -155,7 +155,6 @@ def calibration_for(
     """Calibration items for static INT8 of ``model_path`` (.onnx, .xml or a folder of layers, whose
     layers share one config): from real text (``texts``, ``calibration_from_text``), or from an .npz,
     or a text file with hidden states (``read_calibration``)."""
-    from engram_export.openvino.quantize import calibration_from_text, read_calibration, read_model
 
     if (npz is None and text is None) == (not texts):
         raise EngramError(

@@ -27,6 +27,11 @@ from openvino import opset13 as ops
 
 from engram_export.core import progress
 from engram_export.measure.verify import format_table, random_inputs
+from engram_export.models.engram import EngramLayer
+from engram_export.onnx.export import export_layer, load_onnx, optimize_graph
+from engram_export.openvino.compile import compile_onnx
+from engram_export.openvino.quantize import QuantizeOptions, quantize
+from engram_export.runtime import EngramRuntime
 
 __all__ = [
     "BenchRow",
@@ -177,7 +182,6 @@ def _torch_args(dtype):
 
 def _bf16_copy(layer):
     """The layer in bf16, without an intermediate f32 copy of its table."""
-    from engram_export.models.engram import EngramLayer
 
     with torch.device("meta"):
         clone = EngramLayer(layer.config, layer.layer_id, layer.hashing)
@@ -211,7 +215,6 @@ def random_calibration(config, num_ids: int, count: int = 32) -> list[dict]:
 
 def _quantized(files, workdir: Path, config, num_ids: int, modes: tuple[str, ...] | list[str]) -> None:
     """Quantize the optimized graph in each mode; int8 calibrates on seeded random sequences."""
-    from engram_export.openvino.quantize import QuantizeOptions, quantize
 
     calibration = random_calibration(config, num_ids)
     for mode in modes:
@@ -233,10 +236,6 @@ def run_bench(
 ) -> list[BenchRow]:
     """Export raw and optimized graphs of ``layer`` into ``workdir``, quantize in ``modes``, time
     every path, print; with ``profile``, also OpenVINO's per-node times of each model."""
-
-    from engram_export.onnx.export import export_layer, load_onnx, optimize_graph
-    from engram_export.openvino.compile import compile_onnx
-    from engram_export.runtime import EngramRuntime
 
     config = layer.config
     files: dict = {"raw": export_layer(layer, workdir / "raw.onnx", optimize=False)}
@@ -421,7 +420,6 @@ def round_robin_ms(calls: dict, rounds: int, warmup: int = 1) -> dict:
 def profile_top(xml: Path, ids: np.ndarray, hidden: np.ndarray, precision: str, top: int = 12) -> str:
     """OpenVINO's per-node times (``LayerRuntime.profile``) of the runtime's own path for one model: its
     lookup stage (with the row kernel) and its fuse stage, as ``EngramRuntime`` compiles them."""
-    from engram_export.runtime import EngramRuntime
 
     runtime = EngramRuntime(xml, precision=precision, table_memory="populate", ov_config={"PERF_COUNT": True})
     nodes = runtime[runtime.layer_id].profile(ids, hidden)

@@ -23,7 +23,13 @@ import openvino
 from openvino import opset13 as ops
 
 from engram_export.core.errors import EngramError
+from engram_export.measure.bench import resident_mib, round_robin_ms, target_line
 from engram_export.measure.verify import format_table
+from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
+from engram_export.openvino import row_kernel
+from engram_export.openvino.extension import make_node, openvino_core
+from engram_export.openvino.table_store import populate
+from engram_export.openvino.tables import shared_constant
 
 __all__ = ["run_lookup_bench", "print_targets", "shapes_for", "LookupShape", "DEMO", "V41"]
 
@@ -59,8 +65,6 @@ def shapes_for(config) -> tuple[LookupShape, LookupShape]:
 def _hash(ids, shape: LookupShape):
     """EngramHash (demo hashing) over ids in [0, 2^20) -> rows in [0, table_rows)."""
 
-    from engram_export.openvino.extension import make_node
-
     rng = np.random.default_rng(0)
     multipliers = (rng.integers(1, 2**31, shape.orders + 1) * 2 + 1).tolist()
     per_head = shape.table_rows // shape.columns
@@ -79,7 +83,6 @@ def _hash(ids, shape: LookupShape):
 def _stored(path: Path, make, resident: bool) -> np.ndarray:
     """The table bytes ``make()`` gives, written to ``path`` once, mapped read-only; with ``resident``,
     every page mapped in now (no page faults while timed)."""
-    from engram_export.openvino.table_store import populate
 
     if not path.exists():
         data = make()
@@ -90,15 +93,12 @@ def _stored(path: Path, make, resident: bool) -> np.ndarray:
 
 
 def _constant(data: np.ndarray, kind: str, shape):
-    from engram_export.openvino.tables import shared_constant
 
     return shared_constant(data, data, kind, shape)
 
 
 def _lookup_model(shape: LookupShape, form: str, folder: Path, resident: bool):
     """The lookup stage of ``form`` as an IR holds it: [B,T] ids -> [B,T,C,d] (demo) or [B,T,C*d]."""
-
-    from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
 
     rng = np.random.default_rng(1)
     rows_count, width = shape.table_rows, shape.row_size
@@ -180,9 +180,6 @@ class _Compiled:
     """One lookup stage compiled for CPU in f32, with or without the row kernel."""
 
     def __init__(self, shape, form, folder, kernel: bool, table_memory: str = "mmap", resident: bool = True):
-        from engram_export.measure.bench import resident_mib
-        from engram_export.openvino import row_kernel
-        from engram_export.openvino.extension import openvino_core
 
         before, start = resident_mib(), time.perf_counter()
         model = _lookup_model(shape, form, folder, resident)
@@ -205,7 +202,6 @@ def run_lookup_bench(
     lookups: tuple[LookupShape, ...] = (DEMO, V41),
 ) -> list[str]:
     """Print the lookup tables; returns the target lines (met or MISSED)."""
-    from engram_export.measure.bench import resident_mib, round_robin_ms, target_line
 
     rng = np.random.default_rng(5)
     checks, table = [], []

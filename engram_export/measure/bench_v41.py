@@ -24,7 +24,15 @@ import numpy as np
 import openvino
 from openvino import opset13 as ops
 
+from engram_export.folders import compile_folder, export_checkpoint, quantize_folder
+from engram_export.folders.synthetic import write_v41_checkpoint
+from engram_export.measure.bench import cpu_summary, matmul_floor, resident_mib, round_robin_ms, target_line
+from engram_export.measure.decode_bench import decode_rows
 from engram_export.measure.verify import format_table
+from engram_export.models.deepseek_v41 import V41Hashing
+from engram_export.openvino.quantize import QuantizeOptions
+from engram_export.openvino.tables import shared_constant
+from engram_export.runtime import EngramRuntime
 
 __all__ = ["run_bench_v41"]
 
@@ -42,13 +50,6 @@ def run_bench_v41(
     config, workdir: Path, shapes: list[tuple[int, int]], repeat: int, quantize: bool, decode_only: bool = False
 ) -> None:
     """Print the tables above; ``decode_only`` (``bench --decode``): the costs and the decode rows."""
-    from engram_export.folders import compile_folder, export_checkpoint, quantize_folder
-    from engram_export.folders.synthetic import write_v41_checkpoint
-    from engram_export.measure.bench import cpu_summary, matmul_floor, resident_mib, round_robin_ms, target_line
-    from engram_export.measure.decode_bench import decode_rows
-    from engram_export.models.deepseek_v41 import V41Hashing
-    from engram_export.openvino.quantize import QuantizeOptions
-    from engram_export.runtime import EngramRuntime
 
     print(f"CPU: {cpu_summary()}")
     shapes = list(dict.fromkeys([*shapes, (1, 1)]))  # B=1, T=1: the INT8 decode target
@@ -233,8 +234,6 @@ def _fp8_matmul(width_in: int, width_out: int):
     """A MatMul of the projection's shape with FP8 E4M3 weights and a scale per output channel, in bf16:
     what OpenVINO does with FP8 weights on this CPU (it decompresses them with a Convert and a Multiply
     on every call instead of reading them inside its GEMM kernel)."""
-
-    from engram_export.openvino.tables import shared_constant
 
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 256, (width_out, width_in), dtype=np.uint8) & 0x77  # no NaN codes

@@ -20,7 +20,13 @@ import numpy as np
 import openvino
 import torch
 
+from engram_export.measure.bench import cpu_summary, random_calibration
 from engram_export.measure.verify import format_table, random_inputs
+from engram_export.onnx.export import export_layer
+from engram_export.openvino.compile import compile_onnx, read_openvino
+from engram_export.openvino.extension import openvino_core
+from engram_export.openvino.quantize import QuantizeOptions, quantize
+from engram_export.runtime import EngramRuntime
 
 __all__ = ["run_decode_bench", "decode_bench"]
 
@@ -77,9 +83,6 @@ def decode_rows(runtime, batches, repeat: int) -> list[list]:
 def throughput_rows(xml: Path, precision: str, batch: int, tokens: int, requests: int) -> list[list]:
     """Independent requests through AsyncInferQueue: LATENCY (1 stream) vs THROUGHPUT (2 streams)."""
 
-    from engram_export.openvino.compile import read_openvino
-    from engram_export.openvino.extension import openvino_core
-
     rows = []
     for hint, streams in (("LATENCY", 1), ("THROUGHPUT", 2)):
         model, info = read_openvino(xml)
@@ -110,8 +113,6 @@ def shared_runtime_rows(xml: Path, batch: int, tokens: int, requests: int, round
     """One ``EngramRuntime`` called by 1, then 2 threads at once (each call on its own requests), with
     the default LATENCY hint and with the THROUGHPUT hint (``ov_config``): ``rounds`` alternating
     rounds of ``requests`` calls each, medians (this machine's speed drifts by 20% within a minute)."""
-
-    from engram_export.runtime import EngramRuntime
 
     rows = []
     for hint in ("LATENCY", "THROUGHPUT"):
@@ -191,7 +192,6 @@ def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
 
 def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
     """``files``: name -> compiled .xml of one optimized layer (e.g. bf16, int8)."""
-    from engram_export.runtime import EngramRuntime
 
     for name, xml in files.items():
         runtime = EngramRuntime(xml)
@@ -220,10 +220,6 @@ def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
 
 def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int) -> None:
     """Export and compile ``layer`` (bf16, and static int8 if asked) into ``workdir``, then time it."""
-    from engram_export.measure.bench import cpu_summary, random_calibration
-    from engram_export.onnx.export import export_layer
-    from engram_export.openvino.compile import compile_onnx
-    from engram_export.openvino.quantize import QuantizeOptions, quantize
 
     onnx_path = export_layer(layer, workdir / "engram.onnx")
     files = {"bf16": compile_onnx(onnx_path, workdir / "engram_bf16.xml", "bf16")}

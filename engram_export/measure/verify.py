@@ -21,7 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engram_export.core import progress
+from engram_export.models.config import is_deepseek_v41
 from engram_export.models.engram import EngramLayer
+from engram_export.onnx.export import export_layer
+from engram_export.openvino.compile import compile_onnx
+from engram_export.runtime import EngramRuntime
 
 __all__ = [
     "Comparison",
@@ -175,7 +180,6 @@ def comparisons_table(results: list[Comparison]) -> str:
 
 def default_paths(onnx_path: Path, xml_paths: dict[str, Path]) -> dict:
     """Runtimes for verify: ONNX Runtime on the .onnx, OpenVINO on each .xml (compiled or quantized)."""
-    from engram_export.runtime import EngramRuntime
 
     runtimes = {"onnxruntime f32": EngramRuntime(onnx_path, runtime="ort")}
     for name, xml in xml_paths.items():
@@ -196,10 +200,6 @@ def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(),
     """Export ``layer`` into ``workdir`` (unless ``onnx_path`` is given; with ``export(path)`` if given),
     compile it f32 and bf16, and compare every path (and the ``extra`` .xml files, such as quantized
     models) with the layer at each of ``shapes``: one ``Comparison`` per path and shape."""
-    from engram_export.core import progress
-    from engram_export.models.config import is_deepseek_v41
-    from engram_export.onnx.export import export_layer
-    from engram_export.openvino.compile import compile_onnx
 
     if onnx_path is None:
         onnx_path = (export or (lambda path: export_layer(layer, path)))(workdir / "engram.onnx")

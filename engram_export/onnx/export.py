@@ -23,6 +23,7 @@ from engram_export.core.resources import require_disk, tensor_bytes
 from engram_export.models.engram import EngramLayer
 from engram_export.onnx import op as onnx_op
 from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD, load_onnx, read_onnx_file, save_onnx
+from engram_export.passes import optimize
 
 __all__ = [
     "export_layer",
@@ -81,7 +82,6 @@ def trace(layer: EngramLayer) -> ir.Model:
 
 def optimize_graph(model: ir.Model) -> ir.Model:
     """Run the graph passes (``passes/``) in place, reporting node counts."""
-    from engram_export.passes import optimize
 
     with progress.stage("optimizing the graph") as notes:
         before = model.graph.num_nodes()

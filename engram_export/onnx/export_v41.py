@@ -28,6 +28,14 @@ from engram_export.contract.model_info import ModelInfo, record_external_data
 from engram_export.core import progress
 from engram_export.core.fileio import check_output_file, link_or_copy, staged_output
 from engram_export.core.integrity import lfs_sha256
+from engram_export.models.deepseek_v41 import V41Hashing, e4m3_values, e8m0_values, locate_layer
+from engram_export.onnx.op import DOMAIN, OPSET_VERSION
+from engram_export.onnx.op_fp8 import (
+    BLOCKED_OP_TYPE,
+    FP8_OP_TYPE,
+    hash_gather_blocked_function,
+    hash_gather_fp8_function,
+)
 
 __all__ = ["build_v41_model", "export_v41_layer"]
 
@@ -57,14 +65,6 @@ def build_v41_model(
 ) -> onnx.ModelProto:
     """The layer's ONNX model. ``located``: tensor suffix -> ``TensorLocation``; ``small``: the loaded
     q/k weights; ``shard_names``: suffix -> the linked shard holding it (``SHARD_TENSORS``)."""
-    from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
-    from engram_export.onnx.op import DOMAIN, OPSET_VERSION
-    from engram_export.onnx.op_fp8 import (
-        BLOCKED_OP_TYPE,
-        FP8_OP_TYPE,
-        hash_gather_blocked_function,
-        hash_gather_fp8_function,
-    )
 
     streams, hidden = config.hc_mult, config.hidden_size
     out_width, in_width = config.projection_width, config.embedding_width
@@ -195,7 +195,6 @@ def export_v41_layer(
 ) -> Path:
     """Write layer ``layer_id`` of ``checkpoint`` to ``output`` (.onnx) with the shard(s) holding its
     table hard-linked beside it as ``<output>.<shard name>``."""
-    from engram_export.models.deepseek_v41 import V41Hashing, locate_layer
 
     output = check_output_file(output, ".onnx")
     hashing = hashing or V41Hashing(config)

@@ -16,6 +16,7 @@ from engram_export.contract.model_info import EXTERNAL_DATA_KEY, ModelInfo, exte
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
 from engram_export.core.fileio import check_input_file, check_output_file, staged_output
+from engram_export.core.integrity import fingerprint
 
 __all__ = ["load_onnx", "read_onnx_file", "save_onnx", "with_absolute_data_paths", "EXTERNAL_DATA_THRESHOLD"]
 
@@ -63,7 +64,6 @@ def save_onnx(model: ir.Model, output: str | Path, external_data_threshold: int 
     """Write ``model`` whole or not at all; initializers go to ``<name>.data`` if the file would be
     larger than ``external_data_threshold`` bytes, and the .onnx then records that file's size and
     sampled SHA-256. ``model`` itself is left as it was."""
-    from engram_export.core.integrity import fingerprint
 
     output = check_output_file(output, ".onnx")
     sizes = [v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value]

@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper
 from onnx.reference.op_run import OpRun
 
+from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values, hash_rows_v41
 from engram_export.models.hashing import compress_ids
 from engram_export.onnx.op import DOMAIN, MIN_BODY_OPSET, OPSET_VERSION, compression_nodes
 
@@ -61,7 +62,6 @@ BLOCKED_INPUTS = FP8_INPUTS[:4]
 
 def _decode_tables() -> tuple[np.ndarray, np.ndarray]:
     # imported here: models.deepseek_v41 imports torch, which the rest of this module never needs
-    from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
 
     return e4m3_values(), e8m0_values()
 
@@ -231,7 +231,6 @@ class HashGatherFP8(OpRun):
         pad_id=None,
         n_heads=None,
     ):
-        from engram_export.models.deepseek_v41 import hash_rows_v41
 
         e4m3, e8m0 = _decode_tables()
         rows = hash_rows_v41(
@@ -252,7 +251,6 @@ class HashGatherBlocked(OpRun):
     def _run(
         self, input_ids, token_mask, compress_lut, table, multipliers=None, primes=None, pad_id=None, n_heads=None
     ):
-        from engram_export.models.deepseek_v41 import hash_rows_v41
 
         rows = hash_rows_v41(
             compress_ids(input_ids, np.asarray(compress_lut)), token_mask, multipliers, primes, pad_id, n_heads

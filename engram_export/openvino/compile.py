@@ -26,9 +26,11 @@ from engram_export.core import progress
 from engram_export.core.errors import EngramError, one_line
 from engram_export.core.fileio import check_input_file, check_output_file, link_or_copy, staged_output
 from engram_export.core.integrity import FileChecks, fingerprint
-from engram_export.onnx.files import read_onnx_file
+from engram_export.models.deepseek_v41 import BLOCK, dequantize_blocks
+from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD, read_onnx_file, with_absolute_data_paths
 from engram_export.openvino import tables
 from engram_export.openvino.extension import HASH_OP_TYPE, openvino_core
+from engram_export.passes import lower_for_openvino
 
 __all__ = ["compile_onnx", "to_openvino", "read_onnx", "read_openvino", "save_ir"]
 
@@ -48,8 +50,6 @@ def _fold_fp8_projection(model) -> None:
     """DeepSeek-V4.1: the FP8 ``wkv`` dequantized here, once, into a bf16 constant [out, in]. E4M3
     values times powers of two are exact in bf16; left to the CPU plugin, folding the standard-op
     dequantization (a Gather over 157M values) took 34 s at every load of a released-size layer."""
-
-    from engram_export.models.deepseek_v41 import BLOCK, dequantize_blocks
 
     constants = {
         op.get_friendly_name(): op
@@ -129,8 +129,6 @@ def to_openvino(model: ir.Model):
     block as ``EngramGatedShortConv`` when the graph was optimized (``passes.lower_for_openvino``, on a
     copy: ``model`` is left as it was), a DeepSeek-V4.1 FP8 projection folded into bf16. The graph goes
     to OpenVINO in memory; tensors in external data are mapped from their files, not read or copied."""
-    from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD, with_absolute_data_paths
-    from engram_export.passes import lower_for_openvino
 
     fp8_projection = "wkv_scale" in model.graph.initializers  # DeepSeek-V4.1
     try:

@@ -30,10 +30,13 @@ import numpy as np
 from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 from tokenizers import Tokenizer
 
+from engram_export.contract.inputs import check_inputs
 from engram_export.contract.model_info import ModelInfo
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
-from engram_export.core.fileio import check_output_file
+from engram_export.core.fileio import check_output_file, load_npz
+from engram_export.core.text import find_tokenizer_file, token_stream, windows
+from engram_export.openvino import tables
 from engram_export.openvino.compile import read_openvino, save_ir
 
 __all__ = [
@@ -170,7 +173,6 @@ def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
 def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions, copy_table: bool = False) -> Path:
     """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml): read, detach a
     DeepSeek-V4.1 table, ``quantize_model``, write."""
-    from engram_export.openvino import tables
 
     output = check_output_file(output, ".xml")
     model, info = read_model(model_path)
@@ -217,8 +219,6 @@ def read_calibration(
     The text is tokenized with the config's tokenizer as one stream and cut into N windows of T tokens,
     N and T taken from the .npy's [N, T, G, D] shape.
     """
-    from engram_export.contract.inputs import check_inputs
-    from engram_export.core.fileio import load_npz
 
     info = ModelInfo(config, config.layer_ids[0], num_ids)
     if npz is not None:
@@ -242,8 +242,6 @@ def calibration_from_text(
     the files' token stream (the model's tokenizer), every token unmasked. Hidden states are seeded
     standard normal: static INT8 quantizes the projection, whose input is the looked-up rows alone; the
     hidden states reach only ops that stay in float (the demo's fused gate and conv, V4.1's gate)."""
-    from engram_export.contract.inputs import check_inputs
-    from engram_export.core.text import token_stream, windows
 
     ids = windows(token_stream(info.config.tokenizer, paths), tokens, count)
     rng = np.random.default_rng(seed)
@@ -256,8 +254,6 @@ def calibration_from_text(
 
 
 def _ids_from_text(config, text: Path, hidden_npy: Path):
-
-    from engram_export.core.text import find_tokenizer_file
 
     if config.tokenizer is None:
         raise EngramError("calibration from text needs a config with a tokenizer")

@@ -20,6 +20,8 @@ import logging
 import numpy as np
 from openvino import opset13 as ops
 
+from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
+from engram_export.openvino.extension import make_node
 from engram_export.openvino.table_store import TableStore, table_store
 from engram_export.openvino.tables import shared_constant
 
@@ -82,7 +84,6 @@ def _type(node) -> str:
 def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, output_type: str, store: TableStore):
     """``EngramGatherRows`` over the stored bytes of these constants, or None if their layout is not one
     the kernel reads (a [R, d] or [R, groups, d/groups] table, one scale and zero point per group)."""
-    from engram_export.openvino.extension import make_node
 
     table_rows = table.get_output_shape(0)[0]
     if table_rows < 1 or int(np.prod(table.get_output_shape(0))) != table_rows * row_size:
@@ -126,7 +127,6 @@ def _fp8_decode(gathers, produced):
     """(codes, scales) Constants of the FP8 decode that ends at ``produced``: the two Gathers on the
     hash's rows (E4M3 codes [R, d], E8M0 scales [R, d/32]), then only decode ops, through exactly the
     256-entry tables of ``models.deepseek_v41``; else None."""
-    from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
 
     tables = [_constant(g.input_value(0)) for g in gathers]
     if any(t is None or _type(t) != "u8" or len(t.get_output_shape(0)) != 2 for t in tables):

@@ -28,7 +28,9 @@ import numpy as np
 import openvino
 from openvino import opset13 as ops
 
+from engram_export.contract.model_info import RT_INFO_SECTION, xml_rt_value
 from engram_export.core.errors import EngramError
+from engram_export.core.integrity import fingerprint
 
 __all__ = ["detach", "attach", "table_files", "shared_constant", "TABLES_KEY", "TABLE_CONSTANTS"]
 
@@ -41,9 +43,6 @@ def detach(model, onnx_stem: str, xml_name: str) -> dict[str, Path]:
     """Replace the table constants of ``model`` (``compile.to_openvino``'s, which records the file each
     one was read from, ``<onnx stem>.<shard>``) by parameters and record them in its rt_info as files
     ``<xml stem>.<shard>``; returns those names -> the files to link."""
-
-    from engram_export.contract.model_info import RT_INFO_SECTION
-    from engram_export.core.integrity import fingerprint
 
     constants = {
         op.get_friendly_name(): op
@@ -77,7 +76,6 @@ def detach(model, onnx_stem: str, xml_name: str) -> dict[str, Path]:
 
 
 def _records(model) -> dict:
-    from engram_export.contract.model_info import RT_INFO_SECTION
 
     if not model.has_rt_info([RT_INFO_SECTION, TABLES_KEY]):
         return {}
@@ -86,7 +84,6 @@ def _records(model) -> dict:
 
 def table_files(xml: Path) -> dict[str, dict]:
     """The table files an .xml reads (name -> record), from its text, without reading the model."""
-    from engram_export.contract.model_info import xml_rt_value
 
     value = xml_rt_value(xml, TABLES_KEY)
     if value is None:

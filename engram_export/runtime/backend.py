@@ -14,6 +14,8 @@ import numpy as np
 
 from engram_export.contract.model_info import ModelInfo
 from engram_export.core.integrity import FileChecks
+from engram_export.runtime.backend_onnxruntime import OnnxRuntimeBackend
+from engram_export.runtime.backend_openvino import OpenVINOBackend
 from engram_export.runtime.options import RuntimeOptions
 
 __all__ = ["Backend", "load_backend", "supports_stages"]
@@ -30,16 +32,12 @@ class Backend(Protocol):
 def load_backend(path: Path, options: RuntimeOptions, checks: FileChecks | None = None) -> Backend:
     """The backend ``options.runtime`` names, loaded from ``path``, its files checked by ``checks``."""
     if options.runtime == "ort":
-        from engram_export.runtime.backend_onnxruntime import OnnxRuntimeBackend
-
         return OnnxRuntimeBackend(path, options, checks)
-    from engram_export.runtime.backend_openvino import OpenVINOBackend
 
     return OpenVINOBackend(path, options, checks)
 
 
 def supports_stages(backend: Backend) -> bool:
     """Whether ``backend`` runs a layer as two stages (lookup, then fuse)."""
-    from engram_export.runtime.backend_openvino import OpenVINOBackend
 
     return isinstance(backend, OpenVINOBackend)

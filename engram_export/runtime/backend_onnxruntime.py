@@ -11,6 +11,7 @@ import onnxruntime
 
 from engram_export.core.errors import EngramError
 from engram_export.core.integrity import FileChecks
+from engram_export.onnx.files import read_onnx_file
 from engram_export.runtime.options import RuntimeOptions
 
 __all__ = ["OnnxRuntimeBackend"]
@@ -26,8 +27,6 @@ class OnnxRuntimeBackend:
             raise EngramError(f"ONNX Runtime runs .onnx files, not {path.name}; use runtime 'ov'")
         if options.precision not in (None, "f32"):
             raise EngramError("ONNX Runtime runs this model in f32 only")
-
-        from engram_export.onnx.files import read_onnx_file
 
         model, self.info = read_onnx_file(path, checks)
         self.precision = "f32"

@@ -15,6 +15,11 @@ import openvino
 from engram_export.contract.inputs import fuse_feeds
 from engram_export.core.errors import EngramError, one_line
 from engram_export.core.integrity import FileChecks
+from engram_export.openvino import row_kernel
+from engram_export.openvino.compile import read_openvino
+from engram_export.openvino.extension import openvino_core
+from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages
+from engram_export.runtime.decode import decode_stages
 from engram_export.runtime.options import RuntimeOptions
 
 __all__ = ["OpenVINOBackend"]
@@ -45,8 +50,6 @@ class OpenVINOBackend:
     """Two compiled stages (``stages.split_stages``): lookup, then fuse on its output tensor."""
 
     def __init__(self, path: Path, options: RuntimeOptions, checks: FileChecks | None = None):
-        from engram_export.openvino.compile import read_openvino
-        from engram_export.openvino.stages import split_stages
 
         model, self.info = read_openvino(path, checks)
         self.path, self.device = path, options.device
@@ -84,9 +87,6 @@ class OpenVINOBackend:
         computes. compile_model sets flush-to-zero on the thread that calls it with that flag and leaves it
         set, so that compile runs on a thread of its own: the caller's arithmetic keeps its subnormals."""
 
-        from engram_export.openvino import row_kernel
-        from engram_export.openvino.extension import openvino_core
-
         core = openvino_core()
         installed = self.lookup_kernel and row_kernel.install(lookup, self.table_memory)
         self._lookup_kind = f"row kernel, table {self.table_memory}" if installed else "openvino gather"
@@ -113,8 +113,6 @@ class OpenVINOBackend:
         """A (lookup, fuse) pair of requests of the stateful decode stages, compiled once."""
         with self._decode_lock:
             if self._decode is None:
-                from engram_export.runtime.decode import decode_stages
-
                 self._decode = self._compile(*decode_stages(self._model.clone(), self.info, self.precision))
         return tuple(compiled.create_infer_request() for compiled in self._decode)
 
@@ -130,8 +128,6 @@ class OpenVINOBackend:
         """Wait for ``lookup`` (from ``start_lookup(feeds)``), run the fuse stage on its embeddings, and
         give the lookup request back. The fuse stage reads ``hidden`` in place and writes straight into
         ``out`` (a new array if None): no copy of either, as large as the layer's output."""
-
-        from engram_export.openvino.stages import EMBEDDINGS
 
         try:
             lookup.wait()
@@ -150,8 +146,6 @@ class OpenVINOBackend:
 
     def profile(self, feeds: dict, hidden: np.ndarray, rounds: int, warmup: int) -> list[dict]:
         """OpenVINO's per-node times of both stages, averaged over ``rounds`` calls after ``warmup``."""
-
-        from engram_export.openvino.stages import EMBEDDINGS, infer
 
         if self.fuses.compiled.get_property("PERF_COUNT") not in (True, "YES"):  # the CPU plugin says "NO"
             raise EngramError("profile needs per-node counters: load with ov_config={'PERF_COUNT': True}")

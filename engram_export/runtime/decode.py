@@ -18,8 +18,9 @@ from openvino import opset6
 from openvino import opset13 as ops
 from openvino.op.util import Variable, VariableInfo
 
+from engram_export.contract.inputs import check_inputs, fuse_feeds
 from engram_export.core.errors import EngramError
-from engram_export.openvino.stages import EMBEDDINGS, infer
+from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages
 
 __all__ = ["decode_stages", "DecodeSession"]
 
@@ -112,7 +113,6 @@ def _stateful_fuse(fuse, info):
 def decode_stages(model, info, precision: str):
     """(lookup, fuse) stateful ``openvino.Model``s of an optimized Engram model (DeepSeek-V4.1 has no
     short conv: its fuse stage keeps no state)."""
-    from engram_export.openvino.stages import split_stages
 
     if not info.takes_mask:
         _only(model, "EngramGatedShortConv")  # refuse raw graphs before changing anything
@@ -159,7 +159,6 @@ class DecodeSession:
 
     def _checked(self, input_ids, hidden_by_layer, token_mask=None) -> dict:
         """layer -> (lookup feeds, hidden), every input checked; nothing runs here."""
-        from engram_export.contract.inputs import check_inputs
 
         if not isinstance(hidden_by_layer, dict):
             if len(self._requests) != 1:
@@ -180,7 +179,6 @@ class DecodeSession:
         return checked
 
     def _run(self, input_ids, hidden_by_layer, token_mask, start: bool) -> dict:
-        from engram_export.contract.inputs import fuse_feeds
 
         for layer in self._layers.values():
             layer._verification.check()

@@ -29,8 +29,11 @@ from engram_export.contract.model_info import ModelInfo
 from engram_export.core.errors import EngramError
 from engram_export.core.fileio import check_input_file
 from engram_export.core.integrity import FileChecks
+from engram_export.folders.manifest import read_manifest
 from engram_export.runtime.backend import load_backend, supports_stages
+from engram_export.runtime.decode import DecodeSession
 from engram_export.runtime.options import RUNTIMES, RuntimeOptions
+from engram_export.runtime.torch import OpenVINOEngram
 from engram_export.runtime.verification import Verification
 
 if typing.TYPE_CHECKING:
@@ -171,13 +174,11 @@ class LayerRuntime:
 
     def session(self, batch_size: int):
         """A decode session for ``batch_size`` sequences of this layer (OpenVINO only)."""
-        from engram_export.runtime.decode import DecodeSession
 
         return DecodeSession(self, batch_size)
 
     def as_torch(self):
         """This layer as a PyTorch module (``engram_export.runtime.torch.OpenVINOEngram``)."""
-        from engram_export.runtime.torch import OpenVINOEngram
 
         return OpenVINOEngram(self)
 
@@ -258,8 +259,6 @@ class EngramRuntime(Mapping):
         self.path, self.runtime, self.options = Path(path), options.runtime, options
         self.manifest: Manifest | None
         if self.path.is_dir():
-            from engram_export.folders.manifest import read_manifest
-
             self.manifest = read_manifest(self.path, checks)
             self._layers = {}
             for layer_id, name in self.manifest.layers.items():
@@ -354,7 +353,6 @@ class EngramRuntime(Mapping):
 
     def session(self, batch_size: int):
         """A decode session for ``batch_size`` sequences over every layer served (OpenVINO only)."""
-        from engram_export.runtime.decode import DecodeSession
 
         return DecodeSession(self, batch_size)
 

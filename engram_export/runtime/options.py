@@ -14,6 +14,7 @@ from types import MappingProxyType
 from engram_export.contract.model_info import PRECISIONS
 from engram_export.core.errors import EngramError
 from engram_export.core.integrity import FileChecks, file_checks
+from engram_export.openvino.table_store import TABLE_STORES
 
 __all__ = ["RuntimeOptions", "RUNTIMES"]
 
@@ -34,7 +35,6 @@ class RuntimeOptions:
     lookup_kernel: bool = True
 
     def __post_init__(self):
-        from engram_export.openvino.table_store import TABLE_STORES
 
         if self.runtime not in RUNTIMES:
             raise EngramError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")

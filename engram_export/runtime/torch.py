@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from engram_export.core.errors import EngramError
+from engram_export.models.deepseek_v41 import V41EngramLayer
+from engram_export.models.engram import EngramLayer
 
 __all__ = ["OpenVINOEngram", "swap_engram_modules"]
 
@@ -87,8 +89,6 @@ class OpenVINOEngram(nn.Module):
 
 
 def _engram_layer_types() -> tuple[type, ...]:
-    from engram_export.models.deepseek_v41 import V41EngramLayer
-    from engram_export.models.engram import EngramLayer
 
     return EngramLayer, V41EngramLayer
 

@@ -6,7 +6,7 @@ so reading a manifest does not load NNCF."""
 
 import importlib
 
-_PIPELINE = (
+PIPELINE = (
     "export_folder",
     "export_checkpoint",
     "export_random_v41",
@@ -16,11 +16,11 @@ _PIPELINE = (
     "layer_file",
 )
 
-__all__ = list(_PIPELINE)
+__all__ = list(PIPELINE)
 
 
 def __getattr__(name: str):
-    if name not in _PIPELINE:
+    if name not in PIPELINE:
         raise AttributeError(f"module 'engram_export.folders' has no attribute {name!r}")
     value = getattr(importlib.import_module("engram_export.folders.pipeline"), name)
     globals()[name] = value

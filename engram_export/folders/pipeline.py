@@ -17,6 +17,7 @@ from engram_export.core.checkpoint import Checkpoint
 from engram_export.core.errors import EngramError
 from engram_export.core.fileio import STAGING_PREFIX, staged_folder
 from engram_export.core.integrity import sha256
+from engram_export.folders import PIPELINE
 from engram_export.folders.manifest import Manifest, read_manifest, write_manifest
 from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.models.deepseek_v41 import V41Config, V41Hashing
@@ -27,15 +28,7 @@ from engram_export.onnx.export_v41 import export_v41_layer
 from engram_export.openvino.compile import compile_onnx
 from engram_export.openvino.quantize import calibration_from_text, quantize, read_calibration, read_model
 
-__all__ = [
-    "export_folder",
-    "export_checkpoint",
-    "export_random_v41",
-    "calibration_for",
-    "compile_folder",
-    "quantize_folder",
-    "layer_file",
-]
+__all__ = list(PIPELINE)  # the names the package serves (engram_export.folders)
 
 log = logging.getLogger(__name__)
 

@@ -146,7 +146,6 @@ class ModelInfo:
 def xml_rt_value(xml: Path, key: str) -> str | None:
     """The value of rt_info entry ``key`` read from an IR's .xml text, without OpenVINO reading the
     model (and so before it maps the .bin or needs the tables)."""
-
     try:
         found = re.search(rf'<{re.escape(key)} value="([^"]*)"', xml.read_text())
     except (OSError, UnicodeDecodeError) as exc:
@@ -157,7 +156,6 @@ def xml_rt_value(xml: Path, key: str) -> str | None:
 def external_locations(model) -> set[str]:
     """The external data files an ``onnx_ir.Model`` reads: the ``location`` of every external tensor,
     initializer or node attribute, in every graph."""
-
     tensors = [
         value.const_value for graph in (model.graph, *model.graph.subgraphs()) for value in graph.initializers.values()
     ]
@@ -181,7 +179,6 @@ def record_external_data(model, folder: Path, known_sha256: dict[str, str] | Non
     """Record in ``model`` (an ``onnx.ModelProto``) the size and sampled SHA-256 of each external data
     file it reads from ``folder`` (checkpoint shards linked beside it: not hashed whole), and the full
     SHA-256 of those in ``known_sha256`` (name -> digest)."""
-
     for prop in [p for p in model.metadata_props if p.key == EXTERNAL_DATA_KEY]:
         model.metadata_props.remove(prop)
     uses = external_locations(ir.serde.deserialize_model(model))  # wraps the tensors, reads no data
@@ -192,7 +189,6 @@ def record_external_data(model, folder: Path, known_sha256: dict[str, str] | Non
 
 def _check_external_data(uses: set[str], record: str | None, path: Path, checks=None) -> None:
     """Refuse an .onnx whose external data files (``uses``) are not the ones it was written with."""
-
     checks = checks or FileChecks()
     if not uses:
         return

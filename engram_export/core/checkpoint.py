@@ -45,7 +45,6 @@ MAX_HEADER = 100 << 20
 
 def torch_dtype(name: str):
     """The torch dtype of a safetensors dtype name (torch is imported only when a tensor is used)."""
-
     return {
         "F8_E4M3": torch.float8_e4m3fn,
         "F8_E8M0": torch.float8_e8m0fnu,
@@ -165,7 +164,6 @@ class Checkpoint:
     def load(self, name: str):
         """A (small) tensor as a torch tensor in its stored dtype, read from its bytes alone (mapping the
         whole shard, as ``safetensors`` does, fails for shards larger than the address-space limit)."""
-
         location = self.locate(name)
         try:
             with open(location.file, "rb") as f:

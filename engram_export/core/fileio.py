@@ -159,7 +159,6 @@ def check_input_file(path: str | Path, suffixes: tuple[str, ...], what: str) -> 
 def load_npz(path: str | Path, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
     """The arrays ``names`` (and those of ``optional`` it holds) of an .npz file (no pickles), or an
     error naming what is wrong."""
-
     path = check_input_file(path, (".npz",), "inputs")
     with _unreadable(path):
         data = np.load(path, allow_pickle=False)
@@ -177,7 +176,6 @@ def load_npz(path: str | Path, names: tuple[str, ...], optional: tuple[str, ...]
 @contextlib.contextmanager
 def _unreadable(path: Path) -> Iterator[None]:
     """Errors of numpy and zipfile reading ``path`` (corrupt, truncated, pickled) as one line."""
-
     try:
         yield
     except EngramError:
@@ -241,7 +239,6 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 def copy_sparse(source: Path, target: Path, name: str | None = None) -> None:
     """Copy ``source`` to ``target`` writing only its data (holes stay holes), after checking that the
     target's file system (and memory, for a tmpfs) holds the data; progress in bytes."""
-
     name = name or source.name
     with open(source, "rb") as src:
         size = os.fstat(src.fileno()).st_size

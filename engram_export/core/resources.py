@@ -28,7 +28,6 @@ def tensor_bytes(tensors: Iterable) -> int:
 
 def require_memory(nbytes: int, what: str) -> None:
     """Refuse ``nbytes`` more than the memory available now (psutil's estimate, page cache included)."""
-
     available = psutil.virtual_memory().available
     if nbytes > available:
         raise EngramError(f"{what} would need {_size(nbytes)} of memory, {_size(available)} available")
@@ -39,7 +38,6 @@ MEMORY_FILE_SYSTEMS = ("tmpfs", "ramfs")
 
 def file_system_type(folder: str | Path) -> str:
     """The type of the file system mounted at or above ``folder`` ("ext4", "tmpfs", ...; "" if unknown)."""
-
     folder = str(Path(folder).resolve())
     best, kind = "", ""
     for partition in psutil.disk_partitions(all=True):

@@ -62,7 +62,6 @@ def find_tokenizer_file(path: str | Path) -> Path:
 
 def read_tokenizer(path: str | Path):
     """The ``tokenizers.Tokenizer`` at ``path`` (a tokenizer.json or its folder), or a one-line error."""
-
     file = find_tokenizer_file(path)
     try:
         return Tokenizer.from_file(str(file))

@@ -42,7 +42,6 @@ def export_folder(
 ) -> Path:
     """Export every layer in ``config.layer_ids``. ``prefix`` may hold ``{layer}`` (full-model
     checkpoints); random weights use ``seed + layer id``."""
-
     if weights is not None and len(config.layer_ids) > 1 and layer_prefix(prefix, 0) == layer_prefix(prefix, 1):
         raise EngramError(
             "exporting several layers from one checkpoint needs --prefix with {layer}, "
@@ -73,7 +72,6 @@ def export_checkpoint(
 ) -> Path:
     """A DeepSeek-V4.1 checkpoint folder: layer ``layer_id`` to an .onnx, or every Engram layer to a
     folder with a manifest. Tables stay in the checkpoint's shards, hard-linked beside the files."""
-
     checkpoint = Checkpoint(checkpoint_dir)
     config = V41Config.from_checkpoint(checkpoint)
     hashing = V41Hashing(config)
@@ -94,7 +92,6 @@ def export_random_v41(
     """A DeepSeek-V4.1 config with random weights: a synthetic checkpoint (``synthetic.py``) written
     beside ``output`` and exported (``export_checkpoint``); its shards live on only as the output's hard
     links. Tables of more than 2**30 values are left sparse (rows of zeros)."""
-
     small = all(config.table_rows(layer) * config.head_dim <= 2**30 for layer in config.layer_ids)
     rows = None if small else {layer: np.zeros(0, np.int64) for layer in config.layer_ids}
     if not small:
@@ -148,7 +145,6 @@ def calibration_for(
     """Calibration items for static INT8 of ``model_path`` (.onnx, .xml or a folder of layers, whose
     layers share one config): from real text (``texts``, ``calibration_from_text``), or from an .npz,
     or a text file with hidden states (``read_calibration``)."""
-
     if (npz is None and text is None) == (not texts):
         raise EngramError(
             "mode int8 needs calibration data: --calibration-text FILE [...], or --calibration (an .npz, "

@@ -60,7 +60,6 @@ def _gaussian(bits_a: np.ndarray, bits_b: np.ndarray) -> np.ndarray:
 def _to_fp8_blocks(values: np.ndarray, block_axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(E4M3 codes, E8M0 scale bytes) of ``values`` shaped with blocks on ``block_axes`` (the scale is
     the power of two that brings each block's largest magnitude under 448)."""
-
     amax = np.maximum(np.abs(values).max(axis=block_axes, keepdims=True), 2.0**-100)
     exponent = np.clip(np.ceil(np.log2(amax / 448)), -127, 127)
     scaled = torch.from_numpy((values / 2.0**exponent).astype(np.float32))
@@ -101,7 +100,6 @@ def float_rows_bytes(
 
 def _small_tensors(config: V41Config, layer_id: int, seed: int, values: str = "codes") -> dict[str, tuple[str, bytes]]:
     """The non-table tensors of a layer: suffix -> (dtype, bytes)."""
-
     rng = np.random.default_rng([seed, layer_id])
     expected = _expected(config, layer_id)
     out, width = expected["wkv.weight"][1]
@@ -222,7 +220,6 @@ def _write_rows(path: Path, offset: int, rows: np.ndarray, data: np.ndarray) -> 
 def write_word_tokenizer(path: Path, vocab_size: int, compressed_size: int) -> Path:
     """A word-level ``tokenizer.json`` of ``vocab_size`` tokens that compresses to ``compressed_size``
     ids: ``w0 .. w{C-1}``, then upper-case copies ``W0 ..`` that normalize to the same keys."""
-
     words = [f"w{i}" for i in range(compressed_size)]
     words += [f"W{i}" for i in range(vocab_size - compressed_size)]
     Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0")).save(str(path))

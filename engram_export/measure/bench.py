@@ -182,7 +182,6 @@ def _torch_args(dtype):
 
 def _bf16_copy(layer):
     """The layer in bf16, without an intermediate f32 copy of its table."""
-
     with torch.device("meta"):
         clone = EngramLayer(layer.config, layer.layer_id, layer.hashing)
     clone.load_state_dict(
@@ -195,7 +194,6 @@ def _bf16_copy(layer):
 def matmul_floor(width_in: int, width_out: int, precision: str):
     """The projection GEMM alone in OpenVINO ([N, width_in] x [width_in, width_out], random weights) as a
     function of x: the floor the fuse stage is measured against."""
-
     x = ops.parameter([-1, width_in], np.float32, name="x")
     weight = np.random.default_rng(0).standard_normal((width_in, width_out), np.float32)
     model = openvino.Model([ops.matmul(x, ops.constant(weight), False, False)], [x])
@@ -215,7 +213,6 @@ def random_calibration(config, num_ids: int, count: int = 32) -> list[dict]:
 
 def _quantized(files, workdir: Path, config, num_ids: int, modes: tuple[str, ...] | list[str]) -> None:
     """Quantize the optimized graph in each mode; int8 calibrates on seeded random sequences."""
-
     calibration = random_calibration(config, num_ids)
     for mode in modes:
         options = QuantizeOptions(
@@ -236,7 +233,6 @@ def run_bench(
 ) -> list[BenchRow]:
     """Export raw and optimized graphs of ``layer`` into ``workdir``, quantize in ``modes``, time
     every path, print; with ``profile``, also OpenVINO's per-node times of each model."""
-
     config = layer.config
     files: dict = {"raw": export_layer(layer, workdir / "raw.onnx", optimize=False)}
     # The optimized graph keeps pointing at raw.onnx.data for the table: one copy on disk and in the
@@ -420,7 +416,6 @@ def round_robin_ms(calls: dict, rounds: int, warmup: int = 1) -> dict:
 def profile_top(xml: Path, ids: np.ndarray, hidden: np.ndarray, precision: str, top: int = 12) -> str:
     """OpenVINO's per-node times (``LayerRuntime.profile``) of the runtime's own path for one model: its
     lookup stage (with the row kernel) and its fuse stage, as ``EngramRuntime`` compiles them."""
-
     runtime = EngramRuntime(xml, precision=precision, table_memory="populate", ov_config={"PERF_COUNT": True})
     nodes = runtime[runtime.layer_id].profile(ids, hidden)
     rows = [[f"{n['ms']:.2f}", n["stage"], n["node"], n["kernel"], n["name"][:40]] for n in nodes[:top]]

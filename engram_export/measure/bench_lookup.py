@@ -64,7 +64,6 @@ def shapes_for(config) -> tuple[LookupShape, LookupShape]:
 
 def _hash(ids, shape: LookupShape):
     """EngramHash (demo hashing) over ids in [0, 2^20) -> rows in [0, table_rows)."""
-
     rng = np.random.default_rng(0)
     multipliers = (rng.integers(1, 2**31, shape.orders + 1) * 2 + 1).tolist()
     per_head = shape.table_rows // shape.columns
@@ -83,7 +82,6 @@ def _hash(ids, shape: LookupShape):
 def _stored(path: Path, make, resident: bool) -> np.ndarray:
     """The table bytes ``make()`` gives, written to ``path`` once, mapped read-only; with ``resident``,
     every page mapped in now (no page faults while timed)."""
-
     if not path.exists():
         data = make()
         data.tofile(path.with_suffix(".tmp"))
@@ -99,7 +97,6 @@ def _constant(data: np.ndarray, kind: str, shape):
 
 def _lookup_model(shape: LookupShape, form: str, folder: Path, resident: bool):
     """The lookup stage of ``form`` as an IR holds it: [B,T] ids -> [B,T,C,d] (demo) or [B,T,C*d]."""
-
     rng = np.random.default_rng(1)
     rows_count, width = shape.table_rows, shape.row_size
     ids = ops.parameter([-1, -1], np.int64, "input_ids")
@@ -180,7 +177,6 @@ class _Compiled:
     """One lookup stage compiled for CPU in f32, with or without the row kernel."""
 
     def __init__(self, shape, form, folder, kernel: bool, table_memory: str = "mmap", resident: bool = True):
-
         before, start = resident_mib(), time.perf_counter()
         model = _lookup_model(shape, form, folder, resident)
         if kernel and not row_kernel.install(model, table_memory):
@@ -202,7 +198,6 @@ def run_lookup_bench(
     lookups: tuple[LookupShape, ...] = (DEMO, V41),
 ) -> list[str]:
     """Print the lookup tables; returns the target lines (met or MISSED)."""
-
     rng = np.random.default_rng(5)
     checks, table = [], []
     for lookup in lookups:

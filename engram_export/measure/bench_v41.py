@@ -50,7 +50,6 @@ def run_bench_v41(
     config, workdir: Path, shapes: list[tuple[int, int]], repeat: int, quantize: bool, decode_only: bool = False
 ) -> None:
     """Print the tables above; ``decode_only`` (``bench --decode``): the costs and the decode rows."""
-
     print(f"CPU: {cpu_summary()}")
     shapes = list(dict.fromkeys([*shapes, (1, 1)]))  # B=1, T=1: the INT8 decode target
     layer = config.layer_ids[-1]
@@ -234,7 +233,6 @@ def _fp8_matmul(width_in: int, width_out: int):
     """A MatMul of the projection's shape with FP8 E4M3 weights and a scale per output channel, in bf16:
     what OpenVINO does with FP8 weights on this CPU (it decompresses them with a Convert and a Multiply
     on every call instead of reading them inside its GEMM kernel)."""
-
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 256, (width_out, width_in), dtype=np.uint8) & 0x77  # no NaN codes
     weights = shared_constant(codes, codes, "f8e4m3", [width_out, width_in])

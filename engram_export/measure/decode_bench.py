@@ -82,7 +82,6 @@ def decode_rows(runtime, batches, repeat: int) -> list[list]:
 
 def throughput_rows(xml: Path, precision: str, batch: int, tokens: int, requests: int) -> list[list]:
     """Independent requests through AsyncInferQueue: LATENCY (1 stream) vs THROUGHPUT (2 streams)."""
-
     rows = []
     for hint, streams in (("LATENCY", 1), ("THROUGHPUT", 2)):
         model, info = read_openvino(xml)
@@ -113,7 +112,6 @@ def shared_runtime_rows(xml: Path, batch: int, tokens: int, requests: int, round
     """One ``EngramRuntime`` called by 1, then 2 threads at once (each call on its own requests), with
     the default LATENCY hint and with the THROUGHPUT hint (``ov_config``): ``rounds`` alternating
     rounds of ``requests`` calls each, medians (this machine's speed drifts by 20% within a minute)."""
-
     rows = []
     for hint in ("LATENCY", "THROUGHPUT"):
         runtime = EngramRuntime(xml, ov_config={"PERFORMANCE_HINT": hint})
@@ -144,7 +142,6 @@ def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
 
     Every round uses fresh ids (the table rows are not in cache, as with new tokens). Hidden share:
     1 - (time still spent waiting for the lookup once the backbone is done) / (lookup alone)."""
-
     rounds = [
         random_inputs(runtime.config, runtime.info.num_ids, batch, tokens, seed=100 + i) for i in range(3 * repeat + 6)
     ]
@@ -192,7 +189,6 @@ def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
 
 def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
     """``files``: name -> compiled .xml of one optimized layer (e.g. bf16, int8)."""
-
     for name, xml in files.items():
         runtime = EngramRuntime(xml)
         print(f"\ndecode, one layer, {name} ({runtime.settings}): median of {repeat} rounds")
@@ -220,7 +216,6 @@ def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
 
 def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int) -> None:
     """Export and compile ``layer`` (bf16, and static int8 if asked) into ``workdir``, then time it."""
-
     onnx_path = export_layer(layer, workdir / "engram.onnx")
     files = {"bf16": compile_onnx(onnx_path, workdir / "engram_bf16.xml", "bf16")}
     if with_int8:

@@ -180,7 +180,6 @@ def comparisons_table(results: list[Comparison]) -> str:
 
 def default_paths(onnx_path: Path, xml_paths: dict[str, Path]) -> dict:
     """Runtimes for verify: ONNX Runtime on the .onnx, OpenVINO on each .xml (compiled or quantized)."""
-
     runtimes = {"onnxruntime f32": EngramRuntime(onnx_path, runtime="ort")}
     for name, xml in xml_paths.items():
         runtimes[f"openvino {name}"] = EngramRuntime(xml)
@@ -200,7 +199,6 @@ def verify_layer(layer, workdir: Path, onnx_path: Path | None, shapes, extra=(),
     """Export ``layer`` into ``workdir`` (unless ``onnx_path`` is given; with ``export(path)`` if given),
     compile it f32 and bf16, and compare every path (and the ``extra`` .xml files, such as quantized
     models) with the layer at each of ``shapes``: one ``Comparison`` per path and shape."""
-
     if onnx_path is None:
         onnx_path = (export or (lambda path: export_layer(layer, path)))(workdir / "engram.onnx")
     xml = {p: compile_onnx(onnx_path, workdir / f"engram_{p}.xml", p) for p in ("f32", "bf16")}

@@ -82,7 +82,6 @@ def trace(layer: EngramLayer) -> ir.Model:
 
 def optimize_graph(model: ir.Model) -> ir.Model:
     """Run the graph passes (``passes/``) in place, reporting node counts."""
-
     with progress.stage("optimizing the graph") as notes:
         before = model.graph.num_nodes()
         optimize(model)

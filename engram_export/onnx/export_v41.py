@@ -65,7 +65,6 @@ def build_v41_model(
 ) -> onnx.ModelProto:
     """The layer's ONNX model. ``located``: tensor suffix -> ``TensorLocation``; ``small``: the loaded
     q/k weights; ``shard_names``: suffix -> the linked shard holding it (``SHARD_TENSORS``)."""
-
     streams, hidden = config.hc_mult, config.hidden_size
     out_width, in_width = config.projection_width, config.embedding_width
     blocks_out, blocks_in = located["wkv.scale"].shape
@@ -195,7 +194,6 @@ def export_v41_layer(
 ) -> Path:
     """Write layer ``layer_id`` of ``checkpoint`` to ``output`` (.onnx) with the shard(s) holding its
     table hard-linked beside it as ``<output>.<shard name>``."""
-
     output = check_output_file(output, ".onnx")
     hashing = hashing or V41Hashing(config)
     located = locate_layer(checkpoint, config, layer_id)

@@ -64,7 +64,6 @@ def save_onnx(model: ir.Model, output: str | Path, external_data_threshold: int 
     """Write ``model`` whole or not at all; initializers go to ``<name>.data`` if the file would be
     larger than ``external_data_threshold`` bytes, and the .onnx then records that file's size and
     sampled SHA-256. ``model`` itself is left as it was."""
-
     output = check_output_file(output, ".onnx")
     sizes = [v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value]
     size = sum(sizes)

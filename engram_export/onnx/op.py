@@ -237,7 +237,6 @@ def gated_short_conv_function(opset: int) -> onnx.FunctionProto:
 
 def translation_table() -> dict:
     """``custom_translation_table`` entry for ``torch.onnx.export``: the torch op -> one ONNX node."""
-
     hash_gather_op = values.Op(values.Opset(DOMAIN, OPSET_VERSION), OP_TYPE, hash_gather_schema())
 
     def hash_gather(input_ids, compress_lut, table, multipliers, primes, pad_id, n_head_per_ngram):

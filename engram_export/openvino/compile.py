@@ -50,7 +50,6 @@ def _fold_fp8_projection(model) -> None:
     """DeepSeek-V4.1: the FP8 ``wkv`` dequantized here, once, into a bf16 constant [out, in]. E4M3
     values times powers of two are exact in bf16; left to the CPU plugin, folding the standard-op
     dequantization (a Gather over 157M values) took 34 s at every load of a released-size layer."""
-
     constants = {
         op.get_friendly_name(): op
         for op in model.get_ops()
@@ -129,7 +128,6 @@ def to_openvino(model: ir.Model):
     block as ``EngramGatedShortConv`` when the graph was optimized (``passes.lower_for_openvino``, on a
     copy: ``model`` is left as it was), a DeepSeek-V4.1 FP8 projection folded into bf16. The graph goes
     to OpenVINO in memory; tensors in external data are mapped from their files, not read or copied."""
-
     fp8_projection = "wkv_scale" in model.graph.initializers  # DeepSeek-V4.1
     try:
         lowered = model.clone()  # shares the tensors
@@ -200,7 +198,6 @@ def save_ir(
 
     ``links``: files to put beside it (name -> source), the checkpoint shards of tables that stay out
     of the IR (``tables.detach``): hard-linked, or copied with ``copy_table`` where no link can be."""
-
     model.set_rt_info(_PLACEHOLDER, [RT_INFO_SECTION, BIN_KEY])
     with progress.stage(f"writing {output.name}"), staged_output(output) as staged:
         for name, source in (links or {}).items():

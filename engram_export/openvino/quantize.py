@@ -124,7 +124,6 @@ def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
     the quantized ``openvino.Model``, its ``ModelInfo`` recorded in it. ``model`` is consumed. The core
     of ``quantize``, for callers that hold the model already (a DeepSeek-V4.1 table is left in the
     model: ``quantize`` detaches it afterwards)."""
-
     row_width, width = info.config.head_dim, info.config.engram_hidden_size
     if options.mode == "int4-weights" and width % options.group_size:
         raise EngramError(
@@ -173,7 +172,6 @@ def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
 def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions, copy_table: bool = False) -> Path:
     """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml): read, detach a
     DeepSeek-V4.1 table, ``quantize_model``, write."""
-
     output = check_output_file(output, ".xml")
     model, info = read_model(model_path)
     if info.takes_mask:
@@ -219,7 +217,6 @@ def read_calibration(
     The text is tokenized with the config's tokenizer as one stream and cut into N windows of T tokens,
     N and T taken from the .npy's [N, T, G, D] shape.
     """
-
     info = ModelInfo(config, config.layer_ids[0], num_ids)
     if npz is not None:
         arrays = load_npz(Path(npz), ("input_ids", "hidden_states"))
@@ -242,7 +239,6 @@ def calibration_from_text(
     the files' token stream (the model's tokenizer), every token unmasked. Hidden states are seeded
     standard normal: static INT8 quantizes the projection, whose input is the looked-up rows alone; the
     hidden states reach only ops that stay in float (the demo's fused gate and conv, V4.1's gate)."""
-
     ids = windows(token_stream(info.config.tokenizer, paths), tokens, count)
     rng = np.random.default_rng(seed)
     hidden = rng.standard_normal((*ids.shape, info.config.hc_mult, info.config.hidden_size), dtype=np.float32)

@@ -84,7 +84,6 @@ def _type(node) -> str:
 def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, output_type: str, store: TableStore):
     """``EngramGatherRows`` over the stored bytes of these constants, or None if their layout is not one
     the kernel reads (a [R, d] or [R, groups, d/groups] table, one scale and zero point per group)."""
-
     table_rows = table.get_output_shape(0)[0]
     if table_rows < 1 or int(np.prod(table.get_output_shape(0))) != table_rows * row_size:
         return None
@@ -127,7 +126,6 @@ def _fp8_decode(gathers, produced):
     """(codes, scales) Constants of the FP8 decode that ends at ``produced``: the two Gathers on the
     hash's rows (E4M3 codes [R, d], E8M0 scales [R, d/32]), then only decode ops, through exactly the
     256-entry tables of ``models.deepseek_v41``; else None."""
-
     tables = [_constant(g.input_value(0)) for g in gathers]
     if any(t is None or _type(t) != "u8" or len(t.get_output_shape(0)) != 2 for t in tables):
         return None
@@ -221,5 +219,4 @@ def install(lookup, table_memory: str | TableStore = "mmap") -> bool:
 
 def _flat_rows(node):
     """[B, T, C, d] -> [B, T, C*d]."""
-
     return ops.reshape(node, np.array([0, 0, -1], np.int64), special_zero=True).output(0)

@@ -78,7 +78,6 @@ def split_stages(model, precision: str = "f32"):
     the stages in bf16, as the bf16 lookup makes them and the bf16 GEMM reads them: no conversion to
     f32 and back, half the bytes.
     """
-
     embeddings = _embeddings_output(model)
     lookup_side = _ancestors(embeddings)
     consumers = list(embeddings.get_target_inputs())
@@ -144,7 +143,6 @@ def _bf16_projection_output(fuse) -> None:
     bf16, as a bf16 GEMM's output is in PyTorch: against the f32 path, the layer output's mean |error|
     went from 0.00087 to 0.00099 (deepseek-demo dims, cosine of the Engram delta 0.9999992); the bf16
     tolerances of the tests hold."""
-
     bf16 = openvino.Type.bf16
     for conv in [op for op in fuse.get_ops() if op.get_type_name() == "EngramGatedShortConv"]:
         add = conv.input_value(0).get_node()

@@ -53,7 +53,6 @@ def populate(data: np.ndarray, name: str) -> np.ndarray:
 
 def _available_bytes() -> int:
     """MemAvailable (what can be filled without swapping or evicting much)."""
-
     return psutil.virtual_memory().available
 
 

@@ -43,7 +43,6 @@ def detach(model, onnx_stem: str, xml_name: str) -> dict[str, Path]:
     """Replace the table constants of ``model`` (``compile.to_openvino``'s, which records the file each
     one was read from, ``<onnx stem>.<shard>``) by parameters and record them in its rt_info as files
     ``<xml stem>.<shard>``; returns those names -> the files to link."""
-
     constants = {
         op.get_friendly_name(): op
         for op in model.get_ops()
@@ -84,7 +83,6 @@ def _records(model) -> dict:
 
 def table_files(xml: Path) -> dict[str, dict]:
     """The table files an .xml reads (name -> record), from its text, without reading the model."""
-
     value = xml_rt_value(xml, TABLES_KEY)
     if value is None:
         return {}
@@ -105,7 +103,6 @@ def shared_constant(data: np.ndarray, owner, kind: str = "u8", shape=None):
     """A constant over ``data``'s bytes (no copy), of element type ``kind`` (an ``openvino.Type`` name)
     and ``shape`` (default ``data``'s). The tensor is only a view: the constant keeps ``owner`` alive in
     its rt_info (OpenVINO releases it with the last copy of the node, compiled models included)."""
-
     alias = np.ctypeslib.as_array((ctypes.c_uint8 * data.nbytes).from_address(data.ctypes.data)).view(_Owned)
     alias.owner = owner
     tensor = openvino.Tensor(

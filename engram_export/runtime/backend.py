@@ -39,5 +39,4 @@ def load_backend(path: Path, options: RuntimeOptions, checks: FileChecks | None 
 
 def supports_stages(backend: Backend) -> bool:
     """Whether ``backend`` runs a layer as two stages (lookup, then fuse)."""
-
     return isinstance(backend, OpenVINOBackend)

@@ -50,7 +50,6 @@ class OpenVINOBackend:
     """Two compiled stages (``stages.split_stages``): lookup, then fuse on its output tensor."""
 
     def __init__(self, path: Path, options: RuntimeOptions, checks: FileChecks | None = None):
-
         model, self.info = read_openvino(path, checks)
         self.path, self.device = path, options.device
         self.table_memory, self.lookup_kernel = options.table_memory, options.lookup_kernel
@@ -86,7 +85,6 @@ class OpenVINOBackend:
         lookup only gathers and converts, so the flag changes no value it
         computes. compile_model sets flush-to-zero on the thread that calls it with that flag and leaves it
         set, so that compile runs on a thread of its own: the caller's arithmetic keeps its subnormals."""
-
         core = openvino_core()
         installed = self.lookup_kernel and row_kernel.install(lookup, self.table_memory)
         self._lookup_kind = f"row kernel, table {self.table_memory}" if installed else "openvino gather"
@@ -128,7 +126,6 @@ class OpenVINOBackend:
         """Wait for ``lookup`` (from ``start_lookup(feeds)``), run the fuse stage on its embeddings, and
         give the lookup request back. The fuse stage reads ``hidden`` in place and writes straight into
         ``out`` (a new array if None): no copy of either, as large as the layer's output."""
-
         try:
             lookup.wait()
             fuse = self.fuses.take()
@@ -146,7 +143,6 @@ class OpenVINOBackend:
 
     def profile(self, feeds: dict, hidden: np.ndarray, rounds: int, warmup: int) -> list[dict]:
         """OpenVINO's per-node times of both stages, averaged over ``rounds`` calls after ``warmup``."""
-
         if self.fuses.compiled.get_property("PERF_COUNT") not in (True, "YES"):  # the CPU plugin says "NO"
             raise EngramError("profile needs per-node counters: load with ov_config={'PERF_COUNT': True}")
         lookup, fuse = self.lookups.take(), self.fuses.take()
@@ -184,7 +180,6 @@ class OpenVINOBackend:
 
 def _as_float32(tensor) -> np.ndarray:
     """An OpenVINO tensor's values as a float32 array (numpy has no bf16: widen its bits)."""
-
     if tensor.get_element_type() == openvino.Type.bf16:
         return (tensor.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     return tensor.data.astype(np.float32)

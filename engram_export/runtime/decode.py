@@ -43,7 +43,6 @@ def _state(name: str, start: np.ndarray, batch_like):
     compile), so the state starts as one row, ``start``, broadcast to the batch; once assigned it
     holds a row per sequence and the broadcast changes nothing.
     """
-
     info = VariableInfo()
     info.variable_id = name
     info.data_type = openvino.Type(start.dtype)
@@ -61,7 +60,6 @@ def _batch_of(value):
 
 def _recent(history, new, before: int):
     """The last ``before`` columns of history followed by ``new``."""
-
     return ops.slice(
         ops.concat([history, new], 1), np.array([-before]), np.array([2**31 - 1]), np.array([1]), np.array([1])
     )
@@ -70,7 +68,6 @@ def _recent(history, new, before: int):
 def _stateful_lookup(lookup, info):
     """The lookup with the last N-1 raw ids (and, for DeepSeek-V4.1, their mask: a masked or
     not-yet-seen token blocks the n-grams that reach it) kept as state instead of pads."""
-
     hash_op = _only(lookup, "EngramHash")
     ids = hash_op.input_value(0)
     before = info.config.max_ngram_size - 1
@@ -113,7 +110,6 @@ def _stateful_fuse(fuse, info):
 def decode_stages(model, info, precision: str):
     """(lookup, fuse) stateful ``openvino.Model``s of an optimized Engram model (DeepSeek-V4.1 has no
     short conv: its fuse stage keeps no state)."""
-
     if not info.takes_mask:
         _only(model, "EngramGatedShortConv")  # refuse raw graphs before changing anything
     lookup, fuse = split_stages(model, precision)
@@ -159,7 +155,6 @@ class DecodeSession:
 
     def _checked(self, input_ids, hidden_by_layer, token_mask=None) -> dict:
         """layer -> (lookup feeds, hidden), every input checked; nothing runs here."""
-
         if not isinstance(hidden_by_layer, dict):
             if len(self._requests) != 1:
                 raise EngramError(f"give hidden states per layer, {{layer: array}}, for layers {list(self._requests)}")
@@ -179,7 +174,6 @@ class DecodeSession:
         return checked
 
     def _run(self, input_ids, hidden_by_layer, token_mask, start: bool) -> dict:
-
         for layer in self._layers.values():
             layer._verification.check()
         checked = self._checked(input_ids, hidden_by_layer, token_mask)

@@ -11,7 +11,6 @@ decode sessions build on the OpenVINO backend's two stages (``openvino/stages.py
 from __future__ import annotations
 
 import threading
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,15 +28,12 @@ from engram_export.contract.model_info import ModelInfo
 from engram_export.core.errors import EngramError
 from engram_export.core.fileio import check_input_file
 from engram_export.core.integrity import FileChecks
-from engram_export.folders.manifest import read_manifest
+from engram_export.folders.manifest import Manifest, read_manifest
 from engram_export.runtime.backend import load_backend, supports_stages
 from engram_export.runtime.decode import DecodeSession
 from engram_export.runtime.options import RUNTIMES, RuntimeOptions
 from engram_export.runtime.torch import OpenVINOEngram
 from engram_export.runtime.verification import Verification
-
-if typing.TYPE_CHECKING:
-    from engram_export.folders.manifest import Manifest
 
 __all__ = [
     "EngramRuntime",
@@ -174,12 +170,10 @@ class LayerRuntime:
 
     def session(self, batch_size: int):
         """A decode session for ``batch_size`` sequences of this layer (OpenVINO only)."""
-
         return DecodeSession(self, batch_size)
 
     def as_torch(self):
         """This layer as a PyTorch module (``engram_export.runtime.torch.OpenVINOEngram``)."""
-
         return OpenVINOEngram(self)
 
     def _need_openvino(self, what: str) -> None:
@@ -353,7 +347,6 @@ class EngramRuntime(Mapping):
 
     def session(self, batch_size: int):
         """A decode session for ``batch_size`` sequences over every layer served (OpenVINO only)."""
-
         return DecodeSession(self, batch_size)
 
     def __repr__(self) -> str:

@@ -35,7 +35,6 @@ class RuntimeOptions:
     lookup_kernel: bool = True
 
     def __post_init__(self):
-
         if self.runtime not in RUNTIMES:
             raise EngramError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.precision is not None and self.precision not in PRECISIONS:

@@ -78,7 +78,6 @@ def _build(target: Path) -> None:
 
 def _packaged() -> Path | None:
     """The wheel's library, if there is one and this OpenVINO is the release it was built against."""
-
     library, stamp = SOURCE_DIR / _LIBRARY, SOURCE_DIR / _BUILT_AGAINST
     if not (library.is_file() and stamp.is_file()):
         return None
@@ -121,7 +120,6 @@ def library_path() -> Path:
 @cache
 def openvino_core():
     """The process's ``openvino.Core`` with the Engram extension loaded."""
-
     core, path = openvino.Core(), library_path()
     try:
         core.add_extension(str(path))
@@ -134,7 +132,6 @@ def openvino_core():
 def _node_factory():
     """OpenVINO's ``NodeFactory`` with the extension's ops (as openvino-tokenizers builds its nodes); kept
     for the process, so the library stays loaded under every node it made."""
-
     factory = NodeFactory()
     factory.add_extension(str(library_path()))
     return factory

@@ -6,8 +6,10 @@ flip "between the sampled blocks" is made by recording the flipped file's sample
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -164,3 +166,31 @@ def test_v41_in_background(v41_exports, tmp_path, large):
     assert rt.verification.wait(60) == "failed" and shard in rt.verification.error
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["files"][shard]["sha256"] != integrity.sha256(copy / shard)
+
+
+def test_a_dropped_runtime_stops_its_background_pass(xml, large, monkeypatch):
+    """A server that reloads models must not pile up threads hashing tables of runtimes it dropped."""
+    import gc
+
+    started, chunks = threading.Event(), []
+
+    def chunked_sha256(path, on_chunk=None):
+        started.set()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for index in range(200):  # a long file, 16 MiB at a time
+                time.sleep(0.01)
+                chunks.append(index)
+                on_chunk(fd, 0, 0)
+        finally:
+            os.close(fd)
+        return "0" * 64
+
+    monkeypatch.setattr(verification, "sha256", chunked_sha256)
+    rt = EngramRuntime(xml, check_hashes="background")
+    thread = rt.verification._thread
+    assert started.wait(10) and rt.verification.state == "pending"
+    del rt
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive() and len(chunks) < 200

@@ -5,7 +5,7 @@ every byte of each file up to 1 GiB, larger files (tables) by size and sampled S
 ``check_hashes="background"`` a thread then hashes those larger files whole, at the lowest CPU (and so
 I/O) priority, dropping the pages it read from the page cache behind it (pages a lookup has mapped
 stay). Until it is done the runtime serves calls; if a file differs, every later call of that runtime
-is refused with one line naming the file.
+is refused with one line naming the file. A runtime dropped before the pass ends stops it.
 
 States (``EngramRuntime.verification``): ``"verified"`` every byte of every file matched a recorded
 SHA-256; ``"pending"`` the background pass is running; ``"failed"`` a file differs (calls refused);
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from pathlib import Path
 
 from engram_export.core.errors import EngramError
@@ -41,7 +42,11 @@ class Verification:
         if not to_hash:
             self._done.set()
             return
-        self._thread = threading.Thread(target=self._hash_all, args=(to_hash,), name="engram-verify", daemon=True)
+        # the thread holds the state weakly: a runtime dropped before its pass ends stops it at the next
+        # 16 MiB (a server that reloads models must not pile up threads hashing 94 GiB tables)
+        self._thread = threading.Thread(
+            target=_hash_all, args=(weakref.ref(self), to_hash), name="engram-verify", daemon=True
+        )
         self._thread.start()
 
     @property
@@ -73,30 +78,53 @@ class Verification:
         if self._error is not None:
             raise EngramError(self._error)
 
-    def _hash_all(self, items) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice value
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        try:
-            for path, entry, where in items:
-                try:
-                    digest = sha256(path, on_chunk=_drop_behind)
-                except OSError as exc:
-                    self._fail(f"{path} could not be read to verify it ({exc.strerror})")
-                    return
-                if digest != entry["sha256"]:
-                    self._fail(
-                        f"{path} does not match its SHA-256 in {where} (changed or corrupt): this runtime "
-                        f"refuses every call; load it again once the file is restored"
-                    )
-                    return
-                with self._lock:
-                    self._unverified.remove(path)
-        finally:
-            self._done.set()
-
     def _fail(self, message: str) -> None:
         with self._lock:
             self._error = message
+
+
+class _Dropped(Exception):
+    """The runtime whose files were being hashed is gone."""
+
+
+def _hash_all(state: weakref.ref, items) -> None:
+    """Hash each file whole and compare; record the outcome in ``state()`` while it exists."""
+    with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice value
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+    def on_chunk(fd: int, offset: int, nbytes: int) -> None:
+        if state() is None:
+            raise _Dropped
+        _drop_behind(fd, offset, nbytes)
+
+    try:
+        for path, entry, where in items:
+            message: str | None = None
+            try:
+                digest = sha256(path, on_chunk=on_chunk)
+            except OSError as exc:
+                message = f"{path} could not be read to verify it ({exc.strerror})"
+            else:
+                if digest != entry["sha256"]:
+                    message = (
+                        f"{path} does not match its SHA-256 in {where} (changed or corrupt): this runtime "
+                        f"refuses every call; load it again once the file is restored"
+                    )
+            verification = state()
+            if verification is None:
+                return
+            if message is not None:
+                verification._fail(message)
+                return
+            with verification._lock:
+                verification._unverified.remove(path)
+            del verification
+    except _Dropped:
+        return
+    finally:
+        verification = state()
+        if verification is not None:
+            verification._done.set()
 
 
 def _drop_behind(fd: int, offset: int, nbytes: int) -> None:

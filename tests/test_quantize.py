@@ -141,7 +141,8 @@ def test_calibration_from_text_and_hidden_states(tiny_config, tokenizer_json, tm
     assert len(items) == 4 and items[0]["input_ids"].shape == (1, 10)
     assert items[0]["input_ids"][0, 0] == 2069  # "only"
     np.save(tmp_path / "hidden.npy", np.zeros((400, 10, 4, 48), np.float32))
-    with pytest.raises(EngramError, match="gives 128 tokens, 400 x 10 needed"):
+    # every token counts: 20 x 13 (the tokenizer.json's own truncation at 128 tokens is turned off)
+    with pytest.raises(EngramError, match="gives 260 tokens, 400 x 10 needed"):
         read_calibration(config, 30522, text=tmp_path / "corpus.txt", hidden_npy=tmp_path / "hidden.npy")
 
 

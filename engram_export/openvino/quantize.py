@@ -28,14 +28,13 @@ from pathlib import Path
 import nncf
 import numpy as np
 from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-from tokenizers import Tokenizer
 
 from engram_export.contract.inputs import check_inputs
 from engram_export.contract.model_info import ModelInfo
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
 from engram_export.core.fileio import check_output_file, load_npz
-from engram_export.core.text import find_tokenizer_file, token_stream, windows
+from engram_export.core.text import token_stream, windows
 from engram_export.openvino import tables
 from engram_export.openvino.compile import read_openvino, save_ir
 
@@ -262,11 +261,10 @@ def _ids_from_text(config, text: Path, hidden_npy: Path):
     if hidden.ndim != 4:
         raise EngramError(f"calibration: hidden states must be [N, T, G, D], got {list(hidden.shape)}")
     count, length = hidden.shape[:2]
-    tokenizer = Tokenizer.from_file(str(find_tokenizer_file(config.tokenizer)))
-    stream = tokenizer.encode(text.read_text(), add_special_tokens=False).ids
+    stream = token_stream(config.tokenizer, [text])
     if len(stream) < count * length:
         raise EngramError(
             f"calibration: {text} gives {len(stream)} tokens, {count} x {length} needed "
             f"for the hidden states in {hidden_npy}"
         )
-    return np.array(stream[: count * length], np.int64).reshape(count, length), hidden
+    return stream[: count * length].reshape(count, length), hidden

@@ -44,7 +44,7 @@ MAX_HEADER = 100 << 20
 
 
 def torch_dtype(name: str):
-    """The torch dtype of a safetensors dtype name (torch is imported only when a tensor is used)."""
+    """The torch dtype of a safetensors dtype name."""
     return {
         "F8_E4M3": torch.float8_e4m3fn,
         "F8_E8M0": torch.float8_e8m0fnu,

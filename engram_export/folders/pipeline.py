@@ -16,7 +16,7 @@ import numpy as np
 from engram_export.core.checkpoint import Checkpoint
 from engram_export.core.errors import EngramError
 from engram_export.core.fileio import STAGING_PREFIX, staged_folder
-from engram_export.core.integrity import sha256
+from engram_export.core.integrity import FileChecks, sha256
 from engram_export.folders import PIPELINE
 from engram_export.folders.manifest import Manifest, read_manifest, write_manifest
 from engram_export.folders.synthetic import write_v41_checkpoint
@@ -25,6 +25,7 @@ from engram_export.models.hashing import EngramHashing
 from engram_export.models.weights import build_layer, layer_prefix
 from engram_export.onnx.export import export_layer
 from engram_export.onnx.export_v41 import export_v41_layer
+from engram_export.onnx.files import read_onnx_file
 from engram_export.openvino.compile import compile_onnx
 from engram_export.openvino.quantize import calibration_from_text, quantize, read_calibration, read_model
 
@@ -153,7 +154,10 @@ def calibration_for(
     source = Path(model_path)
     if source.is_dir():
         source = source / next(iter(read_manifest(source, check_hashes=False).layers.values()))
-    _, info = read_model(source)
+    if source.suffix == ".onnx":  # its info alone: quantize reads (and checks) the model itself
+        info = read_onnx_file(source, FileChecks("size"))[1]
+    else:
+        info = read_model(source)[1]  # an .xml: refused here already if it is not f32
     if texts:
         return calibration_from_text(info, texts, tokens, count)
     return read_calibration(info.config, info.num_ids, npz=npz, text=text, hidden_npy=hidden_npy)

@@ -41,6 +41,17 @@ class Manifest:
     quantization: str | None = None
     source: str = ""  # the weights file (with its SHA-256) or "random-init seed N"
     files: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> integrity.fingerprint
+    # ``engram-export calibrate``'s report: the hot budget, the text, and per layer its hot set's files
+    # (listed in ``files``, so bound like the models) and the held-out hit rate; None: not calibrated
+    calibration: dict | None = None
+
+    def hot_set(self, layer_id: int) -> list[str]:
+        """The files of a calibrated layer's hot set."""
+        if self.calibration is None:
+            raise EngramError(
+                "table_memory='tiered' needs a calibrated folder: run engram-export calibrate on this one first"
+            )
+        return list(self.calibration["layers"][str(layer_id)]["files"])
 
 
 def model_files(folder: Path, name: str) -> list[str]:
@@ -71,18 +82,22 @@ def _check_name(folder: Path, name, where: str) -> None:
         raise EngramError(f"{where}: {name} is a symbolic link; the folder must hold its own files")
 
 
-def write_manifest(folder: Path, manifest: Manifest) -> Path:
-    """Fingerprint every file the layers read and write ``manifest.json`` (whole or not at all)."""
+def write_manifest(folder: Path, manifest: Manifest, known: dict[str, dict] | None = None) -> Path:
+    """Fingerprint every file the layers read (and their hot sets) and write ``manifest.json`` (whole or
+    not at all). ``known``: fingerprints already checked of files linked unchanged, not hashed again."""
 
     def own(name: str) -> set[str]:  # the files written with the model (not linked checkpoint shards)
         return {path.name for path in written_files(folder / name)}
 
+    known = known or {}
+    hot = [file for layer in (manifest.calibration or {}).get("layers", {}).values() for file in layer["files"]]
     with progress.stage(f"hashing the files of {len(manifest.layers)} layers"):
         manifest.files = {
-            file: fingerprint(folder / file, full=file in own(name), known_sha256=known)
+            file: known[file] if file in known else fingerprint(folder / file, full=file in own(name), known_sha256=sha)
             for name in manifest.layers.values()
-            for file, known in _model_files(folder, name).items()
+            for file, sha in _model_files(folder, name).items()
         }
+        manifest.files.update({file: fingerprint(folder / file) for file in hot})
     data = {
         "format": FORMAT,
         "config": manifest.config.to_dict(),
@@ -93,6 +108,8 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
         "layers": {str(k): v for k, v in manifest.layers.items()},
         "files": manifest.files,
     }
+    if manifest.calibration is not None:
+        data["calibration"] = manifest.calibration
     with staged_output(folder / MANIFEST) as staged:
         staged.write_text(json.dumps(data, indent=2))
     return folder / MANIFEST
@@ -118,6 +135,13 @@ def _parse(path: Path) -> Manifest:
             for e in files.values()
         ):
             raise EngramError(f"{path}: every file entry needs a size and a sampled_sha256")
+        calibration = data.get("calibration")
+        if calibration is not None and not (
+            isinstance(calibration, dict)
+            and set(calibration["layers"]) == set(layers)
+            and all(isinstance(entry["files"], list) and entry["files"] for entry in calibration["layers"].values())
+        ):
+            raise EngramError(f"{path}: its calibration does not list every layer's hot set files")
         return Manifest(
             config_from_dict(data["config"]),
             {int(k): v for k, v in layers.items()},
@@ -126,6 +150,7 @@ def _parse(path: Path) -> Manifest:
             data["quantization"],
             data["source"],
             files,
+            calibration,
         )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, EngramError):
@@ -155,6 +180,11 @@ def read_manifest(folder: str | Path, check_hashes: bool | str | FileChecks = Tr
             raise EngramError(f"{path}: layer {layer}'s file {name} is not an {suffix} file")
     for name in manifest.files:
         _check_name(folder, name, str(path))
+    for layer, entry in (manifest.calibration or {}).get("layers", {}).items():
+        for name in entry["files"]:
+            _check_name(folder, name, f"{path}, hot set of layer {layer}")
+            if name not in manifest.files:
+                raise EngramError(f"{path}: layer {layer}'s hot set file {name} has no size and hash entry")
     for name, entry in manifest.files.items():
         checks.check(folder / name, entry, str(path))
     for layer, name in manifest.layers.items():

@@ -15,6 +15,7 @@ Where the table's bytes live while it is served (``table_memory``) is a ``table_
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 
 import numpy as np
@@ -24,22 +25,19 @@ from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
 from engram_export.openvino.extension import make_node
 from engram_export.openvino.table_store import TableStore, table_store
 from engram_export.openvino.tables import shared_constant
+from engram_export.openvino.tiered import RowLayout
 
-__all__ = ["install"]
+__all__ = ["install", "stored_table", "StoredTable"]
 
 log = logging.getLogger(__name__)
 
 _FLOAT_TABLES, _CODE_TABLES = ("f32", "f16", "bf16"), ("u8", "u4")
 
 
-def _stored_bytes(constant, rows: int, store: TableStore):
-    """A u8 constant [rows, bytes per row] over the stored bytes of ``constant`` (flat for scales and
-    zero points: ``rows`` = 1), placed in memory by ``store``."""
-    view = constant.get_tensor_view().data  # shares the constant's memory (a mapping of the IR's .bin)
-    data = np.ctypeslib.as_array((ctypes.c_uint8 * constant.get_byte_size()).from_address(view.ctypes.data))
-    data = store.place(data, constant.get_friendly_name())
-    shape = (rows, data.size // rows) if rows > 1 else (data.size,)
-    return shared_constant(data, (constant, view, data), shape=shape)
+def _bytes_of(constant) -> np.ndarray:
+    """The stored bytes of ``constant`` as a flat u8 array over its memory (a mapping of the model's file)."""
+    view = constant.get_tensor_view().data  # shares the constant's memory
+    return np.ctypeslib.as_array((ctypes.c_uint8 * constant.get_byte_size()).from_address(view.ctypes.data))
 
 
 def _constant(value):
@@ -81,9 +79,43 @@ def _type(node) -> str:
     return node.get_element_type().get_type_name()
 
 
-def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, output_type: str, store: TableStore):
-    """``EngramGatherRows`` over the stored bytes of these constants, or None if their layout is not one
-    the kernel reads (a [R, d] or [R, groups, d/groups] table, one scale and zero point per group)."""
+@dataclasses.dataclass
+class StoredTable:
+    """A lookup stage's table as the row kernel reads it: the Constants of its stored parts (codes
+    [R, row bytes], then flat scales and zero points where it has them) and the kernel's attributes."""
+
+    parts: list  # Constants
+    attributes: dict
+
+    @property
+    def table_rows(self) -> int:
+        return int(self.parts[0].get_output_shape(0)[0])
+
+    @property
+    def layout(self) -> RowLayout:
+        attributes = self.attributes
+        groups = attributes["row_size"] // attributes["group_size"]
+        zero_value_bits = {"none": 8, "u8": 8, "u4": 4}[attributes["zero_point"]]
+        return RowLayout(
+            table_rows=self.table_rows,
+            row_bytes=self.parts[0].get_byte_size() // self.table_rows,
+            scale_bytes=groups * {"none": 0, "f16": 2, "f32": 4, "e8m0": 1}[attributes["scale"]],
+            zero_bits=0 if attributes["zero_point"] == "none" else groups * zero_value_bits,
+            zero_value_bits=zero_value_bits,
+        )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Part name -> its stored bytes, read in place (``codes`` [R, row bytes], the others flat)."""
+        names = ["codes"] + ["scales"] * (self.attributes["scale"] != "none")
+        names += ["zero_points"] * (self.attributes["zero_point"] != "none")
+        arrays = {name: _bytes_of(node) for name, node in zip(names, self.parts, strict=True)}
+        arrays["codes"] = arrays["codes"].reshape(self.table_rows, -1)
+        return arrays
+
+
+def _stored_table(element: str, row_size: int, table, scale, zero_point, output_type: str) -> StoredTable | None:
+    """The ``StoredTable`` of these constants, or None if their layout is not one the kernel reads (a [R, d]
+    or [R, groups, d/groups] table, one scale and zero point per group)."""
     table_rows = table.get_output_shape(0)[0]
     if table_rows < 1 or int(np.prod(table.get_output_shape(0))) != table_rows * row_size:
         return None
@@ -95,26 +127,41 @@ def _gather_rows(rows, element: str, row_size: int, table, scale, zero_point, ou
         "zero_point": "none",
         "output_type": output_type,
     }
-    parts = [(table, table_rows)]
+    parts = [table]
     if scale is not None:
         groups = int(np.prod(scale.get_output_shape(0))) // table_rows
         if groups < 1 or row_size % groups or groups * table_rows != int(np.prod(scale.get_output_shape(0))):
             return None
         attributes.update(scale="e8m0" if element == "e4m3" else _type(scale), group_size=row_size // groups)
-        parts.append((scale, 1))
+        parts.append(scale)
     if zero_point is not None:
         if list(zero_point.get_output_shape(0)) != list(scale.get_output_shape(0)):
             return None
         attributes["zero_point"] = _type(zero_point)
-        parts.append((zero_point, 1))
+        parts.append(zero_point)
     if attributes["scale"] not in ("none", "f16", "f32", "e8m0") or attributes["zero_point"] not in (
         "none",
         "u8",
         "u4",
     ):
         return None
-    store.check_fits(sum(node.get_byte_size() for node, _ in parts))
-    inputs = [rows] + [_stored_bytes(node, count, store).output(0) for node, count in parts]
+    return StoredTable(parts, attributes)
+
+
+def _gather_rows(rows, table: StoredTable, store: TableStore):
+    """``EngramGatherRows`` over the stored bytes of ``table``, placed in memory by ``store``; None where
+    the op refuses the layout."""
+    store.check_fits(sum(node.get_byte_size() for node in table.parts))
+    placed = [store.place(_bytes_of(node), node.get_friendly_name()) for node in table.parts]
+    shapes = [(table.table_rows, placed[0].size // table.table_rows)] + [(data.size,) for data in placed[1:]]
+    inputs = [rows] + [
+        shared_constant(data, (node, data), shape=shape).output(0)
+        for node, data, shape in zip(table.parts, placed, shapes, strict=True)
+    ]
+    attributes = dict(table.attributes)
+    tier = store.tier(placed, table.layout)
+    if tier:
+        attributes["tier"] = tier
     try:
         return make_node("EngramGatherRows", inputs, attributes)
     except RuntimeError as exc:  # the op's own checks refuse a layout read wrongly here: keep the graph
@@ -162,11 +209,9 @@ def _fp8_decode(gathers, produced):
     return codes, scales
 
 
-def install(lookup, table_memory: str | TableStore = "mmap") -> bool:
-    """Read the table of a lookup stage (``stages.split_stages``) with ``EngramGatherRows`` instead of
-    OpenVINO's Gather and decode ops, its bytes placed by the store ``table_memory`` names. Returns False,
-    leaving ``lookup`` as it was, for a graph it does not recognise."""
-    store = table_store(table_memory)
+def _find(lookup):
+    """(the table, the hash's rows output, the output the kernel's rows replace, and whether they are
+    flattened to [B, T, C*d] there) of a lookup stage; None for a graph this module does not know."""
     (hash_op,) = [op for op in lookup.get_ops() if op.get_type_name() == "EngramHash"]
     gathers = [t.get_node() for t in hash_op.output(0).get_target_inputs() if t.get_node().get_type_name() == "Gather"]
     (result,) = lookup.get_results()
@@ -174,7 +219,6 @@ def install(lookup, table_memory: str | TableStore = "mmap") -> bool:
     produced, output_type = end, "f32"
     if end.get_node().get_type_name() == "Convert" and _type(end.get_node()) == "bf16":
         produced, output_type = end.get_node().input_value(0), "bf16"
-    rows = hash_op.output(0)
     if len(gathers) == 1:
         gather = gathers[0]
         # DeepSeek-V4.1's float tables: the rows flattened to [B, T, C*d] after the Gather
@@ -185,34 +229,44 @@ def install(lookup, table_memory: str | TableStore = "mmap") -> bool:
         )
         parts = _decompressed_table(gather)
         if parts is None or not (flat or produced.get_node().get_name() == gather.get_name()):
-            return False
+            return None
         table, scale, zero_point = parts
         element = _type(table)
         if element not in (_FLOAT_TABLES if scale is None else _CODE_TABLES):
-            return False
-        node = _gather_rows(
-            rows,
-            element,
-            gather.get_output_partial_shape(0)[3].get_length(),
-            table,
-            scale,
-            zero_point,
-            output_type,
-            store,
-        )
-        replacement = node and (_flat_rows(node) if flat else node.output(0))
+            return None
+        row_size = gather.get_output_partial_shape(0)[3].get_length()
+        stored = _stored_table(element, row_size, table, scale, zero_point, output_type)
     elif len(gathers) == 2 and produced.get_partial_shape().rank.get_length() == 3:
-        parts = _fp8_decode(gathers, produced)
-        if parts is None:
-            return False
-        codes, scales = parts
-        node = _gather_rows(rows, "e4m3", codes.get_output_shape(0)[1], codes, scales, None, output_type, store)
-        replacement = node and _flat_rows(node)
+        fp8 = _fp8_decode(gathers, produced)
+        if fp8 is None:
+            return None
+        codes, scales = fp8
+        stored, flat = _stored_table("e4m3", codes.get_output_shape(0)[1], codes, scales, None, output_type), True
     else:
+        return None
+    return None if stored is None else (stored, hash_op.output(0), end, flat)
+
+
+def stored_table(lookup) -> StoredTable | None:
+    """The table of a lookup stage (``stages.split_stages``) as the row kernel reads it; None for a graph
+    it does not know."""
+    found = _find(lookup)
+    return None if found is None else found[0]
+
+
+def install(lookup, table_memory: str | TableStore = "mmap") -> bool:
+    """Read the table of a lookup stage (``stages.split_stages``) with ``EngramGatherRows`` instead of
+    OpenVINO's Gather and decode ops, its bytes placed by the store ``table_memory`` names. Returns False,
+    leaving ``lookup`` as it was, for a graph it does not recognise."""
+    store = table_store(table_memory)
+    found = _find(lookup)
+    if found is None:
         return False
-    if replacement is None:
+    stored, rows, end, flat = found
+    node = _gather_rows(rows, stored, store)
+    if node is None:
         return False
-    end.replace(replacement)
+    end.replace(_flat_rows(node) if flat else node.output(0))
     lookup.validate_nodes_and_infer_types()
     return True
 

@@ -14,12 +14,17 @@ here, registered in ``TABLE_STORES``; nothing else in the runtime branches on it
 - ``HugePagesStore`` (``"hugepages"``): an anonymous copy in transparent huge pages (as SGLang keeps
   its host tables): load copies the whole table, private memory grows by its size (not shared, not
   evictable), and random rows cost fewer TLB misses.
+- ``TieredStore`` (``"tiered"``, a folder made by ``engram-export calibrate``): the layer's hot rows
+  packed in resident memory, optionally a bounded cache of rows read lately, every other row read from
+  the table file, a call's misses all at once (``tiered.py``). Resident memory is the hot set plus the
+  cache, whatever the table size; the kernel reads through the tier the store opens (``tier``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -27,8 +32,18 @@ import psutil
 
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
+from engram_export.openvino.tiered import RowLayout, Tier, open_tier, read_hot_set
 
-__all__ = ["TableStore", "MappedStore", "PopulatedStore", "HugePagesStore", "TABLE_STORES", "table_store", "populate"]
+__all__ = [
+    "TableStore",
+    "MappedStore",
+    "PopulatedStore",
+    "HugePagesStore",
+    "TieredStore",
+    "TABLE_STORES",
+    "table_store",
+    "populate",
+]
 
 _PAGE = mmap.PAGESIZE
 _HUGE_PAGE = 2 << 20
@@ -78,6 +93,11 @@ class TableStore:
     def place(self, data: np.ndarray, name: str) -> np.ndarray:
         raise NotImplementedError
 
+    def tier(self, parts: list[np.ndarray], layout: RowLayout) -> int:
+        """The id of the tier the kernel reads ``parts`` (as ``place`` returned them) through; 0: none,
+        the kernel reads them directly."""
+        return 0
+
 
 class MappedStore(TableStore):
     name, resident = "mmap", False
@@ -107,8 +127,31 @@ class HugePagesStore(TableStore):
         return copy  # a view: keeps `buffer` alive
 
 
+class TieredStore(MappedStore):
+    name, resident = "tiered", False
+
+    def __init__(self, folder: Path, layer_file: str, cache_bytes: int = 0):
+        self.folder, self.layer_file, self.cache_bytes = Path(folder), layer_file, cache_bytes
+        self._tiers: dict[tuple, Tier] = {}  # the decode stages share the lookup stage's table: one tier
+
+    def tier(self, parts: list[np.ndarray], layout: RowLayout) -> int:
+        key = tuple(part.ctypes.data for part in parts)
+        if key not in self._tiers:
+            hot = read_hot_set(self.folder, self.layer_file, layout)
+            self._tiers[key] = open_tier(parts, layout, hot, self.cache_bytes)
+        return self._tiers[key].id
+
+    def stats(self) -> dict[str, int]:
+        """The counters of this store's tiers, summed (``tiered.STATS``)."""
+        totals: dict[str, int] = {}
+        for tier in self._tiers.values():
+            for name, value in tier.stats().items():
+                totals[name] = totals.get(name, 0) + value
+        return totals
+
+
 TABLE_STORES: dict[str, type[TableStore]] = {
-    store.name: store for store in (MappedStore, PopulatedStore, HugePagesStore)
+    store.name: store for store in (MappedStore, PopulatedStore, HugePagesStore, TieredStore)
 }
 
 
@@ -118,4 +161,9 @@ def table_store(table_memory: str | TableStore) -> TableStore:
         return table_memory
     if table_memory not in TABLE_STORES:
         raise EngramError(f"table_memory must be one of {', '.join(TABLE_STORES)}, got {table_memory!r}")
+    if table_memory == TieredStore.name:
+        raise EngramError(
+            "table_memory='tiered' serves the hot set of a calibrated folder: load the folder that "
+            "engram-export calibrate wrote"
+        )
     return TABLE_STORES[table_memory]()

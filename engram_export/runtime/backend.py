@@ -14,6 +14,7 @@ import numpy as np
 
 from engram_export.contract.model_info import ModelInfo
 from engram_export.core.integrity import FileChecks
+from engram_export.openvino.table_store import TableStore
 from engram_export.runtime.backend_onnxruntime import OnnxRuntimeBackend
 from engram_export.runtime.backend_openvino import OpenVINOBackend
 from engram_export.runtime.options import RuntimeOptions
@@ -29,12 +30,15 @@ class Backend(Protocol):
     def __call__(self, feeds: dict, hidden: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...
 
 
-def load_backend(path: Path, options: RuntimeOptions, checks: FileChecks | None = None) -> Backend:
-    """The backend ``options.runtime`` names, loaded from ``path``, its files checked by ``checks``."""
+def load_backend(
+    path: Path, options: RuntimeOptions, checks: FileChecks | None = None, store: TableStore | None = None
+) -> Backend:
+    """The backend ``options.runtime`` names, loaded from ``path``, its files checked by ``checks``, its
+    table placed by ``store`` (default: the store ``options.table_memory`` names)."""
     if options.runtime == "ort":
         return OnnxRuntimeBackend(path, options, checks)
 
-    return OpenVINOBackend(path, options, checks)
+    return OpenVINOBackend(path, options, checks, store)
 
 
 def supports_stages(backend: Backend) -> bool:

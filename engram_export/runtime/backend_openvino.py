@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from engram_export.openvino import row_kernel
 from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.extension import openvino_core
 from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages
+from engram_export.openvino.table_store import TableStore
 from engram_export.runtime.decode import decode_stages
 from engram_export.runtime.options import RuntimeOptions
 
@@ -49,10 +51,15 @@ class _RequestPool:
 class OpenVINOBackend:
     """Two compiled stages (``stages.split_stages``): lookup, then fuse on its output tensor."""
 
-    def __init__(self, path: Path, options: RuntimeOptions, checks: FileChecks | None = None):
+    def __init__(
+        self, path: Path, options: RuntimeOptions, checks: FileChecks | None = None, store: TableStore | None = None
+    ):
         model, self.info = read_openvino(path, checks)
         self.path, self.device = path, options.device
-        self.table_memory, self.lookup_kernel = options.table_memory, options.lookup_kernel
+        # a tiered table's store is made per layer by the runtime (it knows the layer's hot set)
+        self.table_memory: str | TableStore = store or options.table_memory
+        self.lookup_kernel = options.lookup_kernel
+        self._fuse_wait_ns, self._fused = 0, 0  # time fuse waited for a lookup it did not start itself
         self.precision = options.precision or self.info.precision
         self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         if options.threads:
@@ -87,7 +94,10 @@ class OpenVINOBackend:
         set, so that compile runs on a thread of its own: the caller's arithmetic keeps its subnormals."""
         core = openvino_core()
         installed = self.lookup_kernel and row_kernel.install(lookup, self.table_memory)
-        self._lookup_kind = f"row kernel, table {self.table_memory}" if installed else "openvino gather"
+        name = getattr(self.table_memory, "name", self.table_memory)
+        if not installed and name == "tiered":
+            raise EngramError(f"{self.path.name}: table_memory='tiered' needs a table the row kernel reads")
+        self._lookup_kind = f"row kernel, table {name}" if installed else "openvino gather"
         try:
             if not any(
                 op.get_friendly_name() == "engram_table" and op.get_element_type().get_type_name() == "f32"
@@ -122,12 +132,23 @@ class OpenVINOBackend:
         request.start_async(feeds, share_inputs=True)
         return request
 
-    def finish(self, lookup, feeds: dict, hidden: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def finish(
+        self, lookup, feeds: dict, hidden: np.ndarray, out: np.ndarray | None = None, prefetched: bool = False
+    ) -> np.ndarray:
         """Wait for ``lookup`` (from ``start_lookup(feeds)``), run the fuse stage on its embeddings, and
         give the lookup request back. The fuse stage reads ``hidden`` in place and writes straight into
-        ``out`` (a new array if None): no copy of either, as large as the layer's output."""
+        ``out`` (a new array if None): no copy of either, as large as the layer's output. ``prefetched``:
+        the lookup was started by a prefetch, and the time waited for it counts in ``table_stats``."""
         try:
-            lookup.wait()
+            start = time.perf_counter_ns()
+            try:
+                lookup.wait()
+            except RuntimeError as exc:  # a tiered table's read failed (a file truncated since load)
+                raise EngramError(f"{self.path.name}: the table lookup failed: {one_line(exc)}") from exc
+            if prefetched:
+                with self._decode_lock:
+                    self._fuse_wait_ns += time.perf_counter_ns() - start
+                    self._fused += 1
             fuse = self.fuses.take()
             try:
                 result = np.empty(hidden.shape, np.float32) if out is None else out
@@ -140,6 +161,23 @@ class OpenVINOBackend:
                 self.fuses.give_back(fuse)
         finally:
             self.lookups.give_back(lookup)
+
+    def table_stats(self) -> dict:
+        """The tiered table's counters (``tiered.STATS``, rows and bytes), and the time fuses waited for
+        a prefetched lookup: what the prefetch did not hide."""
+        stats_of = getattr(self.table_memory, "stats", None)
+        if stats_of is None:
+            raise EngramError("table_stats counts a tiered table's hits and reads: load with table_memory='tiered'")
+        stats = stats_of()
+        read_ns = stats.pop("read_ns")
+        with self._decode_lock:
+            fuse_wait_ns, fused = self._fuse_wait_ns, self._fused
+        return {
+            **stats,
+            "read_wait_ms": read_ns / 1e6,
+            "prefetched_fuses": fused,
+            "fuse_wait_ms": fuse_wait_ns / 1e6,
+        }
 
     def profile(self, feeds: dict, hidden: np.ndarray, rounds: int, warmup: int) -> list[dict]:
         """OpenVINO's per-node times of both stages, averaged over ``rounds`` calls after ``warmup``."""

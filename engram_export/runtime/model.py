@@ -28,7 +28,9 @@ from engram_export.contract.model_info import ModelInfo
 from engram_export.core.errors import EngramError
 from engram_export.core.fileio import check_input_file
 from engram_export.core.integrity import FileChecks
+from engram_export.core.resources import available_memory
 from engram_export.folders.manifest import Manifest, read_manifest
+from engram_export.openvino.table_store import TableStore, TieredStore
 from engram_export.runtime.backend import load_backend, supports_stages
 from engram_export.runtime.decode import DecodeSession
 from engram_export.runtime.options import RUNTIMES, RuntimeOptions
@@ -166,7 +168,18 @@ class LayerRuntime:
             raise EngramError("this prefetch handle was made for other input_ids")
         hidden = check_hidden(self.info, handle.feeds, hidden_states)
         out = check_out(out, hidden)
-        return self._backend.finish(handle._take(self.layer_id, self._backend), handle.feeds, hidden, out)
+        lookup = handle._take(self.layer_id, self._backend)
+        return self._backend.finish(lookup, handle.feeds, hidden, out, prefetched=True)
+
+    def table_stats(self) -> dict:
+        """How this layer's tiered table served its lookups (``table_memory="tiered"``), counts in rows
+        since load: ``lookups``, ``hot_hits``, ``cache_hits``, ``rows_read`` (distinct rows per call read
+        from the table file), ``bytes_read``, ``page_cache_rows`` (read without waiting: already in the
+        page cache), ``queued_rows`` (read on the I/O threads), ``read_wait_ms`` (time calls waited for
+        those), ``calls``, and ``prefetched_fuses`` / ``fuse_wait_ms``: how long ``fuse`` still waited
+        for its prefetched lookup (zero when the prefetch hid every read)."""
+        self._need_openvino("table_stats")
+        return self._backend.table_stats()
 
     def session(self, batch_size: int):
         """A decode session for ``batch_size`` sequences of this layer (OpenVINO only)."""
@@ -215,8 +228,12 @@ class EngramRuntime(Mapping):
         device: OpenVINO device name.
         threads: CPU threads, default all.
         table_memory: how the table lives in memory, a store of ``openvino/table_store.py``: ``"mmap"``
-            (default; the file's pages, read on demand), ``"populate"`` (every page read at load) or
-            ``"hugepages"`` (an anonymous copy in transparent huge pages).
+            (default; the file's pages, read on demand), ``"populate"`` (every page read at load),
+            ``"hugepages"`` (an anonymous copy in transparent huge pages) or ``"tiered"`` (a folder made by
+            ``engram-export calibrate``: its hot rows resident, the rest read from the table file;
+            ``rt[L].table_stats()`` counts hits and reads).
+        cache_budget: with ``"tiered"``, a size (``"2GiB"`` or bytes) of rows read lately kept in memory,
+            split evenly over the layers (default 0: none).
         lookup_kernel: read the table with the extension's row kernel (default) or, with False, with
             OpenVINO's own Gather and decode ops (for comparison; ``table_memory`` is then ignored).
         ov_config: OpenVINO properties passed to ``compile_model`` over the defaults (precision hint,
@@ -254,10 +271,12 @@ class EngramRuntime(Mapping):
         self.manifest: Manifest | None
         if self.path.is_dir():
             self.manifest = read_manifest(self.path, checks)
+            stores = _tiered_stores(self.path, self.manifest, options)
             self._layers = {}
             for layer_id, name in self.manifest.layers.items():
                 file = self.path / name
-                served = _load_layer(file, options, FileChecks("size"))  # the manifest's checks are done
+                # the manifest's checks are done
+                served = _load_layer(file, options, FileChecks("size"), stores.get(layer_id))
                 if served.layer_id != layer_id:
                     raise EngramError(
                         f"{file} holds layer {served.layer_id}; the manifest lists it as layer {layer_id}"
@@ -267,6 +286,10 @@ class EngramRuntime(Mapping):
                 self._layers[layer_id] = served
         else:
             self.manifest = None
+            if options.table_memory == "tiered":
+                raise EngramError(
+                    f"table_memory='tiered' serves a folder made by engram-export calibrate; {path} is one file"
+                )
             served = _load_layer(check_input_file(path, (".xml", ".onnx"), "model"), options, checks)
             self._layers = {served.layer_id: served}
         self.verification = Verification(checks, background=options.background_verification)
@@ -356,5 +379,24 @@ class EngramRuntime(Mapping):
         )
 
 
-def _load_layer(path: Path, options: RuntimeOptions, checks: FileChecks | None) -> LayerRuntime:
-    return LayerRuntime(path, options.runtime, load_backend(path, options, checks))
+def _load_layer(
+    path: Path, options: RuntimeOptions, checks: FileChecks | None, store: TableStore | None = None
+) -> LayerRuntime:
+    return LayerRuntime(path, options.runtime, load_backend(path, options, checks, store))
+
+
+def _tiered_stores(folder: Path, manifest: Manifest, options: RuntimeOptions) -> dict[int, TableStore]:
+    """Layer id -> its ``TieredStore`` (``table_memory="tiered"``: the cache budget split evenly over the
+    layers), after refusing a folder never calibrated or hot sets and caches that do not fit in memory."""
+    if options.table_memory != "tiered":
+        return {}
+    hot = sum(manifest.files[name]["size"] for layer in manifest.layers for name in manifest.hot_set(layer))
+    needed, available = hot + options.cache_budget, available_memory()
+    if needed > available:
+        raise EngramError(
+            f"table_memory='tiered' keeps the hot sets ({hot / 2**30:.2f} GiB) and the cache "
+            f"({options.cache_budget / 2**30:.2f} GiB) in RAM: {needed / 2**30:.2f} GiB needed, "
+            f"{available / 2**30:.2f} GiB available"
+        )
+    cache = options.cache_budget // len(manifest.layers)
+    return {layer: TieredStore(folder, name, cache) for layer, name in manifest.layers.items()}

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from engram_export.contract.model_info import PRECISIONS
 from engram_export.core.errors import EngramError
 from engram_export.core.integrity import FileChecks, file_checks
+from engram_export.core.resources import parse_size
 from engram_export.openvino.table_store import TABLE_STORES
 
 __all__ = ["RuntimeOptions", "RUNTIMES"]
@@ -32,6 +33,7 @@ class RuntimeOptions:
     check_hashes: bool | str = True
     ov_config: Mapping | None = None
     table_memory: str = "mmap"
+    cache_budget: int | str = 0  # bytes of rows read lately kept by a tiered table (a size: "2GiB")
     lookup_kernel: bool = True
 
     def __post_init__(self):
@@ -52,6 +54,11 @@ class RuntimeOptions:
             object.__setattr__(self, "ov_config", MappingProxyType(dict(self.ov_config)))  # a copy, read-only
         if self.table_memory not in TABLE_STORES:
             raise EngramError(f"table_memory must be one of {', '.join(TABLE_STORES)}, got {self.table_memory!r}")
+        object.__setattr__(self, "cache_budget", parse_size(self.cache_budget, "cache_budget"))
+        if self.cache_budget and self.table_memory != "tiered":
+            raise EngramError("cache_budget is the cache of table_memory='tiered'; other table_memory modes take none")
+        if self.table_memory == "tiered" and (self.runtime != "ov" or self.lookup_kernel is not True):
+            raise EngramError("table_memory='tiered' needs the OpenVINO runtime with its row kernel (runtime='ov')")
         if not isinstance(self.lookup_kernel, bool):
             raise EngramError(f"lookup_kernel must be True or False, got {self.lookup_kernel!r}")
         self.file_checks()  # refuses a check_hashes it does not know

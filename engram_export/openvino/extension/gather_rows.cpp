@@ -8,6 +8,7 @@
 
 #include "compiler.hpp"
 #include "openvino/core/parallel.hpp"
+#include "table_tier.hpp"
 
 namespace engram {
 namespace {
@@ -108,6 +109,7 @@ struct Job {
     const uint8_t* zeros;
     const void* rows;  // i32 or i64
     bool wide_rows;
+    const RowRef* refs;  // a tiered table's rows, where they are; null: every row in `table`
     void* out;  // float or bf16 bits
     bool bf16_out;
 
@@ -115,42 +117,53 @@ struct Job {
         return wide_rows ? static_cast<size_t>(static_cast<const int64_t*>(rows)[i])
                          : static_cast<size_t>(static_cast<const int32_t*>(rows)[i]);
     }
-    float scale_at(size_t group) const {
+    RowRef ref(size_t i) const {
+        if (refs) return refs[i];
+        const size_t r = row(i);
+        return {table + r * row_bytes, scales, r * groups, zeros, r * groups};
+    }
+    float scale_at(const RowRef& ref, size_t group) const {
+        const size_t at = ref.scale_first + group;
         switch (scale) {
-        case Scale::f32: return reinterpret_cast<const float*>(scales)[group];
+        case Scale::f32: {
+            float value;
+            std::memcpy(&value, ref.scales + 4 * at, 4);
+            return value;
+        }
         case Scale::f16: {
             uint16_t half;
-            std::memcpy(&half, scales + 2 * group, 2);
+            std::memcpy(&half, ref.scales + 2 * at, 2);
             return f16_to_f32(half);
         }
-        case Scale::e8m0: return e8m0_to_f32(scales[group]);
+        case Scale::e8m0: return e8m0_to_f32(ref.scales[at]);
         default: return 1.0f;
         }
     }
-    float zero_at(size_t group) const {
+    float zero_at(const RowRef& ref, size_t group) const {
+        const size_t at = ref.zero_first + group;
         switch (zero_point) {
-        case ZeroPoint::u8: return zeros[group];
-        case ZeroPoint::u4: return static_cast<float>((zeros[group >> 1] >> ((group & 1) * 4)) & 0xF);
+        case ZeroPoint::u8: return ref.zeros[at];
+        case ZeroPoint::u4: return static_cast<float>((ref.zeros[at >> 1] >> ((at & 1) * 4)) & 0xF);
         default: return 0.0f;
         }
     }
     // Software prefetch: a row's codes `distance` rows ahead, its scale and zero point (one line each,
     // elsewhere in memory) twice as far, so the three misses of a compressed row overlap.
     void prefetch_codes(size_t i) const {
-        const uint8_t* src = table + row(i) * row_bytes;
+        const uint8_t* src = ref(i).codes;
         for (size_t line = 0; line < row_bytes; line += 64) ENGRAM_PREFETCH(src + line);
     }
     void prefetch_parameters(size_t i) const {
-        const size_t first = row(i) * groups;
-        if (scale != Scale::none) ENGRAM_PREFETCH(scales + first * bytes_of(scale));
-        if (zero_point != ZeroPoint::none) ENGRAM_PREFETCH(zeros + first * bits_of(zero_point) / 8);
+        const RowRef at = ref(i);
+        if (scale != Scale::none) ENGRAM_PREFETCH(at.scales + at.scale_first * bytes_of(scale));
+        if (zero_point != ZeroPoint::none) ENGRAM_PREFETCH(at.zeros + at.zero_first * bits_of(zero_point) / 8);
     }
 };
 
 // One row, element type E, output Out: inlined into the per-target clones of decode_range.
 template <Element E, typename Out>
-ENGRAM_ALWAYS_INLINE void decode_row(const Job& job, size_t r, Out* out) {
-    const uint8_t* src = job.table + r * job.row_bytes;
+ENGRAM_ALWAYS_INLINE void decode_row(const Job& job, const RowRef& ref, Out* out) {
+    const uint8_t* src = ref.codes;
     const size_t n = job.row_size;
     if constexpr (E == Element::f32 || E == Element::f16 || E == Element::bf16) {
         if constexpr (E == Element::f32 && std::is_same_v<Out, float>) {
@@ -172,9 +185,9 @@ ENGRAM_ALWAYS_INLINE void decode_row(const Job& job, size_t r, Out* out) {
             }
         }
     } else {
-        const size_t first_group = r * job.groups, size = job.group_size;
+        const size_t size = job.group_size;
         for (size_t g = 0; g < job.groups; ++g) {
-            const float scale = job.scale_at(first_group + g), zero = job.zero_at(first_group + g);
+            const float scale = job.scale_at(ref, g), zero = job.zero_at(ref, g);
             const size_t base = g * size;
             if constexpr (E == Element::u4) {  // two codes per byte, low nibble first; groups are whole bytes
                 const uint8_t* bytes = src + base / 2;
@@ -206,7 +219,7 @@ ENGRAM_ALWAYS_INLINE void decode_rows(const Job& job, size_t begin, size_t end) 
     for (size_t i = begin; i < end; ++i) {
         if (i + distance < end) job.prefetch_codes(i + distance);
         if (i + 2 * distance < end) job.prefetch_parameters(i + 2 * distance);
-        decode_row<E, Out>(job, job.row(i), out + i * job.row_size);
+        decode_row<E, Out>(job, job.ref(i), out + i * job.row_size);
     }
 }
 
@@ -233,14 +246,15 @@ void decode_range(const Job& job, size_t begin, size_t end) {
 
 EngramGatherRows::EngramGatherRows(const ov::OutputVector& args, std::string element, int64_t row_size,
                                    std::string scale, int64_t group_size, std::string zero_point,
-                                   ov::element::Type output_type)
+                                   ov::element::Type output_type, int64_t tier)
     : Op(args),
       m_element(std::move(element)),
       m_row_size(row_size),
       m_scale(std::move(scale)),
       m_group_size(group_size),
       m_zero_point(std::move(zero_point)),
-      m_output_type(output_type) {
+      m_output_type(output_type),
+      m_tier(tier) {
     constructor_validate_and_infer_types();
 }
 
@@ -308,7 +322,7 @@ void EngramGatherRows::validate_and_infer_types() {
 
 std::shared_ptr<ov::Node> EngramGatherRows::clone_with_new_inputs(const ov::OutputVector& args) const {
     return std::make_shared<EngramGatherRows>(args, m_element, m_row_size, m_scale, m_group_size, m_zero_point,
-                                              m_output_type);
+                                              m_output_type, m_tier);
 }
 
 bool EngramGatherRows::visit_attributes(ov::AttributeVisitor& visitor) {
@@ -318,6 +332,7 @@ bool EngramGatherRows::visit_attributes(ov::AttributeVisitor& visitor) {
     visitor.on_attribute("group_size", m_group_size);
     visitor.on_attribute("zero_point", m_zero_point);
     visitor.on_attribute("output_type", m_output_type);
+    visitor.on_attribute("tier", m_tier);
     return true;
 }
 
@@ -352,6 +367,16 @@ bool EngramGatherRows::evaluate(ov::TensorVector& outputs, const ov::TensorVecto
     outputs[0].set_shape(shape);
     job.out = outputs[0].data();
     job.bf16_out = outputs[0].get_element_type() == ov::element::bf16;
+    std::vector<RowRef> refs;
+    std::vector<uint8_t> scratch;  // the rows read for this call
+    if (m_tier != 0) {
+        const auto tier = find_tier(m_tier);
+        OPENVINO_ASSERT(tier, "EngramGatherRows: table tier ", m_tier, " is closed");
+        OPENVINO_ASSERT(tier->table_rows() == job.table_rows, "EngramGatherRows: table tier ", m_tier, " has ",
+                        tier->table_rows(), " rows, the table ", job.table_rows);
+        tier->resolve(count, [&job](size_t i) { return static_cast<uint64_t>(job.row(i)); }, refs, scratch);
+        job.refs = refs.data();
+    }
     // a few rows are not worth waking the other threads for (B=50, T=1 is 800 demo rows: 2 threads win)
     if (count < 256) {
         decode_range(job, 0, count);

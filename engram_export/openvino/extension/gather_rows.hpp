@@ -14,6 +14,8 @@
 // precision conversion, no copy), so a table mapped from its file stays the file's pages.
 // Output [B,T,C,row_size]: value = (code - zero point) * scale, computed in f32, rounded to nearest
 // even for a bf16 output; E4M3 = the code's value times its block's power of two.
+// Attribute `tier` (0: none): the id of a table tier (table_tier.hpp) that says where each row's stored
+// bytes are (hot rows in memory, a cache, the rest read from the file) instead of the table inputs.
 
 #pragma once
 
@@ -29,7 +31,7 @@ public:
 
     EngramGatherRows() = default;
     EngramGatherRows(const ov::OutputVector& args, std::string element, int64_t row_size, std::string scale,
-                     int64_t group_size, std::string zero_point, ov::element::Type output_type);
+                     int64_t group_size, std::string zero_point, ov::element::Type output_type, int64_t tier = 0);
 
     void validate_and_infer_types() override;
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override;
@@ -44,6 +46,7 @@ private:
     int64_t m_group_size = 1;           // values per scale (and zero point)
     std::string m_zero_point = "none";  // none | u8 | u4
     ov::element::Type m_output_type = ov::element::f32;
+    int64_t m_tier = 0;  // a process's tier id: meaningless in a saved model, set at load
 };
 
 }  // namespace engram

@@ -1,0 +1,80 @@
+// A table served in tiers (table_memory="tiered", openvino/tiered.py): the hot rows that calibration
+// chose live packed in memory and are found in O(1) through a bitmap with a rank per 512 rows; rows read
+// lately may be kept in a bounded CLOCK cache; every other row is read from the table file. A call's
+// misses are read at once: a row whose pages are in the page cache is read in the calling thread
+// (preadv2 with RWF_NOWAIT), the rest on a pool of I/O threads, in parallel. Rows come back in their
+// stored form (codes, scales, zero points) and EngramGatherRows decodes them as it decodes the file's.
+//
+// Python makes a tier with engram_tier_open (ctypes) and passes its id to EngramGatherRows as the
+// attribute `tier`; the memory of the hot rows belongs to Python and must outlive the tier.
+
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+extern "C" {
+
+// Mirrored by openvino/tiered.py (ctypes). Parts: 0 codes, 1 scales, 2 zero points.
+struct EngramTierSpec {
+    uint64_t table_rows;
+    uint64_t part_bytes[2];   // bytes per row of the codes and of the scales (0: none)
+    uint64_t zero_bits;       // zero-point bits per row (0: none)
+    uint64_t zero_value_bits; // 8 (u8) or 4 (u4, packed two per byte across rows)
+    int32_t fds[3];           // the files of the parts (-1: none); duplicated, the caller keeps its own
+    uint64_t offsets[3];      // where each part starts in its file
+    const uint8_t* memory[3]; // a part held in memory instead of a file (a table inside the model file)
+    const uint64_t* hot_bits; // one bit per table row
+    const uint64_t* hot_ranks;  // set bits before each block of 512 rows
+    uint64_t hot_rows;
+    const uint8_t* hot_parts[3];  // the hot rows packed in row order, in the parts' stored form
+    uint64_t cache_bytes;     // the CLOCK cache of rows read (0: none)
+    uint32_t io_threads;      // reads in flight at once
+};
+
+// Statistics, in this order, for engram_tier_stats
+enum EngramTierStat {
+    ENGRAM_LOOKUPS, ENGRAM_HOT_HITS, ENGRAM_CACHE_HITS, ENGRAM_ROWS_READ, ENGRAM_BYTES_READ,
+    ENGRAM_PAGE_CACHE_ROWS, ENGRAM_QUEUED_ROWS, ENGRAM_READ_NS, ENGRAM_CALLS, ENGRAM_STAT_COUNT
+};
+
+int64_t engram_tier_open(const EngramTierSpec* spec, char* error, size_t error_size);
+int engram_tier_close(int64_t id);
+int engram_tier_stats(int64_t id, uint64_t* out, size_t count);
+}
+
+namespace engram {
+
+// Where one looked-up row's stored bytes are: codes, scales (group g at scales[scale_first + g]), zero
+// points (group g at index zero_first + g of their packed array).
+struct RowRef {
+    const uint8_t* codes;
+    const uint8_t* scales;
+    size_t scale_first;
+    const uint8_t* zeros;
+    size_t zero_first;
+};
+
+class Tier {
+public:
+    explicit Tier(const EngramTierSpec& spec);
+    ~Tier();
+    uint64_t table_rows() const { return m_spec.table_rows; }
+    // RowRefs of `count` lookups (row(i) gives each one's row); the rows not in memory are read into
+    // `scratch`, which must live while the refs are used. Throws on a read error.
+    void resolve(size_t count, const std::function<uint64_t(size_t)>& row, std::vector<RowRef>& refs,
+                 std::vector<uint8_t>& scratch);
+    void stats(uint64_t* out, size_t count) const;
+
+private:
+    struct Impl;
+    EngramTierSpec m_spec;
+    std::unique_ptr<Impl> m_impl;
+};
+
+std::shared_ptr<Tier> find_tier(int64_t id);
+
+}  // namespace engram

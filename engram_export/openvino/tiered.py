@@ -1,0 +1,260 @@
+"""A table in tiers: the hot rows calibration chose, packed in memory; every other row read from its file.
+
+``engram-export calibrate`` (``folders/calibrate.py``) writes a layer's hot set as ``.npy`` files beside
+its model: ``rows`` (the sorted table rows) and, in row order, each part of their stored bytes
+(``codes``; ``scales`` and ``zero_points`` where the table has them; u4 zero points stay packed two per
+byte, now across hot rows). ``open_tier`` reads them into resident memory (huge pages where the kernel
+gives them), builds the bitmap and per-512-row ranks that find a row's place in O(1), and hands the
+extension (``extension/table_tier.hpp``) the files the rest is read from: it finds each part's file and
+offset from the mapping the model already holds (``/proc/self/maps``), so nothing is copied and the
+hot rows are the only bytes read at load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import weakref
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from engram_export.core.errors import EngramError
+from engram_export.openvino.extension import library_path
+
+__all__ = ["RowLayout", "HOT_PARTS", "hot_set_files", "pack_hot_rows", "read_hot_set", "open_tier", "Tier", "STATS"]
+
+HOT_PARTS = ("rows", "codes", "scales", "zero_points")
+STATS = (
+    "lookups",
+    "hot_hits",
+    "cache_hits",
+    "rows_read",
+    "bytes_read",
+    "page_cache_rows",
+    "queued_rows",
+    "read_ns",
+    "calls",
+)
+_HUGE_PAGE = 2 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """How one table row is stored: its codes, scale and zero-point bytes (``row_kernel.StoredTable``)."""
+
+    table_rows: int
+    row_bytes: int  # codes
+    scale_bytes: int = 0  # per row; 0: none
+    zero_bits: int = 0  # per row; 0: none
+    zero_value_bits: int = 8  # 4: u4 zero points, packed two per byte across rows
+
+    @property
+    def bytes_per_row(self) -> int:
+        return self.row_bytes + self.scale_bytes + self.zero_bits / 8  # type: ignore[return-value]
+
+    def part_sizes(self, rows: int) -> dict[str, int]:
+        """Bytes of each stored part for ``rows`` rows, as the hot set packs them."""
+        sizes = {"codes": rows * self.row_bytes}
+        if self.scale_bytes:
+            sizes["scales"] = rows * self.scale_bytes
+        if self.zero_bits:
+            sizes["zero_points"] = (rows * self.zero_bits + 7) // 8
+        return sizes
+
+
+def hot_set_files(layer_file: str) -> dict[str, str]:
+    """Part -> file name of the hot set of the model file ``layer_file`` (``layer_14.xml`` ->
+    ``layer_14.hot.rows.npy``, ...)."""
+    stem = layer_file.rsplit(".", 1)[0]
+    return {part: f"{stem}.hot.{part}.npy" for part in HOT_PARTS}
+
+
+def _zero_nibbles(packed: np.ndarray, index: np.ndarray) -> np.ndarray:
+    return (packed[index >> 1] >> ((index & 1) * 4).astype(np.uint8)) & 0xF
+
+
+def pack_hot_rows(parts: dict[str, np.ndarray], layout: RowLayout, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored bytes of ``rows`` (sorted, unique) packed in their order: part -> u8 array.
+    ``parts``: the table's stored bytes (``codes`` [R, row bytes]; ``scales``, ``zero_points`` flat)."""
+    packed = {"codes": np.asarray(parts["codes"][rows])}
+    if layout.scale_bytes:
+        packed["scales"] = np.asarray(parts["scales"].reshape(-1, layout.scale_bytes)[rows]).reshape(-1)
+    if layout.zero_bits:
+        groups = layout.zero_bits // layout.zero_value_bits
+        if layout.zero_value_bits == 8:
+            packed["zero_points"] = np.asarray(parts["zero_points"].reshape(-1, groups)[rows]).reshape(-1)
+        else:
+            index = (rows[:, None] * groups + np.arange(groups)).reshape(-1)
+            nibbles = _zero_nibbles(np.asarray(parts["zero_points"]), index)
+            if len(nibbles) % 2:
+                nibbles = np.append(nibbles, np.uint8(0))
+            packed["zero_points"] = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+    return packed
+
+
+@dataclasses.dataclass
+class HotSet:
+    """A layer's hot rows in resident memory, with the bitmap and ranks that find them."""
+
+    rows: int
+    bits: np.ndarray  # u64, one bit per table row, padded to whole blocks of 512 rows
+    ranks: np.ndarray  # u64, set bits before each block
+    parts: dict[str, np.ndarray]  # part -> packed stored bytes (resident)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes + self.ranks.nbytes + sum(p.nbytes for p in self.parts.values())
+
+
+def _resident_copy(source: np.ndarray) -> np.ndarray:
+    """``source`` copied into anonymous memory backed by transparent huge pages where the kernel gives them."""
+    buffer = np.empty(source.nbytes + _HUGE_PAGE, np.uint8)
+    start = -buffer.ctypes.data % _HUGE_PAGE
+    copy = buffer[start : start + source.nbytes]
+    if copy.nbytes >= _HUGE_PAGE:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(copy.ctypes.data), ctypes.c_size_t(copy.nbytes // _HUGE_PAGE * _HUGE_PAGE), 14)
+    copy[:] = source.reshape(-1).view(np.uint8)
+    return copy
+
+
+def read_hot_set(folder: Path, layer_file: str, layout: RowLayout) -> HotSet:
+    """The hot set of ``layer_file`` read from ``folder`` into memory, checked against ``layout``."""
+    names = hot_set_files(layer_file)
+    arrays = {}
+    for part, name in names.items():
+        if part in ("rows", *layout.part_sizes(0)):
+            try:
+                arrays[part] = np.load(folder / name, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise EngramError(f"hot set {folder / name}: cannot read it ({exc})") from exc
+    rows = arrays.pop("rows")
+    if rows.dtype != np.int64 or rows.ndim != 1:
+        raise EngramError(f"hot set {folder / names['rows']}: expected int64 rows, got {rows.dtype} {rows.shape}")
+    rows = np.asarray(rows)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= layout.table_rows or np.any(np.diff(rows) <= 0)):
+        raise EngramError(
+            f"hot set {folder / names['rows']}: rows must be sorted, unique and in [0, {layout.table_rows})"
+        )
+    for part, size in layout.part_sizes(len(rows)).items():
+        if arrays[part].dtype != np.uint8 or arrays[part].nbytes != size:
+            raise EngramError(
+                f"hot set {folder / names[part]}: {arrays[part].nbytes} bytes of {arrays[part].dtype}, "
+                f"expected {size} bytes of uint8 for {len(rows)} rows of this table"
+            )
+    words = -(-layout.table_rows // 512) * 8
+    bits = np.zeros(words, np.uint64)
+    if len(rows):
+        word = rows >> 6
+        starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+        bits[word[starts]] = np.add.reduceat(np.left_shift(np.uint64(1), (rows & 63).astype(np.uint64)), starts)
+    per_block = np.bitwise_count(bits).reshape(-1, 8).sum(axis=1, dtype=np.uint64)
+    ranks = np.concatenate([[0], np.cumsum(per_block)[:-1]]).astype(np.uint64)
+    return HotSet(len(rows), bits, ranks, {part: _resident_copy(array) for part, array in arrays.items()})
+
+
+def _file_region(array: np.ndarray) -> tuple[str, int, int, int] | None:
+    """(path, offset, device, inode) of the file mapped under ``array``'s first byte, or None for anonymous memory."""
+    address = array.ctypes.data
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                inode = int(fields[4])
+                if inode == 0 or len(fields) < 6:
+                    return None
+                major, minor = (int(x, 16) for x in fields[3].split(":"))
+                return fields[5].strip(), int(fields[2], 16) + address - start, os.makedev(major, minor), inode
+    return None
+
+
+class _Spec(ctypes.Structure):
+    _fields_ = [
+        ("table_rows", ctypes.c_uint64),
+        ("part_bytes", ctypes.c_uint64 * 2),
+        ("zero_bits", ctypes.c_uint64),
+        ("zero_value_bits", ctypes.c_uint64),
+        ("fds", ctypes.c_int32 * 3),
+        ("offsets", ctypes.c_uint64 * 3),
+        ("memory", ctypes.c_void_p * 3),
+        ("hot_bits", ctypes.c_void_p),
+        ("hot_ranks", ctypes.c_void_p),
+        ("hot_rows", ctypes.c_uint64),
+        ("hot_parts", ctypes.c_void_p * 3),
+        ("cache_bytes", ctypes.c_uint64),
+        ("io_threads", ctypes.c_uint32),
+    ]
+
+
+@cache
+def _library():
+    library = ctypes.CDLL(str(library_path()))  # the library OpenVINO loaded: one registry of tiers
+    library.engram_tier_open.argtypes = [ctypes.POINTER(_Spec), ctypes.c_char_p, ctypes.c_size_t]
+    library.engram_tier_open.restype = ctypes.c_int64
+    library.engram_tier_close.argtypes = [ctypes.c_int64]
+    library.engram_tier_stats.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+    return library
+
+
+class Tier:
+    """An open tier of the extension: its id (``EngramGatherRows``'s ``tier``), its counters, and what it
+    reads (kept alive while it is open; closed when this object goes)."""
+
+    def __init__(self, tier_id: int, keep: list):
+        self.id, self._keep = tier_id, keep
+        self._close = weakref.finalize(self, _library().engram_tier_close, tier_id)
+
+    def stats(self) -> dict[str, int]:
+        values = (ctypes.c_uint64 * len(STATS))()
+        _library().engram_tier_stats(self.id, values, len(STATS))
+        return dict(zip(STATS, (int(v) for v in values), strict=True))
+
+
+def open_tier(
+    parts: list[np.ndarray], layout: RowLayout, hot: HotSet | None, cache_bytes: int, io_threads: int = 64
+) -> Tier:
+    """A tier over the table whose stored bytes are ``parts`` (codes, [scales], [zero points], as mapped
+    by the model), its ``hot`` rows resident, misses read from the files under those mappings."""
+    spec = _Spec(table_rows=layout.table_rows, zero_bits=layout.zero_bits, zero_value_bits=layout.zero_value_bits)
+    spec.part_bytes[:] = [layout.row_bytes, layout.scale_bytes]
+    spec.cache_bytes, spec.io_threads = cache_bytes, io_threads
+    present = [True, bool(layout.scale_bytes), bool(layout.zero_bits)]
+    files, keep = [], [parts, hot]
+    try:
+        arrays = iter(parts)
+        for index, used in enumerate(present):
+            spec.fds[index] = -1
+            if not used:
+                continue
+            array = next(arrays)
+            region = _file_region(array)
+            if region is None:  # a table inside the model file, already in memory: "read" from there
+                spec.memory[index] = array.ctypes.data
+                continue
+            path, offset, device, inode = region
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            files.append(fd)
+            stat = os.fstat(fd)
+            if (stat.st_dev, stat.st_ino) != (device, inode):
+                raise EngramError(f"table_memory='tiered': {path} is no longer the file the model mapped")
+            spec.fds[index], spec.offsets[index] = fd, offset
+        if hot is not None and hot.rows:
+            spec.hot_rows = hot.rows
+            spec.hot_bits, spec.hot_ranks = hot.bits.ctypes.data, hot.ranks.ctypes.data
+            for index, part in enumerate(("codes", "scales", "zero_points")):
+                if part in hot.parts:
+                    spec.hot_parts[index] = hot.parts[part].ctypes.data
+        error = ctypes.create_string_buffer(512)
+        tier_id = _library().engram_tier_open(ctypes.byref(spec), error, len(error))
+        if tier_id == 0:
+            raise EngramError(f"table_memory='tiered': {error.value.decode()}")
+        return Tier(tier_id, keep)
+    except OSError as exc:
+        raise EngramError(f"table_memory='tiered': cannot open the table file ({exc.strerror})") from exc
+    finally:
+        for fd in files:  # the tier holds duplicates of its own
+            os.close(fd)

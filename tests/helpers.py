@@ -1,9 +1,11 @@
-"""The CLI in-process (no subprocess: each would spend seconds importing torch and OpenVINO)."""
+"""Shared test helpers: the CLI in-process (no subprocess: each would spend seconds importing torch and
+OpenVINO), folder listings, real prose."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import io
 import os
 from pathlib import Path
@@ -14,7 +16,7 @@ from engram_export.core.fileio import STAGING_PREFIX
 
 TINY_LAYER = 3  # the second layer of the tiny preset: its primes depend on layer 1's
 
-__all__ = ["run_cli", "cli", "refused", "listing", "hf_snapshot", "Done", "STAGING_PREFIX"]
+__all__ = ["run_cli", "cli", "refused", "listing", "hf_snapshot", "package_prose", "Done", "STAGING_PREFIX"]
 
 
 class Done(NamedTuple):
@@ -70,3 +72,16 @@ def hf_snapshot(plain: Path, cache: Path) -> Path:
         os.link(file, blobs / digest)
         os.symlink(f"../../blobs/{digest}", snapshot / file.name)
     return snapshot
+
+
+def package_prose() -> str:
+    """The long descriptions of the distributions this project pins (``constraints.txt``), in its order:
+    the same text wherever the tests run, whatever else is installed."""
+    constraints = (Path(__file__).parents[1] / "constraints.txt").read_text().splitlines()
+    pinned = [line.split("==")[0] for line in constraints if "==" in line]
+    texts = []
+    for name in pinned:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            metadata = importlib.metadata.distribution(name).metadata
+            texts.append(metadata.get_payload() or metadata.get("Description") or "")
+    return "\n\n".join(text for text in texts if text)

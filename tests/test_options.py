@@ -57,11 +57,13 @@ def test_the_runtime_takes_options_or_keywords(tiny_files):
 
 
 def test_a_table_store_per_name():
-    assert {name: type(table_store(name)) for name in TABLE_STORES} == {
+    assert {name: type(table_store(name)) for name in TABLE_STORES if name != "tiered"} == {
         "mmap": MappedStore,
         "populate": PopulatedStore,
         "hugepages": HugePagesStore,
     }
+    with pytest.raises(EngramError, match="serves the hot set of a calibrated folder"):
+        table_store("tiered")  # a store per layer, made by the runtime from the folder's manifest
     store = PopulatedStore()
     assert table_store(store) is store
     with pytest.raises(EngramError, match="table_memory must be one of"):

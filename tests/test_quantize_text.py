@@ -13,8 +13,6 @@ min >= 0.99; int4-weights mean >= 0.99; masked tokens exactly h. The demo family
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -32,22 +30,10 @@ from engram_export.models.deepseek_v41 import V41Config, V41Hashing, open_layer
 from engram_export.openvino.extension import openvino_core
 from engram_export.openvino.quantize import compressed_constants
 from engram_export.runtime import EngramRuntime
-from tests.helpers import listing, refused, run_cli
+from tests.helpers import listing, package_prose, refused, run_cli
 from tests.v41_spec import TINY, spec_output
 
 ROOT = Path(__file__).parents[1]
-
-
-def package_prose() -> str:
-    """The long descriptions of the distributions this project pins (``constraints.txt``), in its order:
-    the same text wherever the tests run, whatever else is installed."""
-    pinned = [line.split("==")[0] for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line]
-    texts = []
-    for name in pinned:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            metadata = importlib.metadata.distribution(name).metadata
-            texts.append(metadata.get_payload() or metadata.get("Description") or "")
-    return "\n\n".join(text for text in texts if text)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from engram_export.core.errors import EngramError
 from engram_export.core.fileio import link_or_copy, staged_folder
 from engram_export.core.resources import parse_size
 from engram_export.core.text import token_stream
-from engram_export.folders.manifest import Manifest, read_manifest, write_manifest
+from engram_export.folders.manifest import read_manifest, write_manifest
 from engram_export.models.config import is_deepseek_v41
 from engram_export.models.deepseek_v41 import V41Hashing
 from engram_export.models.hashing import EngramHashing
@@ -145,7 +145,7 @@ def calibrate(
     if budget == 0:
         raise EngramError(f"hot budget must be more than 0 bytes, got {hot_budget!r}")
     hot = choose_hot_rows({layer_id: layer.calibration for layer_id, layer in layers.items()}, row_bytes, budget)
-    report = {
+    report: dict = {
         "hot_budget_bytes": budget,
         "tables_bytes": total,
         "text": {

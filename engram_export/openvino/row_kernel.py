@@ -14,7 +14,6 @@ Where the table's bytes live while it is served (``table_memory``) is a ``table_
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 
@@ -24,7 +23,7 @@ from openvino import opset13 as ops
 from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
 from engram_export.openvino.extension import make_node
 from engram_export.openvino.table_store import TableStore, table_store
-from engram_export.openvino.tables import shared_constant
+from engram_export.openvino.tables import owned_bytes, shared_constant
 from engram_export.openvino.tiered import RowLayout
 
 __all__ = ["install", "stored_table", "StoredTable"]
@@ -35,9 +34,10 @@ _FLOAT_TABLES, _CODE_TABLES = ("f32", "f16", "bf16"), ("u8", "u4")
 
 
 def _bytes_of(constant) -> np.ndarray:
-    """The stored bytes of ``constant`` as a flat u8 array over its memory (a mapping of the model's file)."""
+    """The stored bytes of ``constant`` as a flat u8 array over its memory (a mapping of the model's
+    file), which keeps the constant, and so that memory, alive."""
     view = constant.get_tensor_view().data  # shares the constant's memory
-    return np.ctypeslib.as_array((ctypes.c_uint8 * constant.get_byte_size()).from_address(view.ctypes.data))
+    return owned_bytes(view.ctypes.data, constant.get_byte_size(), constant)
 
 
 def _constant(value):

@@ -32,7 +32,7 @@ from engram_export.contract.model_info import RT_INFO_SECTION, xml_rt_value
 from engram_export.core.errors import EngramError
 from engram_export.core.integrity import fingerprint
 
-__all__ = ["detach", "attach", "table_files", "shared_constant", "TABLES_KEY", "TABLE_CONSTANTS"]
+__all__ = ["detach", "attach", "table_files", "shared_constant", "owned_bytes", "TABLES_KEY", "TABLE_CONSTANTS"]
 
 TABLES_KEY = "engram.tables"  # rt_info: JSON, parameter name -> {file, offset, shape, size, sampled_sha256}
 TABLE_CONSTANTS = ("table", "table_scale")  # the ONNX initializers of the table and (FP8 only) its scales
@@ -99,12 +99,18 @@ class _Owned(np.ndarray):
     owner: object
 
 
+def owned_bytes(address: int, nbytes: int, owner) -> np.ndarray:
+    """A flat uint8 array over ``nbytes`` at ``address``, which keeps ``owner`` (what owns that memory) alive."""
+    alias = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address)).view(_Owned)
+    alias.owner = owner
+    return alias
+
+
 def shared_constant(data: np.ndarray, owner, kind: str = "u8", shape=None):
     """A constant over ``data``'s bytes (no copy), of element type ``kind`` (an ``openvino.Type`` name)
     and ``shape`` (default ``data``'s). The tensor is only a view: the constant keeps ``owner`` alive in
     its rt_info (OpenVINO releases it with the last copy of the node, compiled models included)."""
-    alias = np.ctypeslib.as_array((ctypes.c_uint8 * data.nbytes).from_address(data.ctypes.data)).view(_Owned)
-    alias.owner = owner
+    alias = owned_bytes(data.ctypes.data, data.nbytes, owner)
     tensor = openvino.Tensor(
         alias, openvino.Shape(list(data.shape if shape is None else shape)), getattr(openvino.Type, kind)
     )

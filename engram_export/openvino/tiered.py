@@ -52,8 +52,8 @@ class RowLayout:
     zero_value_bits: int = 8  # 4: u4 zero points, packed two per byte across rows
 
     @property
-    def bytes_per_row(self) -> int:
-        return self.row_bytes + self.scale_bytes + self.zero_bits / 8  # type: ignore[return-value]
+    def bytes_per_row(self) -> float:
+        return self.row_bytes + self.scale_bytes + self.zero_bits / 8  # u4 zero points: half a byte a group
 
     def part_sizes(self, rows: int) -> dict[str, int]:
         """Bytes of each stored part for ``rows`` rows, as the hot set packs them."""

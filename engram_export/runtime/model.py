@@ -391,12 +391,13 @@ def _tiered_stores(folder: Path, manifest: Manifest, options: RuntimeOptions) ->
     if options.table_memory != "tiered":
         return {}
     hot = sum(manifest.files[name]["size"] for layer in manifest.layers for name in manifest.hot_set(layer))
-    needed, available = hot + options.cache_budget, available_memory()
+    cache_budget = int(options.cache_budget)  # a size in bytes once the options are checked
+    needed, available = hot + cache_budget, available_memory()
     if needed > available:
         raise EngramError(
             f"table_memory='tiered' keeps the hot sets ({hot / 2**30:.2f} GiB) and the cache "
-            f"({options.cache_budget / 2**30:.2f} GiB) in RAM: {needed / 2**30:.2f} GiB needed, "
+            f"({cache_budget / 2**30:.2f} GiB) in RAM: {needed / 2**30:.2f} GiB needed, "
             f"{available / 2**30:.2f} GiB available"
         )
-    cache = options.cache_budget // len(manifest.layers)
+    cache = cache_budget // len(manifest.layers)
     return {layer: TieredStore(folder, name, cache) for layer, name in manifest.layers.items()}

@@ -272,7 +272,8 @@ def test_threads_with_prefetches_in_flight(served, calibrated, text):
 
 
 def test_decode_session_on_tiered(served, calibrated, text):
-    """Prefill then token by token: the same outputs, bit for bit, as a session on the resident table."""
+    """Prefill then token by token, each step's lookups prefetched: the same outputs, bit for bit, as a
+    session on the resident table; a refused prefetch or step leaves the session as it was."""
     form = "v41 F8_E4M3"
     resident = EngramRuntime(served[form], table_memory="populate")
     tiered = EngramRuntime(calibrated[form], table_memory="tiered", cache_budget="16KiB")
@@ -282,6 +283,14 @@ def test_decode_session_on_tiered(served, calibrated, text):
     outputs = [s.prefill(ids[:, :3], {k: h[:, :3] for k, h in per_layer.items()}, mask[:, :3]) for s in sessions]
     assert all(np.array_equal(outputs[0][k], outputs[1][k]) for k in resident)
     for t in range(3, ids.shape[1]):
+        sessions[1].prefetch(ids[:, t : t + 1], mask[:, t : t + 1])  # the lookups start before the "backbone"
+        if t == 3:
+            with pytest.raises(EngramError, match="a prefetch is already in flight"):
+                sessions[1].prefetch(ids[:, t : t + 1], mask[:, t : t + 1])
+            with pytest.raises(EngramError, match="differ from those prefetched"):
+                sessions[1].step(
+                    ids[:, t : t + 1] + 1, {k: h[:, t : t + 1] for k, h in per_layer.items()}, mask[:, t : t + 1]
+                )
         step = [
             s.step(ids[:, t : t + 1], {k: h[:, t : t + 1] for k, h in per_layer.items()}, mask[:, t : t + 1])
             for s in sessions

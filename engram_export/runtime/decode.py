@@ -18,7 +18,7 @@ from openvino import opset6
 from openvino import opset13 as ops
 from openvino.op.util import Variable, VariableInfo
 
-from engram_export.contract.inputs import check_inputs, fuse_feeds
+from engram_export.contract.inputs import check_inputs, check_lookup_inputs, fuse_feeds
 from engram_export.core.errors import EngramError
 from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages
 
@@ -132,6 +132,7 @@ class DecodeSession:
         self._requests = {layer_id: layer._decode_requests() for layer_id, layer in self._layers.items()}
         self._lock = threading.Lock()
         self.position = 0
+        self._prefetched: tuple | None = None  # (ids, mask) of the step whose lookups are in flight
 
     def reset(self) -> None:
         """Forget every sequence: the next call starts from pads and zeros."""
@@ -139,6 +140,7 @@ class DecodeSession:
             self._reset()
 
     def _reset(self) -> None:
+        self._finish_prefetch()
         for lookup, fuse in self._requests.values():
             lookup.reset_state()
             fuse.reset_state()
@@ -150,8 +152,39 @@ class DecodeSession:
         return self._run(input_ids, hidden_by_layer, token_mask, start=True)
 
     def step(self, next_ids, hidden_by_layer, token_mask=None) -> dict:
-        """One more token per sequence ([B, 1] ids): outputs [B,1,G,D] per layer."""
+        """One more token per sequence ([B, 1] ids): outputs [B,1,G,D] per layer. After ``prefetch`` of
+        these ids, it waits for those lookups instead of running its own."""
         return self._run(next_ids, hidden_by_layer, token_mask, start=False)
+
+    def prefetch(self, next_ids, token_mask=None) -> None:
+        """Start the next step's lookups now ([B, 1] ids), on OpenVINO's threads, and return: the table
+        rows (from disk, for a tiered table) are read while the backbone runs; ``step`` with the same
+        ids finishes them. A second prefetch before that step is refused."""
+        for layer in self._layers.values():
+            layer._verification.check()
+        with self._lock:
+            if self._prefetched is not None:
+                raise EngramError("a prefetch is already in flight: run its step first")
+            feeds = {}
+            for layer_id, layer in self._layers.items():
+                feeds[layer_id] = {
+                    k: v.copy() for k, v in check_lookup_inputs(layer.info, next_ids, token_mask).items()
+                }
+            shape = next(iter(feeds.values()))["input_ids"].shape
+            if shape != (self.batch_size, 1):
+                raise EngramError(f"prefetch takes the next token of each of {self.batch_size} sequences, got {shape}")
+            for layer_id, layer_feeds in feeds.items():
+                self._requests[layer_id][0].start_async(layer_feeds, share_inputs=True)
+            self._prefetched = (feeds, next(iter(feeds.values())))
+
+    def _finish_prefetch(self) -> dict | None:
+        """Wait for the lookups in flight, if any; their feeds per layer."""
+        if self._prefetched is None:
+            return None
+        feeds, self._prefetched = self._prefetched[0], None
+        for lookup, _ in self._requests.values():
+            lookup.wait()
+        return feeds
 
     def _checked(self, input_ids, hidden_by_layer, token_mask=None) -> dict:
         """layer -> (lookup feeds, hidden), every input checked; nothing runs here."""
@@ -181,12 +214,19 @@ class DecodeSession:
         if not start and tokens != 1:
             raise EngramError(f"step takes one token per sequence, [B, 1]; got {tokens} tokens")
         with self._lock:
+            pending = self._prefetched[1] if self._prefetched is not None else None
+            if pending is not None and not start:
+                first = next(iter(checked.values()))[0]
+                if any(not np.array_equal(first[k], pending[k]) for k in pending):
+                    raise EngramError("this step's ids (or token_mask) differ from those prefetched for it")
             if start:
                 self._reset()
+            prefetched = self._finish_prefetch()
             outputs = {}
             for layer, (feeds, hidden) in checked.items():
                 lookup, fuse = self._requests[layer]
-                infer(lookup, feeds)
+                if prefetched is None:
+                    infer(lookup, feeds)
                 fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
                 infer(fuse, {"hidden_states": hidden, **fuse_feeds(feeds)})
                 outputs[layer] = fuse.get_output_tensor(0).data.copy()

@@ -205,6 +205,23 @@ def e8m0_values() -> np.ndarray:
     return np.append(np.ldexp(1.0, np.arange(255) - 127), np.nan).astype(np.float32)
 
 
+def head_primes(vocab_size: int, max_ngram_size: int, n_heads: int, layers: int) -> list[list[int]]:
+    """Each layer's head primes (orders 2..N, ``n_heads`` each), the smallest unused primes above
+    ``vocab_size`` - 1 in layer order: a layer's table has their sum of rows (``engram_num_embeddings``)."""
+    seen: set[int] = set()
+    by_layer = []
+    for _ in range(layers):
+        primes = []
+        for _ in range(2, max_ngram_size + 1):
+            candidate = vocab_size - 1
+            for _ in range(n_heads):
+                candidate = _next_prime(candidate, seen)
+                seen.add(candidate)
+                primes.append(candidate)
+        by_layer.append(primes)
+    return by_layer
+
+
 def hash_rows_v41(ids: np.ndarray, token_mask: np.ndarray, multipliers, primes, pad: int, n_heads: int) -> np.ndarray:
     """Reference kernel: compressed ids [B,T] and token mask [B,T] -> table rows [B,T,C], int64.
 
@@ -270,20 +287,14 @@ class V41Hashing:
 
     @cached_property
     def _primes_by_layer(self) -> dict[int, list[int]]:
-        config, seen, by_layer = self.config, set[int](), dict[int, list[int]]()
-        for layer_id, rows in zip(config.layer_ids, config.num_embeddings, strict=True):
-            primes = []
-            for _ in range(2, config.max_ngram_size + 1):
-                candidate = config.vocab_size - 1
-                for _ in range(config.n_heads):
-                    candidate = _next_prime(candidate, seen)
-                    seen.add(candidate)
-                    primes.append(candidate)
+        config = self.config
+        by_layer = dict(zip(config.layer_ids, head_primes(config.vocab_size, config.max_ngram_size, config.n_heads,
+                                                          len(config.layer_ids)), strict=True))
+        for (layer_id, primes), rows in zip(by_layer.items(), config.num_embeddings, strict=True):
             if sum(primes) != rows:
                 raise EngramError(
                     f"config: layer {layer_id}'s head primes sum to {sum(primes)}, engram_num_embeddings says {rows}"
                 )
-            by_layer[layer_id] = primes
         return by_layer
 
     def primes(self, layer_id: int) -> list[int]:

@@ -237,7 +237,7 @@ def test_misses_read_from_disk_are_right(served, calibrated, text, form):
     for layer in tiered:
         assert np.array_equal(tiered[layer].fuse(handle, hidden), expected[layer], equal_nan=True)
         stats = tiered[layer].table_stats()
-        assert stats["rows_read"] > stats["hot_hits"] and stats["prefetched_fuses"] == 1
+        assert stats["rows_read"] > stats["hot_hits"] and stats["prefetched_calls"] == 1
         if evicted:
             assert stats["queued_rows"] > 0, stats
 

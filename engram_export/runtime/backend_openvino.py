@@ -146,9 +146,7 @@ class OpenVINOBackend:
             except RuntimeError as exc:  # a tiered table's read failed (a file truncated since load)
                 raise EngramError(f"{self.path.name}: the table lookup failed: {one_line(exc)}") from exc
             if prefetched:
-                with self._decode_lock:
-                    self._fuse_wait_ns += time.perf_counter_ns() - start
-                    self._fused += 1
+                self.count_prefetch_wait(time.perf_counter_ns() - start)
             fuse = self.fuses.take()
             try:
                 result = np.empty(hidden.shape, np.float32) if out is None else out
@@ -161,6 +159,12 @@ class OpenVINOBackend:
                 self.fuses.give_back(fuse)
         finally:
             self.lookups.give_back(lookup)
+
+    def count_prefetch_wait(self, nanoseconds: int) -> None:
+        """A call that finished a prefetched lookup waited this long for it (``table_stats``)."""
+        with self._decode_lock:
+            self._fuse_wait_ns += nanoseconds
+            self._fused += 1
 
     def table_stats(self) -> dict:
         """The tiered table's counters (``tiered.STATS``, rows and bytes), and the time fuses waited for
@@ -175,8 +179,8 @@ class OpenVINOBackend:
         return {
             **stats,
             "read_wait_ms": read_ns / 1e6,
-            "prefetched_fuses": fused,
-            "fuse_wait_ms": fuse_wait_ns / 1e6,
+            "prefetched_calls": fused,
+            "prefetch_wait_ms": fuse_wait_ns / 1e6,
         }
 
     def profile(self, feeds: dict, hidden: np.ndarray, rounds: int, warmup: int) -> list[dict]:

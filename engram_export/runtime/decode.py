@@ -11,6 +11,7 @@ step moves no state through Python; ``reset`` starts every sequence over (pads a
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import openvino
@@ -182,8 +183,10 @@ class DecodeSession:
         if self._prefetched is None:
             return None
         feeds, self._prefetched = self._prefetched[0], None
-        for lookup, _ in self._requests.values():
+        for layer_id, (lookup, _) in self._requests.items():
+            start = time.perf_counter_ns()
             lookup.wait()
+            self._layers[layer_id]._backend.count_prefetch_wait(time.perf_counter_ns() - start)
         return feeds
 
     def _checked(self, input_ids, hidden_by_layer, token_mask=None) -> dict:

@@ -176,8 +176,8 @@ class LayerRuntime:
         since load: ``lookups``, ``hot_hits``, ``cache_hits``, ``rows_read`` (distinct rows per call read
         from the table file), ``bytes_read``, ``page_cache_rows`` (read without waiting: already in the
         page cache), ``queued_rows`` (read on the I/O threads), ``read_wait_ms`` (time calls waited for
-        those), ``calls``, and ``prefetched_fuses`` / ``fuse_wait_ms``: how long ``fuse`` still waited
-        for its prefetched lookup (zero when the prefetch hid every read)."""
+        those), ``calls``, and ``prefetched_calls`` / ``prefetch_wait_ms``: how long ``fuse`` (or a decode
+        step) still waited for its prefetched lookup (zero when the prefetch hid every read)."""
         self._need_openvino("table_stats")
         return self._backend.table_stats()
 

@@ -1,0 +1,354 @@
+"""``engram-export bench --tiered --text FILE [...]``: DeepSeek-V4.1 tables in tiers, on real text.
+
+The text is tokenized by the given tokenizer (the V4.1 preset takes its compression from it); the first
+80% of the tokens calibrate, the rest is served.
+
+1. Hit rates on the released layout (384M rows a layer, counted, no table needed): per layer and n-gram
+   order, the share of the held-out lookups that the hot set serves at budgets of 0.1%, 1% and 10% of
+   the table rows and at every row the calibration text reached, beside the oracle (the best set of the
+   same size, chosen on the held-out text itself); then the hit rate against the amount of calibration
+   text (10%, 50%, 100% of it).
+2. Serving a dense table on disk (``--table-rows`` a layer, V4.1 rows: 256 FP8 codes + 8 E8M0 scales),
+   written once into the work folder and kept between runs; before every round of a cold mode the table
+   is evicted from the page cache (``posix_fadvise(DONTNEED)``), so every miss is a disk read: decode
+   (B = 1 and 8, token by token through decode sessions) and prefill (B = 50, T = 14) with the table
+   resident (``populate``), ``mmap`` cold, ``tiered`` without prefetch, and ``tiered`` with the prefetch
+   issued before a backbone stand-in (a sleep: a GPU backbone leaves the CPU free) of one decode step
+   or one prefill chunk. Reported: tokens/s against resident, per-call p50/p99 of the Engram work on the
+   critical path, the read wait left after the prefetch, rows and bytes read, resident memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from engram_export.core import progress
+from engram_export.core.text import read_text, token_stream, windows
+from engram_export.folders.calibrate import calibrate, choose_hot_rows, row_counts
+from engram_export.folders.pipeline import compile_folder, export_checkpoint
+from engram_export.folders.synthetic import write_v41_checkpoint
+from engram_export.measure.verify import format_table
+from engram_export.models.compression import build_compression_table
+from engram_export.models.config import load_config
+from engram_export.models.deepseek_v41 import V41Config, V41Hashing, head_primes
+from engram_export.runtime import EngramRuntime
+
+__all__ = ["run_tiered_bench"]
+
+BUDGETS = (0.001, 0.01, 0.1)
+ROW_BYTES = 264  # a V4.1 row: 256 FP8 codes and 8 E8M0 scales
+DECODE_BACKBONE_S = 0.015  # one decode step of a GPU backbone
+PREFILL_BACKBONE_S = 0.030  # one prefill chunk of 50 x 14 tokens
+
+
+def _v41_config(tokenizer: Path, rows_per_layer: int | None = None) -> V41Config:
+    """The deepseek-v41 preset with ``tokenizer``'s compression; tables of about ``rows_per_layer`` rows
+    (default: the released 384M)."""
+    lut = build_compression_table(str(tokenizer))
+    config = dataclasses.replace(
+        load_config("deepseek-v41"),
+        tokenizer=str(tokenizer),
+        backbone_vocab_size=len(lut),
+        compressed_vocab_size=int(lut.max()) + 1,
+    )
+    if rows_per_layer is None:
+        return config
+    # the served model: the released row shape, a narrow backbone (hidden 512, not 5120) so that the fuse
+    # stage's projection does not drown the table's costs on a 2-core machine
+    config = dataclasses.replace(config, hidden_size=512)
+    heads = (config.max_ngram_size - 1) * config.n_heads
+    vocab = max(rows_per_layer // heads, config.compressed_vocab_size + 1)
+    primes = head_primes(vocab, config.max_ngram_size, config.n_heads, len(config.layer_ids))
+    return dataclasses.replace(config, vocab_size=vocab, num_embeddings=tuple(sum(p) for p in primes))
+
+
+def _per_order(config, stream: np.ndarray) -> dict[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    hashing = V41Hashing(config)
+    return {layer: row_counts(hashing, config, layer, stream) for layer in config.layer_ids}
+
+
+def _merged(per_order: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.concatenate([r for r, _ in per_order.values()])
+    counts = np.concatenate([c for _, c in per_order.values()])
+    return rows, counts  # orders own disjoint row ranges
+
+
+def _hit(hot: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> float:
+    return float(counts[np.isin(rows, hot, assume_unique=True)].sum() / max(1, counts.sum()))
+
+
+def _oracle(held_out: dict, size: int) -> dict[int, np.ndarray]:
+    """The ``size`` rows (across layers) with the most held-out lookups."""
+    merged = {layer: _merged(orders) for layer, orders in held_out.items()}
+    return choose_hot_rows(merged, dict.fromkeys(merged, 1), size)
+
+
+def hit_rate_tables(config: V41Config, calibration_stream: np.ndarray, held_out_stream: np.ndarray) -> str:
+    stream = np.concatenate([calibration_stream, held_out_stream])
+    cut = len(calibration_stream)
+    with progress.stage(f"counting lookups of {len(stream):,} tokens on the released layout"):
+        calibration, held_out = _per_order(config, stream[:cut]), _per_order(config, stream[cut:])
+    total_rows = sum(config.num_embeddings)
+    reached = {layer: _merged(orders) for layer, orders in calibration.items()}
+    every = sum(len(rows) for rows, _ in reached.values())
+    budgets = [(f"{share:.1%} of rows", int(share * total_rows)) for share in BUDGETS]
+    budgets.append((f"every row reached ({every / total_rows:.2%})", every))
+    orders = sorted(next(iter(calibration.values())))
+    headers = ["hot budget", "rows"] + [f"L{layer} {order}-gram" for layer in config.layer_ids for order in orders]
+    lines = []
+    for name, size in budgets:
+        hot = choose_hot_rows(reached, dict.fromkeys(reached, 1), size)
+        oracle = _oracle(held_out, sum(len(rows) for rows in hot.values()))
+        cells = [
+            f"{_hit(hot[layer], *held_out[layer][order]):.0%} ({_hit(oracle[layer], *held_out[layer][order]):.0%})"
+            for layer in config.layer_ids
+            for order in orders
+        ]
+        lines.append([name, f"{sum(len(r) for r in hot.values()):,}", *cells])
+    table = format_table(lines, headers)
+    amount_lines = []
+    for share in (0.1, 0.5, 1.0):
+        part = _per_order(config, stream[: int(cut * share)]) if share < 1 else calibration
+        seen = {layer: _merged(orders) for layer, orders in part.items()}
+        one_percent = choose_hot_rows(seen, dict.fromkeys(seen, 1), int(0.01 * total_rows))
+        amount_lines.append(
+            [f"{share:.0%} ({int(cut * share):,} tokens)"]
+            + [f"{_hit(seen[layer][0], *_merged(held_out[layer])):.0%}" for layer in config.layer_ids]
+            + [f"{_hit(one_percent[layer], *_merged(held_out[layer])):.0%}" for layer in config.layer_ids]
+        )
+    amount = format_table(
+        amount_lines,
+        ["calibration text"]
+        + [f"L{layer} every row reached" for layer in config.layer_ids]
+        + [f"L{layer} 1% of rows" for layer in config.layer_ids],
+    )
+    return (
+        f"held-out hit rate, released layout ({total_rows:,} rows in {len(config.layer_ids)} layers), "
+        f"{cut:,} tokens calibrate, {len(stream) - cut:,} held out; in brackets the oracle of the same size:\n"
+        f"{table}\n\nheld-out hit rate against the amount of calibration text:\n{amount}"
+    )
+
+
+def _dense_checkpoint(config: V41Config, folder: Path) -> Path:
+    """A V4.1 checkpoint whose tables are written densely (random FP8 codes, no NaN; scales 2^-7..2^0),
+    once: a folder that holds one is reused."""
+    done = folder / "dense.json"
+    record = {"num_embeddings": list(config.num_embeddings), "tokenizer": config.tokenizer}
+    if done.is_file() and json.loads(done.read_text()) == record:
+        return folder
+    checkpoint = write_v41_checkpoint(
+        folder, config.to_dict(), rows={layer: np.zeros(0, np.int64) for layer in config.layer_ids}
+    )
+    rng = np.random.default_rng(0)
+    total = sum(config.num_embeddings) * ROW_BYTES
+    with progress.steps("writing the dense tables", total, "GiB") as counter:
+        for shard in sorted(checkpoint.glob("*.safetensors")):
+            with open(shard, "r+b") as file:
+                (length,) = struct.unpack("<Q", file.read(8))
+                header = json.loads(file.read(length))
+                for name, entry in header.items():
+                    if not name.endswith(("embed.weight", "embed.scale")):
+                        continue
+                    start, end = (8 + length + offset for offset in entry["data_offsets"])
+                    for at in range(start, end, 1 << 28):
+                        size = min(1 << 28, end - at)
+                        if name.endswith("embed.weight"):
+                            data = rng.integers(0, 256, size, np.uint8)
+                            data[(data & 0x7F) == 0x7F] ^= 1  # no NaN codes
+                        else:
+                            data = (120 + rng.integers(0, 8, size)).astype(np.uint8)
+                        file.seek(at)
+                        file.write(data.tobytes())
+                        counter.advance(size)
+    (checkpoint / "tokenizer.json").write_bytes(Path(str(config.tokenizer)).read_bytes())
+    done.write_text(json.dumps(record))
+    return checkpoint
+
+
+def _evict(folder: Path) -> None:
+    """Drop every file under ``folder`` from the page cache (pages a live mapping holds stay)."""
+    gc.collect()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _resident_mib() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+@dataclasses.dataclass
+class _Mode:
+    name: str
+    table_memory: str
+    folder: Path
+    prefetch: bool
+    cold: bool  # evict the table before every round
+
+
+def _decode_round(runtime, ids, hidden, prefetch: bool, latencies: list) -> float:
+    """One round of token-by-token decode of ``ids`` [B, S]; returns its wall time."""
+    batch = ids.shape[0]
+    session = runtime.session(batch)
+    layers = list(runtime)
+    session.prefill(ids[:, :1], {layer: hidden[:, :1] for layer in layers})
+    start = time.perf_counter()
+    for t in range(1, ids.shape[1]):
+        step_ids = ids[:, t : t + 1]
+        if prefetch:
+            session.prefetch(step_ids)
+        time.sleep(DECODE_BACKBONE_S)
+        began = time.perf_counter()
+        session.step(step_ids, {layer: hidden[:, :1] for layer in layers})
+        latencies.append((time.perf_counter() - began) * 1e3)
+    return time.perf_counter() - start
+
+
+def _prefill_round(runtime, batches, hidden, prefetch: bool, latencies: list) -> float:
+    start = time.perf_counter()
+    for ids in batches:
+        handle = runtime.prefetch(ids) if prefetch else None
+        time.sleep(PREFILL_BACKBONE_S)
+        began = time.perf_counter()
+        for layer in runtime:
+            if handle is None:
+                runtime[layer](ids, hidden)
+            else:
+                runtime[layer].fuse(handle, hidden)
+        latencies.append((time.perf_counter() - began) * 1e3)
+    return time.perf_counter() - start
+
+
+def _stats(runtime) -> dict:
+    """The tiered tables' counters, summed over the layers; {} for another table_memory."""
+    if runtime.options.table_memory != "tiered":
+        return {}
+    totals: dict = {}
+    for layer in runtime:
+        for key, value in runtime[layer].table_stats().items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def serving_table(
+    config: V41Config, calibration: Path, held_out: np.ndarray, workdir: Path, steps: int, rounds: int
+) -> str:
+    checkpoint = _dense_checkpoint(config, workdir / "checkpoint")
+    compiled = workdir / "compiled"
+    if not (compiled / "manifest.json").is_file():
+        compile_folder(export_checkpoint(checkpoint, workdir / "onnx"), compiled, "f32")
+    tiered = workdir / "tiered"
+    shutil.rmtree(tiered, ignore_errors=True)
+    report = calibrate(compiled, tiered, [calibration], "1%")
+    reached = sum(entry["rows_reached"] for entry in report["layers"].values())
+    hot = sum(entry["hot_rows"] for entry in report["layers"].values())
+    shapes = {"decode B=1": (1, steps), "decode B=8": (8, steps), "prefill 50x14": (50, 14)}
+    modes = [
+        _Mode("resident (populate)", "populate", compiled, True, False),
+        _Mode("mmap cold", "mmap", compiled, True, True),
+        _Mode("tiered, no prefetch", "tiered", tiered, False, True),
+        _Mode("tiered + prefetch", "tiered", tiered, True, True),
+    ]
+    rng = np.random.default_rng(1)
+    rows, base = [], {}
+    for name, (batch, length) in shapes.items():
+        decode = name.startswith("decode")
+        hidden = rng.standard_normal((batch, 1 if decode else length, config.hc_mult, config.hidden_size))
+        hidden = hidden.astype(np.float32)
+        for mode in modes:
+            latencies: list[float] = []
+            seconds, tokens, runtime, start_rss = 0.0, 0, None, _resident_mib()
+            for round_ in range(rounds):
+                if mode.cold or runtime is None:
+                    runtime = None
+                    if mode.cold:
+                        _evict(mode.folder)
+                    runtime = EngramRuntime(mode.folder, table_memory=mode.table_memory)
+                offset = round_ * 7919
+                if decode:
+                    ids = windows(held_out[offset:], length, batch)
+                    seconds += _decode_round(runtime, ids, hidden, mode.prefetch, latencies)
+                    tokens += batch * (length - 1)
+                else:
+                    batches = [windows(held_out[offset + k * 997 :], length, batch) for k in range(4)]
+                    seconds += _prefill_round(runtime, batches, hidden, mode.prefetch, latencies)
+                    tokens += 4 * batch * length
+            stats, resident = _stats(runtime), _resident_mib() - start_rss
+            runtime = None
+            gc.collect()
+            per_s = tokens / seconds
+            base.setdefault(name, per_s)
+            counted = bool(stats)
+            rows.append(
+                [
+                    name,
+                    mode.name,
+                    f"{per_s:,.0f}",
+                    f"{per_s / base[name]:.3f}",
+                    f"{np.percentile(latencies, 50):.2f}",
+                    f"{np.percentile(latencies, 99):.2f}",
+                    f"{stats['hot_hits'] / max(1, stats['lookups']):.0%}" if counted else "-",
+                    f"{stats['rows_read']:,}" if counted else "-",
+                    f"{stats['bytes_read'] / 2**20:.1f}" if counted else "-",
+                    f"{stats['read_wait_ms']:.1f}" if counted else "-",
+                    f"{stats['prefetch_wait_ms']:.1f}" if counted else "-",
+                    f"{resident:,.0f}",
+                ]
+            )
+    headers = ["workload", "table", "tokens/s", "vs resident", "p50 ms", "p99 ms", "hot hits", "rows read"]
+    headers += ["MiB read", "read wait ms", "call wait ms", "RSS growth MiB"]
+    table = format_table(rows, headers)
+    size = sum(config.num_embeddings) * ROW_BYTES / 2**30
+    hot_mib = hot * ROW_BYTES / 2**20
+    return (
+        f"serving {size:.1f} GiB of tables ({', '.join(f'{r:,}' for r in config.num_embeddings)} rows), evicted "
+        f"from the page cache before every round of the cold modes (a fresh runtime each round); hot set "
+        f"{hot:,} rows, {hot_mib:.0f} MiB (1% of the table rows, {hot / max(1, reached):.1%} of the {reached:,} "
+        f"rows the calibration text reached); backbone stand-in {DECODE_BACKBONE_S * 1e3:.0f} ms a decode step, "
+        f"{PREFILL_BACKBONE_S * 1e3:.0f} ms a prefill chunk; p50/p99: the Engram call on the critical path "
+        f"(step, or fuse after the prefetch); counters of the last round: read wait = time the kernel waited "
+        f"for queued reads, call wait = time the calls still waited for their prefetched lookups; RSS growth: "
+        f"resident memory after the mode's last round minus before its first load\n{table}"
+    )
+
+
+def _split_text(texts: list[Path], workdir: Path) -> tuple[Path, Path]:
+    """The texts cut at 80% of their characters (on a paragraph break): (calibration, held-out) files."""
+    text = "\n\n".join(read_text(path) for path in texts)
+    cut = text.rfind("\n\n", 0, int(len(text) * 0.8))
+    cut = int(len(text) * 0.8) if cut < 0 else cut
+    files = workdir / "calibration.txt", workdir / "held_out.txt"
+    files[0].write_text(text[:cut])
+    files[1].write_text(text[cut:])
+    return files
+
+
+def run_tiered_bench(
+    texts: list[Path], tokenizer: Path, workdir: Path, rows_per_layer: int, steps: int = 48, rounds: int = 2
+) -> None:
+    """Print both tables (see the module) for ``texts``, tokenized by ``tokenizer``."""
+    calibration, held_out = _split_text(texts, workdir)
+    calibration_stream, held_out_stream = (token_stream(tokenizer, [path]) for path in (calibration, held_out))
+    print(
+        f"text: {', '.join(p.name for p in texts)}; {len(calibration_stream):,} tokens calibrate, "
+        f"{len(held_out_stream):,} held out (the last 20% of the text)\n"
+    )
+    print(hit_rate_tables(_v41_config(tokenizer), calibration_stream, held_out_stream))
+    print()
+    config = _v41_config(tokenizer, rows_per_layer)
+    print(serving_table(config, calibration, held_out_stream, workdir, steps, rounds))

@@ -8,7 +8,7 @@ import numpy as np
 
 from engram_export import load_config
 from engram_export.core.text import token_stream
-from engram_export.folders import calibrate
+from engram_export.folders import calibration
 from engram_export.measure import concentration
 from engram_export.models.compression import build_compression_table
 from engram_export.models.deepseek_v41 import V41Config, V41Hashing
@@ -34,7 +34,7 @@ def test_counts_equal_a_brute_force_count(tokenizer_json, tmp_path, monkeypatch)
     (tmp_path / "prose.txt").write_text(PROSE)
     stream = token_stream(config.tokenizer, [tmp_path / "prose.txt"])
     hashing = V41Hashing(config)
-    monkeypatch.setattr(calibrate, "_WINDOW", 100)  # several windows, merged
+    monkeypatch.setattr(calibration, "_WINDOW", 100)  # several windows, merged
     counts = concentration.row_counts(hashing, config, 3, stream)
     expected: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     for start in range(0, len(stream), 100):

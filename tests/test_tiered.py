@@ -22,7 +22,7 @@ import pytest
 from engram_export.core.errors import EngramError
 from engram_export.core.text import token_stream, windows
 from engram_export.folders import compile_folder, export_checkpoint, export_folder, quantize_folder
-from engram_export.folders.calibrate import HELD_OUT, calibrate, choose_hot_rows
+from engram_export.folders.calibration import HELD_OUT, calibrate, choose_hot_rows
 from engram_export.folders.manifest import read_manifest
 from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.models.compression import build_compression_table
@@ -338,6 +338,13 @@ def test_calibrate_cli_and_refusals(served, calibrated, text, tmp_path, monkeypa
         run_cli("calibrate", calibrated["demo f32"], "--text", text, "--hot-budget", "1%", "-o", tmp_path / "again"),
         "already calibrated",
     )
+    refused(
+        run_cli("calibrate", source / "layer_1.xml", "--text", text, "--hot-budget", "1%", "-o", tmp_path / "x"),
+        "takes a folder",
+    )
+    refused(run_cli("bench", "--tiered"), "bench --tiered needs real text: --text FILE")
+    refused(run_cli("bench", "--text", text), "--text and --tokenizer go with --tiered")
+    refused(run_cli("bench", "--tiered", "--text", text, "--table-rows", 10), "--table-rows must be >= 1000000")
     with pytest.raises(EngramError, match="needs a calibrated folder: run engram-export calibrate"):
         EngramRuntime(source, table_memory="tiered")
     with pytest.raises(EngramError, match="serves a folder made by engram-export calibrate"):

@@ -38,7 +38,7 @@ def run(args) -> None:
     if not args.model.is_dir():
         raise EngramError(f"calibrate takes a folder with a manifest; {args.model} is not a folder")
     check_output(args.output, True, "", [args.model])
-    from engram_export.folders.calibrate import calibrate, describe
+    from engram_export.folders.calibration import calibrate, describe
 
     report = calibrate(args.model, args.output, args.text, args.hot_budget, args.copy_table)
     print(describe(report))

@@ -29,7 +29,7 @@ from engram_export.onnx.files import read_onnx_file
 from engram_export.openvino.compile import compile_onnx
 from engram_export.openvino.quantize import calibration_from_text, quantize, read_calibration, read_model
 
-__all__ = list(PIPELINE)  # the names the package serves (engram_export.folders)
+__all__ = [name for name in PIPELINE if name != "calibrate"]  # served by engram_export.folders
 
 log = logging.getLogger(__name__)
 

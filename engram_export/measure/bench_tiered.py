@@ -34,7 +34,7 @@ import psutil
 
 from engram_export.core import progress
 from engram_export.core.text import read_text, token_stream, windows
-from engram_export.folders.calibrate import calibrate, choose_hot_rows, row_counts
+from engram_export.folders.calibration import calibrate, choose_hot_rows, row_counts
 from engram_export.folders.pipeline import compile_folder, export_checkpoint
 from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.measure.verify import format_table
@@ -265,20 +265,23 @@ def serving_table(
         _Mode("tiered + prefetch", "tiered", tiered, True, True),
     ]
     rng = np.random.default_rng(1)
-    rows, base = [], {}
+    rows: list[list[str]] = []
+    base: dict[str, float] = {}
     for name, (batch, length) in shapes.items():
         decode = name.startswith("decode")
         hidden = rng.standard_normal((batch, 1 if decode else length, config.hc_mult, config.hidden_size))
         hidden = hidden.astype(np.float32)
         for mode in modes:
             latencies: list[float] = []
-            seconds, tokens, runtime, start_rss = 0.0, 0, None, _resident_mib()
+            seconds, tokens, runtime, start_rss, load_s = 0.0, 0, None, _resident_mib(), 0.0
             for round_ in range(rounds):
                 if mode.cold or runtime is None:
                     runtime = None
                     if mode.cold:
                         _evict(mode.folder)
+                    began = time.perf_counter()
                     runtime = EngramRuntime(mode.folder, table_memory=mode.table_memory)
+                    load_s = time.perf_counter() - began
                 offset = round_ * 7919
                 if decode:
                     ids = windows(held_out[offset:], length, batch)
@@ -307,11 +310,12 @@ def serving_table(
                     f"{stats['bytes_read'] / 2**20:.1f}" if counted else "-",
                     f"{stats['read_wait_ms']:.1f}" if counted else "-",
                     f"{stats['prefetch_wait_ms']:.1f}" if counted else "-",
+                    f"{load_s:.2f}",
                     f"{resident:,.0f}",
                 ]
             )
     headers = ["workload", "table", "tokens/s", "vs resident", "p50 ms", "p99 ms", "hot hits", "rows read"]
-    headers += ["MiB read", "read wait ms", "call wait ms", "RSS growth MiB"]
+    headers += ["MiB read", "read wait ms", "call wait ms", "load s", "RSS growth MiB"]
     table = format_table(rows, headers)
     size = sum(config.num_embeddings) * ROW_BYTES / 2**30
     hot_mib = hot * ROW_BYTES / 2**20

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engram_export.folders.calibrate import row_counts
+from engram_export.folders.calibration import row_counts
 
 __all__ = ["row_counts", "top_shares", "held_out_coverage", "SHARES"]
 

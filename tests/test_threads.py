@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from engram_export.core.errors import EngramError
 from engram_export.measure.verify import random_inputs
 from engram_export.runtime import EngramRuntime
 
@@ -77,7 +78,7 @@ def test_sessions_in_threads(folders, tiny_config):
 @pytest.mark.parametrize("threads", [None, 1])
 def test_a_failing_inference_raises_whatever_the_thread_count(threads):
     """``stages.infer``, which the decode session and ``profile`` run their requests with, raises the
-    error of a failing inference with one OpenVINO thread too (OpenVINO 2026.4's CPU plugin drops that
+    error of a failing inference (as one line) with one OpenVINO thread too (OpenVINO 2026.4's CPU plugin drops that
     error from a synchronous ``infer`` with ``INFERENCE_NUM_THREADS`` 1 and hands back an empty output)."""
     import openvino
     from openvino import opset13 as ops
@@ -88,7 +89,9 @@ def test_a_failing_inference_raises_whatever_the_thread_count(threads):
     config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
     compiled = openvino.Core().compile_model(openvino.Model([ops.add(x, y)], [x, y]), "CPU", config)
     request = compiled.create_infer_request()
-    with pytest.raises(RuntimeError, match="mismatch"):
+    with pytest.raises(
+        EngramError, match="the Engram call failed: Eltwise shape infer input shapes dim index: 0 mismatch"
+    ):
         infer(request, {"x": np.zeros(6, np.float32), "y": np.zeros(5, np.float32)})
     infer(request, {"x": np.ones(3, np.float32), "y": np.ones(3, np.float32)})
     np.testing.assert_array_equal(request.get_output_tensor(0).data, [2, 2, 2])

@@ -223,11 +223,13 @@ def _evict(folder: Path, path: str, offset: int) -> bool:
         os.close(fd)
 
 
-@pytest.mark.parametrize("form", ["demo u4", "v41 F8_E4M3"])
-def test_misses_read_from_disk_are_right(served, calibrated, text, form):
+@pytest.mark.parametrize(
+    "form,miss_reads", [("demo u4", "threads"), ("v41 F8_E4M3", "threads"), ("v41 F8_E4M3", "readahead")]
+)
+def test_misses_read_from_disk_are_right(served, calibrated, text, form, miss_reads):
     table_middle = _table_middle(calibrated[form])
     resident = EngramRuntime(served[form], table_memory="populate")
-    tiered = EngramRuntime(calibrated[form], table_memory="tiered")
+    tiered = EngramRuntime(calibrated[form], table_memory="tiered", miss_reads=miss_reads)
     ids, hidden, mask = _inputs(resident, text, 50, 14, seed=5)
     ids = (ids * 7 + 11) % resident.info.num_ids  # other n-grams than the text's: mostly misses
     expected = {layer: resident[layer](ids, hidden, mask) for layer in resident}
@@ -349,6 +351,8 @@ def test_calibrate_cli_and_refusals(served, calibrated, text, tmp_path, monkeypa
         EngramRuntime(source, table_memory="tiered")
     with pytest.raises(EngramError, match="serves a folder made by engram-export calibrate"):
         EngramRuntime(source / "layer_1.xml", table_memory="tiered")
+    with pytest.raises(EngramError, match="miss_reads must be one of threads, readahead"):
+        EngramRuntime(calibrated["demo f32"], table_memory="tiered", miss_reads="uring")
     with pytest.raises(EngramError, match="cache_budget is the cache of table_memory='tiered'"):
         EngramRuntime(source, cache_budget="1GiB")
     with pytest.raises(EngramError, match="needs the OpenVINO runtime"):
@@ -360,3 +364,24 @@ def test_calibrate_cli_and_refusals(served, calibrated, text, tmp_path, monkeypa
     monkeypatch.setattr(model, "available_memory", lambda: 1000)
     with pytest.raises(EngramError, match=r"GiB needed, 0\.00 GiB available"):
         EngramRuntime(calibrated["demo f32"], table_memory="tiered", cache_budget="1MiB")
+
+
+def test_a_table_truncated_after_load_fails_the_call_in_one_line(calibrated, text, tmp_path):
+    """The tail is read when a call needs it: a table file cut short after load fails that call (one-shot,
+    prefetched, or a decode step) with one line, never with zeros or a crash."""
+    folder = tmp_path / "copy"
+    shutil.copytree(calibrated["v41 F8_E4M3"], folder)  # copies: the test cuts them
+    runtime = EngramRuntime(folder, table_memory="tiered")
+    ids, hidden, mask = _inputs(runtime, text, 4, 9, seed=4)
+    ids = (ids * 7 + 11) % runtime.info.num_ids  # mostly misses
+    for shard in folder.glob("*.safetensors"):
+        os.truncate(shard, 4096)
+    layer = runtime.layer_ids[0]
+    with pytest.raises(EngramError, match=r"reading row \d+ of the table file: the file ends before it"):
+        runtime[layer](ids, hidden, mask)
+    handle = runtime.prefetch(ids, mask)
+    with pytest.raises(EngramError, match="the file ends before it"):
+        runtime[layer].fuse(handle, hidden)
+    session = runtime.session(4)
+    with pytest.raises(EngramError, match="the file ends before it"):
+        session.prefill(ids, {k: hidden for k in runtime}, mask)

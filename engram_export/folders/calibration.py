@@ -21,6 +21,7 @@ import numpy as np
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
 from engram_export.core.fileio import link_or_copy, staged_folder
+from engram_export.core.integrity import FileChecks
 from engram_export.core.resources import parse_size
 from engram_export.core.text import token_stream
 from engram_export.folders.manifest import read_manifest, write_manifest
@@ -135,7 +136,7 @@ def calibrate(
     hashing, layers = _hashing(manifest.config), {}
     with progress.steps("counting row lookups", len(stream) * len(manifest.layers), "tokens") as counter:
         for layer_id, name in manifest.layers.items():
-            model, _ = read_openvino(source / name)
+            model, _ = read_openvino(source / name, FileChecks("size"))  # the manifest's checks are done
             table = stored_table(split_stages(model)[0])
             if table is None:
                 raise EngramError(

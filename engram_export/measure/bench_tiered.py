@@ -16,6 +16,9 @@ The text is tokenized by the given tokenizer (the V4.1 preset takes its compress
    issued before a backbone stand-in (a sleep: a GPU backbone leaves the CPU free) of one decode step
    or one prefill chunk. Reported: tokens/s against resident, per-call p50/p99 of the Engram work on the
    critical path, the read wait left after the prefetch, rows and bytes read, resident memory.
+3. How to read a call's misses from a cold file: one after another, the tier's two ways (``miss_reads``:
+   the kernel's readahead of every miss at once, or a pool of threads), and a cached row read without
+   the queue.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ from engram_export.measure.verify import format_table
 from engram_export.models.compression import build_compression_table
 from engram_export.models.config import load_config
 from engram_export.models.deepseek_v41 import V41Config, V41Hashing, head_primes
+from engram_export.openvino.tiered import MISS_READS
 from engram_export.runtime import EngramRuntime
 
-__all__ = ["run_tiered_bench"]
+__all__ = ["run_tiered_bench", "v41_with_tokenizer", "hit_rate_tables", "read_strategies"]
 
 BUDGETS = (0.001, 0.01, 0.1)
 ROW_BYTES = 264  # a V4.1 row: 256 FP8 codes and 8 E8M0 scales
@@ -51,7 +55,7 @@ DECODE_BACKBONE_S = 0.015  # one decode step of a GPU backbone
 PREFILL_BACKBONE_S = 0.030  # one prefill chunk of 50 x 14 tokens
 
 
-def _v41_config(tokenizer: Path, rows_per_layer: int | None = None) -> V41Config:
+def v41_with_tokenizer(tokenizer: Path, rows_per_layer: int | None = None) -> V41Config:
     """The deepseek-v41 preset with ``tokenizer``'s compression; tables of about ``rows_per_layer`` rows
     (default: the released 384M)."""
     lut = build_compression_table(str(tokenizer))
@@ -331,6 +335,58 @@ def serving_table(
     )
 
 
+def read_strategies(table: Path, tiered: Path, held_out: np.ndarray, count: int = 4096, rounds: int = 3) -> str:
+    """How to read scattered rows of a cold table file at once (medians of ``rounds``, the files evicted
+    before each): one pread after another (what a page fault costs, in turn), the tier's two ways
+    (``miss_reads``) on the misses of a 50x14 lookup, and a cached row read without the queue."""
+    size = table.stat().st_size
+    rng = np.random.default_rng(3)
+    fd = os.open(table, os.O_RDONLY)
+    lines = []
+    try:
+        times = []
+        for _ in range(rounds):
+            offsets = (rng.integers(0, size // 256 - 1, count) * 256).tolist()
+            _evict(table.parent)
+            start = time.perf_counter()
+            for offset in offsets:
+                os.pread(fd, 256, offset)
+            times.append(time.perf_counter() - start)
+        per_row = float(np.median(times)) / count * 1e6
+        lines.append([f"one pread after another ({count:,} rows)", f"{np.median(times) * 1e3:.1f}", f"{per_row:.1f}"])
+        start = time.perf_counter()
+        for offset in offsets:  # read above: in the page cache now
+            os.preadv(fd, [bytearray(256)], offset, os.RWF_NOWAIT)
+        per_row = (time.perf_counter() - start) / count * 1e6
+        lines.append(["a cached row, preadv2(RWF_NOWAIT) in the caller", "-", f"{per_row:.1f}"])
+    finally:
+        os.close(fd)
+    for miss_reads in MISS_READS:
+        times, queued = [], 0
+        for round_ in range(rounds):
+            _evict(tiered)
+            runtime = EngramRuntime(tiered, table_memory="tiered", miss_reads=miss_reads)
+            layer = runtime.layer_ids[0]
+            ids = windows(held_out[round_ * 4999 :], 14, 50)
+            start = time.perf_counter()
+            runtime[layer].lookup(ids)
+            times.append(time.perf_counter() - start)
+            stats = runtime[layer].table_stats()
+            queued = stats["queued_rows"]
+            wait_ms = stats["read_wait_ms"]
+            del runtime
+        lines.append(
+            [
+                f"the tier, miss_reads={miss_reads!r}: a 50x14 lookup, {queued:,} rows from disk",
+                f"{np.median(times) * 1e3:.1f}",
+                f"{wait_ms * 1e3 / max(1, queued):.1f}",
+            ]
+        )
+    return f"reading scattered rows of a cold {size / 2**30:.1f} GiB table file:\n" + format_table(
+        lines, ["how", "ms", "us a row read"]
+    )
+
+
 def _split_text(texts: list[Path], workdir: Path) -> tuple[Path, Path]:
     """The texts cut at 80% of their characters (on a paragraph break): (calibration, held-out) files."""
     text = "\n\n".join(read_text(path) for path in texts)
@@ -352,7 +408,10 @@ def run_tiered_bench(
         f"text: {', '.join(p.name for p in texts)}; {len(calibration_stream):,} tokens calibrate, "
         f"{len(held_out_stream):,} held out (the last 20% of the text)\n"
     )
-    print(hit_rate_tables(_v41_config(tokenizer), calibration_stream, held_out_stream))
+    print(hit_rate_tables(v41_with_tokenizer(tokenizer), calibration_stream, held_out_stream))
     print()
-    config = _v41_config(tokenizer, rows_per_layer)
+    config = v41_with_tokenizer(tokenizer, rows_per_layer)
     print(serving_table(config, calibration, held_out_stream, workdir, steps, rounds))
+    print()
+    table = max((workdir / "checkpoint").glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    print(read_strategies(table, workdir / "tiered", held_out_stream))

@@ -14,9 +14,9 @@ import openvino
 from openvino import opset13 as ops
 from openvino.preprocess import PrePostProcessor
 
-from engram_export.core.errors import EngramError
+from engram_export.core.errors import EngramError, one_line
 
-__all__ = ["split_stages", "infer", "EMBEDDINGS"]
+__all__ = ["split_stages", "infer", "wait", "EMBEDDINGS"]
 
 EMBEDDINGS = "embeddings"
 
@@ -26,7 +26,16 @@ def infer(request, inputs: dict) -> None:
     ``INFERENCE_NUM_THREADS`` 1 (``EngramRuntime(threads=1)``), the CPU plugin of OpenVINO 2026.4 drops the
     error of a failing synchronous ``infer`` and hands back an empty output; ``wait`` raises it."""
     request.start_async(inputs)
-    request.wait()
+    wait(request)
+
+
+def wait(request) -> None:
+    """Wait for ``request``; a failure inside it (a tiered table's read of a file truncated since load)
+    becomes a one-line ``EngramError``."""
+    try:
+        request.wait()
+    except RuntimeError as exc:
+        raise EngramError(f"the Engram call failed: {one_line(exc)}") from exc
 
 
 def _embeddings_output(model):

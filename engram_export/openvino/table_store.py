@@ -130,15 +130,16 @@ class HugePagesStore(TableStore):
 class TieredStore(MappedStore):
     name, resident = "tiered", False
 
-    def __init__(self, folder: Path, layer_file: str, cache_bytes: int = 0):
+    def __init__(self, folder: Path, layer_file: str, cache_bytes: int = 0, miss_reads: str = "threads"):
         self.folder, self.layer_file, self.cache_bytes = Path(folder), layer_file, cache_bytes
+        self.miss_reads = miss_reads
         self._tiers: dict[tuple, Tier] = {}  # the decode stages share the lookup stage's table: one tier
 
     def tier(self, parts: list[np.ndarray], layout: RowLayout) -> int:
         key = tuple(part.ctypes.data for part in parts)
         if key not in self._tiers:
             hot = read_hot_set(self.folder, self.layer_file, layout)
-            self._tiers[key] = open_tier(parts, layout, hot, self.cache_bytes)
+            self._tiers[key] = open_tier(parts, layout, hot, self.cache_bytes, self.miss_reads)
         return self._tiers[key].id
 
     def stats(self) -> dict[str, int]:

@@ -24,7 +24,17 @@ import numpy as np
 from engram_export.core.errors import EngramError
 from engram_export.openvino.extension import library_path
 
-__all__ = ["RowLayout", "HOT_PARTS", "hot_set_files", "pack_hot_rows", "read_hot_set", "open_tier", "Tier", "STATS"]
+__all__ = [
+    "RowLayout",
+    "HOT_PARTS",
+    "MISS_READS",
+    "hot_set_files",
+    "pack_hot_rows",
+    "read_hot_set",
+    "open_tier",
+    "Tier",
+    "STATS",
+]
 
 HOT_PARTS = ("rows", "codes", "scales", "zero_points")
 STATS = (
@@ -187,6 +197,7 @@ class _Spec(ctypes.Structure):
         ("hot_parts", ctypes.c_void_p * 3),
         ("cache_bytes", ctypes.c_uint64),
         ("io_threads", ctypes.c_uint32),
+        ("read_ahead", ctypes.c_uint32),
     ]
 
 
@@ -214,14 +225,24 @@ class Tier:
         return dict(zip(STATS, (int(v) for v in values), strict=True))
 
 
+MISS_READS = ("threads", "readahead")  # the first is the default: faster where measured (docs/tiered.md)
+
+
 def open_tier(
-    parts: list[np.ndarray], layout: RowLayout, hot: HotSet | None, cache_bytes: int, io_threads: int = 64
+    parts: list[np.ndarray],
+    layout: RowLayout,
+    hot: HotSet | None,
+    cache_bytes: int,
+    miss_reads: str = "threads",
+    io_threads: int = 64,
 ) -> Tier:
     """A tier over the table whose stored bytes are ``parts`` (codes, [scales], [zero points], as mapped
-    by the model), its ``hot`` rows resident, misses read from the files under those mappings."""
+    by the model), its ``hot`` rows resident, misses read from the files under those mappings on
+    ``io_threads`` threads (``"threads"``), or all handed to the kernel's readahead at once and then read
+    in the calling thread (``"readahead"``)."""
     spec = _Spec(table_rows=layout.table_rows, zero_bits=layout.zero_bits, zero_value_bits=layout.zero_value_bits)
     spec.part_bytes[:] = [layout.row_bytes, layout.scale_bytes]
-    spec.cache_bytes, spec.io_threads = cache_bytes, io_threads
+    spec.cache_bytes, spec.io_threads, spec.read_ahead = cache_bytes, io_threads, miss_reads == "readahead"
     present = [True, bool(layout.scale_bytes), bool(layout.zero_bits)]
     files, keep = [], [parts, hot]
     try:

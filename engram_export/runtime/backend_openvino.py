@@ -19,7 +19,7 @@ from engram_export.core.integrity import FileChecks
 from engram_export.openvino import row_kernel
 from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.extension import openvino_core
-from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages
+from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages, wait
 from engram_export.openvino.table_store import TableStore
 from engram_export.runtime.decode import decode_stages
 from engram_export.runtime.options import RuntimeOptions
@@ -141,10 +141,7 @@ class OpenVINOBackend:
         the lookup was started by a prefetch, and the time waited for it counts in ``table_stats``."""
         try:
             start = time.perf_counter_ns()
-            try:
-                lookup.wait()
-            except RuntimeError as exc:  # a tiered table's read failed (a file truncated since load)
-                raise EngramError(f"{self.path.name}: the table lookup failed: {one_line(exc)}") from exc
+            wait(lookup)
             if prefetched:
                 self.count_prefetch_wait(time.perf_counter_ns() - start)
             fuse = self.fuses.take()
@@ -153,7 +150,7 @@ class OpenVINOBackend:
                 fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
                 fuse.set_output_tensor(0, openvino.Tensor(result, shared_memory=True))
                 fuse.start_async({"hidden_states": hidden, **fuse_feeds(feeds)}, share_inputs=True)
-                fuse.wait()
+                wait(fuse)
                 return result
             finally:
                 self.fuses.give_back(fuse)
@@ -210,7 +207,7 @@ class OpenVINOBackend:
         """The lookup stage alone: the embeddings the fuse stage receives, as float32."""
         request = self.start_lookup(feeds)
         try:
-            request.wait()
+            wait(request)
             return _as_float32(request.get_output_tensor(0))
         finally:
             self.lookups.give_back(request)

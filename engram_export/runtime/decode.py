@@ -21,7 +21,7 @@ from openvino.op.util import Variable, VariableInfo
 
 from engram_export.contract.inputs import check_inputs, check_lookup_inputs, fuse_feeds
 from engram_export.core.errors import EngramError
-from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages
+from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages, wait
 
 __all__ = ["decode_stages", "DecodeSession"]
 
@@ -185,7 +185,7 @@ class DecodeSession:
         feeds, self._prefetched = self._prefetched[0], None
         for layer_id, (lookup, _) in self._requests.items():
             start = time.perf_counter_ns()
-            lookup.wait()
+            wait(lookup)
             self._layers[layer_id]._backend.count_prefetch_wait(time.perf_counter_ns() - start)
         return feeds
 

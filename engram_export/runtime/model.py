@@ -10,6 +10,7 @@ decode sessions build on the OpenVINO backend's two stages (``openvino/stages.py
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ from engram_export.core.fileio import check_input_file
 from engram_export.core.integrity import FileChecks
 from engram_export.core.resources import available_memory
 from engram_export.folders.manifest import Manifest, read_manifest
+from engram_export.openvino.stages import wait
 from engram_export.openvino.table_store import TableStore, TieredStore
 from engram_export.runtime.backend import load_backend, supports_stages
 from engram_export.runtime.decode import DecodeSession
@@ -69,7 +71,7 @@ class Prefetch:
         """Block until every lookup not yet fused has finished."""
         with self._lock:
             for _, request in self._lookups.values():
-                request.wait()
+                wait(request)
 
     def _take(self, layer: int, backend):
         """The lookup request of ``layer``, once: refused for another runtime or a second use."""
@@ -82,7 +84,8 @@ class Prefetch:
 
     def __del__(self):
         for backend, request in getattr(self, "_lookups", {}).values():
-            request.wait()
+            with contextlib.suppress(RuntimeError):  # a failed lookup: the request is still reusable
+                request.wait()
             backend.lookups.give_back(request)
 
 
@@ -234,6 +237,9 @@ class EngramRuntime(Mapping):
             ``rt[L].table_stats()`` counts hits and reads).
         cache_budget: with ``"tiered"``, a size (``"2GiB"`` or bytes) of rows read lately kept in memory,
             split evenly over the layers (default 0: none).
+        miss_reads: with ``"tiered"``, how the rows not in memory are read: ``"threads"`` (default: on a
+            pool of 64 threads, all at once) or ``"readahead"`` (every read handed to the kernel's readahead
+            at once, then read: no thread per read; slower on this project's machine, docs/tiered.md).
         lookup_kernel: read the table with the extension's row kernel (default) or, with False, with
             OpenVINO's own Gather and decode ops (for comparison; ``table_memory`` is then ignored).
         ov_config: OpenVINO properties passed to ``compile_model`` over the defaults (precision hint,
@@ -400,4 +406,4 @@ def _tiered_stores(folder: Path, manifest: Manifest, options: RuntimeOptions) ->
             f"{available / 2**30:.2f} GiB available"
         )
     cache = cache_budget // len(manifest.layers)
-    return {layer: TieredStore(folder, name, cache) for layer, name in manifest.layers.items()}
+    return {layer: TieredStore(folder, name, cache, options.miss_reads) for layer, name in manifest.layers.items()}

@@ -16,6 +16,7 @@ from engram_export.core.errors import EngramError
 from engram_export.core.integrity import FileChecks, file_checks
 from engram_export.core.resources import parse_size
 from engram_export.openvino.table_store import TABLE_STORES
+from engram_export.openvino.tiered import MISS_READS
 
 __all__ = ["RuntimeOptions", "RUNTIMES"]
 
@@ -34,6 +35,7 @@ class RuntimeOptions:
     ov_config: Mapping | None = None
     table_memory: str = "mmap"
     cache_budget: int | str = 0  # bytes of rows read lately kept by a tiered table (a size: "2GiB")
+    miss_reads: str = "threads"  # how a tiered table reads its misses (openvino/tiered.py)
     lookup_kernel: bool = True
 
     def __post_init__(self):
@@ -57,6 +59,8 @@ class RuntimeOptions:
         object.__setattr__(self, "cache_budget", parse_size(self.cache_budget, "cache_budget"))
         if self.cache_budget and self.table_memory != "tiered":
             raise EngramError("cache_budget is the cache of table_memory='tiered'; other table_memory modes take none")
+        if self.miss_reads not in MISS_READS:
+            raise EngramError(f"miss_reads must be one of {', '.join(MISS_READS)}, got {self.miss_reads!r}")
         if self.table_memory == "tiered" and (self.runtime != "ov" or self.lookup_kernel is not True):
             raise EngramError("table_memory='tiered' needs the OpenVINO runtime with its row kernel (runtime='ov')")
         if not isinstance(self.lookup_kernel, bool):

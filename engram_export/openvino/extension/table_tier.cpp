@@ -159,7 +159,7 @@ Tier::Tier(const EngramTierSpec& spec) : m_spec(spec), m_impl(std::make_unique<I
     m_impl->record = spec.part_bytes[0] + spec.part_bytes[1] + m_impl->zero_bytes;
     m_impl->cache = std::make_unique<RowCache>(spec.cache_bytes / (m_impl->record + kCacheEntryOverhead),
                                                m_impl->record);
-    ReadPool::with_threads(std::max<uint32_t>(1, spec.io_threads));
+    if (!spec.read_ahead) ReadPool::with_threads(std::max<uint32_t>(1, spec.io_threads));
 }
 
 Tier::~Tier() {
@@ -260,8 +260,23 @@ void Tier::resolve(size_t count, const std::function<uint64_t(size_t)>& row, std
     impl.stats[ENGRAM_PAGE_CACHE_ROWS] += read - queued.size();
     if (!queued.empty()) {
         const auto start = std::chrono::steady_clock::now();
-        ReadPool::with_threads(0).run(queued.size(), std::max<uint32_t>(1, spec.io_threads),
-                                      [&](size_t k) { read_row(queued[k], 0); });
+        if (spec.read_ahead) {
+            for (size_t u : queued) {  // every read in flight at once, then each waits for its own pages
+                const uint64_t r = unique[u], zero_bit = r * spec.zero_bits;
+                const uint64_t offsets[3] = {spec.offsets[0] + r * spec.part_bytes[0],
+                                             spec.offsets[1] + r * spec.part_bytes[1], spec.offsets[2] + zero_bit / 8};
+                const uint64_t lengths[3] = {spec.part_bytes[0], spec.part_bytes[1],
+                                             (zero_bit % 8 + spec.zero_bits + 7) / 8};
+                for (int p = 0; p < 3; ++p)
+                    if (impl.fds[p] >= 0)
+                        posix_fadvise(impl.fds[p], static_cast<off_t>(offsets[p]), static_cast<off_t>(lengths[p]),
+                                      POSIX_FADV_WILLNEED);
+            }
+            for (size_t u : queued) read_row(u, 0);
+        } else {
+            ReadPool::with_threads(0).run(queued.size(), std::max<uint32_t>(1, spec.io_threads),
+                                          [&](size_t k) { read_row(queued[k], 0); });
+        }
         impl.stats[ENGRAM_READ_NS] += static_cast<uint64_t>(
             std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count());
         impl.stats[ENGRAM_QUEUED_ROWS] += queued.size();

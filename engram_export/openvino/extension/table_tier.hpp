@@ -2,8 +2,10 @@
 // chose live packed in memory and are found in O(1) through a bitmap with a rank per 512 rows; rows read
 // lately may be kept in a bounded CLOCK cache; every other row is read from the table file. A call's
 // misses are read at once: a row whose pages are in the page cache is read in the calling thread
-// (preadv2 with RWF_NOWAIT), the rest on a pool of I/O threads, in parallel. Rows come back in their
-// stored form (codes, scales, zero points) and EngramGatherRows decodes them as it decodes the file's.
+// (preadv2 with RWF_NOWAIT); the rest are read on a pool of I/O threads, all at once, or (read_ahead)
+// all handed to the kernel's readahead first (posix_fadvise WILLNEED: in flight at once, no thread per
+// read) and then read in the calling thread. Rows come back in their stored form (codes, scales, zero points) and EngramGatherRows
+// decodes them as it decodes the file's.
 //
 // Python makes a tier with engram_tier_open (ctypes) and passes its id to EngramGatherRows as the
 // attribute `tier`; the memory of the hot rows belongs to Python and must outlive the tier.
@@ -32,7 +34,8 @@ struct EngramTierSpec {
     uint64_t hot_rows;
     const uint8_t* hot_parts[3];  // the hot rows packed in row order, in the parts' stored form
     uint64_t cache_bytes;     // the CLOCK cache of rows read (0: none)
-    uint32_t io_threads;      // reads in flight at once
+    uint32_t io_threads;      // reads in flight at once on the pool (read_ahead 0)
+    uint32_t read_ahead;      // 1: the kernel's readahead (fadvise WILLNEED) of every miss, then read them
 };
 
 // Statistics, in this order, for engram_tier_stats

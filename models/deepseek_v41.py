@@ -288,8 +288,8 @@ class V41Hashing:
     @cached_property
     def _primes_by_layer(self) -> dict[int, list[int]]:
         config = self.config
-        primes = head_primes(config.vocab_size, config.max_ngram_size, config.n_heads, len(config.layer_ids))
-        by_layer = dict(zip(config.layer_ids, primes, strict=True))
+        per_layer = head_primes(config.vocab_size, config.max_ngram_size, config.n_heads, len(config.layer_ids))
+        by_layer = dict(zip(config.layer_ids, per_layer, strict=True))
         for (layer_id, primes), rows in zip(by_layer.items(), config.num_embeddings, strict=True):
             if sum(primes) != rows:
                 raise EngramError(

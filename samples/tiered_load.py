@@ -61,7 +61,7 @@ def main(workdir: Path, budget: str) -> None:
     tables = sum(config.num_embeddings) * 264 / 2**30
     print(
         f"tiered load: {load:.1f} s, resident memory +{grown / 2**30:.2f} GiB (hot sets {hot / 2**30:.2f} GiB, "
-        f"tables {tables:.0f} GiB); first 50x14 lookup {first * 1e3:.0f} ms; "
+        f"tables {tables:.0f} GiB); first 50x14 lookup (windows of the calibration text) {first * 1e3:.0f} ms; "
         f"{stats['hot_hits'] / max(1, stats['lookups']):.0%} of its lookups hot"
     )
 

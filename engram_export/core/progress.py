@@ -46,6 +46,7 @@ class _Steps:
     def __init__(self, what: str, total: float, unit: str, every: float):
         self.what, self.total, self.unit, self.every = what, total, unit, every
         self.done, self._shown = 0.0, time.perf_counter()
+        self._lock = threading.Lock()  # workers of one stage advance it from several threads
 
     def set(self, done: float, force: bool = False) -> None:
         self.done = done
@@ -64,7 +65,8 @@ class _Steps:
             )
 
     def advance(self, amount: float = 1) -> None:
-        self.set(self.done + amount)
+        with self._lock:
+            self.set(self.done + amount)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +88,22 @@ def row_counts(
 
 
 def _merge_all(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    rows, inverse = np.unique(np.concatenate([r for r, _ in parts]), return_inverse=True)
-    counts = np.bincount(inverse, weights=np.concatenate([c for _, c in parts]), minlength=len(rows))
-    return rows, counts.astype(np.int64)
+    """(rows, counts) of several such pairs, a row's counts summed. Each row is packed with its count
+    into one uint64 and the keys sorted (no argsort: about 3x faster); past 63 bits, ``np.unique``."""
+    rows = np.concatenate([r for r, _ in parts])
+    counts = np.concatenate([c for _, c in parts])
+    if not len(rows):
+        return _EMPTY
+    count_bits = max(1, int(counts.max()).bit_length())
+    if int(rows.max()).bit_length() + count_bits > 63:
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return unique, np.bincount(inverse, weights=counts, minlength=len(unique)).astype(np.int64)
+    keys = rows.astype(np.uint64) << np.uint64(count_bits) | counts.astype(np.uint64)
+    keys.sort()
+    sorted_rows = (keys >> np.uint64(count_bits)).astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+    summed = np.add.reduceat((keys & np.uint64((1 << count_bits) - 1)).astype(np.int64), starts)
+    return sorted_rows[starts], summed
 
 
 def _all_orders(counts: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -133,18 +148,26 @@ def calibrate(
     cut = len(stream) - max(1, int(len(stream) * HELD_OUT))
     if cut < 1:
         raise EngramError(f"text: {len(stream)} tokens; calibrate needs at least 2 (the last tenth is held out)")
-    hashing, layers = _hashing(manifest.config), {}
+    hashing = _hashing(manifest.config)
+    tables: dict[int, StoredTable] = {}
+    for layer_id, name in manifest.layers.items():  # every layer's table checked before any counting
+        model, _ = read_openvino(source / name, FileChecks("size"))  # the manifest's checks are done
+        table = stored_table(split_stages(model)[0])
+        if table is None:
+            raise EngramError(
+                f"{source / name}: its table is not one the row kernel reads, so it cannot be served in tiers"
+            )
+        tables[layer_id] = table
     with progress.steps("counting row lookups", len(stream) * len(manifest.layers), "tokens") as counter:
-        for layer_id, name in manifest.layers.items():
-            model, _ = read_openvino(source / name, FileChecks("size"))  # the manifest's checks are done
-            table = stored_table(split_stages(model)[0])
-            if table is None:
-                raise EngramError(
-                    f"{source / name}: its table is not one the row kernel reads, so it cannot be served in tiers"
-                )
+
+        def count(layer_id: int) -> _Layer:
             calibration = _all_orders(row_counts(hashing, manifest.config, layer_id, stream[:cut], counter))
             held_out = _all_orders(row_counts(hashing, manifest.config, layer_id, stream[cut:], counter))
-            layers[layer_id] = _Layer(name, table, calibration, held_out)
+            return _Layer(manifest.layers[layer_id], tables[layer_id], calibration, held_out)
+
+        # a thread per layer: numpy's sorts, most of the work, run without the GIL
+        with ThreadPoolExecutor(min(len(tables), os.cpu_count() or 1)) as workers:
+            layers = dict(zip(tables, workers.map(count, tables), strict=True))
     row_bytes = {layer_id: layer.table.layout.bytes_per_row for layer_id, layer in layers.items()}
     total = int(sum(layer.table.layout.table_rows * row_bytes[layer_id] for layer_id, layer in layers.items()))
     budget = parse_size(hot_budget, "hot budget", whole=total)

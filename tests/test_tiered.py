@@ -184,6 +184,17 @@ def test_hot_set_is_the_brute_force_choice(served, text, tmp_path):
         assert report["layers"][str(layer)]["held_out_hit_rate"] == pytest.approx(hits)
 
 
+def test_a_budget_too_small_for_one_row_serves_every_row_from_disk(served, text, tmp_path):
+    report = calibrate(served["v41 F8_E4M3"], tmp_path / "none", [text], 1)
+    assert all(entry["hot_rows"] == 0 and entry["held_out_hit_rate"] == 0 for entry in report["layers"].values())
+    resident = EngramRuntime(served["v41 F8_E4M3"], table_memory="populate")
+    tiered = EngramRuntime(tmp_path / "none", table_memory="tiered")
+    ids, hidden, mask = _inputs(resident, text, 3, 5)
+    for layer in resident:
+        assert np.array_equal(tiered[layer](ids, hidden, mask), resident[layer](ids, hidden, mask))
+        assert tiered[layer].table_stats()["hot_hits"] == 0
+
+
 def test_choose_hot_rows_weighs_bytes():
     counts = {1: (np.array([5, 9]), np.array([10, 5])), 2: (np.array([7]), np.array([12]))}
     # layer 2's row costs 3x the bytes: its 12 lookups / 300 B earn less than 5 lookups / 100 B

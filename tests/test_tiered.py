@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import engram_export.core.resources as resources
 from engram_export.core.errors import EngramError
 from engram_export.core.text import token_stream, windows
 from engram_export.folders import compile_folder, export_checkpoint, export_folder, quantize_folder
@@ -370,6 +371,17 @@ def test_calibrate_cli_and_refusals(served, calibrated, text, tmp_path, monkeypa
         EngramRuntime(calibrated["demo f32 onnx"], table_memory="tiered", runtime="ort")
     with pytest.raises(EngramError, match="table_stats counts a tiered table"):
         EngramRuntime(source)[1].table_stats()
+    refused(
+        run_cli("calibrate", source, "--text", text, "--hot-budget", "1%", "-o", source), "would overwrite an input"
+    )
+    almost_full = shutil.disk_usage("/")._replace(free=1000)
+    with monkeypatch.context() as patch:
+        patch.setattr(resources.shutil, "disk_usage", lambda _: almost_full)
+        refused(
+            run_cli("calibrate", source, "--text", text, "--hot-budget", "1%", "-o", tmp_path / "full"),
+            "the hot sets",
+        )
+    assert not (tmp_path / "full").exists()
     import engram_export.runtime.model as model
 
     monkeypatch.setattr(model, "available_memory", lambda: 1000)

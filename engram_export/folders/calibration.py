@@ -22,9 +22,9 @@ import numpy as np
 
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
-from engram_export.core.fileio import link_or_copy, staged_folder
+from engram_export.core.fileio import check_output_folder, link_or_copy, staged_folder
 from engram_export.core.integrity import FileChecks
-from engram_export.core.resources import parse_size
+from engram_export.core.resources import parse_size, require_disk
 from engram_export.core.text import token_stream
 from engram_export.folders.manifest import read_manifest, write_manifest
 from engram_export.models.config import is_deepseek_v41
@@ -142,6 +142,7 @@ def calibrate(
     report recorded in the new manifest (``calibration``)."""
     source, output = Path(source), Path(output)
     manifest = read_manifest(source)
+    check_output_folder(output, [source])
     if manifest.calibration is not None:
         raise EngramError(f"{source} is already calibrated: calibrate the folder it was made from")
     stream = token_stream(manifest.config.tokenizer, list(texts))
@@ -174,6 +175,8 @@ def calibrate(
     if budget == 0:
         raise EngramError(f"hot budget must be more than 0 bytes, got {hot_budget!r}")
     hot = choose_hot_rows({layer_id: layer.calibration for layer_id, layer in layers.items()}, row_bytes, budget)
+    hot_bytes = int(sum(len(rows) * row_bytes[layer_id] for layer_id, rows in hot.items()))
+    require_disk(output.parent, hot_bytes, f"the hot sets ({sum(len(rows) for rows in hot.values()):,} rows)")
     report: dict = {
         "hot_budget_bytes": budget,
         "tables_bytes": total,

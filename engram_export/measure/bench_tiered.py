@@ -278,14 +278,13 @@ def serving_table(
         for mode in modes:
             latencies: list[float] = []
             seconds, tokens, runtime, start_rss, load_s = 0.0, 0, None, _resident_mib(), 0.0
-            for round_ in range(rounds):
-                if mode.cold or runtime is None:
-                    runtime = None
-                    if mode.cold:
-                        _evict(mode.folder)
-                    began = time.perf_counter()
-                    runtime = EngramRuntime(mode.folder, table_memory=mode.table_memory)
-                    load_s = time.perf_counter() - began
+            for round_ in range(rounds):  # a fresh runtime each round in every mode: none runs warmer
+                runtime = None
+                if mode.cold:
+                    _evict(mode.folder)
+                began = time.perf_counter()
+                runtime = EngramRuntime(mode.folder, table_memory=mode.table_memory)
+                load_s = time.perf_counter() - began
                 offset = round_ * 7919
                 if decode:
                     ids = windows(held_out[offset:], length, batch)
@@ -325,7 +324,7 @@ def serving_table(
     hot_mib = hot * ROW_BYTES / 2**20
     return (
         f"serving {size:.1f} GiB of tables ({', '.join(f'{r:,}' for r in config.num_embeddings)} rows), evicted "
-        f"from the page cache before every round of the cold modes (a fresh runtime each round); hot set "
+        f"from the page cache before every round of the cold modes; {rounds} rounds, a fresh runtime each; hot set "
         f"{hot:,} rows, {hot_mib:.0f} MiB (1% of the table rows, {hot / max(1, reached):.1%} of the {reached:,} "
         f"rows the calibration text reached); backbone stand-in {DECODE_BACKBONE_S * 1e3:.0f} ms a decode step, "
         f"{PREFILL_BACKBONE_S * 1e3:.0f} ms a prefill chunk; p50/p99: the Engram call on the critical path "
@@ -399,7 +398,7 @@ def _split_text(texts: list[Path], workdir: Path) -> tuple[Path, Path]:
 
 
 def run_tiered_bench(
-    texts: list[Path], tokenizer: Path, workdir: Path, rows_per_layer: int, steps: int = 48, rounds: int = 2
+    texts: list[Path], tokenizer: Path, workdir: Path, rows_per_layer: int, steps: int = 48, rounds: int = 3
 ) -> None:
     """Print both tables (see the module) for ``texts``, tokenized by ``tokenizer``."""
     calibration, held_out = _split_text(texts, workdir)

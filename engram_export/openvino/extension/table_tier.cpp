@@ -43,16 +43,17 @@ public:
         } batch;
         const size_t tasks = std::max<size_t>(1, std::min(n, width));
         batch.running = tasks;
-        {
-            std::lock_guard<std::mutex> lock(m_mutex);
-            for (size_t t = 0; t < tasks; ++t)
+        for (size_t t = 0; t < tasks; ++t) {
+            {
+                std::lock_guard<std::mutex> lock(m_mutex);
                 m_queue.emplace_back([&batch, &work, n] {
                     for (size_t i = batch.next++; i < n; i = batch.next++) work(i);
                     std::lock_guard<std::mutex> finished(batch.mutex);
                     if (--batch.running == 0) batch.done.notify_one();
                 });
+            }
+            m_ready.notify_one();  // a thread per task: the others sleep on (no herd of 64 for 3 reads)
         }
-        m_ready.notify_all();
         std::unique_lock<std::mutex> lock(batch.mutex);
         batch.done.wait(lock, [&batch] { return batch.running == 0; });
     }

@@ -17,7 +17,7 @@ import pytest
 from engram_export.core.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint
 from engram_export.folders.synthetic import write_v41_checkpoint
-from engram_export.openvino import row_kernel, table_store
+from engram_export.openvino import memory, row_kernel, table_store
 from engram_export.openvino.quantize import QuantizeOptions, quantize
 from engram_export.runtime import EngramRuntime
 from tests.v41_spec import TINY
@@ -231,7 +231,7 @@ def test_populate_maps_every_page_and_mmap_none(tmp_path):
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 64 << 20, np.uint8).tobytes())
     lazy = np.memmap(path, np.uint8, "r")
     before = _rss_file_mib()
-    table_store._madvise(lazy, mmap.MADV_RANDOM)
+    memory.madvise(lazy, mmap.MADV_RANDOM)
     assert _rss_file_mib() - before < 8
     eager = np.memmap(path, np.uint8, "r")
     before = _rss_file_mib()

@@ -22,7 +22,6 @@ here, registered in ``TABLE_STORES``; nothing else in the runtime branches on it
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 from pathlib import Path
 from typing import ClassVar
@@ -32,6 +31,7 @@ import psutil
 
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
+from engram_export.openvino.memory import MADV_POPULATE_READ, PAGE, huge_page_copy, madvise
 from engram_export.openvino.tiered import RowLayout, Tier, open_tier, read_hot_set
 
 __all__ = [
@@ -45,24 +45,12 @@ __all__ = [
     "populate",
 ]
 
-_PAGE = mmap.PAGESIZE
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE, _MADV_POPULATE_READ = 14, 22
-
-
-def _madvise(array: np.ndarray, advice: int) -> bool:
-    """``madvise`` on the pages under ``array``; False where the kernel refuses the advice."""
-    start = array.ctypes.data // _PAGE * _PAGE
-    length = array.ctypes.data + array.nbytes - start
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
-
 
 def populate(data: np.ndarray, name: str) -> np.ndarray:
     """Fault in every page of the mapping ``data`` now; returns it."""
-    if not _madvise(data, _MADV_POPULATE_READ):  # Linux < 5.14: touch one byte per page
+    if not madvise(data, MADV_POPULATE_READ):  # Linux < 5.14: touch one byte per page
         with progress.stage(f"reading {name} into memory ({data.nbytes / 2**30:.2f} GiB)"):
-            int(data[::_PAGE].sum())
+            int(data[::PAGE].sum())
     return data
 
 
@@ -103,7 +91,7 @@ class MappedStore(TableStore):
     name, resident = "mmap", False
 
     def place(self, data: np.ndarray, name: str) -> np.ndarray:
-        _madvise(data, mmap.MADV_RANDOM)
+        madvise(data, mmap.MADV_RANDOM)
         return data
 
 
@@ -118,13 +106,8 @@ class HugePagesStore(TableStore):
     name, resident = "hugepages", True
 
     def place(self, data: np.ndarray, name: str) -> np.ndarray:
-        buffer = np.empty(data.nbytes + _HUGE_PAGE, np.uint8)
-        start = -buffer.ctypes.data % _HUGE_PAGE
-        copy = buffer[start : start + data.nbytes]
-        _madvise(copy, _MADV_HUGEPAGE)  # before the first touch, so the kernel backs it with huge pages
         with progress.stage(f"copying {name} into huge pages ({data.nbytes / 2**30:.2f} GiB)"):
-            copy[:] = data
-        return copy  # a view: keeps `buffer` alive
+            return huge_page_copy(data)
 
 
 class TieredStore(MappedStore):

@@ -23,6 +23,7 @@ import numpy as np
 
 from engram_export.core.errors import EngramError
 from engram_export.openvino.extension import library_path
+from engram_export.openvino.memory import huge_page_copy
 
 __all__ = [
     "RowLayout",
@@ -48,7 +49,6 @@ STATS = (
     "read_ns",
     "calls",
 )
-_HUGE_PAGE = 2 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,22 +114,6 @@ class HotSet:
     ranks: np.ndarray  # u64, set bits before each block
     parts: dict[str, np.ndarray]  # part -> packed stored bytes (resident)
 
-    @property
-    def nbytes(self) -> int:
-        return self.bits.nbytes + self.ranks.nbytes + sum(p.nbytes for p in self.parts.values())
-
-
-def _resident_copy(source: np.ndarray) -> np.ndarray:
-    """``source`` copied into anonymous memory backed by transparent huge pages where the kernel gives them."""
-    buffer = np.empty(source.nbytes + _HUGE_PAGE, np.uint8)
-    start = -buffer.ctypes.data % _HUGE_PAGE
-    copy = buffer[start : start + source.nbytes]
-    if copy.nbytes >= _HUGE_PAGE:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(copy.ctypes.data), ctypes.c_size_t(copy.nbytes // _HUGE_PAGE * _HUGE_PAGE), 14)
-    copy[:] = source.reshape(-1).view(np.uint8)
-    return copy
-
 
 def read_hot_set(folder: Path, layer_file: str, layout: RowLayout) -> HotSet:
     """The hot set of ``layer_file`` read from ``folder`` into memory, checked against ``layout``."""
@@ -163,7 +147,7 @@ def read_hot_set(folder: Path, layer_file: str, layout: RowLayout) -> HotSet:
         bits[word[starts]] = np.add.reduceat(np.left_shift(np.uint64(1), (rows & 63).astype(np.uint64)), starts)
     per_block = np.bitwise_count(bits).reshape(-1, 8).sum(axis=1, dtype=np.uint64)
     ranks = np.concatenate([[0], np.cumsum(per_block)[:-1]]).astype(np.uint64)
-    return HotSet(len(rows), bits, ranks, {part: _resident_copy(array) for part, array in arrays.items()})
+    return HotSet(len(rows), bits, ranks, {part: huge_page_copy(array) for part, array in arrays.items()})
 
 
 def _file_region(array: np.ndarray) -> tuple[str, int, int, int] | None:

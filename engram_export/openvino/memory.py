@@ -1,0 +1,35 @@
+"""Memory advice for table bytes: ``madvise`` on an array's pages, and copies backed by huge pages."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import numpy as np
+
+__all__ = ["madvise", "huge_page_copy", "PAGE", "MADV_POPULATE_READ"]
+
+PAGE = mmap.PAGESIZE
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE, MADV_POPULATE_READ = 14, 22
+
+
+def madvise(array: np.ndarray, advice: int) -> bool:
+    """``madvise`` on the pages under ``array``; False where the kernel refuses the advice."""
+    start = array.ctypes.data // PAGE * PAGE
+    length = array.ctypes.data + array.nbytes - start
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
+
+
+def huge_page_copy(data: np.ndarray) -> np.ndarray:
+    """The bytes of ``data`` copied into anonymous memory that the kernel backs with transparent huge
+    pages where it can (the advice comes before the first touch); a flat uint8 view that keeps its
+    buffer alive."""
+    buffer = np.empty(data.nbytes + HUGE_PAGE, np.uint8)
+    start = -buffer.ctypes.data % HUGE_PAGE
+    copy = buffer[start : start + data.nbytes]
+    if copy.nbytes:
+        madvise(copy, MADV_HUGEPAGE)
+    copy[:] = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return copy

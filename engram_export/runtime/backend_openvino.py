@@ -59,7 +59,8 @@ class OpenVINOBackend:
         # a tiered table's store is made per layer by the runtime (it knows the layer's hot set)
         self.table_memory: str | TableStore = store or options.table_memory
         self.lookup_kernel = options.lookup_kernel
-        self._fuse_wait_ns, self._fused = 0, 0  # time fuse waited for a lookup it did not start itself
+        # calls that finished a prefetched lookup, and the time they still waited for it (table_stats)
+        self._prefetched_calls, self._prefetch_wait_ns, self._counts_lock = 0, 0, threading.Lock()
         self.precision = options.precision or self.info.precision
         self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         if options.threads:
@@ -159,26 +160,21 @@ class OpenVINOBackend:
 
     def count_prefetch_wait(self, nanoseconds: int) -> None:
         """A call that finished a prefetched lookup waited this long for it (``table_stats``)."""
-        with self._decode_lock:
-            self._fuse_wait_ns += nanoseconds
-            self._fused += 1
+        with self._counts_lock:
+            self._prefetch_wait_ns += nanoseconds
+            self._prefetched_calls += 1
 
     def table_stats(self) -> dict:
-        """The tiered table's counters (``tiered.STATS``, rows and bytes), and the time fuses waited for
+        """The tiered table's counters (``tiered.STATS``, rows and bytes), and the time calls waited for
         a prefetched lookup: what the prefetch did not hide."""
         stats_of = getattr(self.table_memory, "stats", None)
         if stats_of is None:
             raise EngramError("table_stats counts a tiered table's hits and reads: load with table_memory='tiered'")
         stats = stats_of()
         read_ns = stats.pop("read_ns")
-        with self._decode_lock:
-            fuse_wait_ns, fused = self._fuse_wait_ns, self._fused
-        return {
-            **stats,
-            "read_wait_ms": read_ns / 1e6,
-            "prefetched_calls": fused,
-            "prefetch_wait_ms": fuse_wait_ns / 1e6,
-        }
+        with self._counts_lock:
+            calls, wait_ns = self._prefetched_calls, self._prefetch_wait_ns
+        return {**stats, "read_wait_ms": read_ns / 1e6, "prefetched_calls": calls, "prefetch_wait_ms": wait_ns / 1e6}
 
     def profile(self, feeds: dict, hidden: np.ndarray, rounds: int, warmup: int) -> list[dict]:
         """OpenVINO's per-node times of both stages, averaged over ``rounds`` calls after ``warmup``."""

@@ -261,5 +261,5 @@ def open_tier(
     except OSError as exc:
         raise EngramError(f"table_memory='tiered': cannot open the table file ({exc.strerror})") from exc
     finally:
-        for fd in files:  # the tier holds duplicates of its own
+        for fd in files:  # the tier opens the files again for itself
             os.close(fd)

@@ -153,8 +153,11 @@ Tier::Tier(const EngramTierSpec& spec) : m_spec(spec), m_impl(std::make_unique<I
         throw std::invalid_argument("hot rows need their bitmap, ranks and packed parts");
     for (int p = 0; p < 3; ++p) {
         if (spec.fds[p] < 0) continue;
-        m_impl->fds[p] = fcntl(spec.fds[p], F_DUPFD_CLOEXEC, 0);
+        m_impl->fds[p] = open(("/proc/self/fd/" + std::to_string(spec.fds[p])).c_str(), O_RDONLY | O_CLOEXEC);
         if (m_impl->fds[p] < 0) throw std::runtime_error(std::string("cannot use the table file: ") + strerror(errno));
+        // a row is a few hundred bytes at a random place: no readahead around it (the kernel's default
+        // would read 128 KiB or more for each miss, on a file description of our own)
+        posix_fadvise(m_impl->fds[p], 0, 0, POSIX_FADV_RANDOM);
     }
     m_impl->zero_bytes = spec.zero_bits ? (7 + spec.zero_bits + 7) / 8 : 0;  // room for a nibble's offset
     m_impl->record = spec.part_bytes[0] + spec.part_bytes[1] + m_impl->zero_bytes;

@@ -26,7 +26,7 @@ struct EngramTierSpec {
     uint64_t part_bytes[2];   // bytes per row of the codes and of the scales (0: none)
     uint64_t zero_bits;       // zero-point bits per row (0: none)
     uint64_t zero_value_bits; // 8 (u8) or 4 (u4, packed two per byte across rows)
-    int32_t fds[3];           // the files of the parts (-1: none); duplicated, the caller keeps its own
+    int32_t fds[3];           // the files of the parts (-1: none); reopened, the caller keeps its own
     uint64_t offsets[3];      // where each part starts in its file
     const uint8_t* memory[3]; // a part held in memory instead of a file (a table inside the model file)
     const uint64_t* hot_bits; // one bit per table row

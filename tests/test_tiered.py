@@ -363,7 +363,7 @@ def test_calibrate_cli_and_refusals(served, calibrated, text, tmp_path, monkeypa
         EngramRuntime(source, table_memory="tiered")
     with pytest.raises(EngramError, match="serves a folder made by engram-export calibrate"):
         EngramRuntime(source / "layer_1.xml", table_memory="tiered")
-    with pytest.raises(EngramError, match="miss_reads must be one of threads, readahead"):
+    with pytest.raises(EngramError, match="miss_reads must be one of readahead, threads"):
         EngramRuntime(calibrated["demo f32"], table_memory="tiered", miss_reads="uring")
     with pytest.raises(EngramError, match="cache_budget is the cache of table_memory='tiered'"):
         EngramRuntime(source, cache_budget="1GiB")

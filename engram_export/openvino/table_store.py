@@ -113,7 +113,7 @@ class HugePagesStore(TableStore):
 class TieredStore(MappedStore):
     name, resident = "tiered", False
 
-    def __init__(self, folder: Path, layer_file: str, cache_bytes: int = 0, miss_reads: str = "threads"):
+    def __init__(self, folder: Path, layer_file: str, cache_bytes: int = 0, miss_reads: str = "readahead"):
         self.folder, self.layer_file, self.cache_bytes = Path(folder), layer_file, cache_bytes
         self.miss_reads = miss_reads
         self._tiers: dict[tuple, Tier] = {}  # the decode stages share the lookup stage's table: one tier

@@ -209,7 +209,7 @@ class Tier:
         return dict(zip(STATS, (int(v) for v in values), strict=True))
 
 
-MISS_READS = ("threads", "readahead")  # the first is the default: faster where measured (docs/tiered.md)
+MISS_READS = ("readahead", "threads")  # the first is the default: faster where measured (docs/tiered.md)
 
 
 def open_tier(
@@ -217,13 +217,13 @@ def open_tier(
     layout: RowLayout,
     hot: HotSet | None,
     cache_bytes: int,
-    miss_reads: str = "threads",
+    miss_reads: str = "readahead",
     io_threads: int = 64,
 ) -> Tier:
     """A tier over the table whose stored bytes are ``parts`` (codes, [scales], [zero points], as mapped
-    by the model), its ``hot`` rows resident, misses read from the files under those mappings on
-    ``io_threads`` threads (``"threads"``), or all handed to the kernel's readahead at once and then read
-    in the calling thread (``"readahead"``)."""
+    by the model), its ``hot`` rows resident, misses read from the files under those mappings: all handed
+    to the kernel's readahead at once and then read in the calling thread (``"readahead"``), or read on
+    ``io_threads`` threads (``"threads"``, for file systems that ignore the readahead hint)."""
     spec = _Spec(table_rows=layout.table_rows, zero_bits=layout.zero_bits, zero_value_bits=layout.zero_value_bits)
     spec.part_bytes[:] = [layout.row_bytes, layout.scale_bytes]
     spec.cache_bytes, spec.io_threads, spec.read_ahead = cache_bytes, io_threads, miss_reads == "readahead"

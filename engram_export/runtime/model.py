@@ -237,9 +237,9 @@ class EngramRuntime(Mapping):
             ``rt[L].table_stats()`` counts hits and reads).
         cache_budget: with ``"tiered"``, a size (``"2GiB"`` or bytes) of rows read lately kept in memory,
             split evenly over the layers (default 0: none).
-        miss_reads: with ``"tiered"``, how the rows not in memory are read: ``"threads"`` (default: on a
-            pool of 64 threads, all at once) or ``"readahead"`` (every read handed to the kernel's readahead
-            at once, then read: no thread per read; slower on this project's machine, docs/tiered.md).
+        miss_reads: with ``"tiered"``, how the rows not in memory are read: ``"readahead"`` (default:
+            every read handed to the kernel's readahead at once, then read; no thread per read) or
+            ``"threads"`` (a pool of 64 threads, for file systems that ignore the readahead hint).
         lookup_kernel: read the table with the extension's row kernel (default) or, with False, with
             OpenVINO's own Gather and decode ops (for comparison; ``table_memory`` is then ignored).
         ov_config: OpenVINO properties passed to ``compile_model`` over the defaults (precision hint,

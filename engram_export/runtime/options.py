@@ -35,7 +35,7 @@ class RuntimeOptions:
     ov_config: Mapping | None = None
     table_memory: str = "mmap"
     cache_budget: int | str = 0  # bytes of rows read lately kept by a tiered table (a size: "2GiB")
-    miss_reads: str = "threads"  # how a tiered table reads its misses (openvino/tiered.py)
+    miss_reads: str = "readahead"  # how a tiered table reads its misses (openvino/tiered.py)
     lookup_kernel: bool = True
 
     def __post_init__(self):

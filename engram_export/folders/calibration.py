@@ -35,7 +35,7 @@ from engram_export.openvino.row_kernel import StoredTable, stored_table
 from engram_export.openvino.stages import split_stages
 from engram_export.openvino.tiered import hot_set_files, pack_hot_rows
 
-__all__ = ["calibrate", "describe", "row_counts", "choose_hot_rows", "HELD_OUT"]
+__all__ = ["calibrate", "describe", "row_counts", "all_orders", "choose_hot_rows", "hit_rate", "HELD_OUT"]
 
 HELD_OUT = 0.1  # the last tenth of the tokens: the hit rate is measured there
 _WINDOW = 4096  # tokens hashed at once (each window's first N-1 tokens see pads: a negligible edge)
@@ -106,7 +106,13 @@ def _merge_all(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, 
     return sorted_rows[starts], summed
 
 
-def _all_orders(counts: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def hit_rate(hot: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> float:
+    """The share of the lookups (``rows`` with their ``counts``) that fall on the rows ``hot``."""
+    return float(counts[np.isin(rows, hot)].sum() / max(1, counts.sum()))
+
+
+def all_orders(counts: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """``row_counts``'s per-order counts as one (rows, counts) pair."""
     return _merge_all([_EMPTY, *counts.values()])
 
 
@@ -162,8 +168,8 @@ def calibrate(
     with progress.steps("counting row lookups", len(stream) * len(manifest.layers), "tokens") as counter:
 
         def count(layer_id: int) -> _Layer:
-            calibration = _all_orders(row_counts(hashing, manifest.config, layer_id, stream[:cut], counter))
-            held_out = _all_orders(row_counts(hashing, manifest.config, layer_id, stream[cut:], counter))
+            calibration = all_orders(row_counts(hashing, manifest.config, layer_id, stream[:cut], counter))
+            held_out = all_orders(row_counts(hashing, manifest.config, layer_id, stream[cut:], counter))
             return _Layer(manifest.layers[layer_id], tables[layer_id], calibration, held_out)
 
         # a thread per layer: numpy's sorts, most of the work, run without the GIL
@@ -200,7 +206,7 @@ def calibrate(
                 "hot_rows": int(len(rows)),
                 "hot_bytes": int(len(rows) * row_bytes[layer_id]),
                 "rows_reached": int(len(layer.calibration[0])),
-                "held_out_hit_rate": float(counts[np.isin(seen, rows)].sum() / max(1, counts.sum())),
+                "held_out_hit_rate": hit_rate(rows, seen, counts),
                 "files": [files[part] for part in ("rows", *layer.table.layout.part_sizes(0))],
             }
         write_manifest(staging, dataclasses.replace(manifest, calibration=report), known=manifest.files)

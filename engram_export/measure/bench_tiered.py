@@ -37,7 +37,7 @@ import psutil
 
 from engram_export.core import progress
 from engram_export.core.text import read_text, token_stream, windows
-from engram_export.folders.calibration import calibrate, choose_hot_rows, row_counts
+from engram_export.folders.calibration import all_orders, calibrate, choose_hot_rows, hit_rate, row_counts
 from engram_export.folders.pipeline import compile_folder, export_checkpoint
 from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.measure.verify import format_table
@@ -81,19 +81,9 @@ def _per_order(config, stream: np.ndarray) -> dict[int, dict[int, tuple[np.ndarr
     return {layer: row_counts(hashing, config, layer, stream) for layer in config.layer_ids}
 
 
-def _merged(per_order: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    rows = np.concatenate([r for r, _ in per_order.values()])
-    counts = np.concatenate([c for _, c in per_order.values()])
-    return rows, counts  # orders own disjoint row ranges
-
-
-def _hit(hot: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> float:
-    return float(counts[np.isin(rows, hot, assume_unique=True)].sum() / max(1, counts.sum()))
-
-
 def _oracle(held_out: dict, size: int) -> dict[int, np.ndarray]:
     """The ``size`` rows (across layers) with the most held-out lookups."""
-    merged = {layer: _merged(orders) for layer, orders in held_out.items()}
+    merged = {layer: all_orders(orders) for layer, orders in held_out.items()}
     return choose_hot_rows(merged, dict.fromkeys(merged, 1), size)
 
 
@@ -103,7 +93,7 @@ def hit_rate_tables(config: V41Config, calibration_stream: np.ndarray, held_out_
     with progress.stage(f"counting lookups of {len(stream):,} tokens on the released layout"):
         calibration, held_out = _per_order(config, stream[:cut]), _per_order(config, stream[cut:])
     total_rows = sum(config.num_embeddings)
-    reached = {layer: _merged(orders) for layer, orders in calibration.items()}
+    reached = {layer: all_orders(orders) for layer, orders in calibration.items()}
     every = sum(len(rows) for rows, _ in reached.values())
     budgets = [(f"{share:.1%} of rows", int(share * total_rows)) for share in BUDGETS]
     budgets.append((f"every row reached ({every / total_rows:.2%})", every))
@@ -114,21 +104,21 @@ def hit_rate_tables(config: V41Config, calibration_stream: np.ndarray, held_out_
         hot = choose_hot_rows(reached, dict.fromkeys(reached, 1), size)
         oracle = _oracle(held_out, sum(len(rows) for rows in hot.values()))
         cells = [
-            f"{_hit(hot[layer], *held_out[layer][order]):.0%} ({_hit(oracle[layer], *held_out[layer][order]):.0%})"
+            f"{hit_rate(hot[layer], *lookups):.0%} ({hit_rate(oracle[layer], *lookups):.0%})"
             for layer in config.layer_ids
-            for order in orders
+            for lookups in (held_out[layer][order] for order in orders)
         ]
         lines.append([name, f"{sum(len(r) for r in hot.values()):,}", *cells])
     table = format_table(lines, headers)
     amount_lines = []
     for share in (0.1, 0.5, 1.0):
         part = _per_order(config, stream[: int(cut * share)]) if share < 1 else calibration
-        seen = {layer: _merged(orders) for layer, orders in part.items()}
+        seen = {layer: all_orders(orders) for layer, orders in part.items()}
         one_percent = choose_hot_rows(seen, dict.fromkeys(seen, 1), int(0.01 * total_rows))
         amount_lines.append(
             [f"{share:.0%} ({int(cut * share):,} tokens)"]
-            + [f"{_hit(seen[layer][0], *_merged(held_out[layer])):.0%}" for layer in config.layer_ids]
-            + [f"{_hit(one_percent[layer], *_merged(held_out[layer])):.0%}" for layer in config.layer_ids]
+            + [f"{hit_rate(seen[layer][0], *all_orders(held_out[layer])):.0%}" for layer in config.layer_ids]
+            + [f"{hit_rate(one_percent[layer], *all_orders(held_out[layer])):.0%}" for layer in config.layer_ids]
         )
     amount = format_table(
         amount_lines,

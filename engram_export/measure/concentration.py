@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engram_export.folders.calibration import row_counts
+from engram_export.folders.calibration import hit_rate, row_counts
 
 __all__ = ["row_counts", "top_shares", "held_out_coverage", "SHARES"]
 
@@ -28,4 +28,4 @@ def top_shares(counts: np.ndarray, shares=SHARES) -> list[float]:
 
 def held_out_coverage(seen_rows: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> float:
     """The share of the lookups (``rows`` with ``counts``) that fall on ``seen_rows``."""
-    return float(counts[np.isin(rows, seen_rows)].sum() / counts.sum())
+    return hit_rate(seen_rows, rows, counts)

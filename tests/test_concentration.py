@@ -34,15 +34,13 @@ def test_counts_equal_a_brute_force_count(tokenizer_json, tmp_path, monkeypatch)
     (tmp_path / "prose.txt").write_text(PROSE)
     stream = token_stream(config.tokenizer, [tmp_path / "prose.txt"])
     hashing = V41Hashing(config)
-    monkeypatch.setattr(calibration, "_WINDOW", 100)  # several windows, merged
+    monkeypatch.setattr(calibration, "_WINDOW", 100)  # windows hashed with the tokens before them
+    monkeypatch.setattr(calibration, "_BATCH", 512)  # several sorted runs, merged
     counts = concentration.row_counts(hashing, config, 3, stream)
     expected: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
-    for start in range(0, len(stream), 100):
-        rows = hashing.rows(stream[None, start : start + 100], np.ones((1, len(stream[start : start + 100])), bool), 3)[
-            0
-        ]
-        for column in range(rows.shape[1]):
-            expected[2 + column // config.n_heads].update(rows[:, column].tolist())
+    rows = hashing.rows(stream[None], np.ones((1, len(stream)), bool), 3)[0]  # the stream at once
+    for column in range(rows.shape[1]):
+        expected[2 + column // config.n_heads].update(rows[:, column].tolist())
     assert sorted(counts) == [2, 3]
     for order, (rows, seen) in counts.items():
         assert dict(zip(rows.tolist(), seen.tolist(), strict=True)) == dict(expected[order])

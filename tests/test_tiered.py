@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 import engram_export.core.resources as resources
+from engram_export.core import text as text_module
 from engram_export.core.errors import EngramError
-from engram_export.core.text import token_stream, windows
-from engram_export.folders import compile_folder, export_checkpoint, export_folder, quantize_folder
+from engram_export.core.text import token_pieces, token_stream, windows
+from engram_export.folders import calibration, compile_folder, export_checkpoint, export_folder, quantize_folder
 from engram_export.folders.calibration import HELD_OUT, calibrate, choose_hot_rows
 from engram_export.folders.manifest import read_manifest
 from engram_export.folders.synthetic import write_v41_checkpoint
@@ -144,18 +145,41 @@ def _read_lookups(stats: dict) -> int:
     return stats["lookups"] - served_by_memory
 
 
-def test_hot_set_is_the_brute_force_choice(served, text, tmp_path):
+def test_text_is_read_in_pieces_that_lose_nothing(tmp_path, monkeypatch):
+    """Pieces end at a break, else before a character that may be cut: multi-byte characters and long
+    runs without whitespace come back whole, and a bad byte far into the file is named by its offset."""
+    monkeypatch.setattr(text_module, "_PIECE_BYTES", 7)
+    tricky = "héllo wörld\n\n" + "€😀" * 20 + " x" + "ß" * 11 + "\nend"
+    (tmp_path / "tricky.txt").write_text(tricky)
+    assert text_module.read_text(tmp_path / "tricky.txt") == tricky
+    (tmp_path / "bad.txt").write_bytes(tricky.encode() + b"\xff tail")
+    with pytest.raises(EngramError, match=f"bad.txt is not UTF-8 \\(byte {len(tricky.encode())}:"):
+        text_module.read_text(tmp_path / "bad.txt")
+    (tmp_path / "blank.txt").write_text(" \n\n \t\n" * 5)
+    with pytest.raises(EngramError, match="blank.txt is empty"):
+        text_module.read_text(tmp_path / "blank.txt")
+
+
+def test_hot_set_is_the_brute_force_choice(served, text, tmp_path, monkeypatch):
     """Under a budget that holds part of the rows reached, the hot set is the rows with the most lookups per
-    stored byte across both layers, counted here by hashing the text as one sequence, and its packed
-    bytes are the table's bytes of those rows."""
+    stored byte across both layers, counted here by hashing the calibration text as one sequence, and its
+    packed bytes are the table's bytes of those rows. Calibrate reads the text in small pieces, hashes it
+    in small windows and sorts small batches here: the counts must not see the seams."""
     folder = served["demo u8"]
     manifest = read_manifest(folder)
     config = manifest.config
     small = tmp_path / "small.txt"
     small.write_text(text.read_text()[:10_000])
-    stream = token_stream(config.tokenizer, [small])
-    assert 1000 < len(stream) < 4096  # within one hashing window of calibrate
-    cut = len(stream) - max(1, int(len(stream) * HELD_OUT))
+    monkeypatch.setattr(text_module, "_PIECE_BYTES", 1500)
+    monkeypatch.setattr(calibration, "_WINDOW", 200)
+    monkeypatch.setattr(calibration, "_BATCH", 1000)
+    pieces = list(token_pieces(config.tokenizer, [small], HELD_OUT))
+    assert len(pieces) > 5
+    stream = np.concatenate([piece.ids for piece in pieces])
+    assert np.array_equal(stream, token_stream(config.tokenizer, [small]))  # cuts at whitespace: no token changed
+    held_out_bytes = sum(piece.size for piece in pieces if piece.held_out)
+    assert int(small.stat().st_size * HELD_OUT) <= held_out_bytes < small.stat().st_size * HELD_OUT + 100
+    cut = sum(len(piece.ids) for piece in pieces if not piece.held_out)
     hashing = EngramHashing(config)
     tables = {
         layer: stored_table(split_stages(read_openvino(folder / name)[0])[0]) for layer, name in manifest.layers.items()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from engram_export.core.errors import EngramError
 from engram_export.core.fileio import check_output_folder, link_or_copy, staged_folder
 from engram_export.core.integrity import FileChecks
 from engram_export.core.resources import parse_size, require_disk
-from engram_export.core.text import token_stream
+from engram_export.core.text import token_pieces
 from engram_export.folders.manifest import read_manifest, write_manifest
 from engram_export.models.config import is_deepseek_v41
 from engram_export.models.deepseek_v41 import V41Hashing
@@ -37,73 +36,138 @@ from engram_export.openvino.tiered import hot_set_files, pack_hot_rows
 
 __all__ = ["calibrate", "describe", "row_counts", "all_orders", "choose_hot_rows", "hit_rate", "HELD_OUT"]
 
-HELD_OUT = 0.1  # the last tenth of the tokens: the hit rate is measured there
-_WINDOW = 4096  # tokens hashed at once (each window's first N-1 tokens see pads: a negligible edge)
+HELD_OUT = 0.1  # the last tenth of the text (by bytes): the hit rate is measured there
+_WINDOW = 1 << 16  # tokens hashed at once
+_BATCH = 1 << 24  # row lookups sorted at once (RowCounter)
 _PACK_ROWS = 1 << 20  # hot rows packed and written at once (an even number: u4 zero points stay whole bytes)
-
-
-def _rows(hashing, config, layer_id: int, ids: np.ndarray) -> np.ndarray:
-    """Table rows [T, C] of the raw ids ``ids`` [T], hashed as the model does."""
-    if is_deepseek_v41(config):
-        return hashing.rows(ids[None], np.ones((1, len(ids)), bool), layer_id)[0]
-    return hashing.rows(ids[None], layer_id)[0]
 
 
 def _hashing(config):
     return V41Hashing(config) if is_deepseek_v41(config) else EngramHashing(config)
 
 
-def _heads_per_order(config) -> int:
-    return config.n_heads if is_deepseek_v41(config) else config.n_head_per_ngram
+class LayerRows:
+    """A layer's table rows [T, C] of consecutive pieces of one token sequence: each piece is hashed with
+    the sequence's last ``max_ngram_size - 1`` tokens before it, so the rows are those of the whole
+    sequence hashed at once. ``start()`` begins a new sequence (its first tokens see pads)."""
+
+    def __init__(self, hashing, config, layer_id: int):
+        self.hashing, self.config, self.layer_id = hashing, config, layer_id
+        self.table_rows = sum(hashing.primes(layer_id))
+        self.orders = {
+            2 + first // self._heads: slice(first, first + self._heads)
+            for first in range(0, self._heads * (config.max_ngram_size - 1), self._heads)
+        }
+        self._context = np.zeros(0, np.int64)
+
+    @property
+    def _heads(self) -> int:
+        return self.config.n_heads if is_deepseek_v41(self.config) else self.config.n_head_per_ngram
+
+    def start(self) -> None:
+        self._context = np.zeros(0, np.int64)
+
+    def __call__(self, ids: np.ndarray):
+        """Yields the rows of ``ids``, ``_WINDOW`` tokens at a time."""
+        for begin in range(0, len(ids), _WINDOW):
+            window = np.concatenate([self._context, ids[begin : begin + _WINDOW]])
+            if is_deepseek_v41(self.config):
+                rows = self.hashing.rows(window[None], np.ones((1, len(window)), bool), self.layer_id)[0]
+            else:
+                rows = self.hashing.rows(window[None], self.layer_id)[0]
+            yield rows[len(self._context) :]
+            self._context = window[max(0, len(window) - (self.config.max_ngram_size - 1)) :]
 
 
-_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+class RowCounter:
+    """Lookups per row of row ids added in any order. Each batch of ``_BATCH`` ids is sorted and
+    run-length counted into (row, count) keys packed in a uint64 (row high, count low); sorted runs of
+    keys are merged pairwise as they reach the size of the run before them (a two-run stable sort is a
+    linear merge): O(n log n) work, memory within about twice the distinct rows plus one batch."""
+
+    def __init__(self, table_rows: int):
+        row_bits = max(1, (table_rows - 1).bit_length())
+        self._shift = np.uint64(64 - row_bits)
+        self._most = (1 << (64 - row_bits)) - 1  # lookups of one row that the keys can count
+        self._batch = np.empty(0, np.uint32 if row_bits <= 32 else np.uint64)  # a 32-bit sort: about 1.6x faster
+        self._filled = 0
+        self._runs: list[np.ndarray] = []
+        self.lookups = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        self.lookups += rows.size
+        if self.lookups > self._most:
+            raise EngramError(f"{self.lookups:,} lookups are more than one count can hold ({self._most:,})")
+        if not len(self._batch):
+            self._batch = np.empty(_BATCH, self._batch.dtype)  # one buffer, reused: no page faults per batch
+        flat = rows.reshape(-1)
+        while len(flat):
+            take = min(len(flat), _BATCH - self._filled)
+            self._batch[self._filled : self._filled + take] = flat[:take]
+            self._filled, flat = self._filled + take, flat[take:]
+            if self._filled == _BATCH:
+                self._flush()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, counts), rows sorted, both int64."""
+        self._flush()
+        self._batch = np.empty(0, self._batch.dtype)
+        while len(self._runs) > 1:
+            self._runs.append(self._merge(self._runs.pop(-2), self._runs.pop()))
+        keys = self._runs[0] if self._runs else np.zeros(0, np.uint64)
+        return (keys >> self._shift).astype(np.int64), (keys & np.uint64(self._most)).astype(np.int64)
+
+    def _flush(self) -> None:
+        if not self._filled:
+            return
+        rows = self._batch[: self._filled]
+        self._filled = 0
+        rows.sort()
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        counts = np.diff(np.r_[starts, len(rows)]).astype(np.uint64)
+        self._runs.append(rows[starts].astype(np.uint64) << self._shift | counts)
+        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+            self._runs.append(self._merge(self._runs.pop(-2), self._runs.pop()))
+
+    def _merge(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """Two runs as one: a row in both (adjacent once sorted) keeps one key, its counts summed."""
+        keys = np.concatenate([first, second])
+        keys.sort(kind="stable")  # timsort finds the two sorted runs and merges them
+        rows = keys >> self._shift
+        twice = np.flatnonzero(rows[1:] == rows[:-1])
+        keys[twice] += keys[twice + 1] & np.uint64(self._most)
+        keep = np.ones(len(keys), bool)
+        keep[twice + 1] = False
+        return keys[keep]
 
 
 def row_counts(
     hashing, config, layer_id: int, stream: np.ndarray, counter=None
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per n-gram order n: (rows, lookup counts) of every row the token ``stream`` reaches (sorted).
-    ``counter``: a ``progress.steps`` counter advanced by the tokens hashed. Each window's counts wait
-    in a buffer until it holds as many rows as the merged counts (then one merge): O(n log n) work, memory
-    within twice the distinct rows reached."""
-    heads = _heads_per_order(config)
-    counts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for start in range(0, len(stream), _WINDOW):
-        window = stream[start : start + _WINDOW]
-        rows = _rows(hashing, config, layer_id, window).astype(np.int64)
-        for first in range(0, rows.shape[1], heads):
-            order = 2 + first // heads
-            buffer = pending.setdefault(order, [])
-            buffer.append(np.unique(rows[:, first : first + heads], return_counts=True))
-            if sum(len(r) for r, _ in buffer) >= max(len(counts.get(order, _EMPTY)[0]), 1 << 20):
-                counts[order] = _merge_all([counts.get(order, _EMPTY), *buffer])
-                buffer.clear()
+    """Per n-gram order n: (rows, lookup counts) of every row the token ``stream`` (one sequence)
+    reaches, rows sorted. ``counter``: a ``progress.steps`` counter advanced by the tokens hashed."""
+    layer = LayerRows(hashing, config, layer_id)
+    counters = {order: RowCounter(layer.table_rows) for order in layer.orders}
+    for rows in layer(stream):
+        for order, columns in layer.orders.items():
+            counters[order].add(rows[:, columns])
         if counter is not None:
-            counter.advance(len(window))
-    for order, buffer in pending.items():
-        counts[order] = _merge_all([counts.get(order, _EMPTY), *buffer])
-    return dict(sorted(counts.items()))
+            counter.advance(len(rows))
+    return {order: counts.result() for order, counts in counters.items()}
+
+
+_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 def _merge_all(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, counts) of several such pairs, a row's counts summed. Each row is packed with its count
-    into one uint64 and the keys sorted (no argsort: about 3x faster); past 63 bits, ``np.unique``."""
+    """(rows, counts) of several such pairs, a row's counts summed."""
     rows = np.concatenate([r for r, _ in parts])
-    counts = np.concatenate([c for _, c in parts])
     if not len(rows):
         return _EMPTY
-    count_bits = max(1, int(counts.max()).bit_length())
-    if int(rows.max()).bit_length() + count_bits > 63:
-        unique, inverse = np.unique(rows, return_inverse=True)
-        return unique, np.bincount(inverse, weights=counts, minlength=len(unique)).astype(np.int64)
-    keys = rows.astype(np.uint64) << np.uint64(count_bits) | counts.astype(np.uint64)
-    keys.sort()
-    sorted_rows = (keys >> np.uint64(count_bits)).astype(np.int64)
-    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
-    summed = np.add.reduceat((keys & np.uint64((1 << count_bits) - 1)).astype(np.int64), starts)
-    return sorted_rows[starts], summed
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return unique, np.bincount(inverse, weights=np.concatenate([c for _, c in parts]), minlength=len(unique)).astype(
+        np.int64
+    )
 
 
 def hit_rate(hot: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> float:
@@ -151,11 +215,6 @@ def calibrate(
     check_output_folder(output, [source])
     if manifest.calibration is not None:
         raise EngramError(f"{source} is already calibrated: calibrate the folder it was made from")
-    stream = token_stream(manifest.config.tokenizer, list(texts))
-    cut = len(stream) - max(1, int(len(stream) * HELD_OUT))
-    if cut < 1:
-        raise EngramError(f"text: {len(stream)} tokens; calibrate needs at least 2 (the last tenth is held out)")
-    hashing = _hashing(manifest.config)
     tables: dict[int, StoredTable] = {}
     for layer_id, name in manifest.layers.items():  # every layer's table checked before any counting
         model, _ = read_openvino(source / name, FileChecks("size"))  # the manifest's checks are done
@@ -165,33 +224,20 @@ def calibrate(
                 f"{source / name}: its table is not one the row kernel reads, so it cannot be served in tiers"
             )
         tables[layer_id] = table
-    with progress.steps("counting row lookups", len(stream) * len(manifest.layers), "tokens") as counter:
-
-        def count(layer_id: int) -> _Layer:
-            calibration = all_orders(row_counts(hashing, manifest.config, layer_id, stream[:cut], counter))
-            held_out = all_orders(row_counts(hashing, manifest.config, layer_id, stream[cut:], counter))
-            return _Layer(manifest.layers[layer_id], tables[layer_id], calibration, held_out)
-
-        # a thread per layer: numpy's sorts, most of the work, run without the GIL
-        with ThreadPoolExecutor(min(len(tables), os.cpu_count() or 1)) as workers:
-            layers = dict(zip(tables, workers.map(count, tables), strict=True))
-    row_bytes = {layer_id: layer.table.layout.bytes_per_row for layer_id, layer in layers.items()}
-    total = int(sum(layer.table.layout.table_rows * row_bytes[layer_id] for layer_id, layer in layers.items()))
+    row_bytes = {layer_id: table.layout.bytes_per_row for layer_id, table in tables.items()}
+    total = int(sum(table.layout.table_rows * row_bytes[layer_id] for layer_id, table in tables.items()))
     budget = parse_size(hot_budget, "hot budget", whole=total)
     if budget == 0:
         raise EngramError(f"hot budget must be more than 0 bytes, got {hot_budget!r}")
+    counts, text = _count_lookups(manifest.config, list(tables), [Path(t) for t in texts])
+    layers = {layer_id: _Layer(manifest.layers[layer_id], tables[layer_id], *counts[layer_id]) for layer_id in tables}
     hot = choose_hot_rows({layer_id: layer.calibration for layer_id, layer in layers.items()}, row_bytes, budget)
     hot_bytes = int(sum(len(rows) * row_bytes[layer_id] for layer_id, rows in hot.items()))
     require_disk(output.parent, hot_bytes, f"the hot sets ({sum(len(rows) for rows in hot.values()):,} rows)")
     report: dict = {
         "hot_budget_bytes": budget,
         "tables_bytes": total,
-        "text": {
-            "files": [Path(t).name for t in texts],
-            "tokens_sha256": hashlib.sha256(stream.astype("<i8").tobytes()).hexdigest(),
-            "tokens": int(len(stream)),
-            "held_out_tokens": int(len(stream) - cut),
-        },
+        "text": text,
         "layers": {},
     }
     with staged_folder(output) as staging:
@@ -211,6 +257,60 @@ def calibrate(
             }
         write_manifest(staging, dataclasses.replace(manifest, calibration=report), known=manifest.files)
     return report
+
+
+def _count_lookups(config, layer_ids: list[int], texts: list[Path]):
+    """Layer -> (calibration, held-out) (rows, lookup counts) of ``texts``, and the text's report. Each
+    file is one token sequence (its held-out part another), read and tokenized a piece at a time while
+    the piece before is counted (a thread per layer: hashing and sorting run in numpy without the GIL)."""
+    hashing = _hashing(config)
+    layers = {layer_id: LayerRows(hashing, config, layer_id) for layer_id in layer_ids}
+    counters = {
+        layer_id: (RowCounter(rows.table_rows), RowCounter(rows.table_rows)) for layer_id, rows in layers.items()
+    }
+    digest, tokens, held_out, part = hashlib.sha256(), 0, 0, None
+    text_bytes = sum(path.stat().st_size for path in texts if path.is_file())
+    with (
+        progress.steps("counting row lookups", text_bytes, "GiB") as counter,
+        ThreadPoolExecutor(len(layers)) as workers,
+    ):
+        for piece in _read_ahead(token_pieces(config.tokenizer, texts, HELD_OUT)):
+            if (piece.file, piece.held_out) != part:
+                part = piece.file, piece.held_out
+                for rows in layers.values():
+                    rows.start()
+
+            def count(layer_id: int, piece=piece) -> None:
+                for rows in layers[layer_id](piece.ids):
+                    counters[layer_id][piece.held_out].add(rows)
+
+            list(workers.map(count, layers))
+            digest.update(piece.ids.astype("<i8").tobytes())
+            tokens += len(piece.ids)
+            held_out += len(piece.ids) if piece.held_out else 0
+            counter.advance(piece.size)
+    if not held_out or held_out == tokens:
+        raise EngramError(
+            f"text: {tokens:,} tokens, {held_out:,} of them in the last tenth: calibrate needs tokens in both "
+            "the first nine tenths (to count) and the last (held out, to measure)"
+        )
+    report = {
+        "files": [path.name for path in texts],
+        "tokens_sha256": digest.hexdigest(),
+        "tokens": tokens,
+        "held_out_tokens": held_out,
+    }
+    return {layer_id: tuple(c.result() for c in pair) for layer_id, pair in counters.items()}, report
+
+
+def _read_ahead(pieces):
+    """``pieces``, each next one made in a thread while the caller works on the one before."""
+    with ThreadPoolExecutor(1) as reader:
+        sentinel = object()
+        upcoming = reader.submit(next, pieces, sentinel)
+        while (piece := upcoming.result()) is not sentinel:
+            upcoming = reader.submit(next, pieces, sentinel)
+            yield piece
 
 
 def _write_hot_set(folder: Path, files: dict[str, str], table: StoredTable, rows: np.ndarray) -> None:

@@ -209,6 +209,19 @@ def test_hot_set_is_the_brute_force_choice(served, text, tmp_path, monkeypatch):
         assert report["layers"][str(layer)]["held_out_hit_rate"] == pytest.approx(hits)
 
 
+def test_the_bench_times_calibrate_on_shuffled_text(served, text, tmp_path):
+    """``bench --tiered``'s calibrate speed: a MiB of the text's words shuffled, every n-gram new."""
+    from engram_export.measure.bench_tiered import calibration_speed
+
+    table = calibration_speed(served["v41 F8_E4M3"], [text], tmp_path, 1)
+    shuffled = (tmp_path / "shuffled_1MiB.txt").read_text()
+    assert len(shuffled.encode()) >= 2**20 and sorted(shuffled.split()[:5000]) != shuffled.split()[:5000]
+    assert sorted(shuffled[:20_000].split()) != sorted(text.read_text()[:20_000].split())  # shuffled, not copied
+    row = table.splitlines()[-1].split()
+    assert int(row[1].replace(",", "")) > 200_000 and float(row[3].replace(",", "")) > 0  # tokens, tokens/s
+    assert not (tmp_path / "calibration_speed").exists()
+
+
 def test_a_budget_too_small_for_one_row_serves_every_row_from_disk(served, text, tmp_path):
     report = calibrate(served["v41 F8_E4M3"], tmp_path / "none", [text], 1)
     assert all(entry["hot_rows"] == 0 and entry["held_out_hit_rate"] == 0 for entry in report["layers"].values())

@@ -53,6 +53,12 @@ def add(sub) -> None:
     p.add_argument(
         "--table-rows", type=int, default=8_000_000, help="with --tiered: rows of each served table (264 bytes a row)"
     )
+    p.add_argument(
+        "--calibrate-mib",
+        type=int,
+        default=256,
+        help="with --tiered: MiB of shuffled text to time calibrate on (0: skip)",
+    )
     p.add_argument("--workdir", type=Path, help="keep the exported files here")
     p.set_defaults(func=run)
 
@@ -119,6 +125,7 @@ def _tiered(args) -> None:
     if not args.text:
         raise EngramError("bench --tiered needs real text: --text FILE [...]")
     check_at_least(1_000_000, table_rows=args.table_rows)
+    check_at_least(0, calibrate_mib=args.calibrate_mib)
     tokenizer = args.tokenizer
     if tokenizer is None:
         try:
@@ -129,4 +136,4 @@ def _tiered(args) -> None:
     from engram_export.measure.bench_tiered import run_tiered_bench
 
     with working_folder(args.workdir, "engram-bench-") as workdir:
-        run_tiered_bench(args.text, find_tokenizer_file(tokenizer), workdir, args.table_rows)
+        run_tiered_bench(args.text, find_tokenizer_file(tokenizer), workdir, args.table_rows, args.calibrate_mib)

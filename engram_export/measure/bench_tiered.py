@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import numpy as np
 import psutil
 
 from engram_export.core import progress
+from engram_export.core.resources import available_memory
 from engram_export.core.text import read_text, token_stream, windows
 from engram_export.folders.calibration import all_orders, calibrate, choose_hot_rows, hit_rate, row_counts
 from engram_export.folders.pipeline import compile_folder, export_checkpoint
@@ -51,6 +53,7 @@ __all__ = ["run_tiered_bench", "v41_with_tokenizer", "hit_rate_tables", "read_st
 
 BUDGETS = (0.001, 0.01, 0.1)
 ROW_BYTES = 264  # a V4.1 row: 256 FP8 codes and 8 E8M0 scales
+RESIDENT_ROWS = 8_000_000  # rows a layer of the resident baseline's table when the served one cannot be resident
 DECODE_BACKBONE_S = 0.015  # one decode step of a GPU backbone
 PREFILL_BACKBONE_S = 0.030  # one prefill chunk of 50 x 14 tokens
 
@@ -239,13 +242,36 @@ def _stats(runtime) -> dict:
     return totals
 
 
+def _compiled(config: V41Config, folder: Path) -> Path:
+    """``config``'s dense checkpoint, exported and compiled (f32) under ``folder``, made once."""
+    checkpoint = _dense_checkpoint(config, folder / "checkpoint")
+    compiled, made_from = folder / "compiled", folder / "compiled_from.json"
+    record = (folder / "checkpoint" / "dense.json").read_text()
+    if not (compiled / "manifest.json").is_file() or not made_from.is_file() or made_from.read_text() != record:
+        for stale in (compiled, folder / "onnx"):
+            shutil.rmtree(stale, ignore_errors=True)
+        compile_folder(export_checkpoint(checkpoint, folder / "onnx"), compiled, "f32")
+        made_from.write_text(record)
+    return compiled
+
+
 def serving_table(
     config: V41Config, calibration: Path, held_out: np.ndarray, workdir: Path, steps: int, rounds: int
 ) -> str:
-    checkpoint = _dense_checkpoint(config, workdir / "checkpoint")
-    compiled = workdir / "compiled"
-    if not (compiled / "manifest.json").is_file():
-        compile_folder(export_checkpoint(checkpoint, workdir / "onnx"), compiled, "f32")
+    """The serving table (see the module). A table larger than the memory available cannot be resident:
+    the resident row then serves a table of ``RESIDENT_ROWS`` rows a layer (a resident lookup's cost does
+    not depend on the table's size), said in the table's title."""
+    compiled = _compiled(config, workdir)
+    table_bytes = sum(config.num_embeddings) * ROW_BYTES
+    resident, resident_note = compiled, ""
+    if table_bytes > available_memory() * 0.8:
+        small = v41_with_tokenizer(Path(str(config.tokenizer)), RESIDENT_ROWS)
+        resident = _compiled(small, workdir / "resident")
+        resident_note = (
+            f"; the table ({table_bytes / 2**30:.1f} GiB) is larger than the memory available "
+            f"({available_memory() / 2**30:.1f} GiB): the resident row serves a "
+            f"{sum(small.num_embeddings) * ROW_BYTES / 2**30:.1f} GiB table of the same row shape"
+        )
     tiered = workdir / "tiered"
     shutil.rmtree(tiered, ignore_errors=True)
     report = calibrate(compiled, tiered, [calibration], "1%")
@@ -253,7 +279,7 @@ def serving_table(
     hot = sum(entry["hot_rows"] for entry in report["layers"].values())
     shapes = {"decode B=1": (1, steps), "decode B=8": (8, steps), "prefill 50x14": (50, 14)}
     modes = [
-        _Mode("resident (populate)", "populate", compiled, True, False),
+        _Mode("resident (populate)", "populate", resident, True, False),
         _Mode("mmap cold", "mmap", compiled, True, True),
         _Mode("tiered, no prefetch", "tiered", tiered, False, True),
         _Mode("tiered + prefetch", "tiered", tiered, True, True),
@@ -320,7 +346,7 @@ def serving_table(
         f"{PREFILL_BACKBONE_S * 1e3:.0f} ms a prefill chunk; p50/p99: the Engram call on the critical path "
         f"(step, or fuse after the prefetch); counters of the last round: read wait = time the kernel waited "
         f"for queued reads, call wait = time the calls still waited for their prefetched lookups; RSS growth: "
-        f"resident memory after the mode's last round minus before its first load\n{table}"
+        f"resident memory after the mode's last round minus before its first load{resident_note}\n{table}"
     )
 
 
@@ -376,6 +402,63 @@ def read_strategies(table: Path, tiered: Path, held_out: np.ndarray, count: int 
     )
 
 
+def _shuffled_text(texts: list[Path], path: Path, mib: int) -> Path:
+    """``mib`` MiB of the words of ``texts`` in shuffled order, paragraphs of 100 words (written once)."""
+    if path.is_file() and path.stat().st_size >= mib << 20:
+        return path
+    words = np.array(" ".join(read_text(text) for text in texts).split(), dtype=object)
+    rng, written = np.random.default_rng(2), 0
+    with open(path, "w", encoding="utf-8") as file:
+        while written < mib << 20:
+            shuffled = words[rng.permutation(len(words))]
+            text = "\n\n".join(" ".join(shuffled[at : at + 100]) for at in range(0, len(shuffled), 100)) + "\n\n"
+            file.write(text)
+            written += len(text.encode())
+    return path
+
+
+def calibration_speed(compiled: Path, texts: list[Path], workdir: Path, mib: int) -> str:
+    """``calibrate`` on ``mib`` MiB of the text's words in shuffled order: every n-gram is new, so it
+    reaches the most distinct rows a text of that size can (the worst case for counting's time and memory)."""
+    text = _shuffled_text(texts, workdir / f"shuffled_{mib}MiB.txt", mib)
+    output = workdir / "calibration_speed"
+    shutil.rmtree(output, ignore_errors=True)
+    process, peak, done = psutil.Process(), [0], threading.Event()
+    start_rss = process.memory_info().rss
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            peak[0] = max(peak[0], process.memory_info().rss - start_rss)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    began = time.perf_counter()
+    report = calibrate(compiled, output, [text], "1%")
+    seconds = time.perf_counter() - began
+    done.set()
+    watcher.join()
+    shutil.rmtree(output, ignore_errors=True)
+    size = text.stat().st_size
+    tokens = report["text"]["tokens"]
+    reached = sum(entry["rows_reached"] for entry in report["layers"].values())
+    row = [
+        f"{size / 2**20:,.0f}",
+        f"{tokens:,}",
+        f"{seconds:.1f}",
+        f"{tokens / seconds:,.0f}",
+        f"{size / 2**20 / seconds:.2f}",
+        f"{seconds * 2**30 / size / 60:.1f}",
+        f"{reached:,}",
+        f"{peak[0] / 2**20:,.0f}",
+    ]
+    headers = ["text MiB", "tokens", "s", "tokens/s", "MiB/s", "min a GiB", "rows reached", "peak RSS growth MiB"]
+    return (
+        f"calibrate speed ({len(report['layers'])} layers, {os.cpu_count()} cores): the words of the text in "
+        f"shuffled order, every n-gram new (the most rows a text of this size reaches); tokenize, hash, count, "
+        f"choose and write a 1% hot set\n{format_table([row], headers)}"
+    )
+
+
 def _split_text(texts: list[Path], workdir: Path) -> tuple[Path, Path]:
     """The texts cut at 80% of their characters (on a paragraph break): (calibration, held-out) files."""
     text = "\n\n".join(read_text(path) for path in texts)
@@ -388,9 +471,15 @@ def _split_text(texts: list[Path], workdir: Path) -> tuple[Path, Path]:
 
 
 def run_tiered_bench(
-    texts: list[Path], tokenizer: Path, workdir: Path, rows_per_layer: int, steps: int = 48, rounds: int = 3
+    texts: list[Path],
+    tokenizer: Path,
+    workdir: Path,
+    rows_per_layer: int,
+    calibrate_mib: int = 256,
+    steps: int = 48,
+    rounds: int = 3,
 ) -> None:
-    """Print both tables (see the module) for ``texts``, tokenized by ``tokenizer``."""
+    """Print the tables (see the module) for ``texts``, tokenized by ``tokenizer``."""
     calibration, held_out = _split_text(texts, workdir)
     calibration_stream, held_out_stream = (token_stream(tokenizer, [path]) for path in (calibration, held_out))
     print(
@@ -404,3 +493,6 @@ def run_tiered_bench(
     print()
     table = max((workdir / "checkpoint").glob("*.safetensors"), key=lambda p: p.stat().st_size)
     print(read_strategies(table, workdir / "tiered", held_out_stream))
+    if calibrate_mib:
+        print()
+        print(calibration_speed(workdir / "compiled", texts, workdir, calibrate_mib))

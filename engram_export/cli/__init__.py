@@ -12,13 +12,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engram_export.cli import bench, calibrate, compile, demo, export, extension, optimize, quantize, run, verify
+from engram_export.cli import (
+    bench,
+    calibrate,
+    compile,
+    demo,
+    export,
+    extension,
+    optimize,
+    quantize,
+    run,
+    serve_tables,
+    verify,
+)
 from engram_export.cli.common import FLAGS
 from engram_export.core.errors import EngramError, one_line
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (export, optimize, compile, quantize, calibrate, run, verify, demo, bench, extension)
+COMMANDS = (export, optimize, compile, quantize, calibrate, serve_tables, run, verify, demo, bench, extension)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -172,7 +172,11 @@ def _merge_all(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, 
 
 def hit_rate(hot: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> float:
     """The share of the lookups (``rows`` with their ``counts``) that fall on the rows ``hot``."""
-    return float(counts[np.isin(rows, hot)].sum() / max(1, counts.sum()))
+    hot = np.sort(hot)
+    if not len(hot):
+        return 0.0
+    found = hot[np.minimum(np.searchsorted(hot, rows), len(hot) - 1)] == rows
+    return float(counts[found].sum() / max(1, counts.sum()))
 
 
 def all_orders(counts: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

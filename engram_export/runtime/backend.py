@@ -18,6 +18,7 @@ from engram_export.openvino.table_store import TableStore
 from engram_export.runtime.backend_onnxruntime import OnnxRuntimeBackend
 from engram_export.runtime.backend_openvino import OpenVINOBackend
 from engram_export.runtime.options import RuntimeOptions
+from engram_export.sharding.client import ShardedTables
 
 __all__ = ["Backend", "load_backend", "supports_stages"]
 
@@ -31,14 +32,19 @@ class Backend(Protocol):
 
 
 def load_backend(
-    path: Path, options: RuntimeOptions, checks: FileChecks | None = None, store: TableStore | None = None
+    path: Path,
+    options: RuntimeOptions,
+    checks: FileChecks | None = None,
+    store: TableStore | None = None,
+    remote: ShardedTables | None = None,
 ) -> Backend:
     """The backend ``options.runtime`` names, loaded from ``path``, its files checked by ``checks``, its
-    table placed by ``store`` (default: the store ``options.table_memory`` names)."""
+    table placed by ``store`` (default: the store ``options.table_memory`` names) or served by the
+    shards of ``remote``."""
     if options.runtime == "ort":
         return OnnxRuntimeBackend(path, options, checks)
 
-    return OpenVINOBackend(path, options, checks, store)
+    return OpenVINOBackend(path, options, checks, store, remote)
 
 
 def supports_stages(backend: Backend) -> bool:

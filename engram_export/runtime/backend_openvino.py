@@ -23,6 +23,8 @@ from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages, wait
 from engram_export.openvino.table_store import TableStore
 from engram_export.runtime.decode import decode_stages
 from engram_export.runtime.options import RuntimeOptions
+from engram_export.runtime.remote_lookup import RemoteLookups
+from engram_export.sharding.client import ShardedTables
 
 __all__ = ["OpenVINOBackend"]
 
@@ -52,9 +54,15 @@ class OpenVINOBackend:
     """Two compiled stages (``stages.split_stages``): lookup, then fuse on its output tensor."""
 
     def __init__(
-        self, path: Path, options: RuntimeOptions, checks: FileChecks | None = None, store: TableStore | None = None
+        self,
+        path: Path,
+        options: RuntimeOptions,
+        checks: FileChecks | None = None,
+        store: TableStore | None = None,
+        remote: ShardedTables | None = None,
     ):
         model, self.info = read_openvino(path, checks)
+        self.remote = remote  # tables served by shards (runtime/remote_lookup.py), or None
         self.path, self.device = path, options.device
         # a tiered table's store is made per layer by the runtime (it knows the layer's hot set)
         self.table_memory: str | TableStore = store or options.table_memory
@@ -71,8 +79,13 @@ class OpenVINOBackend:
             self.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 128
         self.config.update(options.ov_config or {})
         self._model = model.clone()  # for the decode stages, built on first use (shares the constants)
-        lookup, fuse = self._compile(*split_stages(model, self.precision))
-        self.lookups, self.fuses = _RequestPool(lookup), _RequestPool(fuse)
+        if remote is None:
+            lookup, fuse = self._compile(*split_stages(model, self.precision))
+            self.lookups: _RequestPool | RemoteLookups = _RequestPool(lookup)
+        else:
+            decoder, fuse = self._compile_remote(*split_stages(model, self.precision))
+            self.lookups = RemoteLookups(self.info.layer_id, self.info.config, remote, decoder)
+        self.fuses = _RequestPool(fuse)
         # at most as many calls inside OpenVINO as it has streams: more would only queue inside the
         # plugin while their requests hold memory
         self._streams = threading.BoundedSemaphore(max(1, int(fuse.get_property("NUM_STREAMS"))))
@@ -118,11 +131,34 @@ class OpenVINOBackend:
                 f"OpenVINO cannot compile {self.path.name} for device {self.device!r}: {one_line(exc)}"
             ) from exc
 
+    def _compile_remote(self, lookup, fuse):
+        """The row kernel on rows the shards send (``row_kernel.rows_decoder``) in place of the lookup
+        stage, and the fuse stage, compiled."""
+        found = row_kernel.rows_decoder(lookup)
+        if found is None:
+            raise EngramError(f"{self.path.name}: tables served by shards need a table the row kernel reads")
+        decoder, stored = found
+        self.remote.add_layer(self.info.layer_id, stored.layout)
+        self._lookup_kind = f"row kernel, tables ray://{self.remote.name}"
+        core = openvino_core()
+        try:
+            return tuple(core.compile_model(model, self.device, self.config) for model in (decoder, fuse))
+        except RuntimeError as exc:
+            raise EngramError(
+                f"OpenVINO cannot compile {self.path.name} for device {self.device!r}: {one_line(exc)}"
+            ) from exc
+
     def decode_requests(self):
         """A (lookup, fuse) pair of requests of the stateful decode stages, compiled once."""
         with self._decode_lock:
             if self._decode is None:
-                self._decode = self._compile(*decode_stages(self._model.clone(), self.info, self.precision))
+                lookup, fuse = decode_stages(self._model.clone(), self.info, self.precision)
+                if self.remote is None:
+                    self._decode = self._compile(lookup, fuse)
+                else:  # the history of ids is kept by the remote request
+                    self._decode = (None, openvino_core().compile_model(fuse, self.device, self.config))
+        if self.remote is not None:
+            return self.lookups.new(stateful=True), self._decode[1].create_infer_request()
         return tuple(compiled.create_infer_request() for compiled in self._decode)
 
     def start_lookup(self, feeds: dict):
@@ -165,19 +201,26 @@ class OpenVINOBackend:
             self._prefetched_calls += 1
 
     def table_stats(self) -> dict:
-        """The tiered table's counters (``tiered.STATS``, rows and bytes), and the time calls waited for
-        a prefetched lookup: what the prefetch did not hide."""
+        """The tiered table's counters (``tiered.STATS``, rows and bytes) or the remote tables' (calls,
+        requests to shards, rows, bytes received, failovers), and the time calls waited for a prefetched
+        lookup: what the prefetch did not hide."""
+        with self._counts_lock:
+            prefetched = {"prefetched_calls": self._prefetched_calls, "prefetch_wait_ms": self._prefetch_wait_ns / 1e6}
+        if self.remote is not None:
+            return {**self.remote.stats(self.info.layer_id), **prefetched}
         stats_of = getattr(self.table_memory, "stats", None)
         if stats_of is None:
-            raise EngramError("table_stats counts a tiered table's hits and reads: load with table_memory='tiered'")
+            raise EngramError(
+                "table_stats counts a tiered table's hits and reads, or remote tables' requests: load with "
+                "table_memory='tiered' or tables='ray://NAME'"
+            )
         stats = stats_of()
-        read_ns = stats.pop("read_ns")
-        with self._counts_lock:
-            calls, wait_ns = self._prefetched_calls, self._prefetch_wait_ns
-        return {**stats, "read_wait_ms": read_ns / 1e6, "prefetched_calls": calls, "prefetch_wait_ms": wait_ns / 1e6}
+        return {**stats, "read_wait_ms": stats.pop("read_ns") / 1e6, **prefetched}
 
     def profile(self, feeds: dict, hidden: np.ndarray, rounds: int, warmup: int) -> list[dict]:
         """OpenVINO's per-node times of both stages, averaged over ``rounds`` calls after ``warmup``."""
+        if self.remote is not None:
+            raise EngramError("profile times the stages of a local table; this runtime's tables are served by shards")
         if self.fuses.compiled.get_property("PERF_COUNT") not in (True, "YES"):  # the CPU plugin says "NO"
             raise EngramError("profile needs per-node counters: load with ov_config={'PERF_COUNT': True}")
         lookup, fuse = self.lookups.take(), self.fuses.take()

@@ -38,6 +38,7 @@ from engram_export.runtime.decode import DecodeSession
 from engram_export.runtime.options import RUNTIMES, RuntimeOptions
 from engram_export.runtime.torch import OpenVINOEngram
 from engram_export.runtime.verification import Verification
+from engram_export.sharding.client import ShardedTables
 
 __all__ = [
     "EngramRuntime",
@@ -278,11 +279,12 @@ class EngramRuntime(Mapping):
         if self.path.is_dir():
             self.manifest = read_manifest(self.path, checks)
             stores = _tiered_stores(self.path, self.manifest, options)
+            remote = _remote_tables(self.path, self.manifest, options)
             self._layers = {}
             for layer_id, name in self.manifest.layers.items():
                 file = self.path / name
                 # the manifest's checks are done
-                served = _load_layer(file, options, FileChecks("size"), stores.get(layer_id))
+                served = _load_layer(file, options, FileChecks("size"), stores.get(layer_id), remote)
                 if served.layer_id != layer_id:
                     raise EngramError(
                         f"{file} holds layer {served.layer_id}; the manifest lists it as layer {layer_id}"
@@ -290,11 +292,18 @@ class EngramRuntime(Mapping):
                 if served.config != self.manifest.config:
                     raise EngramError(f"{file} was exported with another config than the manifest's")
                 self._layers[layer_id] = served
+            if remote is not None:
+                remote.check()  # every shard answers, and serves what the layout says
         else:
             self.manifest = None
             if options.table_memory == "tiered":
                 raise EngramError(
                     f"table_memory='tiered' serves a folder made by engram-export calibrate; {path} is one file"
+                )
+            if options.tables is not None:
+                raise EngramError(
+                    f"tables={options.tables!r} serves the layers of a folder (engram-export serve-tables); "
+                    f"{path} is one file"
                 )
             served = _load_layer(check_input_file(path, (".xml", ".onnx"), "model"), options, checks)
             self._layers = {served.layer_id: served}
@@ -386,9 +395,34 @@ class EngramRuntime(Mapping):
 
 
 def _load_layer(
-    path: Path, options: RuntimeOptions, checks: FileChecks | None, store: TableStore | None = None
+    path: Path,
+    options: RuntimeOptions,
+    checks: FileChecks | None,
+    store: TableStore | None = None,
+    remote: ShardedTables | None = None,
 ) -> LayerRuntime:
-    return LayerRuntime(path, options.runtime, load_backend(path, options, checks, store))
+    return LayerRuntime(path, options.runtime, load_backend(path, options, checks, store, remote))
+
+
+def _remote_tables(folder: Path, manifest: Manifest, options: RuntimeOptions) -> ShardedTables | None:
+    """The client of the tables ``options.tables`` names, after refusing tables served for another
+    folder (another table, config or layers)."""
+    if options.tables is None:
+        return None
+    from engram_export.sharding.cluster import connect, served_layout
+    from engram_export.sharding.layout import layer_identity
+
+    layout = served_layout(options.table_name, options.ray_address)
+    served = sorted(int(layer) for layer in layout["identities"])
+    if served != sorted(manifest.layers):
+        raise EngramError(f"{options.tables} serves layers {served}; {folder} has layers {sorted(manifest.layers)}")
+    for layer in manifest.layers:
+        if layer_identity(folder, manifest, layer) != layout["identities"][str(layer)]:
+            raise EngramError(
+                f"{options.tables} serves another table for layer {layer} than {folder} holds "
+                f"(their files or config differ; it serves {layout['folder']})"
+            )
+    return ShardedTables(connect(options.ray_address), layout, options.shard_deadline)
 
 
 def _tiered_stores(folder: Path, manifest: Manifest, options: RuntimeOptions) -> dict[int, TableStore]:

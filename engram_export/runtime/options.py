@@ -17,10 +17,12 @@ from engram_export.core.integrity import FileChecks, file_checks
 from engram_export.core.resources import parse_size
 from engram_export.openvino.table_store import TABLE_STORES
 from engram_export.openvino.tiered import MISS_READS
+from engram_export.sharding.names import check_name
 
 __all__ = ["RuntimeOptions", "RUNTIMES"]
 
 RUNTIMES = ("ov", "ort")
+TABLES_SCHEME = "ray://"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,9 @@ class RuntimeOptions:
     cache_budget: int | str = 0  # bytes of rows read lately kept by a tiered table (a size: "2GiB")
     miss_reads: str = "readahead"  # how a tiered table reads its misses (openvino/tiered.py)
     lookup_kernel: bool = True
+    tables: str | None = None  # "ray://NAME": the tables served by shards (engram-export serve-tables)
+    shard_deadline: float = 10.0  # seconds a call waits for a shard (its replicas, its restart) before it fails
+    ray_address: str | None = None  # the Ray cluster (default: RAY_ADDRESS, else the one running here)
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -63,9 +68,32 @@ class RuntimeOptions:
             raise EngramError(f"miss_reads must be one of {', '.join(MISS_READS)}, got {self.miss_reads!r}")
         if self.table_memory == "tiered" and (self.runtime != "ov" or self.lookup_kernel is not True):
             raise EngramError("table_memory='tiered' needs the OpenVINO runtime with its row kernel (runtime='ov')")
+        self._check_tables()
         if not isinstance(self.lookup_kernel, bool):
             raise EngramError(f"lookup_kernel must be True or False, got {self.lookup_kernel!r}")
         self.file_checks()  # refuses a check_hashes it does not know
+
+    def _check_tables(self) -> None:
+        if self.tables is None:
+            return
+        if not isinstance(self.tables, str) or not self.tables.startswith(TABLES_SCHEME):
+            raise EngramError(f"tables must be {TABLES_SCHEME}NAME (engram-export serve-tables), got {self.tables!r}")
+        check_name(self.tables[len(TABLES_SCHEME) :])
+        if self.runtime != "ov" or self.lookup_kernel is not True:
+            raise EngramError("tables served by shards need the OpenVINO runtime with its row kernel (runtime='ov')")
+        if self.table_memory != "mmap" or self.cache_budget:
+            raise EngramError(
+                "table_memory and cache_budget place a local table; the shards place theirs "
+                "(engram-export serve-tables --table-memory)"
+            )
+        deadline = self.shard_deadline
+        if isinstance(deadline, bool) or not isinstance(deadline, int | float) or not 0 < deadline <= 3600:
+            raise EngramError(f"shard_deadline must be seconds in (0, 3600], got {deadline!r}")
+
+    @property
+    def table_name(self) -> str | None:
+        """NAME of ``tables="ray://NAME"``."""
+        return None if self.tables is None else self.tables[len(TABLES_SCHEME) :]
 
     def file_checks(self) -> FileChecks:
         """A fresh ``FileChecks`` of ``check_hashes`` (it records the files a load leaves unhashed)."""

@@ -1,0 +1,231 @@
+"""The client side of sharded tables: a call's rows fetched from the shards that own them, in stored form.
+
+``request`` sends each shard only the rows it owns, one request per shard, at once, and returns; the
+``Pending`` it returns waits for the answers (``result``). A lookup is idempotent: a replica that fails
+(its process died, its node is gone) is replaced by the next replica, and when every replica failed the
+call is sent again, after a short pause, while Ray restarts them, until ``deadline`` seconds have
+passed; then a one-line ``EngramError`` names the shard. A shard is trusted only once it said it serves
+the pieces and fingerprints of the layout (checked again whenever its name resolves to a new actor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+
+from engram_export.core.errors import EngramError, one_line
+from engram_export.openvino.tiered import RowLayout
+from engram_export.sharding.layout import ShardPlan
+from engram_export.sharding.names import NAMESPACE, replica_name
+
+__all__ = ["ShardedTables", "Pending", "REMOTE_STATS"]
+
+REMOTE_STATS = ("calls", "requests", "rows", "bytes", "failovers")
+_PAUSE_S = 0.05  # between rounds of every replica failing (Ray restarts them meanwhile)
+
+
+class ShardedTables:
+    """Rows of the tables served under ``layout['name']`` (``cluster.served_layout``), for layers whose
+    stored layout is ``layouts[layer]`` (``tiered.RowLayout``)."""
+
+    def __init__(self, ray, layout: dict, deadline: float):
+        self.ray, self.name, self.deadline = ray, layout["name"], deadline
+        self.replicas = layout["replicas"]
+        self.plans = [ShardPlan.from_dict(shard) for shard in layout["shards"]]
+        self._expected = {
+            plan.index: {
+                "name": self.name,
+                "index": plan.index,
+                "pieces": [piece.to_dict() for piece in plan.pieces],
+                "identities": {str(p.layer): layout["identities"][str(p.layer)] for p in plan.pieces},
+            }
+            for plan in self.plans
+        }
+        self.layouts: dict[int, RowLayout] = {}
+        # per layer: the first row, the end and the shard of each piece, in row order
+        self._starts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._handles: dict[tuple[int, int], object] = {}
+        self._lock = threading.Lock()
+        self._turn = 0
+        self._stats: dict[int, dict] = {}
+
+    def add_layer(self, layer: int, layout: RowLayout) -> None:
+        """Serve layer ``layer``, stored as ``layout``: the shards' pieces must cover its rows exactly."""
+        pieces = sorted((p.start, p.stop, plan.index) for plan in self.plans for p in plan.pieces if p.layer == layer)
+        bounds = [0] + [stop for _, stop, _ in pieces]
+        if not pieces or [start for start, _, _ in pieces] != bounds[:-1] or bounds[-1] != layout.table_rows:
+            raise EngramError(
+                f"the tables {self.name!r} do not cover layer {layer}'s {layout.table_rows:,} rows: refused"
+            )
+        self.layouts[layer] = layout
+        self._starts[layer] = tuple(np.array(column, np.int64) for column in zip(*pieces, strict=True))
+        self._stats[layer] = dict.fromkeys(REMOTE_STATS, 0)
+
+    def check(self) -> None:
+        """Every shard answers with the identity the layout gives it (one replica each suffices)."""
+        for plan in self.plans:
+            self._answer(plan.index, lambda handle: handle.identity.remote(), time.monotonic() + self.deadline)
+
+    def request(self, layer: int, rows: np.ndarray) -> Pending:
+        """Start fetching ``rows`` (sorted, unique, int64) of layer ``layer`` from their shards."""
+        starts, stops, shards = self._starts[layer]
+        piece = np.searchsorted(starts, rows, side="right") - 1
+        if len(rows) and (piece[0] < 0 or np.any(rows >= stops[piece])):
+            raise EngramError(f"layer {layer}: rows outside every shard of {self.name!r}")  # the hash never makes them
+        calls = []
+        for index in np.unique(piece):
+            wanted = rows[piece == index]
+            shard = int(shards[index])
+            calls.append((shard, wanted, self._send(shard, layer, wanted)))
+        with self._lock:
+            self._stats[layer]["calls"] += 1
+            self._stats[layer]["requests"] += len(calls)
+            self._stats[layer]["rows"] += len(rows)
+        return Pending(self, layer, len(rows), calls)
+
+    def stats(self, layer: int) -> dict:
+        with self._lock:
+            return dict(self._stats[layer])
+
+    def _handle(self, shard: int, replica: int):
+        """The replica's actor, checked against the layout the first time its name resolves to it."""
+        key = (shard, replica)
+        with self._lock:
+            handle = self._handles.get(key)
+        if handle is not None:
+            return handle
+        try:
+            handle = self.ray.get_actor(replica_name(self.name, shard, replica), namespace=NAMESPACE)
+        except ValueError as exc:
+            raise _Down(f"replica {replica} is not running") from exc
+        identity = self.ray.get(handle.identity.remote(), timeout=max(0.1, self.deadline))
+        found = {key: identity.get(key) for key in self._expected[shard]}
+        if found != self._expected[shard]:
+            raise EngramError(
+                f"{replica_name(self.name, shard, replica)} serves another table or rows than the layout of "
+                f"{self.name!r} gives it (its fingerprints or pieces differ): refused"
+            )
+        with self._lock:
+            self._handles[key] = handle
+        return handle
+
+    def _forget(self, shard: int, replica: int) -> None:
+        with self._lock:
+            self._handles.pop((shard, replica), None)
+
+    def _first_replica(self) -> int:
+        with self._lock:
+            self._turn += 1
+            return self._turn % self.replicas
+
+    def _send(self, shard: int, layer: int, rows: np.ndarray):
+        """(replica, reference) of the request, or (replica, the failure) where no replica took it."""
+        replica = self._first_replica()
+        try:
+            return replica, self._handle(shard, replica).rows.remote(layer, rows)
+        except EngramError:
+            raise
+        except Exception as exc:  # the replica is down: result() fails over
+            self._forget(shard, replica)
+            return replica, exc
+
+    def _answer(self, shard: int, call, deadline: float, first=None, layer: int | None = None):
+        """The answer of ``call(handle)`` from some replica of ``shard``: ``first`` is (replica, reference
+        or failure) of a call already sent. Fails over and retries until ``deadline``."""
+        replica, sent = first if first is not None else (self._first_replica(), None)
+        failure: BaseException | None = None
+        tried = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if sent is None:
+                    sent = call(self._handle(shard, replica))
+                if isinstance(sent, BaseException):
+                    raise sent
+                return self.ray.get(sent, timeout=max(0.0, remaining))
+            except EngramError:
+                raise
+            except self.ray.exceptions.GetTimeoutError as exc:
+                raise EngramError(f"{self._shard_name(shard)} did not answer within {self.deadline:g} s") from exc
+            except self.ray.exceptions.RayTaskError as exc:  # the shard refused the call: no retry helps
+                raise EngramError(f"{self._shard_name(shard)} refused the call: {_cause(exc)}") from exc
+            except Exception as exc:  # the replica is down or restarting: the next one, then again
+                failure = exc
+                self._forget(shard, replica)
+                if layer is not None:
+                    with self._lock:
+                        self._stats[layer]["failovers"] += 1
+            tried += 1
+            replica, sent = (replica + 1) % self.replicas, None
+            if time.monotonic() >= deadline:
+                raise EngramError(
+                    f"{self._shard_name(shard)} is down: no replica answered within {self.deadline:g} s "
+                    f"(last: {_cause(failure)})"
+                )
+            if tried % self.replicas == 0:
+                time.sleep(min(_PAUSE_S, max(0.0, deadline - time.monotonic())))
+
+    def _shard_name(self, shard: int) -> str:
+        plan = self.plans[shard]
+        pieces = ", ".join(f"layer {p.layer} rows {p.start:,}..{p.stop - 1:,}" for p in plan.pieces)
+        return f"shard {shard} of tables {self.name!r} ({pieces})"
+
+
+class _Down(Exception):
+    """A replica that is not there (its name resolves to no actor)."""
+
+
+def _cause(exc: BaseException | None) -> str:
+    cause = getattr(exc, "cause", None)
+    return one_line(cause if isinstance(cause, BaseException) else exc) if exc is not None else "-"
+
+
+@dataclasses.dataclass
+class Pending:
+    """The requests of one call in flight; ``result`` waits for them."""
+
+    tables: ShardedTables
+    layer: int
+    count: int
+    calls: list  # (shard, rows, (replica, reference or failure))
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The stored bytes of the requested rows, in row order: part -> u8 array (codes [N, row bytes])."""
+        tables, deadline = self.tables, time.monotonic() + self.tables.deadline
+        answers = []
+        for shard, rows, first in self.calls:
+            call = lambda handle, rows=rows, layer=self.layer: handle.rows.remote(layer, rows)  # noqa: E731
+            answers.append((len(rows), tables._answer(shard, call, deadline, first, self.layer)))
+        parts = _concatenate(answers, tables.layouts[self.layer], self.count)
+        with tables._lock:
+            tables._stats[self.layer]["bytes"] += sum(part.nbytes for part in parts.values())
+        return parts
+
+
+def _concatenate(answers: list[tuple[int, dict]], layout: RowLayout, count: int) -> dict[str, np.ndarray]:
+    """The shards' packed parts as one packing of all their rows (u4 zero points: nibbles re-packed)."""
+    parts: dict[str, np.ndarray] = {}
+    for part, size in layout.part_sizes(count).items():
+        pieces = [np.asarray(answer[part], np.uint8).reshape(-1) for _, answer in answers]
+        if part == "zero_points" and layout.zero_value_bits == 4:
+            groups = layout.zero_bits // 4
+            nibbles = np.concatenate(
+                [
+                    np.stack([piece & 0xF, piece >> 4], 1).reshape(-1)[: rows * groups]
+                    for (rows, _), piece in zip(answers, pieces, strict=True)
+                ]
+            )
+            if len(nibbles) % 2:
+                nibbles = np.append(nibbles, np.uint8(0))
+            parts[part] = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+        else:
+            parts[part] = np.concatenate(pieces)
+        if parts[part].nbytes != size:
+            raise EngramError(
+                f"the shards answered {parts[part].nbytes} bytes of {part} for {count} rows, expected {size}"
+            )
+    parts["codes"] = parts["codes"].reshape(count, -1)
+    return parts

@@ -25,12 +25,22 @@ def test_every_page_is_collected_and_linked():
     assert len(readme.splitlines()) <= 150
 
 
+IN_THEIR_OWN_TESTS = {"sharding.md": "tests/test_sharding.py runs it in its Ray cluster"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if python_blocks(p) and p.name not in IN_THEIR_OWN_TESTS], ids=lambda p: p.name
+)
 def test_the_examples_run(page, tmp_path):
+    run_examples(page, tmp_path)
+
+
+def run_examples(page: Path, folder: Path) -> None:
+    """The Python blocks of ``page``, in order, in one namespace, in ``folder``."""
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     here = os.getcwd()
-    os.chdir(tmp_path)
+    os.chdir(folder)
     try:
         for index, block in enumerate(python_blocks(page)):
             exec(compile(block, f"{page.name}, python block {index + 1}", "exec"), namespace)

@@ -108,7 +108,19 @@ def test_missing_prebuilt_library_is_refused(tmp_path, monkeypatch):
     refused(run_cli("extension"), "nowhere.so is not a file")
 
 
-COMMANDS = ["export", "optimize", "compile", "quantize", "calibrate", "run", "verify", "demo", "bench", "extension"]
+COMMANDS = [
+    "export",
+    "optimize",
+    "compile",
+    "quantize",
+    "calibrate",
+    "serve-tables",
+    "run",
+    "verify",
+    "demo",
+    "bench",
+    "extension",
+]
 
 
 def test_every_command_starts_through_the_installed_entry_point():

@@ -71,6 +71,7 @@ LEVELS = {
     "engram_export.onnx": 3,  # export and the custom ops
     "engram_export.openvino": 4,  # compile, quantize, the extension, what the runtime does to an IR
     "engram_export.folders": 5,  # manifests and whole-model folders
+    "engram_export.sharding": 5,  # tables served by shards on Ray: the shards, the layout, the client
     "engram_export.runtime": 6,  # EngramRuntime, backends, decode sessions
     "engram_export.runtime.torch": 7,  # the PyTorch drop-in
     "engram_export.measure": 7,  # verify and the benches

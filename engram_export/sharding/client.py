@@ -2,9 +2,10 @@
 
 ``request`` sends each shard only the rows it owns, one request per shard, at once, and returns; the
 ``Pending`` it returns waits for the answers (``result``). A lookup is idempotent: a replica that fails
-(its process died, its node is gone) is replaced by the next replica, and when every replica failed the
-call is sent again, after a short pause, while Ray restarts them, until ``deadline`` seconds have
-passed; then a one-line ``EngramError`` names the shard. A shard is trusted only once it said it serves
+(its process died, its node is gone) is replaced by the next replica and asked last for a while; one
+that has not answered after 100 ms is joined by the next (whichever answers first); when every replica
+failed the call is sent again, after a short pause, while Ray restarts them, until ``deadline`` seconds
+have passed; then a one-line ``EngramError`` names the shard. A shard is trusted only once it said it serves
 the pieces and fingerprints of the layout (checked again whenever its name resolves to a new actor).
 """
 
@@ -23,8 +24,11 @@ from engram_export.sharding.names import NAMESPACE, replica_name
 
 __all__ = ["ShardedTables", "Pending", "REMOTE_STATS"]
 
-REMOTE_STATS = ("calls", "requests", "rows", "bytes", "failovers")
+REMOTE_STATS = ("calls", "requests", "rows", "bytes", "failovers", "hedges")
 _PAUSE_S = 0.05  # between rounds of every replica failing (Ray restarts them meanwhile)
+_HEDGE_S = 0.1  # a replica that has not answered by then is joined by the next one
+_CHECK_S = 1.0  # the most a replica's identity check may take when its name resolves again
+_SUSPECT_S = 2.0  # a replica that failed is asked last for this long
 
 
 class ShardedTables:
@@ -49,7 +53,8 @@ class ShardedTables:
         self._starts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._handles: dict[tuple[int, int], object] = {}
         self._lock = threading.Lock()
-        self._turn = 0
+        self._turns: dict[int, int] = {}  # per shard: the replica its next request starts with
+        self._suspect: dict[tuple[int, int], float] = {}  # (shard, replica) -> asked last until then
         self._stats: dict[int, dict] = {}
 
     def add_layer(self, layer: int, layout: RowLayout) -> None:
@@ -90,7 +95,7 @@ class ShardedTables:
         with self._lock:
             return dict(self._stats[layer])
 
-    def _handle(self, shard: int, replica: int):
+    def _handle(self, shard: int, replica: int, timeout: float):
         """The replica's actor, checked against the layout the first time its name resolves to it."""
         key = (shard, replica)
         with self._lock:
@@ -101,7 +106,7 @@ class ShardedTables:
             handle = self.ray.get_actor(replica_name(self.name, shard, replica), namespace=NAMESPACE)
         except ValueError as exc:
             raise _Down(f"replica {replica} is not running") from exc
-        identity = self.ray.get(handle.identity.remote(), timeout=max(0.1, self.deadline))
+        identity = self.ray.get(handle.identity.remote(), timeout=max(0.01, timeout))
         found = {key: identity.get(key) for key in self._expected[shard]}
         if found != self._expected[shard]:
             raise EngramError(
@@ -112,61 +117,98 @@ class ShardedTables:
             self._handles[key] = handle
         return handle
 
-    def _forget(self, shard: int, replica: int) -> None:
+    def _down(self, shard: int, replica: int, layer: int | None) -> None:
+        """A replica failed: resolved again by name next time, and asked last for a while."""
         with self._lock:
             self._handles.pop((shard, replica), None)
+            self._suspect[(shard, replica)] = time.monotonic() + _SUSPECT_S
+            if layer is not None:
+                self._stats[layer]["failovers"] += 1
 
-    def _first_replica(self) -> int:
+    def _order(self, shard: int) -> list[int]:
+        """The replicas of ``shard`` in the order to ask them: in turn, those that failed lately last."""
+        now = time.monotonic()
         with self._lock:
-            self._turn += 1
-            return self._turn % self.replicas
+            turn = self._turns[shard] = self._turns.get(shard, -1) + 1
+            order = [(turn + step) % self.replicas for step in range(self.replicas)]
+            return sorted(order, key=lambda replica: self._suspect.get((shard, replica), 0) > now)
 
     def _send(self, shard: int, layer: int, rows: np.ndarray):
-        """(replica, reference) of the request, or (replica, the failure) where no replica took it."""
-        replica = self._first_replica()
+        """(replica, reference) of the request, or (replica, the failure) where the replica is not there."""
+        replica = self._order(shard)[0]
         try:
-            return replica, self._handle(shard, replica).rows.remote(layer, rows)
+            return replica, self._handle(shard, replica, _CHECK_S).rows.remote(layer, rows)
         except EngramError:
             raise
-        except Exception as exc:  # the replica is down: result() fails over
-            self._forget(shard, replica)
+        except Exception as exc:  # the replica is down: the answer fails over
+            self._down(shard, replica, layer)
             return replica, exc
 
     def _answer(self, shard: int, call, deadline: float, first=None, layer: int | None = None):
-        """The answer of ``call(handle)`` from some replica of ``shard``: ``first`` is (replica, reference
-        or failure) of a call already sent. Fails over and retries until ``deadline``."""
-        replica, sent = first if first is not None else (self._first_replica(), None)
+        """The answer of ``call(handle)`` from some replica of ``shard``; ``first`` is (replica, reference
+        or failure) of a call already sent. A replica that fails is replaced by the next; one that has
+        not answered after ``_HEDGE_S`` is joined by the next (whichever answers first); when every replica
+        failed, all are tried again after a pause, until ``deadline``."""
+        outstanding: list[tuple[int, object]] = []
+        tried: set[int] = set()
         failure: BaseException | None = None
-        tried = 0
-        while True:
-            remaining = deadline - time.monotonic()
+
+        def send(replica: int) -> None:
+            nonlocal failure
+            tried.add(replica)
             try:
-                if sent is None:
-                    sent = call(self._handle(shard, replica))
-                if isinstance(sent, BaseException):
-                    raise sent
-                return self.ray.get(sent, timeout=max(0.0, remaining))
+                handle = self._handle(shard, replica, min(_CHECK_S, deadline - time.monotonic()))
+                outstanding.append((replica, call(handle)))
             except EngramError:
                 raise
-            except self.ray.exceptions.GetTimeoutError as exc:
-                raise EngramError(f"{self._shard_name(shard)} did not answer within {self.deadline:g} s") from exc
+            except Exception as exc:  # not there, or not answering: the next one
+                failure = exc
+                self._down(shard, replica, layer)
+
+        if first is not None:
+            replica, sent = first
+            tried.add(replica)
+            if isinstance(sent, BaseException):
+                failure = sent
+            else:
+                outstanding.append((replica, sent))
+        while True:
+            remaining = deadline - time.monotonic()
+            untried = [replica for replica in self._order(shard) if replica not in tried]
+            if not outstanding:
+                if untried:
+                    send(untried[0])
+                    continue
+                if remaining <= 0:
+                    raise EngramError(
+                        f"{self._shard_name(shard)} is down: no replica answered within {self.deadline:g} s "
+                        f"(last: {_cause(failure)})"
+                    )
+                time.sleep(min(_PAUSE_S, remaining))
+                tried.clear()
+                continue
+            if remaining <= 0:
+                raise EngramError(f"{self._shard_name(shard)} did not answer within {self.deadline:g} s")
+            references = [reference for _, reference in outstanding]
+            ready, _ = self.ray.wait(
+                references, num_returns=1, timeout=min(remaining, _HEDGE_S) if untried else remaining
+            )
+            if not ready:
+                if untried:
+                    send(untried[0])  # a second replica for this call: whichever answers first
+                    if layer is not None:
+                        with self._lock:
+                            self._stats[layer]["hedges"] += 1
+                continue
+            index = references.index(ready[0])
+            replica, reference = outstanding.pop(index)
+            try:
+                return self.ray.get(reference)
             except self.ray.exceptions.RayTaskError as exc:  # the shard refused the call: no retry helps
                 raise EngramError(f"{self._shard_name(shard)} refused the call: {_cause(exc)}") from exc
-            except Exception as exc:  # the replica is down or restarting: the next one, then again
+            except Exception as exc:  # the replica died or is restarting
                 failure = exc
-                self._forget(shard, replica)
-                if layer is not None:
-                    with self._lock:
-                        self._stats[layer]["failovers"] += 1
-            tried += 1
-            replica, sent = (replica + 1) % self.replicas, None
-            if time.monotonic() >= deadline:
-                raise EngramError(
-                    f"{self._shard_name(shard)} is down: no replica answered within {self.deadline:g} s "
-                    f"(last: {_cause(failure)})"
-                )
-            if tried % self.replicas == 0:
-                time.sleep(min(_PAUSE_S, max(0.0, deadline - time.monotonic())))
+                self._down(shard, replica, layer)
 
     def _shard_name(self, shard: int) -> str:
         plan = self.plans[shard]

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from engram_export.core.errors import EngramError
+from engram_export.core.text import token_stream, windows
 from engram_export.folders import compile_folder, export_checkpoint, export_folder, quantize_folder
 from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.models.compression import build_compression_table
@@ -31,7 +32,7 @@ from engram_export.models.config import load_config
 from engram_export.openvino.quantize import QuantizeOptions
 from engram_export.runtime import EngramRuntime
 from engram_export.sharding.layout import Piece, plan_shards
-from tests.helpers import refused, run_cli
+from tests.helpers import package_prose, refused, run_cli
 from tests.v41_spec import TINY
 
 pytestmark = pytest.mark.xdist_group("ray")  # one cluster: every test of this module on one worker
@@ -174,6 +175,33 @@ def test_remote_tables_equal_the_local_runtime(cluster, folders, u4_tables):
     finally:
         done = run_cli("serve-tables", "--stop", "--name", "v41")
         assert done.returncode == 0 and "2 shard replica(s) ended" in done.stdout, done
+
+
+def test_tiered_shards_equal_the_local_runtime(cluster, folders, tmp_path):
+    """Shards of a calibrated folder keep their hot rows in memory and read the rest from the file;
+    the rows of a call, some hot and some not, come back merged in order (u4 zero points too)."""
+    from engram_export.folders.calibration import calibrate
+    from engram_export.sharding.cluster import serve_tables, stop_tables
+
+    (tmp_path / "prose.txt").write_text(package_prose()[:60_000])
+    calibrated = tmp_path / "calibrated"
+    report = calibrate(folders["demo u4"], calibrated, [tmp_path / "prose.txt"], "30%")
+    assert all(0 < entry["hot_rows"] < entry["rows_reached"] + 1 for entry in report["layers"].values())
+    serve_tables(calibrated, "tiered", shards=3, replicas=1, table_memory="tiered")
+    try:
+        local, remote = EngramRuntime(calibrated), EngramRuntime(calibrated, tables="ray://tiered")
+        stream = token_stream(local.config.tokenizer, [tmp_path / "prose.txt"])
+        for batch, tokens in ((50, 14), (2, 3)):
+            _, hidden, _ = _inputs(local, batch, tokens, seed=batch)
+            ids = windows(stream, tokens, batch)  # the calibration text: hot rows and others in one call
+            for layer in local:
+                assert np.array_equal(remote[layer](ids, hidden), local[layer](ids, hidden))
+    finally:
+        stop_tables("tiered")
+    refused(
+        run_cli("serve-tables", folders["demo u4"], "--name", "t2", "--table-memory", "tiered"),
+        "--table-memory tiered serves a folder made by engram-export calibrate",
+    )
 
 
 def test_a_replica_killed_during_200_calls_from_4_threads(cluster, folders, u4_tables):

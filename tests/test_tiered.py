@@ -145,6 +145,26 @@ def _read_lookups(stats: dict) -> int:
     return stats["lookups"] - served_by_memory
 
 
+@pytest.mark.parametrize("table_rows", [40, 3000, 10**6])
+def test_the_row_counter_equals_a_brute_force_count(table_rows, monkeypatch):
+    """Small batches: sorted runs merged (a large table), then the move to a count per row once the runs
+    hold half the rows (small tables), and a count past 32 bits there."""
+    monkeypatch.setattr(calibration, "_BATCH", 700)
+    rng, counter, added = np.random.default_rng(table_rows), calibration.RowCounter(table_rows), []
+    for _ in range(25):
+        rows = rng.integers(0, table_rows, int(rng.integers(1, 900)))
+        counter.add(rows)
+        added.append(rows)
+    rows, counts = counter.result()
+    expected_rows, expected_counts = np.unique(np.concatenate(added), return_counts=True)
+    assert np.array_equal(rows, expected_rows) and np.array_equal(counts, expected_counts)
+    assert (counter._dense is not None) == (table_rows < 10**6)
+    if counter._dense is not None:
+        counter._dense[rows[0]] = 2**32 - 1
+        counter.add(np.array([rows[0]]))
+        assert counter.result()[1][0] == 2**32
+
+
 def test_text_is_read_in_pieces_that_lose_nothing(tmp_path, monkeypatch):
     """Pieces end at a break, else before a character that may be cut: multi-byte characters and long
     runs without whitespace come back whole, and a bad byte far into the file is named by its offset."""

@@ -22,9 +22,10 @@ def add(sub) -> None:
     p.add_argument("--replicas", type=int, default=1, help="replicas of each shard (on different nodes if it can)")
     p.add_argument(
         "--table-memory",
-        choices=("mmap", "populate"),
+        choices=("mmap", "populate", "tiered"),
         default="mmap",
-        help="how a shard holds its rows: the file's pages read on demand, or read into memory at start",
+        help="how a shard holds its rows: the file's pages read on demand, read into memory at start, or "
+        "(a folder made by calibrate) its hot rows in memory and the rest read from the file",
     )
     p.add_argument("--address", help="the Ray cluster (default: RAY_ADDRESS, else the one running on this machine)")
     p.add_argument("--stop", action="store_true", help="end the shards of --name instead")

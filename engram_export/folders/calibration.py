@@ -83,9 +83,13 @@ class RowCounter:
     """Lookups per row of row ids added in any order. Each batch of ``_BATCH`` ids is sorted and
     run-length counted into (row, count) keys packed in a uint64 (row high, count low); sorted runs of
     keys are merged pairwise as they reach the size of the run before them (a two-run stable sort is a
-    linear merge): O(n log n) work, memory within about twice the distinct rows plus one batch."""
+    linear merge): O(n log n) work, memory within about twice the distinct rows plus one batch. Once the
+    keys would take more memory than a count per table row (4 bytes a row: half the rows reached), the
+    counts move into such an array and each batch is added to it: never more memory than the keys."""
 
     def __init__(self, table_rows: int):
+        self.table_rows = table_rows
+        self._dense: np.ndarray | None = None  # uint32 counts of every row, once the keys outgrow it
         row_bits = max(1, (table_rows - 1).bit_length())
         self._shift = np.uint64(64 - row_bits)
         self._most = (1 << (64 - row_bits)) - 1  # lookups of one row that the keys can count
@@ -112,6 +116,9 @@ class RowCounter:
         """(rows, counts), rows sorted, both int64."""
         self._flush()
         self._batch = np.empty(0, self._batch.dtype)
+        if self._dense is not None:
+            rows = np.flatnonzero(self._dense)
+            return rows.astype(np.int64), self._dense[rows].astype(np.int64)
         while len(self._runs) > 1:
             self._runs.append(self._merge(self._runs.pop(-2), self._runs.pop()))
         keys = self._runs[0] if self._runs else np.zeros(0, np.uint64)
@@ -124,10 +131,22 @@ class RowCounter:
         self._filled = 0
         rows.sort()
         starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-        counts = np.diff(np.r_[starts, len(rows)]).astype(np.uint64)
-        self._runs.append(rows[starts].astype(np.uint64) << self._shift | counts)
+        counts = np.diff(np.r_[starts, len(rows)])
+        if self._dense is not None:
+            unique = rows[starts]
+            summed = self._dense[unique] + counts.astype(np.uint64)
+            if summed.max() > np.iinfo(self._dense.dtype).max:  # a row past 2^32 lookups: wider counts
+                self._dense = self._dense.astype(np.uint64)
+            self._dense[unique] = summed
+            return
+        self._runs.append(rows[starts].astype(np.uint64) << self._shift | counts.astype(np.uint64))
         while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
             self._runs.append(self._merge(self._runs.pop(-2), self._runs.pop()))
+        if 2 * sum(len(run) for run in self._runs) >= self.table_rows:
+            self._dense = np.zeros(self.table_rows, np.uint32)
+            for run in self._runs:
+                self._dense[(run >> self._shift).astype(np.int64)] += (run & np.uint64(self._most)).astype(np.uint32)
+            self._runs = []
 
     def _merge(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """Two runs as one: a row in both (adjacent once sorted) keeps one key, its counts summed."""
@@ -196,6 +215,8 @@ def choose_hot_rows(counts: dict[int, tuple[np.ndarray, np.ndarray]], row_bytes:
     """Layer -> the sorted rows that earn the most lookups per byte across every layer, up to ``budget``
     bytes (ties: the lower layer id, then the lower row)."""
     layers = sorted(counts)
+    most = int(budget // min(row_bytes.values())) + 1  # no more rows than this can fit
+    counts = {layer: _leading(*counts[layer], most) for layer in layers}
     per_byte = np.concatenate([counts[layer][1] / row_bytes[layer] for layer in layers])
     which = np.concatenate([np.full(len(counts[layer][0]), index) for index, layer in enumerate(layers)])
     rows = np.concatenate([counts[layer][0] for layer in layers])
@@ -203,6 +224,19 @@ def choose_hot_rows(counts: dict[int, tuple[np.ndarray, np.ndarray]], row_bytes:
     sizes = np.array([row_bytes[layer] for layer in layers])[which[order]]
     taken = order[: int(np.searchsorted(np.cumsum(sizes), budget, side="right"))]
     return {layer: np.sort(rows[taken[which[taken] == index]]) for index, layer in enumerate(layers)}
+
+
+def _leading(rows: np.ndarray, counts: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``most`` of (rows, counts) (rows sorted) in the order of the choice: more lookups
+    first, then the lower row. The rows of a layer share one size, so the choice across layers takes a
+    prefix of each layer's order: the rest can be dropped before sorting."""
+    if len(counts) <= most:
+        return rows, counts
+    threshold = np.partition(counts, len(counts) - most)[len(counts) - most]  # the most-th largest count
+    above = counts > threshold
+    tied = np.flatnonzero(counts == threshold)[: most - int(above.sum())]
+    keep = np.sort(np.concatenate([np.flatnonzero(above), tied]))
+    return rows[keep], counts[keep]
 
 
 def calibrate(

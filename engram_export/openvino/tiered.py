@@ -31,6 +31,8 @@ __all__ = [
     "MISS_READS",
     "hot_set_files",
     "pack_hot_rows",
+    "row_parts",
+    "packed_parts",
     "read_hot_set",
     "open_tier",
     "Tier",
@@ -102,6 +104,36 @@ def pack_hot_rows(parts: dict[str, np.ndarray], layout: RowLayout, rows: np.ndar
             if len(nibbles) % 2:
                 nibbles = np.append(nibbles, np.uint8(0))
             packed["zero_points"] = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+    return packed
+
+
+def row_parts(packed: dict[str, np.ndarray], layout: RowLayout, rows: int) -> dict[str, np.ndarray]:
+    """A packing of ``rows`` rows (``pack_hot_rows``) as one array per part with a row per row: codes
+    [rows, row bytes], scales [rows, scale bytes], zero points [rows, groups] (u4 unpacked to a byte each)."""
+    parts = {"codes": np.asarray(packed["codes"]).reshape(rows, layout.row_bytes)}
+    if layout.scale_bytes:
+        parts["scales"] = np.asarray(packed["scales"]).reshape(rows, layout.scale_bytes)
+    if layout.zero_bits:
+        groups = layout.zero_bits // layout.zero_value_bits
+        zeros = np.asarray(packed["zero_points"]).reshape(-1)
+        if layout.zero_value_bits == 4:
+            zeros = np.stack([zeros & 0xF, zeros >> 4], 1).reshape(-1)[: rows * groups]
+        parts["zero_points"] = zeros.reshape(rows, groups)
+    return parts
+
+
+def packed_parts(parts: dict[str, np.ndarray], layout: RowLayout) -> dict[str, np.ndarray]:
+    """``row_parts``' arrays packed again (``pack_hot_rows``' form)."""
+    packed = {"codes": np.ascontiguousarray(parts["codes"])}
+    if "scales" in parts:
+        packed["scales"] = np.ascontiguousarray(parts["scales"]).reshape(-1)
+    if "zero_points" in parts:
+        zeros = np.ascontiguousarray(parts["zero_points"], np.uint8).reshape(-1)
+        if layout.zero_value_bits == 4:
+            if len(zeros) % 2:
+                zeros = np.append(zeros, np.uint8(0))
+            zeros = (zeros[0::2] | (zeros[1::2] << 4)).astype(np.uint8)
+        packed["zero_points"] = zeros
     return packed
 
 

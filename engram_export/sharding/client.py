@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from engram_export.core.errors import EngramError, one_line
-from engram_export.openvino.tiered import RowLayout
+from engram_export.openvino.tiered import RowLayout, packed_parts, row_parts
 from engram_export.sharding.layout import ShardPlan
 from engram_export.sharding.names import NAMESPACE, replica_name
 
@@ -32,8 +32,8 @@ _SUSPECT_S = 2.0  # a replica that failed is asked last for this long
 
 
 class ShardedTables:
-    """Rows of the tables served under ``layout['name']`` (``cluster.served_layout``), for layers whose
-    stored layout is ``layouts[layer]`` (``tiered.RowLayout``)."""
+    """Rows of the tables served under ``layout['name']`` (``cluster.served_layout``), for the layers
+    added with their stored layout (``add_layer``)."""
 
     def __init__(self, ray, layout: dict, deadline: float):
         self.ray, self.name, self.deadline = ray, layout["name"], deadline
@@ -248,26 +248,12 @@ class Pending:
 
 
 def _concatenate(answers: list[tuple[int, dict]], layout: RowLayout, count: int) -> dict[str, np.ndarray]:
-    """The shards' packed parts as one packing of all their rows (u4 zero points: nibbles re-packed)."""
-    parts: dict[str, np.ndarray] = {}
+    """The shards' packed parts as one packing of all their rows, in order."""
+    per_row = [row_parts(answer, layout, rows) for rows, answer in answers]
+    parts = packed_parts({part: np.concatenate([p[part] for p in per_row]) for part in per_row[0]}, layout)
     for part, size in layout.part_sizes(count).items():
-        pieces = [np.asarray(answer[part], np.uint8).reshape(-1) for _, answer in answers]
-        if part == "zero_points" and layout.zero_value_bits == 4:
-            groups = layout.zero_bits // 4
-            nibbles = np.concatenate(
-                [
-                    np.stack([piece & 0xF, piece >> 4], 1).reshape(-1)[: rows * groups]
-                    for (rows, _), piece in zip(answers, pieces, strict=True)
-                ]
-            )
-            if len(nibbles) % 2:
-                nibbles = np.append(nibbles, np.uint8(0))
-            parts[part] = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
-        else:
-            parts[part] = np.concatenate(pieces)
         if parts[part].nbytes != size:
             raise EngramError(
                 f"the shards answered {parts[part].nbytes} bytes of {part} for {count} rows, expected {size}"
             )
-    parts["codes"] = parts["codes"].reshape(count, -1)
     return parts

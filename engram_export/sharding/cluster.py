@@ -141,6 +141,8 @@ def serve_tables(
     if table_memory not in SHARD_MEMORY:
         raise EngramError(f"a shard's table_memory must be one of {', '.join(SHARD_MEMORY)}, got {table_memory!r}")
     manifest, heads, row_bytes = _tables_of(folder)
+    if table_memory == "tiered" and manifest.calibration is None:
+        raise EngramError(f"--table-memory tiered serves a folder made by engram-export calibrate; {folder} is not one")
     plans = plan_shards(heads, row_bytes, shards)
     identities = {str(layer): layer_identity(folder, manifest, layer) for layer in manifest.layers}
     ray = connect(address)

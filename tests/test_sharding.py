@@ -1,6 +1,7 @@
 """Tables served by shards on Ray (``engram-export serve-tables``, ``EngramRuntime(tables="ray://NAME")``).
 
-One local Ray cluster for the module, started here: every server of it listens on 127.0.0.1 only (Ray
+One local Ray cluster of two nodes for the module, started here (Ray's ``cluster_utils``): every server
+of it listens on 127.0.0.1 only (Ray
 takes a node's address from its route to the internet unless clusters are off, which
 ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` says; it then binds to loopback), with Ray's token
 authentication on. Answers must equal the local runtime's bit for bit for both families (the demo's u4
@@ -49,17 +50,17 @@ def cluster():
     saved = {key: os.environ.get(key) for key in [*environment, "RAY_ADDRESS"]}
     os.environ.update(environment)
     import ray
+    from ray.cluster_utils import Cluster
 
     from engram_export.sharding.names import NAMESPACE
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=256 << 20,
-        namespace=NAMESPACE,
-        logging_level="ERROR",
-        log_to_driver=False,
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": 128 << 20, "include_dashboard": False},
     )
+    nodes.add_node(num_cpus=1, object_store_memory=128 << 20)  # two nodes: replicas go on different ones
+    ray.init(address=nodes.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    nodes.wait_for_nodes()
     address = ray.get_runtime_context().gcs_address
     assert address.startswith("127.0.0.1:"), address
     os.environ["RAY_ADDRESS"] = address
@@ -67,6 +68,7 @@ def cluster():
         yield ray
     finally:
         ray.shutdown()
+        nodes.shutdown()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -95,10 +97,12 @@ def folders(tokenizer_json, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def u4_tables(cluster, folders):
-    """The demo u4 folder served as ``u4``: 4 shards, 2 replicas each."""
-    from engram_export.sharding.cluster import serve_tables, stop_tables
+    """The demo u4 folder served as ``u4``: 4 shards, 2 replicas each, on different nodes."""
+    from engram_export.sharding.cluster import describe, serve_tables, stop_tables
 
-    serve_tables(folders["demo u4"], "u4", shards=4, replicas=2)
+    layout = serve_tables(folders["demo u4"], "u4", shards=4, replicas=2)
+    assert layout["spread"] and all(layout["nodes"][f"{s}.0"] != layout["nodes"][f"{s}.1"] for s in range(4))
+    assert "the replicas of each shard are on different nodes" in describe(layout)
     yield "u4"
     stop_tables("u4")
 

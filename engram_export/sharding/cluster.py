@@ -106,8 +106,9 @@ def _tables_of(folder: Path):
     return manifest, heads, row_bytes
 
 
-def _check_memory(ray, plans: list[ShardPlan], replicas: int) -> None:
-    """Refuse a layout the cluster's memory (Ray's ``memory`` resource) cannot hold, with the numbers."""
+def _check_memory(ray, plans: list[ShardPlan], replicas: int) -> int:
+    """Refuse a layout the cluster's memory (Ray's ``memory`` resource) cannot hold, with the numbers;
+    the number of live nodes."""
     nodes = [node.get("Resources", {}).get("memory", 0) for node in ray.nodes() if node.get("Alive")]
     needed, largest = sum(plan.nbytes for plan in plans) * replicas, max(plan.nbytes for plan in plans)
     gib = 2**30
@@ -121,6 +122,7 @@ def _check_memory(ray, plans: list[ShardPlan], replicas: int) -> None:
             f"the largest shard needs {largest / gib:.2f} GiB of memory; the largest node has "
             f"{max(nodes, default=0) / gib:.2f} GiB for Ray: use more shards"
         )
+    return len(nodes)
 
 
 def serve_tables(
@@ -151,7 +153,7 @@ def serve_tables(
             f"tables named {name!r} are already served on this cluster: stop them first "
             f"(engram-export serve-tables --stop --name {name})"
         )
-    _check_memory(ray, plans, replicas)
+    nodes = _check_memory(ray, plans, replicas)
     layout = {
         "name": name,
         "folder": str(folder),
@@ -159,26 +161,74 @@ def serve_tables(
         "shards": [plan.to_dict() for plan in plans],
         "replicas": replicas,
         "table_memory": table_memory,
+        # replicas of a shard on different nodes, where there are enough nodes (a placement group each)
+        "spread": 1 < replicas <= nodes,
     }
     made = [ray.remote(_Layout).options(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0).remote(layout)]
     try:
         pending = {}
         for plan in plans:
+            if layout["spread"]:
+                made.append(_placement_group(ray, layout, plan))
             for replica in range(replicas):
                 actor = _spawn(ray, layout, plan, replica)
                 made.append(actor)
                 pending[(plan.index, replica)] = actor.identity.remote()
-        nodes = _wait_started(ray, pending)
+        started = _wait_started(ray, pending)
     except BaseException:
-        for actor in made:
-            ray.kill(actor, no_restart=True)
+        _remove(ray, made)
         raise
-    layout["nodes"] = {f"{shard}.{replica}": node for (shard, replica), node in nodes.items()}
+    layout["nodes"] = {f"{shard}.{replica}": node for (shard, replica), node in started.items()}
     return layout
 
 
+def _group_name(name: str, shard: int) -> str:
+    return f"{name}.shard{shard}"
+
+
+def _placement_group(ray, layout: dict, plan: ShardPlan):
+    """The detached placement group that puts the replicas of ``plan`` on different nodes, ready."""
+    from ray.util.placement_group import placement_group
+
+    group = placement_group(
+        [{"memory": max(1, plan.nbytes)}] * layout["replicas"],
+        strategy="STRICT_SPREAD",
+        name=_group_name(layout["name"], plan.index),
+        lifetime="detached",
+    )
+    try:
+        ray.get(group.ready(), timeout=60)
+    except Exception as exc:
+        ray.util.remove_placement_group(group)
+        raise EngramError(
+            f"the {layout['replicas']} replicas of shard {plan.index} ({plan.nbytes / 2**30:.2f} GiB each) cannot "
+            f"be placed on different nodes: {_cause(exc)}"
+        ) from exc
+    return group
+
+
+def _remove(ray, made: list) -> None:
+    """End the actors and remove the placement groups of ``made``."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for thing in made:
+        if isinstance(thing, PlacementGroup):
+            remove_placement_group(thing)
+        else:
+            ray.kill(thing, no_restart=True)
+
+
 def _spawn(ray, layout: dict, plan: ShardPlan, replica: int):
-    """A replica of the shard ``plan`` of ``layout``, as a detached named actor."""
+    """A replica of the shard ``plan`` of ``layout``, as a detached named actor: in its bundle of the
+    shard's placement group where the layout spreads replicas, else where Ray spreads it."""
+    strategy = "SPREAD"
+    if layout.get("spread"):
+        from ray.util import get_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(
+            get_placement_group(_group_name(layout["name"], plan.index)), placement_group_bundle_index=replica
+        )
     return (
         ray.remote(TableShard)
         .options(
@@ -190,7 +240,7 @@ def _spawn(ray, layout: dict, plan: ShardPlan, replica: int):
             max_concurrency=8,
             num_cpus=0,
             memory=max(1, plan.nbytes),
-            scheduling_strategy="SPREAD",
+            scheduling_strategy=strategy,
         )
         .remote(layout["folder"], layout["name"], plan.to_dict(), layout["identities"], layout["table_memory"])
     )
@@ -253,6 +303,14 @@ def stop_tables(name: str, address: str | None = None) -> int:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
                 ended += 1
+    if layout.get("spread"):
+        from ray.util import get_placement_group, remove_placement_group
+
+        for shard in layout["shards"]:
+            try:
+                remove_placement_group(get_placement_group(_group_name(name, shard["index"])))
+            except ValueError:  # removed already
+                pass
     holder = _actor(ray, name)
     if holder is not None:
         ray.kill(holder, no_restart=True)
@@ -272,7 +330,9 @@ def describe(layout: dict) -> str:
         where = [nodes.get(f"{shard['index']}.{replica}", "?")[:8] for replica in range(layout["replicas"])]
         lines.append(f"{shard['index']:>5}  {shard['nbytes'] / 2**20:>10,.1f}  {pieces:<44} {' '.join(where)}")
     all_nodes = set(nodes.values())
-    if layout["replicas"] > 1 and len(all_nodes) == 1:
+    if layout.get("spread"):
+        lines.append("the replicas of each shard are on different nodes (a placement group each, STRICT_SPREAD)")
+    elif layout["replicas"] > 1 and len(all_nodes) == 1:
         lines.append("one node: the replicas of each shard share it (a node's failure takes every replica)")
     elif layout["replicas"] > 1:
         shared = [

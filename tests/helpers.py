@@ -8,6 +8,7 @@ import hashlib
 import importlib.metadata
 import io
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,7 +17,18 @@ from engram_export.core.fileio import STAGING_PREFIX
 
 TINY_LAYER = 3  # the second layer of the tiny preset: its primes depend on layer 1's
 
-__all__ = ["run_cli", "cli", "refused", "listing", "hf_snapshot", "package_prose", "Done", "STAGING_PREFIX"]
+__all__ = [
+    "run_cli",
+    "cli",
+    "refused",
+    "listing",
+    "hf_snapshot",
+    "package_prose",
+    "Done",
+    "STAGING_PREFIX",
+    "python_blocks",
+    "run_examples",
+]
 
 
 class Done(NamedTuple):
@@ -85,3 +97,20 @@ def package_prose() -> str:
             metadata = importlib.metadata.distribution(name).metadata
             texts.append(metadata.get_payload() or metadata.get("Description") or "")
     return "\n\n".join(text for text in texts if text)
+
+
+def python_blocks(page: Path) -> list[str]:
+    """The ```python blocks of a Markdown page."""
+    return re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
+
+
+def run_examples(page: Path, folder: Path) -> None:
+    """The Python blocks of ``page``, in order, in one namespace, in ``folder``."""
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        for index, block in enumerate(python_blocks(page)):
+            exec(compile(block, f"{page.name}, python block {index + 1}", "exec"), namespace)
+    finally:
+        os.chdir(here)

@@ -3,18 +3,14 @@ run in order, in one namespace, in a fresh folder (the examples write their file
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import python_blocks, run_examples
+
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-
-
-def python_blocks(page: Path) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
 
 
 def test_every_page_is_collected_and_linked():
@@ -34,15 +30,3 @@ IN_THEIR_OWN_TESTS = {"sharding.md": "tests/test_sharding.py runs it in its Ray 
 )
 def test_the_examples_run(page, tmp_path):
     run_examples(page, tmp_path)
-
-
-def run_examples(page: Path, folder: Path) -> None:
-    """The Python blocks of ``page``, in order, in one namespace, in ``folder``."""
-    namespace: dict = {"__name__": f"docs_{page.stem}"}
-    here = os.getcwd()
-    os.chdir(folder)
-    try:
-        for index, block in enumerate(python_blocks(page)):
-            exec(compile(block, f"{page.name}, python block {index + 1}", "exec"), namespace)
-    finally:
-        os.chdir(here)

@@ -369,6 +369,8 @@ def test_an_unreachable_cluster_is_one_line(folders):
 
 def test_the_manual_runs(cluster, tmp_path):
     """docs/sharding.md's example, in this module's cluster (it starts one of its own elsewhere)."""
-    from tests.test_docs import ROOT, run_examples
+    from pathlib import Path
 
-    run_examples(ROOT / "docs" / "sharding.md", tmp_path)
+    from tests.helpers import run_examples
+
+    run_examples(Path(__file__).parents[1] / "docs" / "sharding.md", tmp_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,7 @@ def _text_pieces(path: Path, offset: int, held_out_from: int | None):
                 return
 
 
-def token_pieces(tokenizer_path: str | Path | None, paths: list[str | Path], hold_out: float = 0.0):
+def token_pieces(tokenizer_path: str | Path | None, paths: Sequence[str | Path], hold_out: float = 0.0):
     """Every file of ``paths`` tokenized by the tokenizer at ``tokenizer_path``, as ``TokenPiece``s in
     order, read and tokenized a few MB at a time (memory does not grow with the text). With ``hold_out``,
     the pieces from about that share of all the text's bytes from the end (cut at whitespace) are marked
@@ -146,7 +147,7 @@ def token_pieces(tokenizer_path: str | Path | None, paths: list[str | Path], hol
     yield from encoded()
 
 
-def token_stream(tokenizer_path: str | Path | None, paths: list[str | Path]) -> np.ndarray:
+def token_stream(tokenizer_path: str | Path | None, paths: Sequence[str | Path]) -> np.ndarray:
     """Every file of ``paths`` tokenized by the tokenizer at ``tokenizer_path``, as one int64 stream."""
     ids = [piece.ids for piece in token_pieces(tokenizer_path, paths)]
     stream = np.concatenate(ids) if ids else np.zeros(0, np.int64)

@@ -27,8 +27,7 @@ from engram_export.core.resources import parse_size, require_disk
 from engram_export.core.text import token_pieces
 from engram_export.folders.manifest import read_manifest, write_manifest
 from engram_export.models.config import is_deepseek_v41
-from engram_export.models.deepseek_v41 import V41Hashing
-from engram_export.models.hashing import EngramHashing
+from engram_export.models.table_rows import hashing_of, table_rows
 from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.row_kernel import StoredTable, stored_table
 from engram_export.openvino.stages import split_stages
@@ -40,10 +39,6 @@ HELD_OUT = 0.1  # the last tenth of the text (by bytes): the hit rate is measure
 _WINDOW = 1 << 16  # tokens hashed at once
 _BATCH = 1 << 24  # row lookups sorted at once (RowCounter)
 _PACK_ROWS = 1 << 20  # hot rows packed and written at once (an even number: u4 zero points stay whole bytes)
-
-
-def _hashing(config):
-    return V41Hashing(config) if is_deepseek_v41(config) else EngramHashing(config)
 
 
 class LayerRows:
@@ -71,11 +66,7 @@ class LayerRows:
         """Yields the rows of ``ids``, ``_WINDOW`` tokens at a time."""
         for begin in range(0, len(ids), _WINDOW):
             window = np.concatenate([self._context, ids[begin : begin + _WINDOW]])
-            if is_deepseek_v41(self.config):
-                rows = self.hashing.rows(window[None], np.ones((1, len(window)), bool), self.layer_id)[0]
-            else:
-                rows = self.hashing.rows(window[None], self.layer_id)[0]
-            yield rows[len(self._context) :]
+            yield table_rows(self.hashing, window[None], None, self.layer_id)[0, len(self._context) :]
             self._context = window[max(0, len(window) - (self.config.max_ngram_size - 1)) :]
 
 
@@ -301,7 +292,7 @@ def _count_lookups(config, layer_ids: list[int], texts: list[Path]):
     """Layer -> (calibration, held-out) (rows, lookup counts) of ``texts``, and the text's report. Each
     file is one token sequence (its held-out part another), read and tokenized a piece at a time while
     the piece before is counted (a thread per layer: hashing and sorting run in numpy without the GIL)."""
-    hashing = _hashing(config)
+    hashing = hashing_of(config)
     layers = {layer_id: LayerRows(hashing, config, layer_id) for layer_id in layer_ids}
     counters = {
         layer_id: (RowCounter(rows.table_rows), RowCounter(rows.table_rows)) for layer_id, rows in layers.items()

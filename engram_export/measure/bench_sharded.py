@@ -179,7 +179,8 @@ def _restart(ray, compiled: Path, stream: np.ndarray, config, shards: int) -> st
             runtime = EngramRuntime(compiled, tables=f"ray://{name}", shard_deadline=60)
             victim = ray.get_actor(replica_name(name, 0, 0), namespace=NAMESPACE)
             pid = ray.get(victim.identity.remote())["pid"]
-            latencies, killed_at = [], None
+            latencies: list[float] = []
+            killed_at: int | None = None
             began = time.monotonic()
             while time.monotonic() - began < 4.0:
                 if killed_at is None and time.monotonic() - began > 1.0:

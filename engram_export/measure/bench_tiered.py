@@ -264,10 +264,10 @@ def serving_table(
     not depend on the table's size), said in the table's title."""
     compiled = _compiled(config, workdir)
     table_bytes = sum(config.num_embeddings) * ROW_BYTES
-    resident, resident_note = compiled, ""
+    resident_folder, resident_note = compiled, ""
     if table_bytes > available_memory() * 0.8:
         small = v41_with_tokenizer(Path(str(config.tokenizer)), RESIDENT_ROWS)
-        resident = _compiled(small, workdir / "resident")
+        resident_folder = _compiled(small, workdir / "resident")
         resident_note = (
             f"; the table ({table_bytes / 2**30:.1f} GiB) is larger than the memory available "
             f"({available_memory() / 2**30:.1f} GiB): the resident row serves a "
@@ -280,7 +280,7 @@ def serving_table(
     hot = sum(entry["hot_rows"] for entry in report["layers"].values())
     shapes = {"decode B=1": (1, steps), "decode B=8": (8, steps), "prefill 50x14": (50, 14)}
     modes = [
-        _Mode("resident (populate)", "populate", resident, True, False),
+        _Mode("resident (populate)", "populate", resident_folder, True, False),
         _Mode("mmap cold", "mmap", compiled, True, True),
         _Mode("tiered, no prefetch", "tiered", tiered, False, True),
         _Mode("tiered + prefetch", "tiered", tiered, True, True),

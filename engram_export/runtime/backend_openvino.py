@@ -223,6 +223,7 @@ class OpenVINOBackend:
             raise EngramError("profile times the stages of a local table; this runtime's tables are served by shards")
         if self.fuses.compiled.get_property("PERF_COUNT") not in (True, "YES"):  # the CPU plugin says "NO"
             raise EngramError("profile needs per-node counters: load with ov_config={'PERF_COUNT': True}")
+        assert isinstance(self.lookups, _RequestPool)  # refused above for remote tables
         lookup, fuse = self.lookups.take(), self.fuses.take()
         totals: collections.Counter = collections.Counter()
         try:

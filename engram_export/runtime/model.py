@@ -412,7 +412,7 @@ def _remote_tables(folder: Path, manifest: Manifest, options: RuntimeOptions) ->
     from engram_export.sharding.cluster import connect, served_layout
     from engram_export.sharding.layout import layer_identity
 
-    layout = served_layout(options.table_name, options.ray_address)
+    layout = served_layout(str(options.table_name), options.ray_address)
     served = sorted(int(layer) for layer in layout["identities"])
     if served != sorted(manifest.layers):
         raise EngramError(f"{options.tables} serves layers {served}; {folder} has layers {sorted(manifest.layers)}")

@@ -18,8 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from engram_export.models.config import is_deepseek_v41
-from engram_export.models.deepseek_v41 import V41Hashing
-from engram_export.models.hashing import EngramHashing
+from engram_export.models.table_rows import hashing_of, table_rows
 from engram_export.openvino.stages import infer
 from engram_export.sharding.client import ShardedTables
 
@@ -36,7 +35,7 @@ class RemoteLookupRequest:
         self.layer_id, self.config, self.tables = layer_id, config, tables
         self._decoder = decoder.create_infer_request()
         self._v41 = is_deepseek_v41(config)
-        self._hashing = V41Hashing(config) if self._v41 else EngramHashing(config)
+        self._hashing = hashing_of(config)
         self._stateful = stateful
         self._pending: Future | None = None
         self.layout = tables.layouts[layer_id]
@@ -57,11 +56,7 @@ class RemoteLookupRequest:
             before = history_ids.shape[1]
             ids, mask = np.concatenate([history_ids, ids], 1), np.concatenate([history_mask, mask], 1)
             history = (ids[:, -before:].copy(), mask[:, -before:].copy())
-        if self._v41:
-            rows = self._hashing.rows(ids, mask, self.layer_id)
-        else:
-            rows = self._hashing.rows(ids, self.layer_id)
-        return rows[:, before:], history
+        return table_rows(self._hashing, ids, mask, self.layer_id)[:, before:], history
 
     def start_async(self, feeds: dict, share_inputs: bool = True) -> None:
         """Start the lookup on a thread of the pool and return: it hashes, sends the shards their

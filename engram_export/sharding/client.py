@@ -50,7 +50,7 @@ class ShardedTables:
         }
         self.layouts: dict[int, RowLayout] = {}
         # per layer: the first row, the end and the shard of each piece, in row order
-        self._starts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._starts: dict[int, tuple[np.ndarray, ...]] = {}
         self._handles: dict[tuple[int, int], object] = {}
         self._lock = threading.Lock()
         self._turns: dict[int, int] = {}  # per shard: the replica its next request starts with

@@ -20,9 +20,7 @@ from engram_export.core import progress
 from engram_export.core.errors import EngramError, one_line
 from engram_export.core.integrity import FileChecks
 from engram_export.folders.manifest import read_manifest
-from engram_export.models.config import is_deepseek_v41
-from engram_export.models.deepseek_v41 import V41Hashing
-from engram_export.models.hashing import EngramHashing
+from engram_export.models.table_rows import hashing_of
 from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.row_kernel import stored_table
 from engram_export.openvino.stages import split_stages
@@ -90,7 +88,7 @@ def _tables_of(folder: Path):
     """(manifest, layer -> rows of each hash head, layer -> stored bytes a row) of the folder."""
     manifest = read_manifest(folder)
     config = manifest.config
-    hashing = V41Hashing(config) if is_deepseek_v41(config) else EngramHashing(config)
+    hashing = hashing_of(config)
     heads, row_bytes = {}, {}
     for layer, name in manifest.layers.items():
         model, _ = read_openvino(folder / name, FileChecks("size"))  # the manifest's checks are done
@@ -221,7 +219,7 @@ def _remove(ray, made: list) -> None:
 def _spawn(ray, layout: dict, plan: ShardPlan, replica: int):
     """A replica of the shard ``plan`` of ``layout``, as a detached named actor: in its bundle of the
     shard's placement group where the layout spreads replicas, else where Ray spreads it."""
-    strategy = "SPREAD"
+    strategy: object = "SPREAD"
     if layout.get("spread"):
         from ray.util import get_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

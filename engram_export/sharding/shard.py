@@ -51,6 +51,7 @@ class TableShard:
             parts, layout = table.arrays(), table.layout
             hot_set = _hot_set(self.folder, manifest, layer, layout) if table_memory == "tiered" else None
             for piece in (p for p in self.plan.pieces if p.layer == layer):
+                entry: tuple
                 if table_memory == "populate":
                     entry = (piece, _copy_rows(parts, layout, piece), piece.start, layout, None)
                 else:

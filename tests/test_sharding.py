@@ -128,7 +128,7 @@ def test_shards_are_cut_at_hash_heads_and_balanced_by_bytes():
         plan_shards({1: [5, 7, 11]}, {1: 1.0}, 4)
 
 
-def test_remote_tables_equal_the_local_runtime(cluster, folders, u4_tables):
+def test_remote_tables_equal_the_local_runtime(cluster, folders, u4_tables, tmp_path):
     """Both families bit for bit: one-shot calls, prefetches in flight across every shard, lookup,
     decode sessions, the PyTorch module."""
     local, remote = EngramRuntime(folders["demo u4"]), EngramRuntime(folders["demo u4"], tables="ray://u4")
@@ -144,6 +144,16 @@ def test_remote_tables_equal_the_local_runtime(cluster, folders, u4_tables):
                     EngramRuntime(folders["v41 fp8"], precision=precision, tables="ray://v41"),
                 )
             )
+        # a client without the table files at all (the shards hold them): the same answers
+        client = tmp_path / "client"
+        client.mkdir()
+        for file in folders["v41 fp8"].iterdir():
+            if not file.name.endswith(".safetensors"):
+                os.link(file, client / file.name)
+        assert len(list(client.iterdir())) < len(list(folders["v41 fp8"].iterdir()))
+        pairs.append((EngramRuntime(folders["v41 fp8"]), EngramRuntime(client, tables="ray://v41")))
+        with pytest.raises(EngramError, match="safetensors"):  # a local runtime still needs them
+            EngramRuntime(client)
         for here, there in pairs:
             for batch, tokens in ((50, 14), (1, 1), (3, 17)):
                 ids, hidden, mask = _inputs(here, batch, tokens, seed=batch)

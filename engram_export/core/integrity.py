@@ -132,12 +132,15 @@ def file_checks(check_hashes) -> FileChecks:
 
 class FileChecks:
     """How deep a load checks the files it reads (``level``, one of ``CHECKS``), and what it left:
-    ``deferred`` holds (path, entry, where) of each file checked without hashing every byte."""
+    ``deferred`` holds (path, entry, where) of each file checked without hashing every byte.
+    ``tables_elsewhere``: the load's tables are served by other processes (``tables="ray://NAME"``), so a
+    table file that is not here is no error (one that is here is checked as always)."""
 
-    def __init__(self, level: str = "bounded"):
+    def __init__(self, level: str = "bounded", tables_elsewhere: bool = False):
         if level not in CHECKS:
             raise EngramError(f"check level must be one of {', '.join(CHECKS)}, got {level!r}")
         self.level = level
+        self.tables_elsewhere = tables_elsewhere
         self.deferred: list[tuple[Path, dict, str]] = []
 
     def check(self, path: Path, entry: dict, where: str) -> None:

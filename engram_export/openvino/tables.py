@@ -119,6 +119,9 @@ def shared_constant(data: np.ndarray, owner, kind: str = "u8", shape=None):
     return constant
 
 
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
 def map_bytes(path: Path, offset: int, nbytes: int, what: str) -> np.memmap:
     """A read-only mapping of ``nbytes`` bytes of ``path`` at ``offset`` with random-access advice."""
     try:
@@ -138,10 +141,26 @@ def attach(model, xml: Path, checks) -> None:
     parameters = {p.get_friendly_name(): p for p in model.get_parameters()}
     for name, record in _records(model).items():
         path = xml.parent / record["file"]
-        checks.check(path, record, str(xml))
         if name not in parameters:
             raise EngramError(f"{xml} records table {name}, which is not an input of the model")
+        if checks.tables_elsewhere and not path.exists():  # served by shards: never read here
+            kind = parameters[name].get_element_type()
+            unbacked = _unbacked(math.prod(record["shape"]) * kind.size)
+            constant = shared_constant(unbacked, unbacked, kind.get_type_name(), record["shape"])
+            constant.set_friendly_name(name)
+            constant.output(0).set_names(parameters[name].output(0).get_names())
+            parameters[name].output(0).replace(constant.output(0))
+            model.remove_parameter(parameters[name])
+            continue
+        checks.check(path, record, str(xml))
         mapped_in_place_of(model, parameters[name], path, record["offset"], record["shape"])
+
+
+def _unbacked(nbytes: int) -> np.ndarray:
+    """``nbytes`` of address space that no memory backs and nothing may read (a table served by shards:
+    its constant gives the lookup its shape and type, never its bytes; a read would fault)."""
+    space = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE, prot=0)  # PROT_NONE
+    return np.frombuffer(space, np.uint8, nbytes)
 
 
 def mapped_in_place_of(model, parameter, path: Path, offset: int, shape):

@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 
-from engram_export.core.errors import EngramError, one_line
+from engram_export.core.errors import EngramError
 from engram_export.openvino.tiered import RowLayout, packed_parts, row_parts
 from engram_export.sharding.layout import ShardPlan
-from engram_export.sharding.names import NAMESPACE, replica_name
+from engram_export.sharding.names import NAMESPACE, cause_of, replica_name
 
 __all__ = ["ShardedTables", "Pending", "REMOTE_STATS"]
 
@@ -182,7 +182,7 @@ class ShardedTables:
                 if remaining <= 0:
                     raise EngramError(
                         f"{self._shard_name(shard)} is down: no replica answered within {self.deadline:g} s "
-                        f"(last: {_cause(failure)})"
+                        f"(last: {cause_of(failure)})"
                     )
                 time.sleep(min(_PAUSE_S, remaining))
                 tried.clear()
@@ -205,7 +205,7 @@ class ShardedTables:
             try:
                 return self.ray.get(reference)
             except self.ray.exceptions.RayTaskError as exc:  # the shard refused the call: no retry helps
-                raise EngramError(f"{self._shard_name(shard)} refused the call: {_cause(exc)}") from exc
+                raise EngramError(f"{self._shard_name(shard)} refused the call: {cause_of(exc)}") from exc
             except Exception as exc:  # the replica died or is restarting
                 failure = exc
                 self._down(shard, replica, layer)
@@ -218,11 +218,6 @@ class ShardedTables:
 
 class _Down(Exception):
     """A replica that is not there (its name resolves to no actor)."""
-
-
-def _cause(exc: BaseException | None) -> str:
-    cause = getattr(exc, "cause", None)
-    return one_line(cause if isinstance(cause, BaseException) else exc) if exc is not None else "-"
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.row_kernel import stored_table
 from engram_export.openvino.stages import split_stages
 from engram_export.sharding.layout import ShardPlan, layer_identity, plan_shards
-from engram_export.sharding.names import NAMESPACE, check_name, replica_name
+from engram_export.sharding.names import NAMESPACE, cause_of, check_name, replica_name
 from engram_export.sharding.shard import SHARD_MEMORY, TableShard
 
 __all__ = ["connect", "serve_tables", "stop_tables", "repair_tables", "served_layout", "describe"]
@@ -200,7 +200,7 @@ def _placement_group(ray, layout: dict, plan: ShardPlan):
         ray.util.remove_placement_group(group)
         raise EngramError(
             f"the {layout['replicas']} replicas of shard {plan.index} ({plan.nbytes / 2**30:.2f} GiB each) cannot "
-            f"be placed on different nodes: {_cause(exc)}"
+            f"be placed on different nodes: {cause_of(exc)}"
         ) from exc
     return group
 
@@ -267,15 +267,9 @@ def _wait_started(ray, pending: dict) -> dict:
             try:
                 nodes[(shard, replica)] = ray.get(answer, timeout=max(0.0, deadline - time.monotonic()))["node"]
             except Exception as exc:
-                raise EngramError(f"shard {shard} replica {replica} did not start: {_cause(exc)}") from exc
+                raise EngramError(f"shard {shard} replica {replica} did not start: {cause_of(exc)}") from exc
             counter.advance()
     return nodes
-
-
-def _cause(exc: BaseException) -> str:
-    """The one line that says why a Ray call failed (a shard's own error, not Ray's traceback)."""
-    cause = getattr(exc, "cause", None)
-    return one_line(cause if isinstance(cause, BaseException) else exc)
 
 
 def served_layout(name: str, address: str | None = None, timeout: float = 30.0) -> dict:
@@ -287,7 +281,7 @@ def served_layout(name: str, address: str | None = None, timeout: float = 30.0) 
     try:
         return ray.get(holder.get.remote(), timeout=timeout)
     except Exception as exc:
-        raise EngramError(f"the layout of tables {name!r} did not answer: {_cause(exc)}") from exc
+        raise EngramError(f"the layout of tables {name!r} did not answer: {cause_of(exc)}") from exc
 
 
 def stop_tables(name: str, address: str | None = None) -> int:

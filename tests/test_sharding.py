@@ -36,7 +36,9 @@ from engram_export.sharding.layout import Piece, plan_shards
 from tests.helpers import package_prose, refused, run_cli
 from tests.v41_spec import TINY
 
-pytestmark = pytest.mark.xdist_group("ray")  # one cluster: every test of this module on one worker
+# one cluster: every test of this module on one worker; a Ray cluster and its shard processes take a
+# while to start: slow
+pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

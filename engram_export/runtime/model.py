@@ -241,6 +241,11 @@ class EngramRuntime(Mapping):
         miss_reads: with ``"tiered"``, how the rows not in memory are read: ``"readahead"`` (default:
             every read handed to the kernel's readahead at once, then read; no thread per read) or
             ``"threads"`` (a pool of 64 threads, for file systems that ignore the readahead hint).
+        tables: ``"ray://NAME"``: the rows come from the shards ``engram-export serve-tables`` started under
+            NAME (``docs/sharding.md``); the folder's table files are then not needed here.
+        shard_deadline: with ``tables``, the seconds a call waits for a shard (its replicas, Ray's restart
+            of them) before it fails in one line (default 10).
+        ray_address: with ``tables``, the Ray cluster (default: ``RAY_ADDRESS``, else the one running here).
         lookup_kernel: read the table with the extension's row kernel (default) or, with False, with
             OpenVINO's own Gather and decode ops (for comparison; ``table_memory`` is then ignored).
         ov_config: OpenVINO properties passed to ``compile_model`` over the defaults (precision hint,

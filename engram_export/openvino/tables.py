@@ -145,12 +145,9 @@ def attach(model, xml: Path, checks) -> None:
             raise EngramError(f"{xml} records table {name}, which is not an input of the model")
         if checks.tables_elsewhere and not path.exists():  # served by shards: never read here
             kind = parameters[name].get_element_type()
-            unbacked = _unbacked(math.prod(record["shape"]) * kind.size)
-            constant = shared_constant(unbacked, unbacked, kind.get_type_name(), record["shape"])
-            constant.set_friendly_name(name)
-            constant.output(0).set_names(parameters[name].output(0).get_names())
-            parameters[name].output(0).replace(constant.output(0))
-            model.remove_parameter(parameters[name])
+            _constant_in_place_of(
+                model, parameters[name], _unbacked(math.prod(record["shape"]) * kind.size), record["shape"]
+            )
             continue
         checks.check(path, record, str(xml))
         mapped_in_place_of(model, parameters[name], path, record["offset"], record["shape"])
@@ -168,9 +165,14 @@ def mapped_in_place_of(model, parameter, path: Path, offset: int, shape):
     over a read-only mapping of ``path`` at ``offset`` (nothing is read until used; the constant keeps
     the mapping alive); returns the constant."""
     kind, name = parameter.get_element_type(), parameter.get_friendly_name()
-    mapped = map_bytes(path, offset, math.prod(shape) * kind.size, name)
-    constant = shared_constant(mapped, mapped, kind.get_type_name(), shape)
-    constant.set_friendly_name(name)
+    return _constant_in_place_of(model, parameter, map_bytes(path, offset, math.prod(shape) * kind.size, name), shape)
+
+
+def _constant_in_place_of(model, parameter, data: np.ndarray, shape):
+    """Replace the input ``parameter`` of ``model`` by a constant of its type and name and of ``shape``
+    over ``data`` (shared, which the constant keeps alive); returns the constant."""
+    constant = shared_constant(data, data, parameter.get_element_type().get_type_name(), shape)
+    constant.set_friendly_name(parameter.get_friendly_name())
     constant.output(0).set_names(parameter.output(0).get_names())
     parameter.output(0).replace(constant.output(0))
     model.remove_parameter(parameter)

@@ -91,20 +91,17 @@ def _zero_nibbles(packed: np.ndarray, index: np.ndarray) -> np.ndarray:
 def pack_hot_rows(parts: dict[str, np.ndarray], layout: RowLayout, rows: np.ndarray) -> dict[str, np.ndarray]:
     """The stored bytes of ``rows`` (sorted, unique) packed in their order: part -> u8 array.
     ``parts``: the table's stored bytes (``codes`` [R, row bytes]; ``scales``, ``zero_points`` flat)."""
-    packed = {"codes": np.asarray(parts["codes"][rows])}
+    gathered = {"codes": parts["codes"][rows]}
     if layout.scale_bytes:
-        packed["scales"] = np.asarray(parts["scales"].reshape(-1, layout.scale_bytes)[rows]).reshape(-1)
+        gathered["scales"] = parts["scales"].reshape(-1, layout.scale_bytes)[rows]
     if layout.zero_bits:
         groups = layout.zero_bits // layout.zero_value_bits
         if layout.zero_value_bits == 8:
-            packed["zero_points"] = np.asarray(parts["zero_points"].reshape(-1, groups)[rows]).reshape(-1)
+            gathered["zero_points"] = parts["zero_points"].reshape(-1, groups)[rows]
         else:
             index = (rows[:, None] * groups + np.arange(groups)).reshape(-1)
-            nibbles = _zero_nibbles(np.asarray(parts["zero_points"]), index)
-            if len(nibbles) % 2:
-                nibbles = np.append(nibbles, np.uint8(0))
-            packed["zero_points"] = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
-    return packed
+            gathered["zero_points"] = _zero_nibbles(np.asarray(parts["zero_points"]), index).reshape(len(rows), groups)
+    return packed_parts(gathered, layout)
 
 
 def row_parts(packed: dict[str, np.ndarray], layout: RowLayout, rows: int) -> dict[str, np.ndarray]:
@@ -123,7 +120,7 @@ def row_parts(packed: dict[str, np.ndarray], layout: RowLayout, rows: int) -> di
 
 
 def packed_parts(parts: dict[str, np.ndarray], layout: RowLayout) -> dict[str, np.ndarray]:
-    """``row_parts``' arrays packed again (``pack_hot_rows``' form)."""
+    """Arrays with a row per row (``row_parts``' form) packed: u4 zero points two per byte across rows."""
     packed = {"codes": np.ascontiguousarray(parts["codes"])}
     if "scales" in parts:
         packed["scales"] = np.ascontiguousarray(parts["scales"]).reshape(-1)

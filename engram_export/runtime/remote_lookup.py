@@ -38,7 +38,6 @@ class RemoteLookupRequest:
         self._hashing = hashing_of(config)
         self._stateful = stateful
         self._pending: Future | None = None
-        self.layout = tables.layouts[layer_id]
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -67,7 +66,7 @@ class RemoteLookupRequest:
     def _run(self, feeds: dict) -> None:
         rows, history = self._rows(np.asarray(feeds["input_ids"], np.int64), feeds.get("token_mask"))
         unique, inverse = np.unique(rows, return_inverse=True)
-        parts = self.tables.request(self.layer_id, unique).result() if len(unique) else _no_rows(self.layout)
+        parts = self.tables.request(self.layer_id, unique).result()  # ids are checked non-empty: rows too
         infer(self._decoder, {"rows": inverse.reshape(rows.shape).astype(np.int64), **parts})
         self._history = history  # kept once the call succeeded: a failed step can be run again
 
@@ -78,12 +77,6 @@ class RemoteLookupRequest:
 
     def get_output_tensor(self, index: int = 0):
         return self._decoder.get_output_tensor(index)
-
-
-def _no_rows(layout) -> dict[str, np.ndarray]:
-    parts = {part: np.zeros(size, np.uint8) for part, size in layout.part_sizes(0).items()}
-    parts["codes"] = parts["codes"].reshape(0, layout.row_bytes)
-    return parts
 
 
 class RemoteLookups:

@@ -4,21 +4,26 @@ The names a user needs are here, each imported when first used (``import engram_
 PyTorch nor OpenVINO):
 
 - ``EngramRuntime``: load an exported, compiled or quantized layer (or a folder of them) and run it;
-- ``EngramError``: the one exception a bad input, file or config raises;
+- ``EngramError``: what a bad input, file or config raises, in one line; its subclass
+  ``EngramUnavailable``: what a resource that is not there now raises (a table shard down, a Ray cluster
+  that cannot be reached);
 - ``load_config``, ``build_layer``: a config (preset or JSON) and its PyTorch layer (weights or random);
 - ``export_layer``, ``export_checkpoint``: a layer, or a DeepSeek-V4.1 checkpoint, to ONNX;
 - ``compile_onnx``, ``quantize``, ``QuantizeOptions``: ONNX to OpenVINO IR, f32 / bf16 or NNCF-quantized.
 
-The package's folders: ``models/`` (the PyTorch layers of both families), ``passes/`` (ONNX graph
-passes), ``onnx/`` (export and the custom ops), ``openvino/`` (compile, quantize, the C++ extension and
-what the runtime does to an IR at load), ``runtime/`` (``EngramRuntime``, decode sessions), ``cli/``
-(the ``engram-export`` command), ``measure/`` (verify and bench); the modules at this level are what they
-all share (errors, file checks and integrity, manifests, progress) and ``torch.py``, the PyTorch drop-in.
+The package's folders, from the ground up (``docs/design.md`` gives their levels): ``core/`` (errors,
+progress, file checks and integrity, resources, text, checkpoint headers), ``models/`` (the configs,
+hashes and PyTorch layers of both families), ``contract/`` (what an exported file says about itself, the
+inputs it accepts), ``onnx/`` (export and the custom ops) and ``passes/`` (ONNX graph passes),
+``openvino/`` (compile, quantize, the C++ extension and what the runtime does to an IR at load),
+``folders/`` (manifests, whole-model folders, calibration) and ``sharding/`` (tables served on Ray),
+``runtime/`` (``EngramRuntime``, decode sessions, and ``torch.py``, the PyTorch drop-in), ``measure/``
+(verify and the benches) and ``cli/`` (the ``engram-export`` command).
 """
 
 import importlib
 
-from engram_export.core.errors import EngramError
+from engram_export.core.errors import EngramError, EngramUnavailable
 
 _PUBLIC = {
     "EngramRuntime": "engram_export.runtime",
@@ -31,7 +36,7 @@ _PUBLIC = {
     "QuantizeOptions": "engram_export.openvino.quantize",
 }
 
-__all__ = ["EngramError", *_PUBLIC]
+__all__ = ["EngramError", "EngramUnavailable", *_PUBLIC]
 
 
 def __getattr__(name: str):

@@ -220,6 +220,24 @@ def test_unexpected_errors_are_one_line(tmp_path, monkeypatch):
     assert listing(tmp_path) == []
 
 
+def test_an_unavailable_resource_exits_3(monkeypatch):
+    """A cluster address where nothing listens is not the user's mistake (exit 2) but a resource not there
+    now: one line, exit 3. A stand-in for the ray module (a process joined to no cluster) keeps Ray out."""
+    import types
+
+    from engram_export.core.errors import EngramError, EngramUnavailable
+    from engram_export.sharding import cluster
+
+    monkeypatch.setattr(cluster, "_ray", lambda: types.SimpleNamespace(is_initialized=lambda: False))
+    code, out, err = run_cli("serve-tables", "--stop", "--name", "x", "--address", "127.0.0.1:1")
+    assert (code, out) == (3, ""), (code, err)
+    assert err.startswith("engram-export: error: cannot reach a Ray cluster at '127.0.0.1:1': "), err
+    assert err.count("\n") == 1, err
+    with pytest.raises(EngramUnavailable) as raised:
+        cluster.connect("127.0.0.1:1")
+    assert isinstance(raised.value, EngramError)  # one ``except EngramError`` still catches it
+
+
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path):
     """A real SIGINT during a demo whose table takes a while to build and export."""

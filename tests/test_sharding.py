@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pytest
 
-from engram_export.core.errors import EngramError
+from engram_export.core.errors import EngramError, EngramUnavailable
 from engram_export.core.text import token_stream, windows
 from engram_export.folders import compile_folder, export_checkpoint, export_folder, quantize_folder
 from engram_export.folders.synthetic import write_v41_checkpoint
@@ -279,12 +279,12 @@ def test_a_shard_down_past_the_deadline_is_one_line_then_repaired(cluster, folde
         cluster.kill(cluster.get_actor(replica_name("u4", 2, replica), namespace=NAMESPACE), no_restart=True)
     began = time.monotonic()
     with pytest.raises(
-        EngramError, match=r"shard 2 of tables 'u4' \(layer \d+ rows .*\) is down: no replica answered within 2 s"
+        EngramUnavailable, match=r"shard 2 of tables 'u4' \(layer \d+ rows .*\) is down: no replica answered within 2 s"
     ):
         remote[layers[1]](ids, hidden)
     assert 2 <= time.monotonic() - began < 10
     handle = remote.prefetch(ids)
-    with pytest.raises(EngramError, match="shard 2 of tables 'u4'"):
+    with pytest.raises(EngramUnavailable, match="shard 2 of tables 'u4'"):
         remote[layers[1]].fuse(handle, hidden)
     done = run_cli("serve-tables", "--repair", "--name", "u4")
     assert done.returncode == 0 and "2 replica(s) started again" in done.stdout, done
@@ -298,14 +298,16 @@ def test_foreign_tables_and_shards_are_refused(cluster, folders, u4_tables):
     from engram_export.sharding.names import NAMESPACE, replica_name
     from engram_export.sharding.shard import TableShard
 
-    with pytest.raises(EngramError, match="ray://u4 serves another table for layer 1 than"):
+    with pytest.raises(EngramError, match="ray://u4 serves another table for layer 1 than") as foreign:
         EngramRuntime(folders["demo f32"], tables="ray://u4")
+    assert not isinstance(foreign.value, EngramUnavailable)  # the user's mistake: exit 2, not 3
     with pytest.raises(EngramError, match="ray://u4 serves another table for layer 1 than"):
         EngramRuntime(folders["v41 fp8"], tables="ray://u4")
     with pytest.raises(EngramError, match=r"ray://u4 serves layers \[1, 3\]; .* has layers \[1\]"):
         EngramRuntime(folders["demo one layer"], tables="ray://u4")
-    with pytest.raises(EngramError, match="no tables named 'nothing' are served on this Ray cluster"):
+    with pytest.raises(EngramError, match="no tables named 'nothing' are served on this Ray cluster") as unknown:
         EngramRuntime(folders["demo u4"], tables="ray://nothing")
+    assert not isinstance(unknown.value, EngramUnavailable)
     # an actor under a replica's name that serves another shard's rows
     layout = served_layout("u4")
     for replica in range(2):
@@ -317,8 +319,11 @@ def test_foreign_tables_and_shards_are_refused(cluster, folders, u4_tables):
         .remote(layout["folder"], "u4", other.to_dict(), layout["identities"], "mmap")
     )
     cluster.get(impostor.identity.remote())
-    with pytest.raises(EngramError, match=r"u4.shard0.replica0 serves another table or rows than the layout"):
+    with pytest.raises(
+        EngramError, match=r"u4.shard0.replica0 serves another table or rows than the layout"
+    ) as impostor_error:
         EngramRuntime(folders["demo u4"], tables="ray://u4")
+    assert not isinstance(impostor_error.value, EngramUnavailable)
     cluster.kill(impostor, no_restart=True)
     time.sleep(0.5)
     assert sorted(repair_tables("u4")) == ["u4.shard0.replica0", "u4.shard0.replica1"]
@@ -357,7 +362,7 @@ def test_refusals(cluster, folders, u4_tables, tmp_path):
 
 def test_an_unreachable_cluster_is_one_line(folders):
     """The address given is tried before Ray's own connection, which retries for minutes (a process of
-    its own: this one is joined to the test cluster)."""
+    its own: this one is joined to the test cluster); a resource not there, not a mistake: exit 3."""
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     done = subprocess.run(
         [
@@ -376,7 +381,8 @@ def test_an_unreachable_cluster_is_one_line(folders):
         env=environment,
         timeout=120,
     )
-    refused((done.returncode, done.stdout, done.stderr), "cannot reach a Ray cluster at '127.0.0.1:1'")
+    assert (done.returncode, done.stdout, done.stderr.count("\n")) == (3, "", 1), done
+    assert done.stderr.startswith("engram-export: error: cannot reach a Ray cluster at '127.0.0.1:1'"), done.stderr
 
 
 def test_the_manual_runs(cluster, tmp_path):

@@ -3,8 +3,9 @@
 One module per command, each with ``add(sub)`` declaring its arguments (the shared flags come from the
 parent parsers in ``common.py``) and ``run(args)``, which imports torch, OpenVINO or ONNX Runtime only
 when called, so ``--help`` stays instant. Any ``EngramError`` (bad input, file or config) is printed as
-one line and exits with code 2; ``main`` turns any other error into one line too (``--debug`` prints the
-trace, the cause included), and Ctrl-C into one line and exit code 130.
+one line and exits with code 2; an ``EngramUnavailable`` (a table shard down, a Ray cluster that cannot
+be reached: worth trying again later) with code 3. ``main`` turns any other error into one line too
+(``--debug`` prints the trace, the cause included), and Ctrl-C into one line and exit code 130.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from engram_export.cli import (
     verify,
 )
 from engram_export.cli.common import FLAGS
-from engram_export.core.errors import EngramError, one_line
+from engram_export.core.errors import EngramError, EngramUnavailable, one_line
 
 __all__ = ["main", "build_parser"]
 
@@ -43,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def error_line(exc: BaseException, command: str) -> tuple[str, int]:
     """The message and exit code for an error that reached ``main``: 2 for what the user can fix
-    (an input, a path, the memory asked for), 130 for Ctrl-C, 1 for anything else (a bug)."""
+    (an input, a path, the memory asked for), 3 for a resource that is not there now (a shard, a
+    cluster), 130 for Ctrl-C, 1 for anything else (a bug)."""
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", 130
+    if isinstance(exc, EngramUnavailable):
+        return str(exc), 3
     if isinstance(exc, EngramError):
         return str(exc), 2
     if isinstance(exc, OSError):  # a path that cannot be read or written (space, permission, name length)

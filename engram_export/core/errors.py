@@ -1,12 +1,21 @@
-"""The one exception type users see: a bad input, file or config, described in one line."""
+"""The exceptions users see, each described in one line: ``EngramError`` for a bad input, file or config,
+and its subclass ``EngramUnavailable`` for something the call needs that is not there now (a table
+shard down, a Ray cluster that cannot be reached), so that ``except EngramError`` catches both and the
+CLI can still tell them apart (exit 2 and 3)."""
 
 import re
 
-__all__ = ["EngramError", "one_line"]
+__all__ = ["EngramError", "EngramUnavailable", "one_line"]
 
 
 class EngramError(ValueError):
     """A problem with what the user gave (shape, dtype, id range, file, config); the CLI exits 2 on it."""
+
+
+class EngramUnavailable(EngramError):
+    """A resource that is not there now, through no fault of the input (a shard or its replicas down past
+    the deadline, a cluster address where nothing answers): the same call may succeed later. The CLI
+    exits 3 on it."""
 
 
 def one_line(exc: BaseException) -> str:

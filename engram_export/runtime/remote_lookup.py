@@ -73,7 +73,7 @@ class RemoteLookupRequest:
     def wait(self) -> None:
         if self._pending is not None:
             finishing, self._pending = self._pending, None
-            finishing.result()  # the EngramError of a shard that stayed down, as it was raised
+            finishing.result()  # the EngramUnavailable of a shard that stayed down, as it was raised
 
     def get_output_tensor(self, index: int = 0):
         return self._decoder.get_output_tensor(index)

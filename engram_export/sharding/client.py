@@ -1,12 +1,13 @@
 """The client side of sharded tables: a call's rows fetched from the shards that own them, in stored form.
 
 ``request`` sends each shard only the rows it owns, one request per shard, at once, and returns; the
-``Pending`` it returns waits for the answers (``result``). A lookup is idempotent: a replica that fails
-(its process died, its node is gone) is replaced by the next replica and asked last for a while; one
-that has not answered after 100 ms is joined by the next (whichever answers first); when every replica
-failed the call is sent again, after a short pause, while Ray restarts them, until ``deadline`` seconds
-have passed; then a one-line ``EngramError`` names the shard. A shard is trusted only once it said it serves
-the pieces and fingerprints of the layout (checked again whenever its name resolves to a new actor).
+``Pending`` it returns waits for the answers (``result``, through ``ShardedTables.collect``). A lookup
+is idempotent: a replica that fails (its process died, its node is gone) is replaced by the next replica
+and asked last for a while; one that has not answered after 100 ms is joined by the next (whichever
+answers first); when every replica failed the call is sent again, after a short pause, while Ray
+restarts them, until ``deadline`` seconds have passed; then a one-line ``EngramUnavailable`` names the
+shard. A shard is trusted only once it said it serves the pieces and fingerprints of the layout (checked
+again whenever its name resolves to a new actor); one that serves another table is an ``EngramError``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 
-from engram_export.core.errors import EngramError
+from engram_export.core.errors import EngramError, EngramUnavailable
 from engram_export.openvino.tiered import RowLayout, packed_parts, row_parts
 from engram_export.sharding.layout import ShardPlan
 from engram_export.sharding.names import NAMESPACE, cause_of, replica_name
@@ -90,6 +91,19 @@ class ShardedTables:
             self._stats[layer]["requests"] += len(calls)
             self._stats[layer]["rows"] += len(rows)
         return Pending(self, layer, len(rows), calls)
+
+    def collect(self, pending: Pending) -> dict[str, np.ndarray]:
+        """The stored bytes of the rows ``pending`` requested, in row order: part -> u8 array (codes
+        [N, row bytes]); replicas that fail are replaced, for up to ``self.deadline`` seconds from now."""
+        layer, deadline = pending.layer, time.monotonic() + self.deadline
+        answers = []
+        for shard, rows, first in pending.calls:
+            call = lambda handle, rows=rows: handle.rows.remote(layer, rows)  # noqa: E731
+            answers.append((len(rows), self._answer(shard, call, deadline, first, layer)))
+        parts = _concatenate(answers, self.layouts[layer], pending.count)
+        with self._lock:
+            self._stats[layer]["bytes"] += sum(part.nbytes for part in parts.values())
+        return parts
 
     def stats(self, layer: int) -> dict:
         with self._lock:
@@ -180,7 +194,7 @@ class ShardedTables:
                     send(untried[0])
                     continue
                 if remaining <= 0:
-                    raise EngramError(
+                    raise EngramUnavailable(
                         f"{self._shard_name(shard)} is down: no replica answered within {self.deadline:g} s "
                         f"(last: {cause_of(failure)})"
                     )
@@ -188,7 +202,7 @@ class ShardedTables:
                 tried.clear()
                 continue
             if remaining <= 0:
-                raise EngramError(f"{self._shard_name(shard)} did not answer within {self.deadline:g} s")
+                raise EngramUnavailable(f"{self._shard_name(shard)} did not answer within {self.deadline:g} s")
             references = [reference for _, reference in outstanding]
             ready, _ = self.ray.wait(
                 references, num_returns=1, timeout=min(remaining, _HEDGE_S) if untried else remaining
@@ -222,24 +236,16 @@ class _Down(Exception):
 
 @dataclasses.dataclass
 class Pending:
-    """The requests of one call in flight; ``result`` waits for them."""
+    """The requests of one call in flight (``ShardedTables.request``); ``result`` waits for them."""
 
     tables: ShardedTables
     layer: int
-    count: int
+    count: int  # rows requested
     calls: list  # (shard, rows, (replica, reference or failure))
 
     def result(self) -> dict[str, np.ndarray]:
         """The stored bytes of the requested rows, in row order: part -> u8 array (codes [N, row bytes])."""
-        tables, deadline = self.tables, time.monotonic() + self.tables.deadline
-        answers = []
-        for shard, rows, first in self.calls:
-            call = lambda handle, rows=rows, layer=self.layer: handle.rows.remote(layer, rows)  # noqa: E731
-            answers.append((len(rows), tables._answer(shard, call, deadline, first, self.layer)))
-        parts = _concatenate(answers, tables.layouts[self.layer], self.count)
-        with tables._lock:
-            tables._stats[self.layer]["bytes"] += sum(part.nbytes for part in parts.values())
-        return parts
+        return self.tables.collect(self)
 
 
 def _concatenate(answers: list[tuple[int, dict]], layout: RowLayout, count: int) -> dict[str, np.ndarray]:

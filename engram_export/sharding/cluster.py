@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from engram_export.core import progress
-from engram_export.core.errors import EngramError, one_line
+from engram_export.core.errors import EngramError, EngramUnavailable, one_line
 from engram_export.core.integrity import FileChecks
 from engram_export.folders.manifest import read_manifest
 from engram_export.models.table_rows import hashing_of
@@ -43,7 +43,8 @@ def _ray():
 
 def connect(address: str | None = None):
     """The ``ray`` module, joined to the cluster at ``address`` (else ``RAY_ADDRESS``, else the one
-    running here); a one-line error when there is none. A process already joined stays where it is."""
+    running here); a one-line ``EngramUnavailable`` when there is none. A process already joined stays
+    where it is."""
     ray = _ray()
     if ray.is_initialized():
         return ray
@@ -52,7 +53,7 @@ def connect(address: str | None = None):
     try:
         ray.init(address=where, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ... as Ray's versions choose
-        raise EngramError(f"cannot reach a Ray cluster at {where!r}: {one_line(exc)}") from exc
+        raise EngramUnavailable(f"cannot reach a Ray cluster at {where!r}: {one_line(exc)}") from exc
     return ray
 
 
@@ -64,7 +65,7 @@ def _probe(where: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
-        raise EngramError(f"cannot reach a Ray cluster at {where!r}: {exc.strerror or exc}") from exc
+        raise EngramUnavailable(f"cannot reach a Ray cluster at {where!r}: {exc.strerror or exc}") from exc
 
 
 class _Layout:
@@ -198,7 +199,7 @@ def _placement_group(ray, layout: dict, plan: ShardPlan):
         ray.get(group.ready(), timeout=60)
     except Exception as exc:
         ray.util.remove_placement_group(group)
-        raise EngramError(
+        raise EngramUnavailable(
             f"the {layout['replicas']} replicas of shard {plan.index} ({plan.nbytes / 2**30:.2f} GiB each) cannot "
             f"be placed on different nodes: {cause_of(exc)}"
         ) from exc
@@ -260,14 +261,18 @@ def repair_tables(name: str, address: str | None = None) -> list[str]:
 
 
 def _wait_started(ray, pending: dict) -> dict:
-    """(shard, replica) -> node id, once each replica answered; a one-line error naming one that failed."""
+    """(shard, replica) -> node id, once each replica answered; a one-line error naming one that failed:
+    ``EngramError`` where the shard refused its folder (an error in its start), ``EngramUnavailable``
+    where the cluster did not start it (no answer in time, its process or node gone)."""
     nodes, deadline = {}, time.monotonic() + START_TIMEOUT_S
     with progress.steps("starting the table shards", len(pending), "replicas") as counter:
         for (shard, replica), answer in pending.items():
             try:
                 nodes[(shard, replica)] = ray.get(answer, timeout=max(0.0, deadline - time.monotonic()))["node"]
             except Exception as exc:
-                raise EngramError(f"shard {shard} replica {replica} did not start: {cause_of(exc)}") from exc
+                refused = getattr(exc, "actor_init_failed", False)
+                error = EngramError if refused else EngramUnavailable
+                raise error(f"shard {shard} replica {replica} did not start: {cause_of(exc)}") from exc
             counter.advance()
     return nodes
 
@@ -281,7 +286,7 @@ def served_layout(name: str, address: str | None = None, timeout: float = 30.0) 
     try:
         return ray.get(holder.get.remote(), timeout=timeout)
     except Exception as exc:
-        raise EngramError(f"the layout of tables {name!r} did not answer: {cause_of(exc)}") from exc
+        raise EngramUnavailable(f"the layout of tables {name!r} did not answer: {cause_of(exc)}") from exc
 
 
 def stop_tables(name: str, address: str | None = None) -> int:

@@ -2,7 +2,7 @@
 
 One ``torch.library.custom_op`` so that ``torch.onnx.export`` sees the hash and the lookup as a single
 node, which the exporter's custom translation table turns into one ``engram.HashGather`` ONNX node
-(see ``engram_export/onnx_op.py``). Eager execution runs the numpy reference kernel.
+(see ``engram_export/onnx/op.py``). Eager execution runs the numpy reference kernel.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 ``quantize`` map a folder to a folder; ``EngramRuntime(folder)`` serves every layer. The manifest
 records the config, each layer's file, the precision or quantization, where the weights came from,
 and for every file a layer reads (.xml and .bin, .onnx and its external data) its size, sampled
-SHA-256 and full SHA-256 (``integrity.py`` says what each check catches). ``read_manifest`` refuses
+SHA-256 and full SHA-256 (``core/integrity.py`` says what each check catches). ``read_manifest`` refuses
 a folder whose files are missing, outside the folder, unlisted or changed before anything is loaded;
 the runtime then checks that each file holds the layer the manifest names.
 """

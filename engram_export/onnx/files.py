@@ -1,7 +1,7 @@
 """Exported .onnx files: read once, written whole or not at all.
 
 An exported file carries its ``ModelInfo`` and, when its tensors live in a ``<name>.data`` file beside
-it, that file's size and sampled SHA-256 (``integrity.py``), which every reader checks before use.
+it, that file's size and sampled SHA-256 (``core/integrity.py``), which every reader checks before use.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-// OpenVINO extension for Engram: the ops (one per file: hash.hpp, gated_short_conv.hpp,
-// gather_rows.hpp) and the ONNX frontend conversions of the engram domain's nodes into them.
+// OpenVINO extension for Engram: the registration of the ops (one per file: hash.hpp,
+// gated_short_conv.hpp, gather_rows.hpp; table_tier.hpp holds no op, the tiers EngramGatherRows reads
+// through) and the ONNX frontend conversions of the engram domain's nodes into them.
 // engram.HashGatherFP8 becomes EngramHash(blocking=1) + standard Gathers and FP8/E8M0 decoding of the
 // table's rows, engram.HashGatherBlocked (a BF16 or F32 table) EngramHash(blocking=1) + Gather + Convert
-// to f32; the runtime later reads those tables with EngramGatherRows (row_kernel.py).
+// to f32; the runtime later reads those tables with EngramGatherRows (openvino/row_kernel.py).
 
 #include <cmath>
 #include <memory>
@@ -64,10 +65,6 @@ static ov::Output<ov::Node> decode_bytes(const ov::Output<ov::Node>& codes, cons
     return std::make_shared<ov::op::v8::Gather>(values, indices, axis);
 }
 
-// engram.HashGatherFP8(input_ids, token_mask, compress_lut, table u8 [R,d], scales u8 [R,d/32])
-// -> EngramHash(blocking=1) rows [B,T,C] -> standard ops: Gather the E4M3 bytes and E8M0 scale bytes,
-// decode both through 256-entry tables, scale each block of 32 -> f32 [B, T, C*d]. The table stays the
-// data input of a plain Gather.
 // The V4.1 rows [B,T,C] of a HashGatherFP8 / HashGatherBlocked node (input_ids, token_mask, compress_lut, ..)
 static std::shared_ptr<EngramHash> blocked_rows(const ov::frontend::NodeContext& node) {
     return std::make_shared<EngramHash>(
@@ -77,6 +74,10 @@ static std::shared_ptr<EngramHash> blocked_rows(const ov::frontend::NodeContext&
         node.get_attribute<int64_t>("pad_id"), node.get_attribute<int64_t>("n_heads"), 1);
 }
 
+// engram.HashGatherFP8(input_ids, token_mask, compress_lut, table u8 [R,d], scales u8 [R,d/32])
+// -> EngramHash(blocking=1) rows [B,T,C] -> standard ops: Gather the E4M3 bytes and E8M0 scale bytes,
+// decode both through 256-entry tables, scale each block of 32 -> f32 [B, T, C*d]. The table stays the
+// data input of a plain Gather.
 ov::OutputVector convert_hash_gather_fp8(const ov::frontend::NodeContext& node) {
     for (int i : {3, 4}) {
         const auto type = node.get_input(i).get_element_type();

@@ -253,6 +253,40 @@ def test_a_budget_too_small_for_one_row_serves_every_row_from_disk(served, text,
         assert tiered[layer].table_stats()["hot_hits"] == 0
 
 
+def test_the_tier_struct_is_checked_against_the_library(monkeypatch):
+    """tiered.py's ctypes copy of EngramTierSpec is held to the library's layout version and struct size:
+    the built library passes; a version, a size or a library without them is refused in one line."""
+    import ctypes
+    import types
+
+    from engram_export.openvino import tiered
+
+    library = tiered._library()  # opening it checks the layout
+    assert (library.engram_tier_abi_version(), library.engram_tier_spec_size()) == (
+        tiered.TIER_ABI_VERSION,
+        ctypes.sizeof(tiered._Spec),
+    )
+    size = ctypes.sizeof(tiered._Spec)
+    monkeypatch.setattr(tiered, "TIER_ABI_VERSION", tiered.TIER_ABI_VERSION + 1)
+    version = tiered.TIER_ABI_VERSION
+    with pytest.raises(
+        EngramError,
+        match=rf"^lib\.so has tier layout version {version - 1} \({size} bytes\), "
+        rf"openvino/tiered\.py version {version} \({size} bytes\): rebuild",
+    ):
+        tiered._check_layout(library, "lib.so")
+    monkeypatch.undo()
+
+    class Longer(ctypes.Structure):
+        _fields_ = [*tiered._Spec._fields_, ("added", ctypes.c_uint64)]
+
+    monkeypatch.setattr(tiered, "_Spec", Longer)
+    with pytest.raises(EngramError, match=rf"\({size} bytes\), openvino/tiered\.py version \d+ \({size + 8} bytes\)"):
+        tiered._check_layout(library, "lib.so")
+    with pytest.raises(EngramError, match="lib.so has no tier layout version"):
+        tiered._check_layout(types.SimpleNamespace(), "lib.so")
+
+
 def test_choose_hot_rows_weighs_bytes():
     counts = {1: (np.array([5, 9]), np.array([10, 5])), 2: (np.array([7]), np.array([12]))}
     # layer 2's row costs 3x the bytes: its 12 lookups / 300 B earn less than 5 lookups / 100 B

@@ -1,13 +1,14 @@
 """A table in tiers: the hot rows calibration chose, packed in memory; every other row read from its file.
 
-``engram-export calibrate`` (``folders/calibrate.py``) writes a layer's hot set as ``.npy`` files beside
+``engram-export calibrate`` (``folders/calibration.py``) writes a layer's hot set as ``.npy`` files beside
 its model: ``rows`` (the sorted table rows) and, in row order, each part of their stored bytes
 (``codes``; ``scales`` and ``zero_points`` where the table has them; u4 zero points stay packed two per
 byte, now across hot rows). ``open_tier`` reads them into resident memory (huge pages where the kernel
 gives them), builds the bitmap and per-512-row ranks that find a row's place in O(1), and hands the
 extension (``extension/table_tier.hpp``) the files the rest is read from: it finds each part's file and
 offset from the mapping the model already holds (``/proc/self/maps``), so nothing is copied and the
-hot rows are the only bytes read at load.
+hot rows are the only bytes read at load. The extension's spec struct is copied here as ctypes
+(``_Spec``); a library whose layout version or struct size differs is refused when it is opened.
 """
 
 from __future__ import annotations
@@ -195,7 +196,14 @@ def _file_region(array: np.ndarray) -> tuple[str, int, int, int] | None:
     return None
 
 
+# The layout version of ``EngramTierSpec`` that ``_Spec`` copies (``ENGRAM_TIER_ABI_VERSION`` in
+# extension/table_tier.hpp): raised there and here together whenever the struct changes.
+TIER_ABI_VERSION = 1
+
+
 class _Spec(ctypes.Structure):
+    """``EngramTierSpec`` of extension/table_tier.hpp, field for field (``_check_layout`` holds them to it)."""
+
     _fields_ = [
         ("table_rows", ctypes.c_uint64),
         ("part_bytes", ctypes.c_uint64 * 2),
@@ -214,9 +222,26 @@ class _Spec(ctypes.Structure):
     ]
 
 
+def _check_layout(library, path: str) -> None:
+    """Refuse a library (at ``path``) whose ``EngramTierSpec`` is not ``_Spec``: a tier opened through
+    a struct of another layout would read its fields from the wrong bytes."""
+    version, size = getattr(library, "engram_tier_abi_version", None), getattr(library, "engram_tier_spec_size", None)
+    if version is None or size is None:
+        raise EngramError(f"{path} has no tier layout version (built before it had one): rebuild it or reinstall")
+    version.restype, size.restype = ctypes.c_uint32, ctypes.c_size_t
+    found, expected = (int(version()), int(size())), (TIER_ABI_VERSION, ctypes.sizeof(_Spec))
+    if found != expected:
+        raise EngramError(
+            f"{path} has tier layout version {found[0]} ({found[1]} bytes), openvino/tiered.py version "
+            f"{expected[0]} ({expected[1]} bytes): rebuild the extension or reinstall"
+        )
+
+
 @cache
 def _library():
-    library = ctypes.CDLL(str(library_path()))  # the library OpenVINO loaded: one registry of tiers
+    path = str(library_path())
+    library = ctypes.CDLL(path)  # the library OpenVINO loaded: one registry of tiers
+    _check_layout(library, path)
     library.engram_tier_open.argtypes = [ctypes.POINTER(_Spec), ctypes.c_char_p, ctypes.c_size_t]
     library.engram_tier_open.restype = ctypes.c_int64
     library.engram_tier_close.argtypes = [ctypes.c_int64]

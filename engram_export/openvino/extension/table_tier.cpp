@@ -315,6 +315,10 @@ std::shared_ptr<Tier> find_tier(int64_t id) {
 
 extern "C" {
 
+uint32_t engram_tier_abi_version() { return ENGRAM_TIER_ABI_VERSION; }
+
+size_t engram_tier_spec_size() { return sizeof(EngramTierSpec); }
+
 int64_t engram_tier_open(const EngramTierSpec* spec, char* error, size_t error_size) {
     try {
         auto tier = std::make_shared<engram::Tier>(*spec);

@@ -20,7 +20,11 @@
 
 extern "C" {
 
-// Mirrored by openvino/tiered.py (ctypes). Parts: 0 codes, 1 scales, 2 zero points.
+// Mirrored by openvino/tiered.py (ctypes), which refuses a library whose engram_tier_abi_version or
+// engram_tier_spec_size differs from its copy's: raise ENGRAM_TIER_ABI_VERSION with any change to this
+// struct (a field added, removed, retyped or moved), here and in tiered.py at once.
+// Parts: 0 codes, 1 scales, 2 zero points.
+#define ENGRAM_TIER_ABI_VERSION 1
 struct EngramTierSpec {
     uint64_t table_rows;
     uint64_t part_bytes[2];   // bytes per row of the codes and of the scales (0: none)
@@ -44,6 +48,8 @@ enum EngramTierStat {
     ENGRAM_PAGE_CACHE_ROWS, ENGRAM_QUEUED_ROWS, ENGRAM_READ_NS, ENGRAM_CALLS, ENGRAM_STAT_COUNT
 };
 
+uint32_t engram_tier_abi_version();
+size_t engram_tier_spec_size();
 int64_t engram_tier_open(const EngramTierSpec* spec, char* error, size_t error_size);
 int engram_tier_close(int64_t id);
 int engram_tier_stats(int64_t id, uint64_t* out, size_t count);

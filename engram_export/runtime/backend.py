@@ -2,7 +2,8 @@
 
 Every backend runs a whole layer on checked inputs (``__call__``). The OpenVINO backend also runs it as
 two stages, so that the lookup can start early (prefetch, decode sessions, ``lookup``, ``profile``):
-``LayerRuntime`` asks ``supports_stages`` before using them.
+``LayerRuntime`` asks ``supports_stages`` before using them. The ONNX Runtime backend is imported only
+when ``runtime="ort"`` is asked for, so that a runtime on OpenVINO never loads ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import numpy as np
 from engram_export.contract.model_info import ModelInfo
 from engram_export.core.integrity import FileChecks
 from engram_export.openvino.table_store import TableStore
-from engram_export.runtime.backend_onnxruntime import OnnxRuntimeBackend
 from engram_export.runtime.backend_openvino import OpenVINOBackend
 from engram_export.runtime.options import RuntimeOptions
 from engram_export.sharding.client import ShardedTables
@@ -42,6 +42,8 @@ def load_backend(
     table placed by ``store`` (default: the store ``options.table_memory`` names) or served by the
     shards of ``remote``."""
     if options.runtime == "ort":
+        from engram_export.runtime.backend_onnxruntime import OnnxRuntimeBackend
+
         return OnnxRuntimeBackend(path, options, checks)
 
     return OpenVINOBackend(path, options, checks, store, remote)

@@ -36,7 +36,6 @@ from engram_export.openvino.table_store import TableStore, TieredStore
 from engram_export.runtime.backend import load_backend, supports_stages
 from engram_export.runtime.decode import DecodeSession
 from engram_export.runtime.options import RUNTIMES, RuntimeOptions
-from engram_export.runtime.torch import OpenVINOEngram
 from engram_export.runtime.verification import Verification
 from engram_export.sharding.client import ShardedTables
 
@@ -190,7 +189,10 @@ class LayerRuntime:
         return DecodeSession(self, batch_size)
 
     def as_torch(self):
-        """This layer as a PyTorch module (``engram_export.runtime.torch.OpenVINOEngram``)."""
+        """This layer as a PyTorch module (``engram_export.runtime.torch.OpenVINOEngram``). The drop-in is
+        imported here, so that a runtime loads PyTorch only when asked for a module."""
+        from engram_export.runtime.torch import OpenVINOEngram
+
         return OpenVINOEngram(self)
 
     def _need_openvino(self, what: str) -> None:

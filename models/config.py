@@ -42,6 +42,14 @@ BOUNDS = {
 MAX_TABLE_ROWS = 2**31 - 1
 # One prime per head per layer, about 25 us each to find: this keeps EngramHashing under a second.
 MAX_HEAD_PRIMES = 2**15
+# Names a DeepSeek-V4.1 checkpoint gives two fields: in a demo-family config, refused in one line that
+# names the field to use (both families' configs say pad_id and n_head_per_ngram, as the demo does).
+CHECKPOINT_NAMES = {
+    "pad_token_id": "pad_id",
+    "engram_pad_token_id": "pad_id",
+    "n_heads": "n_head_per_ngram",
+    "engram_n_heads": "n_head_per_ngram",
+}
 
 
 def is_int(value: Any) -> bool:
@@ -160,6 +168,9 @@ class EngramConfig:
         """Build a config from a JSON object; a relative tokenizer path is taken from ``base_dir``."""
         if not isinstance(data, dict):
             raise EngramError(f"config: expected a JSON object, got {type(data).__name__}")
+        renamed = [f"{key} is called {CHECKPOINT_NAMES[key]}" for key in data if key in CHECKPOINT_NAMES]
+        if renamed:
+            raise EngramError(f"config: {'; '.join(renamed)} (a config without model_type has the demo's names)")
         names = [f.name for f in dataclasses.fields(cls)]
         missing = [n for n in names if n not in data]
         if missing:

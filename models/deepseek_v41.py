@@ -48,39 +48,52 @@ GATE_FLOOR = 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class V41Config:
-    """The ``engram_*`` fields of a DeepSeek-V4.1 ``config.json`` (names without the prefix where the
-    checkpoint has one), plus the tokenizer that builds the compression table."""
+    """The Engram fields of a DeepSeek-V4.1 ``config.json``, plus the tokenizer that builds the
+    compression table.
+
+    Fields that mean what a field of the demo family's ``EngramConfig`` means carry its name, so that
+    code shared by the families reads one attribute and never asks which family it holds: ``pad_id``
+    and ``n_head_per_ngram`` (DeepSeek's demo and the spec name them so; the checkpoint says
+    ``engram_pad_token_id`` and ``engram_n_heads``), ``vocab_size`` for the backbone's token ids and
+    ``engram_vocab_size`` for where the head primes start (one value for every order, where the demo
+    has one per order), ``num_heads`` and ``engram_hidden_size``. The checkpoint's keys are read and
+    written in one place, ``CHECKPOINT_KEYS``.
+    """
 
     layer_ids: tuple[int, ...]
     num_embeddings: tuple[int, ...]  # table rows per layer: the sum of its head primes
     max_ngram_size: int
-    vocab_size: int  # engram_vocab_size: where the head primes start
-    n_heads: int
+    engram_vocab_size: int  # where the head primes start
+    n_head_per_ngram: int
     head_dim: int
-    pad_token_id: int
+    pad_id: int  # the raw id (before compression) of the pad
     compressed_vocab_size: int
     hc_mult: int
     hidden_size: int
     rms_norm_eps: float
-    backbone_vocab_size: int
+    vocab_size: int  # the backbone's token ids
     tokenizer: str | None = None
 
-    FIELDS = {
+    # the checkpoint's config.json key -> the field
+    CHECKPOINT_KEYS = {
         "engram_layer_ids": "layer_ids",
         "engram_num_embeddings": "num_embeddings",
         "engram_max_ngram_size": "max_ngram_size",
-        "engram_vocab_size": "vocab_size",
-        "engram_n_heads": "n_heads",
+        "engram_vocab_size": "engram_vocab_size",
+        "engram_n_heads": "n_head_per_ngram",
         "engram_head_dim": "head_dim",
-        "engram_pad_token_id": "pad_token_id",
+        "engram_pad_token_id": "pad_id",
         "engram_compressed_vocab_size": "compressed_vocab_size",
         "hc_mult": "hc_mult",
         "hidden_size": "hidden_size",
         "rms_norm_eps": "rms_norm_eps",
-        "vocab_size": "backbone_vocab_size",
+        "vocab_size": "vocab_size",
     }
 
     def __post_init__(self):
+        """Refuse a config that is wrong or absurd, naming the checkpoint's key (the one users write)."""
+        key = {name: key for key, name in self.CHECKPOINT_KEYS.items()}
+
         def require(ok: bool, message: str) -> None:
             if not ok:
                 raise EngramError(f"config: {message}")
@@ -90,32 +103,32 @@ class V41Config:
 
         bounds = {
             "max_ngram_size": (2, 8),
-            "vocab_size": (2, 2**31 - 1),
-            "n_heads": (1, 64),
+            "engram_vocab_size": (2, 2**31 - 1),
+            "n_head_per_ngram": (1, 64),
             "head_dim": (BLOCK, 2**14),
-            "pad_token_id": (0, 2**24 - 1),
+            "pad_id": (0, 2**24 - 1),
             "compressed_vocab_size": (1, 2**24),
             "hc_mult": (1, 64),
             "hidden_size": (1, 2**16),
-            "backbone_vocab_size": (1, 2**24),
+            "vocab_size": (1, 2**24),
         }
         for name, (low, high) in bounds.items():
             value = getattr(self, name)
             require(
                 is_int(value) and low <= value <= high,
-                f"engram {name} must be an integer in [{low}, {high}], got {value!r}",
+                f"{key[name]} must be an integer in [{low}, {high}], got {value!r}",
             )
-        require(self.head_dim % BLOCK == 0, f"head_dim {self.head_dim} must be a multiple of {BLOCK}")
+        require(self.head_dim % BLOCK == 0, f"engram_head_dim {self.head_dim} must be a multiple of {BLOCK}")
         for name in ("layer_ids", "num_embeddings"):
             values = getattr(self, name)
             require(
                 isinstance(values, tuple) and values and all(is_int(v) and 0 <= v < 2**31 for v in values),
-                f"{name} must be a list of integers in [0, 2**31), got {values!r}",
+                f"{key[name]} must be a list of integers in [0, 2**31), got {values!r}",
             )
-        require(len(set(self.layer_ids)) == len(self.layer_ids), f"layer_ids repeat: {self.layer_ids}")
+        require(len(set(self.layer_ids)) == len(self.layer_ids), f"engram_layer_ids repeat: {self.layer_ids}")
         require(
             len(self.num_embeddings) == len(self.layer_ids),
-            f"num_embeddings needs one entry per layer ({len(self.layer_ids)}), got {len(self.num_embeddings)}",
+            f"engram_num_embeddings needs one entry per layer ({len(self.layer_ids)}), got {len(self.num_embeddings)}",
         )
         require(
             isinstance(self.rms_norm_eps, (int, float))
@@ -131,16 +144,14 @@ class V41Config:
     model_type = MODEL_TYPE
 
     @property
-    def num_columns(self) -> int:
-        """Looked-up rows per token: (max_ngram_size - 1) * n_heads."""
-        return (self.max_ngram_size - 1) * self.n_heads
+    def num_heads(self) -> int:
+        """H: hash heads over all n-gram orders, the rows looked up per token (24 released)."""
+        return (self.max_ngram_size - 1) * self.n_head_per_ngram
 
     @property
-    def embedding_width(self) -> int:
-        """Width of the concatenated rows, the projection's input (6144 released)."""
-        return self.num_columns * self.head_dim
-
-    engram_hidden_size = embedding_width  # the name the demo family's config gives it
+    def engram_hidden_size(self) -> int:
+        """E: width of the concatenated rows, the projection's input (6144 released)."""
+        return self.num_heads * self.head_dim
 
     @property
     def projection_width(self) -> int:
@@ -152,19 +163,20 @@ class V41Config:
 
     @classmethod
     def from_hf(cls, data: dict[str, Any], base_dir: Path | None = None) -> V41Config:
-        """From a checkpoint's ``config.json`` (its ``engram_*`` and backbone fields)."""
+        """From a checkpoint's ``config.json`` (its ``engram_*`` and backbone keys, ``CHECKPOINT_KEYS``)."""
         if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
             raise EngramError(
                 f"config: model_type must be {MODEL_TYPE!r}, got "
                 f"{data.get('model_type') if isinstance(data, dict) else data!r}"
             )
-        missing = [key for key in cls.FIELDS if key not in data]
+        missing = [key for key in cls.CHECKPOINT_KEYS if key not in data]
         if missing:
             raise EngramError(f"config: missing field(s) {', '.join(missing)}")
-        values = {name: data[key] for key, name in cls.FIELDS.items()}
-        for name in ("layer_ids", "num_embeddings"):
+        values = {name: data[key] for key, name in cls.CHECKPOINT_KEYS.items()}
+        for key in ("engram_layer_ids", "engram_num_embeddings"):
+            name = cls.CHECKPOINT_KEYS[key]
             if not isinstance(values[name], list):
-                raise EngramError(f"config: engram_{name} must be a list, got {values[name]!r}")
+                raise EngramError(f"config: {key} must be a list, got {values[name]!r}")
             values[name] = tuple(values[name])
         tokenizer = data.get("tokenizer")
         if isinstance(tokenizer, str) and base_dir is not None and not Path(tokenizer).is_absolute():
@@ -188,7 +200,7 @@ class V41Config:
         data.update(
             {
                 key: list(getattr(self, name)) if isinstance(getattr(self, name), tuple) else getattr(self, name)
-                for key, name in self.FIELDS.items()
+                for key, name in self.CHECKPOINT_KEYS.items()
             }
         )
         data["tokenizer"] = self.tokenizer
@@ -205,16 +217,16 @@ def e8m0_values() -> np.ndarray:
     return np.append(np.ldexp(1.0, np.arange(255) - 127), np.nan).astype(np.float32)
 
 
-def head_primes(vocab_size: int, max_ngram_size: int, n_heads: int, layers: int) -> list[list[int]]:
-    """Each layer's head primes (orders 2..N, ``n_heads`` each), the smallest unused primes above
-    ``vocab_size`` - 1 in layer order: a layer's table has their sum of rows (``engram_num_embeddings``)."""
+def head_primes(engram_vocab_size: int, max_ngram_size: int, n_head_per_ngram: int, layers: int) -> list[list[int]]:
+    """Each layer's head primes (orders 2..N, ``n_head_per_ngram`` each), the smallest unused primes above
+    ``engram_vocab_size`` - 1 in layer order: a layer's table has their sum of rows (``engram_num_embeddings``)."""
     seen: set[int] = set()
     by_layer = []
     for _ in range(layers):
         primes = []
         for _ in range(2, max_ngram_size + 1):
-            candidate = vocab_size - 1
-            for _ in range(n_heads):
+            candidate = engram_vocab_size - 1
+            for _ in range(n_head_per_ngram):
                 candidate = _next_prime(candidate, seen)
                 seen.add(candidate)
                 primes.append(candidate)
@@ -222,27 +234,29 @@ def head_primes(vocab_size: int, max_ngram_size: int, n_heads: int, layers: int)
     return by_layer
 
 
-def hash_rows_v41(ids: np.ndarray, token_mask: np.ndarray, multipliers, primes, pad: int, n_heads: int) -> np.ndarray:
+def hash_rows_v41(
+    ids: np.ndarray, token_mask: np.ndarray, multipliers, primes, pad_id: int, n_head_per_ngram: int
+) -> np.ndarray:
     """Reference kernel: compressed ids [B,T] and token mask [B,T] -> table rows [B,T,C], int64.
 
-    Looking back s = 0..N-1 tokens from t, a token is ``pad`` once any of t, t-1, .., t-s is before
-    the sequence or an image token (mask False): image tokens block n-grams.
+    Looking back s = 0..N-1 tokens from t, a token is ``pad_id`` (the compressed pad) once any of t,
+    t-1, .., t-s is before the sequence or an image token (mask False): image tokens block n-grams.
     """
     ids = np.asarray(ids, dtype=np.int64)
     mask = np.asarray(token_mask, dtype=bool)
     before = len(multipliers) - 1
-    padded_ids = np.concatenate([np.full((ids.shape[0], before), pad, np.int64), ids], axis=1)
+    padded_ids = np.concatenate([np.full((ids.shape[0], before), pad_id, np.int64), ids], axis=1)
     padded_mask = np.concatenate([np.zeros((ids.shape[0], before), bool), mask], axis=1)
     length, offsets = ids.shape[1], np.concatenate([[0], np.cumsum(primes)[:-1]]).astype(np.int64)
     blocked, rolling = np.zeros(ids.shape, bool), np.zeros(ids.shape, np.int64)
     columns = []
     for s, multiplier in enumerate(np.asarray(multipliers, dtype=np.int64)):
         blocked |= ~padded_mask[:, before - s : before - s + length]
-        token = np.where(blocked, pad, padded_ids[:, before - s : before - s + length])
+        token = np.where(blocked, pad_id, padded_ids[:, before - s : before - s + length])
         product = token * multiplier
         rolling = np.bitwise_xor(rolling, product)  # 0 ^ x = x: the first look-back starts it
         if s >= 1:
-            columns += [rolling % prime for prime in primes[(s - 1) * n_heads : s * n_heads]]
+            columns += [rolling % prime for prime in primes[(s - 1) * n_head_per_ngram : s * n_head_per_ngram]]
     return np.stack(columns, axis=2) + offsets
 
 
@@ -270,12 +284,13 @@ class V41Hashing:
         return lut
 
     @cached_property
-    def pad(self) -> int:
-        if self.config.pad_token_id >= len(self.lut):
+    def pad_id(self) -> int:
+        """The compressed pad id (as the demo's hashing names it)."""
+        if self.config.pad_id >= len(self.lut):
             raise EngramError(
-                f"config: engram_pad_token_id {self.config.pad_token_id} is outside the tokenizer's {len(self.lut)} ids"
+                f"config: engram_pad_token_id {self.config.pad_id} is outside the tokenizer's {len(self.lut)} ids"
             )
-        return int(self.lut[self.config.pad_token_id])
+        return int(self.lut[self.config.pad_id])
 
     def multipliers(self, layer_id: int) -> list[int]:
         self._check_layer(layer_id)
@@ -288,7 +303,9 @@ class V41Hashing:
     @cached_property
     def _primes_by_layer(self) -> dict[int, list[int]]:
         config = self.config
-        per_layer = head_primes(config.vocab_size, config.max_ngram_size, config.n_heads, len(config.layer_ids))
+        per_layer = head_primes(
+            config.engram_vocab_size, config.max_ngram_size, config.n_head_per_ngram, len(config.layer_ids)
+        )
         by_layer = dict(zip(config.layer_ids, per_layer, strict=True))
         for (layer_id, primes), rows in zip(by_layer.items(), config.num_embeddings, strict=True):
             if sum(primes) != rows:
@@ -308,8 +325,8 @@ class V41Hashing:
             token_mask,
             self.multipliers(layer_id),
             self.primes(layer_id),
-            self.pad,
-            self.config.n_heads,
+            self.pad_id,
+            self.config.n_head_per_ngram,
         )
 
     def _check_layer(self, layer_id: int) -> None:
@@ -342,7 +359,7 @@ TABLE_DTYPES = ("F8_E4M3", "BF16", "F32")  # embed.scale exists for (and only fo
 
 def _expected(config: V41Config, layer_id: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """Checkpoint tensor -> (accepted dtypes, shape). ``embed.scale`` is only there for an FP8 table."""
-    rows, out, width = config.table_rows(layer_id), config.projection_width, config.embedding_width
+    rows, out, width = config.table_rows(layer_id), config.projection_width, config.engram_hidden_size
     streams = (config.hc_mult, config.hidden_size)
     return {
         "embed.weight": (TABLE_DTYPES, (rows, config.head_dim)),

@@ -40,7 +40,7 @@ def test_counts_equal_a_brute_force_count(tokenizer_json, tmp_path, monkeypatch)
     expected: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     rows = hashing.rows(stream[None], np.ones((1, len(stream)), bool), 3)[0]  # the stream at once
     for column in range(rows.shape[1]):
-        expected[2 + column // config.n_heads].update(rows[:, column].tolist())
+        expected[2 + column // config.n_head_per_ngram].update(rows[:, column].tolist())
     assert sorted(counts) == [2, 3]
     for order, (rows, seen) in counts.items():
         assert dict(zip(rows.tolist(), seen.tolist(), strict=True)) == dict(expected[order])

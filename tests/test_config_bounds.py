@@ -12,7 +12,7 @@ import pytest
 
 from engram_export.core.errors import EngramError
 from engram_export.core.resources import require_disk, require_memory
-from engram_export.models.config import EngramConfig, load_config, preset_names
+from engram_export.models.config import PRESET_DIR, EngramConfig, load_config, preset_names
 from engram_export.models.hashing import EngramHashing
 from engram_export.models.weights import build_layer, layer_prefix
 
@@ -78,9 +78,33 @@ def test_presets_load(name):
     config = load_config(name)
     if name in ("deepseek-v41", "v41-tiny"):  # DeepSeek-V4.1: its own config class
         assert config.model_type == "deepseek_v41"
-        assert config.num_columns == {"deepseek-v41": 24, "v41-tiny": 4}[name]
+        assert config.num_heads == {"deepseek-v41": 24, "v41-tiny": 4}[name]
     else:
         assert config.num_heads == 2 * config.n_head_per_ngram
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_both_families_name_the_same_things_alike(name):
+    """Code shared by the families reads one attribute (the demo's names), whichever family it holds."""
+    config = load_config(name)
+    assert config.num_heads == (config.max_ngram_size - 1) * config.n_head_per_ngram
+    assert config.engram_hidden_size == config.num_heads * config.head_dim
+    assert 0 <= config.pad_id < config.vocab_size  # raw ids: the backbone's vocabulary
+    if name == "deepseek-v41":  # read from the checkpoint's own keys, written back as they were
+        assert (config.pad_id, config.n_head_per_ngram, config.vocab_size, config.engram_vocab_size) == (
+            2,
+            8,
+            129280,
+            16_000_000,
+        )
+        assert {**json.loads((PRESET_DIR / f"{name}.json").read_text()), "tokenizer": None} == config.to_dict()
+
+
+@pytest.mark.parametrize("key,name", [("pad_token_id", "pad_id"), ("engram_n_heads", "n_head_per_ngram")])
+def test_a_checkpoint_name_in_a_demo_config_is_refused_naming_ours(key, name):
+    with pytest.raises(EngramError, match=f"^config: {key} is called {name} ") as info:
+        EngramConfig.from_dict({**TINY, key: TINY[name]})
+    assert "\n" not in str(info.value)
 
 
 def test_bounds_admit_real_models():

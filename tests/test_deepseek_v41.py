@@ -41,8 +41,12 @@ def test_hash_matches_the_spec_loop(config):
     ids[0, :4] = config.compressed_vocab_size - 1  # the largest products
     mask = rng.random((3, 11)) > 0.25
     for layer in config.layer_ids:
-        got = hash_rows_v41(ids, mask, hashing.multipliers(layer), hashing.primes(layer), hashing.pad, config.n_heads)
-        expected = spec_rows(ids, mask, hashing.multipliers(layer), hashing.primes(layer), hashing.pad, config.n_heads)
+        got = hash_rows_v41(
+            ids, mask, hashing.multipliers(layer), hashing.primes(layer), hashing.pad_id, config.n_head_per_ngram
+        )
+        expected = spec_rows(
+            ids, mask, hashing.multipliers(layer), hashing.primes(layer), hashing.pad_id, config.n_head_per_ngram
+        )
         np.testing.assert_array_equal(got, expected)
         assert got.max() < config.table_rows(layer)
 
@@ -79,7 +83,7 @@ def test_layer_matches_the_spec(batch, tokens):
         ({"engram_num_embeddings": [4039, 4124]}, "head primes sum to 4038"),
         ({"model_type": "deepseek_v3"}, "model_type must be 'deepseek_v41'"),
         ({"engram_head_dim": 48}, "must be a multiple of 32"),
-        ({"engram_n_heads": True}, "n_heads must be an integer"),
+        ({"engram_n_heads": True}, "engram_n_heads must be an integer"),
         ({"rms_norm_eps": 0}, "rms_norm_eps must be in"),
         ({"engram_num_embeddings": [4038]}, "needs one entry per layer"),
     ],

@@ -67,7 +67,7 @@ def case(request, tmp_path_factory):
 
 def inputs(config, batch, tokens, seed):
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, config.backbone_vocab_size, (batch, tokens))
+    ids = rng.integers(0, config.vocab_size, (batch, tokens))
     hidden = rng.normal(size=(batch, tokens, config.hc_mult, config.hidden_size)).astype(np.float32)
     return ids, hidden, rng.random((batch, tokens)) > 0.2
 
@@ -98,7 +98,9 @@ def test_lookup_gives_the_table_rows(case):
     """The f32 model's lookup and the PyTorch layer's both give the stored rows, exactly."""
     config, hashing = case["config"], case["hashing"]
     ids, _, mask = inputs(config, 4, 9, seed=5)
-    rows = hash_rows_v41(hashing.lut[ids], mask, hashing.multipliers(3), hashing.primes(3), hashing.pad, config.n_heads)
+    rows = hash_rows_v41(
+        hashing.lut[ids], mask, hashing.multipliers(3), hashing.primes(3), hashing.pad_id, config.n_head_per_ngram
+    )
     stored = float_rows_bytes(config, 3, rows.ravel(), seed=4, table_dtype=case["dtype"])
     expected = widen(stored, case["dtype"]).reshape(4, 9, -1)
     np.testing.assert_array_equal(EngramRuntime(case["f32"]).layer(3).lookup(ids, token_mask=mask), expected)
@@ -182,10 +184,12 @@ def test_blocked_op_is_exact_in_every_runtime(dtype, tmp_path):
 
     config = V41Config.from_hf(TINY)
     hashing = V41Hashing(config)
-    lut = np.random.default_rng(1).integers(0, config.compressed_vocab_size, config.backbone_vocab_size)
+    lut = np.random.default_rng(1).integers(0, config.compressed_vocab_size, config.vocab_size)
     stored = float_rows_bytes(config, 3, np.arange(config.table_rows(3)), seed=9, table_dtype=dtype)
     ids, _, mask = inputs(config, 3, 11, seed=2)
-    rows = hash_rows_v41(lut[ids], mask, hashing.multipliers(3), hashing.primes(3), hashing.pad, config.n_heads)
+    rows = hash_rows_v41(
+        lut[ids], mask, hashing.multipliers(3), hashing.primes(3), hashing.pad_id, config.n_head_per_ngram
+    )
     # bf16: a subnormal, -0, the largest finite magnitudes. Not in an f32 table: OpenVINO's CPU plugin
     # flushes f32 constants with subnormals to zero (in a copy)
     if dtype == "BF16":
@@ -205,8 +209,8 @@ def test_blocked_op_is_exact_in_every_runtime(dtype, tmp_path):
         domain=onnx_op.DOMAIN,
         multipliers=hashing.multipliers(3),
         primes=hashing.primes(3),
-        pad_id=hashing.pad,
-        n_heads=config.n_heads,
+        pad_id=hashing.pad_id,
+        n_heads=config.n_head_per_ngram,
     )
     graph = helper.make_graph(
         [node],

@@ -132,11 +132,11 @@ def with_history(hash_op, parameters, before: int):
 def test_blocking_rows_are_bit_exact_with_released_constants(layer_id, tmp_path):
     multipliers, primes, config = released_constants(layer_id)
     lut = random_lut(config.compressed_vocab_size)
-    pad = int(lut[config.pad_token_id])
+    pad = int(lut[config.pad_id])
     ids, mask = random_inputs()
-    expected = hash_rows_v41(lut[ids], mask, multipliers, primes, pad, config.n_heads)
+    expected = hash_rows_v41(lut[ids], mask, multipliers, primes, pad, config.n_head_per_ngram)
     assert expected.max() < config.table_rows(layer_id)
-    model = rows_model(multipliers, primes, pad, config.n_heads, lut)
+    model = rows_model(multipliers, primes, pad, config.n_head_per_ngram, lut)
     hash_op, parameters = read_hash_op(model, tmp_path)
     assert hash_op.get_attributes()["blocking"] == 1
     feeds = {"input_ids": ids, "token_mask": mask}
@@ -152,7 +152,7 @@ def test_blocking_rows_with_decode_history(seed, tmp_path):
     """History ids and mask of the N-1 tokens before the call: as if they began the sequence."""
     multipliers, primes, config = released_constants()
     lut = random_lut(config.compressed_vocab_size, seed)
-    pad = int(lut[config.pad_token_id])
+    pad = int(lut[config.pad_id])
     before = len(multipliers) - 1
     ids, mask = random_inputs(seed=seed)
     history_ids, history_mask = random_inputs(length=before, seed=seed + 10)
@@ -164,9 +164,9 @@ def test_blocking_rows_with_decode_history(seed, tmp_path):
         multipliers,
         primes,
         pad,
-        config.n_heads,
+        config.n_head_per_ngram,
     )
-    hash_op, parameters = read_hash_op(rows_model(multipliers, primes, pad, config.n_heads, lut), tmp_path)
+    hash_op, parameters = read_hash_op(rows_model(multipliers, primes, pad, config.n_head_per_ngram, lut), tmp_path)
     parameters = with_history(hash_op, parameters, before)
     got = ov_hash_rows(
         hash_op,
@@ -181,7 +181,7 @@ def test_blocking_rows_with_decode_history(seed, tmp_path):
         parameters,
         {"input_ids": ids, "token_mask": mask, "history_ids": history_ids, "history_mask": history_mask},
     )
-    alone = hash_rows_v41(lut[ids], mask, multipliers, primes, pad, config.n_heads)
+    alone = hash_rows_v41(lut[ids], mask, multipliers, primes, pad, config.n_head_per_ngram)
     np.testing.assert_array_equal(got, alone)
     window_ids, window_mask = np.concatenate([history_ids, ids], 1), np.concatenate([history_mask, mask], 1)
     for t in range(ids.shape[1]):
@@ -201,18 +201,18 @@ def test_blocking_rows_with_decode_history(seed, tmp_path):
 def test_blocking_with_an_all_true_mask_is_the_demo_hash(tmp_path):
     multipliers, primes, config = released_constants()
     lut = random_lut(config.compressed_vocab_size)
-    pad = int(lut[config.pad_token_id])
+    pad = int(lut[config.pad_id])
     ids, _ = random_inputs()
     mask = np.ones(ids.shape, bool)
-    hash_op, parameters = read_hash_op(rows_model(multipliers, primes, pad, config.n_heads, lut), tmp_path)
+    hash_op, parameters = read_hash_op(rows_model(multipliers, primes, pad, config.n_head_per_ngram, lut), tmp_path)
     got = ov_hash_rows(hash_op, parameters, {"input_ids": ids, "token_mask": mask})
-    np.testing.assert_array_equal(got, hash_rows(ids, lut, multipliers, primes, pad, config.n_heads))
+    np.testing.assert_array_equal(got, hash_rows(ids, lut, multipliers, primes, pad, config.n_head_per_ngram))
 
 
 def test_inputs_are_checked_when_the_graph_is_built(tmp_path):
     multipliers, primes, config = released_constants()
     lut = random_lut(config.compressed_vocab_size)
-    hash_op, parameters = read_hash_op(rows_model(multipliers, primes, 0, config.n_heads, lut), tmp_path)
+    hash_op, parameters = read_hash_op(rows_model(multipliers, primes, 0, config.n_head_per_ngram, lut), tmp_path)
     ids, lut, mask = (hash_op.input_value(i) for i in range(3))
     wrong = {
         "token_mask must be boolean": [ids, lut, ids],
@@ -250,7 +250,7 @@ def test_mismatched_shapes_are_refused_at_inference(tmp_path):
     """Dynamic shapes pass the graph checks; the plugin's shape inference refuses the call."""
     multipliers, primes, config = released_constants()
     lut = random_lut(config.compressed_vocab_size)
-    hash_op, parameters = read_hash_op(rows_model(multipliers, primes, 0, config.n_heads, lut), tmp_path)
+    hash_op, parameters = read_hash_op(rows_model(multipliers, primes, 0, config.n_head_per_ngram, lut), tmp_path)
     model = ov.Model([hash_op.output(0)], [parameters["input_ids"], parameters["token_mask"]])
     compiled = openvino_core().compile_model(model, "CPU")
     ids, mask = random_inputs()
@@ -358,15 +358,15 @@ def test_irs_without_the_blocking_attribute_still_read(tmp_path):
 def test_blocking_survives_an_ir_round_trip(tmp_path):
     multipliers, primes, config = released_constants()
     lut = random_lut(config.compressed_vocab_size)
-    pad = int(lut[config.pad_token_id])
-    hash_op, parameters = read_hash_op(rows_model(multipliers, primes, pad, config.n_heads, lut), tmp_path)
+    pad = int(lut[config.pad_id])
+    hash_op, parameters = read_hash_op(rows_model(multipliers, primes, pad, config.n_head_per_ngram, lut), tmp_path)
     model = ov.Model([hash_op.output(0)], [parameters["input_ids"], parameters["token_mask"]])
     ov.save_model(model, tmp_path / "v41.xml", compress_to_fp16=False)
     read = openvino_core().read_model(str(tmp_path / "v41.xml"))
     ids, mask = random_inputs()
     got = openvino_core().compile_model(read, "CPU")({"input_ids": ids, "token_mask": mask})[0]
     np.testing.assert_array_equal(
-        got.astype(np.int64), hash_rows_v41(lut[ids], mask, multipliers, primes, pad, config.n_heads)
+        got.astype(np.int64), hash_rows_v41(lut[ids], mask, multipliers, primes, pad, config.n_head_per_ngram)
     )
 
 

@@ -64,7 +64,7 @@ def reference(checkpoint):
 
 def inputs(config, batch, tokens, seed):
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, config.backbone_vocab_size, (batch, tokens))
+    ids = rng.integers(0, config.vocab_size, (batch, tokens))
     hidden = rng.normal(size=(batch, tokens, config.hc_mult, config.hidden_size)).astype(np.float32)
     mask = rng.random((batch, tokens)) > 0.2
     return ids, hidden, mask
@@ -105,8 +105,8 @@ def test_lookup_gives_the_dequantized_rows(v41, reference, path):
         mask,
         reference.hashing.multipliers(3),
         reference.hashing.primes(3),
-        reference.hashing.pad,
-        reference.config.n_heads,
+        reference.hashing.pad_id,
+        reference.config.n_head_per_ngram,
     )
     tensors = {k: v.view(torch.uint8).numpy() for k, v in reference.layers[3].tensors.items() if k.startswith("embed.")}
     expected = (
@@ -279,7 +279,7 @@ def test_released_size_from_a_sparse_checkpoint(tmp_path):
     shards = {p.stat().st_ino for p in checkpoint.glob("*.safetensors")}
     for folder in (exported, compiled):
         own = sum(p.stat().st_size for p in folder.iterdir() if p.stat().st_ino not in shards)
-        non_table = 2 * config.projection_width * config.embedding_width * 2  # bf16 wkv, both layers
+        non_table = 2 * config.projection_width * config.engram_hidden_size * 2  # bf16 wkv, both layers
         assert own < non_table + 2**30, (folder, own)
     runtime = EngramRuntime(compiled)
     hidden = rng.normal(size=(50, 14, config.hc_mult, config.hidden_size)).astype(np.float32)

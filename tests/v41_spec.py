@@ -70,7 +70,7 @@ def random_tensors(config: V41Config, layer: int, seed: int) -> dict[str, torch.
     def e8m0(shape, low, high):
         return torch.from_numpy(rng.integers(low, high, shape, dtype=np.uint8)).view(torch.float8_e8m0fnu)
 
-    out, width = config.projection_width, config.embedding_width
+    out, width = config.projection_width, config.engram_hidden_size
     rows = config.table_rows(layer)
     return {
         "embed.weight": fp8((rows, config.head_dim)),
@@ -90,7 +90,12 @@ def spec_output(config, layer, tensors, hashing, ids, hidden, mask):
         for k, v in tensors.items()
     }
     rows = spec_rows(
-        hashing.lut[ids], mask, hashing.multipliers(layer), hashing.primes(layer), hashing.pad, config.n_heads
+        hashing.lut[ids],
+        mask,
+        hashing.multipliers(layer),
+        hashing.primes(layer),
+        hashing.pad_id,
+        config.n_head_per_ngram,
     )
     values = e4m3[raw["embed.weight"][rows]] * np.repeat(e8m0[raw["embed.scale"][rows]], BLOCK, axis=-1)
     e = values.reshape(*ids.shape, -1)

@@ -26,7 +26,6 @@ from engram_export.core.integrity import FileChecks
 from engram_export.core.resources import parse_size, require_disk
 from engram_export.core.text import token_pieces
 from engram_export.folders.manifest import read_manifest, write_manifest
-from engram_export.models.config import is_deepseek_v41
 from engram_export.models.table_rows import hashing_of, table_rows
 from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.row_kernel import StoredTable, stored_table
@@ -49,15 +48,9 @@ class LayerRows:
     def __init__(self, hashing, config, layer_id: int):
         self.hashing, self.config, self.layer_id = hashing, config, layer_id
         self.table_rows = sum(hashing.primes(layer_id))
-        self.orders = {
-            2 + first // self._heads: slice(first, first + self._heads)
-            for first in range(0, self._heads * (config.max_ngram_size - 1), self._heads)
-        }
+        heads = config.n_head_per_ngram
+        self.orders = {2 + first // heads: slice(first, first + heads) for first in range(0, config.num_heads, heads)}
         self._context = np.zeros(0, np.int64)
-
-    @property
-    def _heads(self) -> int:
-        return self.config.n_heads if is_deepseek_v41(self.config) else self.config.n_head_per_ngram
 
     def start(self) -> None:
         self._context = np.zeros(0, np.int64)

@@ -170,7 +170,7 @@ def write_v41_checkpoint(
     parsed = V41Config.from_hf(config)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer:
-        write_word_tokenizer(folder / "tokenizer.json", parsed.backbone_vocab_size, parsed.compressed_vocab_size)
+        write_word_tokenizer(folder / "tokenizer.json", parsed.vocab_size, parsed.compressed_vocab_size)
     weight_map = {}
     for index, layer_id in enumerate(parsed.layer_ids):
         shard = f"model-{index + 1:05d}-of-{len(parsed.layer_ids):05d}.safetensors"

@@ -66,7 +66,7 @@ def v41_with_tokenizer(tokenizer: Path, rows_per_layer: int | None = None) -> V4
     config = dataclasses.replace(
         load_config("deepseek-v41"),
         tokenizer=str(tokenizer),
-        backbone_vocab_size=len(lut),
+        vocab_size=len(lut),
         compressed_vocab_size=int(lut.max()) + 1,
     )
     if rows_per_layer is None:
@@ -74,10 +74,9 @@ def v41_with_tokenizer(tokenizer: Path, rows_per_layer: int | None = None) -> V4
     # the served model: the released row shape, a narrow backbone (hidden 512, not 5120) so that the fuse
     # stage's projection does not drown the table's costs on a 2-core machine
     config = dataclasses.replace(config, hidden_size=512)
-    heads = (config.max_ngram_size - 1) * config.n_heads
-    vocab = max(rows_per_layer // heads, config.compressed_vocab_size + 1)
-    primes = head_primes(vocab, config.max_ngram_size, config.n_heads, len(config.layer_ids))
-    return dataclasses.replace(config, vocab_size=vocab, num_embeddings=tuple(sum(p) for p in primes))
+    vocab = max(rows_per_layer // config.num_heads, config.compressed_vocab_size + 1)
+    primes = head_primes(vocab, config.max_ngram_size, config.n_head_per_ngram, len(config.layer_ids))
+    return dataclasses.replace(config, engram_vocab_size=vocab, num_embeddings=tuple(sum(p) for p in primes))
 
 
 def _per_order(config, stream: np.ndarray) -> dict[int, dict[int, tuple[np.ndarray, np.ndarray]]]:

@@ -70,7 +70,7 @@ def run_bench_v41(
     table_gb = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / 1e9
     print(f"sparse checkpoint: {table_gb:.0f} GB logical in {time.perf_counter() - start:.1f} s")
     shards = {p.stat().st_ino for p in checkpoint.glob("*.safetensors")}
-    non_table = 2 * config.projection_width * config.embedding_width * 2 / 2**20  # bf16 wkv, MiB
+    non_table = 2 * config.projection_width * config.engram_hidden_size * 2 / 2**20  # bf16 wkv, MiB
     steps = []
     for name, make in (
         ("export", lambda: export_checkpoint(checkpoint, workdir / "onnx")),
@@ -128,11 +128,11 @@ def run_bench_v41(
         print(
             f"\nlayer {layer}, median of {repeat} rounds, fresh ids each call, the floor timed in the same rounds (ms):"
         )
-        fp8_floor = _fp8_matmul(config.embedding_width, config.projection_width)
+        fp8_floor = _fp8_matmul(config.engram_hidden_size, config.projection_width)
     for shape in [] if decode_only else shapes:
         hidden = rng.standard_normal((*shape, config.hc_mult, config.hidden_size), dtype=np.float32)
-        floor = matmul_floor(config.embedding_width, config.projection_width, "bf16")
-        e = rng.standard_normal((shape[0] * shape[1], config.embedding_width), dtype=np.float32)
+        floor = matmul_floor(config.engram_hidden_size, config.projection_width, "bf16")
+        e = rng.standard_normal((shape[0] * shape[1], config.engram_hidden_size), dtype=np.float32)
         calls: dict = {
             "floor": lambda _, floor=floor, e=e: lambda: floor(e),
             "fp8 floor": lambda _, e=e: lambda: fp8_floor(e),

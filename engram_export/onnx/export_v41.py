@@ -66,7 +66,7 @@ def build_v41_model(
     """The layer's ONNX model. ``located``: tensor suffix -> ``TensorLocation``; ``small``: the loaded
     q/k weights; ``shard_names``: suffix -> the linked shard holding it (``SHARD_TENSORS``)."""
     streams, hidden = config.hc_mult, config.hidden_size
-    out_width, in_width = config.projection_width, config.embedding_width
+    out_width, in_width = config.projection_width, config.engram_hidden_size
     blocks_out, blocks_in = located["wkv.scale"].shape
     gate_weight = (small["q_weight"].float() * small["k_weight"].float()).numpy()  # exact in f32
     const = numpy_helper.from_array
@@ -110,8 +110,8 @@ def build_v41_model(
             domain=DOMAIN,
             multipliers=hashing.multipliers(layer_id),
             primes=hashing.primes(layer_id),
-            pad_id=hashing.pad,
-            n_heads=config.n_heads,
+            pad_id=hashing.pad_id,
+            n_heads=config.n_head_per_ngram,
         ),
         # W = e4m3(wkv) * e8m0(scale) per 32x32 block: constant, folded by the runtimes
         n("Cast", ["wkv"], ["wkv_index"], to=TensorProto.INT32),

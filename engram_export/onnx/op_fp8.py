@@ -3,7 +3,9 @@
 ``HashGatherFP8(input_ids int64 [B,T], token_mask bool [B,T], compress_lut int64 [V],
 table uint8 [R,d], scales uint8 [R,d/32]) -> embeddings float32 [B,T,C*d]``
 with attributes ``multipliers`` (ints, one per n-gram position), ``primes`` (ints, one per column,
-C = len(primes)), ``pad_id`` (int, the *compressed* pad) and ``n_heads`` (int, heads per n-gram order).
+C = len(primes)), ``pad_id`` (int, the *compressed* pad) and ``n_heads`` (int, heads per n-gram order: the config's
+``n_head_per_ngram``; the attribute keeps the name that exported files and the extension's ONNX
+conversion already use).
 
 The rows are the V4.1 hash (``hash_rows_v41``: the demo's rolling XOR hash plus image-token blocking:
 looking back from t, a token is the pad once any position from t back to it is masked or before the

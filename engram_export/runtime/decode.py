@@ -72,9 +72,8 @@ def _stateful_lookup(lookup, info):
     hash_op = _only(lookup, "EngramHash")
     ids = hash_op.input_value(0)
     before = info.config.max_ngram_size - 1
-    pad = info.config.pad_token_id if info.takes_mask else info.config.pad_id
     # raw pad ids to start with; i32 (the CPU plugin keeps no i64 state; ids are checked to fit)
-    history, ids_variable = _state(IDS_STATE, np.full((1, before), pad, np.int32), ids)
+    history, ids_variable = _state(IDS_STATE, np.full((1, before), info.config.pad_id, np.int32), ids)
     assigns = [
         openvino.op.assign(_recent(history, openvino.opset13.convert(ids, openvino.Type.i32), before), ids_variable)
     ]

@@ -17,7 +17,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from engram_export.models.config import is_deepseek_v41
 from engram_export.models.table_rows import hashing_of, table_rows
 from engram_export.openvino.stages import infer
 from engram_export.sharding.client import ShardedTables
@@ -34,7 +33,6 @@ class RemoteLookupRequest:
     def __init__(self, layer_id: int, config, tables: ShardedTables, decoder, stateful: bool = False):
         self.layer_id, self.config, self.tables = layer_id, config, tables
         self._decoder = decoder.create_infer_request()
-        self._v41 = is_deepseek_v41(config)
         self._hashing = hashing_of(config)
         self._stateful = stateful
         self._pending: Future | None = None
@@ -43,8 +41,7 @@ class RemoteLookupRequest:
     def reset_state(self) -> None:
         """A new sequence: the history is pads (and, for DeepSeek-V4.1, blocked)."""
         before = self.config.max_ngram_size - 1
-        pad = self.config.pad_token_id if self._v41 else self.config.pad_id
-        self._history = (np.full((1, before), pad, np.int64), np.zeros((1, before), bool))
+        self._history = (np.full((1, before), self.config.pad_id, np.int64), np.zeros((1, before), bool))
 
     def _rows(self, ids: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, tuple]:
         """Table rows [B, T, C] of ``ids`` (after the history, in a decode session), and the history after them."""

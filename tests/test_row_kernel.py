@@ -17,7 +17,7 @@ import pytest
 from engram_export.core.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint
 from engram_export.folders.synthetic import write_v41_checkpoint
-from engram_export.openvino import memory, row_kernel, table_store
+from engram_export.openvino import memory, precision, row_kernel, table_store
 from engram_export.openvino.quantize import QuantizeOptions, quantize
 from engram_export.runtime import EngramRuntime
 from tests.v41_spec import TINY
@@ -101,7 +101,12 @@ def _bf16_nearest_even(values: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
     "name", ["f32 table", "f16 table", "u8 table", "u4 table", "fp8 table", "fp8 table, bf16 IR", "bf16 table"]
 )
-def test_kernel_rounds_bf16_to_nearest_even(demo_models, v41_models, name):
+def test_kernel_rounds_bf16_to_nearest_even(demo_models, v41_models, name, monkeypatch):
+    """The kernel's own bf16 output, on every CPU: where OpenVINO has no bf16 kernels the runtime would
+    build f32 stages (test_precision.py), so the capabilities are made to list BF16 here (the lookup
+    stage is the extension's kernel alone, which writes bf16 itself)."""
+    capabilities = precision.capabilities()
+    monkeypatch.setattr(precision, "capabilities", lambda device="CPU": (*capabilities, "BF16"))
     path = _all_models(demo_models, v41_models)[name]
     exact, bf16 = _layer(path, precision="f32"), _layer(path, precision="bf16")
     ids, mask = _ids(exact, (50, 14), 7)

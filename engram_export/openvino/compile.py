@@ -30,6 +30,7 @@ from engram_export.models.deepseek_v41 import BLOCK, dequantize_blocks
 from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD, read_onnx_file, with_absolute_data_paths
 from engram_export.openvino import tables
 from engram_export.openvino.extension import HASH_OP_TYPE, openvino_core
+from engram_export.openvino.precision import say_emulated
 from engram_export.passes import lower_for_openvino
 
 __all__ = ["compile_onnx", "to_openvino", "read_onnx", "read_openvino", "save_ir"]
@@ -218,6 +219,7 @@ def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f3
     if precision not in PRECISIONS:
         raise EngramError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     output = check_output_file(output, ".xml")
+    say_emulated(precision, "CPU", f"{output.name} is written for {precision}")
     with progress.stage(f"converting {Path(onnx_path).name} to OpenVINO"):
         model, info = read_onnx(onnx_path)
     ModelInfo(info.config, info.layer_id, info.num_ids, precision).write_openvino(model)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import mmap
+import os
 
 import numpy as np
 
-__all__ = ["madvise", "huge_page_copy", "PAGE", "MADV_POPULATE_READ"]
+__all__ = ["madvise", "huge_page_copy", "file_mappings", "FileMapping", "PAGE", "MADV_POPULATE_READ"]
 
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20
@@ -33,3 +35,31 @@ def huge_page_copy(data: np.ndarray) -> np.ndarray:
         madvise(copy, MADV_HUGEPAGE)
     copy[:] = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     return copy
+
+
+@dataclasses.dataclass(frozen=True)
+class FileMapping:
+    """One line of ``/proc/self/maps`` that maps a file: [start, end) holds the file's bytes from ``offset``."""
+
+    start: int
+    end: int
+    offset: int
+    device: int
+    inode: int
+    path: str
+
+
+def file_mappings() -> list[FileMapping]:
+    """The file-backed mappings of this process, in address order (anonymous memory left out)."""
+    found = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 6 or int(fields[4]) == 0:
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            major, minor = (int(x, 16) for x in fields[3].split(":"))
+            found.append(
+                FileMapping(start, end, int(fields[2], 16), os.makedev(major, minor), int(fields[4]), fields[5].strip())
+            )
+    return found

@@ -23,15 +23,21 @@ _said_lock = threading.Lock()
 
 
 @cache
-def capabilities(device: str = "CPU") -> tuple[str, ...]:
-    """The device's ``OPTIMIZATION_CAPABILITIES`` (e.g. ``('FP32', 'INT8', 'BIN', 'EXPORT_IMPORT')``)."""
-    return tuple(str(name) for name in openvino_core().get_property(device.split(".")[0], "OPTIMIZATION_CAPABILITIES"))
+def capabilities(device: str = "CPU") -> tuple[str, ...] | None:
+    """The device's ``OPTIMIZATION_CAPABILITIES`` (e.g. ``('FP32', 'INT8', 'BIN', 'EXPORT_IMPORT')``), or
+    None for a device that does not say (a virtual one such as ``AUTO``)."""
+    try:
+        names = openvino_core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+    except RuntimeError:
+        return None
+    return tuple(str(name) for name in names)
 
 
 def runs_as(precision: str, device: str = "CPU") -> str:
     """The precision ``device`` runs when asked for ``precision``: itself where the device has kernels
-    for it, else f32."""
-    return precision if _CAPABILITY[precision] in capabilities(device) else "f32"
+    for it (or does not say), else f32."""
+    found = capabilities(device)
+    return precision if found is None or _CAPABILITY[precision] in found else "f32"
 
 
 def emulation_line(precision: str, device: str = "CPU") -> str | None:
@@ -40,8 +46,8 @@ def emulation_line(precision: str, device: str = "CPU") -> str | None:
     if ran == precision:
         return None
     return (
-        f"{precision} asked for, but this {device} has no {precision} kernels (OpenVINO "
-        f"OPTIMIZATION_CAPABILITIES: {', '.join(capabilities(device))}): it runs {ran}"
+        f"this {device} has no {precision} kernels (OpenVINO OPTIMIZATION_CAPABILITIES: "
+        f"{', '.join(capabilities(device) or ())}): {precision} runs as {ran} here"
     )
 
 

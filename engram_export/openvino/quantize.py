@@ -37,6 +37,7 @@ from engram_export.core.fileio import check_output_file, load_npz
 from engram_export.core.text import token_stream, windows
 from engram_export.openvino import tables
 from engram_export.openvino.compile import read_openvino, save_ir
+from engram_export.openvino.precision import say_emulated
 
 __all__ = [
     "MODES",
@@ -172,6 +173,7 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
     """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml): read, detach a
     DeepSeek-V4.1 table, ``quantize_model``, write."""
     output = check_output_file(output, ".xml")
+    say_emulated(options.precision, "CPU", f"{output.name} is written for {options.precision}")
     model, info = read_model(model_path)
     if info.takes_mask:
         _check_v41(Path(model_path), options)

@@ -29,7 +29,8 @@ class OnnxRuntimeBackend:
             raise EngramError("ONNX Runtime runs this model in f32 only")
 
         model, self.info = read_onnx_file(path, checks)
-        self.precision = "f32"
+        self.precision = self.requested_precision = "f32"
+        self.file_guard = None  # ONNX Runtime reads the external data into its own memory
         self.settings = {"onnxruntime": onnxruntime.__version__}
         session_options = onnxruntime.SessionOptions()
         session_options.add_session_config_entry(

@@ -19,6 +19,8 @@ from engram_export.core.integrity import FileChecks
 from engram_export.openvino import row_kernel
 from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.extension import openvino_core
+from engram_export.openvino.file_guard import FileGuard, constant_addresses
+from engram_export.openvino.precision import say_emulated
 from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages, wait
 from engram_export.openvino.table_store import TableStore
 from engram_export.runtime.decode import decode_stages
@@ -69,7 +71,10 @@ class OpenVINOBackend:
         self.lookup_kernel = options.lookup_kernel
         # calls that finished a prefetched lookup, and the time they still waited for it (table_stats)
         self._prefetched_calls, self._prefetch_wait_ns, self._counts_lock = 0, 0, threading.Lock()
-        self.precision = options.precision or self.info.precision
+        # asked for (the option, else the file's own) and what the device runs: a CPU without bf16 kernels
+        # runs f32, so both stages are built and compiled f32 there, and the layer reports it
+        self.requested_precision = options.precision or self.info.precision
+        self.precision = say_emulated(self.requested_precision, options.device, path.name)
         self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         if options.threads:
             self.config["INFERENCE_NUM_THREADS"] = options.threads
@@ -97,6 +102,8 @@ class OpenVINOBackend:
             "lookup": self._lookup_kind,
         }
         self._decode, self._decode_lock = None, threading.Lock()
+        # the files mapped under the model's constants (table, weights), which must not change under it
+        self.file_guard = FileGuard(constant_addresses(self._model), owner=self._model)
 
     def _compile(self, lookup, fuse):
         """Both stages compiled, the lookup's table read by the extension's row kernel where it knows

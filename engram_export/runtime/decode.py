@@ -10,6 +10,7 @@ step moves no state through Python; ``reset`` starts every sequence over (pads a
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -223,14 +224,17 @@ class DecodeSession:
                     raise EngramError("this step's ids (or token_mask) differ from those prefetched for it")
             if start:
                 self._reset()
-            prefetched = self._finish_prefetch()
-            outputs = {}
-            for layer, (feeds, hidden) in checked.items():
-                lookup, fuse = self._requests[layer]
-                if prefetched is None:
-                    infer(lookup, feeds)
-                fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
-                infer(fuse, {"hidden_states": hidden, **fuse_feeds(feeds)})
-                outputs[layer] = fuse.get_output_tensor(0).data.copy()
-            self.position += tokens
+            with contextlib.ExitStack() as served:  # a file changed under any layer refuses the step
+                for layer in self._layers.values():
+                    served.enter_context(layer._verification.served())
+                prefetched = self._finish_prefetch()
+                outputs = {}
+                for layer, (feeds, hidden) in checked.items():
+                    lookup, fuse = self._requests[layer]
+                    if prefetched is None:
+                        infer(lookup, feeds)
+                    fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
+                    infer(fuse, {"hidden_states": hidden, **fuse_feeds(feeds)})
+                    outputs[layer] = fuse.get_output_tensor(0).data.copy()
+                self.position += tokens
         return outputs

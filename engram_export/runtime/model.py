@@ -107,7 +107,9 @@ class LayerRuntime:
     def __init__(self, path: Path, runtime: str, backend):
         self.path, self.runtime, self._backend = path, runtime, backend
         self.info = backend.info
-        self.precision = backend.precision
+        # what runs, and what was asked for (the option, else the file's): they differ where the device
+        # has no kernels for the precision asked (bf16 on an AVX2-only CPU runs f32; said once at load)
+        self.precision, self.requested_precision = backend.precision, backend.requested_precision
         self.settings = backend.settings  # what the runtime compiled the model with
         self._verification = Verification()  # an EngramRuntime shares its own with its layers
 
@@ -134,14 +136,17 @@ class LayerRuntime:
         False). ``out``: a float32 array of that shape to write it into (returned), instead of a new one."""
         self._verification.check()
         feeds, hidden = check_inputs(self.info, input_ids, hidden_states, token_mask)
-        return self._backend(feeds, hidden, check_out(out, hidden))
+        with self._verification.served():
+            return self._backend(feeds, hidden, check_out(out, hidden))
 
     def lookup(self, input_ids, token_mask=None) -> np.ndarray:
         """The looked-up rows as the fuse stage receives them, float32 (dequantized for FP8 and INT8
         tables): the host half of the host-lookup / device-fuse split (OpenVINO only)."""
         self._need_openvino("lookup")
         self._verification.check()
-        return self._backend.lookup_rows(check_lookup_inputs(self.info, input_ids, token_mask))
+        feeds = check_lookup_inputs(self.info, input_ids, token_mask)
+        with self._verification.served():
+            return self._backend.lookup_rows(feeds)
 
     def profile(self, input_ids, hidden_states, token_mask=None, rounds: int = 10, warmup: int = 3) -> list[dict]:
         """OpenVINO's per-node times of this layer's two stages (lookup, fuse) on these inputs: one dict
@@ -153,7 +158,8 @@ class LayerRuntime:
             if not isinstance(value, int) or isinstance(value, bool) or value < (name == "rounds"):
                 raise EngramError(f"{name} must be a {'positive' if name == 'rounds' else 'non-negative'} integer")
         feeds, hidden = check_inputs(self.info, input_ids, hidden_states, token_mask)
-        return self._backend.profile(feeds, hidden, rounds, warmup)
+        with self._verification.served():
+            return self._backend.profile(feeds, hidden, rounds, warmup)
 
     def prefetch(self, input_ids, token_mask=None) -> Prefetch:
         """Start this layer's lookup for ``input_ids`` [B,T] and return at once (see ``Prefetch``)."""
@@ -172,7 +178,8 @@ class LayerRuntime:
         hidden = check_hidden(self.info, handle.feeds, hidden_states)
         out = check_out(out, hidden)
         lookup = handle._take(self.layer_id, self._backend)
-        return self._backend.finish(lookup, handle.feeds, hidden, out, prefetched=True)
+        with self._verification.served():
+            return self._backend.finish(lookup, handle.feeds, hidden, out, prefetched=True)
 
     def table_stats(self) -> dict:
         """How this layer's tiered table served its lookups (``table_memory="tiered"``), counts in rows
@@ -230,7 +237,9 @@ class EngramRuntime(Mapping):
         path: ``.xml`` (OpenVINO IR from ``compile`` or ``quantize``), ``.onnx`` (from ``export``), or a
             folder with a ``manifest.json`` holding every layer of a model.
         runtime: ``"ov"`` (OpenVINO, the default) or ``"ort"`` (ONNX Runtime, ``.onnx`` only).
-        precision: OpenVINO inference precision, ``"f32"`` or ``"bf16"``; default: the file's own.
+        precision: OpenVINO inference precision, ``"f32"`` or ``"bf16"``; default: the file's own. A
+            device without kernels for it runs f32 (said once, in one line): ``rt.precision`` is what
+            runs, ``rt.requested_precision`` what was asked for.
         device: OpenVINO device name.
         threads: CPU threads, default all.
         table_memory: how the table lives in memory, a store of ``openvino/table_store.py``: ``"mmap"``
@@ -316,11 +325,16 @@ class EngramRuntime(Mapping):
                 )
             served = _load_layer(check_input_file(path, (".xml", ".onnx"), "model"), options, checks)
             self._layers = {served.layer_id: served}
-        self.verification = Verification(checks, background=options.background_verification)
+        self.verification = Verification(
+            checks,
+            background=options.background_verification,
+            guards=[layer._backend.file_guard for layer in self._layers.values()],
+        )
         for served in self._layers.values():
             served._verification = self.verification
         first = next(iter(self._layers.values()))
-        self.info, self.precision, self.settings = first.info, first.precision, first.settings
+        self.info, self.settings = first.info, first.settings
+        self.precision, self.requested_precision = first.precision, first.requested_precision
 
     # the mapping: layer id -> LayerRuntime
     def __getitem__(self, layer_id: int) -> LayerRuntime:

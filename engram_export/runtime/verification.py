@@ -5,7 +5,9 @@ every byte of each file up to 1 GiB, larger files (tables) by size and sampled S
 ``check_hashes="background"`` a thread then hashes those larger files whole, at the lowest CPU (and so
 I/O) priority, dropping the pages it read from the page cache behind it (pages a lookup has mapped
 stay). Until it is done the runtime serves calls; if a file differs, every later call of that runtime
-is refused with one line naming the file. A runtime dropped before the pass ends stops it.
+is refused with one line naming the file. A runtime dropped before the pass ends stops it. A file
+truncated or written while it is served (``openvino/file_guard.py``) fails the runtime the same way,
+from the call that saw it on.
 
 States (``EngramRuntime.verification``): ``"verified"`` every byte of every file matched a recorded
 SHA-256; ``"pending"`` the background pass is running; ``"failed"`` a file differs (calls refused);
@@ -19,6 +21,7 @@ import contextlib
 import os
 import threading
 import weakref
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from engram_export.core.errors import EngramError
@@ -32,7 +35,9 @@ STATES = ("verified", "pending", "failed", "partial")
 class Verification:
     """The verification state of one runtime's files, shared by the runtime and its layers."""
 
-    def __init__(self, checks: FileChecks | None = None, background: bool = False):
+    def __init__(self, checks: FileChecks | None = None, background: bool = False, guards: Iterable = ()):
+        # openvino/file_guard.py's, of the layers' mapped files (None: a backend that maps none)
+        self._guards = [guard for guard in guards if guard is not None]
         deferred = list(checks.deferred) if checks is not None else []
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -77,6 +82,21 @@ class Verification:
         """Refuse a call of a runtime whose files failed verification."""
         if self._error is not None:
             raise EngramError(self._error)
+
+    @contextlib.contextmanager
+    def served(self) -> Iterator[None]:
+        """Around a call that reads the runtime's files: when it ends, returned or failed, refuse it (and
+        every later call) if a mapped file was truncated or written meanwhile or before
+        (``openvino/file_guard.py``): its answer may hold zeros or other bytes, and a read that failed
+        on it is named by the file."""
+        try:
+            yield
+        finally:
+            for guard in self._guards:
+                message = guard.changed()
+                if message is not None:
+                    self._fail(message)
+            self.check()
 
     def _fail(self, message: str) -> None:
         with self._lock:

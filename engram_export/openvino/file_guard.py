@@ -1,0 +1,106 @@
+"""A runtime's mapped files, guarded while it serves them (the extension's ``file_guard.cpp``).
+
+A table is served from its file's pages (``table_memory="mmap"`` or ``"populate"``, and the model's
+other constants always). Truncating that file under the runtime (an operator's ``cp`` over a live
+file, an rsync in place) would kill the whole process with SIGBUS at the next read of a vanished page,
+and writing it in place would let calls answer from other bytes. Guarded, a vanished page reads as
+zeros and is recorded, a write is recorded, and the runtime refuses the call that saw it, and every
+later one, in one line naming the file (``runtime/verification.py``). A new file renamed over the old
+one is safe: the mapping keeps the old file alive and nothing is written to it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import os
+import weakref
+from collections.abc import Iterable
+from functools import cache
+
+from engram_export.core.errors import EngramError
+from engram_export.openvino.extension import library_path
+from engram_export.openvino.memory import FileMapping, file_mappings
+
+__all__ = ["FileGuard", "constant_addresses"]
+
+_VANISHED, _WRITTEN = 1, 2  # the bits of a slot's state
+
+
+@cache
+def _library():
+    library = ctypes.CDLL(str(library_path()), use_errno=True)  # the library OpenVINO loaded: one handler
+    library.engram_guard_add.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_char_p]
+    library.engram_guard_add.restype = ctypes.c_int
+    int_pointer = ctypes.POINTER(ctypes.c_int)
+    library.engram_guard_changed.argtypes = [int_pointer, ctypes.c_size_t, int_pointer]
+    library.engram_guard_changed.restype = ctypes.c_int
+    library.engram_guard_remove.argtypes = [ctypes.c_int]
+    return library
+
+
+def constant_addresses(model) -> list[int]:
+    """Where the bytes of each constant of an ``openvino.Model`` are (in its file's mapping, when read
+    from one)."""
+    return [
+        op.get_tensor_view().data.ctypes.data
+        for op in model.get_ops()
+        if op.get_type_name() == "Constant" and op.get_byte_size() > 0
+    ]
+
+
+def _mappings_under(addresses: Iterable[int]) -> list[FileMapping]:
+    """The file mappings that hold any of ``addresses``, each once."""
+    mappings = file_mappings()
+    starts = [mapping.start for mapping in mappings]
+    found: dict[int, FileMapping] = {}
+    for address in addresses:
+        index = bisect.bisect_right(starts, address) - 1
+        if index >= 0 and address < mappings[index].end:
+            found[mappings[index].start] = mappings[index]
+    return list(found.values())
+
+
+def _remove(slots: list[int]) -> None:
+    for slot in slots:
+        _library().engram_guard_remove(slot)
+
+
+class FileGuard:
+    """The file mappings under ``addresses``, guarded while this object lives. It keeps ``owner`` (what
+    holds those mappings: the model whose constants they are) alive, so that they are unmapped only
+    after the guard has let go of them."""
+
+    def __init__(self, addresses: Iterable[int], owner):
+        self._slots: list[tuple[int, str]] = []
+        added: list[int] = []
+        self._release = weakref.finalize(self, _remove, added)  # before owner goes: the mappings outlive it
+        for mapping in _mappings_under(addresses):
+            slot = _library().engram_guard_add(mapping.start, mapping.end - mapping.start, mapping.path.encode())
+            if slot < 0:
+                reason = os.strerror(ctypes.get_errno()) if slot == -2 else "4096 mappings are guarded already"
+                raise EngramError(f"cannot guard {mapping.path} against changes while it is served ({reason})")
+            added.append(slot)
+            self._slots.append((slot, mapping.path))
+        self._owner = owner
+        self._indices = (ctypes.c_int * len(added))(*added)
+
+    @property
+    def files(self) -> list[str]:
+        return [path for _, path in self._slots]
+
+    def changed(self) -> str | None:
+        """One line naming a guarded file that was truncated or written since the guard began, or None
+        (one call into the extension, which first takes in every write queued so far)."""
+        state = ctypes.c_int(0)
+        found = _library().engram_guard_changed(self._indices, len(self._slots), ctypes.byref(state))
+        if found < 0:
+            return None
+        if state.value & _VANISHED:
+            what = "truncated (a page it read had vanished: the call saw zeros)"
+        else:
+            what = "written in place"
+        return (
+            f"{self._slots[found][1]} was {what} while this runtime served it: this runtime refuses every "
+            f"call; load it again (deploy new files by renaming them over the old ones: docs/serving.md)"
+        )

@@ -1,0 +1,168 @@
+"""Files changed under a live runtime (``openvino/file_guard.py``): never a dead process, never a
+silently wrong answer.
+
+A table file truncated in place while 4 threads call the runtime (``table_memory`` mmap, populate and
+tiered; the demo family's table inside the IR's .bin, DeepSeek-V4.1's in its checkpoint shard): every
+answer is the right one or one ``EngramError`` line naming the file, the process lives, every later
+call (decode steps too) is refused, and a runtime over other files in the same process serves on bit
+for bit. A file written in place is refused the same way; a new file renamed over the old one is the
+safe way to deploy, and serves on unchanged. A fault outside the guarded files still kills the process,
+as it would without the guard.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engram_export.core.errors import EngramError
+from engram_export.folders import compile_folder, export_checkpoint, export_folder
+from engram_export.folders.calibration import calibrate
+from engram_export.folders.synthetic import write_v41_checkpoint
+from engram_export.models.compression import build_compression_table
+from engram_export.models.config import load_config
+from engram_export.runtime import EngramRuntime
+from tests.helpers import package_prose
+from tests.v41_spec import TINY
+
+
+@pytest.fixture(scope="module")
+def calibrated(tokenizer_json, tmp_path_factory) -> dict[str, Path]:
+    """One-layer calibrated folders (servable by every table memory): the demo family's f32 IR (its
+    table in the .bin) and DeepSeek-V4.1's FP8 (its table in the checkpoint shard beside the IR)."""
+    root = tmp_path_factory.mktemp("file_changes")
+    text = root / "prose.txt"
+    text.write_text(package_prose()[:40_000])
+    config = load_config("tiny").replace(tokenizer=str(tokenizer_json), pad_id=0, vocab_size=30522, layer_ids=(1,))
+    demo = compile_folder(export_folder(config, root / "demo_onnx", seed=1), root / "demo", "f32")
+    lut = build_compression_table(str(tokenizer_json))
+    v41 = {**TINY, "vocab_size": len(lut), "engram_compressed_vocab_size": int(lut.max()) + 1}
+    checkpoint = write_v41_checkpoint(root / "ckpt", v41, seed=2, table_dtype="F8_E4M3")
+    shutil.copyfile(tokenizer_json, checkpoint / "tokenizer.json")
+    v41_folder = compile_folder(export_checkpoint(checkpoint, root / "v41_onnx"), root / "v41", "f32")
+    return {
+        name: calibrate(folder, root / f"{name}_calibrated", [text], "30%") and root / f"{name}_calibrated"
+        for name, folder in (("demo", demo), ("v41", v41_folder))
+    }
+
+
+def _table_file(folder: Path, family: str) -> Path:
+    """The file the table's bytes are read from."""
+    return next(folder.glob("*.bin" if family == "demo" else "*.safetensors"))
+
+
+def _inputs(runtime, batch: int = 2, tokens: int = 9):
+    config, rng = runtime.config, np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (batch, tokens))
+    hidden = rng.standard_normal((batch, tokens, config.hc_mult, config.hidden_size)).astype(np.float32)
+    mask = np.ones((batch, tokens), bool) if runtime.info.takes_mask else None
+    return ids, hidden, mask
+
+
+@pytest.mark.parametrize("family", ["demo", "v41"])
+@pytest.mark.parametrize("table_memory", ["mmap", "populate", "tiered"])
+def test_a_table_truncated_under_threads_is_refused_and_the_process_serves_on(
+    calibrated, family, table_memory, tmp_path
+):
+    folder = shutil.copytree(calibrated[family], tmp_path / "served")
+    runtime = EngramRuntime(folder, table_memory=table_memory)
+    untouched = EngramRuntime(calibrated[family], table_memory=table_memory)
+    layer = runtime.layer_ids[0]
+    ids, hidden, mask = _inputs(runtime)
+    expected = untouched[layer](ids, hidden, mask)
+    np.testing.assert_array_equal(runtime[layer](ids, hidden, mask), expected)
+    session = runtime.session(2)
+    session.prefill(ids, dict.fromkeys(runtime.layer_ids, hidden), mask)
+    table = _table_file(folder, family)
+
+    wrong, refusals, truncated = [], [], threading.Event()
+
+    def calls():
+        for _ in range(30):
+            try:
+                got = runtime[layer](ids, hidden, mask)
+            except EngramError as exc:
+                refusals.append(str(exc))
+            else:
+                if not np.array_equal(got, expected):
+                    wrong.append(truncated.is_set())
+            if len(refusals) > 3:
+                return
+
+    threads = [threading.Thread(target=calls) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    os.truncate(table, 4096)  # the first page stays: a read of any other vanishes
+    truncated.set()
+    for thread in threads:
+        thread.join()
+
+    assert wrong == []
+    assert refusals and all(table.name in message for message in refusals), refusals
+    for call in (
+        lambda: runtime[layer](ids, hidden, mask),
+        lambda: runtime[layer].lookup(ids, mask),
+        lambda: session.step(
+            ids[:, :1], dict.fromkeys(runtime.layer_ids, hidden[:, :1]), None if mask is None else mask[:, :1]
+        ),
+    ):
+        with pytest.raises(EngramError, match=table.name):
+            call()
+    np.testing.assert_array_equal(untouched[layer](ids, hidden, mask), expected)  # the process serves on
+
+
+@pytest.mark.parametrize("family", ["demo", "v41"])
+def test_a_file_written_in_place_is_refused(calibrated, family, tmp_path):
+    folder = shutil.copytree(calibrated[family], tmp_path / "served")
+    runtime = EngramRuntime(folder)
+    ids, hidden, mask = _inputs(runtime)
+    runtime[runtime.layer_ids[0]](ids, hidden, mask)
+    table = _table_file(folder, family)
+    with open(table, "r+b") as file:  # the same bytes, written in place: still a write under a live runtime
+        first = file.read(64)
+        file.seek(0)
+        file.write(first)
+    with pytest.raises(EngramError, match=rf"{table.name} was written in place while this runtime served it"):
+        runtime[runtime.layer_ids[0]](ids, hidden, mask)
+
+
+@pytest.mark.parametrize("family", ["demo", "v41"])
+def test_a_new_file_renamed_over_the_old_one_is_safe(calibrated, family, tmp_path):
+    """The way docs/serving.md gives to deploy new files: the runtime serves on from the old ones."""
+    folder = shutil.copytree(calibrated[family], tmp_path / "served")
+    runtime = EngramRuntime(folder, table_memory="populate")
+    layer = runtime.layer_ids[0]
+    ids, hidden, mask = _inputs(runtime)
+    expected = runtime[layer](ids, hidden, mask)
+    table = _table_file(folder, family)
+    replacement = table.with_name(table.name + ".new")
+    replacement.write_bytes(bytes(len(table.read_bytes())))  # other bytes: zeros
+    os.replace(replacement, table)
+    for _ in range(3):
+        np.testing.assert_array_equal(runtime[layer](ids, hidden, mask), expected)
+    assert runtime.verification.error is None
+
+
+def test_a_fault_outside_the_guarded_files_still_kills_the_process(calibrated, tmp_path):
+    """The guard answers only for the files it guards: any other vanished page kills the process, as it
+    would without it (a runtime is loaded first, so the handler is installed)."""
+    other = tmp_path / "other.bin"
+    other.write_bytes(bytes(3 * 4096))
+    script = (
+        "import os, sys, numpy as np\n"
+        "from engram_export.runtime import EngramRuntime\n"
+        f"runtime = EngramRuntime({str(calibrated['demo'])!r})\n"
+        f"mapped = np.memmap({str(other)!r}, np.uint8, 'r')\n"
+        f"os.truncate({str(other)!r}, 0)\n"
+        "print(int(mapped[8192]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGBUS, (done.returncode, done.stderr[-2000:])

@@ -31,6 +31,7 @@ from engram_export.runtime import EngramRuntime
 __all__ = [
     "Comparison",
     "compare",
+    "checked_as",
     "random_inputs",
     "verify_paths",
     "verify_paths_v41",
@@ -94,6 +95,13 @@ def compare(
     )
 
 
+def checked_as(runtime) -> str:
+    """The precision whose criterion a runtime's output is held to: f32 only where the file's own
+    precision and the one it runs in are both f32 (a bf16 IR keeps its weights in f16, also when a CPU
+    without bf16 kernels runs it in f32)."""
+    return "f32" if runtime.precision == runtime.info.precision == "f32" else "bf16"
+
+
 def random_inputs(config, num_ids: int, batch: int, tokens: int, seed: int = 0, negative: bool = True):
     """Seeded ids over the whole vocabulary and hidden states; with ``negative``, one id is -1 (the demo
     family passes negative ids through; DeepSeek-V4.1 refuses them)."""
@@ -116,7 +124,7 @@ def verify_paths(layer: EngramLayer, runtimes: dict, shapes: list[tuple[int, int
             reference_layout = layer.forward_reference(*args).numpy()
         results.append(compare("pytorch (demo layout)", reference, reference_layout))
         for name, runtime in runtimes.items():
-            results.append(compare(name, reference, runtime(ids, hidden), runtime.precision, runtime.quantization))
+            results.append(compare(name, reference, runtime(ids, hidden), checked_as(runtime), runtime.quantization))
     return results
 
 
@@ -139,7 +147,7 @@ def verify_paths_v41(layer, runtimes: dict, shapes: list[tuple[int, int]], seed:
             output = runtime(ids, hidden, token_mask=mask)
             # metrics over the text tokens (Δ is 0 on image tokens), which must equal h exactly
             result = compare(
-                name, reference[mask][None], (output - hidden)[mask][None], runtime.precision, runtime.quantization
+                name, reference[mask][None], (output - hidden)[mask][None], checked_as(runtime), runtime.quantization
             )
             exact = np.array_equal(output[~mask], hidden[~mask])
             results.append(

@@ -198,7 +198,7 @@ def config_from_dict(data: dict[str, Any], base_dir: Path | None = None):
     """The config of either family: DeepSeek-V4.1 (``model_type`` deepseek_v41, its ``config.json``
     fields) or the reference demo (the demo's field names)."""
     if isinstance(data, dict) and "model_type" in data:
-        from engram_export.models.deepseek_v41 import V41Config
+        from engram_export.models.deepseek_v41_config import V41Config
 
         return V41Config.from_hf(data, base_dir)
     return EngramConfig.from_dict(data, base_dir)

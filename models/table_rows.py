@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from engram_export.models.config import EngramConfig
-from engram_export.models.deepseek_v41 import V41Config, V41Hashing
+from engram_export.models.deepseek_v41_config import V41Config, V41Hashing
 from engram_export.models.hashing import EngramHashing
 
 __all__ = ["hashing_of", "table_rows"]

@@ -24,7 +24,7 @@ from engram_export.core.text import token_stream
 from engram_export.measure import concentration
 from engram_export.measure.bench_tiered import v41_with_tokenizer
 from engram_export.measure.verify import format_table
-from engram_export.models.deepseek_v41 import V41Hashing
+from engram_export.models.deepseek_v41_config import V41Hashing
 
 FORTUNES = Path("/usr/share/games/fortunes")
 

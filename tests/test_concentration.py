@@ -11,7 +11,7 @@ from engram_export.core.text import token_stream
 from engram_export.folders import calibration
 from engram_export.measure import concentration
 from engram_export.models.compression import build_compression_table
-from engram_export.models.deepseek_v41 import V41Config, V41Hashing
+from engram_export.models.deepseek_v41_config import V41Config, V41Hashing
 from tests.v41_spec import TINY
 
 PROSE = (

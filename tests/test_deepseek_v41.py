@@ -13,14 +13,8 @@ import pytest
 import torch
 
 from engram_export.core.errors import EngramError
-from engram_export.models.deepseek_v41 import (
-    V41Config,
-    V41EngramLayer,
-    V41Hashing,
-    e4m3_values,
-    e8m0_values,
-    hash_rows_v41,
-)
+from engram_export.models.deepseek_v41 import V41EngramLayer
+from engram_export.models.deepseek_v41_config import V41Config, V41Hashing, e4m3_values, e8m0_values, hash_rows_v41
 from tests.v41_spec import RELEASED, TINY, random_tensors, spec_output, spec_rows
 
 
@@ -120,3 +114,12 @@ def test_dequantize_blocks_scales_each_32x32_block(shape):
         for j in range(shape[1]):
             expected[i, j] = float(weight[i, j].float()) * 2.0 ** (int(scale[i // 32, j // 32].view(torch.uint8)) - 127)
     np.testing.assert_array_equal(dequantize_blocks(weight, scale).numpy(), expected)
+
+
+def test_the_fp8_decode_tables_are_pytorchs_to_the_bit():
+    """e4m3_values and e8m0_values are numpy (a runtime loads no PyTorch): every byte's float32 as
+    PyTorch's float8 types widen it (E4M3's bits, NaN payloads included; E8M0's one NaN is a NaN)."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    e4m3 = codes.view(torch.float8_e4m3fn).float().numpy()
+    np.testing.assert_array_equal(e4m3_values().view(np.uint32), e4m3.view(np.uint32))
+    np.testing.assert_array_equal(e8m0_values(), codes.view(torch.float8_e8m0fnu).float().numpy())

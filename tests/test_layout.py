@@ -198,10 +198,5 @@ def test_an_openvino_runtime_loads_neither_onnx_runtime_nor_the_torch_drop_in(lo
     assert loaded_by_an_openvino_runtime & {"onnxruntime", "engram_export.runtime.torch"} == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models/deepseek_v41.py (V41Config beside its PyTorch layer), openvino/compile.py and onnx/op.py "
-    "import torch when imported, and the runtime imports them",
-)
 def test_an_openvino_runtime_loads_no_pytorch(loaded_by_an_openvino_runtime):
     assert "torch" not in loaded_by_an_openvino_runtime

@@ -26,7 +26,8 @@ from engram_export.core.errors import EngramError
 from engram_export.core.text import token_stream, windows
 from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.models.compression import build_compression_table
-from engram_export.models.deepseek_v41 import V41Config, V41Hashing, open_layer
+from engram_export.models.deepseek_v41 import open_layer
+from engram_export.models.deepseek_v41_config import V41Config, V41Hashing
 from engram_export.openvino.extension import openvino_core
 from engram_export.openvino.quantize import compressed_constants
 from engram_export.runtime import EngramRuntime

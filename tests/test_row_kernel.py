@@ -191,7 +191,7 @@ def test_u8_groups_with_f32_scales():
 def test_fp8_decode_covers_every_code_and_scale():
     """All 256 E4M3 codes (NaN, subnormals, both zeros) against the reference decode tables, scaled by
     E8M0 powers of two from 2^-127 (a float subnormal) to 2^127 and NaN."""
-    from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
+    from engram_export.models.deepseek_v41_config import e4m3_values, e8m0_values
 
     codes = np.arange(256, dtype=np.uint8).reshape(8, 32)
     scale_codes = np.array([0, 1, 100, 127, 130, 200, 254, 255], np.uint8)

@@ -23,7 +23,8 @@ from engram_export.core.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint
 from engram_export.folders.manifest import read_manifest
 from engram_export.folders.synthetic import float_rows_bytes, write_v41_checkpoint
-from engram_export.models.deepseek_v41 import V41Config, V41Hashing, hash_rows_v41, open_layer
+from engram_export.models.deepseek_v41 import open_layer
+from engram_export.models.deepseek_v41_config import V41Config, V41Hashing, hash_rows_v41
 from engram_export.models.hashing import _next_prime
 from engram_export.onnx import op as onnx_op
 from engram_export.onnx import op_fp8 as onnx_op_fp8

@@ -17,7 +17,7 @@ import openvino as ov
 import pytest
 from onnx import TensorProto, helper
 
-from engram_export.models.deepseek_v41 import V41Config, V41Hashing, e4m3_values, e8m0_values, hash_rows_v41
+from engram_export.models.deepseek_v41_config import V41Config, V41Hashing, e4m3_values, e8m0_values, hash_rows_v41
 from engram_export.models.hashing import hash_rows
 from engram_export.onnx import op as onnx_op
 from engram_export.onnx import op_fp8 as onnx_op_fp8

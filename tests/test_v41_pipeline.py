@@ -22,7 +22,8 @@ from engram_export.core.checkpoint import Checkpoint
 from engram_export.core.errors import EngramError
 from engram_export.folders import compile_folder, export_checkpoint, quantize_folder
 from engram_export.folders.synthetic import write_v41_checkpoint
-from engram_export.models.deepseek_v41 import V41Config, V41Hashing, open_layer
+from engram_export.models.deepseek_v41 import open_layer
+from engram_export.models.deepseek_v41_config import V41Config, V41Hashing
 from engram_export.openvino.quantize import QuantizeOptions
 from engram_export.runtime import EngramRuntime
 from tests.v41_spec import RELEASED, TINY, spec_output, spec_rows
@@ -96,7 +97,7 @@ def test_every_path_matches_the_spec(v41, reference, path, batch, tokens):
 @pytest.mark.parametrize("path", ["f32", "bf16"])
 def test_lookup_gives_the_dequantized_rows(v41, reference, path):
     """FP8 values times powers of two are exact in f32 and in bf16."""
-    from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
+    from engram_export.models.deepseek_v41_config import e4m3_values, e8m0_values
 
     runtime = EngramRuntime(v41[path]).layer(3)
     ids, _, mask = inputs(reference.config, 4, 9, seed=5)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from engram_export.models.deepseek_v41 import BLOCK, V41Config, e4m3_values, e8m0_values
+from engram_export.models.deepseek_v41_config import BLOCK, V41Config, e4m3_values, e8m0_values
 
 RELEASED = {
     "model_type": "deepseek_v41",

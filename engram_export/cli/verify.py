@@ -69,7 +69,8 @@ def run(args) -> int:
     if args.checkpoint is not None:  # DeepSeek-V4.1: the layer reads the checkpoint, tables mapped
         from engram_export.core.checkpoint import Checkpoint
         from engram_export.folders import export_checkpoint
-        from engram_export.models.deepseek_v41 import V41Config, open_layer
+        from engram_export.models.deepseek_v41 import open_layer
+        from engram_export.models.deepseek_v41_config import V41Config
 
         if args.layer is None:
             raise EngramError("give --layer (one of the checkpoint's engram_layer_ids)")

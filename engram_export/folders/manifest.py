@@ -23,7 +23,7 @@ from engram_export.core.errors import EngramError
 from engram_export.core.fileio import staged_output, written_files
 from engram_export.core.integrity import FileChecks, file_checks, fingerprint, sha256
 from engram_export.models.config import EngramConfig, config_from_dict
-from engram_export.models.deepseek_v41 import V41Config
+from engram_export.models.deepseek_v41_config import V41Config
 from engram_export.openvino.tables import table_files
 
 __all__ = ["Manifest", "MANIFEST", "read_manifest", "write_manifest", "model_files", "sha256"]

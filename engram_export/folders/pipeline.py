@@ -20,7 +20,7 @@ from engram_export.core.integrity import FileChecks, sha256
 from engram_export.folders import PIPELINE
 from engram_export.folders.manifest import Manifest, read_manifest, write_manifest
 from engram_export.folders.synthetic import write_v41_checkpoint
-from engram_export.models.deepseek_v41 import V41Config, V41Hashing
+from engram_export.models.deepseek_v41_config import V41Config, V41Hashing
 from engram_export.models.hashing import EngramHashing
 from engram_export.models.weights import build_layer, layer_prefix
 from engram_export.onnx.export import export_layer

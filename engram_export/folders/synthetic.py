@@ -28,7 +28,7 @@ import torch
 from tokenizers import Tokenizer, models
 
 from engram_export.core.checkpoint import DTYPE_BYTES
-from engram_export.models.deepseek_v41 import BLOCK, TABLE_DTYPES, V41Config, _expected
+from engram_export.models.deepseek_v41_config import BLOCK, TABLE_DTYPES, V41Config, _expected
 
 __all__ = ["write_v41_checkpoint", "table_rows_bytes", "float_rows_bytes", "write_word_tokenizer"]
 

@@ -25,7 +25,7 @@ from openvino import opset13 as ops
 from engram_export.core.errors import EngramError
 from engram_export.measure.bench import resident_mib, round_robin_ms, target_line
 from engram_export.measure.verify import format_table
-from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
+from engram_export.models.deepseek_v41_config import e4m3_values, e8m0_values
 from engram_export.openvino import row_kernel
 from engram_export.openvino.extension import make_node, openvino_core
 from engram_export.openvino.table_store import populate

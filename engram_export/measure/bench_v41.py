@@ -29,7 +29,7 @@ from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.measure.bench import cpu_summary, matmul_floor, resident_mib, round_robin_ms, target_line
 from engram_export.measure.decode_bench import decode_rows
 from engram_export.measure.verify import format_table
-from engram_export.models.deepseek_v41 import V41Hashing
+from engram_export.models.deepseek_v41_config import V41Hashing
 from engram_export.openvino.quantize import QuantizeOptions
 from engram_export.openvino.tables import shared_constant
 from engram_export.runtime import EngramRuntime

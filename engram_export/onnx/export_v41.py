@@ -28,7 +28,7 @@ from engram_export.contract.model_info import ModelInfo, record_external_data
 from engram_export.core import progress
 from engram_export.core.fileio import check_output_file, link_or_copy, staged_output
 from engram_export.core.integrity import lfs_sha256
-from engram_export.models.deepseek_v41 import V41Hashing, e4m3_values, e8m0_values, locate_layer
+from engram_export.models.deepseek_v41_config import V41Hashing, e4m3_values, e8m0_values, locate_layer
 from engram_export.onnx.op import DOMAIN, OPSET_VERSION
 from engram_export.onnx.op_fp8 import (
     BLOCKED_OP_TYPE,

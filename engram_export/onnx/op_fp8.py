@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper
 from onnx.reference.op_run import OpRun
 
-from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values, hash_rows_v41
+from engram_export.models.deepseek_v41_config import e4m3_values, e8m0_values, hash_rows_v41
 from engram_export.models.hashing import compress_ids
 from engram_export.onnx.op import DOMAIN, MIN_BODY_OPSET, OPSET_VERSION, compression_nodes
 
@@ -63,8 +63,6 @@ BLOCKED_INPUTS = FP8_INPUTS[:4]
 
 
 def _decode_tables() -> tuple[np.ndarray, np.ndarray]:
-    # imported here: models.deepseek_v41 imports torch, which the rest of this module never needs
-
     return e4m3_values(), e8m0_values()
 
 

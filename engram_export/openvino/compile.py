@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import openvino
-import torch
 from openvino import opset13 as ops
 
 from engram_export.contract.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, external_data_record, xml_rt_value
@@ -26,12 +25,11 @@ from engram_export.core import progress
 from engram_export.core.errors import EngramError, one_line
 from engram_export.core.fileio import check_input_file, check_output_file, link_or_copy, staged_output
 from engram_export.core.integrity import FileChecks, fingerprint
-from engram_export.models.deepseek_v41 import BLOCK, dequantize_blocks
+from engram_export.models.deepseek_v41_config import BLOCK
 from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD, read_onnx_file, with_absolute_data_paths
 from engram_export.openvino import tables
 from engram_export.openvino.extension import HASH_OP_TYPE, openvino_core
 from engram_export.openvino.precision import say_emulated
-from engram_export.passes import lower_for_openvino
 
 __all__ = ["compile_onnx", "to_openvino", "read_onnx", "read_openvino", "save_ir"]
 
@@ -59,6 +57,11 @@ def _fold_fp8_projection(model) -> None:
     matmuls = [op for op in model.get_ops() if op.get_type_name() == "MatMul"]
     if len(constants) != 2 or len(matmuls) != 1:
         raise EngramError("expected the FP8 wkv, its scales and one projection MatMul in a DeepSeek-V4.1 model")
+    # PyTorch's FP8 types decode wkv: imported here, so that reading an IR (a runtime) never loads PyTorch
+    import torch
+
+    from engram_export.models.deepseek_v41 import dequantize_blocks
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only arrays of the mapped shard: never written
         wkv = torch.from_numpy(constants["wkv"].data).view(torch.float8_e4m3fn)
@@ -129,6 +132,9 @@ def to_openvino(model: ir.Model):
     block as ``EngramGatedShortConv`` when the graph was optimized (``passes.lower_for_openvino``, on a
     copy: ``model`` is left as it was), a DeepSeek-V4.1 FP8 projection folded into bf16. The graph goes
     to OpenVINO in memory; tensors in external data are mapped from their files, not read or copied."""
+    # the passes know the custom ops' PyTorch side: imported here, so that reading an IR never loads PyTorch
+    from engram_export.passes import lower_for_openvino
+
     fp8_projection = "wkv_scale" in model.graph.initializers  # DeepSeek-V4.1
     try:
         lowered = model.clone()  # shares the tensors

@@ -21,7 +21,7 @@ import numpy as np
 import openvino
 from openvino import opset13 as ops
 
-from engram_export.models.deepseek_v41 import e4m3_values, e8m0_values
+from engram_export.models.deepseek_v41_config import e4m3_values, e8m0_values
 from engram_export.openvino.extension import make_node
 from engram_export.openvino.table_store import TableStore, table_store
 from engram_export.openvino.tables import owned_bytes, shared_constant

@@ -130,7 +130,8 @@ def test_a_file_written_in_place_is_refused(calibrated, family, tmp_path):
         first = file.read(64)
         file.seek(0)
         file.write(first)
-    with pytest.raises(EngramError, match=rf"{table.name} was written in place while this runtime served it"):
+    changed = rf"{table.name} was changed in place \(written or truncated\) while this runtime served it"
+    with pytest.raises(EngramError, match=changed):
         runtime[runtime.layer_ids[0]](ids, hidden, mask)
 
 

@@ -12,6 +12,7 @@ import collections
 import gc
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -482,7 +483,8 @@ def test_calibrate_cli_and_refusals(served, calibrated, text, tmp_path, monkeypa
 
 def test_a_table_truncated_after_load_fails_the_call_in_one_line(calibrated, text, tmp_path):
     """The tail is read when a call needs it: a table file cut short after load fails that call (one-shot,
-    prefetched, or a decode step) with one line, never with zeros or a crash."""
+    prefetched, or a decode step) with one line naming the file, never with zeros or a crash (the tier's
+    short read fails the call; the file guard names the file that changed: test_file_changes.py)."""
     folder = tmp_path / "copy"
     shutil.copytree(calibrated["v41 F8_E4M3"], folder)  # copies: the test cuts them
     runtime = EngramRuntime(folder, table_memory="tiered")
@@ -491,11 +493,12 @@ def test_a_table_truncated_after_load_fails_the_call_in_one_line(calibrated, tex
     for shard in folder.glob("*.safetensors"):
         os.truncate(shard, 4096)
     layer = runtime.layer_ids[0]
-    with pytest.raises(EngramError, match=r"reading row \d+ of the table file: the file ends before it"):
-        runtime[layer](ids, hidden, mask)
-    handle = runtime.prefetch(ids, mask)
-    with pytest.raises(EngramError, match="the file ends before it"):
+    changed = r"\.safetensors was changed in place \(written or truncated\) while this runtime served it"
+    handle = runtime.prefetch(ids, mask)  # started before the runtime knows: its lookup fails
+    with pytest.raises(EngramError, match=changed) as refused:
         runtime[layer].fuse(handle, hidden)
-    session = runtime.session(4)
-    with pytest.raises(EngramError, match="the file ends before it"):
-        session.prefill(ids, {k: hidden for k in runtime}, mask)
+    assert re.search(r"reading row \d+ of the table file: the file ends before it", str(refused.value.__context__))
+    with pytest.raises(EngramError, match=changed):  # from then on, every call
+        runtime[layer](ids, hidden, mask)
+    with pytest.raises(EngramError, match=changed):
+        runtime.session(4).prefill(ids, {k: hidden for k in runtime}, mask)

@@ -99,7 +99,7 @@ class FileGuard:
         if state.value & _VANISHED:
             what = "truncated (a page it read had vanished: the call saw zeros)"
         else:
-            what = "written in place"
+            what = "changed in place (written or truncated)"
         return (
             f"{self._slots[found][1]} was {what} while this runtime served it: this runtime refuses every "
             f"call; load it again (deploy new files by renaming them over the old ones: docs/serving.md)"

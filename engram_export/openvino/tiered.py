@@ -24,7 +24,7 @@ import numpy as np
 
 from engram_export.core.errors import EngramError
 from engram_export.openvino.extension import library_path
-from engram_export.openvino.memory import huge_page_copy
+from engram_export.openvino.memory import file_mappings, huge_page_copy
 
 __all__ = [
     "RowLayout",
@@ -183,16 +183,9 @@ def read_hot_set(folder: Path, layer_file: str, layout: RowLayout) -> HotSet:
 def _file_region(array: np.ndarray) -> tuple[str, int, int, int] | None:
     """(path, offset, device, inode) of the file mapped under ``array``'s first byte, or None for anonymous memory."""
     address = array.ctypes.data
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if start <= address < end:
-                inode = int(fields[4])
-                if inode == 0 or len(fields) < 6:
-                    return None
-                major, minor = (int(x, 16) for x in fields[3].split(":"))
-                return fields[5].strip(), int(fields[2], 16) + address - start, os.makedev(major, minor), inode
+    for mapping in file_mappings():
+        if mapping.start <= address < mapping.end:
+            return mapping.path, mapping.offset + address - mapping.start, mapping.device, mapping.inode
     return None
 
 

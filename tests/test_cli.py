@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from engram_export.measure.common import precision_label
 from engram_export.measure.verify import compare, random_inputs
 from tests.helpers import TINY_LAYER, cli, refused
 
@@ -243,7 +244,7 @@ def test_optimize_prints_node_counts(tiny_raw_files, tmp_path):
 
 @pytest.mark.slow
 def test_bench_prints_every_row():
-    done = cli("bench", "--config", "tiny", "--batch", "2", "--tokens", "3", "--repeat", "2", "--warmup", "1")
+    done = cli("bench", "layer", "--config", "tiny", "--batch", "2", "--tokens", "3", "--repeat", "2", "--warmup", "1")
     for row in (
         "pytorch eager (demo layout) f32",
         "pytorch eager (demo layout) bf16",
@@ -258,3 +259,6 @@ def test_bench_prints_every_row():
         assert row in done.stdout, row
     assert "CPU:" in done.stdout and ("AMX present" in done.stdout or "no AMX" in done.stdout)
     assert "lookup alone" in done.stdout and "table_memory" in done.stdout  # the lookup tables, at the config's size
+    # the OpenVINO bf16 rows name what ran: "bf16 (runs f32 here)" on a CPU without BF16 kernels
+    assert f"openvino optimized {precision_label('bf16')}  " in done.stdout
+    assert "onnxruntime raw f32  " in done.stdout and "openvino optimized f32  " in done.stdout  # f32 ran as f32

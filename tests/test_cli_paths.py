@@ -134,11 +134,11 @@ def test_output_equal_to_an_input(tiny_files, folders, inputs, tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["bench", "--config", "tiny", "--batch", "0", "--tokens", "1"], "--batch must be >= 1, got 0"),
-        (["bench", "--config", "tiny", "--batch", "2", "--tokens", "-3"], "--tokens must be >= 1, got -3"),
-        (["bench", "--config", "tiny", "--repeat", "0"], "--repeat must be >= 1"),
-        (["bench", "--config", "tiny", "--warmup", "-1"], "--warmup must be >= 0"),
-        (["bench", "--config", "tiny", "--engram-vocab-size", "0"], "--engram-vocab-size must be >= 1"),
+        (["bench", "layer", "--config", "tiny", "--batch", "0", "--tokens", "1"], "--batch must be >= 1, got 0"),
+        (["bench", "layer", "--config", "tiny", "--batch", "2", "--tokens", "-3"], "--tokens must be >= 1, got -3"),
+        (["bench", "layer", "--config", "tiny", "--repeat", "0"], "--repeat must be >= 1"),
+        (["bench", "lookup", "--config", "tiny", "--warmup", "-1"], "--warmup must be >= 0"),
+        (["bench", "decode", "--config", "tiny", "--engram-vocab-size", "0"], "--engram-vocab-size must be >= 1"),
         (["demo", "--engram-vocab-size", "0"], "--engram-vocab-size must be >= 1"),
         (["demo", "--engram-vocab-size", "-5"], "--engram-vocab-size must be >= 1"),
     ],

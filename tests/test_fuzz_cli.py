@@ -242,7 +242,7 @@ def build(rng: random.Random, case: Case, corpus: dict[str, Path]) -> list:
         extra = [flag[0], value] + ([flag[1], "2"] if flag[1] else [])
     if extra[0] in ("--engram-vocab-size", "--workdir") and rng.random() < 0.5:
         return ["demo", *extra]
-    return ["bench", "--config", "tiny", *extra]
+    return ["bench", "layer", "--config", "tiny", *extra]
 
 
 def test_fuzz_the_cli(corpus, tmp_path, monkeypatch):

@@ -231,8 +231,8 @@ def test_hot_set_is_the_brute_force_choice(served, text, tmp_path, monkeypatch):
 
 
 def test_the_bench_times_calibrate_on_shuffled_text(served, text, tmp_path):
-    """``bench --tiered``'s calibrate speed: a MiB of the text's words shuffled, every n-gram new."""
-    from engram_export.measure.bench_tiered import calibration_speed
+    """``bench tiered``'s calibrate speed: a MiB of the text's words shuffled, every n-gram new."""
+    from engram_export.measure.tiered_calibrate_speed import calibration_speed
 
     table = calibration_speed(served["v41 F8_E4M3"], [text], tmp_path, 1)
     shuffled = (tmp_path / "shuffled_1MiB.txt").read_text()
@@ -448,9 +448,11 @@ def test_calibrate_cli_and_refusals(served, calibrated, text, tmp_path, monkeypa
         run_cli("calibrate", source / "layer_1.xml", "--text", text, "--hot-budget", "1%", "-o", tmp_path / "x"),
         "takes a folder",
     )
-    refused(run_cli("bench", "--tiered"), "bench --tiered needs real text: --text FILE")
-    refused(run_cli("bench", "--text", text), "--text and --tokenizer go with --tiered")
-    refused(run_cli("bench", "--tiered", "--text", text, "--table-rows", 10), "--table-rows must be >= 1000000")
+    code, _, err = run_cli("bench", "tiered")
+    assert code == 2 and "engram-export bench tiered: error: the following arguments are required: --text" in err
+    code, _, err = run_cli("bench", "layer", "--text", text)
+    assert code == 2 and "engram-export bench layer: error: unrecognized arguments: --text" in err
+    refused(run_cli("bench", "tiered", "--text", text, "--table-rows", 10), "--table-rows must be >= 1000000")
     with pytest.raises(EngramError, match="needs a calibrated folder: run engram-export calibrate"):
         EngramRuntime(source, table_memory="tiered")
     with pytest.raises(EngramError, match="serves a folder made by engram-export calibrate"):

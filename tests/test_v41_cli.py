@@ -7,6 +7,7 @@ import pytest
 
 from engram_export.folders.manifest import read_manifest
 from engram_export.folders.synthetic import write_v41_checkpoint
+from engram_export.measure.common import precision_label
 from tests.helpers import listing, refused, run_cli
 from tests.v41_spec import TINY
 
@@ -46,7 +47,7 @@ def test_the_issue_commands(checkpoint, tmp_path):
 def test_verify_and_bench(checkpoint):
     out = ok("verify", "--checkpoint", checkpoint, "--layer", 1, "--shape", "50x14", "--shape", "1x1")
     assert "6 passed, 0 failed" in out and "image tokens == h" in out
-    out = ok("bench", "--config", "v41-tiny", "--batch", 2, "--tokens", 3, "--repeat", 2)
+    out = ok("bench", "layer", "--config", "v41-tiny", "--batch", 2, "--tokens", 3, "--repeat", 2)
     for row in (
         "export",
         "compile bf16",
@@ -60,8 +61,9 @@ def test_verify_and_bench(checkpoint):
         "int8-weights decode step / stateless [B,1] call <= 1.3",
     ):
         assert row in out, row
-    out = ok("bench", "--config", "v41-tiny", "--decode", "--repeat", 2, "--modes", "none")
+    out = ok("bench", "decode", "--config", "v41-tiny", "--repeat", 2, "--modes", "none")
     assert "decode, layer 3, bf16" in out and "fuse / floor" not in out
+    assert f"decode, layer 3, {precision_label('bf16')}: median" in out  # what ran, on a CPU without BF16 too
 
 
 def test_random_init_preset(tmp_path):
@@ -79,7 +81,11 @@ def test_random_init_preset(tmp_path):
         (["export", "--checkpoint", "{ck}", "--layer", 2, "-o", "{out}/x.onnx"], "layer 2 is not an Engram layer"),
         (["verify", "--checkpoint", "{ck}", "-o", "{out}/x"], "unrecognized arguments"),
         (["verify", "--checkpoint", "{ck}"], "give --layer"),
-        (["bench", "--config", "v41-tiny", "--lookup"], "drop --weights, --engram-vocab-size and --lookup"),
+        (["bench", "lookup", "--config", "v41-tiny"], "bench lookup takes a demo-family --config"),
+        (
+            ["bench", "layer", "--config", "v41-tiny", "--engram-vocab-size", 9],
+            "drop --weights and --engram-vocab-size",
+        ),
     ],
 )
 def test_refusals(checkpoint, tmp_path, args, message):

@@ -1,18 +1,18 @@
-"""``engram-export bench``: every runtime path timed side by side, in one run, on the same inputs.
+"""``engram-export bench layer``: every runtime path timed side by side, in one run, on the same inputs.
 
 Rows are timed round-robin (one call of each row per round, after warm-up), so noise on a shared
 machine hits every row alike; the table shows medians and each row's speed-up over PyTorch eager fp32
 (the demo layout). The floor rows run only one MatMul of the fused projection's shape
 ([B*T, E] x [E, (G+1)*D]) in OpenVINO at the same precision: what the projections' FLOPs cost alone.
 OpenVINO rows load with ``table_memory="populate"``: steady-state serving, with no page faults (or disk
-reads) of a table not yet in memory in the timings; ``bench --lookup`` shows what those cost.
+reads) of a table not yet in memory in the timings; ``bench lookup`` shows what those cost. A row
+names the precision that ran: on a CPU without BF16 kernels, ``openvino optimized bf16 (runs f32 here)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -20,31 +20,27 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import openvino
-import psutil
 import torch
-from openvino import opset13 as ops
 
 from engram_export.core import progress
-from engram_export.measure.verify import format_table, random_inputs
+from engram_export.measure.common import (
+    cpu_summary,
+    format_table,
+    matmul_floor,
+    precision_label,
+    random_calibration,
+    random_inputs,
+    resident_mib,
+    target_line,
+)
 from engram_export.models.engram import EngramLayer
 from engram_export.onnx.export import export_layer, load_onnx, optimize_graph
 from engram_export.openvino.compile import compile_onnx
+from engram_export.openvino.precision import say_emulated
 from engram_export.openvino.quantize import QuantizeOptions, quantize
 from engram_export.runtime import EngramRuntime
 
-__all__ = [
-    "BenchRow",
-    "cpu_summary",
-    "matmul_floor",
-    "resident_mib",
-    "run_bench",
-    "time_rows",
-    "round_robin_ms",
-    "target_line",
-    "random_calibration",
-    "TARGETS",
-]
+__all__ = ["BenchRow", "run_bench", "time_rows", "report", "profile_top", "TARGETS"]
 
 # (description, numerator row, denominator row, shape, bound): ratio = numerator ms / denominator ms
 TARGETS = [
@@ -76,43 +72,15 @@ class BenchRow:
     size_mib: float | None = None  # the model's weights on disk
     group: int = 0  # rows of one group are loaded and timed together
     times_ms: dict = dataclasses.field(default_factory=dict)  # (B, T) -> [ms per round]
+    ran_as: str = ""  # the precision that ran, where the device runs ``precision`` as another
 
     def median(self, shape) -> float:
         return statistics.median(self.times_ms[shape])
 
-
-def cpu_summary() -> str:
-    """CPU model, the ISA features that matter here (AMX or not), and thread counts."""
-    flags: set[str] = set()
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    features = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
-    return (
-        f"{model}; {'AMX present' if 'amx_bf16' in flags else 'no AMX'}; "
-        f"ISA: {', '.join(features) or 'no AVX-512'}; {os.cpu_count()} logical CPUs "
-        f"(torch threads {torch.get_num_threads()}, OpenVINO and ONNX Runtime: all cores)"
-    )
-
-
-def resident_mib() -> tuple[float, float]:
-    """(private, file-backed) resident memory of this process, from /proc (RssAnon, RssFile)."""
-    fields = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile"):
-                fields[key] = int(value.split()[0]) / 1024
-        return fields["RssAnon"], fields["RssFile"]
-    except (OSError, KeyError):
-        info = psutil.Process().memory_info()
-        return info.rss / 2**20 - info.shared / 2**20, info.shared / 2**20
+    @property
+    def label(self) -> str:
+        """The name as the tables print it: with the precision that ran, where it is not ``precision``."""
+        return f"{self.name} (runs {self.ran_as} here)" if self.ran_as not in ("", self.precision) else self.name
 
 
 def time_rows(rows: list[BenchRow], shapes: dict, warmup: int, repeat: int) -> None:
@@ -140,7 +108,9 @@ class _Loader:
         self.rows: list = []
         self.probe, self.group = probe, group
 
-    def add(self, name, precision, make, make_args=lambda ids, hidden: (ids, hidden), settings="", size_mib=None):
+    def add(
+        self, name, precision, make, make_args=lambda ids, hidden: (ids, hidden), settings="", size_mib=None, ran_as=""
+    ):
         gc.collect()
         before, start = resident_mib(), time.perf_counter()
         call = make()
@@ -162,6 +132,7 @@ class _Loader:
                 settings,
                 size_mib,
                 group=self.group,
+                ran_as=ran_as,
             )
         )
 
@@ -189,26 +160,6 @@ def _bf16_copy(layer):
     )
     clone.compress_lut = layer.compress_lut
     return clone.eval()
-
-
-def matmul_floor(width_in: int, width_out: int, precision: str):
-    """The projection GEMM alone in OpenVINO ([N, width_in] x [width_in, width_out], random weights) as a
-    function of x: the floor the fuse stage is measured against."""
-    x = ops.parameter([-1, width_in], np.float32, name="x")
-    weight = np.random.default_rng(0).standard_normal((width_in, width_out), np.float32)
-    model = openvino.Model([ops.matmul(x, ops.constant(weight), False, False)], [x])
-    request = (
-        openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision}).create_infer_request()
-    )
-    return lambda x: request.infer({"x": x})
-
-
-def random_calibration(config, num_ids: int, count: int = 32) -> list[dict]:
-    """Seeded random sequences of 14 tokens: int8 calibration for benchmarks (not for accuracy)."""
-    return [
-        dict(zip(("input_ids", "hidden_states"), random_inputs(config, num_ids, 1, 14, 100 + i), strict=True))
-        for i in range(count)
-    ]
 
 
 def _quantized(files, workdir: Path, config, num_ids: int, modes: tuple[str, ...] | list[str]) -> None:
@@ -250,6 +201,7 @@ def run_bench(
     rng = np.random.default_rng(2)
     floor_args = lambda ids, hidden: (rng.standard_normal((ids.size, width_in), np.float32),)  # noqa: E731
     torch_version = f"torch {torch.__version__.split('+')[0]}"
+    ran_as = {precision: say_emulated(precision, "CPU", "bench") for precision in precisions}  # what OpenVINO runs
 
     def group_rows(precision):
         def add_rows(add):
@@ -270,6 +222,7 @@ def run_bench(
                     precision,
                     lambda g=graph: EngramRuntime(files[g, precision], table_memory="populate"),
                     size_mib=_weights_mib(files[graph, precision]),
+                    ran_as=ran_as[precision],
                 )
             add(
                 "openvino matmul floor",
@@ -277,6 +230,7 @@ def run_bench(
                 lambda: matmul_floor(width_in, width_out, precision),
                 floor_args,
                 f"[B*T,{width_in}]x[{width_in},{width_out}]",
+                ran_as=ran_as[precision],
             )
             if precision == precisions[-1]:
                 for mode in modes:
@@ -322,7 +276,7 @@ def run_bench(
         for shape, (ids, hidden) in inputs.items():
             for precision in precisions:
                 for graph in ("raw", "optimized"):
-                    print(f"\nper-node profile, B={shape[0]}, T={shape[1]}, {graph} {precision}:")
+                    print(f"\nper-node profile, B={shape[0]}, T={shape[1]}, {graph} {precision_label(precision)}:")
                     print(profile_top(files[graph, precision], ids, hidden, precision))
     return rows
 
@@ -345,7 +299,7 @@ def report(rows: list[BenchRow], shapes) -> str:
             table.append(
                 [
                     row.group + 1,
-                    row.name,
+                    row.label,
                     f"{ms:.2f}",
                     f"{eager[row.group].median(shape) / ms:.2f}x",
                     f"{ms / floor:.2f}" if floor and "floor" not in row.name else "",
@@ -357,7 +311,7 @@ def report(rows: list[BenchRow], shapes) -> str:
         ]
     memory = [
         [
-            row.name,
+            row.label,
             f"{row.size_mib:.0f}" if row.size_mib is not None else "",
             f"{row.load_s:.1f}",
             *(f"{m:+.0f}" for m in row.memory_mib),
@@ -383,34 +337,12 @@ def report(rows: list[BenchRow], shapes) -> str:
             if a.name == top and b.name == bottom and a.group == b.group and shape in a.times_ms
         ]
         if pairs:
-            checks.append(target_line(text, pairs[0][0].median(shape) / pairs[0][1].median(shape), bound))
+            a, b = pairs[0]
+            emulated = sorted({f"{r.precision} runs {r.ran_as} here" for r in (a, b) if r.label != r.name})
+            checks.append(target_line(text, a.median(shape) / b.median(shape), bound, "; ".join(emulated)))
     if checks:
         lines += ["\ntargets (ratios from this run; stated for the deepseek-demo dims):", *checks]
     return "\n".join(lines)
-
-
-def target_line(text: str, ratio: float, bound: float) -> str:
-    """``  text: ratio met|MISSED``: met when ``ratio <= bound``, or for a negative bound (a speed-up
-    target) when ``ratio >= -bound``."""
-    met = ratio <= bound if bound > 0 else ratio >= -bound
-    return f"  {text}: {ratio:.2f} {'met' if met else 'MISSED'}"
-
-
-def round_robin_ms(calls: dict, rounds: int, warmup: int = 1) -> dict:
-    """Median ms of each entry, timed round-robin: every round calls each entry once, the first
-    ``warmup`` rounds untimed. An entry is a factory ``round index -> zero-argument call``, made outside
-    the timing (a round's fresh inputs, a prefetch to fuse)."""
-    times: dict = {name: [] for name in calls}
-    with progress.steps(f"timing {len(calls)} calls round-robin", warmup + rounds, "rounds") as done:
-        for index in range(warmup + rounds):
-            for name, make in calls.items():
-                call = make(index)
-                start = time.perf_counter()
-                call()
-                if index >= warmup:
-                    times[name].append((time.perf_counter() - start) * 1e3)
-            done.advance()
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def profile_top(xml: Path, ids: np.ndarray, hidden: np.ndarray, precision: str, top: int = 12) -> str:

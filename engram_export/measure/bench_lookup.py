@@ -1,4 +1,5 @@
-"""``engram-export bench``'s lookup table: every stored table form, the row kernel against OpenVINO.
+"""``engram-export bench lookup`` (and the end of ``bench layer``): every stored table form, the row
+kernel against OpenVINO.
 
 Each lookup stage is built as an IR holds it (``EngramHash`` -> ``Gather`` on the table, behind NNCF's
 decompression nodes or the FP8 decode ops), over a table of the real row shape (demo: 16 rows of 64
@@ -23,8 +24,7 @@ import openvino
 from openvino import opset13 as ops
 
 from engram_export.core.errors import EngramError
-from engram_export.measure.bench import resident_mib, round_robin_ms, target_line
-from engram_export.measure.verify import format_table
+from engram_export.measure.common import format_table, resident_mib, round_robin_ms, target_line
 from engram_export.models.deepseek_v41_config import e4m3_values, e8m0_values
 from engram_export.openvino import row_kernel
 from engram_export.openvino.extension import make_node, openvino_core

@@ -1,4 +1,4 @@
-"""``engram-export bench --tables ray --text FILE [...]``: DeepSeek-V4.1 tables served by shards on Ray
+"""``engram-export bench ray --text FILE [...]``: DeepSeek-V4.1 tables served by shards on Ray
 against the same tables in this process, on real text.
 
 The model is the released row shape (256 FP8 codes + 8 E8M0 scales a row) with a narrow backbone (hidden
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from engram_export.core.text import token_stream, windows
-from engram_export.measure.bench_tiered import DECODE_BACKBONE_S, _compiled, _decode_round, v41_with_tokenizer
-from engram_export.measure.verify import format_table
+from engram_export.measure.common import format_table
+from engram_export.measure.v41_text import DECODE_BACKBONE_S, compiled_v41, decode_round, v41_with_tokenizer
 from engram_export.runtime import EngramRuntime
 
 __all__ = ["run_sharded_bench"]
@@ -115,7 +115,7 @@ def _decode(local, remote, stream: np.ndarray, config, steps: int) -> str:
             ("remote + prefetch", remote, True),
         ):
             before = {layer: runtime[layer].table_stats() for layer in runtime} if runtime is remote else {}
-            seconds = _decode_round(runtime, ids, hidden, prefetch, [])
+            seconds = decode_round(runtime, ids, hidden, prefetch, [])
             waited = sum(
                 runtime[layer].table_stats()["prefetch_wait_ms"] - before[layer]["prefetch_wait_ms"] for layer in before
             )
@@ -223,7 +223,7 @@ def run_sharded_bench(
     from engram_export.sharding.cluster import describe, serve_tables, stop_tables
 
     config = v41_with_tokenizer(tokenizer, rows_per_layer)
-    compiled = _compiled(config, workdir)
+    compiled = compiled_v41(config, workdir)
     stream = token_stream(tokenizer, texts)
     ray, started = _cluster()
     try:

@@ -1,4 +1,4 @@
-"""``engram-export bench --decode``: the serving numbers of one Engram layer, measured in one run.
+"""``engram-export bench decode``: the serving numbers of one Engram layer, measured in one run.
 
 - decode step latency (stateful, one token per sequence) against the same layer's stateless call on
   [B, 1] (what the state costs), and tokens/s, for B in {1, 8, 50};
@@ -20,15 +20,22 @@ import numpy as np
 import openvino
 import torch
 
-from engram_export.measure.bench import cpu_summary, random_calibration
-from engram_export.measure.verify import format_table, random_inputs
+from engram_export.measure.common import (
+    cpu_summary,
+    decode_rows,
+    format_table,
+    precision_label,
+    random_calibration,
+    random_inputs,
+)
 from engram_export.onnx.export import export_layer
 from engram_export.openvino.compile import compile_onnx, read_openvino
 from engram_export.openvino.extension import openvino_core
+from engram_export.openvino.precision import say_emulated
 from engram_export.openvino.quantize import QuantizeOptions, quantize
 from engram_export.runtime import EngramRuntime
 
-__all__ = ["run_decode_bench", "decode_bench"]
+__all__ = ["run_decode_bench", "decode_bench", "throughput_rows", "shared_runtime_rows", "prefetch_rows"]
 
 
 def _median_ms(call, repeat: int, warmup: int = 3) -> float:
@@ -40,44 +47,6 @@ def _median_ms(call, repeat: int, warmup: int = 3) -> float:
         call()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def decode_rows(runtime, batches, repeat: int) -> list[list]:
-    """Step vs stateless [B,1] call, round-robin per batch size."""
-    config, rows, negative = runtime.config, [], not runtime.info.takes_mask
-    for batch in batches:
-        ids, hidden = random_inputs(config, runtime.info.num_ids, batch, 1, seed=batch, negative=negative)
-        session = runtime.session(batch)
-        prompt_ids, prompt_hidden = random_inputs(
-            config, runtime.info.num_ids, batch, 8, seed=batch + 1, negative=negative
-        )
-        session.prefill(prompt_ids, prompt_hidden)
-
-        def step(session=session, ids=ids, hidden=hidden):  # the state grows; the cost stays the same
-            return session.step(ids, hidden)
-
-        def stateless(ids=ids, hidden=hidden):
-            return runtime(ids, hidden)
-
-        times: dict[str, list[float]] = {"step": [], "stateless": []}
-        for call in (step, stateless):
-            call()
-        for _ in range(repeat):
-            for name, call in (("step", step), ("stateless", stateless)):
-                start = time.perf_counter()
-                call()
-                times[name].append((time.perf_counter() - start) * 1e3)
-        step_ms, stateless_ms = (statistics.median(times[k]) for k in ("step", "stateless"))
-        rows.append(
-            [
-                batch,
-                f"{step_ms:.2f}",
-                f"{stateless_ms:.2f}",
-                f"{step_ms / stateless_ms:.2f}",
-                f"{batch / step_ms * 1e3:.0f}",
-            ]
-        )
-    return rows
 
 
 def throughput_rows(xml: Path, precision: str, batch: int, tokens: int, requests: int) -> list[list]:
@@ -188,34 +157,37 @@ def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
 
 
 def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
-    """``files``: name -> compiled .xml of one optimized layer (e.g. bf16, int8)."""
+    """``files``: name -> compiled .xml of one optimized layer (e.g. bf16, int8); a precision's name is
+    printed with the precision that runs (``bf16 (runs f32 here)`` on a CPU without BF16)."""
     for name, xml in files.items():
         runtime = EngramRuntime(xml)
-        print(f"\ndecode, one layer, {name} ({runtime.settings}): median of {repeat} rounds")
+        print(f"\ndecode, one layer, {precision_label(name)} ({runtime.settings}): median of {repeat} rounds")
         print(
             format_table(
                 decode_rows(runtime, batches, repeat),
                 ["B", "step ms", "stateless [B,1] ms", "step / stateless", "tokens/s"],
             )
         )
-    first = next(iter(files.values()))
+    first_name, first = next(iter(files.items()))
+    label = precision_label(first_name)
     runtime = EngramRuntime(first)
-    print(f"\nthroughput, {first.stem}, independent [50, 14] requests through AsyncInferQueue:")
+    print(f"\nthroughput, {label}, independent [50, 14] requests through AsyncInferQueue:")
     print(
         format_table(throughput_rows(first, runtime.precision, 50, 14, 4 * repeat), ["hint", "requests/s", "tokens/s"])
     )
-    print(f"\nthreads sharing one EngramRuntime ({first.stem}), [50, 14] calls:")
+    print(f"\nthreads sharing one EngramRuntime, {label}, [50, 14] calls:")
     print(
         format_table(
             shared_runtime_rows(first, 50, 14, repeat), ["hint", "threads", "requests/s", "tokens/s", "vs 1 thread"]
         )
     )
-    print(f"\nprefetch, {first.stem}, B=50, T=14 (ms, medians):")
+    print(f"\nprefetch, {label}, B=50, T=14 (ms, medians):")
     print(format_table(prefetch_rows(runtime, 50, 14, repeat), ["what", "ms"]))
 
 
 def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int) -> None:
     """Export and compile ``layer`` (bf16, and static int8 if asked) into ``workdir``, then time it."""
+    say_emulated("bf16", "CPU", "bench decode")
     onnx_path = export_layer(layer, workdir / "engram.onnx")
     files = {"bf16": compile_onnx(onnx_path, workdir / "engram_bf16.xml", "bf16")}
     if with_int8:

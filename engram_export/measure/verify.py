@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from engram_export.core import progress
+from engram_export.measure.common import format_table, random_inputs
 from engram_export.models.config import is_deepseek_v41
 from engram_export.models.engram import EngramLayer
 from engram_export.onnx.export import export_layer
@@ -35,7 +36,6 @@ __all__ = [
     "random_inputs",
     "verify_paths",
     "verify_paths_v41",
-    "format_table",
     "comparisons_table",
     "default_paths",
     "verify_layer",
@@ -102,17 +102,6 @@ def checked_as(runtime) -> str:
     return "f32" if runtime.precision == runtime.info.precision == "f32" else "bf16"
 
 
-def random_inputs(config, num_ids: int, batch: int, tokens: int, seed: int = 0, negative: bool = True):
-    """Seeded ids over the whole vocabulary and hidden states; with ``negative``, one id is -1 (the demo
-    family passes negative ids through; DeepSeek-V4.1 refuses them)."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, num_ids, size=(batch, tokens), dtype=np.int64)
-    if negative:
-        ids[0, -1] = -1
-    hidden = rng.standard_normal((batch, tokens, config.hc_mult, config.hidden_size), dtype=np.float32)
-    return ids, hidden
-
-
 def verify_paths(layer: EngramLayer, runtimes: dict, shapes: list[tuple[int, int]], seed: int = 0) -> list[Comparison]:
     """Compare each ``{name: EngramRuntime}`` and the demo-layout forward to PyTorch, per shape."""
     results = []
@@ -159,14 +148,6 @@ def verify_paths_v41(layer, runtimes: dict, shapes: list[tuple[int, int]], seed:
                 )
             )
     return results
-
-
-def format_table(rows: list[list], headers: list[str]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def comparisons_table(results: list[Comparison]) -> str:

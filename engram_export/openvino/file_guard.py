@@ -14,7 +14,6 @@ from __future__ import annotations
 import bisect
 import ctypes
 import os
-import weakref
 from collections.abc import Iterable
 from functools import cache
 
@@ -22,7 +21,7 @@ from engram_export.core.errors import EngramError
 from engram_export.openvino.extension import library_path
 from engram_export.openvino.memory import FileMapping, file_mappings
 
-__all__ = ["FileGuard", "constant_addresses"]
+__all__ = ["FileGuard", "guard_mappings", "constant_addresses"]
 
 _VANISHED, _WRITTEN = 1, 2  # the bits of a slot's state
 
@@ -61,29 +60,34 @@ def _mappings_under(addresses: Iterable[int]) -> list[FileMapping]:
     return list(found.values())
 
 
-def _remove(slots: list[int]) -> None:
-    for slot in slots:
-        _library().engram_guard_remove(slot)
+class _Slots:
+    """Slots of the extension's guard, removed when this object goes, and only then what holds their
+    mappings (``owner``, released with this object's attributes after ``__del__``): a range is never
+    guarded once its memory may be unmapped and used again."""
+
+    def __init__(self, owner):
+        self.indices: list[int] = []
+        self.owner = owner
+
+    def __del__(self):
+        for index in self.indices:
+            _library().engram_guard_remove(index)
 
 
 class FileGuard:
-    """The file mappings under ``addresses``, guarded while this object lives. It keeps ``owner`` (what
-    holds those mappings: the model whose constants they are) alive, so that they are unmapped only
-    after the guard has let go of them."""
+    """Guarded files, checked in one call: ``guard_mappings`` makes one per model, ``union`` one over a
+    runtime's layers."""
 
-    def __init__(self, addresses: Iterable[int], owner):
-        self._slots: list[tuple[int, str]] = []
-        added: list[int] = []
-        self._release = weakref.finalize(self, _remove, added)  # before owner goes: the mappings outlive it
-        for mapping in _mappings_under(addresses):
-            slot = _library().engram_guard_add(mapping.start, mapping.end - mapping.start, mapping.path.encode())
-            if slot < 0:
-                reason = os.strerror(ctypes.get_errno()) if slot == -2 else "4096 mappings are guarded already"
-                raise EngramError(f"cannot guard {mapping.path} against changes while it is served ({reason})")
-            added.append(slot)
-            self._slots.append((slot, mapping.path))
-        self._owner = owner
-        self._indices = (ctypes.c_int * len(added))(*added)
+    def __init__(self, slots: list[tuple[int, str]], keep: object):
+        self._slots = slots  # (extension slot, file path)
+        self._indices = (ctypes.c_int * len(slots))(*(index for index, _ in slots))
+        self._keep = keep  # what keeps the slots registered
+
+    @classmethod
+    def union(cls, guards: Iterable[FileGuard | None]) -> FileGuard:
+        """One guard over the files of every guard given (None: a backend that maps no file)."""
+        present = [guard for guard in guards if guard is not None]
+        return cls([slot for guard in present for slot in guard._slots], [guard._keep for guard in present])
 
     @property
     def files(self) -> list[str]:
@@ -92,6 +96,8 @@ class FileGuard:
     def changed(self) -> str | None:
         """One line naming a guarded file that was truncated or written since the guard began, or None
         (one call into the extension, which first takes in every write queued so far)."""
+        if not self._slots:
+            return None
         state = ctypes.c_int(0)
         found = _library().engram_guard_changed(self._indices, len(self._slots), ctypes.byref(state))
         if found < 0:
@@ -104,3 +110,17 @@ class FileGuard:
             f"{self._slots[found][1]} was {what} while this runtime served it: this runtime refuses every "
             f"call; load it again (deploy new files by renaming them over the old ones: docs/serving.md)"
         )
+
+
+def guard_mappings(addresses: Iterable[int], owner) -> FileGuard:
+    """The file mappings under ``addresses``, guarded while the returned guard lives; it keeps ``owner``
+    (what holds those mappings: the model whose constants they are) alive until they are unguarded."""
+    registered, slots = _Slots(owner), []
+    for mapping in _mappings_under(addresses):
+        index = _library().engram_guard_add(mapping.start, mapping.end - mapping.start, mapping.path.encode())
+        if index < 0:
+            reason = os.strerror(ctypes.get_errno()) if index == -2 else "4096 mappings are guarded already"
+            raise EngramError(f"cannot guard {mapping.path} against changes while it is served ({reason})")
+        registered.indices.append(index)
+        slots.append((index, mapping.path))
+    return FileGuard(slots, registered)

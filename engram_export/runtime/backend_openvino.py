@@ -19,7 +19,7 @@ from engram_export.core.integrity import FileChecks
 from engram_export.openvino import row_kernel
 from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.extension import openvino_core
-from engram_export.openvino.file_guard import FileGuard, constant_addresses
+from engram_export.openvino.file_guard import constant_addresses, guard_mappings
 from engram_export.openvino.precision import say_emulated
 from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages, wait
 from engram_export.openvino.table_store import TableStore
@@ -103,7 +103,7 @@ class OpenVINOBackend:
         }
         self._decode, self._decode_lock = None, threading.Lock()
         # the files mapped under the model's constants (table, weights), which must not change under it
-        self.file_guard = FileGuard(constant_addresses(self._model), owner=self._model)
+        self.file_guard = guard_mappings(constant_addresses(self._model), owner=self._model)
 
     def _compile(self, lookup, fuse):
         """Both stages compiled, the lookup's table read by the extension's row kernel where it knows

@@ -3,6 +3,7 @@ layer the manifest names; and a single .xml binds its .bin. Each fault is refuse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -122,6 +123,44 @@ def test_check_hashes_values(copy):
     assert EngramRuntime(copy, check_hashes=False).layer_ids == [1, 3]
     with pytest.raises(EngramError, match="check_hashes must be"):
         EngramRuntime(copy, check_hashes="sometimes")
+
+
+def test_one_load_hashes_each_file_once(copy, monkeypatch):
+    """A folder's load has one FileChecks: the manifest hashes each file, a layer reading it again checks
+    its size (as when a file is swapped under the load), and the runtime's verification sees the
+    files the load left unhashed."""
+    hashed: list = []
+    whole = integrity.sha256
+    monkeypatch.setattr(integrity, "sha256", lambda path, on_chunk=None: hashed.append(path) or whole(path, on_chunk))
+    rt = EngramRuntime(copy, check_hashes="full")
+    assert sorted(p.name for p in hashed) == sorted(json.loads((copy / "manifest.json").read_text())["files"])
+    assert rt.verification.state == "verified"
+    assert EngramRuntime(copy, check_hashes="sampled").verification.unverified  # left to a background pass
+
+
+def test_a_load_s_checks_are_made_once_and_never_changed(tmp_path):
+    checks = integrity.FileChecks("full", tables_elsewhere=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        checks.tables_elsewhere = False  # type: ignore[misc]
+    with pytest.raises(EngramError, match="check level must be one of"):
+        integrity.FileChecks("later")
+    path = tmp_path / "table.bin"
+    path.write_bytes(b"0123456789")
+    entry = integrity.fingerprint(path)
+    checks.check(path, entry, "the test")
+    path.write_bytes(b"9876543210")  # the same size: read again by the same load, checked by size only
+    checks.check(path, entry, "the test")
+    with pytest.raises(EngramError, match="does not match its SHA-256 in the test"):
+        integrity.FileChecks("full").check(path, entry, "the test")
+    assert checks.table_elsewhere(tmp_path / "absent.bin") and not checks.table_elsewhere(path)
+    assert not integrity.FileChecks().table_elsewhere(tmp_path / "absent.bin")
+
+
+def test_write_options_are_checked():
+    from engram_export.core.fileio import WriteOptions
+
+    with pytest.raises(EngramError, match="copy_table must be True or False"):
+        WriteOptions(copy_table="yes")  # type: ignore[arg-type]
 
 
 def test_single_xml_checks_its_bin(tiny_files, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engram_export.cli.common import COPY_TABLE, FLAGS, check_output
+from engram_export.cli.common import COPY_TABLE, FLAGS, check_output, write_options
 
 __all__ = ["add", "run"]
 
@@ -40,6 +40,6 @@ def run(args) -> None:
     check_output(args.output, True, "", [args.model])
     from engram_export.folders.calibration import calibrate, describe
 
-    report = calibrate(args.model, args.output, args.text, args.hot_budget, args.copy_table)
+    report = calibrate(args.model, args.output, args.text, args.hot_budget, write_options(args))
     print(describe(report))
     print(args.output)

@@ -10,11 +10,12 @@ import tempfile
 from pathlib import Path
 
 from engram_export.core.errors import EngramError
-from engram_export.core.fileio import check_output_file, check_output_folder
+from engram_export.core.fileio import WriteOptions, check_output_file, check_output_folder
 
 __all__ = [
     "FLAGS",
     "COPY_TABLE",
+    "write_options",
     "add_layer_source",
     "layer_from_args",
     "check_workdir",
@@ -49,6 +50,11 @@ def _copy_table() -> argparse.ArgumentParser:
 
 
 FLAGS, COPY_TABLE = _flags(), _copy_table()
+
+
+def write_options(args) -> WriteOptions:
+    """How a command that writes (export, compile, quantize, calibrate) writes, from its flags."""
+    return WriteOptions(copy_table=args.copy_table)
 
 
 def add_layer_source(parser: argparse.ArgumentParser, checkpoint: bool = False) -> None:

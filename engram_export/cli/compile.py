@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engram_export.cli.common import COPY_TABLE, FLAGS, check_output
+from engram_export.cli.common import COPY_TABLE, FLAGS, check_output, write_options
 
 __all__ = ["add", "run"]
 
@@ -26,8 +26,8 @@ def run(args) -> None:
     if args.model.is_dir():
         from engram_export.folders import compile_folder
 
-        print(compile_folder(args.model, args.output, args.precision, args.copy_table))
+        print(compile_folder(args.model, args.output, args.precision, write_options(args)))
         return
     from engram_export.openvino.compile import compile_onnx
 
-    print(compile_onnx(args.model, args.output, args.precision, args.copy_table))
+    print(compile_onnx(args.model, args.output, args.precision, write_options(args)))

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engram_export.cli.common import COPY_TABLE, FLAGS, add_layer_source, check_output, layer_from_args
+from engram_export.cli.common import (
+    COPY_TABLE,
+    FLAGS,
+    add_layer_source,
+    check_output,
+    layer_from_args,
+    write_options,
+)
 from engram_export.core.errors import EngramError
 
 __all__ = ["add", "run"]
@@ -35,7 +42,7 @@ def run(args) -> None:
 
         if args.config is not None:
             raise EngramError("--checkpoint brings its own config.json: drop --config")
-        print(export_checkpoint(args.checkpoint, args.output, args.layer, args.copy_table))
+        print(export_checkpoint(args.checkpoint, args.output, args.layer, write_options(args)))
         return
     from engram_export.models.config import is_deepseek_v41, load_config
 
@@ -50,7 +57,7 @@ def run(args) -> None:
                 "DeepSeek-V4.1 layers are exported from their checkpoint folder: use "
                 "--checkpoint DIR (or --config with --random-init)"
             )
-        print(export_random_v41(config, args.output, args.layer, args.seed, args.copy_table))
+        print(export_random_v41(config, args.output, args.layer, args.seed, write_options(args)))
         return
     if args.layer is None:
         from engram_export.folders import export_folder

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engram_export.cli.common import COPY_TABLE, FLAGS, check_at_least, check_output
+from engram_export.cli.common import COPY_TABLE, FLAGS, check_at_least, check_output, write_options
 from engram_export.core.errors import EngramError
 
 __all__ = ["add", "run"]
@@ -85,9 +85,9 @@ def run(args) -> None:
     if args.model.is_dir():
         from engram_export.folders import quantize_folder
 
-        print(quantize_folder(args.model, args.output, options, args.copy_table))
+        print(quantize_folder(args.model, args.output, options, write_options(args)))
         return
-    output = quantize(args.model, args.output, options, args.copy_table)
+    output = quantize(args.model, args.output, options, write_options(args))
     from engram_export.openvino.extension import openvino_core
 
     stored = compressed_constants(openvino_core().read_model(str(output)))

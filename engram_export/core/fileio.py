@@ -4,6 +4,7 @@ into a hidden staging folder beside, then renamed)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import shutil
@@ -25,6 +26,8 @@ __all__ = [
     "check_output_folder",
     "load_npz",
     "link_or_copy",
+    "WriteOptions",
+    "DEFAULT_WRITE",
     "data_extents",
     "STAGING_PREFIX",
 ]
@@ -191,6 +194,30 @@ _NO_LINK = {
     errno.EMLINK: "too many links to the file",
     errno.EOPNOTSUPP: "no hard links on that file system",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteOptions:
+    """How export, compile, quantize and calibrate write their outputs: made once by the caller (the
+    command line, from its flags) and passed down whole to every function that writes.
+
+    ``copy_table``: a table file kept outside the model (a DeepSeek-V4.1 checkpoint shard, a tiered
+    table) is hard-linked beside the output (``place_table``); where no link can be made (another file
+    system) it is copied, sparse, with ``copy_table``, and refused without it.
+    """
+
+    copy_table: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.copy_table, bool):
+            raise EngramError(f"copy_table must be True or False, got {self.copy_table!r}")
+
+    def place_table(self, source: Path, target: Path) -> None:
+        """``target`` as a hard link to the table file ``source``, or a copy (``link_or_copy``)."""
+        link_or_copy(source, target, self.copy_table)
+
+
+DEFAULT_WRITE = WriteOptions()  # tables hard-linked, never copied
 
 
 def link_or_copy(source: Path, target: Path, copy: bool) -> None:

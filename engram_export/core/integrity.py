@@ -11,15 +11,16 @@ parts:
 - its full SHA-256 (files up to 16 GiB; a checkpoint's table shard when its SHA-256 is known without
   reading it: the name of its blob in a Hugging Face cache, which is the file's LFS object id).
 
-How deep a load checks (``FileChecks``): ``"bounded"`` (the default) hashes every byte of each file
-up to ``LOAD_FULL_LIMIT`` (1 GiB) that records a full hash, and larger files by size and sampled hash,
-leaving them in ``deferred`` for a background pass (``runtime/verification.py``); ``"full"`` hashes
-every byte now; ``"sampled"`` and ``"size"`` check less. A file with no full hash (a checkpoint shard
-linked from a plain folder) is checked by size and sampled hash at every level.
+How deep a load checks (``FileChecks``, one per load): ``"bounded"`` (the default) hashes every byte
+of each file up to ``LOAD_FULL_LIMIT`` (1 GiB) that records a full hash, and larger files by size and
+sampled hash, leaving them in ``deferred`` for a background pass (``runtime/verification.py``);
+``"full"`` hashes every byte now; ``"sampled"`` and ``"size"`` check less. A file with no full hash (a
+checkpoint shard linked from a plain folder) is checked by size and sampled hash at every level.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "lfs_sha256",
     "FileChecks",
     "file_checks",
+    "check_level",
     "CHECKS",
     "LOAD_FULL_LIMIT",
 ]
@@ -116,33 +118,60 @@ def check_fingerprint(path: Path, entry: dict, check: str, where: str) -> bool:
     return check == "full"
 
 
-def file_checks(check_hashes) -> FileChecks:
-    """The ``FileChecks`` of a user's ``check_hashes``: True (``"bounded"``), False (``"size"``), a level
-    name, ``"background"`` (``"bounded"`` now, the rest by ``runtime/verification.py``), or a
-    ``FileChecks``."""
-    if isinstance(check_hashes, FileChecks):
-        return check_hashes
+def check_level(check_hashes) -> str:
+    """The level (one of ``CHECKS``) of a user's ``check_hashes``: True (``"bounded"``), False
+    (``"size"``), a level name, or ``"background"`` (``"bounded"`` now, the rest by
+    ``runtime/verification.py``)."""
     level = {True: "bounded", False: "size", "background": "bounded"}.get(check_hashes, check_hashes)
     if level not in CHECKS:
         raise EngramError(
             f"check_hashes must be True, False, 'background' or one of {', '.join(CHECKS)}, got {check_hashes!r}"
         )
-    return FileChecks(level)
+    return level
 
 
+def file_checks(check_hashes) -> FileChecks:
+    """A new ``FileChecks`` of a user's ``check_hashes`` (``check_level``), or the ``FileChecks`` given."""
+    if isinstance(check_hashes, FileChecks):
+        return check_hashes
+    return FileChecks(check_level(check_hashes))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class FileChecks:
-    """How deep a load checks the files it reads (``level``, one of ``CHECKS``), and what it left:
-    ``deferred`` holds (path, entry, where) of each file checked without hashing every byte.
-    ``tables_elsewhere``: the load's tables are served by other processes (``tables="ray://NAME"``), so a
-    table file that is not here is no error (one that is here is checked as always)."""
+    """What one load checks of the files it reads: made once by what starts the load (``EngramRuntime``
+    from its options, ``calibrate``, a table shard) and passed down whole to every reader (the manifest,
+    a model's files, its external data, its tables), which never changes its settings (frozen).
 
-    def __init__(self, level: str = "bounded", tables_elsewhere: bool = False):
-        if level not in CHECKS:
-            raise EngramError(f"check level must be one of {', '.join(CHECKS)}, got {level!r}")
-        self.level = level
-        self.tables_elsewhere = tables_elsewhere
-        self.deferred: list[tuple[Path, dict, str]] = []
+    ``level`` (one of ``CHECKS``): how deep a file is checked the first time the load reads it; a file
+    read again by the same load (a layer's files, after the manifest that lists them) is checked by
+    size only. ``tables_elsewhere``: the load's tables are served by other processes
+    (``tables="ray://NAME"``), so a table file that is not here is no error (``table_elsewhere``; one
+    that is here is checked as always). What the load left, for the background verification
+    (``runtime/verification.py``): ``deferred``, (path, entry, where) of each file checked without
+    hashing every byte."""
+
+    level: str = "bounded"
+    tables_elsewhere: bool = False
+    deferred: list[tuple[Path, dict, str]] = dataclasses.field(default_factory=list, init=False, repr=False)
+    _checked: set[Path] = dataclasses.field(default_factory=set, init=False, repr=False)  # absolute paths
+
+    def __post_init__(self):
+        if self.level not in CHECKS:
+            raise EngramError(f"check level must be one of {', '.join(CHECKS)}, got {self.level!r}")
 
     def check(self, path: Path, entry: dict, where: str) -> None:
-        if not check_fingerprint(path, entry, self.level, where):
+        """Refuse ``path`` unless it matches ``entry``: to ``level`` the first time this load reads it, by
+        size after that."""
+        key = Path(path).absolute()
+        if key in self._checked:
+            check_fingerprint(path, entry, "size", where)
+            return
+        hashed_whole = check_fingerprint(path, entry, self.level, where)
+        self._checked.add(key)
+        if not hashed_whole:
             self.deferred.append((path, entry, where))
+
+    def table_elsewhere(self, path: Path) -> bool:
+        """Whether the table file ``path`` is not here and need not be: the shards serve the tables."""
+        return self.tables_elsewhere and not Path(path).exists()

@@ -21,7 +21,7 @@ import numpy as np
 
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
-from engram_export.core.fileio import check_output_folder, link_or_copy, staged_folder
+from engram_export.core.fileio import DEFAULT_WRITE, WriteOptions, check_output_folder, staged_folder
 from engram_export.core.integrity import FileChecks
 from engram_export.core.resources import parse_size, require_disk
 from engram_export.core.text import token_pieces
@@ -228,18 +228,19 @@ def calibrate(
     output: str | Path,
     texts: list[str | Path],
     hot_budget: str | int,
-    copy_table: bool = False,
+    write: WriteOptions = DEFAULT_WRITE,
 ) -> dict:
     """Calibrate the folder ``source`` on ``texts`` and write ``output`` (see the module); returns the
     report recorded in the new manifest (``calibration``)."""
     source, output = Path(source), Path(output)
-    manifest = read_manifest(source)
+    checks = FileChecks()  # the manifest's, then each layer's files (checked by size: the manifest did)
+    manifest = read_manifest(source, checks)
     check_output_folder(output, [source])
     if manifest.calibration is not None:
         raise EngramError(f"{source} is already calibrated: calibrate the folder it was made from")
     tables: dict[int, StoredTable] = {}
     for layer_id, name in manifest.layers.items():  # every layer's table checked before any counting
-        model, _ = read_openvino(source / name, FileChecks("size"))  # the manifest's checks are done
+        model, _ = read_openvino(source / name, checks)
         table = stored_table(split_stages(model)[0])
         if table is None:
             raise EngramError(
@@ -264,7 +265,7 @@ def calibrate(
     }
     with staged_folder(output) as staging:
         for name in manifest.files:
-            link_or_copy(source / name, staging / name, copy_table)
+            write.place_table(source / name, staging / name)
         for layer_id, layer in layers.items():
             rows = hot[layer_id]
             files = hot_set_files(layer.file)

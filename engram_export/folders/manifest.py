@@ -189,7 +189,7 @@ def read_manifest(folder: str | Path, check_hashes: bool | str | FileChecks = Tr
     if checks.tables_elsewhere and manifest.kind == "openvino":
         elsewhere = {file for name in manifest.layers.values() for file in table_files(folder / name)}
     for name, entry in manifest.files.items():
-        if name in elsewhere and not (folder / name).exists():
+        if name in elsewhere and checks.table_elsewhere(folder / name):
             continue
         checks.check(folder / name, entry, str(path))
     for layer, name in manifest.layers.items():

@@ -15,7 +15,7 @@ import numpy as np
 
 from engram_export.core.checkpoint import Checkpoint
 from engram_export.core.errors import EngramError
-from engram_export.core.fileio import STAGING_PREFIX, staged_folder
+from engram_export.core.fileio import DEFAULT_WRITE, STAGING_PREFIX, WriteOptions, staged_folder
 from engram_export.core.integrity import FileChecks, sha256
 from engram_export.folders import PIPELINE
 from engram_export.folders.manifest import Manifest, read_manifest, write_manifest
@@ -69,7 +69,7 @@ def export_folder(
 
 
 def export_checkpoint(
-    checkpoint_dir: Path, output: Path, layer_id: int | None = None, copy_table: bool = False
+    checkpoint_dir: Path, output: Path, layer_id: int | None = None, write: WriteOptions = DEFAULT_WRITE
 ) -> Path:
     """A DeepSeek-V4.1 checkpoint folder: layer ``layer_id`` to an .onnx, or every Engram layer to a
     folder with a manifest. Tables stay in the checkpoint's shards, hard-linked beside the files."""
@@ -77,18 +77,18 @@ def export_checkpoint(
     config = V41Config.from_checkpoint(checkpoint)
     hashing = V41Hashing(config)
     if layer_id is not None:
-        return export_v41_layer(checkpoint, config, layer_id, output, hashing, copy_table)
+        return export_v41_layer(checkpoint, config, layer_id, output, hashing, write)
     layers = {layer_id: layer_file(layer_id, ".onnx") for layer_id in config.layer_ids}
     with staged_folder(output) as staging:
         for layer_id, name in layers.items():
-            export_v41_layer(checkpoint, config, layer_id, staging / name, hashing, copy_table)
+            export_v41_layer(checkpoint, config, layer_id, staging / name, hashing, write)
         source = f"checkpoint {checkpoint.folder.resolve()} (table shards hard-linked, not copied)"
         write_manifest(staging, Manifest(config, layers, "onnx", source=source))
     return output
 
 
 def export_random_v41(
-    config, output: Path, layer_id: int | None = None, seed: int = 0, copy_table: bool = False
+    config, output: Path, layer_id: int | None = None, seed: int = 0, write: WriteOptions = DEFAULT_WRITE
 ) -> Path:
     """A DeepSeek-V4.1 config with random weights: a synthetic checkpoint (``synthetic.py``) written
     beside ``output`` and exported (``export_checkpoint``); its shards live on only as the output's hard
@@ -103,10 +103,10 @@ def export_random_v41(
         checkpoint = write_v41_checkpoint(
             Path(scratch) / "checkpoint", config.to_dict(), seed=seed, rows=rows, tokenizer=True
         )
-        return export_checkpoint(checkpoint, Path(output), layer_id, copy_table)
+        return export_checkpoint(checkpoint, Path(output), layer_id, write)
 
 
-def compile_folder(source: Path, folder: Path, precision: str, copy_table: bool = False) -> Path:
+def compile_folder(source: Path, folder: Path, precision: str, write: WriteOptions = DEFAULT_WRITE) -> Path:
 
     manifest = read_manifest(source)
     if manifest.kind != "onnx":
@@ -115,19 +115,19 @@ def compile_folder(source: Path, folder: Path, precision: str, copy_table: bool 
     with staged_folder(folder) as staging:
         for layer_id, name in manifest.layers.items():
             layers[layer_id] = layer_file(layer_id, ".xml")
-            compile_onnx(Path(source) / name, staging / layers[layer_id], precision, copy_table)
+            compile_onnx(Path(source) / name, staging / layers[layer_id], precision, write)
         write_manifest(staging, Manifest(manifest.config, layers, "openvino", precision, source=manifest.source))
     return folder
 
 
-def quantize_folder(source: Path, folder: Path, options, copy_table: bool = False) -> Path:
+def quantize_folder(source: Path, folder: Path, options, write: WriteOptions = DEFAULT_WRITE) -> Path:
 
     manifest = read_manifest(source)
     layers = {}
     with staged_folder(folder) as staging:
         for layer_id, name in manifest.layers.items():
             layers[layer_id] = layer_file(layer_id, ".xml")
-            quantize(Path(source) / name, staging / layers[layer_id], options, copy_table)
+            quantize(Path(source) / name, staging / layers[layer_id], options, write)
         write_manifest(
             staging, Manifest(manifest.config, layers, "openvino", options.precision, options.mode, manifest.source)
         )

@@ -5,7 +5,7 @@ The graph is built directly (the layer is a handful of standard ops around one
 and their scales are external data *of the checkpoint shard itself*: OpenVINO's ONNX reader refuses data outside
 the model's folder, so the shard is hard-linked beside the .onnx (same inode: no copy, no disk) and
 the initializers point at the tensors' byte offsets in it. Across file systems a hard link is
-impossible: the export refuses, or copies the shard when asked (``copy_table``).
+impossible: the export refuses, or copies the shard when asked (``WriteOptions.copy_table``).
 
 Graph: ``e = HashGatherFP8(ids, mask, lut, table, scales)`` [B,T,C*d] (a BF16 or F32 table, which has
 no scales: ``HashGatherBlocked(ids, mask, lut, table)``, the table an initializer of its stored type);
@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engram_export.contract.model_info import ModelInfo, record_external_data
 from engram_export.core import progress
-from engram_export.core.fileio import check_output_file, link_or_copy, staged_output
+from engram_export.core.fileio import DEFAULT_WRITE, WriteOptions, check_output_file, staged_output
 from engram_export.core.integrity import lfs_sha256
 from engram_export.models.deepseek_v41_config import V41Hashing, e4m3_values, e8m0_values, locate_layer
 from engram_export.onnx.op import DOMAIN, OPSET_VERSION
@@ -190,7 +190,7 @@ SHARD_TENSORS = {"embed.weight": "table", "embed.scale": "table_scale", "wkv.wei
 
 
 def export_v41_layer(
-    checkpoint, config, layer_id: int, output: str | Path, hashing=None, copy_table: bool = False
+    checkpoint, config, layer_id: int, output: str | Path, hashing=None, write: WriteOptions = DEFAULT_WRITE
 ) -> Path:
     """Write layer ``layer_id`` of ``checkpoint`` to ``output`` (.onnx) with the shard(s) holding its
     table hard-linked beside it as ``<output>.<shard name>``."""
@@ -205,7 +205,7 @@ def export_v41_layer(
             shard = located[suffix].file
             name = f"{output.stem}.{shard.name}"
             if not os.path.lexists(staged.parent / name):
-                link_or_copy(shard, staged.parent / name, copy_table)
+                write.place_table(shard, staged.parent / name)
                 if digest := lfs_sha256(shard):  # a Hugging Face cache names the blob by its SHA-256
                     known_sha256[name] = digest
             shard_names[suffix] = name

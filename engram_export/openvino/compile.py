@@ -23,7 +23,13 @@ from openvino import opset13 as ops
 from engram_export.contract.model_info import PRECISIONS, RT_INFO_SECTION, ModelInfo, external_data_record, xml_rt_value
 from engram_export.core import progress
 from engram_export.core.errors import EngramError, one_line
-from engram_export.core.fileio import check_input_file, check_output_file, link_or_copy, staged_output
+from engram_export.core.fileio import (
+    DEFAULT_WRITE,
+    WriteOptions,
+    check_input_file,
+    check_output_file,
+    staged_output,
+)
 from engram_export.core.integrity import FileChecks, fingerprint
 from engram_export.models.deepseek_v41_config import BLOCK
 from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD, read_onnx_file, with_absolute_data_paths
@@ -198,17 +204,21 @@ def read_openvino(path: str | Path, checks: FileChecks | None = None):
 
 
 def save_ir(
-    model, output: Path, compress_to_fp16: bool, links: dict[str, Path] | None = None, copy_table: bool = False
+    model,
+    output: Path,
+    compress_to_fp16: bool,
+    links: dict[str, Path] | None = None,
+    write: WriteOptions = DEFAULT_WRITE,
 ) -> Path:
     """Write ``model`` to ``output`` (.xml, its .bin beside), whole or not at all, the .xml recording
     the .bin's size, sampled and full SHA-256 (``integrity.py``) for every later reader to check.
 
     ``links``: files to put beside it (name -> source), the checkpoint shards of tables that stay out
-    of the IR (``tables.detach``): hard-linked, or copied with ``copy_table`` where no link can be."""
+    of the IR (``tables.detach``), placed by ``write`` (hard-linked, or copied where no link can be)."""
     model.set_rt_info(_PLACEHOLDER, [RT_INFO_SECTION, BIN_KEY])
     with progress.stage(f"writing {output.name}"), staged_output(output) as staged:
         for name, source in (links or {}).items():
-            link_or_copy(source, staged.parent / name, copy_table)
+            write.place_table(source, staged.parent / name)
         openvino.save_model(model, staged, compress_to_fp16=compress_to_fp16)
         weights = fingerprint(staged.with_suffix(".bin"))
         xml = staged.read_text()
@@ -219,7 +229,9 @@ def save_ir(
     return output
 
 
-def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f32", copy_table: bool = False) -> Path:
+def compile_onnx(
+    onnx_path: str | Path, output: str | Path, precision: str = "f32", write: WriteOptions = DEFAULT_WRITE
+) -> Path:
     """Write the OpenVINO IR of ``onnx_path`` to ``output`` (.xml, with its .bin beside; a DeepSeek-V4.1
     table stays in its checkpoint shard, linked beside)."""
     if precision not in PRECISIONS:
@@ -230,4 +242,4 @@ def compile_onnx(onnx_path: str | Path, output: str | Path, precision: str = "f3
         model, info = read_onnx(onnx_path)
     ModelInfo(info.config, info.layer_id, info.num_ids, precision).write_openvino(model)
     links = tables.detach(model, Path(onnx_path).stem, output.name) if info.takes_mask else None
-    return save_ir(model, output, compress_to_fp16=precision == "bf16", links=links, copy_table=copy_table)
+    return save_ir(model, output, compress_to_fp16=precision == "bf16", links=links, write=write)

@@ -33,7 +33,7 @@ from engram_export.contract.inputs import check_inputs
 from engram_export.contract.model_info import ModelInfo
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
-from engram_export.core.fileio import check_output_file, load_npz
+from engram_export.core.fileio import DEFAULT_WRITE, WriteOptions, check_output_file, load_npz
 from engram_export.core.text import token_stream, windows
 from engram_export.openvino import tables
 from engram_export.openvino.compile import read_openvino, save_ir
@@ -169,7 +169,9 @@ def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
     return model
 
 
-def quantize(model_path: str | Path, output: str | Path, options: QuantizeOptions, copy_table: bool = False) -> Path:
+def quantize(
+    model_path: str | Path, output: str | Path, options: QuantizeOptions, write: WriteOptions = DEFAULT_WRITE
+) -> Path:
     """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml): read, detach a
     DeepSeek-V4.1 table, ``quantize_model``, write."""
     output = check_output_file(output, ".xml")
@@ -179,7 +181,7 @@ def quantize(model_path: str | Path, output: str | Path, options: QuantizeOption
         _check_v41(Path(model_path), options)
     model = quantize_model(model, info, options)
     links = tables.detach(model, Path(model_path).stem, output.name) if info.takes_mask else None
-    return save_ir(model, output, compress_to_fp16=False, links=links, copy_table=copy_table)
+    return save_ir(model, output, compress_to_fp16=False, links=links, write=write)
 
 
 def compressed_constants(model) -> dict[str, dict[str, int]]:

@@ -143,7 +143,7 @@ def attach(model, xml: Path, checks) -> None:
         path = xml.parent / record["file"]
         if name not in parameters:
             raise EngramError(f"{xml} records table {name}, which is not an input of the model")
-        if checks.tables_elsewhere and not path.exists():  # served by shards: never read here
+        if checks.table_elsewhere(path):  # served by shards: never read here
             kind = parameters[name].get_element_type()
             _constant_in_place_of(
                 model, parameters[name], _unbacked(math.prod(record["shape"]) * kind.size), record["shape"]

@@ -289,8 +289,7 @@ class EngramRuntime(Mapping):
             raise EngramError(f"EngramRuntime: {exc}") from exc
         if not isinstance(options, RuntimeOptions):
             raise EngramError(f"options must be a RuntimeOptions, got {type(options).__name__}")
-        checks = options.file_checks()
-        checks.tables_elsewhere = options.tables is not None  # the shards hold the tables: not needed here
+        checks = options.file_checks()  # the whole load's: manifest, every layer's files, background pass
         self.path, self.runtime, self.options = Path(path), options.runtime, options
         self.manifest: Manifest | None
         if self.path.is_dir():
@@ -300,9 +299,8 @@ class EngramRuntime(Mapping):
             self._layers = {}
             for layer_id, name in self.manifest.layers.items():
                 file = self.path / name
-                # the manifest's checks are done
-                done = FileChecks("size", tables_elsewhere=checks.tables_elsewhere)
-                served = _load_layer(file, options, done, stores.get(layer_id), remote)
+                # files the manifest checked: checked by size now
+                served = _load_layer(file, options, checks, stores.get(layer_id), remote)
                 if served.layer_id != layer_id:
                     raise EngramError(
                         f"{file} holds layer {served.layer_id}; the manifest lists it as layer {layer_id}"

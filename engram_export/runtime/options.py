@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 from engram_export.contract.model_info import PRECISIONS
 from engram_export.core.errors import EngramError
-from engram_export.core.integrity import FileChecks, file_checks
+from engram_export.core.integrity import FileChecks, check_level
 from engram_export.core.resources import parse_size
 from engram_export.openvino.table_store import TABLE_STORES
 from engram_export.openvino.tiered import MISS_READS
@@ -71,7 +71,7 @@ class RuntimeOptions:
         self._check_tables()
         if not isinstance(self.lookup_kernel, bool):
             raise EngramError(f"lookup_kernel must be True or False, got {self.lookup_kernel!r}")
-        self.file_checks()  # refuses a check_hashes it does not know
+        check_level(self.check_hashes)  # refuses a check_hashes it does not know
 
     def _check_tables(self) -> None:
         if self.tables is None:
@@ -96,8 +96,9 @@ class RuntimeOptions:
         return None if self.tables is None else self.tables[len(TABLES_SCHEME) :]
 
     def file_checks(self) -> FileChecks:
-        """A fresh ``FileChecks`` of ``check_hashes`` (it records the files a load leaves unhashed)."""
-        return file_checks(self.check_hashes)
+        """The ``FileChecks`` of one load: ``check_hashes``' level, table files not needed here when the
+        shards serve the tables (it records the files the load leaves unhashed)."""
+        return FileChecks(check_level(self.check_hashes), tables_elsewhere=self.tables is not None)
 
     @property
     def background_verification(self) -> bool:

@@ -87,12 +87,13 @@ def _actor(ray, name: str):
 
 def _tables_of(folder: Path):
     """(manifest, layer -> rows of each hash head, layer -> stored bytes a row) of the folder."""
-    manifest = read_manifest(folder)
+    checks = FileChecks()  # the manifest's, then each layer's files (by size: the manifest checked them)
+    manifest = read_manifest(folder, checks)
     config = manifest.config
     hashing = hashing_of(config)
     heads, row_bytes = {}, {}
     for layer, name in manifest.layers.items():
-        model, _ = read_openvino(folder / name, FileChecks("size"))  # the manifest's checks are done
+        model, _ = read_openvino(folder / name, checks)
         table = stored_table(split_stages(model)[0])
         if table is None:
             raise EngramError(f"{folder / name}: its table is not one the row kernel reads, so it cannot be sharded")

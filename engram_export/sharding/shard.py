@@ -36,14 +36,15 @@ class TableShard:
         self.plan = ShardPlan.from_dict(plan)
         if table_memory not in SHARD_MEMORY:
             raise ValueError(f"table_memory must be one of {', '.join(SHARD_MEMORY)}, got {table_memory!r}")
-        manifest = read_manifest(self.folder)
+        checks = FileChecks()  # the manifest's, then each layer's files (by size: the manifest checked them)
+        manifest = read_manifest(self.folder, checks)
         # layer -> (piece, its parts, the row they start at, layout, hot rows and their parts or None)
         self._pieces: dict[int, list[tuple[Piece, dict, int, RowLayout, tuple | None]]] = {}
         self._models = []  # the models own the mapped tables
         for layer in sorted({piece.layer for piece in self.plan.pieces}):
             if layer not in manifest.layers or layer_identity(self.folder, manifest, layer) != identities[str(layer)]:
                 raise ValueError(f"{self.folder} does not hold the layer {layer} that the tables {name!r} serve")
-            model, _ = read_openvino(self.folder / manifest.layers[layer], FileChecks("size"))
+            model, _ = read_openvino(self.folder / manifest.layers[layer], checks)
             table = stored_table(split_stages(model)[0])
             if table is None:
                 raise ValueError(f"{self.folder}: layer {layer}'s table is not one the row kernel reads")

@@ -52,6 +52,7 @@ def _cluster():
     import ray
 
     ray.init(
+        address="local",  # a cluster of its own: without it Ray joins any cluster already running here
         include_dashboard=False,
         object_store_memory=1 << 30,
         namespace=NAMESPACE,

@@ -12,8 +12,6 @@ import json
 import re
 from pathlib import Path
 
-import onnx_ir as ir
-
 from engram_export.core.errors import EngramError
 from engram_export.core.integrity import FileChecks, fingerprint
 from engram_export.models.config import EngramConfig, config_from_dict, is_deepseek_v41
@@ -156,6 +154,8 @@ def xml_rt_value(xml: Path, key: str) -> str | None:
 def external_locations(model) -> set[str]:
     """The external data files an ``onnx_ir.Model`` reads: the ``location`` of every external tensor,
     initializer or node attribute, in every graph."""
+    import onnx_ir as ir  # here: what reads an IR (a runtime, a shard) never loads ONNX
+
     tensors = [
         value.const_value for graph in (model.graph, *model.graph.subgraphs()) for value in graph.initializers.values()
     ]
@@ -179,6 +179,8 @@ def record_external_data(model, folder: Path, known_sha256: dict[str, str] | Non
     """Record in ``model`` (an ``onnx.ModelProto``) the size and sampled SHA-256 of each external data
     file it reads from ``folder`` (checkpoint shards linked beside it: not hashed whole), and the full
     SHA-256 of those in ``known_sha256`` (name -> digest)."""
+    import onnx_ir as ir
+
     for prop in [p for p in model.metadata_props if p.key == EXTERNAL_DATA_KEY]:
         model.metadata_props.remove(prop)
     uses = external_locations(ir.serde.deserialize_model(model))  # wraps the tensors, reads no data

@@ -15,8 +15,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import onnx_ir as ir
-
 from engram_export.contract.model_info import external_data_record, external_locations
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
@@ -65,6 +63,8 @@ def _model_files(folder: Path, name: str) -> dict[str, str | None]:
     if name.endswith(".xml"):
         tables = table_files(folder / name)
         return {name: None, name[: -len(".xml")] + ".bin": None, **{t: tables[t].get("sha256") for t in sorted(tables)}}
+
+    import onnx_ir as ir  # here: reading a folder of IR never loads ONNX
 
     try:
         model = ir.load(folder / name)  # the graph; external data is not read

@@ -14,9 +14,9 @@ import json
 import re
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx_ir as ir
 import openvino
 from openvino import opset13 as ops
 
@@ -32,10 +32,12 @@ from engram_export.core.fileio import (
 )
 from engram_export.core.integrity import FileChecks, fingerprint
 from engram_export.models.deepseek_v41_config import BLOCK
-from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD, read_onnx_file, with_absolute_data_paths
 from engram_export.openvino import tables
 from engram_export.openvino.extension import HASH_OP_TYPE, openvino_core
 from engram_export.openvino.precision import say_emulated
+
+if TYPE_CHECKING:  # ONNX is imported where ONNX is read: reading an IR (a runtime, a shard) never loads it
+    import onnx_ir as ir
 
 __all__ = ["compile_onnx", "to_openvino", "read_onnx", "read_openvino", "save_ir"]
 
@@ -86,30 +88,21 @@ def _fold_fp8_projection(model) -> None:
 
 # The element types of the tensors an exported file keeps in external data: whole bytes each, so a
 # tensor's mapping is its element count times the size of the OpenVINO type its input gets
-_MAPPED_TYPES = frozenset(
-    {
-        ir.DataType.FLOAT,
-        ir.DataType.FLOAT16,
-        ir.DataType.BFLOAT16,
-        ir.DataType.UINT8,
-        ir.DataType.INT8,
-        ir.DataType.INT32,
-        ir.DataType.INT64,
-        ir.DataType.BOOL,
-    }
-)
+_MAPPED_TYPES = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "UINT8", "INT8", "INT32", "INT64", "BOOL"})  # ir.DataType
 
 
 def _external_as_inputs(model: ir.Model) -> dict[str, ir.ExternalTensor]:
     """Make each initializer of ``model`` held in external data a graph input of its type and shape
     (OpenVINO reads the external data of an in-memory graph only from below the working directory);
     returns those tensors by name."""
+    import onnx_ir as ir
+
     moved = {}
     for name, value in list(model.graph.initializers.items()):
         tensor = value.const_value
         if not isinstance(tensor, ir.ExternalTensor):
             continue
-        if tensor.dtype not in _MAPPED_TYPES:
+        if tensor.dtype.name not in _MAPPED_TYPES:
             raise EngramError(f"initializer {name} is stored as {tensor.dtype.name}, which engram-export does not map")
         model.graph.initializers.pop(name)
         value.const_value = None
@@ -138,6 +131,10 @@ def to_openvino(model: ir.Model):
     block as ``EngramGatedShortConv`` when the graph was optimized (``passes.lower_for_openvino``, on a
     copy: ``model`` is left as it was), a DeepSeek-V4.1 FP8 projection folded into bf16. The graph goes
     to OpenVINO in memory; tensors in external data are mapped from their files, not read or copied."""
+    import onnx_ir as ir
+
+    from engram_export.onnx.files import EXTERNAL_DATA_THRESHOLD, with_absolute_data_paths
+
     # the passes know the custom ops' PyTorch side: imported here, so that reading an IR never loads PyTorch
     from engram_export.passes import lower_for_openvino
 
@@ -170,6 +167,8 @@ def to_openvino(model: ir.Model):
 def read_onnx(onnx_path: str | Path, checks: FileChecks | None = None):
     """The exported .onnx file as an ``openvino.Model`` (``to_openvino``) and its ``ModelInfo``; the
     file is read once, its external data mapped."""
+    from engram_export.onnx.files import read_onnx_file
+
     model, info = read_onnx_file(onnx_path, checks)
     try:
         return to_openvino(model), info

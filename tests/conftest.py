@@ -114,3 +114,39 @@ def layers(tiny_config):
     from engram_export.models.weights import build_layer
 
     return {layer: build_layer(tiny_config, layer, seed=5 + layer) for layer in tiny_config.layer_ids}
+
+
+@pytest.fixture(scope="session")
+def text_folders(tokenizer_json, run_folder) -> dict[str, Path]:
+    """Both families with the BERT tokenizer's compression, to run on real text (shared by the tiered and
+    the sharded tables' tests): the tiny demo config (30522 ids, random weights, seed 1 + layer id)
+    exported, compiled to f32 and quantized to INT4 weights with a u4 table; a DeepSeek-V4.1 checkpoint of
+    the tiny spec with FP8 tables (seed 2) exported and compiled to f32."""
+
+    def build(root: Path) -> dict[str, Path]:
+        import shutil
+
+        from engram_export.folders import compile_folder, export_checkpoint, export_folder, quantize_folder
+        from engram_export.folders.synthetic import write_v41_checkpoint
+        from engram_export.models.compression import build_compression_table
+        from engram_export.openvino.quantize import QuantizeOptions
+        from tests.v41_spec import TINY
+
+        config = load_config("tiny").replace(tokenizer=str(tokenizer_json), pad_id=0, vocab_size=30522)
+        demo = export_folder(config, root / "demo_onnx", seed=1)
+        lut = build_compression_table(str(tokenizer_json))  # the BERT tokenizer's compression, as released
+        v41 = {**TINY, "vocab_size": len(lut), "engram_compressed_vocab_size": int(lut.max()) + 1}
+        checkpoint = write_v41_checkpoint(root / "ckpt_F8_E4M3", v41, seed=2, table_dtype="F8_E4M3")
+        shutil.copyfile(tokenizer_json, checkpoint / "tokenizer.json")
+        exported = export_checkpoint(checkpoint, root / "v41_F8_E4M3_onnx")
+        return {
+            "demo onnx": demo,
+            "demo f32": compile_folder(demo, root / "demo_f32", "f32"),
+            "demo u4": quantize_folder(
+                demo, root / "demo_u4", QuantizeOptions("int4-weights", group_size=16, table_bits=4)
+            ),
+            "v41 onnx": exported,
+            "v41 f32": compile_folder(exported, root / "v41_F8_E4M3_f32", "f32"),
+        }
+
+    return _built_once(run_folder, "text", build)

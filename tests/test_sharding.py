@@ -7,14 +7,15 @@ takes a node's address from its route to the internet unless clusters are off, w
 authentication on. Answers must equal the local runtime's bit for bit for both families (the demo's u4
 table, whose packed zero points cross shard boundaries, and DeepSeek-V4.1's FP8 + E8M0), with 2 and 4
 shards and replicas; a replica killed while 4 threads make 200 calls; a shard down past the deadline,
-then repaired; foreign shards refused.
+then repaired; foreign shards refused; tiered shards; a folder of ONNX served too (the others are
+compiled: their shards load no ONNX or PyTorch, and start in about a second).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +27,8 @@ import pytest
 
 from engram_export.core.errors import EngramError, EngramUnavailable
 from engram_export.core.text import token_stream, windows
-from engram_export.folders import compile_folder, export_checkpoint, export_folder, quantize_folder
+from engram_export.folders import export_checkpoint
 from engram_export.folders.synthetic import write_v41_checkpoint
-from engram_export.models.compression import build_compression_table
-from engram_export.models.config import load_config
-from engram_export.openvino.quantize import QuantizeOptions
 from engram_export.runtime import EngramRuntime
 from engram_export.sharding.layout import Piece, plan_shards
 from tests.helpers import package_prose, refused, run_cli
@@ -79,21 +77,20 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def folders(tokenizer_json, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharding")
-    config = load_config("tiny").replace(tokenizer=str(tokenizer_json), pad_id=0, vocab_size=30522)
-    demo = export_folder(config, root / "demo_onnx", seed=1)
-    lut = build_compression_table(str(tokenizer_json))
-    v41 = {**TINY, "vocab_size": len(lut), "engram_compressed_vocab_size": int(lut.max()) + 1}
-    checkpoint = write_v41_checkpoint(root / "ckpt", v41, seed=2, table_dtype="F8_E4M3")
-    shutil.copyfile(tokenizer_json, checkpoint / "tokenizer.json")
+def folders(text_folders, tmp_path_factory):
+    """The demo's u4 and f32 IR and DeepSeek-V4.1's FP8 tables in f32 IR (``text_folders``), and one V4.1
+    layer exported (an ONNX folder of its own small checkpoint)."""
+    checkpoint = write_v41_checkpoint(
+        tmp_path_factory.mktemp("sharding") / "ckpt",
+        {**TINY, "engram_layer_ids": [1], "engram_num_embeddings": TINY["engram_num_embeddings"][:1]},
+        seed=2,
+        tokenizer=True,
+    )
     return {
-        "demo u4": quantize_folder(
-            demo, root / "demo_u4", QuantizeOptions("int4-weights", group_size=16, table_bits=4)
-        ),
-        "demo f32": compile_folder(demo, root / "demo_f32", "f32"),
-        "demo one layer": export_folder(config.replace(layer_ids=(1,)), root / "demo_one_layer", seed=1),
-        "v41 fp8": compile_folder(export_checkpoint(checkpoint, root / "v41_onnx"), root / "v41_f32", "f32"),
+        "demo u4": text_folders["demo u4"],
+        "demo f32": text_folders["demo f32"],
+        "v41 fp8": text_folders["v41 f32"],
+        "one layer onnx": export_checkpoint(checkpoint, checkpoint.parent / "one_layer_onnx"),
     }
 
 
@@ -109,9 +106,23 @@ def u4_tables(cluster, folders):
     stop_tables("u4")
 
 
+def _wait_until_gone(ray, name: str, timeout: float = 10.0) -> None:
+    """Until no actor goes by ``name`` (a killed actor's name is free a moment after the kill)."""
+    from engram_export.sharding.names import NAMESPACE
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:  # no such actor
+            return
+        time.sleep(0.02)
+    pytest.fail(f"{name} is still there {timeout:g} s after it was killed")
+
+
 def _inputs(runtime, batch: int, tokens: int, seed: int):
     config, rng = runtime.config, np.random.default_rng(seed)
-    ids = rng.integers(0, 30522, (batch, tokens))
+    ids = rng.integers(0, config.vocab_size, (batch, tokens))
     hidden = rng.standard_normal((batch, tokens, config.hc_mult, config.hidden_size)).astype(np.float32)
     mask = rng.random((batch, tokens)) > 0.2 if runtime.info.takes_mask else None
     return ids, hidden, mask
@@ -272,17 +283,17 @@ def test_a_shard_down_past_the_deadline_is_one_line_then_repaired(cluster, folde
     from engram_export.sharding.names import NAMESPACE, replica_name
 
     local = EngramRuntime(folders["demo u4"])
-    remote = EngramRuntime(folders["demo u4"], tables="ray://u4", shard_deadline=2)
+    remote = EngramRuntime(folders["demo u4"], tables="ray://u4", shard_deadline=1)
     ids, hidden, _ = _inputs(local, 50, 14, seed=11)
     layers = list(local)
     for replica in range(2):  # shard 2 holds rows of the second layer
         cluster.kill(cluster.get_actor(replica_name("u4", 2, replica), namespace=NAMESPACE), no_restart=True)
     began = time.monotonic()
     with pytest.raises(
-        EngramUnavailable, match=r"shard 2 of tables 'u4' \(layer \d+ rows .*\) is down: no replica answered within 2 s"
+        EngramUnavailable, match=r"shard 2 of tables 'u4' \(layer \d+ rows .*\) is down: no replica answered within 1 s"
     ):
         remote[layers[1]](ids, hidden)
-    assert 2 <= time.monotonic() - began < 10
+    assert 1 <= time.monotonic() - began < 10
     handle = remote.prefetch(ids)
     with pytest.raises(EngramUnavailable, match="shard 2 of tables 'u4'"):
         remote[layers[1]].fuse(handle, hidden)
@@ -304,7 +315,7 @@ def test_foreign_tables_and_shards_are_refused(cluster, folders, u4_tables):
     with pytest.raises(EngramError, match="ray://u4 serves another table for layer 1 than"):
         EngramRuntime(folders["v41 fp8"], tables="ray://u4")
     with pytest.raises(EngramError, match=r"ray://u4 serves layers \[1, 3\]; .* has layers \[1\]"):
-        EngramRuntime(folders["demo one layer"], tables="ray://u4")
+        EngramRuntime(folders["one layer onnx"], tables="ray://u4")
     with pytest.raises(EngramError, match="no tables named 'nothing' are served on this Ray cluster") as unknown:
         EngramRuntime(folders["demo u4"], tables="ray://nothing")
     assert not isinstance(unknown.value, EngramUnavailable)
@@ -325,12 +336,46 @@ def test_foreign_tables_and_shards_are_refused(cluster, folders, u4_tables):
         EngramRuntime(folders["demo u4"], tables="ray://u4")
     assert not isinstance(impostor_error.value, EngramUnavailable)
     cluster.kill(impostor, no_restart=True)
-    time.sleep(0.5)
+    _wait_until_gone(cluster, replica_name("u4", 0, 0))
     assert sorted(repair_tables("u4")) == ["u4.shard0.replica0", "u4.shard0.replica1"]
     remote = EngramRuntime(folders["demo u4"], tables="ray://u4")
     ids, hidden, _ = _inputs(remote, 3, 4, seed=5)
     local = EngramRuntime(folders["demo u4"])
     assert all(np.array_equal(remote[layer](ids, hidden), local[layer](ids, hidden)) for layer in local)
+
+
+def test_a_folder_of_onnx_is_served_too(cluster, folders):
+    """The shards of an exported (ONNX) folder convert its models as a runtime does (and load PyTorch and
+    ONNX for that: the shards of a compiled folder start sooner)."""
+    from engram_export.sharding.cluster import serve_tables, stop_tables
+
+    serve_tables(folders["one layer onnx"], "onnx", shards=1)
+    try:
+        local = EngramRuntime(folders["one layer onnx"])
+        remote = EngramRuntime(folders["one layer onnx"], tables="ray://onnx")
+        ids, hidden, mask = _inputs(local, 3, 17, seed=4)
+        assert np.array_equal(remote[1](ids, hidden, mask), local[1](ids, hidden, mask), equal_nan=True)
+    finally:
+        stop_tables("onnx")
+
+
+def test_a_shard_of_a_compiled_folder_loads_neither_onnx_nor_pytorch(u4_tables):
+    """What a replica's process imports to start (``shard.py``, then the folder's models): no ONNX (its
+    ml_dtypes alone takes a second to import), PyTorch or NNCF."""
+    from engram_export.sharding.cluster import served_layout
+
+    code = (
+        "import json, sys\n"
+        "from engram_export.sharding.shard import TableShard\n"
+        "layout = json.loads(sys.argv[1])\n"
+        "shard = TableShard(layout['folder'], layout['name'], layout['shards'][0], layout['identities'], 'mmap')\n"
+        "print(sorted({'onnx', 'onnx_ir', 'torch', 'nncf'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(served_layout(u4_tables))], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_refusals(cluster, folders, u4_tables, tmp_path):

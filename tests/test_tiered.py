@@ -24,12 +24,11 @@ import engram_export.core.resources as resources
 from engram_export.core import text as text_module
 from engram_export.core.errors import EngramError
 from engram_export.core.text import token_pieces, token_stream, windows
-from engram_export.folders import calibration, compile_folder, export_checkpoint, export_folder, quantize_folder
+from engram_export.folders import calibration, compile_folder, export_checkpoint, quantize_folder
 from engram_export.folders.calibration import HELD_OUT, calibrate, choose_hot_rows
 from engram_export.folders.manifest import read_manifest
 from engram_export.folders.synthetic import write_v41_checkpoint
 from engram_export.models.compression import build_compression_table
-from engram_export.models.config import load_config
 from engram_export.models.hashing import EngramHashing
 from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.quantize import QuantizeOptions
@@ -50,31 +49,29 @@ def text(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(tokenizer_json, tmp_path_factory) -> dict[str, Path]:
+def served(tokenizer_json, text_folders, tmp_path_factory) -> dict[str, Path]:
     """Folders of every stored table form: the demo family's f32 (ONNX and IR), f16 (bf16 IR), u8 and
-    u4; DeepSeek-V4.1's FP8 (ONNX, f32 and bf16 IR), bf16 and f32 tables."""
+    u4; DeepSeek-V4.1's FP8 (ONNX, f32 and bf16 IR), bf16 and f32 tables (``text_folders``, and the rest
+    made from them or alike)."""
     root = tmp_path_factory.mktemp("tiered")
-    config = load_config("tiny").replace(tokenizer=str(tokenizer_json), pad_id=0, vocab_size=30522)
-    demo = export_folder(config, root / "demo_onnx", seed=1)
+    demo = text_folders["demo onnx"]
     folders = {
         "demo f32 onnx": demo,
-        "demo f32": compile_folder(demo, root / "demo_f32", "f32"),
+        "demo f32": text_folders["demo f32"],
         "demo f16 (bf16 IR)": compile_folder(demo, root / "demo_bf16", "bf16"),
         "demo u8": quantize_folder(demo, root / "demo_u8", QuantizeOptions("int8-weights")),
-        "demo u4": quantize_folder(
-            demo, root / "demo_u4", QuantizeOptions("int4-weights", group_size=16, table_bits=4)
-        ),
+        "demo u4": text_folders["demo u4"],
+        "v41 F8_E4M3": text_folders["v41 f32"],
+        "v41 F8_E4M3 onnx": text_folders["v41 onnx"],
+        "v41 F8_E4M3 (bf16 IR)": compile_folder(text_folders["v41 onnx"], root / "v41_fp8_bf16", "bf16"),
     }
     lut = build_compression_table(str(tokenizer_json))  # the BERT tokenizer's compression, as released
     v41 = {**TINY, "vocab_size": len(lut), "engram_compressed_vocab_size": int(lut.max()) + 1}
-    for dtype in ("F8_E4M3", "BF16", "F32"):
+    for dtype in ("BF16", "F32"):
         checkpoint = write_v41_checkpoint(root / f"ckpt_{dtype}", v41, seed=2, table_dtype=dtype)
         shutil.copyfile(tokenizer_json, checkpoint / "tokenizer.json")
         exported = export_checkpoint(checkpoint, root / f"v41_{dtype}_onnx")
         folders[f"v41 {dtype}"] = compile_folder(exported, root / f"v41_{dtype}_f32", "f32")
-        if dtype == "F8_E4M3":
-            folders["v41 F8_E4M3 onnx"] = exported
-            folders["v41 F8_E4M3 (bf16 IR)"] = compile_folder(exported, root / "v41_fp8_bf16", "bf16")
     return folders
 
 

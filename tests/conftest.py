@@ -3,6 +3,10 @@
 The files of the session fixtures are built once per run, not once per pytest-xdist worker: the first
 worker to need them builds them under a file lock in a folder all workers see; the others reuse them.
 Tests read these files; one that changes a file works on a copy.
+
+``--dist loadgroup`` sends the tests of an ``xdist_group`` to one worker by a suffix on their node ids,
+which pytest-xdist 3.8 writes where pytest 9.2 no longer reads it (pytest-xdist issue 1386): the suffix
+is written here until pytest-xdist does it again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,27 @@ from engram_export.models.config import load_config
 from tests.helpers import TINY_LAYER
 
 progress.quiet()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own, which leaves the node ids as they were
+def pytest_collection_modifyitems(config, items):
+    """On a worker of ``--dist loadgroup``: ``NODEID@GROUP`` for the tests of an ``xdist_group``, the
+    form the scheduler groups by (else each test of the Ray cluster's module may go to either worker,
+    which then starts a cluster of its own, and again after a test of another module)."""
+    if not hasattr(config, "workerinput") or not config.getvalue("loadgroup"):
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        groups = sorted(
+            {
+                str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                for mark in item.iter_markers("xdist_group")
+            }
+        )
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
+            item._id = NodeId.parse(item.nodeid + suffix)
 
 
 @pytest.fixture(scope="session")

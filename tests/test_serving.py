@@ -10,7 +10,7 @@ import torch
 
 from engram_export.core.errors import EngramError
 from engram_export.folders.manifest import read_manifest
-from engram_export.measure.verify import compare, random_inputs
+from engram_export.measure.verify import checked_as, compare, random_inputs
 from engram_export.runtime import EngramRuntime
 from tests.helpers import cli, refused
 
@@ -35,9 +35,8 @@ def test_every_layer_matches_pytorch(folders, layers, kind):
     assert runtime.layer_ids == [1, 3]
     for layer_id, layer in layers.items():
         ids, hidden = random_inputs(layer.config, 5000, 50, 14, seed=layer_id)
-        result = compare(
-            kind, reference(layer, ids, hidden), runtime.layer(layer_id)(ids, hidden), runtime.layer(layer_id).precision
-        )
+        served = runtime.layer(layer_id)
+        result = compare(kind, reference(layer, ids, hidden), served(ids, hidden), checked_as(served))
         assert result.passed, result
 
 

@@ -167,3 +167,21 @@ def test_a_fault_outside_the_guarded_files_still_kills_the_process(calibrated, t
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGBUS, (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("runtime_name", ["ort", "ov"])
+def test_external_data_truncated_under_an_onnx_runtime(tiny_layer, runtime_name, tmp_path):
+    """ONNX Runtime maps an .onnx file's external data itself (its mappings are found by comparing the
+    process's mappings before and after the session is made); OpenVINO reading the .onnx maps it too."""
+    from engram_export.onnx.export import export_layer
+
+    path = export_layer(tiny_layer, tmp_path / "layer.onnx", external_data_threshold=1000)
+    runtime = EngramRuntime(path, runtime=runtime_name)
+    ids, hidden, _ = _inputs(runtime)
+    expected = runtime(ids, hidden)
+    untouched = EngramRuntime(export_layer(tiny_layer, tmp_path / "other.onnx", external_data_threshold=1000))
+    os.truncate(tmp_path / "layer.onnx.data", 0)
+    for _ in range(2):
+        with pytest.raises(EngramError, match=r"layer\.onnx\.data was (truncated|changed in place)"):
+            runtime(ids, hidden)
+    np.testing.assert_allclose(untouched(ids, hidden), expected, rtol=1e-5, atol=1e-6)  # f32 paths: same numbers

@@ -14,14 +14,19 @@ from __future__ import annotations
 import bisect
 import ctypes
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from functools import cache
+from pathlib import Path
+from typing import TypeVar
 
 from engram_export.core.errors import EngramError
 from engram_export.openvino.extension import library_path
 from engram_export.openvino.memory import FileMapping, file_mappings
 
-__all__ = ["FileGuard", "guard_mappings", "constant_addresses"]
+__all__ = ["FileGuard", "guard_mappings", "guard_new_mappings", "constant_addresses"]
+
+T = TypeVar("T")
 
 _VANISHED, _WRITTEN = 1, 2  # the bits of a slot's state
 
@@ -112,15 +117,44 @@ class FileGuard:
         )
 
 
+def _guard(mappings: list[FileMapping], owner) -> FileGuard:
+    registered, slots = _Slots(owner), []
+    for mapping in mappings:
+        # a file renamed over or deleted since it was mapped: no path to watch, its pages still guarded
+        path = mapping.path.removesuffix(" (deleted)")
+        try:
+            found = os.stat(path)
+            same = (found.st_dev, found.st_ino) == (mapping.device, mapping.inode)
+        except OSError:
+            same = False
+        index = _library().engram_guard_add(mapping.start, mapping.end - mapping.start, path.encode() if same else None)
+        if index < 0:
+            reason = os.strerror(ctypes.get_errno()) if index == -2 else "4096 mappings are guarded already"
+            raise EngramError(f"cannot guard {path} against changes while it is served ({reason})")
+        registered.indices.append(index)
+        slots.append((index, path))
+    return FileGuard(slots, registered)
+
+
 def guard_mappings(addresses: Iterable[int], owner) -> FileGuard:
     """The file mappings under ``addresses``, guarded while the returned guard lives; it keeps ``owner``
     (what holds those mappings: the model whose constants they are) alive until they are unguarded."""
-    registered, slots = _Slots(owner), []
-    for mapping in _mappings_under(addresses):
-        index = _library().engram_guard_add(mapping.start, mapping.end - mapping.start, mapping.path.encode())
-        if index < 0:
-            reason = os.strerror(ctypes.get_errno()) if index == -2 else "4096 mappings are guarded already"
-            raise EngramError(f"cannot guard {mapping.path} against changes while it is served ({reason})")
-        registered.indices.append(index)
-        slots.append((index, mapping.path))
-    return FileGuard(slots, registered)
+    return _guard(_mappings_under(addresses), owner)
+
+
+_LOADING = threading.Lock()
+
+
+def guard_new_mappings(paths: Iterable[Path], load: Callable[[], T]) -> tuple[T, FileGuard]:
+    """``load()``'s result and a guard over the mappings of ``paths`` that it made: for a library that
+    maps files of its own (ONNX Runtime maps external data), found by comparing the process's mappings
+    before and after, one such load at a time. The guard keeps the result alive."""
+    inodes = set()
+    for path in paths:
+        stat = os.stat(path)
+        inodes.add((stat.st_dev, stat.st_ino))
+    with _LOADING:
+        before = {mapping.start for mapping in file_mappings() if (mapping.device, mapping.inode) in inodes}
+        result = load()
+        made = [m for m in file_mappings() if (m.device, m.inode) in inodes and m.start not in before]
+    return result, _guard(made, result)

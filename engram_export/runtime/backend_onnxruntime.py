@@ -9,9 +9,11 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime
 
+from engram_export.contract.model_info import external_locations
 from engram_export.core.errors import EngramError
 from engram_export.core.integrity import FileChecks
 from engram_export.onnx.files import read_onnx_file
+from engram_export.openvino.file_guard import guard_new_mappings
 from engram_export.runtime.options import RuntimeOptions
 
 __all__ = ["OnnxRuntimeBackend"]
@@ -30,7 +32,6 @@ class OnnxRuntimeBackend:
 
         model, self.info = read_onnx_file(path, checks)
         self.precision = self.requested_precision = "f32"
-        self.file_guard = None  # ONNX Runtime reads the external data into its own memory
         self.settings = {"onnxruntime": onnxruntime.__version__}
         session_options = onnxruntime.SessionOptions()
         session_options.add_session_config_entry(
@@ -38,9 +39,12 @@ class OnnxRuntimeBackend:
         )
         if options.threads:
             session_options.intra_op_num_threads = options.threads
+        graph = ir.to_proto(model).SerializeToString()
         try:
-            self.session = onnxruntime.InferenceSession(
-                ir.to_proto(model).SerializeToString(), session_options, providers=["CPUExecutionProvider"]
+            # ONNX Runtime maps the external data itself: those mappings are guarded (openvino/file_guard.py)
+            self.session, self.file_guard = guard_new_mappings(
+                [path.parent / name for name in external_locations(model)],
+                lambda: onnxruntime.InferenceSession(graph, session_options, providers=["CPUExecutionProvider"]),
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EngramError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc

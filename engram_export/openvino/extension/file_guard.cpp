@@ -97,7 +97,7 @@ void drain_events() {
         for (ssize_t at = 0; at < got;) {
             const auto* event = reinterpret_cast<const inotify_event*>(buffer + at);
             for (auto& slot : slots) {
-                if (slot.end.load() != 0 && ((event->mask & IN_Q_OVERFLOW) || slot.watch == event->wd)) {
+                if (slot.end.load() != 0 && ((event->mask & IN_Q_OVERFLOW) || (slot.watch >= 0 && slot.watch == event->wd))) {
                     slot.state.fetch_or(kWritten);
                 }
             }
@@ -110,14 +110,15 @@ void drain_events() {
 
 extern "C" {
 
-// Guards [start, start + length), a mapping of `path`; returns the slot, or -1 when every slot is taken,
-// -2 when the file cannot be watched (errno says why).
+// Guards [start, start + length), a mapping of `path` (null: a file no path names any more, whose
+// pages alone are guarded); returns the slot, or -1 when every slot is taken, -2 when the file cannot
+// be watched (errno says why).
 int engram_guard_add(uintptr_t start, size_t length, const char* path) {
     std::call_once(installed, install);
     std::lock_guard<std::mutex> lock(slots_mutex);
     const int fd = inotify_fd.load();
-    const int watch = fd < 0 ? -1 : inotify_add_watch(fd, path, IN_MODIFY);
-    if (watch < 0) return -2;
+    const int watch = fd < 0 || path == nullptr ? -1 : inotify_add_watch(fd, path, IN_MODIFY);
+    if (watch < 0 && path != nullptr) return -2;
     for (int index = 0; index < kSlots; ++index) {
         Slot& slot = slots[index];
         if (slot.end.load() != 0) continue;
@@ -158,6 +159,7 @@ void engram_guard_remove(int index) {
     slot.end.store(0, std::memory_order_release);
     slot.start.store(0, std::memory_order_release);
     slot.watch = -1;
+    if (watch < 0) return;
     for (auto& other : slots) {
         if (other.end.load() != 0 && other.watch == watch) return;  // the file is still guarded elsewhere
     }

@@ -266,3 +266,21 @@ def test_external_data_with_another_hard_link_is_read(exported_with_data, tiny_c
     np.testing.assert_array_equal(EngramRuntime(compile_onnx(path, tmp_path / "m.xml"))(ids, hidden), from_onnx)
     resaved = save_onnx(load_onnx(path), tmp_path / "again" / "m.onnx", external_data_threshold=1000)
     np.testing.assert_array_equal(EngramRuntime(resaved)(ids, hidden), from_onnx)
+
+
+@pytest.mark.parametrize("step", ["compile", "quantize"])
+def test_compiling_a_folder_hashes_each_file_once(folders, monkeypatch, tmp_path, step):
+    """compile_folder and quantize_folder are one load of the source folder: its manifest hashes each
+    file, the layer reading it again checks its size."""
+    from engram_export.folders import compile_folder, quantize_folder
+    from engram_export.openvino.quantize import QuantizeOptions
+
+    hashed: list = []
+    whole = integrity.sha256
+    monkeypatch.setattr(integrity, "sha256", lambda path, on_chunk=None: hashed.append(path) or whole(path, on_chunk))
+    if step == "compile":
+        compile_folder(folders["onnx"], tmp_path / "out", "f32")
+    else:
+        quantize_folder(folders["onnx"], tmp_path / "out", QuantizeOptions("int8-weights"))
+    listed = json.loads((folders["onnx"] / "manifest.json").read_text())["files"]
+    assert sorted(path.name for path in hashed if path.parent == folders["onnx"]) == sorted(listed)

@@ -108,26 +108,28 @@ def export_random_v41(
 
 def compile_folder(source: Path, folder: Path, precision: str, write: WriteOptions = DEFAULT_WRITE) -> Path:
 
-    manifest = read_manifest(source)
+    checks = FileChecks()  # one load: the manifest hashes each file, compile_onnx checks its size again
+    manifest = read_manifest(source, checks)
     if manifest.kind != "onnx":
         raise EngramError(f"{source} holds compiled models; compile the exported folder")
     layers = {}
     with staged_folder(folder) as staging:
         for layer_id, name in manifest.layers.items():
             layers[layer_id] = layer_file(layer_id, ".xml")
-            compile_onnx(Path(source) / name, staging / layers[layer_id], precision, write)
+            compile_onnx(Path(source) / name, staging / layers[layer_id], precision, write, checks)
         write_manifest(staging, Manifest(manifest.config, layers, "openvino", precision, source=manifest.source))
     return folder
 
 
 def quantize_folder(source: Path, folder: Path, options, write: WriteOptions = DEFAULT_WRITE) -> Path:
 
-    manifest = read_manifest(source)
+    checks = FileChecks()  # as compile_folder's
+    manifest = read_manifest(source, checks)
     layers = {}
     with staged_folder(folder) as staging:
         for layer_id, name in manifest.layers.items():
             layers[layer_id] = layer_file(layer_id, ".xml")
-            quantize(Path(source) / name, staging / layers[layer_id], options, write)
+            quantize(Path(source) / name, staging / layers[layer_id], options, write, checks)
         write_manifest(
             staging, Manifest(manifest.config, layers, "openvino", options.precision, options.mode, manifest.source)
         )

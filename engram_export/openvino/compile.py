@@ -229,16 +229,21 @@ def save_ir(
 
 
 def compile_onnx(
-    onnx_path: str | Path, output: str | Path, precision: str = "f32", write: WriteOptions = DEFAULT_WRITE
+    onnx_path: str | Path,
+    output: str | Path,
+    precision: str = "f32",
+    write: WriteOptions = DEFAULT_WRITE,
+    checks: FileChecks | None = None,
 ) -> Path:
     """Write the OpenVINO IR of ``onnx_path`` to ``output`` (.xml, with its .bin beside; a DeepSeek-V4.1
-    table stays in its checkpoint shard, linked beside)."""
+    table stays in its checkpoint shard, linked beside). ``checks``: the checks of the load it is part
+    of (a folder's, whose manifest hashed the files already), else its own."""
     if precision not in PRECISIONS:
         raise EngramError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     output = check_output_file(output, ".xml")
     say_emulated(precision, "CPU", f"{output.name} is written for {precision}")
     with progress.stage(f"converting {Path(onnx_path).name} to OpenVINO"):
-        model, info = read_onnx(onnx_path)
+        model, info = read_onnx(onnx_path, checks)
     ModelInfo(info.config, info.layer_id, info.num_ids, precision).write_openvino(model)
     links = tables.detach(model, Path(onnx_path).stem, output.name) if info.takes_mask else None
     return save_ir(model, output, compress_to_fp16=precision == "bf16", links=links, write=write)

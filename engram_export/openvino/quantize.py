@@ -34,6 +34,7 @@ from engram_export.contract.model_info import ModelInfo
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
 from engram_export.core.fileio import DEFAULT_WRITE, WriteOptions, check_output_file, load_npz
+from engram_export.core.integrity import FileChecks
 from engram_export.core.text import token_stream, windows
 from engram_export.openvino import tables
 from engram_export.openvino.compile import read_openvino, save_ir
@@ -76,9 +77,10 @@ class QuantizeOptions:
             raise EngramError(f"subset size must be >= 1, got {self.subset_size}")
 
 
-def read_model(path: str | Path):
-    """An exported .onnx or an f32 .xml, as an ``openvino.Model`` and its ``ModelInfo``."""
-    model, info = read_openvino(path)
+def read_model(path: str | Path, checks: FileChecks | None = None):
+    """An exported .onnx or an f32 .xml, as an ``openvino.Model`` and its ``ModelInfo`` (files checked by
+    ``checks``, those of the load it is part of, else its own)."""
+    model, info = read_openvino(path, checks)
     if info.quantization or info.precision != "f32":
         raise EngramError(
             f"{path} is already {info.quantization or info.precision}; quantize the exported .onnx or an f32 .xml"
@@ -170,13 +172,17 @@ def quantize_model(model, info: ModelInfo, options: QuantizeOptions):
 
 
 def quantize(
-    model_path: str | Path, output: str | Path, options: QuantizeOptions, write: WriteOptions = DEFAULT_WRITE
+    model_path: str | Path,
+    output: str | Path,
+    options: QuantizeOptions,
+    write: WriteOptions = DEFAULT_WRITE,
+    checks: FileChecks | None = None,
 ) -> Path:
     """Quantize ``model_path`` (.onnx or f32 .xml) into the OpenVINO IR ``output`` (.xml): read, detach a
-    DeepSeek-V4.1 table, ``quantize_model``, write."""
+    DeepSeek-V4.1 table, ``quantize_model``, write. ``checks``: as ``compile_onnx``'s."""
     output = check_output_file(output, ".xml")
     say_emulated(options.precision, "CPU", f"{output.name} is written for {options.precision}")
-    model, info = read_model(model_path)
+    model, info = read_model(model_path, checks)
     if info.takes_mask:
         _check_v41(Path(model_path), options)
     model = quantize_model(model, info, options)

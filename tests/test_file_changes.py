@@ -24,33 +24,21 @@ import numpy as np
 import pytest
 
 from engram_export.core.errors import EngramError
-from engram_export.folders import compile_folder, export_checkpoint, export_folder
 from engram_export.folders.calibration import calibrate
-from engram_export.folders.synthetic import write_v41_checkpoint
-from engram_export.models.compression import build_compression_table
-from engram_export.models.config import load_config
 from engram_export.runtime import EngramRuntime
 from tests.helpers import package_prose
-from tests.v41_spec import TINY
 
 
 @pytest.fixture(scope="module")
-def calibrated(tokenizer_json, tmp_path_factory) -> dict[str, Path]:
-    """One-layer calibrated folders (servable by every table memory): the demo family's f32 IR (its
-    table in the .bin) and DeepSeek-V4.1's FP8 (its table in the checkpoint shard beside the IR)."""
+def calibrated(text_folders, tmp_path_factory) -> dict[str, Path]:
+    """Calibrated folders (servable by every table memory) of the demo family's f32 IR (its table in the
+    .bin) and DeepSeek-V4.1's FP8 (its table in the checkpoint shard beside the IR)."""
     root = tmp_path_factory.mktemp("file_changes")
     text = root / "prose.txt"
     text.write_text(package_prose()[:40_000])
-    config = load_config("tiny").replace(tokenizer=str(tokenizer_json), pad_id=0, vocab_size=30522, layer_ids=(1,))
-    demo = compile_folder(export_folder(config, root / "demo_onnx", seed=1), root / "demo", "f32")
-    lut = build_compression_table(str(tokenizer_json))
-    v41 = {**TINY, "vocab_size": len(lut), "engram_compressed_vocab_size": int(lut.max()) + 1}
-    checkpoint = write_v41_checkpoint(root / "ckpt", v41, seed=2, table_dtype="F8_E4M3")
-    shutil.copyfile(tokenizer_json, checkpoint / "tokenizer.json")
-    v41_folder = compile_folder(export_checkpoint(checkpoint, root / "v41_onnx"), root / "v41", "f32")
     return {
-        name: calibrate(folder, root / f"{name}_calibrated", [text], "30%") and root / f"{name}_calibrated"
-        for name, folder in (("demo", demo), ("v41", v41_folder))
+        name: calibrate(text_folders[source], root / name, [text], "30%") and root / name
+        for name, source in (("demo", "demo f32"), ("v41", "v41 f32"))
     }
 
 

@@ -94,10 +94,6 @@ class FileGuard:
         present = [guard for guard in guards if guard is not None]
         return cls([slot for guard in present for slot in guard._slots], [guard._keep for guard in present])
 
-    @property
-    def files(self) -> list[str]:
-        return [path for _, path in self._slots]
-
     def changed(self) -> str | None:
         """One line naming a guarded file that was truncated or written since the guard began, or None
         (one call into the extension, which first takes in every write queued so far)."""

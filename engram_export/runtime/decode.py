@@ -10,7 +10,6 @@ step moves no state through Python; ``reset`` starts every sequence over (pads a
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
@@ -130,6 +129,8 @@ class DecodeSession:
             raise EngramError(f"batch size must be a positive integer, got {batch_size!r}")
         self.runtime, self.batch_size = runtime, batch_size
         self._layers = runtime.layers  # an EngramRuntime's layers, or one LayerRuntime
+        # the layers of one runtime share its verification (and the guard over every layer's files)
+        self._verification = next(iter(self._layers.values()))._verification
         self._requests = {layer_id: layer._decode_requests() for layer_id, layer in self._layers.items()}
         self._lock = threading.Lock()
         self.position = 0
@@ -161,8 +162,7 @@ class DecodeSession:
         """Start the next step's lookups now ([B, 1] ids), on OpenVINO's threads, and return: the table
         rows (from disk, for a tiered table) are read while the backbone runs; ``step`` with the same
         ids finishes them. A second prefetch before that step is refused."""
-        for layer in self._layers.values():
-            layer._verification.check()
+        self._verification.check()
         with self._lock:
             if self._prefetched is not None:
                 raise EngramError("a prefetch is already in flight: run its step first")
@@ -210,8 +210,7 @@ class DecodeSession:
         return checked
 
     def _run(self, input_ids, hidden_by_layer, token_mask, start: bool) -> dict:
-        for layer in self._layers.values():
-            layer._verification.check()
+        self._verification.check()
         checked = self._checked(input_ids, hidden_by_layer, token_mask)
         tokens = next(iter(checked.values()))[0]["input_ids"].shape[1]
         if not start and tokens != 1:
@@ -224,9 +223,7 @@ class DecodeSession:
                     raise EngramError("this step's ids (or token_mask) differ from those prefetched for it")
             if start:
                 self._reset()
-            with contextlib.ExitStack() as served:  # a file changed under any layer refuses the step
-                for layer in self._layers.values():
-                    served.enter_context(layer._verification.served())
+            with self._verification.served():  # a file changed under any layer refuses the step
                 prefetched = self._finish_prefetch()
                 outputs = {}
                 for layer, (feeds, hidden) in checked.items():

@@ -94,6 +94,10 @@ class FileGuard:
         present = [guard for guard in guards if guard is not None]
         return cls([slot for guard in present for slot in guard._slots], [guard._keep for guard in present])
 
+    def slot_indices(self):
+        """The extension's slots of the guarded files (a ctypes int array; the row reader checks them)."""
+        return self._indices
+
     def changed(self) -> str | None:
         """One line naming a guarded file that was truncated or written since the guard began, or None
         (one call into the extension, which first takes in every write queued so far)."""

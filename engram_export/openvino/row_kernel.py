@@ -27,7 +27,7 @@ from engram_export.openvino.table_store import TableStore, table_store
 from engram_export.openvino.tables import owned_bytes, shared_constant
 from engram_export.openvino.tiered import RowLayout
 
-__all__ = ["install", "stored_table", "StoredTable", "rows_decoder"]
+__all__ = ["install", "stored_table", "StoredTable", "place", "rows_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +149,24 @@ def _stored_table(element: str, row_size: int, table, scale, zero_point, output_
     return StoredTable(parts, attributes)
 
 
+def place(table: StoredTable, store: TableStore) -> tuple[list[np.ndarray], int]:
+    """The stored parts of ``table`` placed in memory by ``store`` (after refusing a table it cannot
+    hold), and the id of the tier the reader finds their rows through (0: none)."""
+    store.check_fits(sum(node.get_byte_size() for node in table.parts))
+    placed = [store.place(_bytes_of(node), node.get_friendly_name()) for node in table.parts]
+    return placed, store.tier(placed, table.layout)
+
+
 def _gather_rows(rows, table: StoredTable, store: TableStore):
     """``EngramGatherRows`` over the stored bytes of ``table``, placed in memory by ``store``; None where
     the op refuses the layout."""
-    store.check_fits(sum(node.get_byte_size() for node in table.parts))
-    placed = [store.place(_bytes_of(node), node.get_friendly_name()) for node in table.parts]
+    placed, tier = place(table, store)
     shapes = [(table.table_rows, placed[0].size // table.table_rows)] + [(data.size,) for data in placed[1:]]
     inputs = [rows] + [
         shared_constant(data, (node, data), shape=shape).output(0)
         for node, data, shape in zip(table.parts, placed, shapes, strict=True)
     ]
     attributes = dict(table.attributes)
-    tier = store.tier(placed, table.layout)
     if tier:
         attributes["tier"] = tier
     try:

@@ -294,8 +294,8 @@ class EngramRuntime(Mapping):
         self.manifest: Manifest | None
         if self.path.is_dir():
             self.manifest = read_manifest(self.path, checks)
-            stores = _tiered_stores(self.path, self.manifest, options)
-            remote = _remote_tables(self.path, self.manifest, options)
+            stores = tiered_stores(self.path, self.manifest, options)
+            remote = remote_tables(self.path, self.manifest, options)
             self._layers = {}
             for layer_id, name in self.manifest.layers.items():
                 file = self.path / name
@@ -425,7 +425,7 @@ def _load_layer(
     return LayerRuntime(path, options.runtime, load_backend(path, options, checks, store, remote))
 
 
-def _remote_tables(folder: Path, manifest: Manifest, options: RuntimeOptions) -> ShardedTables | None:
+def remote_tables(folder: Path, manifest: Manifest, options: RuntimeOptions) -> ShardedTables | None:
     """The client of the tables ``options.tables`` names, after refusing tables served for another
     folder (another table, config or layers)."""
     if options.tables is None:
@@ -446,7 +446,7 @@ def _remote_tables(folder: Path, manifest: Manifest, options: RuntimeOptions) ->
     return ShardedTables(connect(options.ray_address), layout, options.shard_deadline)
 
 
-def _tiered_stores(folder: Path, manifest: Manifest, options: RuntimeOptions) -> dict[int, TableStore]:
+def tiered_stores(folder: Path, manifest: Manifest, options: RuntimeOptions) -> dict[int, TableStore]:
     """Layer id -> its ``TieredStore`` (``table_memory="tiered"``: the cache budget split evenly over the
     layers), after refusing a folder never calibrated or hot sets and caches that do not fit in memory."""
     if options.table_memory != "tiered":

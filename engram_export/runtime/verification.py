@@ -91,7 +91,8 @@ class Verification:
         bytes, and a read that failed on it is named by the file."""
         return _Served(self)
 
-    def _check_files(self) -> None:
+    def check_files(self) -> None:
+        """Refuse the call that ends now, and every later one, if a guarded file changed."""
         message = self._files.changed()
         if message is not None:
             self._fail(message)
@@ -114,7 +115,7 @@ class _Served:
         return None
 
     def __exit__(self, *exc_info) -> None:  # never swallows the call's own error; may replace it
-        self.verification._check_files()
+        self.verification.check_files()
 
 
 class _Dropped(Exception):

@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "compiler.hpp"
 #include "openvino/core/parallel.hpp"
@@ -14,7 +17,9 @@ namespace engram {
 namespace {
 
 enum class Element { f32, f16, bf16, u8, u4, e4m3, unknown };
-enum class Scale { none, f16, f32, e8m0, unknown };
+// e8m0_bits: an E8M0 byte read as vLLM's kernel reads it, the float whose exponent bits it is (byte 0
+// is 0.0, byte 255 infinity; the spec's, and SGLang's, are 2^-127 and NaN); the row API's "vllm" decode
+enum class Scale { none, f16, f32, e8m0, e8m0_bits, unknown };
 enum class ZeroPoint { none, u8, u4, unknown };
 
 Element element_of(const std::string& name) {
@@ -47,7 +52,9 @@ size_t bits_of(Element e) {
     }
 }
 
-size_t bytes_of(Scale s) { return s == Scale::f32 ? 4 : s == Scale::f16 ? 2 : s == Scale::e8m0 ? 1 : 0; }
+size_t bytes_of(Scale s) {
+    return s == Scale::f32 ? 4 : s == Scale::f16 ? 2 : (s == Scale::e8m0 || s == Scale::e8m0_bits) ? 1 : 0;
+}
 size_t bits_of(ZeroPoint z) { return z == ZeroPoint::u8 ? 8 : z == ZeroPoint::u4 ? 4 : 0; }
 
 inline float from_bits(uint32_t bits) {
@@ -109,10 +116,17 @@ struct Job {
     const uint8_t* zeros;
     const void* rows;  // i32 or i64
     bool wide_rows;
-    const RowRef* refs;  // a tiered table's rows, where they are; null: every row in `table`
+    const RowRef* refs;  // where each row is (a tier's, the row API's); null: every row in `table`
     void* out;  // float or bf16 bits
     bool bf16_out;
+    // lookup i's output row is at out + (i / out_inner) * out_strides[0] + (i % out_inner) * out_strides[1]
+    // bytes: [B,T,C] rows into a contiguous [B,T,C,d] have one outer row; the row API's may be strided
+    size_t out_inner;
+    size_t out_strides[2];
 
+    uint8_t* out_row(size_t i) const {
+        return static_cast<uint8_t*>(out) + (i / out_inner) * out_strides[0] + (i % out_inner) * out_strides[1];
+    }
     size_t row(size_t i) const {
         return wide_rows ? static_cast<size_t>(static_cast<const int64_t*>(rows)[i])
                          : static_cast<size_t>(static_cast<const int32_t*>(rows)[i]);
@@ -143,6 +157,7 @@ struct Job {
             return f16_to_f32(half);
         }
         case Scale::e8m0: return e8m0_to_f32(ref.scales[at]);
+        case Scale::e8m0_bits: return from_bits(static_cast<uint32_t>(ref.scales[at]) << 23);
         default: return 1.0f;
         }
     }
@@ -159,11 +174,13 @@ struct Job {
     template <bool Tiered>
     ENGRAM_ALWAYS_INLINE void prefetch_codes(size_t i) const {
         const uint8_t* src = ref<Tiered>(i).codes;
+        if (!src) return;  // a row the row API writes as zeros
         for (size_t line = 0; line < row_bytes; line += 64) ENGRAM_PREFETCH(src + line);
     }
     template <bool Tiered>
     ENGRAM_ALWAYS_INLINE void prefetch_parameters(size_t i) const {
         const RowRef at = ref<Tiered>(i);
+        if (!at.codes) return;
         if (scale != Scale::none) ENGRAM_PREFETCH(at.scales + at.scale_first * bytes_of(scale));
         if (zero_point != ZeroPoint::none) ENGRAM_PREFETCH(at.zeros + at.zero_first * bits_of(zero_point) / 8);
     }
@@ -220,7 +237,6 @@ ENGRAM_ALWAYS_INLINE void decode_row(const Job& job, const RowRef& ref, Out* out
 template <Element E, typename Out, bool Tiered>
 ENGRAM_ALWAYS_INLINE void decode_rows(const Job& job, size_t begin, size_t end) {
     constexpr size_t distance = 16;  // measured on Zen 4: 16 to 64 alike, 4 and 8 slower
-    Out* out = static_cast<Out*>(job.out);
     for (size_t i = begin; i < std::min(end, begin + 2 * distance); ++i) {
         if (i < begin + distance) job.prefetch_codes<Tiered>(i);
         job.prefetch_parameters<Tiered>(i);
@@ -228,7 +244,10 @@ ENGRAM_ALWAYS_INLINE void decode_rows(const Job& job, size_t begin, size_t end) 
     for (size_t i = begin; i < end; ++i) {
         if (i + distance < end) job.prefetch_codes<Tiered>(i + distance);
         if (i + 2 * distance < end) job.prefetch_parameters<Tiered>(i + 2 * distance);
-        decode_row<E, Out>(job, job.ref<Tiered>(i), out + i * job.row_size);
+        Out* out = reinterpret_cast<Out*>(job.out_row(i));
+        const RowRef at = job.ref<Tiered>(i);
+        if (Tiered && !at.codes) std::memset(out, 0, job.row_size * sizeof(Out));  // a row not served here
+        else decode_row<E, Out>(job, at, out);
     }
 }
 
@@ -381,6 +400,8 @@ bool EngramGatherRows::evaluate(ov::TensorVector& outputs, const ov::TensorVecto
     outputs[0].set_shape(shape);
     job.out = outputs[0].data();
     job.bf16_out = outputs[0].get_element_type() == ov::element::bf16;
+    job.out_inner = std::max<size_t>(count, 1);
+    job.out_strides[1] = job.row_size * (job.bf16_out ? 2 : 4);
     std::vector<RowRef> refs;
     std::vector<uint8_t> scratch;  // the rows read for this call
     if (m_tier != 0) {
@@ -405,3 +426,133 @@ bool EngramGatherRows::evaluate(ov::TensorVector& outputs, const ov::TensorVecto
 }
 
 }  // namespace engram
+
+namespace engram {
+namespace {
+
+// The stored bytes of one row: codes, then each group's scale, then each group's zero point (a byte).
+void copy_stored(const Job& job, const RowRef& ref, uint8_t* out, uint32_t form) {
+    const size_t scale_bytes = job.groups * bytes_of(job.scale);
+    if (!ref.codes) {
+        const size_t width = form == 3   ? job.row_bytes
+                             : form == 4 ? scale_bytes
+                                         : job.row_bytes + scale_bytes + (job.zero_point != ZeroPoint::none) * job.groups;
+        std::memset(out, 0, width);
+        return;
+    }
+    if (form != 4) {
+        std::memcpy(out, ref.codes, job.row_bytes);
+        out += job.row_bytes;
+    }
+    if (form != 3) std::memcpy(out, ref.scales + ref.scale_first * bytes_of(job.scale), scale_bytes);
+    if (form == 2 && job.zero_point != ZeroPoint::none) {
+        out += scale_bytes;
+        for (size_t g = 0; g < job.groups; ++g) out[g] = static_cast<uint8_t>(job.zero_at(ref, g));
+    }
+}
+
+void say(char* error, size_t size, const std::string& message) {
+    if (size) std::snprintf(error, size, "%s", message.c_str());
+}
+
+}  // namespace
+}  // namespace engram
+
+extern "C" {
+
+uint32_t engram_rows_abi_version() { return ENGRAM_ROWS_ABI_VERSION; }
+size_t engram_rows_request_size() { return sizeof(EngramRowsRequest); }
+
+int engram_guard_changed(const int* indices, size_t count, int* state);
+
+int engram_rows_read(const EngramRowsRequest* request, char* error, size_t error_size) {
+    using namespace engram;
+    const EngramRowsRequest& r = *request;
+    try {
+        constexpr Element elements[] = {Element::f32, Element::f16, Element::bf16, Element::u8, Element::u4, Element::e4m3};
+        constexpr Scale scales[] = {Scale::none, Scale::f16, Scale::f32, Scale::e8m0, Scale::e8m0_bits};
+        constexpr ZeroPoint zeros[] = {ZeroPoint::none, ZeroPoint::u8, ZeroPoint::u4};
+        if (r.element > 5 || r.scale > 4 || r.zero_point > 2 || r.form > 4 || !r.row_size || !r.group_size ||
+            r.row_size % r.group_size || (r.ids_bytes != 4 && r.ids_bytes != 8) || !r.out_inner) {
+            say(error, error_size, "malformed row request");
+            return 1;
+        }
+        Job job{};
+        job.element = elements[r.element];
+        job.scale = scales[r.scale];
+        job.zero_point = zeros[r.zero_point];
+        job.row_size = r.row_size;
+        job.group_size = r.group_size;
+        job.groups = r.row_size / r.group_size;
+        job.row_bytes = r.row_size * bits_of(job.element) / 8;
+        job.table_rows = r.table_rows;
+        job.table = r.parts[0];
+        job.scales = r.parts[1];
+        job.zeros = r.parts[2];
+        job.rows = r.ids;
+        job.wide_rows = r.ids_bytes == 8;
+        job.out = r.out;
+        job.bf16_out = r.form == 1;
+        job.out_inner = r.out_inner;
+        job.out_strides[0] = static_cast<size_t>(r.out_strides[0]);
+        job.out_strides[1] = static_cast<size_t>(r.out_strides[1]);
+        const size_t count = r.count;
+        // every id checked before any row is read: -1 (the engines' dead id) or a row of the table
+        std::vector<size_t> owned;
+        owned.reserve(count);
+        for (size_t i = 0; i < count; ++i) {
+            const int64_t id = job.wide_rows ? static_cast<const int64_t*>(r.ids)[i] : static_cast<const int32_t*>(r.ids)[i];
+            if (id < -1 || id >= static_cast<int64_t>(r.table_rows)) {
+                say(error, error_size,
+                    "row id " + std::to_string(id) + " (at index " + std::to_string(i) + ") is outside the table's " +
+                        std::to_string(r.table_rows) + " rows (-1 is the engines' dead id; anything else must be a row)");
+                return 1;
+            }
+            if (id >= r.owned[0] && id < r.owned[1]) owned.push_back(i);
+        }
+        std::vector<RowRef> refs(count, RowRef{nullptr, nullptr, 0, nullptr, 0});
+        std::vector<RowRef> found;
+        std::vector<uint8_t> scratch;  // the rows a tier read for this call
+        if (r.tier != 0) {
+            const auto tier = find_tier(r.tier);
+            if (!tier) {
+                say(error, error_size, "table tier " + std::to_string(r.tier) + " is closed");
+                return 1;
+            }
+            tier->resolve(owned.size(), [&job, &owned](size_t k) { return static_cast<uint64_t>(job.row(owned[k])); },
+                          found, scratch);
+            for (size_t k = 0; k < owned.size(); ++k) refs[owned[k]] = found[k];
+        } else {
+            for (size_t i : owned) {
+                const size_t row = job.row(i);
+                refs[i] = {job.table + row * job.row_bytes, job.scales, row * job.groups, job.zeros, row * job.groups};
+            }
+        }
+        job.refs = refs.data();
+        auto work = [&job, &r](size_t begin, size_t end) {
+            if (r.form <= 1) {
+                decode_range(job, begin, end);
+            } else {
+                for (size_t i = begin; i < end; ++i) copy_stored(job, job.refs[i], job.out_row(i), r.form);
+            }
+        };
+        if (count < 256) {
+            work(0, count);
+        } else {
+            ov::parallel_nt(0, [&](const int thread, const int threads) {
+                size_t begin = 0, end = 0;
+                ov::splitter(count, threads, thread, begin, end);
+                work(begin, end);
+            });
+        }
+        if (r.guard_count) {
+            int state = 0;
+            if (engram_guard_changed(r.guards, r.guard_count, &state) >= 0) return 2;
+        }
+        return 0;
+    } catch (const std::exception& exc) {
+        say(error, error_size, exc.what());
+        return 1;
+    }
+}
+}

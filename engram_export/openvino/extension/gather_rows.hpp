@@ -19,6 +19,8 @@
 
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "openvino/op/op.hpp"
@@ -50,3 +52,37 @@ private:
 };
 
 }  // namespace engram
+
+// The row API (runtime/rows.py): the same reader, called directly (ctypes), for a caller that wants rows,
+// not a lookup stage's embeddings: row ids as the engines number them, and rows written into the
+// caller's buffer as stored (packed codes + scales + zero points, or one part alone) or decoded.
+// Mirrored by openvino/row_reader.py, which refuses a library whose engram_rows_abi_version or
+// engram_rows_request_size differs: raise ENGRAM_ROWS_ABI_VERSION with any change to the struct.
+extern "C" {
+
+#define ENGRAM_ROWS_ABI_VERSION 1
+struct EngramRowsRequest {
+    // the table: element 0 f32, 1 f16, 2 bf16, 3 u8, 4 u4, 5 e4m3; scale 0 none, 1 f16, 2 f32, 3 e8m0,
+    // 4 e8m0 read as vLLM does (0: 0.0, 255: inf); zero point 0 none, 1 u8, 2 u4
+    uint32_t element, scale, zero_point;
+    // the form written: 0 f32, 1 bf16, 2 packed (codes, scales, zero points a byte each), 3 codes, 4 scales
+    uint32_t form;
+    uint64_t row_size, group_size, table_rows;
+    int64_t tier;              // a tier (table_tier.hpp) that finds the rows; 0: the parts below
+    const uint8_t* parts[3];   // codes [R, row bytes], scales (flat), zero points (packed as OpenVINO packs u4)
+    const void* ids;           // i32 or i64 (ids_bytes), `count` of them
+    uint64_t ids_bytes, count;
+    int64_t owned[2];          // ids in [owned[0], owned[1]) are read; -1 and the others give zero rows
+    uint8_t* out;              // row i at out + (i / out_inner) * out_strides[0] + (i % out_inner) * out_strides[1]
+    uint64_t out_inner;
+    int64_t out_strides[2];
+    const int* guards;         // file guards (file_guard.cpp) checked once the rows are written
+    uint64_t guard_count;
+};
+
+uint32_t engram_rows_abi_version();
+size_t engram_rows_request_size();
+// 0: done; 1: refused or failed before writing (error says why, in one line; the ids are checked before
+// any row is read); 2: written, but a guarded file changed (the caller names it from its guard)
+int engram_rows_read(const EngramRowsRequest* request, char* error, size_t error_size);
+}

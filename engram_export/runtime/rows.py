@@ -1,0 +1,261 @@
+"""The row API: a folder's tables as rows by id, for callers that hash and fuse themselves.
+
+vLLM and SGLang run the hash and the fuse on the GPU; what they need from the host is the rows of the
+hash ids they computed (ids into one layer's table, as both number them: ``hash % prime + offset``),
+early enough. ``EngramRows(folder, ...)`` opens the tables of a folder (exported, compiled or
+calibrated) with any table memory (``mmap``, ``populate``, ``hugepages``, ``tiered`` with a cache) or
+served by shards (``tables="ray://NAME"``), and ``rows.read(layer, ids, out, form=...)`` writes the rows
+into the caller's buffer: as stored (``"packed"``: codes, scales and zero points of a row back to back,
+V4.1's 256 FP8 codes + 8 E8M0 bytes = 264 bytes, as vLLM's packed lookup reads them; ``"codes"`` or
+``"scales"`` alone, as SGLang stages them) or decoded (``"bf16"``, ``"f32"``). ``start`` issues a read
+and returns; its handle's ``wait`` collects it. Every read goes through the extension's row reader, the
+code the runtime's lookup stage runs (``openvino/row_reader.py``), so rows are the runtime's bit for
+bit. Many threads may call one ``EngramRows`` at once.
+
+Ids are checked before any row is read: -1 (the id both engines pad with) gives a zero row, as does an
+id outside ``owned`` (a tensor-parallel rank's rows); any other id outside the table is refused in one
+line. ``docs/engines.md`` has the engines' plug-ins built on this.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from engram_export.core.errors import EngramError
+from engram_export.folders.manifest import read_manifest
+from engram_export.openvino import row_kernel
+from engram_export.openvino.compile import read_openvino
+from engram_export.openvino.file_guard import guard_mappings
+from engram_export.openvino.row_reader import E8M0_READINGS, FORMS, RowReader
+from engram_export.openvino.stages import split_stages
+from engram_export.openvino.table_store import TieredStore, table_store
+from engram_export.runtime.model import UnknownLayer, remote_tables, tiered_stores
+from engram_export.runtime.options import RuntimeOptions
+from engram_export.runtime.verification import Verification
+from engram_export.sharding.client import ShardedTables
+
+__all__ = ["EngramRows", "LayerRows", "PendingRows", "FORMS", "ROW_OPTIONS"]
+
+# the EngramRuntime options that say where a table's rows are and how they are checked; the others
+# (precision, device, threads, ...) run the fuse, which callers of the row API do themselves
+ROW_OPTIONS = ("table_memory", "cache_budget", "miss_reads", "tables", "shard_deadline", "ray_address", "check_hashes")
+READS = ("reads", "rows", "zero_rows")  # each layer's own counters, beside its store's
+
+_STARTED = ThreadPoolExecutor(8, thread_name_prefix="engram-rows")  # reads issued with ``start``
+
+
+class PendingRows:
+    """A read in flight (``EngramRows.start``): ``wait()`` returns its ``out`` once written."""
+
+    def __init__(self, future: Future, out):
+        self._future, self.out = future, out
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None):
+        """The rows, once written (``out``); the read's error, if it failed, as it was raised."""
+        self._future.result(timeout)
+        return self.out
+
+
+class LayerRows:
+    """The rows of one layer's table (``EngramRows[layer]``)."""
+
+    def __init__(self, layer_id: int, reader: RowReader, verification: Verification, store=None, remote=None):
+        self.layer_id, self._reader, self._verification = layer_id, reader, verification
+        self._store, self._remote = store, remote
+        self.table_rows, self.row_size = reader.table_rows, reader.row_size
+        self.stored = dict(reader.attributes)  # element, scale, group_size, zero_point of the stored rows
+        self._counts, self._lock = dict.fromkeys(READS, 0), threading.Lock()
+
+    def width(self, form: str) -> int:
+        """Values (``"f32"``, ``"bf16"``) or bytes (stored forms) per row in ``form``."""
+        _check_form(form)
+        return self._reader.width(form)
+
+    def read(self, ids, out=None, *, form: str = "bf16", owned: tuple[int, int] | None = None, e8m0: str = "spec"):
+        """The rows of ``ids`` (int32 or int64, any shape, C-contiguous; numpy or a CPU torch tensor) in
+        ``form``, written into ``out`` (ids' shape + [width]: float32 for f32, bfloat16, or its bits as
+        numpy uint16, for bf16, uint8 for stored forms; the last axis contiguous; pinned memory
+        included) or a new numpy array; returns it. ``owned`` [start, stop): only these ids are read,
+        the others give zero rows (a tensor-parallel rank's share). ``e8m0``: ``"spec"`` decodes scale
+        bytes 0 and 255 as 2^-127 and NaN (the spec, SGLang), ``"vllm"`` as 0 and inf (vLLM's kernel)."""
+        out = self._checked(ids, out, form, owned, e8m0)
+        self._read(ids, out, form, owned, e8m0)
+        return out
+
+    def start(self, ids, out=None, *, form: str = "bf16", owned: tuple[int, int] | None = None, e8m0: str = "spec"):
+        """``read``, issued now and collected later: returns a ``PendingRows`` at once, after checking
+        the arguments (ids out of range included); ``ids`` and ``out`` must not change until its
+        ``wait`` returns."""
+        out = self._checked(ids, out, form, owned, e8m0)
+        self._check_range(ids)
+        return PendingRows(_STARTED.submit(self._read, ids, out, form, owned, e8m0), out)
+
+    def stats(self) -> dict[str, int]:
+        """This layer's reads, rows and zero rows (-1 and ids not owned), and its store's counters (a
+        tiered table's hot hits, cache hits and reads; shards' calls, requests, failovers)."""
+        with self._lock:
+            counts = dict(self._counts)
+        if isinstance(self._store, TieredStore):
+            counts.update(self._store.stats())
+        if self._remote is not None:
+            counts.update({f"remote_{name}": value for name, value in self._remote.stats(self.layer_id).items()})
+        return counts
+
+    def _checked(self, ids, out, form, owned, e8m0):
+        if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
+            raise EngramError(f"ids must be a numpy array or a torch tensor, got {type(ids).__name__}")
+        _check_form(form)
+        if e8m0 not in E8M0_READINGS:
+            raise EngramError(f"e8m0 must be one of {', '.join(E8M0_READINGS)}, got {e8m0!r}")
+        if owned is not None and (
+            len(owned) != 2 or not all(isinstance(x, int | np.integer) for x in owned) or owned[0] > owned[1]
+        ):
+            raise EngramError(f"owned must be (start, stop) row ids with start <= stop, got {owned!r}")
+        return self._reader.new_out(tuple(ids.shape), form) if out is None else out
+
+    def _check_range(self, ids) -> None:
+        flat = _numpy(ids).reshape(-1)
+        if len(flat) and (flat.min() < -1 or flat.max() >= self.table_rows):
+            bad = int(np.flatnonzero((flat < -1) | (flat >= self.table_rows))[0])
+            raise EngramError(
+                f"row id {int(flat[bad])} (at index {bad}) is outside the table's {self.table_rows} rows "
+                f"(-1 is the engines' dead id; anything else must be a row)"
+            )
+
+    def _read(self, ids, out, form, owned, e8m0) -> None:
+        self._verification.check()
+        if self._remote is not None:
+            zero_rows = self._read_remote(ids, out, form, owned, e8m0)
+        else:
+            if self._reader.read(ids, out, form, owned, e8m0) == 2:
+                self._verification.check_files()  # a guarded file changed during the read: refused
+            zero_rows = -1
+        count = math.prod(ids.shape)
+        with self._lock:
+            self._counts["reads"] += 1
+            self._counts["rows"] += count
+            if zero_rows > 0:
+                self._counts["zero_rows"] += zero_rows
+
+    def _read_remote(self, ids, out, form, owned, e8m0) -> int:
+        """The rows of ``ids`` from the shards: each distinct row asked for once, then written by the
+        row reader from the stored bytes that came back, as from a local table."""
+        self._check_range(ids)
+        flat = _numpy(ids).reshape(-1)
+        start, stop = owned if owned is not None else (0, self.table_rows)
+        wanted = (flat >= max(start, 0)) & (flat < stop)
+        unique, inverse = np.unique(flat[wanted].astype(np.int64), return_inverse=True)
+        local = np.full(flat.shape, -1, np.int64)
+        local[wanted] = inverse
+        remote: ShardedTables = self._remote
+        if len(unique):
+            parts = remote.collect(remote.request(self.layer_id, unique))
+        else:
+            parts = {name: np.zeros(0, np.uint8) for name in remote.layouts[self.layer_id].part_sizes(0)}
+        source = ([parts[name] for name in ("codes", "scales", "zero_points") if name in parts], len(unique))
+        self._reader.read(local.reshape(tuple(ids.shape)), out, form, None, e8m0, source=source)
+        return int(len(flat) - wanted.sum())
+
+
+class EngramRows:
+    """The rows of every layer of a folder (exported, compiled or calibrated): ``rows[layer].read(ids,
+    out, form=...)``, or ``rows.read(layer, ids, ...)``.
+
+    Options, by name, as ``EngramRuntime`` takes them (its docstring says what each does):
+    ``table_memory`` (``"mmap"``, ``"populate"``, ``"hugepages"``, ``"tiered"``), ``cache_budget``,
+    ``miss_reads``, ``tables="ray://NAME"``, ``shard_deadline``, ``ray_address``, ``check_hashes``.
+    Everything is checked at open (the folder, its files against the manifest, the shards' layout), so
+    a bad configuration is refused in one line there, not at the first read.
+    """
+
+    def __init__(self, path: str | Path, **settings):
+        unknown = sorted(set(settings) - set(ROW_OPTIONS))
+        if unknown:
+            raise EngramError(f"EngramRows takes {', '.join(ROW_OPTIONS)}; not {', '.join(unknown)}")
+        options = RuntimeOptions(**settings)
+        self.path, self.options = Path(path), options
+        if not self.path.is_dir():
+            raise EngramError(f"{path} is not a folder: EngramRows opens a folder that engram-export wrote")
+        checks = options.file_checks()
+        self.manifest = manifest = read_manifest(self.path, checks)
+        stores = tiered_stores(self.path, manifest, options)
+        remote = remote_tables(self.path, manifest, options)
+        self.config = manifest.config
+        layers, guards = {}, []
+        for layer_id, name in manifest.layers.items():
+            model, info = read_openvino(self.path / name, checks)
+            if info.layer_id != layer_id:
+                raise EngramError(f"{self.path / name} holds layer {info.layer_id}; the manifest lists it as {layer_id}")
+            table = row_kernel.stored_table(split_stages(model)[0])
+            if table is None:
+                raise EngramError(f"{self.path / name}: its table is not one the row reader reads")
+            if remote is not None:
+                remote.add_layer(layer_id, table.layout)
+                reader, store = RowReader(table.attributes, table.table_rows, None), None
+            else:
+                store = stores.get(layer_id) or table_store(options.table_memory)
+                placed, tier = row_kernel.place(table, store)
+                guard = guard_mappings([part.ctypes.data for part in placed], owner=model)
+                guards.append(guard)
+                reader = RowReader(table.attributes, table.table_rows, placed, tier, guard, keep=(model, placed))
+            layers[layer_id] = (reader, store)
+        if remote is not None:
+            remote.check()  # every shard answers, and serves what the layout says
+        self.verification = Verification(checks, background=options.background_verification, guards=guards)
+        self._layers = {
+            layer_id: LayerRows(layer_id, reader, self.verification, store, remote)
+            for layer_id, (reader, store) in layers.items()
+        }
+
+    def __getitem__(self, layer_id: int) -> LayerRows:
+        if layer_id not in self._layers:
+            raise UnknownLayer(f"no Engram layer {layer_id} here (layers: {self.layer_ids})")
+        return self._layers[layer_id]
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __contains__(self, layer_id) -> bool:
+        return layer_id in self._layers
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return list(self._layers)
+
+    def read(self, layer_id: int, ids, out=None, **options):
+        """``self[layer_id].read(ids, out, **options)``."""
+        return self[layer_id].read(ids, out, **options)
+
+    def start(self, layer_id: int, ids, out=None, **options) -> PendingRows:
+        """``self[layer_id].start(ids, out, **options)``."""
+        return self[layer_id].start(ids, out, **options)
+
+    def stats(self) -> dict[int, dict[str, int]]:
+        """Layer id -> ``LayerRows.stats()``."""
+        return {layer_id: layer.stats() for layer_id, layer in self._layers.items()}
+
+    def __repr__(self) -> str:
+        where = self.options.tables or f"table_memory={self.options.table_memory!r}"
+        return f"EngramRows({str(self.path)!r}, {where}, layers={self.layer_ids})"
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise EngramError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+
+
+def _numpy(ids) -> np.ndarray:
+    """``ids`` as a numpy array (a CPU torch tensor's own memory)."""
+    return ids if isinstance(ids, np.ndarray) else ids.numpy()
+

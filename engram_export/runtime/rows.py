@@ -44,7 +44,7 @@ __all__ = ["EngramRows", "LayerRows", "PendingRows", "FORMS", "ROW_OPTIONS"]
 # the EngramRuntime options that say where a table's rows are and how they are checked; the others
 # (precision, device, threads, ...) run the fuse, which callers of the row API do themselves
 ROW_OPTIONS = ("table_memory", "cache_budget", "miss_reads", "tables", "shard_deadline", "ray_address", "check_hashes")
-READS = ("reads", "rows", "zero_rows")  # each layer's own counters, beside its store's
+READS = ("reads", "rows")  # each layer's own counters, beside its store's
 
 _STARTED = ThreadPoolExecutor(8, thread_name_prefix="engram-rows")  # reads issued with ``start``
 
@@ -99,7 +99,7 @@ class LayerRows:
         return PendingRows(_STARTED.submit(self._read, ids, out, form, owned, e8m0), out)
 
     def stats(self) -> dict[str, int]:
-        """This layer's reads, rows and zero rows (-1 and ids not owned), and its store's counters (a
+        """This layer's reads and rows (ids read, -1 and ids not owned included), and its store's counters (a
         tiered table's hot hits, cache hits and reads; shards' calls, requests, failovers)."""
         with self._lock:
             counts = dict(self._counts)
@@ -133,19 +133,15 @@ class LayerRows:
     def _read(self, ids, out, form, owned, e8m0) -> None:
         self._verification.check()
         if self._remote is not None:
-            zero_rows = self._read_remote(ids, out, form, owned, e8m0)
-        else:
-            if self._reader.read(ids, out, form, owned, e8m0) == 2:
-                self._verification.check_files()  # a guarded file changed during the read: refused
-            zero_rows = -1
+            self._read_remote(ids, out, form, owned, e8m0)
+        elif self._reader.read(ids, out, form, owned, e8m0) == 2:
+            self._verification.check_files()  # a guarded file changed during the read: refused
         count = math.prod(ids.shape)
         with self._lock:
             self._counts["reads"] += 1
             self._counts["rows"] += count
-            if zero_rows > 0:
-                self._counts["zero_rows"] += zero_rows
 
-    def _read_remote(self, ids, out, form, owned, e8m0) -> int:
+    def _read_remote(self, ids, out, form, owned, e8m0) -> None:
         """The rows of ``ids`` from the shards: each distinct row asked for once, then written by the
         row reader from the stored bytes that came back, as from a local table."""
         self._check_range(ids)
@@ -162,7 +158,6 @@ class LayerRows:
             parts = {name: np.zeros(0, np.uint8) for name in remote.layouts[self.layer_id].part_sizes(0)}
         source = ([parts[name] for name in ("codes", "scales", "zero_points") if name in parts], len(unique))
         self._reader.read(local.reshape(tuple(ids.shape)), out, form, None, e8m0, source=source)
-        return int(len(flat) - wanted.sum())
 
 
 class EngramRows:

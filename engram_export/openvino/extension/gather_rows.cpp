@@ -508,7 +508,7 @@ int engram_rows_read(const EngramRowsRequest* request, char* error, size_t error
                         std::to_string(r.table_rows) + " rows (-1 is the engines' dead id; anything else must be a row)");
                 return 1;
             }
-            if (id >= r.owned[0] && id < r.owned[1]) owned.push_back(i);
+            if (id >= 0 && id >= r.owned[0] && id < r.owned[1]) owned.push_back(i);
         }
         std::vector<RowRef> refs(count, RowRef{nullptr, nullptr, 0, nullptr, 0});
         std::vector<RowRef> found;

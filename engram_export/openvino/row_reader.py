@@ -180,9 +180,7 @@ class RowReader:
         dtype = {"f32": np.float32, "bf16": np.uint16}.get(form, np.uint8)
         return np.empty((*shape, self.width(form)), dtype)
 
-    def read(
-        self, ids, out, form: str, owned: tuple[int, int] | None = None, e8m0: str = "spec", source=None
-    ) -> int:
+    def read(self, ids, out, form: str, owned: tuple[int, int] | None = None, e8m0: str = "spec", source=None) -> int:
         """Write the rows of ``ids`` (int32 or int64, C-contiguous, any shape) into ``out`` (ids' shape +
         [width], the last axis contiguous, rows at regular strides) in ``form``: ids in ``owned``
         [start, stop) (default every row) are read, -1 and any other id give zero rows; an id outside
@@ -226,4 +224,3 @@ class RowReader:
         if done == 1:
             raise EngramError(local.error.value.decode())
         return done
-

@@ -188,7 +188,7 @@ class EngramRows:
         for layer_id, name in manifest.layers.items():
             model, info = read_openvino(self.path / name, checks)
             if info.layer_id != layer_id:
-                raise EngramError(f"{self.path / name} holds layer {info.layer_id}; the manifest lists it as {layer_id}")
+                raise EngramError(f"{self.path / name} holds layer {info.layer_id}; the manifest says {layer_id}")
             table = row_kernel.stored_table(split_stages(model)[0])
             if table is None:
                 raise EngramError(f"{self.path / name}: its table is not one the row reader reads")
@@ -253,4 +253,3 @@ def _check_form(form: str) -> None:
 def _numpy(ids) -> np.ndarray:
     """``ids`` as a numpy array (a CPU torch tensor's own memory)."""
     return ids if isinstance(ids, np.ndarray) else ids.numpy()
-

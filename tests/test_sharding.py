@@ -208,6 +208,28 @@ def test_remote_tables_equal_the_local_runtime(cluster, folders, u4_tables, tmp_
         assert done.returncode == 0 and "2 shard replica(s) ended" in done.stdout, done
 
 
+def test_the_row_api_reads_shards_as_local_tables(cluster, folders, u4_tables):
+    """``EngramRows(tables="ray://...")``: every form, -1 and a rank's share (``owned``), bit for bit as
+    the local folder's rows (u4 codes with zero points: the packed form carries them a byte a group)."""
+    from engram_export.runtime.rows import EngramRows
+
+    local, remote = EngramRows(folders["demo u4"]), EngramRows(folders["demo u4"], tables="ray://u4")
+    for layer in local:
+        size = local[layer].table_rows
+        ids = np.random.default_rng(layer).integers(-1, size, (50, 14, 8))
+        for form in ("f32", "bf16", "packed", "codes", "scales"):
+            for owned in (None, (size // 4, size // 2)):
+                expected = local.read(layer, ids, form=form, owned=owned)
+                assert np.array_equal(remote.read(layer, ids, form=form, owned=owned), expected), (form, owned)
+        assert np.array_equal(
+            remote.start(layer, ids[:1], form="packed").wait(), local.read(layer, ids[:1], form="packed")
+        )
+        stats = remote[layer].stats()
+        assert stats["reads"] == 11 and stats["remote_calls"] == 11 and stats["remote_rows"] > 0, stats
+        with pytest.raises(EngramError, match=f"row id {size} "):
+            remote.read(layer, np.array([size]), form="packed")
+
+
 def test_tiered_shards_equal_the_local_runtime(cluster, folders, tmp_path):
     """Shards of a calibrated folder keep their hot rows in memory and read the rest from the file;
     the rows of a call, some hot and some not, come back merged in order (u4 zero points too)."""

@@ -18,7 +18,6 @@ import dataclasses
 import logging
 
 import numpy as np
-import openvino
 from openvino import opset13 as ops
 
 from engram_export.models.deepseek_v41_config import e4m3_values, e8m0_values
@@ -27,7 +26,7 @@ from engram_export.openvino.table_store import TableStore, table_store
 from engram_export.openvino.tables import owned_bytes, shared_constant
 from engram_export.openvino.tiered import RowLayout
 
-__all__ = ["install", "stored_table", "StoredTable", "place", "rows_decoder"]
+__all__ = ["install", "stored_table", "StoredTable", "place"]
 
 log = logging.getLogger(__name__)
 
@@ -281,24 +280,3 @@ def install(lookup, table_memory: str | TableStore = "mmap") -> bool:
 def _flat_rows(node):
     """[B, T, C, d] -> [B, T, C*d]."""
     return ops.reshape(node, np.array([0, 0, -1], np.int64), special_zero=True).output(0)
-
-
-def rows_decoder(lookup):
-    """A model that ends as the lookup stage ``lookup`` ends, on rows given instead of a table: inputs
-    ``rows`` [B, T, C] (indices into the given rows) and the given rows' stored parts (``codes`` [N, row
-    bytes]; ``scales``, ``zero_points`` flat, as ``tiered.pack_hot_rows`` packs them); output the
-    embeddings the lookup stage makes of those rows, by the same kernel. With its layout (``StoredTable``);
-    None for a lookup this module does not know."""
-    found = _find(lookup)
-    if found is None:
-        return None
-    stored, hashed, end, flat = found
-    columns = hashed.get_partial_shape()[2]
-    shapes = {"rows": [-1, -1, columns], "codes": [-1, stored.layout.row_bytes], "scales": [-1], "zero_points": [-1]}
-    names = ["rows", "codes", "scales", "zero_points"][: 1 + len(stored.parts)]
-    rows, *parts = [ops.parameter(shapes[name], np.int64 if name == "rows" else np.uint8, name=name) for name in names]
-    for parameter, name in zip((rows, *parts), names, strict=True):
-        parameter.output(0).set_names({name})
-    node = make_node("EngramGatherRows", [rows.output(0)] + [part.output(0) for part in parts], stored.attributes)
-    output = _flat_rows(node) if flat else node.output(0)
-    return openvino.Model([output], [rows, *parts], "engram_rows_decoder"), stored

@@ -21,6 +21,7 @@ from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.extension import openvino_core
 from engram_export.openvino.file_guard import constant_addresses, guard_mappings
 from engram_export.openvino.precision import say_emulated
+from engram_export.openvino.row_reader import RowReader
 from engram_export.openvino.stages import EMBEDDINGS, infer, split_stages, wait
 from engram_export.openvino.table_store import TableStore
 from engram_export.runtime.decode import decode_stages
@@ -88,8 +89,7 @@ class OpenVINOBackend:
             lookup, fuse = self._compile(*split_stages(model, self.precision))
             self.lookups: _RequestPool | RemoteLookups = _RequestPool(lookup)
         else:
-            decoder, fuse = self._compile_remote(*split_stages(model, self.precision))
-            self.lookups = RemoteLookups(self.info.layer_id, self.info.config, remote, decoder)
+            self.lookups, fuse = self._compile_remote(*split_stages(model, self.precision))
         self.fuses = _RequestPool(fuse)
         # at most as many calls inside OpenVINO as it has streams: more would only queue inside the
         # plugin while their requests hold memory
@@ -139,17 +139,25 @@ class OpenVINOBackend:
             ) from exc
 
     def _compile_remote(self, lookup, fuse):
-        """The row kernel on rows the shards send (``row_kernel.rows_decoder``) in place of the lookup
-        stage, and the fuse stage, compiled."""
-        found = row_kernel.rows_decoder(lookup)
-        if found is None:
+        """The lookups of rows the shards send, read by the row API's reader in the form the lookup
+        stage ends in (``remote_lookup.py``), and the fuse stage, compiled."""
+        table = row_kernel.stored_table(lookup)
+        if table is None:
             raise EngramError(f"{self.path.name}: tables served by shards need a table the row kernel reads")
-        decoder, stored = found
-        self.remote.add_layer(self.info.layer_id, stored.layout)
+        self.remote.add_layer(self.info.layer_id, table.layout)
         self._lookup_kind = f"row kernel, tables ray://{self.remote.name}"
-        core = openvino_core()
+        output = lookup.output(0)
+        form = "bf16" if output.get_element_type() == openvino.Type.bf16 else "f32"
+        reader = RowReader(table.attributes, table.table_rows, None)
+        lookups = RemoteLookups(
+            self.info.layer_id,
+            self.info.config,
+            self.remote,
+            reader,
+            (form, output.get_partial_shape().rank.get_length() == 3),
+        )
         try:
-            return tuple(core.compile_model(model, self.device, self.config) for model in (decoder, fuse))
+            return lookups, openvino_core().compile_model(fuse, self.device, self.config)
         except RuntimeError as exc:
             raise EngramError(
                 f"OpenVINO cannot compile {self.path.name} for device {self.device!r}: {one_line(exc)}"

@@ -3,11 +3,12 @@
 It stands where the compiled lookup stage's infer request stands (``start_async``, ``wait``,
 ``get_output_tensor``, ``reset_state``), so one-shot calls, prefetch, ``lookup`` and decode sessions run
 unchanged. ``start_async`` hands the lookup to a thread of a pool and returns; there the ids are hashed
-(the reference hash, bit-exact with the model's own), each distinct row is asked for once, from the
-shards that own it, and the stored bytes that come back are decoded by the extension's row kernel
-(``row_kernel.rows_decoder``): the embeddings the local lookup makes, bit for bit. ``wait`` waits for
-that thread. A decode session's request keeps the last ``max_ngram_size - 1`` ids (and, for
-DeepSeek-V4.1, their mask) as the stateful lookup keeps them.
+(the reference hash, bit-exact with the model's own) and the rows read through ``ShardedTables.read``:
+each distinct row asked for once, from the shards that own it, and the stored bytes that come back
+decoded by the row reader of the row API (``openvino/row_reader.py``, the lookup stage's own code):
+the embeddings the local lookup makes, bit for bit. ``wait`` waits for that thread. A decode session's
+request keeps the last ``max_ngram_size - 1`` ids (and, for DeepSeek-V4.1, their mask) as the stateful
+lookup keeps them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import queue
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import openvino
 
 from engram_export.models.table_rows import hashing_of, table_rows
-from engram_export.openvino.stages import infer
+from engram_export.openvino.row_reader import RowReader
 from engram_export.sharding.client import ShardedTables
 
 __all__ = ["RemoteLookups", "RemoteLookupRequest"]
@@ -30,9 +32,10 @@ _FINISHERS = ThreadPoolExecutor(16, thread_name_prefix="engram-remote")
 class RemoteLookupRequest:
     """One lookup in flight at a time, as an OpenVINO infer request is."""
 
-    def __init__(self, layer_id: int, config, tables: ShardedTables, decoder, stateful: bool = False):
+    def __init__(self, layer_id: int, config, tables: ShardedTables, reader: RowReader, output, stateful=False):
         self.layer_id, self.config, self.tables = layer_id, config, tables
-        self._decoder = decoder.create_infer_request()
+        self._reader, (self._form, self._flat) = reader, output
+        self._output: openvino.Tensor | None = None
         self._hashing = hashing_of(config)
         self._stateful = stateful
         self._pending: Future | None = None
@@ -62,9 +65,12 @@ class RemoteLookupRequest:
 
     def _run(self, feeds: dict) -> None:
         rows, history = self._rows(np.asarray(feeds["input_ids"], np.int64), feeds.get("token_mask"))
-        unique, inverse = np.unique(rows, return_inverse=True)
-        parts = self.tables.request(self.layer_id, unique).result()  # ids are checked non-empty: rows too
-        infer(self._decoder, {"rows": inverse.reshape(rows.shape).astype(np.int64), **parts})
+        values = self._reader.new_out(rows.shape, self._form)  # [B, T, C, d]: f32, or bf16 bits
+        self.tables.read(self.layer_id, np.ascontiguousarray(rows), values, self._reader, self._form)
+        shape = (*rows.shape[:2], -1) if self._flat else values.shape  # as the lookup stage's output
+        kind = openvino.Type.bf16 if self._form == "bf16" else openvino.Type.f32
+        values = values.reshape(shape)
+        self._output = openvino.Tensor(values, openvino.Shape(list(values.shape)), kind)
         self._history = history  # kept once the call succeeded: a failed step can be run again
 
     def wait(self) -> None:
@@ -73,14 +79,17 @@ class RemoteLookupRequest:
             finishing.result()  # the EngramUnavailable of a shard that stayed down, as it was raised
 
     def get_output_tensor(self, index: int = 0):
-        return self._decoder.get_output_tensor(index)
+        return self._output
 
 
 class RemoteLookups:
     """Idle remote lookup requests of one layer (the backend's pool of lookup requests)."""
 
-    def __init__(self, layer_id: int, config, tables: ShardedTables, decoder):
-        self.layer_id, self.config, self.tables, self.decoder = layer_id, config, tables, decoder
+    def __init__(self, layer_id: int, config, tables: ShardedTables, reader: RowReader, output: tuple[str, bool]):
+        """``output``: the lookup stage's (form, flat): ``"f32"`` or ``"bf16"``, and whether it ends as
+        [B, T, C*d] (else [B, T, C, d])."""
+        self.layer_id, self.config, self.tables = layer_id, config, tables
+        self.reader, self.output = reader, output
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
 
     def take(self) -> RemoteLookupRequest:
@@ -90,7 +99,7 @@ class RemoteLookups:
             return self.new(stateful=False)
 
     def new(self, stateful: bool) -> RemoteLookupRequest:
-        return RemoteLookupRequest(self.layer_id, self.config, self.tables, self.decoder, stateful)
+        return RemoteLookupRequest(self.layer_id, self.config, self.tables, self.reader, self.output, stateful)
 
     def give_back(self, request: RemoteLookupRequest) -> None:
         self._idle.put(request)

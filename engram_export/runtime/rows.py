@@ -37,7 +37,6 @@ from engram_export.openvino.table_store import TieredStore, table_store
 from engram_export.runtime.model import UnknownLayer, remote_tables, tiered_stores
 from engram_export.runtime.options import RuntimeOptions
 from engram_export.runtime.verification import Verification
-from engram_export.sharding.client import ShardedTables
 
 __all__ = ["EngramRows", "LayerRows", "PendingRows", "FORMS", "ROW_OPTIONS"]
 
@@ -142,22 +141,8 @@ class LayerRows:
             self._counts["rows"] += count
 
     def _read_remote(self, ids, out, form, owned, e8m0) -> None:
-        """The rows of ``ids`` from the shards: each distinct row asked for once, then written by the
-        row reader from the stored bytes that came back, as from a local table."""
         self._check_range(ids)
-        flat = _numpy(ids).reshape(-1)
-        start, stop = owned if owned is not None else (0, self.table_rows)
-        wanted = (flat >= max(start, 0)) & (flat < stop)
-        unique, inverse = np.unique(flat[wanted].astype(np.int64), return_inverse=True)
-        local = np.full(flat.shape, -1, np.int64)
-        local[wanted] = inverse
-        remote: ShardedTables = self._remote
-        if len(unique):
-            parts = remote.collect(remote.request(self.layer_id, unique))
-        else:
-            parts = {name: np.zeros(0, np.uint8) for name in remote.layouts[self.layer_id].part_sizes(0)}
-        source = ([parts[name] for name in ("codes", "scales", "zero_points") if name in parts], len(unique))
-        self._reader.read(local.reshape(tuple(ids.shape)), out, form, None, e8m0, source=source)
+        self._remote.read(self.layer_id, _numpy(ids), out, self._reader, form, owned, e8m0)
 
 
 class EngramRows:

@@ -105,6 +105,24 @@ class ShardedTables:
             self._stats[layer]["bytes"] += sum(part.nbytes for part in parts.values())
         return parts
 
+    def read(self, layer: int, ids: np.ndarray, out, reader, form: str, owned=None, e8m0: str = "spec") -> None:
+        """The rows of ``ids`` (numpy, any shape, in the table's range or -1) of layer ``layer`` written
+        into ``out`` in ``form`` by the row reader ``reader`` (``row_reader.RowReader`` of the layer's
+        layout): each distinct row asked for once from the shards that own it, then read from the stored
+        bytes that came back as from a local table. Ids outside ``owned`` and -1 give zero rows."""
+        flat = ids.reshape(-1)
+        start, stop = owned if owned is not None else (0, self.layouts[layer].table_rows)
+        wanted = (flat >= max(start, 0)) & (flat < stop)
+        unique, inverse = np.unique(flat[wanted].astype(np.int64, copy=False), return_inverse=True)
+        local = np.full(flat.shape, -1, np.int64)
+        local[wanted] = inverse
+        if len(unique):
+            parts = self.collect(self.request(layer, unique))
+        else:
+            parts = {name: np.zeros(0, np.uint8) for name in self.layouts[layer].part_sizes(0)}
+        source = ([parts[name] for name in ("codes", "scales", "zero_points") if name in parts], len(unique))
+        reader.read(local.reshape(ids.shape), out, form, None, e8m0, source=source)
+
     def stats(self, layer: int) -> dict:
         with self._lock:
             return dict(self._stats[layer])

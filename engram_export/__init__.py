@@ -4,6 +4,8 @@ The names a user needs are here, each imported when first used (``import engram_
 PyTorch nor OpenVINO):
 
 - ``EngramRuntime``: load an exported, compiled or quantized layer (or a folder of them) and run it;
+- ``EngramRows``: a folder's table rows by id, for engines that hash and fuse themselves (the row API,
+  which the vLLM and SGLang plug-ins of ``engines/`` use);
 - ``EngramError``: what a bad input, file or config raises, in one line; its subclass
   ``EngramUnavailable``: what a resource that is not there now raises (a table shard down, a Ray cluster
   that cannot be reached);
@@ -17,8 +19,9 @@ hashes and PyTorch layers of both families), ``contract/`` (what an exported fil
 inputs it accepts), ``onnx/`` (export and the custom ops) and ``passes/`` (ONNX graph passes),
 ``openvino/`` (compile, quantize, the C++ extension and what the runtime does to an IR at load),
 ``folders/`` (manifests, whole-model folders, calibration) and ``sharding/`` (tables served on Ray),
-``runtime/`` (``EngramRuntime``, decode sessions, and ``torch.py``, the PyTorch drop-in), ``measure/``
-(verify and the benches) and ``cli/`` (the ``engram-export`` command).
+``runtime/`` (``EngramRuntime``, decode sessions, ``rows.py``, the row API, and ``torch.py``, the
+PyTorch drop-in), ``engines/`` (the vLLM and SGLang plug-ins), ``measure/`` (verify and the benches) and
+``cli/`` (the ``engram-export`` command).
 """
 
 import importlib
@@ -27,6 +30,7 @@ from engram_export.core.errors import EngramError, EngramUnavailable
 
 _PUBLIC = {
     "EngramRuntime": "engram_export.runtime",
+    "EngramRows": "engram_export.runtime.rows",
     "load_config": "engram_export.models.config",
     "build_layer": "engram_export.models.weights",
     "export_layer": "engram_export.onnx.export",

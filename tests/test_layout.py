@@ -91,6 +91,7 @@ LEVELS = {
     "engram_export.runtime": 6,  # EngramRuntime, backends, decode sessions
     "engram_export.runtime.torch": 7,  # the PyTorch drop-in
     "engram_export.measure": 7,  # verify and the benches
+    "engram_export.engines": 7,  # the vLLM and SGLang plug-ins on the row API
     "engram_export.cli": 8,  # the command line
 }
 

@@ -77,55 +77,13 @@ def _resolve(module, dotted: str):
 
 
 def _patch(engram, weight_utils) -> None:
-    import torch
-
     embedding_class, engram_class = engram.ParallelEngramEmbedding, engram.Engram
     if getattr(embedding_class, "_engram_export", False):
         return  # patched already in this process
     create_embedding, skip_weight = engram_class._create_embedding, weight_utils.should_skip_weight
 
-    def allocate_weights(self):
-        scale_dim = self.dim // self.block_size
-        return (
-            torch.empty(self.part_num_embeddings, self.dim, dtype=torch.float8_e4m3fn, device="meta"),
-            torch.empty(self.part_num_embeddings, scale_dim, dtype=torch.uint8, device="meta"),
-        )
-
     def bound_embedding(self, layout, layer_hash_index):
-        embedding = create_embedding(self, layout, layer_hash_index)
-        layer_id = layout.layer_ids[layer_hash_index]
-        head_sizes = tuple(size for order in layout.primes[layer_hash_index] for size in order)
-        embedding._engram_rows = settings.layer_rows(layer_id, embedding.num_embeddings, embedding.dim, head_sizes)
-        for name in ("weight", "weight_scale_inv"):  # no parameter: nothing to load, nothing loaded
-            table = embedding._parameters.pop(name)
-            setattr(embedding, name, table.data)
-        return embedding
-
-    def lookup(self, indices, out, background=False):
-        tokens = indices.shape[0]
-        if not tokens * self.part_n_hash_cols:
-            return
-        columns = min(self.part_n_hash_cols, self.n_hash_cols - self.head_start)  # a last rank's padded heads
-        ids = indices[:, self.head_start : self.head_start + columns]
-        form = "packed" if out.dtype == torch.uint8 else "bf16"
-        owned = (self.vocab_start_idx, self.vocab_end_idx)
-        target = out if out.dim() == 3 else out.view(tokens, self.part_n_hash_cols, -1)
-        if out.is_cuda:  # rows read into pinned host memory, then copied on the current (prefetch) stream
-            staged = torch.empty((tokens, columns, target.shape[-1]), dtype=out.dtype, pin_memory=True)
-            self._engram_rows.read(ids.to("cpu").contiguous(), staged, form=form, owned=owned, e8m0="vllm")
-            target[:, :columns].copy_(staged, non_blocking=True)
-        else:
-            self._engram_rows.read(ids.contiguous(), target[:, :columns], form=form, owned=owned, e8m0="vllm")
-        if columns < self.part_n_hash_cols:
-            target[:, columns:].zero_()
-
-    def storage(self):
-        from engram_export.core.errors import EngramError
-
-        raise EngramError(
-            "engram-export plug-in: this path reads the raw table memory (the GB200 DP peer exchange); "
-            "with ENGRAM_EXPORT_ROWS the rows come through lookup only: run without it"
-        )
+        return bind(create_embedding(self, layout, layer_hash_index), layout, layer_hash_index)
 
     def should_skip_weight(weight_name, local_expert_ids):
         return weight_name.endswith(TABLE_NAMES) or skip_weight(weight_name, local_expert_ids)
@@ -136,3 +94,59 @@ def _patch(engram, weight_utils) -> None:
     engram_class._create_embedding = bound_embedding
     weight_utils.should_skip_weight = should_skip_weight
     embedding_class._engram_export = True
+
+
+def allocate_weights(self):
+    """``ParallelEngramEmbedding._allocate_weights``: the table's shapes on the meta device, no memory."""
+    import torch
+
+    scale_dim = self.dim // self.block_size
+    return (
+        torch.empty(self.part_num_embeddings, self.dim, dtype=torch.float8_e4m3fn, device="meta"),
+        torch.empty(self.part_num_embeddings, scale_dim, dtype=torch.uint8, device="meta"),
+    )
+
+
+def bind(embedding, layout, layer_hash_index: int):
+    """``embedding`` (of layer ``layout.layer_ids[layer_hash_index]``) bound to that layer's rows, after
+    checking them; its table made no parameter (nothing to load, nothing loaded)."""
+    layer_id = layout.layer_ids[layer_hash_index]
+    head_sizes = tuple(size for order in layout.primes[layer_hash_index] for size in order)
+    embedding._engram_rows = settings.layer_rows(layer_id, embedding.num_embeddings, embedding.dim, head_sizes)
+    for name in ("weight", "weight_scale_inv"):
+        table = embedding._parameters.pop(name)
+        setattr(embedding, name, table.data)
+    return embedding
+
+
+def lookup(self, indices, out, background=False):
+    """``ParallelEngramEmbedding.lookup``: this rank's hash columns of ``indices`` [T, all columns], read
+    through the row API into ``out`` as vLLM's kernel writes it (packed uint8 or bf16 [T, heads, ...])."""
+    import torch
+
+    tokens = indices.shape[0]
+    if not tokens * self.part_n_hash_cols:
+        return
+    columns = min(self.part_n_hash_cols, self.n_hash_cols - self.head_start)  # a last rank's padded heads
+    ids = indices[:, self.head_start : self.head_start + columns]
+    form = "packed" if out.dtype == torch.uint8 else "bf16"
+    owned = (self.vocab_start_idx, self.vocab_end_idx)
+    target = out if out.dim() == 3 else out.view(tokens, self.part_n_hash_cols, -1)
+    if out.is_cuda:  # rows read into pinned host memory, then copied on the current (prefetch) stream
+        staged = torch.empty((tokens, columns, target.shape[-1]), dtype=out.dtype, pin_memory=True)
+        self._engram_rows.read(ids.to("cpu").contiguous(), staged, form=form, owned=owned, e8m0="vllm")
+        target[:, :columns].copy_(staged, non_blocking=True)
+    else:
+        self._engram_rows.read(ids.contiguous(), target[:, :columns], form=form, owned=owned, e8m0="vllm")
+    if columns < self.part_n_hash_cols:
+        target[:, columns:].zero_()
+
+
+def storage(self):
+    """``ParallelEngramEmbedding._storage``: refused (the GB200 peer exchange reads raw table memory)."""
+    from engram_export.core.errors import EngramError
+
+    raise EngramError(
+        "engram-export plug-in: this path reads the raw table memory (the GB200 DP peer exchange); "
+        "with ENGRAM_EXPORT_ROWS the rows come through lookup only: run without it"
+    )

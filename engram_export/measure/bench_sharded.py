@@ -19,7 +19,6 @@ Ray's token authentication on). Reported, in one run:
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import threading
 import time
@@ -28,38 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from engram_export.core.text import token_stream, windows
-from engram_export.measure.common import format_table
+from engram_export.measure.common import format_table, ray_cluster
 from engram_export.measure.v41_text import DECODE_BACKBONE_S, compiled_v41, decode_round, v41_with_tokenizer
 from engram_export.runtime import EngramRuntime
 
 __all__ = ["run_sharded_bench"]
 
 SHAPES = {"decode B=1": (1, 1), "decode B=8": (8, 1), "prefill 50x14": (50, 14)}
-
-
-def _cluster():
-    """The ``ray`` module joined to ``RAY_ADDRESS``'s cluster, else to a local one started now; and
-    whether it was started here."""
-    from engram_export.sharding.cluster import connect
-    from engram_export.sharding.names import NAMESPACE
-
-    if os.environ.get("RAY_ADDRESS"):
-        return connect(), False
-    # set before Ray is imported, which reads them then: servers on 127.0.0.1 only, a token
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    import ray
-
-    ray.init(
-        address="local",  # a cluster of its own: without it Ray joins any cluster already running here
-        include_dashboard=False,
-        object_store_memory=1 << 30,
-        namespace=NAMESPACE,
-        logging_level="ERROR",
-        log_to_driver=False,
-    )
-    return ray, True
 
 
 def _p50_ms(call, repeat: int) -> float:
@@ -226,7 +200,7 @@ def run_sharded_bench(
     config = v41_with_tokenizer(tokenizer, rows_per_layer)
     compiled = compiled_v41(config, workdir)
     stream = token_stream(tokenizer, texts)
-    ray, started = _cluster()
+    ray, started = ray_cluster()
     try:
         layout = serve_tables(compiled, "bench", shards, 2, "populate")
         try:

@@ -1,5 +1,5 @@
 """What verify and every bench share: seeded inputs, tables as text, round-robin timing, resident memory,
-the CPU and the precision it really runs, target lines.
+the CPU and the precision it really runs, target lines, a local Ray cluster.
 
 No bench imports another; what two of them use lives here (or, for the DeepSeek-V4.1 model the benches
 on real text serve, in ``v41_text.py``).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import secrets
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "target_line",
     "resident_mib",
     "evict_page_cache",
+    "ray_cluster",
     "cpu_summary",
     "precision_label",
     "matmul_floor",
@@ -155,6 +157,32 @@ def evict_page_cache(folder: Path) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+def ray_cluster():
+    """The ``ray`` module joined to ``RAY_ADDRESS``'s cluster, else to a local one started now (servers on
+    127.0.0.1 only, Ray's token authentication on); and whether it was started here (the caller shuts it
+    down)."""
+    from engram_export.sharding.cluster import connect
+    from engram_export.sharding.names import NAMESPACE
+
+    if os.environ.get("RAY_ADDRESS"):
+        return connect(), False
+    # set before Ray is imported, which reads them then: servers on 127.0.0.1 only, a token
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    import ray
+
+    ray.init(
+        address="local",  # a cluster of its own: without it Ray joins any cluster already running here
+        include_dashboard=False,
+        object_store_memory=1 << 30,
+        namespace=NAMESPACE,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
+    return ray, True
 
 
 def cpu_summary() -> str:

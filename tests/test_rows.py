@@ -200,3 +200,22 @@ def test_refusals_are_one_line_and_read_nothing(text_folders, tmp_path):
         EngramRows(text_folders["v41 f32"], table_memory="ssd")
     with pytest.raises(EngramError, match="table_memory='tiered' serves the hot set|never calibrated|calibrate"):
         EngramRows(text_folders["v41 f32"], table_memory="tiered")
+
+
+@pytest.mark.slow
+def test_the_gpu_host_script_on_the_plugins_cpu_branch(text_folders):
+    """``samples/engines_gpu_check.py rows`` (docs/engines.md), run with ``--device cpu``: the plug-ins'
+    lookups equal the checkpoint's bytes and both engines' decodes of them, for every layer."""
+    import os
+    import subprocess
+    import sys
+
+    folder = text_folders["v41 f32"]
+    script = Path(__file__).parent.parent / "samples" / "engines_gpu_check.py"
+    arguments = ["rows", "--checkpoint", folder.parent / "ckpt_F8_E4M3", "--folder", folder, "--device", "cpu"]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ENGRAM_EXPORT_")}
+    done = subprocess.run(
+        [sys.executable, script, *arguments, "--rounds", "5"], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("rows equal the checkpoint") == 6 and "DIFFER" not in done.stdout, done.stdout

@@ -11,6 +11,7 @@ is written here until pytest-xdist does it again.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from engram_export.models.config import load_config
 from tests.helpers import TINY_LAYER
 
 progress.quiet()
+
+# tests/engines runs the released vLLM and SGLang, installed only in .venv-engines (engines/install.sh)
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["engines"]
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-xdist's own, which leaves the node ids as they were

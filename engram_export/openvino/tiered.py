@@ -35,6 +35,7 @@ __all__ = [
     "row_parts",
     "packed_parts",
     "read_hot_set",
+    "hot_set",
     "open_tier",
     "Tier",
     "STATS",
@@ -169,6 +170,12 @@ def read_hot_set(folder: Path, layer_file: str, layout: RowLayout) -> HotSet:
                 f"hot set {folder / names[part]}: {arrays[part].nbytes} bytes of {arrays[part].dtype}, "
                 f"expected {size} bytes of uint8 for {len(rows)} rows of this table"
             )
+    return hot_set(rows, {part: huge_page_copy(array) for part, array in arrays.items()}, layout)
+
+
+def hot_set(rows: np.ndarray, parts: dict[str, np.ndarray], layout: RowLayout) -> HotSet:
+    """The hot set of ``rows`` (sorted, unique) whose stored bytes ``parts`` holds packed in their order
+    (``pack_hot_rows``), in resident memory the caller gives: the bitmap and ranks that find them."""
     words = -(-layout.table_rows // 512) * 8
     bits = np.zeros(words, np.uint64)
     if len(rows):
@@ -177,7 +184,7 @@ def read_hot_set(folder: Path, layer_file: str, layout: RowLayout) -> HotSet:
         bits[word[starts]] = np.add.reduceat(np.left_shift(np.uint64(1), (rows & 63).astype(np.uint64)), starts)
     per_block = np.bitwise_count(bits).reshape(-1, 8).sum(axis=1, dtype=np.uint64)
     ranks = np.concatenate([[0], np.cumsum(per_block)[:-1]]).astype(np.uint64)
-    return HotSet(len(rows), bits, ranks, {part: huge_page_copy(array) for part, array in arrays.items()})
+    return HotSet(len(rows), bits, ranks, parts)
 
 
 def _file_region(array: np.ndarray) -> tuple[str, int, int, int] | None:

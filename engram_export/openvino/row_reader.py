@@ -85,6 +85,11 @@ def _library():
     return library
 
 
+_FORM_CODES = {form: code for code, form in enumerate(FORMS)}
+_OUT_DTYPES = {"f32": "float32", "bf16": "bfloat16", "packed": "uint8", "codes": "uint8", "scales": "uint8"}
+_NUMPY_OUT = {"f32": np.float32, "bf16": np.uint16, "packed": np.uint8, "codes": np.uint8, "scales": np.uint8}
+_ITEMSIZES = {"float32": 4, "bfloat16": 2, "uint8": 1}
+
 # numpy dtypes by the names the reader uses (numpy has no bf16: its bits, uint16)
 _NUMPY_DTYPES = {
     np.dtype(name): alias
@@ -99,7 +104,7 @@ class _Array:
     __slots__ = ("address", "dtype", "shape", "strides", "contiguous")
 
     def __init__(self, value, what: str):
-        if isinstance(value, np.ndarray):
+        if type(value) is np.ndarray or isinstance(value, np.ndarray):
             self.address = value.__array_interface__["data"][0]
             self.dtype = _NUMPY_DTYPES.get(value.dtype) or value.dtype.name
             self.shape, self.strides, self.contiguous = value.shape, value.strides, value.flags.c_contiguous
@@ -160,25 +165,18 @@ class RowReader:
         self._guard_slots = slots
         self._template = bytes(template)
         self._local = threading.local()  # each thread's request and error buffer
+        packed = self.row_bytes + self.scale_bytes + self.zero_bytes
+        self._widths = {"f32": self.row_size, "bf16": self.row_size, "packed": packed}
+        self._widths |= {"codes": self.row_bytes, "scales": self.scale_bytes}
         _library()
 
     def width(self, form: str) -> int:
         """Values (decoded forms) or bytes (stored forms) per row of ``form``."""
-        return {
-            "f32": self.row_size,
-            "bf16": self.row_size,
-            "packed": self.row_bytes + self.scale_bytes + self.zero_bytes,
-            "codes": self.row_bytes,
-            "scales": self.scale_bytes,
-        }[form]
-
-    def out_dtype(self, form: str) -> str:
-        return {"f32": "float32", "bf16": "bfloat16"}.get(form, "uint8")
+        return self._widths[form]
 
     def new_out(self, shape: tuple, form: str) -> np.ndarray:
         """A numpy array for the rows of ids of ``shape`` in ``form`` (bf16 as its bits, uint16)."""
-        dtype = {"f32": np.float32, "bf16": np.uint16}.get(form, np.uint8)
-        return np.empty((*shape, self.width(form)), dtype)
+        return np.empty((*shape, self._widths[form]), _NUMPY_OUT[form])
 
     def read(self, ids, out, form: str, owned: tuple[int, int] | None = None, e8m0: str = "spec", source=None) -> int:
         """Write the rows of ``ids`` (int32 or int64, C-contiguous, any shape) into ``out`` (ids' shape +
@@ -193,22 +191,22 @@ class RowReader:
             raise EngramError(f"ids must be int32 or int64, got {ids_array.dtype}")
         if not ids_array.contiguous:
             raise EngramError(f"ids must be C-contiguous, got strides {ids_array.strides}")
-        width, dtype = self.width(form), self.out_dtype(form)
+        width, dtype = self._widths[form], _OUT_DTYPES[form]
         if out_array.shape != (*ids_array.shape, width) or out_array.dtype != dtype:
             raise EngramError(
                 f"out must be {dtype} {[*ids_array.shape, width]} for {form} rows of ids {list(ids_array.shape)}, "
                 f"got {out_array.dtype} {list(out_array.shape)}"
             )
-        if width > 1 and out_array.strides[-1] != (1 if dtype == "uint8" else 2 if dtype == "bfloat16" else 4):
+        if width > 1 and out_array.strides[-1] != _ITEMSIZES[dtype]:
             raise EngramError(f"out: the values of a row must be contiguous, got strides {out_array.strides}")
         inner, outer_stride, inner_stride = _rows_at(out_array.shape[:-1], out_array.strides[:-1])
         local = self._local
         request = getattr(local, "request", None)
         if request is None:
             request = local.request = _Request()
-            local.error = ctypes.create_string_buffer(512)
-        ctypes.memmove(ctypes.addressof(request), self._template, len(self._template))
-        request.form = FORMS.index(form)
+            local.address, local.error = ctypes.addressof(request), ctypes.create_string_buffer(512)
+        ctypes.memmove(local.address, self._template, len(self._template))
+        request.form = _FORM_CODES[form]
         if source is not None:
             parts, request.table_rows = source
             for index, part in enumerate(parts):

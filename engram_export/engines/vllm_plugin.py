@@ -18,6 +18,15 @@ from engram-export's row API instead of a host table.
 - ``ParallelEngramEmbedding._storage``: refused in one line (the GB200 peer exchange reads raw table
   memory, which the plug-in does not have).
 
+A lookup inside a CUDA graph capture is refused in one line: vLLM runs its offloaded lookup eagerly between
+captured segments (``eager_break_during_capture``), but not with ``cpu_offload=False`` or in cudagraph mode
+FULL, and a graph cannot replay a host read.
+
+The checkpoint's tables are skipped unread by vLLM's default loader (``safetensors_weights_iterator``, its
+default lazy strategy) only. Its ``eager`` and ``prefetch`` strategies read whole files first; the other
+load formats (``fastsafetensors``, ``instanttensor``, ``enable_multithread_load``) call no
+``should_skip_weight`` and hand the tables to the model, which has no parameter for them (a ``KeyError``).
+
 A replaced method whose signature differs from 0.33.0's is refused at ``register``, naming it.
 """
 
@@ -127,6 +136,8 @@ def lookup(self, indices, out, background=False):
     tokens = indices.shape[0]
     if not tokens * self.part_n_hash_cols:
         return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise _captured()
     columns = min(self.part_n_hash_cols, self.n_hash_cols - self.head_start)  # a last rank's padded heads
     ids = indices[:, self.head_start : self.head_start + columns]
     form = "packed" if out.dtype == torch.uint8 else "bf16"
@@ -140,6 +151,16 @@ def lookup(self, indices, out, background=False):
         self._engram_rows.read(ids.contiguous(), target[:, :columns], form=form, owned=owned, e8m0="vllm")
     if columns < self.part_n_hash_cols:
         target[:, columns:].zero_()
+
+
+def _captured():
+    from engram_export.core.errors import EngramError
+
+    return EngramError(
+        "engram-export plug-in: vLLM is capturing the Engram lookup in a CUDA graph (cpu_offload=False, or "
+        "cudagraph mode FULL); its rows are read on the host, which a graph cannot replay: run with "
+        "cpu_offload (vLLM's default) and a cudagraph mode that runs the lookup eagerly, or --enforce-eager"
+    )
 
 
 def storage(self):

@@ -12,8 +12,10 @@ engram-export's row API instead of a table in GPU or host memory.
   ids it does not own and -1, as SGLang's own CPU path gives them;
 - ``EngramRowStager._gather`` (AROUND): SGLang's scheduler-side staging (``SGLANG_OPT_DSV41_ENGRAM_HOST_
   STAGING``, on a GPU) gathers codes and scales apart through the row API;
-- ``weight_utils.safetensors_weights_iterator`` (AROUND): the checkpoint's tables are skipped before they
-  are read.
+- ``weight_utils.buffered_multi_thread_safetensors_weights_iterator`` (what SGLang's loader uses by
+  default) and ``safetensors_weights_iterator`` (without threads, or with prefetch) (AROUND): the
+  checkpoint's tables are skipped before they are read. Other load formats (fastsafetensors, runai, ...)
+  still read them; the model then drops them ("not found in params_dict").
 
 SGLang logs a plug-in's error and goes on; so that a bad folder or a changed SGLang never serves its own
 (or no) table silently, every failure of ``register`` also makes ``EngramEmbedding.__init__`` raise it:
@@ -45,7 +47,16 @@ REPLACED = {
         "prefetch_num_threads",
         "drop_cache_after_load",
     ),
+    f"{WEIGHT_UTILS}.buffered_multi_thread_safetensors_weights_iterator": (
+        "hf_weights_files",
+        "max_workers",
+        "disable_mmap",
+        "prefetch",
+        "prefetch_num_threads",
+        "drop_cache_after_load",
+    ),
 }
+ITERATORS = [target for target in REPLACED if target.startswith(WEIGHT_UTILS)]  # the checkpoint's readers
 _placeholders: dict[int, tuple] = {}  # data_ptr of a placeholder table -> (LayerRows, form)
 
 
@@ -65,7 +76,8 @@ def register() -> None:
         HookRegistry.register(init_target, _init, HookType.REPLACE)
         HookRegistry.register(f"{ENGRAM_MODULE}.EngramEmbedding._owned_rows", _owned_rows, HookType.REPLACE)
         HookRegistry.register(f"{STAGING_MODULE}.EngramRowStager._gather", _gather, HookType.AROUND)
-        HookRegistry.register(f"{WEIGHT_UTILS}.safetensors_weights_iterator", _skip_tables, HookType.AROUND)
+        for iterator in ITERATORS:
+            HookRegistry.register(iterator, _skip_tables, HookType.AROUND)
         rows = settings.open_rows()  # every check of the folder (and its shards) now, at engine start
     except Exception as exc:
         HookRegistry.register(init_target, _refuse(exc), HookType.REPLACE)
@@ -156,15 +168,24 @@ def _gather(original, self, table, ids):
 
 
 def _skip_tables(original, hf_weights_files, *args, **kwargs):
-    """SGLang's iterator, file by file; a file that holds an Engram table is read without it."""
+    """SGLang's iterator over the files without an Engram table (each run of them in one call, so the
+    multi-threaded one still reads them in parallel); a file with a table is read here without it, in
+    the files' order."""
     import safetensors
 
+    run = []
     for file in hf_weights_files:
         with safetensors.safe_open(file, framework="pt", device="cpu") as opened:
             names = list(opened.keys())
-            if any(name.endswith(TABLE_NAMES) for name in names):
-                for name in names:
-                    if not name.endswith(TABLE_NAMES):
-                        yield name, opened.get_tensor(name)
-                continue
-        yield from original([file], *args, **kwargs)
+        if not any(name.endswith(TABLE_NAMES) for name in names):
+            run.append(file)
+            continue
+        if run:
+            yield from original(run, *args, **kwargs)
+            run = []
+        with safetensors.safe_open(file, framework="pt", device="cpu") as opened:
+            for name in names:
+                if not name.endswith(TABLE_NAMES):
+                    yield name, opened.get_tensor(name)
+    if run:
+        yield from original(run, *args, **kwargs)

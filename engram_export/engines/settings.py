@@ -5,8 +5,9 @@ Environment (each also a key of the JSON file, in lower case without the prefix)
 ``ENGRAM_EXPORT_ROWS`` the folder (exported, compiled or calibrated); ``ENGRAM_EXPORT_TABLES``
 ``ray://NAME`` when shards serve its tables; ``ENGRAM_EXPORT_TABLE_MEMORY``, ``_CACHE_BUDGET``,
 ``_MISS_READS``, ``_SHARD_DEADLINE``, ``_RAY_ADDRESS``, ``_CHECK_HASHES`` as ``EngramRows`` takes them.
-The tables are opened once per process, at the engine's start (its plug-in loader), so a bad setting
-is refused there in one line.
+Every engine process loads the plug-in; ``check`` refuses a bad setting there, in one line, without
+opening the tables (a front end never reads a row). The tables are opened once per process, when the
+process builds the model (``layer_rows``), still at the engine's start.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from engram_export.core.errors import EngramError
 if TYPE_CHECKING:
     from engram_export.runtime.rows import EngramRows, LayerRows
 
-__all__ = ["configured", "settings", "open_rows", "layer_rows", "check_signature"]
+__all__ = ["configured", "settings", "check", "open_rows", "layer_rows", "check_signature"]
 
 PREFIX = "ENGRAM_EXPORT_"
 KEYS = ("rows", "tables", "table_memory", "cache_budget", "miss_reads", "shard_deadline", "ray_address", "check_hashes")
@@ -56,6 +57,18 @@ def settings() -> dict:
     if not found.get("rows"):
         raise EngramError(f"engram-export plug-in: set {PREFIX}ROWS to the folder whose rows it serves")
     return found
+
+
+def check() -> None:
+    """Refuse, in one line, what opening the tables would refuse first (``EngramRows.check``)."""
+    from engram_export.runtime.rows import EngramRows
+
+    options = settings()
+    folder = options.pop("rows")
+    try:
+        EngramRows.check(folder, **options)
+    except EngramError as exc:
+        raise EngramError(f"engram-export plug-in ({PREFIX}ROWS={folder}): {exc}") from None
 
 
 def open_rows() -> EngramRows:

@@ -2,8 +2,9 @@
 from engram-export's row API instead of a host table.
 
 ``register`` (called by ``vllm.plugins.load_general_plugins`` in every vLLM process) does nothing unless
-``ENGRAM_EXPORT_ROWS`` is set (``settings.py``). Then it opens the folder's tables (a bad folder or
-``ray://`` name is refused there, at engine start) and replaces, in
+``ENGRAM_EXPORT_ROWS`` is set (``settings.py``). Then it checks the settings (a missing folder, a bad
+option, a ``ray://`` name not served is refused there, at engine start, in every process; the tables
+themselves are opened by the processes that build the model, when they do) and replaces, in
 ``vllm/models/deepseek_v41/common/engram.py``:
 
 - ``ParallelEngramEmbedding._allocate_weights``: the table and scales are meta tensors, no memory;
@@ -64,7 +65,7 @@ REPLACED = {
 
 
 def register() -> None:
-    """The entry point: inert without ``ENGRAM_EXPORT_ROWS``; else the tables opened and vLLM patched."""
+    """The entry point: inert without ``ENGRAM_EXPORT_ROWS``; else the settings checked and vLLM patched."""
     if not settings.configured():
         return
     import importlib
@@ -75,9 +76,9 @@ def register() -> None:
     targets["should_skip_weight"] = weight_utils.should_skip_weight
     for name, function in targets.items():
         settings.check_signature(function, REPLACED[name], name, "vLLM")
-    rows = settings.open_rows()  # every check of the folder (and its shards) now, at engine start
+    settings.check()  # what opening would refuse first, now, in every process; opened where the model is built
     _patch(engram, weight_utils)
-    log.info("engram-export serves the Engram rows of layers %s from %r", rows.layer_ids, rows)
+    log.info("engram-export serves the Engram rows from %s", settings.settings()["rows"])
 
 
 def _resolve(module, dotted: str):

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from engram_export.core.errors import EngramError
+from engram_export.core.integrity import FileChecks
 from engram_export.folders.manifest import read_manifest
 from engram_export.openvino import row_kernel
 from engram_export.openvino.compile import read_openvino
@@ -163,13 +164,8 @@ class EngramRows:
     """
 
     def __init__(self, path: str | Path, **settings):
-        unknown = sorted(set(settings) - set(ROW_OPTIONS))
-        if unknown:
-            raise EngramError(f"EngramRows takes {', '.join(ROW_OPTIONS)}; not {', '.join(unknown)}")
-        options = RuntimeOptions(**settings)
+        options = _options(path, settings)
         self.path, self.options = Path(path), options
-        if not self.path.is_dir():
-            raise EngramError(f"{path} is not a folder: EngramRows opens a folder that engram-export wrote")
         checks = options.file_checks()
         self.manifest = manifest = read_manifest(self.path, checks)
         stores = tiered_stores(self.path, manifest, options)
@@ -200,6 +196,18 @@ class EngramRows:
             layer_id: LayerRows(layer_id, reader, self.verification, store, remote)
             for layer_id, (reader, store) in layers.items()
         }
+
+    @staticmethod
+    def check(path: str | Path, **settings) -> None:
+        """What opening would refuse first, without opening anything: the options, the folder and its
+        manifest (files by size), a calibration where ``tiered`` needs one, the shards' name and layout.
+        For a process that must refuse a bad setting now but may never read a row (an engine's front end)."""
+        options = _options(path, settings)
+        manifest = read_manifest(Path(path), FileChecks("size", tables_elsewhere=options.tables is not None))
+        if options.table_memory == "tiered":
+            for layer in manifest.layers:
+                manifest.hot_set(layer)
+        remote_tables(Path(path), manifest, options)
 
     def __getitem__(self, layer_id: int) -> LayerRows:
         if layer_id not in self._layers:
@@ -234,6 +242,15 @@ class EngramRows:
     def __repr__(self) -> str:
         where = self.options.tables or f"table_memory={self.options.table_memory!r}"
         return f"EngramRows({str(self.path)!r}, {where}, layers={self.layer_ids})"
+
+
+def _options(path, settings: dict) -> RuntimeOptions:
+    unknown = sorted(set(settings) - set(ROW_OPTIONS))
+    if unknown:
+        raise EngramError(f"EngramRows takes {', '.join(ROW_OPTIONS)}; not {', '.join(unknown)}")
+    if not Path(path).is_dir():
+        raise EngramError(f"{path} is not a folder: EngramRows opens a folder that engram-export wrote")
+    return RuntimeOptions(**settings)
 
 
 def _check_form(form: str) -> None:

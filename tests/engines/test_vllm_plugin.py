@@ -304,6 +304,7 @@ def test_lookup_equals_vllm(plugins, monkeypatch, v41, v41_ids, v41_reference, t
     configure(monkeypatch, rows=v41.folder)
     plugins.load()
     assert _changed(plugins.before) == REPLACED
+    assert not settings._opened  # checked, not opened: a process that builds no model holds no table
     patched = _snapshot()
     plugins.load()  # vLLM may load plug-ins again in one process: nothing replaced twice
     assert not _changed(patched)

@@ -213,3 +213,24 @@ def test_the_row_api_refuses_reads_of_a_truncated_table_and_the_process_serves_o
     with pytest.raises(EngramError, match=table.name):
         rows.read(layer, ids, form="packed")
     np.testing.assert_array_equal(untouched.read(layer, ids, form="packed"), expected)
+
+
+def test_a_shared_hot_set_truncated_is_refused(calibrated, tmp_path):
+    """``hot_set_memory="shared"`` serves the hot rows from the hot set files' pages: a hot file truncated
+    under a runtime and a row API is refused in one line naming it, as the table is."""
+    from engram_export.runtime.rows import EngramRows
+
+    folder = shutil.copytree(calibrated["v41"], tmp_path / "served")
+    runtime = EngramRuntime(folder, table_memory="tiered", hot_set_memory="shared")
+    rows = EngramRows(folder, table_memory="tiered", hot_set_memory="shared")
+    layer = runtime.layer_ids[0]
+    ids, hidden, mask = _inputs(runtime)
+    expected = EngramRuntime(calibrated["v41"])[layer](ids, hidden, mask)
+    np.testing.assert_array_equal(runtime[layer](ids, hidden, mask), expected)
+    hot = next(folder.glob(f"layer_{layer}.hot.codes.npy"))
+    os.truncate(hot, 0)
+    with pytest.raises(EngramError, match=hot.name):
+        runtime[layer](ids, hidden, mask)
+    everything = np.arange(rows[layer].table_rows)  # every row: the hot ones too
+    with pytest.raises(EngramError, match=hot.name):
+        rows.read(layer, everything, form="packed")

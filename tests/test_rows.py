@@ -115,15 +115,21 @@ def test_every_e8m0_byte_decodes_as_the_spec_or_as_vllm():
         assert torch.equal(bf16.nan_to_num(7.0), expected.to(torch.bfloat16).nan_to_num(7.0)), e8m0
 
 
-def test_tiered_rows_with_misses_and_a_cache(text_folders, tmp_path):
-    """A calibrated folder: hot rows from memory, the others read from the file (and cached), the same
-    bytes as the whole table's; the counters say where they came from."""
+@pytest.mark.parametrize("hot_set_memory", ["private", "shared"])
+def test_tiered_rows_with_misses_and_a_cache(text_folders, tmp_path, hot_set_memory):
+    """A calibrated folder: hot rows from memory (a private copy, or the hot set files' pages, shared by
+    every process that maps them), the others read from the file (and cached), the same bytes as the
+    whole table's; the counters say where they came from."""
+    from engram_export.openvino.memory import file_mappings
+
     text = tmp_path / "prose.txt"
     text.write_text(package_prose()[:60_000])
     calibrated = tmp_path / "calibrated"
     calibrate(text_folders["v41 f32"], calibrated, [text], "30%")
     whole = EngramRows(calibrated, table_memory="populate")
-    tiered = EngramRows(calibrated, table_memory="tiered", cache_budget="16KiB")
+    tiered = EngramRows(calibrated, table_memory="tiered", cache_budget="16KiB", hot_set_memory=hot_set_memory)
+    hot_files = {m.path for m in file_mappings() if ".hot." in m.path and m.path.startswith(str(calibrated))}
+    assert bool(hot_files) == (hot_set_memory == "shared"), hot_files
     for layer in whole:
         ids = np.random.default_rng(layer).integers(-1, whole[layer].table_rows, (64, 24))
         for _ in range(2):  # again: some rows from the cache now
@@ -198,6 +204,8 @@ def test_refusals_are_one_line_and_read_nothing(text_folders, tmp_path):
         EngramRows(tmp_path / "nothing")
     with pytest.raises(EngramError, match="table_memory must be one of"):
         EngramRows(text_folders["v41 f32"], table_memory="ssd")
+    with pytest.raises(EngramError, match="hot_set_memory must be one of private, shared, got 'disk'"):
+        EngramRows(text_folders["v41 f32"], hot_set_memory="disk")
     with pytest.raises(EngramError, match="table_memory='tiered' serves the hot set|never calibrated|calibrate"):
         EngramRows(text_folders["v41 f32"], table_memory="tiered")
 

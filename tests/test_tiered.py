@@ -116,6 +116,10 @@ def test_tiered_equals_populate(served, calibrated, text, form):
             "no cache": EngramRuntime(calibrated[form], table_memory="tiered", precision=precision),
             # a cache far smaller than the rows read: evictions on every call
             "cache": EngramRuntime(calibrated[form], table_memory="tiered", cache_budget=40_000, precision=precision),
+            # the hot rows in the hot set files' pages, shared by every process on the host (u4 zero points too)
+            "shared hot set": EngramRuntime(
+                calibrated[form], table_memory="tiered", hot_set_memory="shared", precision=precision
+            ),
         }
         for batch, tokens in ((50, 14), (1, 1), (3, 17)):
             ids, hidden, mask = _inputs(resident, text, batch, tokens, seed=batch)

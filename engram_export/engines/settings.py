@@ -4,7 +4,9 @@ file ``ENGRAM_EXPORT_CONFIG`` names) says which folder.
 Environment (each also a key of the JSON file, in lower case without the prefix):
 ``ENGRAM_EXPORT_ROWS`` the folder (exported, compiled or calibrated); ``ENGRAM_EXPORT_TABLES``
 ``ray://NAME`` when shards serve its tables; ``ENGRAM_EXPORT_TABLE_MEMORY``, ``_CACHE_BUDGET``,
-``_MISS_READS``, ``_SHARD_DEADLINE``, ``_RAY_ADDRESS``, ``_CHECK_HASHES`` as ``EngramRows`` takes them.
+``_MISS_READS``, ``_HOT_SET_MEMORY``, ``_SHARD_DEADLINE``, ``_RAY_ADDRESS``, ``_CHECK_HASHES`` as
+``EngramRows`` takes them, except that a tiered table's hot set defaults to ``shared``: the files' pages,
+one copy for every process of the engine on the host, not one per rank.
 Every engine process loads the plug-in; ``check`` refuses a bad setting there, in one line, without
 opening the tables (a front end never reads a row). The tables are opened once per process, when the
 process builds the model (``layer_rows``), still at the engine's start.
@@ -26,7 +28,17 @@ if TYPE_CHECKING:
 __all__ = ["configured", "settings", "check", "open_rows", "layer_rows", "check_signature"]
 
 PREFIX = "ENGRAM_EXPORT_"
-KEYS = ("rows", "tables", "table_memory", "cache_budget", "miss_reads", "shard_deadline", "ray_address", "check_hashes")
+KEYS = (
+    "rows",
+    "tables",
+    "table_memory",
+    "cache_budget",
+    "miss_reads",
+    "hot_set_memory",
+    "shard_deadline",
+    "ray_address",
+    "check_hashes",
+)
 _NUMBERS = {"shard_deadline": float}
 _opened: dict[str, EngramRows] = {}
 _lock = threading.Lock()
@@ -54,6 +66,8 @@ def settings() -> dict:
             found[key] = _NUMBERS.get(key, str)(value)
     if "check_hashes" in found and found["check_hashes"] in ("true", "True", "1"):
         found["check_hashes"] = True
+    if found.get("table_memory") == "tiered":  # an engine's processes (its ranks) share one hot set
+        found.setdefault("hot_set_memory", "shared")
     if not found.get("rows"):
         raise EngramError(f"engram-export plug-in: set {PREFIX}ROWS to the folder whose rows it serves")
     return found

@@ -2,7 +2,10 @@
 engram-export's row API instead of a table in GPU or host memory.
 
 ``register`` (called by ``sglang.srt.plugins.load_plugins`` in every SGLang process) does nothing unless
-``ENGRAM_EXPORT_ROWS`` is set (``settings.py``). Then it registers with SGLang's ``HookRegistry``:
+``ENGRAM_EXPORT_ROWS`` is set (``settings.py``). Then it checks the settings (a missing folder, a bad
+option, a ``ray://`` name not served is refused there, in every process; the tables themselves are opened
+by the processes that build the model, at their first ``EngramEmbedding``: SGLang's front end, its
+tokenizer and detokenizer processes, hold none) and registers with SGLang's ``HookRegistry``:
 
 - ``EngramEmbedding.__init__`` (REPLACE): the rank's row range as SGLang's ``shard_range`` gives it, no
   table allocated (neither GPU, host nor peer memory; ``weight`` and ``scale`` are placeholders of the
@@ -78,11 +81,11 @@ def register() -> None:
         HookRegistry.register(f"{STAGING_MODULE}.EngramRowStager._gather", _gather, HookType.AROUND)
         for iterator in ITERATORS:
             HookRegistry.register(iterator, _skip_tables, HookType.AROUND)
-        rows = settings.open_rows()  # every check of the folder (and its shards) now, at engine start
+        settings.check()  # what opening would refuse first, now, in every process; opened where the model is built
     except Exception as exc:
         HookRegistry.register(init_target, _refuse(exc), HookType.REPLACE)
         raise
-    log.info("engram-export serves the Engram rows of layers %s from %r", rows.layer_ids, rows)
+    log.info("engram-export serves the Engram rows from %s", settings.settings()["rows"])
 
 
 def _refuse(error: Exception):

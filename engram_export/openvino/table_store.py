@@ -113,17 +113,29 @@ class HugePagesStore(TableStore):
 class TieredStore(MappedStore):
     name, resident = "tiered", False
 
-    def __init__(self, folder: Path, layer_file: str, cache_bytes: int = 0, miss_reads: str = "readahead"):
+    def __init__(
+        self,
+        folder: Path,
+        layer_file: str,
+        cache_bytes: int = 0,
+        miss_reads: str = "readahead",
+        hot_set_memory: str = "private",
+    ):
         self.folder, self.layer_file, self.cache_bytes = Path(folder), layer_file, cache_bytes
-        self.miss_reads = miss_reads
+        self.miss_reads, self.hot_set_memory = miss_reads, hot_set_memory
         self._tiers: dict[tuple, Tier] = {}  # the decode stages share the lookup stage's table: one tier
 
     def tier(self, parts: list[np.ndarray], layout: RowLayout) -> int:
         key = tuple(part.ctypes.data for part in parts)
         if key not in self._tiers:
-            hot = read_hot_set(self.folder, self.layer_file, layout)
+            hot = read_hot_set(self.folder, self.layer_file, layout, shared=self.hot_set_memory == "shared")
             self._tiers[key] = open_tier(parts, layout, hot, self.cache_bytes, self.miss_reads)
         return self._tiers[key].id
+
+    def mapped_addresses(self) -> list[int]:
+        """Where this store's tiers keep hot rows in the pages of their files (``hot_set_memory="shared"``):
+        the file guard watches them as it watches the table's."""
+        return [part.ctypes.data for tier in self._tiers.values() for part in tier.mapped_parts()]
 
     def stats(self) -> dict[str, int]:
         """The counters of this store's tiers, summed (``tiered.STATS``)."""

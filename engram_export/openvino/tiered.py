@@ -24,12 +24,13 @@ import numpy as np
 
 from engram_export.core.errors import EngramError
 from engram_export.openvino.extension import library_path
-from engram_export.openvino.memory import file_mappings, huge_page_copy
+from engram_export.openvino.memory import MADV_POPULATE_READ, PAGE, file_mappings, huge_page_copy, madvise
 
 __all__ = [
     "RowLayout",
     "HOT_PARTS",
     "MISS_READS",
+    "HOT_SET_MEMORY",
     "hot_set_files",
     "pack_hot_rows",
     "row_parts",
@@ -144,10 +145,13 @@ class HotSet:
     bits: np.ndarray  # u64, one bit per table row, padded to whole blocks of 512 rows
     ranks: np.ndarray  # u64, set bits before each block
     parts: dict[str, np.ndarray]  # part -> packed stored bytes (resident)
+    mapped: bool = False  # the parts are the pages of their files (shared), not copies
 
 
-def read_hot_set(folder: Path, layer_file: str, layout: RowLayout) -> HotSet:
-    """The hot set of ``layer_file`` read from ``folder`` into memory, checked against ``layout``."""
+def read_hot_set(folder: Path, layer_file: str, layout: RowLayout, shared: bool = False) -> HotSet:
+    """The hot set of ``layer_file`` read from ``folder`` into memory, checked against ``layout``: copied
+    into huge pages of this process, or (``shared``) its files' pages read in, which every process that
+    maps them shares."""
     names = hot_set_files(layer_file)
     arrays = {}
     for part, name in names.items():
@@ -170,10 +174,20 @@ def read_hot_set(folder: Path, layer_file: str, layout: RowLayout) -> HotSet:
                 f"hot set {folder / names[part]}: {arrays[part].nbytes} bytes of {arrays[part].dtype}, "
                 f"expected {size} bytes of uint8 for {len(rows)} rows of this table"
             )
+    if shared:
+        return hot_set(rows, {part: _read_in(array) for part, array in arrays.items()}, layout, mapped=True)
     return hot_set(rows, {part: huge_page_copy(array) for part, array in arrays.items()}, layout)
 
 
-def hot_set(rows: np.ndarray, parts: dict[str, np.ndarray], layout: RowLayout) -> HotSet:
+def _read_in(array: np.ndarray) -> np.ndarray:
+    """``array`` (a mapping of its file) with every page faulted in now."""
+    flat = np.asarray(array).reshape(-1)
+    if len(flat) and not madvise(flat, MADV_POPULATE_READ):  # Linux < 5.14: touch one byte per page
+        int(flat[::PAGE].sum())
+    return flat
+
+
+def hot_set(rows: np.ndarray, parts: dict[str, np.ndarray], layout: RowLayout, mapped: bool = False) -> HotSet:
     """The hot set of ``rows`` (sorted, unique) whose stored bytes ``parts`` holds packed in their order
     (``pack_hot_rows``), in resident memory the caller gives: the bitmap and ranks that find them."""
     words = -(-layout.table_rows // 512) * 8
@@ -184,7 +198,7 @@ def hot_set(rows: np.ndarray, parts: dict[str, np.ndarray], layout: RowLayout) -
         bits[word[starts]] = np.add.reduceat(np.left_shift(np.uint64(1), (rows & 63).astype(np.uint64)), starts)
     per_block = np.bitwise_count(bits).reshape(-1, 8).sum(axis=1, dtype=np.uint64)
     ranks = np.concatenate([[0], np.cumsum(per_block)[:-1]]).astype(np.uint64)
-    return HotSet(len(rows), bits, ranks, parts)
+    return HotSet(len(rows), bits, ranks, parts, mapped)
 
 
 def _file_region(array: np.ndarray) -> tuple[str, int, int, int] | None:
@@ -257,12 +271,18 @@ class Tier:
         self.id, self._keep = tier_id, keep
         self._close = weakref.finalize(self, _library().engram_tier_close, tier_id)
 
+    def mapped_parts(self) -> list[np.ndarray]:
+        """The hot rows' parts where they are the pages of their files (a shared hot set), else none."""
+        hot = self._keep[1]
+        return list(hot.parts.values()) if hot is not None and hot.mapped else []
+
     def stats(self) -> dict[str, int]:
         values = (ctypes.c_uint64 * len(STATS))()
         _library().engram_tier_stats(self.id, values, len(STATS))
         return dict(zip(STATS, (int(v) for v in values), strict=True))
 
 
+HOT_SET_MEMORY = ("private", "shared")  # a hot set copied into this process's huge pages, or its files' pages
 MISS_READS = ("readahead", "threads")  # the first is the default: faster where measured (docs/tiered.md)
 
 

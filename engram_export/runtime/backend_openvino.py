@@ -103,7 +103,10 @@ class OpenVINOBackend:
         }
         self._decode, self._decode_lock = None, threading.Lock()
         # the files mapped under the model's constants (table, weights), which must not change under it
-        self.file_guard = guard_mappings(constant_addresses(self._model), owner=self._model)
+        mapped: list[int] = getattr(self.table_memory, "mapped_addresses", list)()  # a shared hot set's pages
+        self.file_guard = guard_mappings(
+            constant_addresses(self._model) + mapped, owner=(self._model, self.table_memory)
+        )
 
     def _compile(self, lookup, fuse):
         """Both stages compiled, the lookup's table read by the extension's row kernel where it knows

@@ -252,6 +252,9 @@ class EngramRuntime(Mapping):
         miss_reads: with ``"tiered"``, how the rows not in memory are read: ``"readahead"`` (default:
             every read handed to the kernel's readahead at once, then read; no thread per read) or
             ``"threads"`` (a pool of 64 threads, for file systems that ignore the readahead hint).
+        hot_set_memory: with ``"tiered"``, where the hot rows live: ``"private"`` (default: a copy in
+            huge pages, this process's own) or ``"shared"`` (the hot set files' pages, read at load and
+            shared by every process on the host that serves the folder: an engine's ranks hold one copy).
         tables: ``"ray://NAME"``: the rows come from the shards ``engram-export serve-tables`` started under
             NAME (``docs/sharding.md``); the folder's table files are then not needed here.
         shard_deadline: with ``tables``, the seconds a call waits for a shard (its replicas, Ray's restart
@@ -461,4 +464,7 @@ def tiered_stores(folder: Path, manifest: Manifest, options: RuntimeOptions) -> 
             f"{available / 2**30:.2f} GiB available"
         )
     cache = cache_budget // len(manifest.layers)
-    return {layer: TieredStore(folder, name, cache, options.miss_reads) for layer, name in manifest.layers.items()}
+    return {
+        layer: TieredStore(folder, name, cache, options.miss_reads, options.hot_set_memory)
+        for layer, name in manifest.layers.items()
+    }

@@ -16,7 +16,7 @@ from engram_export.core.errors import EngramError
 from engram_export.core.integrity import FileChecks, check_level
 from engram_export.core.resources import parse_size
 from engram_export.openvino.table_store import TABLE_STORES
-from engram_export.openvino.tiered import MISS_READS
+from engram_export.openvino.tiered import HOT_SET_MEMORY, MISS_READS
 from engram_export.sharding.names import check_name
 
 __all__ = ["RuntimeOptions", "RUNTIMES"]
@@ -38,6 +38,7 @@ class RuntimeOptions:
     table_memory: str = "mmap"
     cache_budget: int | str = 0  # bytes of rows read lately kept by a tiered table (a size: "2GiB")
     miss_reads: str = "readahead"  # how a tiered table reads its misses (openvino/tiered.py)
+    hot_set_memory: str = "private"  # a tiered table's hot rows: a private copy, or the files' shared pages
     lookup_kernel: bool = True
     tables: str | None = None  # "ray://NAME": the tables served by shards (engram-export serve-tables)
     shard_deadline: float = 10.0  # seconds a call waits for a shard (its replicas, its restart) before it fails
@@ -66,6 +67,8 @@ class RuntimeOptions:
             raise EngramError("cache_budget is the cache of table_memory='tiered'; other table_memory modes take none")
         if self.miss_reads not in MISS_READS:
             raise EngramError(f"miss_reads must be one of {', '.join(MISS_READS)}, got {self.miss_reads!r}")
+        if self.hot_set_memory not in HOT_SET_MEMORY:
+            raise EngramError(f"hot_set_memory must be one of {', '.join(HOT_SET_MEMORY)}, got {self.hot_set_memory!r}")
         if self.table_memory == "tiered" and (self.runtime != "ov" or self.lookup_kernel is not True):
             raise EngramError("table_memory='tiered' needs the OpenVINO runtime with its row kernel (runtime='ov')")
         self._check_tables()

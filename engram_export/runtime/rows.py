@@ -43,7 +43,16 @@ __all__ = ["EngramRows", "LayerRows", "PendingRows", "FORMS", "ROW_OPTIONS"]
 
 # the EngramRuntime options that say where a table's rows are and how they are checked; the others
 # (precision, device, threads, ...) run the fuse, which callers of the row API do themselves
-ROW_OPTIONS = ("table_memory", "cache_budget", "miss_reads", "tables", "shard_deadline", "ray_address", "check_hashes")
+ROW_OPTIONS = (
+    "table_memory",
+    "cache_budget",
+    "miss_reads",
+    "hot_set_memory",
+    "tables",
+    "shard_deadline",
+    "ray_address",
+    "check_hashes",
+)
 READS = ("reads", "rows")  # each layer's own counters, beside its store's
 
 _STARTED = ThreadPoolExecutor(8, thread_name_prefix="engram-rows")  # reads issued with ``start``
@@ -158,7 +167,7 @@ class EngramRows:
 
     Options, by name, as ``EngramRuntime`` takes them (its docstring says what each does):
     ``table_memory`` (``"mmap"``, ``"populate"``, ``"hugepages"``, ``"tiered"``), ``cache_budget``,
-    ``miss_reads``, ``tables="ray://NAME"``, ``shard_deadline``, ``ray_address``, ``check_hashes``.
+    ``miss_reads``, ``hot_set_memory``, ``tables="ray://NAME"``, ``shard_deadline``, ``ray_address``, ``check_hashes``.
     Everything is checked at open (the folder, its files against the manifest, the shards' layout), so
     a bad configuration is refused in one line there, not at the first read.
     """
@@ -185,7 +194,8 @@ class EngramRows:
             else:
                 store = stores.get(layer_id) or table_store(options.table_memory)
                 placed, tier = row_kernel.place(table, store)
-                guard = guard_mappings([part.ctypes.data for part in placed], owner=model)
+                mapped = store.mapped_addresses() if isinstance(store, TieredStore) else []
+                guard = guard_mappings([part.ctypes.data for part in placed] + mapped, owner=(model, store))
                 guards.append(guard)
                 reader = RowReader(table.attributes, table.table_rows, placed, tier, guard, keep=(model, placed))
             layers[layer_id] = (reader, store)

@@ -20,6 +20,7 @@ import pkgutil
 import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,11 +272,14 @@ def test_without_settings_register_runs_and_patches_nothing(load_plugin, monkeyp
 @pytest.mark.parametrize("tp_size", [1, 2])
 def test_engram_allocates_no_table(v41, reference, load_plugin, tp_size):
     """SGLang's own ``Engram.__init__`` builds the embedding: no parameters, placeholders over one row of
-    memory, the rank's rows as ``shard_range`` gives them."""
+    memory, the rank's rows as ``shard_range`` gives them; the tables opened then, not at load."""
     from sglang.srt.runtime_context import get_parallel
+
+    from engram_export.engines import settings
 
     engram, _ = _sglang_modules()
     load_plugin(rows=v41.folder)
+    assert not settings._opened  # checked, not opened: a process that builds no model holds no table
     layout = reference.layout
     for index, layer_id in enumerate(layout.layer_ids):
         n, dim, bounds = layout.num_embeddings[index], layout.head_dim, layout.column_bounds(index)
@@ -293,6 +297,7 @@ def test_engram_allocates_no_table(v41, reference, load_plugin, tp_size):
             start, end = engram.shard_range(n, bounds, rank, tp_size)
             assert (embed.row_start, embed.rows) == (start, end - start)
             assert embed.host_table is None and embed.peer is None and not embed.staged_by_scheduler
+    assert len(settings._opened) == 1  # opened by the first EngramEmbedding, once for the process
 
 
 @pytest.mark.parametrize("memory", ["mmap", "populate"])
@@ -331,6 +336,63 @@ def test_stager_gathers_the_same_bytes(v41, reference, load_plugin, monkeypatch)
     ids = reference.layers[layout.layer_ids[0]].valid
     assert torch.equal(stager._gather(foreign, ids), foreign[ids])
     stager.pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def edge_scales(v41, reference, tmp_path_factory):
+    """``v41``'s checkpoint with scale bytes 0 and 255 in its tables (one row in 7 each; a trained table holds
+    neither: the E8M0 spec, and SGLang, decode them as 2^-127 and NaN), exported; and SGLang's own rows of
+    ``reference.ids`` from it (TP 1, its ``forward``)."""
+    import json
+    import shutil
+
+    import numpy as np
+    from safetensors import safe_open
+
+    from engram_export.folders import export_checkpoint
+
+    root = tmp_path_factory.mktemp("edge_scales")
+    checkpoint = Path(shutil.copytree(v41.checkpoint, root / "ckpt"))
+    for path in checkpoint.glob("*.safetensors"):
+        with open(path, "r+b") as file:
+            size = int.from_bytes(file.read(8), "little")
+            for name, tensor in json.loads(file.read(size)).items():
+                if name.endswith(".engram.embed.scale"):
+                    start, end = (8 + size + offset for offset in tensor["data_offsets"])
+                    file.seek(start)
+                    scales = np.frombuffer(file.read(end - start), np.uint8).reshape(tensor["shape"]).copy()
+                    scales[0::7, 0], scales[1::7, -1] = 0, 255
+                    file.seek(start)
+                    file.write(scales.tobytes())
+    folder = export_checkpoint(checkpoint, root / "v41")
+    weight_map = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    layout, rows = reference.layout, {}
+    for index, layer_id in enumerate(layout.layer_ids):
+        name = f"layers.{layer_id}.engram.embed.weight"
+        with safe_open(checkpoint / weight_map[name], "pt") as shard:
+            codes, scales = shard.get_tensor(name), shard.get_tensor(name.replace("weight", "scale"))
+        embedding = helpers.make_sglang_embedding(
+            layout.num_embeddings[index], layout.head_dim, layout.column_bounds(index), layer_id=layer_id
+        )
+        helpers.load_full_table(embedding, codes, scales.view(torch.uint8))
+        with torch.no_grad():
+            rows[layer_id] = embedding(reference.ids[:, index])
+        helpers.sglang_parallel_reset()
+    return types.SimpleNamespace(folder=folder, rows=rows)
+
+
+def test_scale_bytes_0_and_255_decode_as_sglang(reference, edge_scales, load_plugin):
+    """Every row SGLang's ``forward`` gives, 2^-127 scales included, bit for bit; NaN where it gives NaN. NaN's
+    own bits are its float-to-bf16 conversion's (torch's vectorized CPU one writes 0xFFFF, the row reader the
+    canonical 0x7FC0; SGLang's CUDA kernel its own): the same value, not the same bits."""
+    load_plugin(rows=edge_scales.folder)
+    for index, layer_id in enumerate(reference.layout.layer_ids):
+        expected = edge_scales.rows[layer_id]
+        assert expected.isnan().any() and (expected.float().abs() < 2.0**-100).any()  # the rows hold both
+        with torch.inference_mode():
+            rows = _embedding(reference, index)(reference.ids[:, index])
+        nan = expected.isnan()  # NaN where SGLang's is, each other value's bits SGLang's own
+        assert torch.equal(rows.isnan(), nan) and torch.equal(_bits(rows)[~nan], _bits(expected)[~nan]), layer_id
 
 
 @pytest.fixture(scope="module")

@@ -157,6 +157,34 @@ def test_a_fault_outside_the_guarded_files_still_kills_the_process(calibrated, t
     assert done.returncode == -signal.SIGBUS, (done.returncode, done.stderr[-2000:])
 
 
+@pytest.mark.parametrize("when", ["before the guard", "after the guard, then a call", "after the guard"])
+def test_python_faulthandler_enabled_by_a_library_does_not_kill_a_guarded_read(calibrated, tmp_path, when):
+    """A library that enables Python's faulthandler (Ray, pytest) installs a SIGBUS handler over the
+    guard's: the guard goes back on top at its next call; until then faulthandler passes the fault back
+    to it. Either way the read of the truncated table is refused in one line and the process lives."""
+    folder = shutil.copytree(calibrated["v41"], tmp_path / "served")
+    table = next(folder.glob("layer_1.*.safetensors"))
+    enable = "faulthandler.enable()\n"
+    script = (
+        "import faulthandler, os, numpy as np\n"
+        + (enable if when == "before the guard" else "")
+        + "from engram_export.core.errors import EngramError\n"
+        "from engram_export.runtime.rows import EngramRows\n"
+        f"rows = EngramRows({str(folder)!r})\n"
+        "ids = np.arange(rows[1].table_rows)\n"
+        + (enable if when != "before the guard" else "")
+        + ("rows.read(1, ids[:1], form='packed')\n" if when == "after the guard, then a call" else "")
+        + f"os.truncate({str(table)!r}, 4096)\n"
+        "try:\n"
+        "    rows.read(1, ids, form='packed')\n"
+        "except EngramError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.startswith(f"refused: {table}"), done.stdout
+
+
 @pytest.mark.parametrize("runtime_name", ["ort", "ov"])
 def test_external_data_truncated_under_an_onnx_runtime(tiny_layer, runtime_name, tmp_path):
     """ONNX Runtime maps an .onnx file's external data itself (its mappings are found by comparing the

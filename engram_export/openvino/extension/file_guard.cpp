@@ -43,20 +43,29 @@ uintptr_t page_size = 4096;
 struct sigaction previous_action;
 std::once_flag installed;
 
+// A fault outside every guarded range goes on to the handler that was there before ours; a signal sent
+// by another process (si_code <= 0) takes the default action.
 void pass_on(int signal_number, siginfo_t* info, void* context) {
-    if (previous_action.sa_flags & SA_SIGINFO) {
+    if (info->si_code > 0 && (previous_action.sa_flags & SA_SIGINFO)) {
         previous_action.sa_sigaction(signal_number, info, context);
-    } else if (previous_action.sa_handler == SIG_DFL || previous_action.sa_handler == SIG_IGN) {
-        // as without this handler: a fault's read, re-executed on return, now takes the default action
-        // (the kernel does not let a fault be ignored); a signal sent by a process is raised again
-        signal(signal_number, previous_action.sa_handler);
-        if (info->si_code <= 0) raise(signal_number);
-    } else {
-        previous_action.sa_handler(signal_number);
+        return;
     }
+    if (info->si_code > 0 && previous_action.sa_handler != SIG_DFL && previous_action.sa_handler != SIG_IGN) {
+        previous_action.sa_handler(signal_number);
+        return;
+    }
+    // as without this handler: a fault's read, re-executed on return, now takes the default action
+    // (the kernel does not let a fault be ignored); a signal sent by a process is raised again
+    signal(signal_number, SIG_DFL);
+    if (info->si_code <= 0) raise(signal_number);
 }
 
 void on_bus_error(int signal_number, siginfo_t* info, void* context) {
+    if (info->si_code == SI_TKILL && info->si_pid == getpid()) {
+        // a handler installed over ours passed a fault on (Python's faulthandler restores ours and
+        // raises): return, the faulting read runs again and faults into ours, which now sees its address
+        return;
+    }
     const auto address = reinterpret_cast<uintptr_t>(info->si_addr);
     bool ours = false;
     if (info->si_code == BUS_ADRERR) {
@@ -75,13 +84,31 @@ void on_bus_error(int signal_number, siginfo_t* info, void* context) {
     pass_on(signal_number, info, context);
 }
 
-void install() {
-    page_size = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-    inotify_fd.store(inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
+struct sigaction our_action() {
     struct sigaction action {};
     action.sa_sigaction = on_bus_error;
     action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
     sigemptyset(&action.sa_mask);
+    return action;
+}
+
+// Ours back on top of SIGBUS whenever another handler was installed over it since (a library enabling
+// Python's faulthandler after a guard was added). That handler is displaced, not chained: it would pass a
+// fault back to us (faulthandler restores ours and raises), and round it would go. A fault outside every
+// guarded range still goes to the handler that was there before ours was first installed. Checked when
+// a guard is added and whenever a guard's state is read.
+void keep_on_top() {
+    struct sigaction now {};
+    sigaction(SIGBUS, nullptr, &now);
+    if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == on_bus_error) return;
+    const struct sigaction action = our_action();
+    sigaction(SIGBUS, &action, nullptr);
+}
+
+void install() {
+    page_size = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    inotify_fd.store(inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
+    const struct sigaction action = our_action();
     sigaction(SIGBUS, &action, &previous_action);
 }
 
@@ -115,6 +142,7 @@ extern "C" {
 // be watched (errno says why).
 int engram_guard_add(uintptr_t start, size_t length, const char* path) {
     std::call_once(installed, install);
+    keep_on_top();
     std::lock_guard<std::mutex> lock(slots_mutex);
     const int fd = inotify_fd.load();
     const int watch = fd < 0 || path == nullptr ? -1 : inotify_add_watch(fd, path, IN_MODIFY);
@@ -135,6 +163,7 @@ int engram_guard_add(uintptr_t start, size_t length, const char* path) {
 // so far: its position in `indices`, its state in `*state` (bit 1: a page vanished, SIGBUS caught; bit
 // 2: the file was written); -1 when none did.
 int engram_guard_changed(const int* indices, size_t count, int* state) {
+    keep_on_top();
     {
         std::lock_guard<std::mutex> lock(slots_mutex);
         drain_events();

@@ -44,7 +44,9 @@ def cluster():
     environment = {
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # the node's address is 127.0.0.1: nothing listens outside
         "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        # Ray keeps the token it read when first imported in this process (a bench of this worker may
+        # have started a cluster before): the same token, or the driver cannot speak to the new cluster
+        "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     saved = {key: os.environ.get(key) for key in [*environment, "RAY_ADDRESS"]}

@@ -44,7 +44,7 @@ import torch
 from engram_export.core.errors import EngramError
 from engram_export.core.text import token_stream
 from engram_export.folders.calibration import calibrate
-from engram_export.measure.common import cpu_summary, evict_page_cache, format_table, ray_cluster
+from engram_export.measure.common import cpu_summary, evict_page_cache, format_table, ray_cluster, split_held_out
 from engram_export.measure.v41_text import ROW_BYTES, compiled_v41, v41_with_tokenizer
 from engram_export.models.table_rows import hashing_of, table_rows
 from engram_export.runtime import EngramRuntime
@@ -104,13 +104,7 @@ def package_text(workdir: Path) -> tuple[Path, Path]:
         metadata = distribution.metadata
         text = metadata.get_payload() or metadata.get("Description") or ""  # type: ignore[attr-defined]
         texts.setdefault((metadata["Name"] or "").lower(), text)
-    text = "\n\n".join(texts[name] for name in sorted(texts) if texts[name].strip())
-    cut = text.rfind("\n\n", 0, int(len(text) * 0.8))
-    cut = int(len(text) * 0.8) if cut < 0 else cut
-    files = workdir / "calibration.txt", workdir / "held_out.txt"
-    files[0].write_text(text[:cut])
-    files[1].write_text(text[cut:])
-    return files
+    return split_held_out("\n\n".join(texts[name] for name in sorted(texts) if texts[name].strip()), workdir)
 
 
 def _stored_tables(checkpoint: Path, layer: int) -> dict[str, np.ndarray]:

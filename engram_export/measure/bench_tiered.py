@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engram_export.core.text import read_text, token_stream
+from engram_export.measure.common import split_held_out
 from engram_export.measure.tiered_calibrate_speed import calibration_speed
 from engram_export.measure.tiered_hit_rates import hit_rate_tables
 from engram_export.measure.tiered_reads import read_strategies
@@ -26,13 +27,7 @@ __all__ = ["run_tiered_bench"]
 
 def _split_text(texts: list[Path], workdir: Path) -> tuple[Path, Path]:
     """The texts cut at 80% of their characters (on a paragraph break): (calibration, held-out) files."""
-    text = "\n\n".join(read_text(path) for path in texts)
-    cut = text.rfind("\n\n", 0, int(len(text) * 0.8))
-    cut = int(len(text) * 0.8) if cut < 0 else cut
-    files = workdir / "calibration.txt", workdir / "held_out.txt"
-    files[0].write_text(text[:cut])
-    files[1].write_text(text[cut:])
-    return files
+    return split_held_out("\n\n".join(read_text(path) for path in texts), workdir)
 
 
 def run_tiered_bench(

@@ -33,6 +33,7 @@ __all__ = [
     "resident_mib",
     "evict_page_cache",
     "ray_cluster",
+    "split_held_out",
     "cpu_summary",
     "precision_label",
     "matmul_floor",
@@ -157,6 +158,17 @@ def evict_page_cache(folder: Path) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+def split_held_out(text: str, workdir: Path) -> tuple[Path, Path]:
+    """``text`` cut at 80% of its characters (on a paragraph break): (calibration, held-out) files in
+    ``workdir``."""
+    cut = text.rfind("\n\n", 0, int(len(text) * 0.8))
+    cut = int(len(text) * 0.8) if cut < 0 else cut
+    files = workdir / "calibration.txt", workdir / "held_out.txt"
+    files[0].write_text(text[:cut])
+    files[1].write_text(text[cut:])
+    return files
 
 
 def ray_cluster():

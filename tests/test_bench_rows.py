@@ -43,8 +43,6 @@ def _check(results, stores, out: str) -> None:
         assert r.p99_us >= r.p50_us and sorted(r.rows_per_s) == [1, 4], r
         width = {"packed": 264, "bf16": 512, "f32": 1024}[r.form]
         assert r.mb_per_s == pytest.approx(r.rows_per_s[1] * width / 1e6), r
-        per_latency = math.prod(SHAPES[r.shape]) * 24 / (r.p50_us * 1e-6)  # back-to-back calls: about 1 / latency
-        assert per_latency / 20 < r.rows_per_s[1] < per_latency * 20, r
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("store "))
     assert lines[header].split() == (

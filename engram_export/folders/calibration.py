@@ -7,8 +7,9 @@ table). The hot set is the rows that earn the most lookups per stored byte, chos
 together, up to the budget. How well such a set serves text it has not seen is measured first: a set
 chosen from the first nine tenths of the text serves a share of the last tenth's lookups, reported per
 layer and recorded in the manifest. The set written is then chosen from all of the text (the manifest
-says so: ``chosen_from``), with the budget and a SHA-256 of the tokens. The new folder holds hard links to the input's files (never written), each layer's hot set
-(packed rows in their stored form) and a manifest that binds them.
+says so: ``chosen_from``), with the budget and a SHA-256 of the tokens. The new folder holds hard links
+to the input's files (never written), each layer's hot set (packed rows in their stored form) and a
+manifest that binds them.
 """
 
 from __future__ import annotations

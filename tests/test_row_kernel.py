@@ -240,7 +240,7 @@ def test_populate_maps_every_page_and_mmap_none(tmp_path):
     assert _rss_file_mib() - before < 8
     eager = np.memmap(path, np.uint8, "r")
     before = _rss_file_mib()
-    table_store.populate(eager, "table")
+    memory.populate(eager, "table")
     assert _rss_file_mib() - before > 60
 
 

@@ -28,7 +28,7 @@ from engram_export.measure.common import format_table, resident_mib, round_robin
 from engram_export.models.deepseek_v41_config import e4m3_values, e8m0_values
 from engram_export.openvino import row_kernel
 from engram_export.openvino.extension import make_node, openvino_core
-from engram_export.openvino.table_store import populate
+from engram_export.openvino.memory import populate
 from engram_export.openvino.tables import shared_constant
 
 __all__ = ["run_lookup_bench", "print_targets", "shapes_for", "LookupShape", "DEMO", "V41"]

@@ -9,7 +9,9 @@ import os
 
 import numpy as np
 
-__all__ = ["madvise", "huge_page_copy", "file_mappings", "FileMapping", "PAGE", "MADV_POPULATE_READ"]
+from engram_export.core import progress
+
+__all__ = ["madvise", "populate", "huge_page_copy", "file_mappings", "FileMapping", "PAGE", "MADV_POPULATE_READ"]
 
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20
@@ -22,6 +24,14 @@ def madvise(array: np.ndarray, advice: int) -> bool:
     length = array.ctypes.data + array.nbytes - start
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
+
+
+def populate(data: np.ndarray, name: str) -> np.ndarray:
+    """Fault in every page of the mapping ``data`` now; returns it."""
+    if data.nbytes and not madvise(data, MADV_POPULATE_READ):  # Linux < 5.14: touch one byte per page
+        with progress.stage(f"reading {name} into memory ({data.nbytes / 2**30:.2f} GiB)"):
+            int(data.reshape(-1).view(np.uint8)[::PAGE].sum())
+    return data
 
 
 def huge_page_copy(data: np.ndarray) -> np.ndarray:

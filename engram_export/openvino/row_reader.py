@@ -19,7 +19,7 @@ from functools import cache
 import numpy as np
 
 from engram_export.core.errors import EngramError
-from engram_export.openvino.extension import library_path
+from engram_export.openvino.extension import check_struct, library_path
 
 __all__ = ["RowReader", "FORMS", "DECODED_FORMS", "E8M0_READINGS"]
 
@@ -69,17 +69,9 @@ class _Request(ctypes.Structure):
 def _library():
     path = str(library_path())
     library = ctypes.CDLL(path)  # the library OpenVINO loaded: one registry of tiers and guards
-    version = getattr(library, "engram_rows_abi_version", None)
-    size = getattr(library, "engram_rows_request_size", None)
-    if version is None or size is None:
-        raise EngramError(f"{path} has no row reader (built before it had one): rebuild it or reinstall")
-    version.restype, size.restype = ctypes.c_uint32, ctypes.c_size_t
-    found, expected = (int(version()), int(size())), (ROWS_ABI_VERSION, ctypes.sizeof(_Request))
-    if found != expected:
-        raise EngramError(
-            f"{path} has row reader version {found[0]} ({found[1]} bytes), openvino/row_reader.py version "
-            f"{expected[0]} ({expected[1]} bytes): rebuild the extension or reinstall"
-        )
+    symbols = ("engram_rows_abi_version", "engram_rows_request_size")
+    expected = (ROWS_ABI_VERSION, ctypes.sizeof(_Request))
+    check_struct(library, path, symbols, expected, "row reader", "openvino/row_reader.py")
     library.engram_rows_read.argtypes = [ctypes.POINTER(_Request), ctypes.c_char_p, ctypes.c_size_t]
     library.engram_rows_read.restype = ctypes.c_int
     return library

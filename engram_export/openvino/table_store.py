@@ -31,7 +31,7 @@ import psutil
 
 from engram_export.core import progress
 from engram_export.core.errors import EngramError
-from engram_export.openvino.memory import MADV_POPULATE_READ, PAGE, huge_page_copy, madvise
+from engram_export.openvino.memory import huge_page_copy, madvise, populate
 from engram_export.openvino.tiered import RowLayout, Tier, open_tier, read_hot_set
 
 __all__ = [
@@ -42,16 +42,7 @@ __all__ = [
     "TieredStore",
     "TABLE_STORES",
     "table_store",
-    "populate",
 ]
-
-
-def populate(data: np.ndarray, name: str) -> np.ndarray:
-    """Fault in every page of the mapping ``data`` now; returns it."""
-    if not madvise(data, MADV_POPULATE_READ):  # Linux < 5.14: touch one byte per page
-        with progress.stage(f"reading {name} into memory ({data.nbytes / 2**30:.2f} GiB)"):
-            int(data[::PAGE].sum())
-    return data
 
 
 def _available_bytes() -> int:
@@ -85,6 +76,11 @@ class TableStore:
         """The id of the tier the kernel reads ``parts`` (as ``place`` returned them) through; 0: none,
         the kernel reads them directly."""
         return 0
+
+    def mapped_addresses(self) -> list[int]:
+        """Where this store serves rows from the pages of files other than the table's (the file guard
+        watches them as it watches the table's); none but a shared hot set's."""
+        return []
 
 
 class MappedStore(TableStore):
@@ -133,8 +129,7 @@ class TieredStore(MappedStore):
         return self._tiers[key].id
 
     def mapped_addresses(self) -> list[int]:
-        """Where this store's tiers keep hot rows in the pages of their files (``hot_set_memory="shared"``):
-        the file guard watches them as it watches the table's."""
+        """Where this store's tiers keep hot rows in the pages of their files (``hot_set_memory="shared"``)."""
         return [part.ctypes.data for tier in self._tiers.values() for part in tier.mapped_parts()]
 
     def stats(self) -> dict[str, int]:

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from engram_export.core.errors import EngramError
-from engram_export.openvino.extension import library_path
-from engram_export.openvino.memory import MADV_POPULATE_READ, PAGE, file_mappings, huge_page_copy, madvise
+from engram_export.openvino.extension import check_struct, library_path
+from engram_export.openvino.memory import file_mappings, huge_page_copy, populate
 
 __all__ = [
     "RowLayout",
@@ -175,16 +175,9 @@ def read_hot_set(folder: Path, layer_file: str, layout: RowLayout, shared: bool 
                 f"expected {size} bytes of uint8 for {len(rows)} rows of this table"
             )
     if shared:
-        return hot_set(rows, {part: _read_in(array) for part, array in arrays.items()}, layout, mapped=True)
+        read_in = {part: populate(np.asarray(array).reshape(-1), names[part]) for part, array in arrays.items()}
+        return hot_set(rows, read_in, layout, mapped=True)
     return hot_set(rows, {part: huge_page_copy(array) for part, array in arrays.items()}, layout)
-
-
-def _read_in(array: np.ndarray) -> np.ndarray:
-    """``array`` (a mapping of its file) with every page faulted in now."""
-    flat = np.asarray(array).reshape(-1)
-    if len(flat) and not madvise(flat, MADV_POPULATE_READ):  # Linux < 5.14: touch one byte per page
-        int(flat[::PAGE].sum())
-    return flat
 
 
 def hot_set(rows: np.ndarray, parts: dict[str, np.ndarray], layout: RowLayout, mapped: bool = False) -> HotSet:
@@ -239,16 +232,9 @@ class _Spec(ctypes.Structure):
 def _check_layout(library, path: str) -> None:
     """Refuse a library (at ``path``) whose ``EngramTierSpec`` is not ``_Spec``: a tier opened through
     a struct of another layout would read its fields from the wrong bytes."""
-    version, size = getattr(library, "engram_tier_abi_version", None), getattr(library, "engram_tier_spec_size", None)
-    if version is None or size is None:
-        raise EngramError(f"{path} has no tier layout version (built before it had one): rebuild it or reinstall")
-    version.restype, size.restype = ctypes.c_uint32, ctypes.c_size_t
-    found, expected = (int(version()), int(size())), (TIER_ABI_VERSION, ctypes.sizeof(_Spec))
-    if found != expected:
-        raise EngramError(
-            f"{path} has tier layout version {found[0]} ({found[1]} bytes), openvino/tiered.py version "
-            f"{expected[0]} ({expected[1]} bytes): rebuild the extension or reinstall"
-        )
+    symbols = ("engram_tier_abi_version", "engram_tier_spec_size")
+    expected = (TIER_ABI_VERSION, ctypes.sizeof(_Spec))
+    check_struct(library, path, symbols, expected, "tier layout", "openvino/tiered.py")
 
 
 @cache
@@ -267,13 +253,13 @@ class Tier:
     """An open tier of the extension: its id (``EngramGatherRows``'s ``tier``), its counters, and what it
     reads (kept alive while it is open; closed when this object goes)."""
 
-    def __init__(self, tier_id: int, keep: list):
-        self.id, self._keep = tier_id, keep
+    def __init__(self, tier_id: int, parts: list[np.ndarray], hot: HotSet | None):
+        self.id, self._parts, self._hot = tier_id, parts, hot
         self._close = weakref.finalize(self, _library().engram_tier_close, tier_id)
 
     def mapped_parts(self) -> list[np.ndarray]:
         """The hot rows' parts where they are the pages of their files (a shared hot set), else none."""
-        hot = self._keep[1]
+        hot = self._hot
         return list(hot.parts.values()) if hot is not None and hot.mapped else []
 
     def stats(self) -> dict[str, int]:
@@ -302,7 +288,7 @@ def open_tier(
     spec.part_bytes[:] = [layout.row_bytes, layout.scale_bytes]
     spec.cache_bytes, spec.io_threads, spec.read_ahead = cache_bytes, io_threads, miss_reads == "readahead"
     present = [True, bool(layout.scale_bytes), bool(layout.zero_bits)]
-    files, keep = [], [parts, hot]
+    files = []
     try:
         arrays = iter(parts)
         for index, used in enumerate(present):
@@ -331,7 +317,7 @@ def open_tier(
         tier_id = _library().engram_tier_open(ctypes.byref(spec), error, len(error))
         if tier_id == 0:
             raise EngramError(f"table_memory='tiered': {error.value.decode()}")
-        return Tier(tier_id, keep)
+        return Tier(tier_id, parts, hot)
     except OSError as exc:
         raise EngramError(f"table_memory='tiered': cannot open the table file ({exc.strerror})") from exc
     finally:

@@ -103,7 +103,8 @@ class OpenVINOBackend:
         }
         self._decode, self._decode_lock = None, threading.Lock()
         # the files mapped under the model's constants (table, weights), which must not change under it
-        mapped: list[int] = getattr(self.table_memory, "mapped_addresses", list)()  # a shared hot set's pages
+        memory = self.table_memory
+        mapped = memory.mapped_addresses() if isinstance(memory, TableStore) else []  # a shared hot set's pages
         self.file_guard = guard_mappings(
             constant_addresses(self._model) + mapped, owner=(self._model, self.table_memory)
         )

@@ -15,6 +15,7 @@ Model Server's ``--cpu_extension``, Triton's ``CPU_EXTENSION_PATH``, OpenVINO Ge
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import logging
@@ -115,6 +116,22 @@ def library_path() -> Path:
         if not target.is_file():
             _build(target)
     return target
+
+
+def check_struct(library, path: str, symbols: tuple[str, str], expected: tuple[int, int], what: str, mirror: str):
+    """Refuse a library (at ``path``) whose struct ``what`` is not the ctypes copy in ``mirror``: the
+    library's layout version and struct size (its functions ``symbols``) must be ``expected``, else a
+    call through the copy would read the struct's fields from the wrong bytes."""
+    version, size = (getattr(library, symbol, None) for symbol in symbols)
+    if version is None or size is None:
+        raise EngramError(f"{path} has no {what} version (built before it had one): rebuild it or reinstall")
+    version.restype, size.restype = ctypes.c_uint32, ctypes.c_size_t
+    found = (int(version()), int(size()))
+    if found != expected:
+        raise EngramError(
+            f"{path} has {what} version {found[0]} ({found[1]} bytes), {mirror} version "
+            f"{expected[0]} ({expected[1]} bytes): rebuild the extension or reinstall"
+        )
 
 
 @cache

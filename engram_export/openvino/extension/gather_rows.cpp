@@ -275,6 +275,46 @@ void decode_range(const Job& job, size_t begin, size_t end) {
     }
 }
 
+// work(begin, end) over [0, count): a few rows in the calling thread, not worth waking the other threads
+// for (B=50, T=1 is 800 demo rows: 2 threads win); more split over the plugin's threads
+template <typename Work>
+void over_rows(size_t count, const Work& work) {
+    if (count < 256) {
+        work(size_t{0}, count);
+        return;
+    }
+    ov::parallel_nt(0, [&](const int thread, const int threads) {
+        size_t begin = 0, end = 0;
+        ov::splitter(count, threads, thread, begin, end);
+        work(begin, end);
+    });
+}
+
+// The stored bytes of one row: codes, then each group's scale, then each group's zero point (a byte).
+void copy_stored(const Job& job, const RowRef& ref, uint8_t* out, uint32_t form) {
+    const size_t scale_bytes = job.groups * bytes_of(job.scale);
+    if (!ref.codes) {
+        const size_t width = form == 3   ? job.row_bytes
+                             : form == 4 ? scale_bytes
+                                         : job.row_bytes + scale_bytes + (job.zero_point != ZeroPoint::none) * job.groups;
+        std::memset(out, 0, width);
+        return;
+    }
+    if (form != 4) {
+        std::memcpy(out, ref.codes, job.row_bytes);
+        out += job.row_bytes;
+    }
+    if (form != 3) std::memcpy(out, ref.scales + ref.scale_first * bytes_of(job.scale), scale_bytes);
+    if (form == 2 && job.zero_point != ZeroPoint::none) {
+        out += scale_bytes;
+        for (size_t g = 0; g < job.groups; ++g) out[g] = static_cast<uint8_t>(job.zero_at(ref, g));
+    }
+}
+
+void say(char* error, size_t size, const std::string& message) {
+    if (size) std::snprintf(error, size, "%s", message.c_str());
+}
+
 }  // namespace
 
 EngramGatherRows::EngramGatherRows(const ov::OutputVector& args, std::string element, int64_t row_size,
@@ -412,50 +452,10 @@ bool EngramGatherRows::evaluate(ov::TensorVector& outputs, const ov::TensorVecto
         tier->resolve(count, [&job](size_t i) { return static_cast<uint64_t>(job.row(i)); }, refs, scratch);
         job.refs = refs.data();
     }
-    // a few rows are not worth waking the other threads for (B=50, T=1 is 800 demo rows: 2 threads win)
-    if (count < 256) {
-        decode_range(job, 0, count);
-        return true;
-    }
-    ov::parallel_nt(0, [&](const int thread, const int threads) {
-        size_t begin = 0, end = 0;
-        ov::splitter(count, threads, thread, begin, end);
-        decode_range(job, begin, end);
-    });
+    over_rows(count, [&job](size_t begin, size_t end) { decode_range(job, begin, end); });
     return true;
 }
 
-}  // namespace engram
-
-namespace engram {
-namespace {
-
-// The stored bytes of one row: codes, then each group's scale, then each group's zero point (a byte).
-void copy_stored(const Job& job, const RowRef& ref, uint8_t* out, uint32_t form) {
-    const size_t scale_bytes = job.groups * bytes_of(job.scale);
-    if (!ref.codes) {
-        const size_t width = form == 3   ? job.row_bytes
-                             : form == 4 ? scale_bytes
-                                         : job.row_bytes + scale_bytes + (job.zero_point != ZeroPoint::none) * job.groups;
-        std::memset(out, 0, width);
-        return;
-    }
-    if (form != 4) {
-        std::memcpy(out, ref.codes, job.row_bytes);
-        out += job.row_bytes;
-    }
-    if (form != 3) std::memcpy(out, ref.scales + ref.scale_first * bytes_of(job.scale), scale_bytes);
-    if (form == 2 && job.zero_point != ZeroPoint::none) {
-        out += scale_bytes;
-        for (size_t g = 0; g < job.groups; ++g) out[g] = static_cast<uint8_t>(job.zero_at(ref, g));
-    }
-}
-
-void say(char* error, size_t size, const std::string& message) {
-    if (size) std::snprintf(error, size, "%s", message.c_str());
-}
-
-}  // namespace
 }  // namespace engram
 
 extern "C" {
@@ -536,15 +536,7 @@ int engram_rows_read(const EngramRowsRequest* request, char* error, size_t error
                 for (size_t i = begin; i < end; ++i) copy_stored(job, job.refs[i], job.out_row(i), r.form);
             }
         };
-        if (count < 256) {
-            work(0, count);
-        } else {
-            ov::parallel_nt(0, [&](const int thread, const int threads) {
-                size_t begin = 0, end = 0;
-                ov::splitter(count, threads, thread, begin, end);
-                work(begin, end);
-            });
-        }
+        over_rows(count, work);
         if (r.guard_count) {
             int state = 0;
             if (engram_guard_changed(r.guards, r.guard_count, &state) >= 0) return 2;

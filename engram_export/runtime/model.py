@@ -230,7 +230,36 @@ def _prefetch(info: ModelInfo, layers: dict, input_ids, token_mask) -> Prefetch:
     )
 
 
-class EngramRuntime(Mapping):
+class LayerMapping(Mapping):
+    """A loaded model's layers as a mapping of layer id -> what serves it (``self._layers``): ``x[L]``,
+    ``for L in x``, ``len(x)``, ``x.items()``; an id not served is refused in one line. A loaded model, not
+    a value: compared by identity, and hashable."""
+
+    _layers: dict
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __getitem__(self, layer_id: int):
+        if layer_id not in self._layers:
+            raise UnknownLayer(f"no Engram layer {layer_id} here (layers: {self.layer_ids})")
+        return self._layers[layer_id]
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __contains__(self, layer_id) -> bool:
+        return layer_id in self._layers
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return list(self._layers)
+
+
+class EngramRuntime(LayerMapping):
     """Exported Engram layers, ready to run: a mapping of layer id -> ``LayerRuntime``.
 
     Args (the keywords after ``path`` make a ``RuntimeOptions``, checked there; or pass ``options=``):
@@ -279,9 +308,6 @@ class EngramRuntime(Mapping):
     ``rt.session(B)`` decodes token by token over every layer. Results equal the one-shot call. A
     runtime of one file (one layer) is also called like that layer: ``rt(input_ids, hidden_states)``.
     """
-
-    __eq__ = object.__eq__  # a runtime is one loaded model, not a value: identity, and hashable
-    __hash__ = object.__hash__
 
     def __init__(self, path: str | Path, options: RuntimeOptions | None = None, **settings):
         if options is not None and settings:
@@ -337,28 +363,9 @@ class EngramRuntime(Mapping):
         self.info, self.settings = first.info, first.settings
         self.precision, self.requested_precision = first.precision, first.requested_precision
 
-    # the mapping: layer id -> LayerRuntime
-    def __getitem__(self, layer_id: int) -> LayerRuntime:
-        if layer_id not in self._layers:
-            raise UnknownLayer(f"no Engram layer {layer_id} here (layers: {self.layer_ids})")
-        return self._layers[layer_id]
-
-    def __iter__(self):
-        return iter(self._layers)
-
-    def __len__(self) -> int:
-        return len(self._layers)
-
-    def __contains__(self, layer_id) -> bool:
-        return layer_id in self._layers
-
     def layer(self, layer_id: int) -> LayerRuntime:
         """The runtime of one Engram layer: ``rt[layer_id]``."""
         return self[layer_id]
-
-    @property
-    def layer_ids(self) -> list[int]:
-        return list(self._layers)
 
     @property
     def layers(self) -> dict:

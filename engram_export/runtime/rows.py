@@ -35,7 +35,7 @@ from engram_export.openvino.file_guard import guard_mappings
 from engram_export.openvino.row_reader import E8M0_READINGS, FORMS, RowReader
 from engram_export.openvino.stages import split_stages
 from engram_export.openvino.table_store import TieredStore, table_store
-from engram_export.runtime.model import UnknownLayer, remote_tables, tiered_stores
+from engram_export.runtime.model import LayerMapping, remote_tables, tiered_stores
 from engram_export.runtime.options import RuntimeOptions
 from engram_export.runtime.verification import Verification
 
@@ -96,6 +96,8 @@ class LayerRows:
         the others give zero rows (a tensor-parallel rank's share). ``e8m0``: ``"spec"`` decodes scale
         bytes 0 and 255 as 2^-127 and NaN (the spec, SGLang), ``"vllm"`` as 0 and inf (vLLM's kernel)."""
         out = self._checked(ids, out, form, owned, e8m0)
+        if self._remote is not None:  # a local read's ids are checked by the reader, before it reads
+            self._check_range(ids)
         self._read(ids, out, form, owned, e8m0)
         return out
 
@@ -157,11 +159,12 @@ class LayerRows:
             self._counts["rows"] += count
 
     def _read_remote(self, ids, out, form, owned, e8m0) -> None:
-        self._check_range(ids)
+        """Ids checked by the caller (``read``, ``start``): the reader sees only indices into the rows
+        the shards sent."""
         self._remote.read(self.layer_id, _numpy(ids), out, self._reader, form, owned, e8m0)
 
 
-class EngramRows:
+class EngramRows(LayerMapping):
     """The rows of every layer of a folder (exported, compiled or calibrated): ``rows[layer].read(ids,
     out, form=...)``, or ``rows.read(layer, ids, ...)``.
 
@@ -194,8 +197,8 @@ class EngramRows:
             else:
                 store = stores.get(layer_id) or table_store(options.table_memory)
                 placed, tier = row_kernel.place(table, store)
-                mapped = store.mapped_addresses() if isinstance(store, TieredStore) else []
-                guard = guard_mappings([part.ctypes.data for part in placed] + mapped, owner=(model, store))
+                addresses = [part.ctypes.data for part in placed] + store.mapped_addresses()
+                guard = guard_mappings(addresses, owner=(model, store))
                 guards.append(guard)
                 reader = RowReader(table.attributes, table.table_rows, placed, tier, guard, keep=(model, placed))
             layers[layer_id] = (reader, store)
@@ -218,24 +221,6 @@ class EngramRows:
             for layer in manifest.layers:
                 manifest.hot_set(layer)
         remote_tables(Path(path), manifest, options)
-
-    def __getitem__(self, layer_id: int) -> LayerRows:
-        if layer_id not in self._layers:
-            raise UnknownLayer(f"no Engram layer {layer_id} here (layers: {self.layer_ids})")
-        return self._layers[layer_id]
-
-    def __iter__(self):
-        return iter(self._layers)
-
-    def __len__(self) -> int:
-        return len(self._layers)
-
-    def __contains__(self, layer_id) -> bool:
-        return layer_id in self._layers
-
-    @property
-    def layer_ids(self) -> list[int]:
-        return list(self._layers)
 
     def read(self, layer_id: int, ids, out=None, **options):
         """``self[layer_id].read(ids, out, **options)``."""

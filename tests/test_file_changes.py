@@ -55,28 +55,16 @@ def _inputs(runtime, batch: int = 2, tokens: int = 9):
     return ids, hidden, mask
 
 
-@pytest.mark.parametrize("family", ["demo", "v41"])
-@pytest.mark.parametrize("table_memory", ["mmap", "populate", "tiered"])
-def test_a_table_truncated_under_threads_is_refused_and_the_process_serves_on(
-    calibrated, family, table_memory, tmp_path
-):
-    folder = shutil.copytree(calibrated[family], tmp_path / "served")
-    runtime = EngramRuntime(folder, table_memory=table_memory)
-    untouched = EngramRuntime(calibrated[family], table_memory=table_memory)
-    layer = runtime.layer_ids[0]
-    ids, hidden, mask = _inputs(runtime)
-    expected = untouched[layer](ids, hidden, mask)
-    np.testing.assert_array_equal(runtime[layer](ids, hidden, mask), expected)
-    session = runtime.session(2)
-    session.prefill(ids, dict.fromkeys(runtime.layer_ids, hidden), mask)
-    table = _table_file(folder, family)
-
+def _truncated_under_threads(call, expected, table: Path) -> tuple[list, list]:
+    """``call()`` from 4 threads, 30 times each (a thread stops after 4 refusals), while ``table`` is
+    truncated to its first page: (whether the table was truncated yet, for each answer that was not
+    ``expected``; the message of each refusal)."""
     wrong, refusals, truncated = [], [], threading.Event()
 
     def calls():
         for _ in range(30):
             try:
-                got = runtime[layer](ids, hidden, mask)
+                got = call()
             except EngramError as exc:
                 refusals.append(str(exc))
             else:
@@ -92,7 +80,25 @@ def test_a_table_truncated_under_threads_is_refused_and_the_process_serves_on(
     truncated.set()
     for thread in threads:
         thread.join()
+    return wrong, refusals
 
+
+@pytest.mark.parametrize("family", ["demo", "v41"])
+@pytest.mark.parametrize("table_memory", ["mmap", "populate", "tiered"])
+def test_a_table_truncated_under_threads_is_refused_and_the_process_serves_on(
+    calibrated, family, table_memory, tmp_path
+):
+    folder = shutil.copytree(calibrated[family], tmp_path / "served")
+    runtime = EngramRuntime(folder, table_memory=table_memory)
+    untouched = EngramRuntime(calibrated[family], table_memory=table_memory)
+    layer = runtime.layer_ids[0]
+    ids, hidden, mask = _inputs(runtime)
+    expected = untouched[layer](ids, hidden, mask)
+    np.testing.assert_array_equal(runtime[layer](ids, hidden, mask), expected)
+    session = runtime.session(2)
+    session.prefill(ids, dict.fromkeys(runtime.layer_ids, hidden), mask)
+    table = _table_file(folder, family)
+    wrong, refusals = _truncated_under_threads(lambda: runtime[layer](ids, hidden, mask), expected, table)
     assert wrong == []
     assert refusals and all(table.name in message for message in refusals), refusals
     for call in (
@@ -215,27 +221,8 @@ def test_the_row_api_refuses_reads_of_a_truncated_table_and_the_process_serves_o
     ids = np.random.default_rng(0).integers(0, rows[layer].table_rows, (64, 24))
     expected = untouched.read(layer, ids, form="packed")
     np.testing.assert_array_equal(rows.read(layer, ids, form="packed"), expected)
-    table, wrong, refusals, truncated = next(folder.glob(f"layer_{layer}.*.safetensors")), [], [], threading.Event()
-
-    def reads():
-        for _ in range(30):
-            try:
-                got = rows.read(layer, ids, form="packed")
-            except EngramError as exc:
-                refusals.append(str(exc))
-            else:
-                if not np.array_equal(got, expected):
-                    wrong.append(truncated.is_set())
-            if len(refusals) > 3:
-                return
-
-    threads = [threading.Thread(target=reads) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    os.truncate(table, 4096)
-    truncated.set()
-    for thread in threads:
-        thread.join()
+    table = next(folder.glob(f"layer_{layer}.*.safetensors"))
+    wrong, refusals = _truncated_under_threads(lambda: rows.read(layer, ids, form="packed"), expected, table)
     assert wrong == []
     assert refusals and all(table.name in message for message in refusals), refusals
     with pytest.raises(EngramError, match=table.name):

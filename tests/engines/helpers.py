@@ -262,6 +262,31 @@ def sglang_hash_ids(
     )
 
 
+def recording_safe_open(safe_open, read: list):
+    """A stand-in for safetensors' ``safe_open`` that opens files with ``safe_open`` and appends the name
+    of every tensor read (``get_tensor``) to ``read``."""
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.file = safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.opened = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.opened.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.opened.get_tensor(name)
+
+    return Recording
+
+
 def checkpoint_tables(checkpoint, config) -> dict:
     """Layer -> (fp8 e4m3 codes, e8m0 scale bytes as uint8): a V4.1 checkpoint's own Engram tables."""
     import json

@@ -476,28 +476,8 @@ def test_checkpoint_tables_are_skipped_before_they_are_read(v41, reference, load
     from sglang.srt.model_loader import loader
 
     load_plugin(rows=v41.folder)
-    read = []
-    safe_open = safetensors.safe_open
-
-    class Recorded:
-        def __init__(self, *args, **kwargs):
-            self.opened = safe_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.opened.__enter__()
-            return self
-
-        def __exit__(self, *args):
-            return self.opened.__exit__(*args)
-
-        def keys(self):
-            return self.opened.keys()
-
-        def get_tensor(self, name):
-            read.append(name)
-            return self.opened.get_tensor(name)
-
-    monkeypatch.setattr(safetensors, "safe_open", Recorded)
+    read: list[str] = []
+    monkeypatch.setattr(safetensors, "safe_open", helpers.recording_safe_open(safetensors.safe_open, read))
     hooked = {
         "single": list(loader.safetensors_weights_iterator(reference.files)),
         "threads": list(loader.buffered_multi_thread_safetensors_weights_iterator(reference.files, max_workers=2)),

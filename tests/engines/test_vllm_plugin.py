@@ -364,27 +364,8 @@ def test_checkpoint_tables_are_never_read(plugins, monkeypatch, v41):
     before = {name: tensor for name, tensor in weight_utils.safetensors_weights_iterator(files, False)}
     configure(monkeypatch, rows=v41.folder)
     plugins.load()
-    read, safe_open = [], weight_utils.safe_open
-
-    class Recording:
-        def __init__(self, *args, **kwargs):
-            self.file = safe_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.opened = self.file.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.file.__exit__(*exc)
-
-        def keys(self):
-            return self.opened.keys()
-
-        def get_tensor(self, name):
-            read.append(name)
-            return self.opened.get_tensor(name)
-
-    monkeypatch.setattr(weight_utils, "safe_open", Recording)
+    read: list[str] = []
+    monkeypatch.setattr(weight_utils, "safe_open", helpers.recording_safe_open(weight_utils.safe_open, read))
     after = dict(weight_utils.safetensors_weights_iterator(files, False))
     tables = {name for name in before if name.endswith(TABLE_SUFFIXES)}
     assert len(tables) == 2 * len(v41.config.engram_layer_ids)

@@ -291,3 +291,13 @@ def test_released_size_from_a_sparse_checkpoint(tmp_path):
     with torch.inference_mode():
         expected = layer(torch.from_numpy(ids), torch.from_numpy(hidden), torch.from_numpy(mask)).numpy()
     check("bf16", got, expected, hidden, mask)
+    # the row API (what the engines' plug-ins read) on the released tables: the lookup stage's rows, by id
+    from engram_export.runtime.rows import EngramRows
+
+    table_rows = hashing.rows(ids, mask, 14)  # [50, 14, 24]
+    looked_up = runtime.layer(14).lookup(ids, mask)
+    form = "bf16" if runtime.precision == "bf16" else "f32"
+    read = EngramRows(compiled).read(14, table_rows, form=form)
+    if form == "bf16":
+        read = (read.astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(read.reshape(looked_up.shape), looked_up)

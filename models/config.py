@@ -138,6 +138,11 @@ class EngramConfig:
             require(self.pad_id < self.vocab_size, f"pad_id {self.pad_id} is outside [0, vocab_size={self.vocab_size})")
 
     @property
+    def num_hidden_layers(self) -> None:
+        """The backbone's layers: the demo's config does not say (a V4.1 checkpoint's does)."""
+        return None
+
+    @property
     def head_dim(self) -> int:
         return self.n_embed_per_ngram // self.n_head_per_ngram
 

@@ -64,6 +64,7 @@ class V41Config:
     rms_norm_eps: float
     vocab_size: int  # the backbone's token ids
     tokenizer: str | None = None
+    num_hidden_layers: int | None = None  # the backbone's layers, where the checkpoint says
 
     # the checkpoint's config.json key -> the field
     CHECKPOINT_KEYS = {
@@ -128,6 +129,12 @@ class V41Config:
             f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps!r}",
         )
         require(
+            self.num_hidden_layers is None
+            or (is_int(self.num_hidden_layers) and max(self.layer_ids) < self.num_hidden_layers <= 4096),
+            f"num_hidden_layers must be an integer in ({max(self.layer_ids)}, 4096] (past every Engram layer), "
+            f"got {self.num_hidden_layers!r}",
+        )
+        require(
             self.tokenizer is None or isinstance(self.tokenizer, str),
             f"tokenizer must be a path or null, got {self.tokenizer!r}",
         )
@@ -172,7 +179,7 @@ class V41Config:
         tokenizer = data.get("tokenizer")
         if isinstance(tokenizer, str) and base_dir is not None and not Path(tokenizer).is_absolute():
             tokenizer = str(base_dir / tokenizer)
-        return cls(**values, tokenizer=tokenizer)
+        return cls(**values, tokenizer=tokenizer, num_hidden_layers=data.get("num_hidden_layers"))
 
     @classmethod
     def from_checkpoint(cls, checkpoint) -> V41Config:
@@ -195,6 +202,8 @@ class V41Config:
             }
         )
         data["tokenizer"] = self.tokenizer
+        if self.num_hidden_layers is not None:
+            data["num_hidden_layers"] = self.num_hidden_layers
         return data
 
 

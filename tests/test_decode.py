@@ -85,3 +85,31 @@ def test_refused_calls_leave_the_session_usable(folders, layers, tiny_raw_files)
         runtime.session(0)
     with pytest.raises(EngramError, match="decode needs an optimized export"):
         EngramRuntime(tiny_raw_files["f32"]).session(1)
+
+
+def test_each_layer_steps_at_its_depth(folders, layers):
+    """A backbone steps each Engram layer when it reaches it: layer 1 of a token, then layer 3, with or
+    without the token's lookups prefetched, gives what stepping both at once gives, bit for bit."""
+    runtime = EngramRuntime(folders["f32"])
+    ids, hidden = random_inputs(layers[1].config, 5000, 2, 8, seed=12)
+    whole, split = runtime.session(2), runtime.session(2)
+    expected = decode(whole, ids, {1: hidden, 3: hidden}, 3)
+    got = [split.prefill(ids[:, :3], {1: hidden[:, :3], 3: hidden[:, :3]})]
+    for t in range(3, 8):
+        token, h = ids[:, t : t + 1], hidden[:, t : t + 1]
+        if t % 2:
+            split.prefetch(token)
+        first = split.step(token, {1: h})
+        assert split.position == t  # the token is not done until every layer stepped it
+        with pytest.raises(EngramError, match=r"layers \[3\] have not stepped this token yet"):
+            split.prefetch(ids[:, t + 1 : t + 2] if t < 7 else token)
+        with pytest.raises(EngramError, match=r"layers \[1\] already stepped this token; layers \[3\] have not"):
+            split.step(token, {1: h})
+        with pytest.raises(EngramError, match=r"layers \[3\] have not stepped the last token yet"):
+            split.step(ids[:, t + 1 : t + 2] if t < 7 else token + 1, {3: h})
+        got.append({**first, **split.step(token, {3: h})})
+        assert split.position == t + 1
+    for layer in (1, 3):
+        np.testing.assert_array_equal(np.concatenate([g[layer] for g in got], axis=1), expected[layer])
+    with pytest.raises(EngramError, match="a prefill takes hidden states for every layer"):
+        split.prefill(ids[:, :3], {1: hidden[:, :3]})

@@ -120,8 +120,10 @@ class DecodeSession:
     """Prefill, then one token per step, for a fixed batch of sequences, over every layer served.
 
     ``hidden_by_layer`` maps layer id -> hidden states [B,T,G,D] (for one layer, an array does);
-    results come back the same way. Every input is checked before any state changes, so a refused
-    call leaves the session as it was. Calls from several threads are run one at a time.
+    results come back the same way. A step may name some of the layers: a backbone steps each Engram
+    layer at its depth, so the token's other layers follow in later calls with the same ids, before the
+    next token. Every input is checked before any state changes, so a refused call leaves the session as
+    it was. Calls from several threads are run one at a time.
     """
 
     def __init__(self, runtime, batch_size: int):
@@ -134,7 +136,8 @@ class DecodeSession:
         self._requests = {layer_id: layer._decode_requests() for layer_id, layer in self._layers.items()}
         self._lock = threading.Lock()
         self.position = 0
-        self._prefetched: tuple | None = None  # (ids, mask) of the step whose lookups are in flight
+        self._prefetched: tuple | None = None  # (feeds per layer, ids) of the step whose lookups are in flight
+        self._token: tuple | None = None  # (ids, layers still to step) of a token some layers have stepped
 
     def reset(self) -> None:
         """Forget every sequence: the next call starts from pads and zeros."""
@@ -142,7 +145,8 @@ class DecodeSession:
             self._reset()
 
     def _reset(self) -> None:
-        self._finish_prefetch()
+        self._finish_prefetch(list(self._requests))
+        self._token = None
         for lookup, fuse in self._requests.values():
             lookup.reset_state()
             fuse.reset_state()
@@ -154,8 +158,9 @@ class DecodeSession:
         return self._run(input_ids, hidden_by_layer, token_mask, start=True)
 
     def step(self, next_ids, hidden_by_layer, token_mask=None) -> dict:
-        """One more token per sequence ([B, 1] ids): outputs [B,1,G,D] per layer. After ``prefetch`` of
-        these ids, it waits for those lookups instead of running its own."""
+        """One more token per sequence ([B, 1] ids): outputs [B,1,G,D] per layer given (every layer, or
+        some now and the rest in later calls with the same ids). After ``prefetch`` of these ids, each
+        layer waits for its own lookup instead of running one."""
         return self._run(next_ids, hidden_by_layer, token_mask, start=False)
 
     def prefetch(self, next_ids, token_mask=None) -> None:
@@ -164,6 +169,8 @@ class DecodeSession:
         ids finishes them. A second prefetch before that step is refused."""
         self._verification.check()
         with self._lock:
+            if self._token is not None:
+                raise EngramError(f"layers {sorted(self._token[1])} have not stepped this token yet: step them first")
             if self._prefetched is not None:
                 raise EngramError("a prefetch is already in flight: run its step first")
             feeds = {}
@@ -178,16 +185,20 @@ class DecodeSession:
                 self._requests[layer_id][0].start_async(layer_feeds, share_inputs=True)
             self._prefetched = (feeds, next(iter(feeds.values())))
 
-    def _finish_prefetch(self) -> dict | None:
-        """Wait for the lookups in flight, if any; their feeds per layer."""
+    def _finish_prefetch(self, layers) -> set:
+        """Wait for the lookups in flight of ``layers``, if any; the layers whose lookups were prefetched."""
         if self._prefetched is None:
-            return None
-        feeds, self._prefetched = self._prefetched[0], None
-        for layer_id, (lookup, _) in self._requests.items():
+            return set()
+        feeds = self._prefetched[0]
+        done = {layer for layer in layers if layer in feeds}
+        for layer_id in done:
             start = time.perf_counter_ns()
-            wait(lookup)
+            wait(self._requests[layer_id][0])
             self._layers[layer_id]._backend.count_prefetch_wait(time.perf_counter_ns() - start)
-        return feeds
+            del feeds[layer_id]
+        if not feeds:
+            self._prefetched = None
+        return done
 
     def _checked(self, input_ids, hidden_by_layer, token_mask=None) -> dict:
         """layer -> (lookup feeds, hidden), every input checked; nothing runs here."""
@@ -195,7 +206,7 @@ class DecodeSession:
             if len(self._requests) != 1:
                 raise EngramError(f"give hidden states per layer, {{layer: array}}, for layers {list(self._requests)}")
             hidden_by_layer = {next(iter(self._requests)): hidden_by_layer}
-        if sorted(hidden_by_layer, key=str) != sorted(self._requests, key=str):
+        if not hidden_by_layer or not set(hidden_by_layer) <= set(self._requests):
             raise EngramError(
                 f"hidden states are for layers {sorted(hidden_by_layer, key=str)}, the "
                 f"session serves {sorted(self._requests)}"
@@ -216,22 +227,39 @@ class DecodeSession:
         if not start and tokens != 1:
             raise EngramError(f"step takes one token per sequence, [B, 1]; got {tokens} tokens")
         with self._lock:
-            pending = self._prefetched[1] if self._prefetched is not None else None
-            if pending is not None and not start:
-                first = next(iter(checked.values()))[0]
-                if any(not np.array_equal(first[k], pending[k]) for k in pending):
-                    raise EngramError("this step's ids (or token_mask) differ from those prefetched for it")
+            first = next(iter(checked.values()))[0]
+            if start and len(checked) != len(self._requests):
+                raise EngramError(f"a prefill takes hidden states for every layer, {sorted(self._requests)}")
+            if not start:
+                self._check_token(first, set(checked))
             if start:
                 self._reset()
             with self._verification.served():  # a file changed under any layer refuses the step
-                prefetched = self._finish_prefetch()
+                prefetched = self._finish_prefetch(checked)
                 outputs = {}
                 for layer, (feeds, hidden) in checked.items():
                     lookup, fuse = self._requests[layer]
-                    if prefetched is None:
+                    if layer not in prefetched:
                         infer(lookup, feeds)
                     fuse.set_tensor(EMBEDDINGS, lookup.get_output_tensor(0))
                     infer(fuse, {"hidden_states": hidden, **fuse_feeds(feeds)})
                     outputs[layer] = fuse.get_output_tensor(0).data.copy()
-                self.position += tokens
+                left = (self._token[1] if self._token else set(self._requests)) - set(checked)
+                self._token = (first, left) if left and not start else None
+                if self._token is None:
+                    self.position += tokens
         return outputs
+
+    def _check_token(self, first: dict, layers: set) -> None:
+        """A step's ids are those prefetched for it, and those of the token its other layers stepped."""
+        if self._token is not None:
+            ids, left = self._token
+            if any(not np.array_equal(first[k], ids[k]) for k in ids):
+                raise EngramError(f"layers {sorted(left)} have not stepped the last token yet: step them with its ids")
+            if not layers <= left:
+                raise EngramError(
+                    f"layers {sorted(layers - left)} already stepped this token; layers {sorted(left)} have not"
+                )
+        pending = self._prefetched[1] if self._prefetched is not None else None
+        if pending is not None and any(not np.array_equal(first[k], pending[k]) for k in pending):
+            raise EngramError("this step's ids (or token_mask) differ from those prefetched for it")

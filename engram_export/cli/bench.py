@@ -129,11 +129,19 @@ def add(sub) -> None:
         "INT8); int8-weights (DeepSeek-V4.1: INT8 weights and static INT8)",
     )
 
+    depth = argparse.ArgumentParser(add_help=False)
+    depth.add_argument(
+        "--backbone-layers",
+        type=int,
+        help="layers of the backbone whose step is modelled (default: the config's num_hidden_layers, 40 for V4.1)",
+    )
     tiered = modes.add_parser(
         "tiered",
-        parents=[FLAGS, text, workdir],
+        parents=[FLAGS, text, workdir, depth],
         help="tiered tables on real text (DeepSeek-V4.1 rows): hit rates of calibrated hot sets on the released "
-        "layout, then decode and prefill from a table on disk, resident / mmap cold / tiered with and without prefetch",
+        "layout, then decode and prefill from a table on disk with each Engram layer at its depth in a backbone's "
+        "step: rows for a GPU engine (warm / tiered / tiered + candidates, queued prefill) and the CPU running the "
+        "whole module (resident / mmap cold / tiered with and without prefetch)",
     )
     tiered.add_argument("--table-rows", type=int, default=8_000_000, help="rows of each served table (264 bytes a row)")
     tiered.add_argument(
@@ -142,7 +150,7 @@ def add(sub) -> None:
 
     ray = modes.add_parser(
         "ray",
-        parents=[FLAGS, text, workdir],
+        parents=[FLAGS, text, workdir, depth],
         help="tables served by shards on Ray (RAY_ADDRESS's cluster, else a local one) against local ones, on "
         "real text: per-call times, bytes moved, what prefetch hides, calls/s, a replica's restart",
     )
@@ -280,6 +288,8 @@ def _tokenizer(path: Path | None) -> Path:
 def _on_text(args) -> None:
     """``tiered`` or ``ray``: benches of real text through the DeepSeek-V4.1 presets."""
     check_at_least(1_000_000, table_rows=args.table_rows)
+    if args.backbone_layers is not None:
+        check_at_least(2, backbone_layers=args.backbone_layers)
     if args.mode == "tiered":
         check_at_least(0, calibrate_mib=args.calibrate_mib)
     else:
@@ -289,11 +299,11 @@ def _on_text(args) -> None:
         if args.mode == "tiered":
             from engram_export.measure.bench_tiered import run_tiered_bench
 
-            run_tiered_bench(args.text, tokenizer, workdir, args.table_rows, args.calibrate_mib)
+            run_tiered_bench(args.text, tokenizer, workdir, args.table_rows, args.calibrate_mib, args.backbone_layers)
         else:
             from engram_export.measure.bench_sharded import run_sharded_bench
 
-            run_sharded_bench(args.text, tokenizer, workdir, args.table_rows, args.shards)
+            run_sharded_bench(args.text, tokenizer, workdir, args.table_rows, args.shards, args.backbone_layers)
 
 
 def _rows(args) -> None:

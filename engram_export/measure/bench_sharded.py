@@ -9,8 +9,10 @@ Ray's token authentication on). Reported, in one run:
 
 1. per call (p50 over the calls): the lookup alone and the whole layer call, local and remote, at B = 1
    and 8 (decode) and B = 50, T = 14 (prefill); bytes moved and requests per call;
-2. decode with a 15 ms backbone stand-in: tokens/s local, remote, remote with the prefetch issued
-   before the stand-in, and the share of the remote lookup the prefetch hid;
+2. decode at depth (``depth.py``: each Engram layer's rows needed when a backbone of the config's
+   layers reaches it): rows for a GPU engine through the row API, local against Ray, for step times of
+   5, 15 and 50 ms and B = 1, 8 and 64, each layer's exposed wait; then the CPU running the whole
+   module at 15 ms a step: local, remote, and remote with the step's lookups prefetched when it begins;
 3. calls/s from 1, 2 and 4 client threads, local and remote;
 4. a replica's process killed in a stream of calls: with a second replica (failover) and without one
    (the calls wait for Ray to start it again).
@@ -28,8 +30,12 @@ import numpy as np
 
 from engram_export.core.text import token_stream, windows
 from engram_export.measure.common import format_table, ray_cluster
-from engram_export.measure.v41_text import DECODE_BACKBONE_S, compiled_v41, decode_round, v41_with_tokenizer
+from engram_export.measure.depth import BATCHES, STEP_TIMES_S, schedule_for
+from engram_export.measure.depth_rows import RowsMode, rows_depth_table
+from engram_export.measure.v41_text import DECODE_STEP_S, compiled_v41, decode_round, v41_with_tokenizer
+from engram_export.models.deepseek_v41_config import V41Hashing
 from engram_export.runtime import EngramRuntime
+from engram_export.runtime.rows import EngramRows
 
 __all__ = ["run_sharded_bench"]
 
@@ -77,9 +83,11 @@ def _per_call(local, remote, stream: np.ndarray, hidden_size: int, hc_mult: int,
     return format_table(rows, [*headers, "KiB moved a call", "requests a call"])
 
 
-def _decode(local, remote, stream: np.ndarray, config, steps: int) -> str:
+def _decode(local, remote, stream: np.ndarray, config, schedule, steps: int) -> str:
+    """The CPU running the whole module at depth: local tables, remote, remote with the prefetch."""
     rows = []
     rng = np.random.default_rng(1)
+    layers = sorted(config.layer_ids)
     for batch in (1, 8):
         ids = windows(stream, steps, batch)
         hidden = rng.standard_normal((batch, 1, config.hc_mult, config.hidden_size)).astype(np.float32)
@@ -89,27 +97,18 @@ def _decode(local, remote, stream: np.ndarray, config, steps: int) -> str:
             ("remote", remote, False),
             ("remote + prefetch", remote, True),
         ):
-            before = {layer: runtime[layer].table_stats() for layer in runtime} if runtime is remote else {}
-            seconds = decode_round(runtime, ids, hidden, prefetch, [])
-            waited = sum(
-                runtime[layer].table_stats()["prefetch_wait_ms"] - before[layer]["prefetch_wait_ms"] for layer in before
-            )
-            results[name] = (batch * (steps - 1) / seconds, waited / (steps - 1))
-        step = ids[:, :1]
-        lookup_ms = sum(_p50_ms(lambda layer=layer, i=step: remote[layer].lookup(i), 20) for layer in remote)
-        hidden_share = 1 - results["remote + prefetch"][1] / lookup_ms
+            results[name] = decode_round(runtime, ids, hidden, prefetch, schedule)
+        per_s = {name: measured.tokens / measured.seconds for name, measured in results.items()}
         rows.append(
             [
                 f"B={batch}",
-                *(f"{results[name][0]:,.1f}" for name in results),
-                f"{results['remote + prefetch'][0] / results['local'][0]:.3f}",
-                f"{lookup_ms:.2f}",
-                f"{results['remote + prefetch'][1]:.2f}",
-                f"{hidden_share:.1%}",
+                *(f"{value:,.1f}" for value in per_s.values()),
+                f"{per_s['remote + prefetch'] / per_s['local']:.3f}",
+                *(results[name].wait_ms(layer) for name in ("local", "remote + prefetch") for layer in layers),
             ]
         )
     headers = ["decode", "local tok/s", "remote tok/s", "remote+prefetch tok/s", "vs local"]
-    headers += ["remote lookups ms a step", "wait after prefetch ms a step", "hidden by prefetch"]
+    headers += [f"{name} layer {layer} wait p50 / p99 ms" for name in ("local", "remote+prefetch") for layer in layers]
     return format_table(rows, headers)
 
 
@@ -192,7 +191,13 @@ def _restart(ray, compiled: Path, stream: np.ndarray, config, shards: int) -> st
 
 
 def run_sharded_bench(
-    texts: list[Path], tokenizer: Path, workdir: Path, rows_per_layer: int, shards: int, steps: int = 48
+    texts: list[Path],
+    tokenizer: Path,
+    workdir: Path,
+    rows_per_layer: int,
+    shards: int,
+    backbone_layers: int | None = None,
+    steps: int = 48,
 ) -> None:
     """Print the tables (see the module)."""
     from engram_export.sharding.cluster import describe, serve_tables, stop_tables
@@ -212,10 +217,25 @@ def run_sharded_bench(
             local = EngramRuntime(compiled, table_memory="populate")
             remote = EngramRuntime(compiled, tables="ray://bench")
             print(_per_call(local, remote, stream, config.hidden_size, config.hc_mult, repeat=30))
+            layers = backbone_layers or config.num_hidden_layers
+            modes = [
+                RowsMode("local (populate)", lambda: EngramRows(compiled, table_memory="populate")),
+                RowsMode(f"Ray, {shards} shards", lambda: EngramRows(compiled, tables="ray://bench")),
+            ]
             print(
-                f"\ndecode, {steps - 1} steps, backbone stand-in {DECODE_BACKBONE_S * 1e3:.0f} ms a step, both layers"
+                f"\nrows for a GPU engine at depth: Engram layers {', '.join(map(str, sorted(config.layer_ids)))} of a "
+                f"{layers}-layer backbone, each step's reads issued when it begins (row API start, packed rows) and "
+                f"each layer's rows waited for when the backbone reaches it; {steps} steps, 2 rounds; 'vs first': "
+                f"tokens/s against the local tables"
             )
-            print(_decode(local, remote, stream, config, steps))
+            print(rows_depth_table(V41Hashing(config), modes, stream, layers, STEP_TIMES_S, BATCHES, steps, 2))
+            schedule = schedule_for(config, DECODE_STEP_S, layers)
+            print(
+                f"\nthe CPU running the whole module at depth ({DECODE_STEP_S * 1e3:g} ms a step, {layers} layers, "
+                f"each Engram layer looked up (unless prefetched when the step began) and fused when the backbone "
+                f"reaches it)"
+            )
+            print(_decode(local, remote, stream, config, schedule, steps))
             print("\nthroughput, decode-shaped calls (B=8, T=1) of one layer, no stand-in")
             print(_throughput(local, remote, stream, config))
         finally:

@@ -82,6 +82,10 @@ class DepthRound:
     def percentile_us(self, layer: int, q: float) -> float:
         return float(np.percentile(self.waits[layer], q) * 1e6)
 
+    def wait_ms(self, layer: int) -> str:
+        """``layer``'s exposed wait, "p50 / p99" in ms."""
+        return f"{self.percentile_us(layer, 50) / 1e3:.2f} / {self.percentile_us(layer, 99) / 1e3:.2f}"
+
     def merge(self, other: DepthRound) -> None:
         for layer, waits in other.waits.items():
             self.waits.setdefault(layer, []).extend(waits)

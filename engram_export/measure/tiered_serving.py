@@ -1,21 +1,20 @@
 """``bench tiered``'s serving table: a dense DeepSeek-V4.1 table on disk served in every way a runtime
-can hold it, decode and prefill from real text.
+can hold it, the CPU running the whole module beside a GPU backbone, decode and prefill from real text.
 
 The table (``--table-rows`` a layer, V4.1 rows: 256 FP8 codes + 8 E8M0 scales) is written once into the
 work folder and kept between runs; before every round of a cold mode it is evicted from the page cache
 (``posix_fadvise(DONTNEED)``), so every miss is a disk read. Decode (B = 1 and 8, token by token through
 decode sessions) and prefill (B = 50, T = 14) run with the table resident (``populate``), ``mmap`` cold,
-``tiered`` without prefetch, and ``tiered`` with the prefetch issued before a backbone stand-in (a sleep:
-a GPU backbone leaves the CPU free) of one decode step or one prefill chunk. Reported: tokens/s against
-resident, per-call p50/p99 of the Engram work on the critical path, the read wait left after the
-prefetch, rows and bytes read, resident memory.
+``tiered`` without prefetch, and ``tiered`` with the step's lookups prefetched when it begins; each
+Engram layer is fused when the backbone reaches it (``depth.py``). Reported: tokens/s against resident,
+each Engram layer's exposed wait (p50/p99), the read wait left after the prefetch, rows and bytes read,
+resident memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import shutil
 import time
 from pathlib import Path
 
@@ -24,16 +23,17 @@ import psutil
 
 from engram_export.core.resources import available_memory
 from engram_export.core.text import windows
-from engram_export.folders.calibration import calibrate
+from engram_export.folders.manifest import read_manifest
 from engram_export.measure.common import evict_page_cache, format_table
-from engram_export.measure.v41_text import DECODE_BACKBONE_S, ROW_BYTES, compiled_v41, decode_round, v41_with_tokenizer
+from engram_export.measure.depth import DepthRound, DepthSchedule, run_round, schedule_for
+from engram_export.measure.v41_text import DECODE_STEP_S, ROW_BYTES, compiled_v41, decode_round, v41_with_tokenizer
 from engram_export.models.deepseek_v41_config import V41Config
 from engram_export.runtime import EngramRuntime
 
-__all__ = ["serving_table", "RESIDENT_ROWS", "PREFILL_BACKBONE_S"]
+__all__ = ["serving_table", "RESIDENT_ROWS", "PREFILL_STEP_S"]
 
 RESIDENT_ROWS = 8_000_000  # rows a layer of the resident baseline's table when the served one cannot be resident
-PREFILL_BACKBONE_S = 0.030  # one prefill chunk of 50 x 14 tokens
+PREFILL_STEP_S = 0.030  # one prefill chunk of 50 x 14 tokens
 
 
 def _resident_mib() -> float:
@@ -49,19 +49,22 @@ class _Mode:
     cold: bool  # evict the table before every round
 
 
-def _prefill_round(runtime, batches, hidden, prefetch: bool, latencies: list) -> float:
-    start = time.perf_counter()
-    for ids in batches:
-        handle = runtime.prefetch(ids) if prefetch else None
-        time.sleep(PREFILL_BACKBONE_S)
-        began = time.perf_counter()
-        for layer in runtime:
-            if handle is None:
-                runtime[layer](ids, hidden)
-            else:
-                runtime[layer].fuse(handle, hidden)
-        latencies.append((time.perf_counter() - began) * 1e3)
-    return time.perf_counter() - start
+def _prefill_round(runtime, batches, hidden, prefetch: bool, schedule: DepthSchedule) -> DepthRound:
+    """Prefill chunks one after another on ``schedule`` (a chunk a step): each chunk's lookups prefetched
+    when it begins if ``prefetch``, each Engram layer looked up (if not) and fused when the backbone
+    reaches it."""
+
+    def issue(k: int):
+        return (batches[k], runtime.prefetch(batches[k]) if prefetch else None)
+
+    def fuse(handle, layer: int) -> None:
+        ids, prefetched = handle
+        if prefetched is None:
+            runtime[layer](ids, hidden)
+        else:
+            runtime[layer].fuse(prefetched, hidden)
+
+    return run_round(schedule, len(batches), batches[0].size, issue, fuse)
 
 
 def _stats(runtime) -> dict:
@@ -76,7 +79,7 @@ def _stats(runtime) -> dict:
 
 
 def serving_table(
-    config: V41Config, calibration: Path, held_out: np.ndarray, workdir: Path, steps: int, rounds: int
+    config: V41Config, tiered: Path, held_out: np.ndarray, workdir: Path, backbone_layers: int, steps: int, rounds: int
 ) -> str:
     """The serving table (see the module). A table larger than the memory available cannot be resident:
     the resident row then serves a table of ``RESIDENT_ROWS`` rows a layer (a resident lookup's cost does
@@ -92,9 +95,7 @@ def serving_table(
             f"({available_memory() / 2**30:.1f} GiB): the resident row serves a "
             f"{sum(small.num_embeddings) * ROW_BYTES / 2**30:.1f} GiB table of the same row shape"
         )
-    tiered = workdir / "tiered"
-    shutil.rmtree(tiered, ignore_errors=True)
-    report = calibrate(compiled, tiered, [calibration], "1%")
+    report = read_manifest(tiered).calibration
     reached = sum(entry["rows_reached"] for entry in report["layers"].values())
     hot = sum(entry["hot_rows"] for entry in report["layers"].values())
     shapes = {"decode B=1": (1, steps), "decode B=8": (8, steps), "prefill 50x14": (50, 14)}
@@ -104,6 +105,10 @@ def serving_table(
         _Mode("tiered, no prefetch", "tiered", tiered, False, True),
         _Mode("tiered + prefetch", "tiered", tiered, True, True),
     ]
+    schedules = {
+        "decode": schedule_for(config, DECODE_STEP_S, backbone_layers),
+        "prefill": schedule_for(config, PREFILL_STEP_S, backbone_layers),
+    }
     rng = np.random.default_rng(1)
     rows: list[list[str]] = []
     base: dict[str, float] = {}
@@ -112,8 +117,7 @@ def serving_table(
         hidden = rng.standard_normal((batch, 1 if decode else length, config.hc_mult, config.hidden_size))
         hidden = hidden.astype(np.float32)
         for mode in modes:
-            latencies: list[float] = []
-            seconds, tokens, runtime, start_rss, load_s = 0.0, 0, None, _resident_mib(), 0.0
+            measured, runtime, start_rss, load_s = DepthRound({}), None, _resident_mib(), 0.0
             for round_ in range(rounds):  # a fresh runtime each round in every mode: none runs warmer
                 runtime = None
                 if mode.cold:
@@ -124,16 +128,14 @@ def serving_table(
                 offset = round_ * 7919
                 if decode:
                     ids = windows(held_out[offset:], length, batch)
-                    seconds += decode_round(runtime, ids, hidden, mode.prefetch, latencies)
-                    tokens += batch * (length - 1)
+                    measured.merge(decode_round(runtime, ids, hidden, mode.prefetch, schedules["decode"]))
                 else:
                     batches = [windows(held_out[offset + k * 997 :], length, batch) for k in range(4)]
-                    seconds += _prefill_round(runtime, batches, hidden, mode.prefetch, latencies)
-                    tokens += 4 * batch * length
+                    measured.merge(_prefill_round(runtime, batches, hidden, mode.prefetch, schedules["prefill"]))
             stats, resident = _stats(runtime), _resident_mib() - start_rss
             runtime = None
             gc.collect()
-            per_s = tokens / seconds
+            per_s = measured.tokens / measured.seconds
             base.setdefault(name, per_s)
             counted = bool(stats)
             rows.append(
@@ -142,8 +144,7 @@ def serving_table(
                     mode.name,
                     f"{per_s:,.0f}",
                     f"{per_s / base[name]:.3f}",
-                    f"{np.percentile(latencies, 50):.2f}",
-                    f"{np.percentile(latencies, 99):.2f}",
+                    *(measured.wait_ms(layer) for layer in sorted(config.layer_ids)),
                     f"{stats['hot_hits'] / max(1, stats['lookups']):.0%}" if counted else "-",
                     f"{stats['rows_read']:,}" if counted else "-",
                     f"{stats['bytes_read'] / 2**20:.1f}" if counted else "-",
@@ -153,7 +154,9 @@ def serving_table(
                     f"{resident:,.0f}",
                 ]
             )
-    headers = ["workload", "table", "tokens/s", "vs resident", "p50 ms", "p99 ms", "hot hits", "rows read"]
+    headers = ["workload", "table", "tokens/s", "vs resident"]
+    headers += [f"layer {layer} wait p50 / p99 ms" for layer in sorted(config.layer_ids)]
+    headers += ["hot hits", "rows read"]
     headers += ["MiB read", "read wait ms", "call wait ms", "load s", "RSS growth MiB"]
     table = format_table(rows, headers)
     size = sum(config.num_embeddings) * ROW_BYTES / 2**30
@@ -161,10 +164,12 @@ def serving_table(
     return (
         f"serving {size:.1f} GiB of tables ({', '.join(f'{r:,}' for r in config.num_embeddings)} rows), evicted "
         f"from the page cache before every round of the cold modes; {rounds} rounds, a fresh runtime each; hot set "
-        f"{hot:,} rows, {hot_mib:.0f} MiB (1% of the table rows, {hot / max(1, reached):.1%} of the {reached:,} "
-        f"rows the calibration text reached); backbone stand-in {DECODE_BACKBONE_S * 1e3:.0f} ms a decode step, "
-        f"{PREFILL_BACKBONE_S * 1e3:.0f} ms a prefill chunk; p50/p99: the Engram call on the critical path "
-        f"(step, or fuse after the prefetch); counters of the last round: read wait = time the kernel waited "
-        f"for queued reads, call wait = time the calls still waited for their prefetched lookups; RSS growth: "
-        f"resident memory after the mode's last round minus before its first load{resident_note}\n{table}"
+        f"{hot:,} rows, {hot_mib:.0f} MiB ({hot / max(1, reached):.1%} of the {reached:,} rows the calibration text "
+        f"reached), no cache; the CPU runs the whole module (lookup and fuse) beside a backbone of "
+        f"{backbone_layers} layers, {DECODE_STEP_S * 1e3:.0f} ms a decode step, {PREFILL_STEP_S * 1e3:.0f} ms a "
+        f"prefill chunk, each Engram layer fused when the backbone reaches it; wait: how long the backbone waited "
+        f"at that layer (the lookup if not prefetched, and the fuse); counters of the last round: read wait = time "
+        f"the kernel waited for queued reads, call wait = time the calls still waited for their prefetched "
+        f"lookups; RSS growth: resident memory after the mode's last round minus before its first load"
+        f"{resident_note}\n{table}"
     )

@@ -1,6 +1,6 @@
 """The DeepSeek-V4.1 model that the benches on real text serve (``bench tiered``, ``bench ray``) and the
 samples hash with: the preset over a real tokenizer's compression, its tables written densely once and
-compiled, and one round of token-by-token decode behind a backbone stand-in."""
+compiled, and one round of token-by-token decode with each Engram layer at its depth in a backbone's step."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import dataclasses
 import json
 import shutil
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +15,15 @@ import numpy as np
 from engram_export.core import progress
 from engram_export.folders.pipeline import compile_folder, export_checkpoint
 from engram_export.folders.synthetic import write_v41_checkpoint
+from engram_export.measure.depth import DepthRound, DepthSchedule, run_round
 from engram_export.models.compression import build_compression_table
 from engram_export.models.config import load_config
 from engram_export.models.deepseek_v41_config import V41Config, head_primes
 
-__all__ = ["v41_with_tokenizer", "dense_checkpoint", "compiled_v41", "decode_round", "ROW_BYTES", "DECODE_BACKBONE_S"]
+__all__ = ["v41_with_tokenizer", "dense_checkpoint", "compiled_v41", "decode_round", "ROW_BYTES", "DECODE_STEP_S"]
 
 ROW_BYTES = 264  # a V4.1 row: 256 FP8 codes and 8 E8M0 scales
-DECODE_BACKBONE_S = 0.015  # one decode step of a GPU backbone
+DECODE_STEP_S = 0.015  # one decode step of a GPU backbone
 
 
 def v41_with_tokenizer(tokenizer: Path, rows_per_layer: int | None = None) -> V41Config:
@@ -96,22 +96,21 @@ def compiled_v41(config: V41Config, folder: Path) -> Path:
     return compiled
 
 
-def decode_round(runtime, ids, hidden, prefetch: bool, latencies: list) -> float:
-    """One round of token-by-token decode of ``ids`` [B, S] through a decode session, each step behind a
-    backbone stand-in (a sleep of ``DECODE_BACKBONE_S``: a GPU backbone leaves the CPU free), the step's
-    lookup prefetched before it if ``prefetch``; appends each step's ms to ``latencies`` and returns the
-    round's wall time in seconds."""
+def decode_round(runtime, ids, hidden, prefetch: bool, schedule: DepthSchedule) -> DepthRound:
+    """One round of token-by-token decode of ``ids`` [B, S] through a decode session on ``schedule``
+    (``depth.py``): when a step begins its lookups are prefetched if ``prefetch``, and each Engram layer
+    is stepped (looked up, if not prefetched, and fused, on the CPU) when the backbone reaches it."""
     batch = ids.shape[0]
     session = runtime.session(batch)
-    layers = list(runtime)
-    session.prefill(ids[:, :1], {layer: hidden[:, :1] for layer in layers})
-    start = time.perf_counter()
-    for t in range(1, ids.shape[1]):
-        step_ids = ids[:, t : t + 1]
+    session.prefill(ids[:, :1], {layer: hidden[:, :1] for layer in runtime})
+
+    def issue(t: int):
+        step_ids = ids[:, t + 1 : t + 2]
         if prefetch:
             session.prefetch(step_ids)
-        time.sleep(DECODE_BACKBONE_S)
-        began = time.perf_counter()
-        session.step(step_ids, {layer: hidden[:, :1] for layer in layers})
-        latencies.append((time.perf_counter() - began) * 1e3)
-    return time.perf_counter() - start
+        return step_ids
+
+    def fuse(step_ids, layer: int) -> None:
+        session.step(step_ids, {layer: hidden[:, :1]})
+
+    return run_round(schedule, ids.shape[1] - 1, batch, issue, fuse)

@@ -1,0 +1,95 @@
+"""The benches' backbone at depth (``measure/depth.py``, ``measure/depth_rows.py``): each Engram layer's
+wait is counted from when the backbone reaches it, never from the step's end; candidates' rows are the
+rows the next step needs when the candidate is the token that came."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from engram_export.core.errors import EngramError
+from engram_export.core.text import token_stream, windows
+from engram_export.measure import depth
+from engram_export.measure.depth import run_round, schedule_for
+from engram_export.measure.depth_rows import NgramCandidates, hashed_steps
+from engram_export.models.config import load_config
+from engram_export.models.deepseek_v41_config import V41Hashing
+from tests.helpers import package_prose
+
+
+class FakeClock:
+    """``time`` for depth.py: sleeping moves it, each reading moves it 1 us (so a spin ends)."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        self.now += 1e-6
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_each_layer_waits_from_when_the_backbone_reaches_it(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(depth, "time", clock)
+    schedule = schedule_for(load_config("deepseek-v41"), 0.040)  # 40 layers of 1 ms; Engram layers 1 and 14
+    assert (schedule.layers, schedule.engram, schedule.budget_s(1)) == (40, (1, 14), pytest.approx(0.001))
+    ready_after = {1: 0.0025, 14: 0.004}  # layer 1's rows come 2.5 ms after the step began, layer 14's at 4 ms
+    issued, after = [], []
+
+    def issue(t):
+        issued.append(clock.now)
+        return clock.now
+
+    def ready(began, layer):
+        clock.now = max(clock.now, began + ready_after[layer])
+
+    measured = run_round(schedule, 3, 8, issue, ready, after.append)
+    # layer 1 is reached 1 ms in: it waits 1.5 ms, and layer 14 is reached at 1 + 1.5 + 13 ms: no wait
+    assert measured.waits[1] == pytest.approx([0.0015] * 3, abs=5e-5)
+    assert measured.waits[14] == pytest.approx([0.0] * 3, abs=5e-5)
+    assert np.diff(issued) == pytest.approx([0.0415] * 2, abs=5e-5)  # the step took 40 + 1.5 ms
+    assert after == [0, 1, 2] and measured.tokens == 24
+    assert measured.seconds == pytest.approx(3 * 0.0415, abs=2e-4)
+    assert measured.wait_ms(1) == "1.50 / 1.50"
+
+
+def test_a_schedule_needs_the_backbone_s_layers():
+    demo = load_config("tiny")  # the demo's config does not say how deep its backbone is
+    with pytest.raises(EngramError, match="give --backbone-layers"):
+        schedule_for(demo, 0.015)
+    assert schedule_for(demo, 0.015, 12).layers == 12
+    with pytest.raises(EngramError, match=r"a backbone of 3 layers cannot carry Engram layers \[1, 14\]"):
+        schedule_for(load_config("deepseek-v41"), 0.015, 3)
+    with pytest.raises(EngramError, match="num_hidden_layers must be an integer"):
+        dataclasses.replace(load_config("deepseek-v41"), num_hidden_layers=14)
+
+
+def test_candidates_rows_are_the_next_step_s_rows(tokenizer_json, tmp_path):
+    """Where the token that came was a candidate, its rows were read ahead: the candidate's hash after
+    step t equals the hash the step t+1 of the whole sequence computes, at every t (the first ones hash
+    with pads, as the sequence did)."""
+    from engram_export.measure.v41_text import v41_with_tokenizer
+
+    text = tmp_path / "prose.txt"
+    text.write_text(package_prose()[:200_000])
+    config = v41_with_tokenizer(tokenizer_json, 2_000_000)
+    hashing = V41Hashing(config)
+    stream = token_stream(tokenizer_json, [text])
+    calibration, held_out = stream[: len(stream) * 9 // 10], stream[len(stream) * 9 // 10 :]
+    candidates = NgramCandidates(calibration, 4)
+    ids = windows(held_out, 12, 6)
+    steps = hashed_steps(hashing, ids)
+    hits = 0
+    for t in range(ids.shape[1] - 1):
+        chosen, rows = candidates.rows(hashing, ids, t)
+        assert chosen.shape == (6, 4) and all(len(set(row)) == 4 for row in chosen.tolist())
+        for b, c in zip(*np.nonzero(chosen == ids[:, t + 1 : t + 2]), strict=True):
+            hits += 1
+            for layer in config.layer_ids:
+                np.testing.assert_array_equal(rows[layer][b * 4 + c], steps[layer][t + 1][b])
+    assert hits > 5  # prose: the trigram model guesses the next token now and then

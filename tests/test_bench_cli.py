@@ -26,7 +26,16 @@ def test_each_mode_has_only_its_own_flags():
     assert sorted(flags) == sorted(MODES)
     owners = {
         flag: sorted(mode for mode, own in flags.items() if flag in own)
-        for flag in ("--profile", "--precision", "--batch", "--warmup", "--weights", "--text", "--shards")
+        for flag in (
+            "--profile",
+            "--precision",
+            "--batch",
+            "--warmup",
+            "--weights",
+            "--text",
+            "--shards",
+            "--backbone-layers",
+        )
     }
     assert owners == {
         "--profile": ["layer"],
@@ -36,6 +45,7 @@ def test_each_mode_has_only_its_own_flags():
         "--weights": ["decode", "layer"],
         "--text": ["ray", "tiered"],
         "--shards": ["ray"],
+        "--backbone-layers": ["decode", "ray", "tiered"],
     }
     assert all({"-q", "--debug", "--workdir"} <= own for own in flags.values())
 

@@ -93,3 +93,17 @@ def test_candidates_rows_are_the_next_step_s_rows(tokenizer_json, tmp_path):
             for layer in config.layer_ids:
                 np.testing.assert_array_equal(rows[layer][b * 4 + c], steps[layer][t + 1][b])
     assert hits > 5  # prose: the trigram model guesses the next token now and then
+
+
+def test_the_decode_bench_s_prefetch_at_depth(folders):
+    """``bench decode``'s prefetch table fuses the layer after the backbone layers before it, and refuses a
+    layer deeper than the backbone."""
+    from engram_export.measure.decode_bench import prefetch_rows
+    from engram_export.runtime import EngramRuntime
+
+    layer = EngramRuntime(folders["f32"]).layer(3)
+    table = dict(prefetch_rows(layer, 2, 3, repeat=2, backbone_layers=4))
+    assert set(table) >= {"backbone layers before the Engram layer (3)", "share of the lookup hidden"}, table
+    assert float(table["backbone layers before the Engram layer (3)"]) < float(table["backbone stand-in, 4 layers"])
+    with pytest.raises(EngramError, match="layer 3 does not fit a backbone of 3 layers"):
+        prefetch_rows(layer, 2, 3, repeat=2, backbone_layers=3)

@@ -117,10 +117,17 @@ def add(sub) -> None:
         help="the lookup alone: every stored table form, row kernel against OpenVINO (demo-family configs)",
     )
 
+    depth = argparse.ArgumentParser(add_help=False)
+    depth.add_argument(
+        "--backbone-layers",
+        type=int,
+        help="layers of the backbone whose step is modelled (default: the config's num_hidden_layers; V4.1: 40)",
+    )
     decode = modes.add_parser(
         "decode",
-        parents=[FLAGS, source, weights, repeat, workdir],
-        help="serving numbers: decode steps for B in 1, 8, 50, throughput with 1 and 2 streams, prefetch",
+        parents=[FLAGS, source, weights, repeat, workdir, depth],
+        help="serving numbers: decode steps for B in 1, 8, 50, throughput with 1 and 2 streams, prefetch at the "
+        "layer's depth in a backbone",
     )
     decode.add_argument(
         "--modes",
@@ -129,12 +136,6 @@ def add(sub) -> None:
         "INT8); int8-weights (DeepSeek-V4.1: INT8 weights and static INT8)",
     )
 
-    depth = argparse.ArgumentParser(add_help=False)
-    depth.add_argument(
-        "--backbone-layers",
-        type=int,
-        help="layers of the backbone whose step is modelled (default: the config's num_hidden_layers, 40 for V4.1)",
-    )
     tiered = modes.add_parser(
         "tiered",
         parents=[FLAGS, text, workdir, depth],
@@ -259,6 +260,8 @@ def _decode(args) -> None:
     from engram_export.measure.decode_bench import decode_bench
 
     check_at_least(1, repeat=args.repeat)
+    if args.backbone_layers is not None:
+        check_at_least(2, backbone_layers=args.backbone_layers)
     modes = _quantize_modes(args.modes)
     config, v41 = _config(args, "decode")
     if v41:
@@ -269,7 +272,7 @@ def _decode(args) -> None:
         return
     layer = _built_layer(args, config)
     with working_folder(args.workdir, "engram-bench-") as workdir:
-        decode_bench(layer, workdir, "int8" in modes, args.repeat)
+        decode_bench(layer, workdir, "int8" in modes, args.repeat, args.backbone_layers)
 
 
 def _tokenizer(path: Path | None) -> Path:

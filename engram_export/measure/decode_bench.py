@@ -5,8 +5,9 @@
 - throughput of independent [B, T] requests through ``openvino.AsyncInferQueue`` with the LATENCY
   hint (1 stream) and the THROUGHPUT hint with 2 streams, and one ``EngramRuntime`` shared by 1 and 2
   threads;
-- prefetch: the lookup started before a stand-in backbone (a PyTorch matmul chain that takes longer
-  than the lookup), against running lookup, backbone and fuse one after the other.
+- prefetch: the lookup started with a stand-in backbone (a PyTorch matmul chain of ``--backbone-layers``
+  layers that takes longer than the lookup in all), the layer fused at its depth (after the backbone
+  layers before it), against running the layers before it, lookup and fuse, and the rest in turn.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import openvino
 import torch
 
+from engram_export.core.errors import EngramError
 from engram_export.measure.common import (
     cpu_summary,
     decode_rows,
@@ -36,6 +38,8 @@ from engram_export.openvino.quantize import QuantizeOptions, quantize
 from engram_export.runtime import EngramRuntime
 
 __all__ = ["run_decode_bench", "decode_bench", "throughput_rows", "shared_runtime_rows", "prefetch_rows"]
+
+DEFAULT_BACKBONE_LAYERS = 40  # where neither the config nor --backbone-layers says: DeepSeek-V4.1's
 
 
 def _median_ms(call, repeat: int, warmup: int = 3) -> float:
@@ -106,11 +110,16 @@ def shared_runtime_rows(xml: Path, batch: int, tokens: int, requests: int, round
     return rows
 
 
-def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
-    """How much of the lookup a prefetch hides behind a backbone that takes longer than the lookup.
+def prefetch_rows(runtime, batch: int, tokens: int, repeat: int, backbone_layers: int) -> list[list]:
+    """How much of the lookup a prefetch hides when the layer sits at its depth in a backbone that takes
+    longer than the lookup in all: the lookup starts with the backbone's first layer, the layer (its id,
+    e.g. 1) needs its rows once the backbone layers before it ran.
 
     Every round uses fresh ids (the table rows are not in cache, as with new tokens). Hidden share:
-    1 - (time still spent waiting for the lookup once the backbone is done) / (lookup alone)."""
+    1 - (time still spent waiting for the lookup when the backbone reached the layer) / (lookup alone)."""
+    depth = runtime.info.layer_id
+    if not 0 <= depth < backbone_layers:
+        raise EngramError(f"layer {depth} does not fit a backbone of {backbone_layers} layers: give --backbone-layers")
     rounds = [
         random_inputs(runtime.config, runtime.info.num_ids, batch, tokens, seed=100 + i) for i in range(3 * repeat + 6)
     ]
@@ -121,42 +130,46 @@ def prefetch_rows(runtime, batch: int, tokens: int, repeat: int) -> list[list]:
 
     lookup_ms = _median_ms(lookup_alone, repeat)
     weight, activations = torch.randn(512, 512), torch.randn(256, 512)
-    count = max(1, int(np.ceil(2 * lookup_ms / max(_median_ms(lambda: activations @ weight, repeat), 1e-3))))
+    matmul_ms = max(_median_ms(lambda: activations @ weight, repeat), 1e-3)
+    per_layer = max(1, int(np.ceil(2 * lookup_ms / backbone_layers / matmul_ms)))
 
-    def backbone():
+    def backbone(first: int, last: int):
         x = activations
-        for _ in range(count):
+        for _ in range((last - first) * per_layer):
             x = torch.tanh(x @ weight)
 
-    backbone_ms = _median_ms(backbone, repeat)
+    backbone_ms = _median_ms(lambda: backbone(0, backbone_layers), repeat)
     serial, overlapped, exposed = [], [], []
     for _ in range(repeat):
         ids, hidden = next(fresh)
         start = time.perf_counter()
+        backbone(0, depth)
         runtime(ids, hidden)
-        backbone()
+        backbone(depth, backbone_layers)
         serial.append(time.perf_counter() - start)
         ids, hidden = next(fresh)
         start = time.perf_counter()
         handle = runtime.prefetch(ids)
-        backbone()
+        backbone(0, depth)
         waited = time.perf_counter()
         handle.wait()
         exposed.append(time.perf_counter() - waited)
         runtime.fuse(handle, hidden)
+        backbone(depth, backbone_layers)
         overlapped.append(time.perf_counter() - start)
     exposed_ms = statistics.median(exposed) * 1e3
     return [
         ["lookup alone (fresh ids)", f"{lookup_ms:.2f}"],
-        ["backbone stand-in", f"{backbone_ms:.2f}"],
-        ["serial: lookup + fuse, then backbone", f"{statistics.median(serial) * 1e3:.2f}"],
-        ["overlapped: prefetch, backbone, fuse", f"{statistics.median(overlapped) * 1e3:.2f}"],
-        ["lookup still exposed after the backbone", f"{exposed_ms:.2f}"],
+        [f"backbone stand-in, {backbone_layers} layers", f"{backbone_ms:.2f}"],
+        [f"backbone layers before the Engram layer ({depth})", f"{backbone_ms * depth / backbone_layers:.2f}"],
+        ["serial: layers before, lookup + fuse, layers after", f"{statistics.median(serial) * 1e3:.2f}"],
+        ["overlapped: prefetch, layers before, fuse, layers after", f"{statistics.median(overlapped) * 1e3:.2f}"],
+        ["lookup still exposed when the backbone reaches the layer", f"{exposed_ms:.2f}"],
         ["share of the lookup hidden", f"{1 - exposed_ms / lookup_ms:.0%}"],
     ]
 
 
-def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
+def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20, backbone_layers: int | None = None) -> None:
     """``files``: name -> compiled .xml of one optimized layer (e.g. bf16, int8); a precision's name is
     printed with the precision that runs (``bf16 (runs f32 here)`` on a CPU without BF16)."""
     for name, xml in files.items():
@@ -181,11 +194,12 @@ def run_decode_bench(files: dict, batches=(1, 8, 50), repeat: int = 20) -> None:
             shared_runtime_rows(first, 50, 14, repeat), ["hint", "threads", "requests/s", "tokens/s", "vs 1 thread"]
         )
     )
-    print(f"\nprefetch, {label}, B=50, T=14 (ms, medians):")
-    print(format_table(prefetch_rows(runtime, 50, 14, repeat), ["what", "ms"]))
+    layers = backbone_layers or runtime.config.num_hidden_layers or DEFAULT_BACKBONE_LAYERS
+    print(f"\nprefetch, {label}, B=50, T=14, Engram layer {runtime.info.layer_id} of {layers} (ms, medians):")
+    print(format_table(prefetch_rows(runtime, 50, 14, repeat, layers), ["what", "ms"]))
 
 
-def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int) -> None:
+def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int, backbone_layers: int | None = None) -> None:
     """Export and compile ``layer`` (bf16, and static int8 if asked) into ``workdir``, then time it."""
     say_emulated("bf16", "CPU", "bench decode")
     onnx_path = export_layer(layer, workdir / "engram.onnx")
@@ -196,4 +210,4 @@ def decode_bench(layer, workdir: Path, with_int8: bool, repeat: int) -> None:
             onnx_path, workdir / "engram_int8.xml", QuantizeOptions("int8", calibration=calibration)
         )
     print(f"CPU: {cpu_summary()}")
-    run_decode_bench(files, repeat=repeat)
+    run_decode_bench(files, repeat=repeat, backbone_layers=backbone_layers)

@@ -20,24 +20,29 @@ import numpy as np
 
 from engram_export.core.errors import EngramError, EngramUnavailable
 from engram_export.openvino.tiered import RowLayout, packed_parts, row_parts
+from engram_export.sharding.fast_path import FastPath
 from engram_export.sharding.layout import ShardPlan
 from engram_export.sharding.names import NAMESPACE, cause_of, replica_name
 
 __all__ = ["ShardedTables", "Pending", "REMOTE_STATS"]
 
-REMOTE_STATS = ("calls", "requests", "rows", "bytes", "failovers", "hedges")
+REMOTE_STATS = ("calls", "requests", "rows", "bytes", "failovers", "hedges", "fast_calls", "fast_failures")
 _PAUSE_S = 0.05  # between rounds of every replica failing (Ray restarts them meanwhile)
 _HEDGE_S = 0.1  # a replica that has not answered by then is joined by the next one
 _CHECK_S = 1.0  # the most a replica's identity check may take when its name resolves again
 _SUSPECT_S = 2.0  # a replica that failed is asked last for this long
+_FAST_S = 1.0  # the most a call waits on the compiled graph before it goes the actor-call way
+_FAST_WAIT_S = 0.002  # the most a call waits for the graph while another thread's call runs on it
+_REBUILD_S = (1.0, 60.0)  # a graph that failed is built again after this, doubling up to the second
 
 
 class ShardedTables:
     """Rows of the tables served under ``layout['name']`` (``cluster.served_layout``), for the layers
     added with their stored layout (``add_layer``)."""
 
-    def __init__(self, ray, layout: dict, deadline: float):
-        self.ray, self.name, self.deadline = ray, layout["name"], deadline
+    def __init__(self, ray, layout: dict, deadline: float, fast_path: bool = True):
+        """``fast_path``: fetch through a compiled graph (``fast_path.FastPath``) where it works."""
+        self.ray, self.name, self.deadline, self.fast_path = ray, layout["name"], deadline, fast_path
         self.replicas = layout["replicas"]
         self.plans = [ShardPlan.from_dict(shard) for shard in layout["shards"]]
         self._expected = {
@@ -57,6 +62,9 @@ class ShardedTables:
         self._turns: dict[int, int] = {}  # per shard: the replica its next request starts with
         self._suspect: dict[tuple[int, int], float] = {}  # (shard, replica) -> asked last until then
         self._stats: dict[int, dict] = {}
+        self._fast: FastPath | None = None
+        self._fast_lock = threading.Lock()  # one call at a time on the graph
+        self._fast_state = {"building": False, "after": 0.0, "pause": _REBUILD_S[0]}
 
     def add_layer(self, layer: int, layout: RowLayout) -> None:
         """Serve layer ``layer``, stored as ``layout``: the shards' pieces must cover its rows exactly."""
@@ -77,20 +85,25 @@ class ShardedTables:
 
     def request(self, layer: int, rows: np.ndarray) -> Pending:
         """Start fetching ``rows`` (sorted, unique, int64) of layer ``layer`` from their shards."""
+        calls = [(shard, wanted, self._send(shard, layer, wanted)) for shard, wanted in self._split(layer, rows)]
+        self._count(layer, len(calls), len(rows))
+        return Pending(self, layer, len(rows), calls)
+
+    def _split(self, layer: int, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(shard, its rows) of ``rows`` (sorted, unique, int64), in row order."""
         starts, stops, shards = self._starts[layer]
         piece = np.searchsorted(starts, rows, side="right") - 1
         if len(rows) and (piece[0] < 0 or np.any(rows >= stops[piece])):
             raise EngramError(f"layer {layer}: rows outside every shard of {self.name!r}")  # the hash never makes them
-        calls = []
-        for index in np.unique(piece):
-            wanted = rows[piece == index]
-            shard = int(shards[index])
-            calls.append((shard, wanted, self._send(shard, layer, wanted)))
+        return [(int(shards[index]), rows[piece == index]) for index in np.unique(piece)]
+
+    def _count(self, layer: int, requests: int, rows: int, fast: bool = False) -> None:
         with self._lock:
-            self._stats[layer]["calls"] += 1
-            self._stats[layer]["requests"] += len(calls)
-            self._stats[layer]["rows"] += len(rows)
-        return Pending(self, layer, len(rows), calls)
+            stats = self._stats[layer]
+            stats["calls"] += 1
+            stats["requests"] += requests
+            stats["rows"] += rows
+            stats["fast_calls"] += fast
 
     def collect(self, pending: Pending) -> dict[str, np.ndarray]:
         """The stored bytes of the rows ``pending`` requested, in row order: part -> u8 array (codes
@@ -117,11 +130,87 @@ class ShardedTables:
         local = np.full(flat.shape, -1, np.int64)
         local[wanted] = inverse
         if len(unique):
-            parts = self.collect(self.request(layer, unique))
+            parts = self._fast_read(layer, unique)
+            if parts is None:
+                parts = self.collect(self.request(layer, unique))
         else:
             parts = {name: np.zeros(0, np.uint8) for name in self.layouts[layer].part_sizes(0)}
         source = ([parts[name] for name in ("codes", "scales", "zero_points") if name in parts], len(unique))
         reader.read(local.reshape(ids.shape), out, form, None, e8m0, source=source)
+
+    def _fast_read(self, layer: int, rows: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The stored bytes of ``rows`` through the compiled graph, or ``None`` where it cannot serve them
+        now (not built yet, busy past ``_FAST_WAIT_S``, or failing: then torn down and built again later)."""
+        path = self._fast
+        if not self.fast_path or path is None:
+            if self.fast_path:
+                self._build_soon()
+            return None
+        split = self._split(layer, rows)
+        requests: list = [None] * len(self.plans)
+        for shard, wanted in split:
+            requests[shard] = (layer, wanted)
+        if not self._fast_lock.acquire(timeout=_FAST_WAIT_S):
+            return None
+        try:
+            answers = path.read(requests, min(_FAST_S, self.deadline))
+            parts = _concatenate(
+                [(len(wanted), answers[shard]) for shard, wanted in split], self.layouts[layer], len(rows)
+            )
+        except Exception:  # any failure: the actor-call way answers, with failover and the deadline
+            self._fast_failed(path, layer)
+            return None
+        finally:
+            self._fast_lock.release()
+        self._count(layer, len(split), len(rows), fast=True)
+        with self._lock:
+            self._fast_state["pause"] = _REBUILD_S[0]
+            self._stats[layer]["bytes"] += sum(part.nbytes for part in parts.values())
+        return parts
+
+    def _fast_failed(self, path: FastPath, layer: int) -> None:
+        with self._lock:
+            self._stats[layer]["fast_failures"] += 1
+            if self._fast is path:
+                self._fast = None
+                state = self._fast_state
+                state["after"] = time.monotonic() + state["pause"]
+                state["pause"] = min(2 * state["pause"], _REBUILD_S[1])
+        path.close_later()
+
+    def _build_soon(self) -> None:
+        """Build the compiled graph on a thread of its own, unless one is building or it failed lately."""
+        with self._lock:
+            state = self._fast_state
+            if state["building"] or time.monotonic() < state["after"]:
+                return
+            state["building"] = True
+        threading.Thread(target=self._build, name="engram-fast-path", daemon=True).start()
+
+    def _build(self) -> None:
+        """A graph over one replica of each shard, each checked first (``_handle``)."""
+        path = None
+        try:
+            handles = [self._handle(plan.index, self._order(plan.index)[0], _CHECK_S) for plan in self.plans]
+            path = FastPath(self.ray, handles)
+        except Exception:  # a replica down, or refused: the actor-call way tells the caller
+            pass
+        with self._lock:
+            state = self._fast_state
+            state["building"] = False
+            if path is None:
+                state["after"] = time.monotonic() + state["pause"]
+                state["pause"] = min(2 * state["pause"], _REBUILD_S[1])
+            else:
+                self._fast = path
+
+    def close(self) -> None:
+        """Tear the compiled graph down (it is built again at the next call)."""
+        with self._lock:
+            path, self._fast = self._fast, None
+        if path is not None:
+            with self._fast_lock:
+                path.close()
 
     def stats(self, layer: int) -> dict:
         with self._lock:

@@ -24,6 +24,7 @@ from engram_export.models.table_rows import hashing_of
 from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.row_kernel import stored_table
 from engram_export.openvino.stages import split_stages
+from engram_export.sharding.fast_path import LANES
 from engram_export.sharding.layout import ShardPlan, layer_identity, plan_shards
 from engram_export.sharding.names import NAMESPACE, cause_of, check_name, replica_name
 from engram_export.sharding.shard import SHARD_MEMORY, TableShard
@@ -230,7 +231,7 @@ def _spawn(ray, layout: dict, plan: ShardPlan, replica: int):
             get_placement_group(_group_name(layout["name"], plan.index)), placement_group_bundle_index=replica
         )
     return (
-        ray.remote(TableShard)
+        ray.remote(concurrency_groups={"_ray_system": LANES})(TableShard)  # the clients' compiled graphs
         .options(
             name=replica_name(layout["name"], plan.index, replica),
             namespace=NAMESPACE,

@@ -99,6 +99,11 @@ class TableShard:
             f"{layer} (it serves {serves})"
         )
 
+    def serve(self, request: tuple | None) -> dict[str, np.ndarray] | None:
+        """``rows(*request)``, or ``None`` for no request: the method the client's compiled graph calls
+        (``fast_path.FastPath``), every shard at every call."""
+        return None if request is None else self.rows(*request)
+
 
 def _stored(reader: RowReader, rows: np.ndarray, layout: RowLayout) -> dict[str, np.ndarray]:
     """The stored bytes of ``rows`` read by ``reader``, packed in their order (``tiered.pack_hot_rows``'s

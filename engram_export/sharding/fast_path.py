@@ -39,7 +39,11 @@ class FastPath:
         compiled_dag_node._compiled_dags.pop(self._graph.get_id(), None)  # torn down here, actors kept
         self._closed = False
         _open.add(self)
-        self.read([None] * len(handles), 10.0)  # the channels' first trip: not on a caller's clock
+        try:
+            self.read([None] * len(handles), 10.0)  # the channels' first trip: not on a caller's clock
+        except BaseException:
+            self.close()
+            raise
         if not _at_exit:  # registered after Ray's own exit hook: runs before it
             _at_exit.append(atexit.register(_close_all))
 

@@ -7,6 +7,8 @@ local runtime both hold their rows in memory (``populate``), so the difference i
 shards. The cluster is the one ``RAY_ADDRESS`` names, else a local one started here (127.0.0.1 only,
 Ray's token authentication on). Reported, in one run:
 
+0. the data path: a read of B tokens' rows from the shards through actor calls and Ray's compiled graph
+   (``remote_paths.py``);
 1. per call (p50 over the calls): the lookup alone and the whole layer call, local and remote, at B = 1
    and 8 (decode) and B = 50, T = 14 (prefill); bytes moved and requests per call;
 2. decode at depth (``depth.py``: each Engram layer's rows needed when a backbone of the config's
@@ -32,6 +34,7 @@ from engram_export.core.text import token_stream, windows
 from engram_export.measure.common import format_table, ray_cluster
 from engram_export.measure.depth import BATCHES, STEP_TIMES_S, schedule_for
 from engram_export.measure.depth_rows import RowsMode, rows_depth_table
+from engram_export.measure.remote_paths import remote_path_table
 from engram_export.measure.v41_text import DECODE_STEP_S, compiled_v41, decode_round, v41_with_tokenizer
 from engram_export.models.deepseek_v41_config import V41Hashing
 from engram_export.runtime import EngramRuntime
@@ -214,6 +217,10 @@ def run_sharded_bench(
                 f"\ntext: {', '.join(p.name for p in texts)}, {len(stream):,} tokens; {os.cpu_count()} cores shared "
                 f"by this process and {shards * 2} shard processes\n"
             )
+            print(
+                "\nthe data path: a read of B tokens' rows (24 a token) from the shards, actor calls against Ray's compiled graph"
+            )
+            print(remote_path_table(compiled, "bench"))
             local = EngramRuntime(compiled, table_memory="populate")
             remote = EngramRuntime(compiled, tables="ray://bench")
             print(_per_call(local, remote, stream, config.hidden_size, config.hc_mult, repeat=30))

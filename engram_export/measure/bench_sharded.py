@@ -218,7 +218,7 @@ def run_sharded_bench(
                 f"by this process and {shards * 2} shard processes\n"
             )
             print(
-                "\nthe data path: a read of B tokens' rows (24 a token) from the shards, actor calls against Ray's compiled graph"
+                "\nthe data path: a read of B tokens' rows (24 a token) from the shards, actor calls and compiled graph"
             )
             print(remote_path_table(compiled, "bench"))
             local = EngramRuntime(compiled, table_memory="populate")

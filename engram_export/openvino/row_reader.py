@@ -21,13 +21,21 @@ import numpy as np
 from engram_export.core.errors import EngramError
 from engram_export.openvino.extension import check_struct, library_path
 
-__all__ = ["RowReader", "FORMS", "DECODED_FORMS", "E8M0_READINGS"]
+__all__ = ["RowReader", "FORMS", "DECODED_FORMS", "E8M0_READINGS", "COUNTS"]
 
 # what a read writes per row: decoded values, or the stored bytes (all parts packed, or one part)
 FORMS = ("f32", "bf16", "packed", "codes", "scales")
 DECODED_FORMS = ("f32", "bf16")
 # how E8M0 scale bytes 0 and 255 decode: as the spec and SGLang (2^-127, NaN), or as vLLM's kernel (0, inf)
 E8M0_READINGS = ("spec", "vllm")
+
+# A read's own counts (``read(..., counts=)``; ``EngramCallCount`` in extension/table_tier.hpp), in this
+# order: lookups (owned ids other than -1) of a table held whole (``mmap``, ``populate``, ``hugepages``:
+# every lookup, under "resident", the tier's entries zero), and of a tiered one: hot, cache, candidate
+# (a row a warm read, found for the first time) and read (its row read in this call), so that resident +
+# hot + cache + candidate + read == the lookups; then the distinct rows read, those of them found in the
+# page cache, and the nanoseconds waited for the others.
+COUNTS = ("resident", "hot", "cache", "candidate", "read", "rows_read", "page_cache_rows", "read_ns")
 
 _ELEMENTS = ("f32", "f16", "bf16", "u8", "u4", "e4m3")
 _SCALES = ("none", "f16", "f32", "e8m0")
@@ -37,7 +45,7 @@ _OWN_ALL = (-(1 << 62), 1 << 62)
 
 # The layout version of ``EngramRowsRequest`` that ``_Request`` copies (``ENGRAM_ROWS_ABI_VERSION`` in
 # extension/gather_rows.hpp): raised there and here together whenever the struct changes.
-ROWS_ABI_VERSION = 1
+ROWS_ABI_VERSION = 2
 
 
 class _Request(ctypes.Structure):
@@ -62,6 +70,7 @@ class _Request(ctypes.Structure):
         ("out_strides", ctypes.c_int64 * 2),
         ("guards", ctypes.c_void_p),
         ("guard_count", ctypes.c_uint64),
+        ("counts", ctypes.c_void_p),
     ]
 
 
@@ -170,14 +179,24 @@ class RowReader:
         """A numpy array for the rows of ids of ``shape`` in ``form`` (bf16 as its bits, uint16)."""
         return np.empty((*shape, self._widths[form]), _NUMPY_OUT[form])
 
-    def read(self, ids, out, form: str, owned: tuple[int, int] | None = None, e8m0: str = "spec", source=None) -> int:
+    def read(
+        self,
+        ids,
+        out,
+        form: str,
+        owned: tuple[int, int] | None = None,
+        e8m0: str = "spec",
+        source=None,
+        counts: np.ndarray | None = None,
+    ) -> int:
         """Write the rows of ``ids`` (int32 or int64, C-contiguous, any shape) into ``out`` (ids' shape +
         [width], the last axis contiguous, rows at regular strides) in ``form``: ids in ``owned``
         [start, stop) (default every row) are read, -1 and any other id give zero rows; an id outside
         [-1, table rows) is refused before any row is read. Returns 0, or 2 when a guarded file changed
         during the read (the caller refuses the call, naming it from the guard). ``source``: (parts, rows),
         other rows of this table's layout to read from instead (the rows shards sent, packed as the
-        table's parts: ``tiered.pack_hot_rows``)."""
+        table's parts: ``tiered.pack_hot_rows``). ``counts``: a uint64 array of ``len(COUNTS)`` that gets
+        this call's own counts (``COUNTS``; the tier's counters count every call's together)."""
         ids_array, out_array = _Array(ids, "ids"), _Array(out, "out")
         if ids_array.dtype not in ("int64", "int32"):
             raise EngramError(f"ids must be int32 or int64, got {ids_array.dtype}")
@@ -210,6 +229,12 @@ class RowReader:
         request.owned[0], request.owned[1] = owned if owned is not None else _OWN_ALL
         request.out, request.out_inner = out_array.address, inner
         request.out_strides[0], request.out_strides[1] = outer_stride, inner_stride
+        if counts is not None:
+            if not isinstance(counts, np.ndarray) or counts.dtype != np.uint64 or counts.shape != (len(COUNTS),):
+                raise EngramError(f"counts must be a uint64 numpy array of {len(COUNTS)} ({', '.join(COUNTS)})")
+            if not counts.flags.c_contiguous or not counts.flags.writeable:
+                raise EngramError("counts must be a contiguous, writeable array")
+            request.counts = counts.ctypes.data
         done = _library().engram_rows_read(request, local.error, 512)
         if done == 1:
             raise EngramError(local.error.value.decode())

@@ -132,6 +132,12 @@ class TieredStore(MappedStore):
         """Where this store's tiers keep hot rows in the pages of their files (``hot_set_memory="shared"``)."""
         return [part.ctypes.data for tier in self._tiers.values() for part in tier.mapped_parts()]
 
+    def warm(self, rows: np.ndarray) -> int:
+        """Read ``rows`` of this layer's table (-1 skipped) into its tier's cache ahead of the lookups
+        expected to need them (``tiered.Tier.warm``: hot and cached rows are skipped, a tier without a
+        cache reads none); returns the rows read."""
+        return sum(tier.warm(rows) for tier in self._tiers.values())
+
     def stats(self) -> dict[str, int]:
         """The counters of this store's tiers, summed (``tiered.STATS``)."""
         totals: dict[str, int] = {}

@@ -53,6 +53,10 @@ STATS = (
     "queued_rows",
     "read_ns",
     "calls",
+    "candidate_hits",
+    "read_lookups",
+    "warm_calls",
+    "warm_rows_read",
 )
 
 
@@ -205,7 +209,7 @@ def _file_region(array: np.ndarray) -> tuple[str, int, int, int] | None:
 
 # The layout version of ``EngramTierSpec`` that ``_Spec`` copies (``ENGRAM_TIER_ABI_VERSION`` in
 # extension/table_tier.hpp): raised there and here together whenever the struct changes.
-TIER_ABI_VERSION = 1
+TIER_ABI_VERSION = 2
 
 
 class _Spec(ctypes.Structure):
@@ -225,7 +229,7 @@ class _Spec(ctypes.Structure):
         ("hot_parts", ctypes.c_void_p * 3),
         ("cache_bytes", ctypes.c_uint64),
         ("io_threads", ctypes.c_uint32),
-        ("read_ahead", ctypes.c_uint32),
+        ("miss_reads", ctypes.c_uint32),
     ]
 
 
@@ -246,6 +250,14 @@ def _library():
     library.engram_tier_open.restype = ctypes.c_int64
     library.engram_tier_close.argtypes = [ctypes.c_int64]
     library.engram_tier_stats.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+    library.engram_tier_warm.argtypes = [
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
+    library.engram_tier_warm.restype = ctypes.c_int64
     return library
 
 
@@ -262,6 +274,17 @@ class Tier:
         hot = self._hot
         return list(hot.parts.values()) if hot is not None and hot.mapped else []
 
+    def warm(self, rows: np.ndarray) -> int:
+        """Read ``rows`` (table rows; -1 skipped) that are neither hot nor cached into the cache, ahead of
+        the calls that will look them up (the first such lookup counts as a ``candidate_hits``); returns
+        the rows read. Every row is checked before any is read; a tier without a cache reads none."""
+        ids = np.ascontiguousarray(rows, np.int64).reshape(-1)
+        error = ctypes.create_string_buffer(512)
+        read = _library().engram_tier_warm(self.id, ids.ctypes.data, ids.size, error, len(error))
+        if read < 0:
+            raise EngramError(f"warm: {error.value.decode()}")
+        return read
+
     def stats(self) -> dict[str, int]:
         values = (ctypes.c_uint64 * len(STATS))()
         _library().engram_tier_stats(self.id, values, len(STATS))
@@ -269,7 +292,8 @@ class Tier:
 
 
 HOT_SET_MEMORY = ("private", "shared")  # a hot set copied into this process's huge pages, or its files' pages
-MISS_READS = ("readahead", "threads")  # the first is the default: faster where measured (docs/tiered.md)
+# the first is the default (docs/tiered.md: io_uring reads as fast, but is not allowed everywhere)
+MISS_READS = ("readahead", "threads", "uring")
 
 
 def open_tier(
@@ -282,11 +306,13 @@ def open_tier(
 ) -> Tier:
     """A tier over the table whose stored bytes are ``parts`` (codes, [scales], [zero points], as mapped
     by the model), its ``hot`` rows resident, misses read from the files under those mappings: all handed
-    to the kernel's readahead at once and then read in the calling thread (``"readahead"``), or read on
-    ``io_threads`` threads (``"threads"``, for file systems that ignore the readahead hint)."""
+    to the kernel's readahead at once and then read in the calling thread (``"readahead"``), read on
+    ``io_threads`` threads (``"threads"``, for file systems that ignore the readahead hint), or submitted
+    as one batch to an io_uring of the calling thread (``"uring"``; refused where io_uring is not allowed)."""
     spec = _Spec(table_rows=layout.table_rows, zero_bits=layout.zero_bits, zero_value_bits=layout.zero_value_bits)
     spec.part_bytes[:] = [layout.row_bytes, layout.scale_bytes]
-    spec.cache_bytes, spec.io_threads, spec.read_ahead = cache_bytes, io_threads, miss_reads == "readahead"
+    spec.cache_bytes, spec.io_threads = cache_bytes, io_threads
+    spec.miss_reads = {"threads": 0, "readahead": 1, "uring": 2}[miss_reads]
     present = [True, bool(layout.scale_bytes), bool(layout.zero_bits)]
     files = []
     try:

@@ -510,6 +510,7 @@ int engram_rows_read(const EngramRowsRequest* request, char* error, size_t error
             }
             if (id >= 0 && id >= r.owned[0] && id < r.owned[1]) owned.push_back(i);
         }
+        if (r.counts) std::fill(r.counts, r.counts + ENGRAM_CALL_COUNT, 0);
         std::vector<RowRef> refs(count, RowRef{nullptr, nullptr, 0, nullptr, 0});
         std::vector<RowRef> found;
         std::vector<uint8_t> scratch;  // the rows a tier read for this call
@@ -520,9 +521,10 @@ int engram_rows_read(const EngramRowsRequest* request, char* error, size_t error
                 return 1;
             }
             tier->resolve(owned.size(), [&job, &owned](size_t k) { return static_cast<uint64_t>(job.row(owned[k])); },
-                          found, scratch);
+                          found, scratch, r.counts);
             for (size_t k = 0; k < owned.size(); ++k) refs[owned[k]] = found[k];
         } else {
+            if (r.counts) r.counts[ENGRAM_CALL_RESIDENT] = owned.size();
             for (size_t i : owned) {
                 const size_t row = job.row(i);
                 refs[i] = {job.table + row * job.row_bytes, job.scales, row * job.groups, job.zeros, row * job.groups};

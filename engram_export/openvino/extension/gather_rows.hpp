@@ -60,7 +60,7 @@ private:
 // engram_rows_request_size differs: raise ENGRAM_ROWS_ABI_VERSION with any change to the struct.
 extern "C" {
 
-#define ENGRAM_ROWS_ABI_VERSION 1
+#define ENGRAM_ROWS_ABI_VERSION 2
 struct EngramRowsRequest {
     // the table: element 0 f32, 1 f16, 2 bf16, 3 u8, 4 u4, 5 e4m3; scale 0 none, 1 f16, 2 f32, 3 e8m0,
     // 4 e8m0 read as vLLM does (0: 0.0, 255: inf); zero point 0 none, 1 u8, 2 u4
@@ -78,6 +78,7 @@ struct EngramRowsRequest {
     int64_t out_strides[2];
     const int* guards;         // file guards (file_guard.cpp) checked once the rows are written
     uint64_t guard_count;
+    uint64_t* counts;          // null, or ENGRAM_CALL_COUNT counts of this call (EngramCallCount, table_tier.hpp)
 };
 
 uint32_t engram_rows_abi_version();

@@ -227,3 +227,37 @@ def test_the_gpu_host_script_on_the_plugins_cpu_branch(text_folders):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("rows equal the checkpoint") == 6 and "DIFFER" not in done.stdout, done.stdout
+
+
+def test_prefetch_and_the_record_of_each_call(text_folders, tmp_path):
+    """Rows read ahead with ``prefetch`` are served from the cache and counted as candidates, once; each
+    call's record says how long its caller waited and where its lookups came from, and adds up."""
+    text = tmp_path / "prose.txt"
+    text.write_text(package_prose()[:60_000])
+    calibrated = tmp_path / "calibrated"
+    calibrate(text_folders["v41 f32"], calibrated, [text], "30%")
+    whole = EngramRows(calibrated, table_memory="populate")
+    tiered = EngramRows(calibrated, table_memory="tiered", cache_budget="1MiB")
+    layer = tiered.layer_ids[0]
+    ids = np.random.default_rng(3).integers(0, tiered[layer].table_rows, (8, 24))
+    ids[0, 0] = -1
+    read_ahead = tiered[layer].prefetch(ids).wait()
+    assert read_ahead > 0 and tiered[layer].stats()["warm_rows_read"] == read_ahead
+    assert tiered[layer].prefetch(ids).wait() == 0  # in memory already: nothing to read
+    assert np.array_equal(tiered.read(layer, ids, form="packed"), whole.read(layer, ids, form="packed"))
+    record = tiered[layer].recent()[-1]
+    assert record["rows"] == ids.size and record["wait_us"] > 0
+    assert record["read"] == 0 and record["candidate"] > 0 and record["hot"] > 0, record
+    assert record["hot"] + record["cache"] + record["candidate"] == ids.size - 1, record  # -1 is no lookup
+    pending = tiered.start(layer, ids, form="packed")
+    pending.wait()
+    again = tiered[layer].recent()[-1]
+    assert again["candidate"] == 0 and again["cache"] == record["candidate"] + record["cache"], again
+    assert len(tiered[layer].recent()) == 2 and whole[layer].recent()[-1]["resident"] == ids.size - 1
+    assert whole[layer].prefetch(ids).wait() == 0  # a table held whole: nothing to read ahead
+    with pytest.raises(EngramError, match="open it with a cache_budget"):
+        EngramRows(calibrated, table_memory="tiered")[layer].prefetch(ids)
+    before = tiered[layer].stats()
+    with pytest.raises(EngramError, match="outside the table"):
+        tiered[layer].prefetch(ids + tiered[layer].table_rows)
+    assert tiered[layer].stats() == before

@@ -186,7 +186,7 @@ def _served(counts: Counter) -> list[str]:
     lookups = counts.get("lookups", 0)
     if not lookups:
         return ["-", "-", "-"]
-    shares = [counts.get(key, 0) / lookups for key in ("hot_hits", "cache_hits", "candidate_hits", "rows_read")]
+    shares = [counts.get(key, 0) / lookups for key in ("hot_hits", "cache_hits", "candidate_hits", "read_lookups")]
     hit = "-"
     if counts.get("tokens"):
         hit = f"{counts['sampled was a candidate'] / counts['tokens']:.0%}"

@@ -8,9 +8,11 @@ served by shards (``tables="ray://NAME"``), and ``rows.read(layer, ids, out, for
 into the caller's buffer: as stored (``"packed"``: codes, scales and zero points of a row back to back,
 V4.1's 256 FP8 codes + 8 E8M0 bytes = 264 bytes, as vLLM's packed lookup reads them; ``"codes"`` or
 ``"scales"`` alone, as SGLang stages them) or decoded (``"bf16"``, ``"f32"``). ``start`` issues a read
-and returns; its handle's ``wait`` collects it. Every read goes through the extension's row reader, the
-code the runtime's lookup stage runs (``openvino/row_reader.py``), so rows are the runtime's bit for
-bit. Many threads may call one ``EngramRows`` at once.
+and returns; its handle's ``wait`` collects it. ``prefetch`` reads rows a later call may need (a draft
+model's tokens, the last logits' top-k, a queued prompt) into a tiered table's cache; ``recent``
+says, per call, how long its caller waited and where its rows came from. Every read goes through the
+extension's row reader, the code the runtime's lookup stage runs (``openvino/row_reader.py``), so rows
+are the runtime's bit for bit. Many threads may call one ``EngramRows`` at once.
 
 Ids are checked before any row is read: -1 (the id both engines pad with) gives a zero row, as does an
 id outside ``owned`` (a tensor-parallel rank's rows); any other id outside the table is refused in one
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from engram_export.folders.manifest import read_manifest
 from engram_export.openvino import row_kernel
 from engram_export.openvino.compile import read_openvino
 from engram_export.openvino.file_guard import guard_mappings
-from engram_export.openvino.row_reader import E8M0_READINGS, FORMS, RowReader
+from engram_export.openvino.row_reader import COUNTS, E8M0_READINGS, FORMS, RowReader
 from engram_export.openvino.stages import split_stages
 from engram_export.openvino.table_store import TieredStore, table_store
 from engram_export.runtime.model import LayerMapping, remote_tables, tiered_stores
@@ -53,24 +57,32 @@ ROW_OPTIONS = (
     "ray_address",
     "check_hashes",
 )
-READS = ("reads", "rows")  # each layer's own counters, beside its store's
+READS = ("reads", "rows", "prefetches")  # each layer's own counters, beside its store's
+RECENT_CALLS = 256  # calls each layer keeps the record of (``LayerRows.recent``)
 
+SERVED = COUNTS[:5]  # how a call's lookups were served (a record's counts, row_reader.COUNTS)
 _STARTED = ThreadPoolExecutor(8, thread_name_prefix="engram-rows")  # reads issued with ``start``
 
 
 class PendingRows:
-    """A read in flight (``EngramRows.start``): ``wait()`` returns its ``out`` once written."""
+    """A read in flight (``EngramRows.start``): ``wait()`` returns its ``out`` once written (of a
+    ``prefetch``: the rows it read)."""
 
-    def __init__(self, future: Future, out):
-        self._future, self.out = future, out
+    def __init__(self, future: Future, out, record: dict | None = None):
+        self._future, self.out, self._record = future, out, record
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self, timeout: float | None = None):
         """The rows, once written (``out``); the read's error, if it failed, as it was raised."""
-        self._future.result(timeout)
-        return self.out
+        began = time.perf_counter()
+        try:
+            result = self._future.result(timeout)
+        finally:
+            if self._record is not None:
+                self._record["wait_us"] += (time.perf_counter() - began) * 1e6
+        return result if self.out is None else self.out
 
 
 class LayerRows:
@@ -82,6 +94,7 @@ class LayerRows:
         self.table_rows, self.row_size = reader.table_rows, reader.row_size
         self.stored = dict(reader.attributes)  # element, scale, group_size, zero_point of the stored rows
         self._counts, self._lock = dict.fromkeys(READS, 0), threading.Lock()
+        self._recent: deque[dict] = deque(maxlen=RECENT_CALLS)
 
     def width(self, form: str) -> int:
         """Values (``"f32"``, ``"bf16"``) or bytes (stored forms) per row in ``form``."""
@@ -98,7 +111,9 @@ class LayerRows:
         out = self._checked(ids, out, form, owned, e8m0)
         if self._remote is not None:  # a local read's ids are checked by the reader, before it reads
             self._check_range(ids)
-        self._read(ids, out, form, owned, e8m0)
+        began, record = time.perf_counter(), _record()
+        self._read(ids, out, form, owned, e8m0, record)
+        record["wait_us"] = (time.perf_counter() - began) * 1e6  # the caller waited for all of it
         return out
 
     def start(self, ids, out=None, *, form: str = "bf16", owned: tuple[int, int] | None = None, e8m0: str = "spec"):
@@ -107,7 +122,34 @@ class LayerRows:
         ``wait`` returns."""
         out = self._checked(ids, out, form, owned, e8m0)
         self._check_range(ids)
-        return PendingRows(_STARTED.submit(self._read, ids, out, form, owned, e8m0), out)
+        record = _record()
+        return PendingRows(_STARTED.submit(self._read, ids, out, form, owned, e8m0, record), out, record)
+
+    def prefetch(self, ids) -> PendingRows:
+        """Read the rows of ``ids`` that a later call may need into a tiered table's cache, now, in the
+        background; a later read that finds one there counts it as a candidate hit. Rows already in
+        memory cost nothing, and so does a table held whole in memory or by shards (nothing to read
+        ahead; the handle is done at once). Its ``wait`` returns the number of rows read."""
+        self._check_range(_checked_ids(ids))
+        if not isinstance(self._store, TieredStore):
+            done: Future = Future()
+            done.set_result(0)
+            return PendingRows(done, 0)
+        if not self._store.cache_bytes:
+            raise EngramError("prefetch reads rows into the tiered table's cache: open it with a cache_budget")
+        with self._lock:
+            self._counts["prefetches"] += 1
+        future = _STARTED.submit(self._store.warm, _numpy(ids))
+        return PendingRows(future, None)
+
+    def recent(self) -> list[dict]:
+        """The last calls (up to ``RECENT_CALLS``, oldest first): per call its ``rows``, the time its caller
+        was blocked on it (``wait_us``: all of a ``read``, what ``wait`` waited of a ``start``) and how its
+        lookups (owned ids other than -1) were served: ``resident`` (a table held whole in memory), or, of a
+        tiered table, ``hot``, ``cache``, ``candidate`` (a row a ``prefetch`` read, found the first time)
+        and ``read`` (read for this call). Shards' rows count in none of them."""
+        with self._lock:
+            return [dict(record) for record in self._recent]
 
     def stats(self) -> dict[str, int]:
         """This layer's reads and rows (ids read, -1 and ids not owned included), and its store's counters (a
@@ -121,8 +163,7 @@ class LayerRows:
         return counts
 
     def _checked(self, ids, out, form, owned, e8m0):
-        if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
-            raise EngramError(f"ids must be a numpy array or a torch tensor, got {type(ids).__name__}")
+        _checked_ids(ids)
         _check_form(form)
         if e8m0 not in E8M0_READINGS:
             raise EngramError(f"e8m0 must be one of {', '.join(E8M0_READINGS)}, got {e8m0!r}")
@@ -141,22 +182,25 @@ class LayerRows:
                 f"(-1 is the engines' dead id; anything else must be a row)"
             )
 
-    def _read(self, ids, out, form, owned, e8m0) -> None:
+    def _read(self, ids, out, form, owned, e8m0, record: dict) -> None:
         self._verification.check()
+        counts = np.zeros(len(COUNTS), np.uint64)
         if self._remote is not None:
             self._read_remote(ids, out, form, owned, e8m0)
         else:
             try:
-                changed = self._reader.read(ids, out, form, owned, e8m0) == 2
+                changed = self._reader.read(ids, out, form, owned, e8m0, counts=counts) == 2
             except EngramError:
                 self._verification.check_files()  # a read that failed on a changed file: named by it
                 raise
             if changed:
                 self._verification.check_files()  # a guarded file changed during the read: refused
-        count = math.prod(ids.shape)
+        record["rows"] = count = math.prod(ids.shape)
+        record.update(zip(SERVED, counts[: len(SERVED)].tolist(), strict=True))
         with self._lock:
             self._counts["reads"] += 1
             self._counts["rows"] += count
+            self._recent.append(record)
 
     def _read_remote(self, ids, out, form, owned, e8m0) -> None:
         """Ids checked by the caller (``read``, ``start``): the reader sees only indices into the rows
@@ -246,6 +290,17 @@ def _options(path, settings: dict) -> RuntimeOptions:
     if not Path(path).is_dir():
         raise EngramError(f"{path} is not a folder: EngramRows opens a folder that engram-export wrote")
     return RuntimeOptions(**settings)
+
+
+def _record() -> dict:
+    """A call's record (``LayerRows.recent``), filled by the read and by its caller's wait."""
+    return {"rows": 0, "wait_us": 0.0, **dict.fromkeys(SERVED, 0)}
+
+
+def _checked_ids(ids):
+    if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
+        raise EngramError(f"ids must be a numpy array or a torch tensor, got {type(ids).__name__}")
+    return ids
 
 
 def _check_form(form: str) -> None:

@@ -114,7 +114,7 @@ class TieredStore(MappedStore):
         folder: Path,
         layer_file: str,
         cache_bytes: int = 0,
-        miss_reads: str = "readahead",
+        miss_reads: str = "auto",
         hot_set_memory: str = "private",
     ):
         self.folder, self.layer_file, self.cache_bytes = Path(folder), layer_file, cache_bytes

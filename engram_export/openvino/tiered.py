@@ -292,8 +292,8 @@ class Tier:
 
 
 HOT_SET_MEMORY = ("private", "shared")  # a hot set copied into this process's huge pages, or its files' pages
-# the first is the default (docs/tiered.md: io_uring reads as fast, but is not allowed everywhere)
-MISS_READS = ("readahead", "threads", "uring")
+# the first is the default: io_uring where allowed (fastest where measured, docs/tiered.md), else readahead
+MISS_READS = ("auto", "readahead", "threads", "uring")
 
 
 def open_tier(
@@ -301,18 +301,19 @@ def open_tier(
     layout: RowLayout,
     hot: HotSet | None,
     cache_bytes: int,
-    miss_reads: str = "readahead",
+    miss_reads: str = "auto",
     io_threads: int = 64,
 ) -> Tier:
     """A tier over the table whose stored bytes are ``parts`` (codes, [scales], [zero points], as mapped
     by the model), its ``hot`` rows resident, misses read from the files under those mappings: all handed
     to the kernel's readahead at once and then read in the calling thread (``"readahead"``), read on
     ``io_threads`` threads (``"threads"``, for file systems that ignore the readahead hint), or submitted
-    as one batch to an io_uring of the calling thread (``"uring"``; refused where io_uring is not allowed)."""
+    as one batch to an io_uring of the calling thread (``"uring"``; refused where io_uring is not allowed),
+    or the last where this process may use io_uring and else the first (``"auto"``)."""
     spec = _Spec(table_rows=layout.table_rows, zero_bits=layout.zero_bits, zero_value_bits=layout.zero_value_bits)
     spec.part_bytes[:] = [layout.row_bytes, layout.scale_bytes]
     spec.cache_bytes, spec.io_threads = cache_bytes, io_threads
-    spec.miss_reads = {"threads": 0, "readahead": 1, "uring": 2}[miss_reads]
+    spec.miss_reads = {"threads": 0, "readahead": 1, "uring": 2, "auto": 3}[miss_reads]
     present = [True, bool(layout.scale_bytes), bool(layout.zero_bits)]
     files = []
     try:

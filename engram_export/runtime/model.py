@@ -278,11 +278,12 @@ class EngramRuntime(LayerMapping):
             ``rt[L].table_stats()`` counts hits and reads).
         cache_budget: with ``"tiered"``, a size (``"2GiB"`` or bytes) of rows read lately kept in memory,
             split evenly over the layers (default 0: none).
-        miss_reads: with ``"tiered"``, how the rows not in memory are read: ``"readahead"`` (default:
-            every read handed to the kernel's readahead at once, then read; no thread per read),
-            ``"threads"`` (a pool of 64 threads, for file systems that ignore the readahead hint) or
-            ``"uring"`` (one batch submitted to an io_uring of the calling thread and waited for at once;
-            refused in one line where io_uring is not allowed, e.g. by a container's seccomp filter).
+        miss_reads: with ``"tiered"``, how the rows not in memory are read: ``"uring"`` (one batch
+            submitted to an io_uring of the calling thread and waited for at once; refused in one line where
+            io_uring is not allowed, e.g. by a container's seccomp filter), ``"readahead"`` (every read
+            handed to the kernel's readahead at once, then read; no thread per read), ``"threads"`` (a pool
+            of 64 threads, for file systems that ignore the readahead hint) or ``"auto"`` (default:
+            ``"uring"`` where io_uring is allowed, else ``"readahead"``).
         hot_set_memory: with ``"tiered"``, where the hot rows live: ``"private"`` (default: a copy in
             huge pages, this process's own) or ``"shared"`` (the hot set files' pages, read at load and
             shared by every process on the host that serves the folder: an engine's ranks hold one copy).

@@ -37,7 +37,7 @@ class RuntimeOptions:
     ov_config: Mapping | None = None
     table_memory: str = "mmap"
     cache_budget: int | str = 0  # bytes of rows read lately kept by a tiered table (a size: "2GiB")
-    miss_reads: str = "readahead"  # how a tiered table reads its misses (openvino/tiered.py)
+    miss_reads: str = "auto"  # how a tiered table reads its misses (openvino/tiered.py)
     hot_set_memory: str = "private"  # a tiered table's hot rows: a private copy, or the files' shared pages
     lookup_kernel: bool = True
     tables: str | None = None  # "ray://NAME": the tables served by shards (engram-export serve-tables)

@@ -201,10 +201,11 @@ Tier::Tier(const EngramTierSpec& spec) : m_spec(spec), m_impl(std::make_unique<I
     if (spec.hot_rows && (!spec.hot_bits || !spec.hot_ranks || !spec.hot_parts[0] ||
                           (spec.part_bytes[1] && !spec.hot_parts[1]) || (spec.zero_bits && !spec.hot_parts[2])))
         throw std::invalid_argument("hot rows need their bitmap, ranks and packed parts");
-    if (spec.miss_reads > 2) throw std::invalid_argument("miss_reads must be 0 (threads), 1 (readahead) or 2 (uring)");
-    if (spec.miss_reads == 2) {
+    if (spec.miss_reads > 3) throw std::invalid_argument("miss_reads must be 0 to 3 (threads, readahead, uring, auto)");
+    if (spec.miss_reads >= 2) {
         const std::string why = Ring::unavailable();
-        if (!why.empty()) throw std::runtime_error("miss_reads='uring': io_uring is not available here (" + why + ")");
+        if (spec.miss_reads == 3) m_spec.miss_reads = why.empty() ? 2 : 1;
+        else if (!why.empty()) throw std::runtime_error("miss_reads='uring': io_uring is not available here (" + why + ")");
     }
     for (int p = 0; p < 3; ++p) {
         if (spec.fds[p] < 0) continue;

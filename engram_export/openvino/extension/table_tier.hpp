@@ -46,7 +46,8 @@ struct EngramTierSpec {
     const uint8_t* hot_parts[3];  // the hot rows packed in row order, in the parts' stored form
     uint64_t cache_bytes;     // the CLOCK cache of rows read (0: none)
     uint32_t io_threads;      // reads in flight at once on the pool (miss_reads 0)
-    uint32_t miss_reads;      // 0 a pool of io_threads, 1 the kernel's readahead then read, 2 io_uring
+    uint32_t miss_reads;      // 0 a pool of io_threads, 1 the kernel's readahead then read, 2 io_uring,
+                              // 3 io_uring where this process may use it, else readahead
 };
 
 // Statistics, in this order, for engram_tier_stats (tiered.STATS)

@@ -261,3 +261,9 @@ def test_prefetch_and_the_record_of_each_call(text_folders, tmp_path):
     with pytest.raises(EngramError, match="outside the table"):
         tiered[layer].prefetch(ids + tiered[layer].table_rows)
     assert tiered[layer].stats() == before
+    # cancelled at once: whatever it read before it saw the cancel, a second prefetch reads the rest
+    more = np.arange(3000, 3000 + 64 * 40) % tiered[layer].table_rows
+    cancelled, whole_read = (EngramRows(calibrated, table_memory="tiered", cache_budget="1MiB") for _ in range(2))
+    first = cancelled[layer].prefetch(more)
+    first.cancel()
+    assert first.wait() + cancelled[layer].prefetch(more).wait() == whole_read[layer].prefetch(more).wait() > 0

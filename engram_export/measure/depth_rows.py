@@ -106,7 +106,8 @@ def _round(schedule: DepthSchedule, rows, hashing, ids: np.ndarray, mode: RowsMo
     prefetched: list = []
 
     def issue(t: int):
-        prefetched.clear()  # candidates' reads of the last step: done or not, this step's reads go now
+        for pending in prefetched:  # the candidates' reads left of the last step: this step's reads first
+            pending.cancel()
         return {layer: rows[layer].start(steps[layer][t], outs[layer], form=FORM) for layer in steps}
 
     def after_rows(t: int) -> None:
@@ -212,7 +213,7 @@ def prefill_depth_table(
 
     config = hashing.config
     schedule = schedule_for(config, step_s, backbone_layers)
-    queue = [windows(stream[k * 4099 :], prompt_tokens, 1) for k in range(prompts)]
+    queue = [prompt[None] for prompt in windows(stream, prompt_tokens, prompts)]
     hashed = [hashed_steps(hashing, prompt) for prompt in queue]  # layer -> [T, 1, heads]
     table = []
     first = None
@@ -220,12 +221,17 @@ def prefill_depth_table(
         if mode.before_round is not None:
             mode.before_round()
         rows = mode.open()
+        if mode.warm:
+            for prompt in hashed:
+                for layer, every in prompt.items():
+                    rows[layer].read(every, form=FORM)
         counts: Counter = Counter()
         before = rows.stats()
         ahead: list = []
 
         def issue(k: int, rows=rows, ahead=ahead):
-            ahead.clear()
+            for pending in ahead:
+                pending.cancel()
             return {layer: rows[layer].start(hashed[k][layer], form=FORM) for layer in config.layer_ids}
 
         def after_rows(k: int, rows=rows, ahead=ahead) -> None:

@@ -24,7 +24,7 @@ from engram_export.runtime.rows import EngramRows
 __all__ = ["depth_tables", "CACHE_BUDGET", "CANDIDATES", "PREFILL_STEP_S", "PROMPT_TOKENS"]
 
 CACHE_BUDGET = "64MiB"
-CANDIDATES = 4  # next tokens a sequence's rows are read ahead for
+CANDIDATES = (1, 4)  # next tokens a sequence's rows are read ahead for, each its own mode
 PREFILL_STEP_S = 0.030  # one prompt's prefill on the GPU
 PROMPT_TOKENS = 128
 
@@ -51,12 +51,14 @@ def depth_tables(
     def tiered_rows() -> EngramRows:
         return EngramRows(tiered, table_memory="tiered", cache_budget=CACHE_BUDGET)
 
-    candidates = NgramCandidates(calibration, CANDIDATES)
     warm = RowsMode("warm (page cache)", lambda: EngramRows(compiled, table_memory="mmap"), warm=True)
     plain = RowsMode("tiered", tiered_rows, cold)
-    ahead = RowsMode(f"tiered + {CANDIDATES} candidates", tiered_rows, cold, candidates)
+    ahead = [
+        RowsMode(f"tiered + {k} candidate{'s' * (k > 1)}", tiered_rows, cold, NgramCandidates(calibration, k))
+        for k in CANDIDATES
+    ]
     decode = rows_depth_table(
-        hashing, [warm, plain, ahead], held_out, backbone_layers, step_times, batches, steps, rounds
+        hashing, [warm, plain, *ahead], held_out, backbone_layers, step_times, batches, steps, rounds
     )
     prefill = prefill_depth_table(
         hashing,
@@ -72,8 +74,9 @@ def depth_tables(
         f"rows for a GPU engine at depth: Engram layers {layers} of a {backbone_layers}-layer backbone, each step's "
         f"reads issued when it begins (row API start, packed rows), each layer's rows waited for when the backbone "
         f"reaches it; tiered: the calibrated hot set, a {CACHE_BUDGET} cache, the tail cold on disk (evicted before "
-        f"every round); candidates: the rows of each sequence's {CANDIDATES} likeliest next tokens (a trigram model "
-        f"of the calibration text) read into the cache once a step's last Engram layer is served; {rounds} rounds of "
+        f"every round); candidates: the rows of each sequence's k likeliest next tokens (a trigram model of the "
+        f"calibration text) read into the cache once a step's last Engram layer is served, what is left of them "
+        f"dropped when the next step begins; {rounds} rounds of "
         f"{steps} steps, a fresh EngramRows each; 'vs first': tokens/s against the warm rows; hot / cache / "
         f"candidates / read: shares of the lookups\n{decode}\n\n"
         f"prefill at depth: 16 prompts of {PROMPT_TOKENS} tokens one after another, {PREFILL_STEP_S * 1e3:g} ms "

@@ -59,6 +59,7 @@ ROW_OPTIONS = (
 )
 READS = ("reads", "rows", "prefetches")  # each layer's own counters, beside its store's
 RECENT_CALLS = 256  # calls each layer keeps the record of (``LayerRows.recent``)
+PREFETCH_CHUNK = 64  # rows a prefetch reads before it looks whether it was cancelled
 
 SERVED = COUNTS[:5]  # how a call's lookups were served (a record's counts, row_reader.COUNTS)
 _STARTED = ThreadPoolExecutor(8, thread_name_prefix="engram-rows")  # reads issued with ``start``
@@ -68,11 +69,16 @@ class PendingRows:
     """A read in flight (``EngramRows.start``): ``wait()`` returns its ``out`` once written (of a
     ``prefetch``: the rows it read)."""
 
-    def __init__(self, future: Future, out, record: dict | None = None):
-        self._future, self.out, self._record = future, out, record
+    def __init__(self, future: Future, out, record: dict | None = None, cancelled: threading.Event | None = None):
+        self._future, self.out, self._record, self._cancelled = future, out, record, cancelled
 
     def done(self) -> bool:
         return self._future.done()
+
+    def cancel(self) -> None:
+        """A ``prefetch``: read no more of its rows than it has begun (a newer call's reads come first)."""
+        if self._cancelled is not None:
+            self._cancelled.set()
 
     def wait(self, timeout: float | None = None):
         """The rows, once written (``out``); the read's error, if it failed, as it was raised."""
@@ -127,9 +133,10 @@ class LayerRows:
 
     def prefetch(self, ids) -> PendingRows:
         """Read the rows of ``ids`` that a later call may need into a tiered table's cache, now, in the
-        background; a later read that finds one there counts it as a candidate hit. Rows already in
-        memory cost nothing, and so does a table held whole in memory or by shards (nothing to read
-        ahead; the handle is done at once). Its ``wait`` returns the number of rows read."""
+        background, ``PREFETCH_CHUNK`` rows at a time; a later read that finds one there counts it as a
+        candidate hit. Rows already in memory cost nothing, and so does a table held whole in memory or by
+        shards (nothing to read ahead; the handle is done at once). Its ``wait`` returns the number of
+        rows read; its ``cancel`` drops the chunks not begun (the next step's own reads come first)."""
         self._check_range(_checked_ids(ids))
         if not isinstance(self._store, TieredStore):
             done: Future = Future()
@@ -139,8 +146,17 @@ class LayerRows:
             raise EngramError("prefetch reads rows into the tiered table's cache: open it with a cache_budget")
         with self._lock:
             self._counts["prefetches"] += 1
-        future = _STARTED.submit(self._store.warm, _numpy(ids))
-        return PendingRows(future, None)
+        flat, cancelled = _numpy(ids).reshape(-1), threading.Event()
+
+        def warm() -> int:
+            read = 0
+            for start in range(0, len(flat), PREFETCH_CHUNK):
+                if cancelled.is_set():
+                    break
+                read += self._store.warm(flat[start : start + PREFETCH_CHUNK])
+            return read
+
+        return PendingRows(_STARTED.submit(warm), None, cancelled=cancelled)
 
     def recent(self) -> list[dict]:
         """The last calls (up to ``RECENT_CALLS``, oldest first): per call its ``rows``, the time its caller

@@ -188,3 +188,20 @@ def test_a_warm_of_a_row_outside_the_table_is_refused_and_reads_nothing(calibrat
     assert (
         EngramRows(calibrated["v41 f32"], table_memory="tiered")[layer]._store.warm(np.array([5, 6])) == 0
     )  # no cache
+
+
+def test_uring_reads_from_many_threads_at_once(calibrated):
+    """A ring per thread: reads started from threads (and OpenVINO's) at once equal the whole table's."""
+    folder = calibrated["v41 f32"]
+    uring = _tiered(folder, miss_reads="uring", cache_budget="16KiB")
+    if uring is None:
+        return
+    layer = uring.layer_ids[0]
+    batches = [np.random.default_rng(seed).integers(-1, uring[layer].table_rows, (8, 24)) for seed in range(24)]
+    evicted = _evicted(folder)
+    pending = [uring[layer].start(ids, form="packed") for ids in batches]
+    rows = [started.wait() for started in pending]
+    assert uring[layer].stats()["queued_rows"] > 0 or not evicted
+    whole = EngramRows(folder, table_memory="populate")
+    for ids, read in zip(batches, rows, strict=True):
+        assert np.array_equal(read, whole.read(layer, ids, form="packed"))

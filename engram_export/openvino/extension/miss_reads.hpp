@@ -1,5 +1,5 @@
-// The two ways of table_tier.cpp to have many reads of a call's misses in flight at once that need more
-// than a system call: a pool of threads that wait on reads, and an io_uring of the calling thread.
+// How table_tier.cpp puts all of a call's misses in flight at once, besides the readahead hint (see
+// table_tier.hpp): a pool of threads that wait on reads, or an io_uring of the calling thread.
 
 #pragma once
 

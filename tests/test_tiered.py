@@ -468,8 +468,8 @@ def test_calibrate_cli_and_refusals(served, calibrated, text, tmp_path, monkeypa
         EngramRuntime(source, table_memory="tiered")
     with pytest.raises(EngramError, match="serves a folder made by engram-export calibrate"):
         EngramRuntime(source / "layer_1.xml", table_memory="tiered")
-    with pytest.raises(EngramError, match="miss_reads must be one of readahead, threads"):
-        EngramRuntime(calibrated["demo f32"], table_memory="tiered", miss_reads="uring")
+    with pytest.raises(EngramError, match="miss_reads must be one of auto, readahead, threads, uring, got 'aio'"):
+        EngramRuntime(calibrated["demo f32"], table_memory="tiered", miss_reads="aio")
     with pytest.raises(EngramError, match="cache_budget is the cache of table_memory='tiered'"):
         EngramRuntime(source, cache_budget="1GiB")
     with pytest.raises(EngramError, match="needs the OpenVINO runtime"):

@@ -5,6 +5,7 @@ rows the next step needs when the candidate is the token that came."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -107,3 +108,36 @@ def test_the_decode_bench_s_prefetch_at_depth(folders):
     assert float(table["backbone layers before the Engram layer (3)"]) < float(table["backbone stand-in, 4 layers"])
     with pytest.raises(EngramError, match="layer 3 does not fit a backbone of 3 layers"):
         prefetch_rows(layer, 2, 3, repeat=2, backbone_layers=3)
+
+
+def test_the_rows_tables_run_every_mode(text_folders, tokenizer_json, tmp_path):
+    """``bench tiered``'s tables at depth on a small calibrated V4.1 folder: every mode serves the same
+    steps, the tiered modes say how their lookups were served, candidates are read and hit."""
+    from engram_export.folders.calibration import calibrate
+    from engram_export.folders.manifest import read_manifest
+    from engram_export.measure.depth_rows import RowsMode, prefill_depth_table, rows_depth_table
+    from engram_export.runtime.rows import EngramRows
+
+    text = tmp_path / "prose.txt"
+    text.write_text(package_prose()[:80_000])
+    stream = token_stream(tokenizer_json, [text])
+    compiled, calibrated = text_folders["v41 f32"], tmp_path / "calibrated"
+    calibrate(compiled, calibrated, [text], "5%")
+    hashing = V41Hashing(read_manifest(calibrated).config)
+    tiered = RowsMode("tiered", lambda: EngramRows(calibrated, table_memory="tiered", cache_budget="256KiB"))
+    modes = [
+        RowsMode("warm", lambda: EngramRows(compiled, table_memory="mmap"), warm=True),
+        tiered,
+        RowsMode("candidates", tiered.open, candidates=NgramCandidates(stream, 2)),
+    ]
+    table = rows_depth_table(hashing, modes, stream, 6, (0.002,), (1, 4), steps=5, rounds=1).splitlines()
+    assert len(table) == 2 + 2 * 3, table
+    cells = [re.split(r"\s{2,}", line.strip()) for line in table[2:]]
+    assert [c[2] for c in cells] == ["warm", "tiered", "candidates"] * 2, table
+    for warm, plain, ahead in (cells[:3], cells[3:]):
+        assert warm[-3:] == ["-", "-", "-"] and plain[-2:] == ["-", "-"], table
+        served = [float(share.rstrip("%")) for share in ahead[-3].split(" / ")]
+        assert sum(served) == pytest.approx(100, abs=2) and served[2] > 0, table  # candidates served some
+        assert float(ahead[-2].rstrip("%")) > 0 and int(ahead[-1].replace(",", "")) > 0, table
+    prefill = prefill_depth_table(hashing, [(modes[0], False), (tiered, True)], stream, 6, 0.002, 16, 4)
+    assert "tiered + queued read-ahead" in prefill and len(prefill.splitlines()) == 4, prefill

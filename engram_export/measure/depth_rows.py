@@ -25,7 +25,7 @@ import numpy as np
 
 from engram_export.core.text import windows
 from engram_export.measure.common import format_table
-from engram_export.measure.depth import DepthRound, DepthSchedule, run_round
+from engram_export.measure.depth import DepthRound, DepthSchedule, run_round, schedule_for
 from engram_export.models.deepseek_v41_config import V41Hashing
 
 __all__ = ["hashed_steps", "NgramCandidates", "RowsMode", "rows_depth_table", "prefill_depth_table"]
@@ -96,43 +96,52 @@ class RowsMode:
     warm: bool = False
 
 
-def _round(schedule: DepthSchedule, rows, hashing, ids: np.ndarray, mode: RowsMode, counts: Counter) -> DepthRound:
-    steps = hashed_steps(hashing, ids)
-    batch, length = ids.shape
-    if mode.warm:
+def _round(schedule: DepthSchedule, rows, steps: dict, tokens: int, warm: bool, ahead, counts: Counter) -> DepthRound:
+    """The steps of ``steps`` (layer -> [steps, ...ids of a step]) through ``rows`` on ``schedule``: each
+    step's reads started when it begins, waited for at each layer's depth; ``ahead(t)`` (layer -> ids, or
+    None) read ahead once step t's last Engram layer is served, what is left of it dropped when the next
+    step begins; ``warm``: every row read once first. Adds the tables' counters to ``counts``."""
+    if warm:
         for layer, every in steps.items():
             rows[layer].read(every, form=FORM)
-    outs = {layer: np.empty((*steps[layer].shape[1:], rows[layer].width(FORM)), np.uint8) for layer in steps}
-    prefetched: list = []
+    outs = {layer: np.empty((*ids.shape[1:], rows[layer].width(FORM)), np.uint8) for layer, ids in steps.items()}
+    read_ahead: list = []
 
     def issue(t: int):
-        for pending in prefetched:  # the candidates' reads left of the last step: this step's reads first
+        for pending in read_ahead:
             pending.cancel()
-        return {layer: rows[layer].start(steps[layer][t], outs[layer], form=FORM) for layer in steps}
+        return {layer: rows[layer].start(ids[t], outs[layer], form=FORM) for layer, ids in steps.items()}
 
     def after_rows(t: int) -> None:
-        if t + 1 >= length:
-            return
-        candidates, candidate_rows = mode.candidates.rows(hashing, ids, t)
-        counts["sampled was a candidate"] += int((candidates == ids[:, t + 1 : t + 2]).any(axis=1).sum())
-        counts["tokens"] += batch
-        prefetched.extend(rows[layer].prefetch(candidate_rows[layer]) for layer in steps)
+        wanted = ahead(t)
+        if wanted is not None:
+            read_ahead.extend(rows[layer].prefetch(ids) for layer, ids in wanted.items())
 
     before = rows.stats()
+    length = len(next(iter(steps.values())))
     measured = run_round(
-        schedule,
-        length,
-        batch,
-        issue,
-        lambda handles, layer: handles[layer].wait(),
-        after_rows if mode.candidates is not None else None,
+        schedule, length, tokens, issue, lambda handles, layer: handles[layer].wait(), ahead and after_rows
     )
-    for pending in prefetched:
+    for pending in read_ahead:
         pending.wait()
     for layer, stats in rows.stats().items():
         for key, value in stats.items():
             counts[key] += value - before[layer].get(key, 0)
     return measured
+
+
+def _candidates(mode: RowsMode, hashing: V41Hashing, ids: np.ndarray, counts: Counter):
+    """``_round``'s ``ahead`` of decode: after step t, the rows of the candidates for step t + 1."""
+
+    def ahead(t: int):
+        if t + 1 >= ids.shape[1]:
+            return None
+        candidates, candidate_rows = mode.candidates.rows(hashing, ids, t)
+        counts["sampled was a candidate"] += int((candidates == ids[:, t + 1 : t + 2]).any(axis=1).sum())
+        counts["tokens"] += ids.shape[0]
+        return candidate_rows
+
+    return ahead if mode.candidates is not None else None
 
 
 def rows_depth_table(
@@ -148,8 +157,6 @@ def rows_depth_table(
     """Decode at depth through each mode, for each step time and batch size, on windows of ``stream``:
     tokens/s against the first mode, and each Engram layer's exposed wait (p50, p99) against its budget.
     Every mode serves the same ids in the same order; a fresh ``EngramRows`` each round."""
-    from engram_export.measure.depth import schedule_for
-
     config = hashing.config
     rows_out: list[list] = []
     for step_s in step_times:
@@ -163,7 +170,8 @@ def rows_depth_table(
                     if mode.before_round is not None:
                         mode.before_round()
                     rows = mode.open()
-                    measured.merge(_round(schedule, rows, hashing, ids, mode, counts))
+                    ahead = _candidates(mode, hashing, ids, counts)
+                    measured.merge(_round(schedule, rows, hashed_steps(hashing, ids), batch, mode.warm, ahead, counts))
                     del rows
                 per_s = measured.tokens / measured.seconds
                 first = first or per_s
@@ -209,54 +217,27 @@ def prefill_depth_table(
 ) -> str:
     """Prompts of ``prompt_tokens`` served one after another, each one step of ``step_s`` at depth; a mode
     with read-ahead (its bool) reads the next queued prompt's rows into the cache while one is served."""
-    from engram_export.measure.depth import schedule_for
-
     config = hashing.config
     schedule = schedule_for(config, step_s, backbone_layers)
-    queue = [prompt[None] for prompt in windows(stream, prompt_tokens, prompts)]
-    hashed = [hashed_steps(hashing, prompt) for prompt in queue]  # layer -> [T, 1, heads]
+    prompts_ids = windows(stream, prompt_tokens, prompts)[:, :, None]  # [prompts, T, 1]: one sequence each
+    steps = {layer: np.stack([hashed_steps(hashing, p.T)[layer] for p in prompts_ids]) for layer in config.layer_ids}
     table = []
     first = None
     for mode, read_ahead in modes:
         if mode.before_round is not None:
             mode.before_round()
-        rows = mode.open()
-        if mode.warm:
-            for prompt in hashed:
-                for layer, every in prompt.items():
-                    rows[layer].read(every, form=FORM)
-        counts: Counter = Counter()
-        before = rows.stats()
-        ahead: list = []
+        rows, counts = mode.open(), Counter()
 
-        def issue(k: int, rows=rows, ahead=ahead):
-            for pending in ahead:
-                pending.cancel()
-            return {layer: rows[layer].start(hashed[k][layer], form=FORM) for layer in config.layer_ids}
+        def queued(k: int) -> dict | None:
+            return {layer: ids[k + 1] for layer, ids in steps.items()} if k + 1 < len(prompts_ids) else None
 
-        def after_rows(k: int, rows=rows, ahead=ahead) -> None:
-            if k + 1 < prompts:
-                ahead.extend(rows[layer].prefetch(hashed[k + 1][layer]) for layer in config.layer_ids)
-
-        measured = run_round(
-            schedule,
-            prompts,
-            prompt_tokens,
-            issue,
-            lambda handles, layer: handles[layer].wait(),
-            after_rows if read_ahead else None,
-        )
-        for pending in ahead:
-            pending.wait()
-        for layer, stats in rows.stats().items():
-            for key, value in stats.items():
-                counts[key] += value - before[layer].get(key, 0)
+        measured = _round(schedule, rows, steps, prompt_tokens, mode.warm, queued if read_ahead else None, counts)
+        del rows
         per_s = measured.tokens / measured.seconds
         first = first or per_s
         waits = [measured.wait_ms(layer) for layer in schedule.engram]
         name = mode.name + (" + queued read-ahead" if read_ahead else "")
         table.append([name, f"{per_s:,.0f}", f"{per_s / first:.3f}", *waits, _served(counts)[0]])
-        del rows
     headers = ["rows", "tokens/s", "vs first"]
     headers += [f"layer {layer} wait p50 / p99 ms" for layer in schedule.engram]
     headers += ["hot / cache / candidates / read"]

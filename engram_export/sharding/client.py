@@ -90,12 +90,17 @@ class ShardedTables:
         return Pending(self, layer, len(rows), calls)
 
     def _split(self, layer: int, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """(shard, its rows) of ``rows`` (sorted, unique, int64), in row order."""
+        """(shard, its rows) of ``rows`` (sorted, unique, int64), in row order: slices at the pieces'
+        first rows (``add_layer`` made sure the pieces cover the table's rows, in order, without gaps)."""
         starts, stops, shards = self._starts[layer]
-        piece = np.searchsorted(starts, rows, side="right") - 1
-        if len(rows) and (piece[0] < 0 or np.any(rows >= stops[piece])):
+        if len(rows) and (rows[0] < 0 or rows[-1] >= stops[-1]):
             raise EngramError(f"layer {layer}: rows outside every shard of {self.name!r}")  # the hash never makes them
-        return [(int(shards[index]), rows[piece == index]) for index in np.unique(piece)]
+        bounds = [*np.searchsorted(rows, starts).tolist(), len(rows)]
+        return [
+            (int(shards[index]), rows[first:last])
+            for index, (first, last) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+            if last > first
+        ]
 
     def _count(self, layer: int, requests: int, rows: int, fast: bool = False) -> None:
         with self._lock:
@@ -149,14 +154,15 @@ class ShardedTables:
         split = self._split(layer, rows)
         requests: list = [None] * len(self.plans)
         for shard, wanted in split:
-            requests[shard] = (layer, wanted)
+            if requests[shard] is not None:  # two pieces of a layer on one shard: one request each
+                return None
+            requests[shard] = np.concatenate(([layer], wanted)).tobytes()
         if not self._fast_lock.acquire(timeout=_FAST_WAIT_S):
             return None
         try:
             answers = path.read(requests, min(_FAST_S, self.deadline))
-            parts = _concatenate(
-                [(len(wanted), answers[shard]) for shard, wanted in split], self.layouts[layer], len(rows)
-            )
+            answered = [(len(wanted), answers[shard]) for shard, wanted in split]
+            parts = _unpacked(answered, self.layouts[layer], len(rows))
         except Exception:  # any failure: the actor-call way answers, with failover and the deadline
             self._fast_failed(path, layer)
             return None
@@ -365,3 +371,25 @@ def _concatenate(answers: list[tuple[int, dict]], layout: RowLayout, count: int)
                 f"the shards answered {parts[part].nbytes} bytes of {part} for {count} rows, expected {size}"
             )
     return parts
+
+
+def _unpacked(answers: list[tuple[int, bytes]], layout: RowLayout, count: int) -> dict[str, np.ndarray]:
+    """The shards' answers to the compiled graph (``TableShard.serve``: rows in the reader's packed form,
+    codes, scales, zero points a byte a group) as the parts a row reader reads (``pack_hot_rows``' form):
+    each answer's columns copied once into the parts, no concatenation."""
+    groups = layout.zero_bits // layout.zero_value_bits if layout.zero_bits else 0
+    sizes = {"codes": layout.row_bytes, "scales": layout.scale_bytes, "zero_points": groups}
+    width = sum(sizes.values())
+    parts = {name: np.empty((count, size), np.uint8) for name, size in sizes.items() if size}
+    row = 0
+    for rows, answer in answers:
+        if len(answer) != rows * width:
+            raise EngramError(f"a shard answered {len(answer)} bytes for {rows} rows of {width} bytes")
+        packed, column = np.frombuffer(answer, np.uint8).reshape(rows, width), 0
+        for name, part in parts.items():
+            part[row : row + rows] = packed[:, column : column + sizes[name]]
+            column += sizes[name]
+        row += rows
+    if row != count:
+        raise EngramError(f"the shards answered {row} rows, expected {count}")
+    return packed_parts(parts, layout)

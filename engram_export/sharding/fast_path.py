@@ -1,8 +1,8 @@
-"""The fast data path to the shards: one Ray compiled graph over one checked replica of every shard.
+"""The fast data path to the shards: a Ray compiled graph over one checked replica of each shard.
 
 A compiled graph sends a call's requests and takes the answers through channels set up once (shared
-memory on one node), not through a Ray task each: about 3x less than actor calls on one host
-(docs/sharding.md). It is only a faster way to the same ``TableShard`` methods: the client builds it from
+memory on one node), not through a Ray task each: several times less than actor calls on one host
+(docs/sharding.md). It is only a faster way to the same ``TableShard`` rows: the client builds it from
 handles that passed the identity check, and on any failure (a channel error, a replica that died or was
 restarted, a timeout) it is torn down and the call goes the actor-call way, with failover and hedging.
 
@@ -26,8 +26,8 @@ _at_exit: list = []
 
 
 class FastPath:
-    """A compiled graph whose input is one request per shard (``(layer, rows)``, or ``None`` for a
-    shard with nothing to do) and whose output is each shard's answer (``TableShard.serve``)."""
+    """A compiled graph whose input is one request per shard (``TableShard.serve``'s bytes, or ``None``
+    for a shard with nothing to do) and whose output is each shard's answer."""
 
     def __init__(self, ray, handles: list):
         from ray.dag import InputNode, MultiOutputNode, compiled_dag_node

@@ -225,9 +225,14 @@ def run_sharded_bench(
             remote = EngramRuntime(compiled, tables="ray://bench")
             print(_per_call(local, remote, stream, config.hidden_size, config.hc_mult, repeat=30))
             layers = backbone_layers or config.num_hidden_layers
+            # one of each for every round: a client's compiled graph is built once (a shard runs up to 8)
+            local_rows, remote_rows = (
+                EngramRows(compiled, table_memory="populate"),
+                EngramRows(compiled, tables="ray://bench"),
+            )
             modes = [
-                RowsMode("local (populate)", lambda: EngramRows(compiled, table_memory="populate")),
-                RowsMode(f"Ray, {shards} shards", lambda: EngramRows(compiled, tables="ray://bench")),
+                RowsMode("local (populate)", lambda: local_rows),
+                RowsMode(f"Ray, {shards} shards", lambda: remote_rows),
             ]
             print(
                 f"\nrows for a GPU engine at depth: Engram layers {', '.join(map(str, sorted(config.layer_ids)))} of a "

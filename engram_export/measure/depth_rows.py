@@ -85,7 +85,8 @@ class NgramCandidates:
 
 @dataclasses.dataclass
 class RowsMode:
-    """A way to hold the rows: ``open()`` gives a fresh ``EngramRows`` for a round, ``before_round()``
+    """A way to hold the rows: ``open()`` gives the ``EngramRows`` of a round (a fresh one, or one kept
+    for every round where nothing of a round stays in it), ``before_round()``
     runs before it opens (evicting the table from the page cache, say), ``candidates`` reads the likeliest
     next tokens' rows ahead, ``warm`` reads every row of the round once before it is timed."""
 

@@ -8,8 +8,10 @@ GPU reaches backbone layer L, ``L / layers`` of the step later (DeepSeek-V4.1's 
 of a 15 ms step); if its rows (or, where the CPU runs the whole module, its fuse) are not ready then,
 the GPU waits, and every later layer with it. That wait is the layer's exposed wait.
 
-Time is kept against the GPU's clock (``cursor``: when it would reach the next layer), so the stand-in's
-own oversleeping never counts as a wait or hides one: a sleep ends early and spins its last 0.2 ms.
+Time is kept on the GPU's timeline (``cursor``: when it reaches the next layer): a wait is counted
+from there to when the rows were ready, so the stand-in's sleeping late never counts as a wait or hides
+one, and nothing spins on the cores the reads need. Tokens/s is of that timeline: steps x step time plus
+the waits.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ __all__ = ["DepthSchedule", "schedule_for", "DepthRound", "run_round", "sleep_un
 
 STEP_TIMES_S = (0.005, 0.015, 0.050)  # decode steps of a GPU backbone: small, V4.1-Flash-like, large
 BATCHES = (1, 8, 64)
-_SPIN_S = 0.0002
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,18 +63,16 @@ def schedule_for(config, step_s: float, backbone_layers: int | None = None) -> D
 
 
 def sleep_until(deadline: float) -> None:
-    """Return at ``deadline`` (``time.perf_counter``): sleep, then spin the last ``_SPIN_S``."""
+    """Sleep until ``deadline`` (``time.perf_counter``), or not at all if it has passed."""
     left = deadline - time.perf_counter()
-    if left > _SPIN_S:
-        time.sleep(left - _SPIN_S)
-    while time.perf_counter() < deadline:
-        pass
+    if left > 0:
+        time.sleep(left)
 
 
 @dataclasses.dataclass
 class DepthRound:
     """What a round of steps measured: each Engram layer's exposed wait per step (seconds), and the
-    round's wall time and tokens."""
+    round's time on the GPU's timeline and its tokens."""
 
     waits: dict[int, list[float]]
     seconds: float = 0.0
@@ -98,15 +97,15 @@ def run_round(
     steps: int,
     batch: int,
     issue: Callable[[int], object],
-    ready: Callable[[object, int], None],
+    ready: Callable[[object, int], float | None],
     after_rows: Callable[[int], None] | None = None,
 ) -> DepthRound:
     """``steps`` decode steps of ``batch`` tokens on ``schedule``: at step t's start ``issue(t)`` (whatever
     it returns is the step's handle); when the GPU reaches Engram layer L, ``ready(handle, L)`` blocks until
-    L's rows are ready (or L is fused); once the last Engram layer is served, ``after_rows(t)`` (work for
-    later steps, such as candidates' reads)."""
+    L's rows are ready (or L is fused) and returns when they were (``time.perf_counter``), or None: when it
+    returned; once the last Engram layer is served, ``after_rows(t)`` (work for later steps, such as
+    candidates' reads)."""
     measured = DepthRound({layer: [] for layer in schedule.engram})
-    began = time.perf_counter()
     for t in range(steps):
         cursor = time.perf_counter()  # the ids are known: the GPU starts layer 0
         handle = issue(t)
@@ -115,13 +114,14 @@ def run_round(
             cursor += (layer - done) * schedule.layer_s
             done = layer
             sleep_until(cursor)
-            ready(handle, layer)
-            waited = max(0.0, time.perf_counter() - cursor)
+            called = time.perf_counter()
+            at = ready(handle, layer)
+            waited = max(0.0, at - cursor) if at is not None else time.perf_counter() - max(cursor, called)
             measured.waits[layer].append(waited)
             cursor += waited  # the GPU waited for the rows, every later layer with it
         if after_rows is not None:
             after_rows(t)
         sleep_until(cursor + (schedule.layers - done) * schedule.layer_s)
-    measured.seconds = time.perf_counter() - began
+        measured.seconds += schedule.step_s + sum(measured.waits[layer][-1] for layer in schedule.engram)
     measured.tokens = steps * batch
     return measured

@@ -120,15 +120,18 @@ def _round(schedule: DepthSchedule, rows, steps: dict, tokens: int, warm: bool, 
 
     before = rows.stats()
     length = len(next(iter(steps.values())))
-    measured = run_round(
-        schedule, length, tokens, issue, lambda handles, layer: handles[layer].wait(), ahead and after_rows
-    )
+    measured = run_round(schedule, length, tokens, issue, _ready, ahead and after_rows)
     for pending in read_ahead:
         pending.wait()
     for layer, stats in rows.stats().items():
         for key, value in stats.items():
             counts[key] += value - before[layer].get(key, 0)
     return measured
+
+
+def _ready(handles: dict, layer: int) -> float:
+    handles[layer].wait()
+    return handles[layer].finished_at
 
 
 def _candidates(mode: RowsMode, hashing: V41Hashing, ids: np.ndarray, counts: Counter):

@@ -80,6 +80,14 @@ class PendingRows:
         if self._cancelled is not None:
             self._cancelled.set()
 
+    @property
+    def finished_at(self) -> float:
+        """When a ``start``'s rows were written (``time.perf_counter``), once ``wait`` returned: what a
+        schedule compares against its deadline (``measure/depth.py``)."""
+        if self.out is None:
+            raise EngramError("finished_at is the time a start's rows were written; a prefetch has none")
+        return self._future.result(0)
+
     def wait(self, timeout: float | None = None):
         """The rows, once written (``out``); the read's error, if it failed, as it was raised."""
         began = time.perf_counter()
@@ -198,7 +206,8 @@ class LayerRows:
                 f"(-1 is the engines' dead id; anything else must be a row)"
             )
 
-    def _read(self, ids, out, form, owned, e8m0, record: dict) -> None:
+    def _read(self, ids, out, form, owned, e8m0, record: dict) -> float:
+        """Read, count, and return when the rows were written (``time.perf_counter``)."""
         self._verification.check()
         counts = np.zeros(len(COUNTS), np.uint64)
         if self._remote is not None:
@@ -217,6 +226,7 @@ class LayerRows:
             self._counts["reads"] += 1
             self._counts["rows"] += count
             self._recent.append(record)
+        return time.perf_counter()
 
     def _read_remote(self, ids, out, form, owned, e8m0) -> None:
         """Ids checked by the caller (``read``, ``start``): the reader sees only indices into the rows

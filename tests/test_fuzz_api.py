@@ -83,7 +83,7 @@ def test_refused_session_calls_change_nothing(folders, tiny_config):
                     good_ids,
                     rng.choice(
                         [
-                            {1: good_hidden[1]},
+                            {},  # (layer 1 alone is a step at its depth, not a mistake)
                             {1: good_hidden[1], 2: good_hidden[3]},
                             good_hidden[1],
                             {"1": good_hidden[1], 3: good_hidden[3]},

@@ -33,6 +33,7 @@ import numpy as np
 from engram_export.core.text import token_stream, windows
 from engram_export.measure.common import format_table, ray_cluster
 from engram_export.measure.depth import BATCHES, STEP_TIMES_S, schedule_for
+from engram_export.measure.depth import backbone_layers as depth_layers
 from engram_export.measure.depth_rows import RowsMode, rows_depth_table
 from engram_export.measure.remote_paths import remote_path_table
 from engram_export.measure.v41_text import DECODE_STEP_S, compiled_v41, decode_round, v41_with_tokenizer
@@ -224,7 +225,7 @@ def run_sharded_bench(
             local = EngramRuntime(compiled, table_memory="populate")
             remote = EngramRuntime(compiled, tables="ray://bench")
             print(_per_call(local, remote, stream, config.hidden_size, config.hc_mult, repeat=30))
-            layers = backbone_layers or config.num_hidden_layers
+            layers = depth_layers(config, backbone_layers)
             # one of each for every round: a client's compiled graph is built once (a shard runs up to 8)
             local_rows, remote_rows = (
                 EngramRows(compiled, table_memory="populate"),

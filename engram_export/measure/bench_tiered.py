@@ -21,6 +21,7 @@ from pathlib import Path
 from engram_export.core.text import read_text, token_stream
 from engram_export.folders.calibration import calibrate
 from engram_export.measure.common import split_held_out
+from engram_export.measure.depth import backbone_layers as depth_layers
 from engram_export.measure.tiered_calibrate_speed import calibration_speed
 from engram_export.measure.tiered_depth import depth_tables
 from engram_export.measure.tiered_hit_rates import hit_rate_tables
@@ -62,7 +63,7 @@ def run_tiered_bench(
     compiled, tiered = compiled_v41(config, workdir), workdir / "tiered"
     shutil.rmtree(tiered, ignore_errors=True)
     calibrate(compiled, tiered, [calibration], HOT_SET)
-    layers = backbone_layers or config.num_hidden_layers
+    layers = depth_layers(config, backbone_layers)
     print(depth_tables(config, compiled, tiered, calibration_stream, held_out_stream, layers, steps, rounds))
     print()
     print(serving_table(config, tiered, held_out_stream, workdir, layers, steps, rounds))

@@ -19,12 +19,22 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from engram_export.core.errors import EngramError
 
-__all__ = ["DepthSchedule", "schedule_for", "DepthRound", "run_round", "sleep_until", "STEP_TIMES_S", "BATCHES"]
+__all__ = [
+    "DepthSchedule",
+    "backbone_layers",
+    "schedule_for",
+    "DepthRound",
+    "run_round",
+    "sleep_until",
+    "STEP_TIMES_S",
+    "BATCHES",
+]
 
 STEP_TIMES_S = (0.005, 0.015, 0.050)  # decode steps of a GPU backbone: small, V4.1-Flash-like, large
 BATCHES = (1, 8, 64)
@@ -48,12 +58,18 @@ class DepthSchedule:
         return layer * self.layer_s
 
 
-def schedule_for(config, step_s: float, backbone_layers: int | None = None) -> DepthSchedule:
-    """The schedule of ``config``'s Engram layers in a backbone of ``backbone_layers`` layers (default:
-    the config's ``num_hidden_layers``); refused where neither says, or an Engram layer is past the end."""
-    layers = backbone_layers or getattr(config, "num_hidden_layers", None)
+def backbone_layers(config, given: int | None = None) -> int:
+    """``given``, else the config's ``num_hidden_layers``; refused where neither says."""
+    layers = given or config.num_hidden_layers
     if layers is None:
         raise EngramError("the config does not say how many layers the backbone has: give --backbone-layers")
+    return layers
+
+
+def schedule_for(config, step_s: float, given_layers: int | None = None) -> DepthSchedule:
+    """The schedule of ``config``'s Engram layers in a backbone of ``given_layers`` layers (default: the
+    config's ``num_hidden_layers``); refused where neither says, or an Engram layer is past the end."""
+    layers = backbone_layers(config, given_layers)
     engram = tuple(sorted(config.layer_ids))
     if not isinstance(layers, int) or layers <= engram[-1]:
         raise EngramError(f"a backbone of {layers!r} layers cannot carry Engram layers {list(engram)}")
@@ -96,8 +112,8 @@ def run_round(
     schedule: DepthSchedule,
     steps: int,
     batch: int,
-    issue: Callable[[int], object],
-    ready: Callable[[object, int], float | None],
+    issue: Callable[[int], Any],
+    ready: Callable[[Any, int], float | None],
     after_rows: Callable[[int], None] | None = None,
 ) -> DepthRound:
     """``steps`` decode steps of ``batch`` tokens on ``schedule``: at step t's start ``issue(t)`` (whatever

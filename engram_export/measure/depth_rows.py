@@ -137,15 +137,19 @@ def _ready(handles: dict, layer: int) -> float:
 def _candidates(mode: RowsMode, hashing: V41Hashing, ids: np.ndarray, counts: Counter):
     """``_round``'s ``ahead`` of decode: after step t, the rows of the candidates for step t + 1."""
 
+    model = mode.candidates
+    if model is None:
+        return None
+
     def ahead(t: int):
         if t + 1 >= ids.shape[1]:
             return None
-        candidates, candidate_rows = mode.candidates.rows(hashing, ids, t)
+        candidates, candidate_rows = model.rows(hashing, ids, t)
         counts["sampled was a candidate"] += int((candidates == ids[:, t + 1 : t + 2]).any(axis=1).sum())
         counts["tokens"] += ids.shape[0]
         return candidate_rows
 
-    return ahead if mode.candidates is not None else None
+    return ahead
 
 
 def rows_depth_table(
@@ -168,7 +172,7 @@ def rows_depth_table(
         for batch in batches:
             first = None
             for mode in modes:
-                measured, counts = DepthRound({}), Counter()
+                measured, counts = DepthRound({}), Counter[str]()
                 for round_ in range(rounds):
                     ids = windows(stream[round_ * 7919 :], steps, batch)
                     if mode.before_round is not None:
@@ -230,7 +234,7 @@ def prefill_depth_table(
     for mode, read_ahead in modes:
         if mode.before_round is not None:
             mode.before_round()
-        rows, counts = mode.open(), Counter()
+        rows, counts = mode.open(), Counter[str]()
 
         def queued(k: int) -> dict | None:
             return {layer: ids[k + 1] for layer, ids in steps.items()} if k + 1 < len(prompts_ids) else None

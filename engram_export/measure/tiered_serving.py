@@ -95,7 +95,7 @@ def serving_table(
             f"({available_memory() / 2**30:.1f} GiB): the resident row serves a "
             f"{sum(small.num_embeddings) * ROW_BYTES / 2**30:.1f} GiB table of the same row shape"
         )
-    report = read_manifest(tiered).calibration
+    report = read_manifest(tiered).calibration or {"layers": {}}
     reached = sum(entry["rows_reached"] for entry in report["layers"].values())
     hot = sum(entry["hot_rows"] for entry in report["layers"].values())
     shapes = {"decode B=1": (1, steps), "decode B=8": (8, steps), "prefill 50x14": (50, 14)}

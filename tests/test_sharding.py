@@ -482,10 +482,13 @@ def _fast_calls(rows, layer: int, ids, timeout: float = 30.0) -> int:
     return calls
 
 
-def test_the_fast_path_reads_rows_equal_to_local_tables(cluster, folders):
-    """V4.1's FP8 rows through the compiled graph, bit for bit, every form; every read counted there."""
+def test_the_fast_path_reads_rows_equal_to_local_tables(cluster, folders, monkeypatch):
+    """V4.1's FP8 rows through the compiled graph (opt-in), bit for bit, every form; every read counted there."""
     from engram_export.runtime.rows import EngramRows
+    from engram_export.sharding.client import GRAPH_SWITCH
     from engram_export.sharding.cluster import serve_tables, stop_tables
+
+    monkeypatch.setenv(GRAPH_SWITCH, "1")
 
     serve_tables(folders["v41 fp8"], "fast", shards=2, replicas=1)
     try:
@@ -503,12 +506,14 @@ def test_the_fast_path_reads_rows_equal_to_local_tables(cluster, folders):
         stop_tables("fast")
 
 
-def test_a_shard_killed_under_the_fast_path_falls_back_then_rebuilds(cluster, folders, u4_tables):
+def test_a_shard_killed_under_the_fast_path_falls_back_then_rebuilds(cluster, folders, u4_tables, monkeypatch):
     """Both replicas of a shard killed (SIGKILL; Ray starts them again) while reads run on the compiled
     graph: every read right (through the actor calls, waiting for the restart), then the graph built again."""
     from engram_export.runtime.rows import EngramRows
+    from engram_export.sharding.client import GRAPH_SWITCH
     from engram_export.sharding.names import NAMESPACE, replica_name
 
+    monkeypatch.setenv(GRAPH_SWITCH, "1")
     local, remote = EngramRows(folders["demo u4"]), EngramRows(folders["demo u4"], tables="ray://u4")
     layer = next(iter(local))
     ids = np.random.default_rng(3).integers(0, local[layer].table_rows, (8, 24))

@@ -40,6 +40,7 @@ from engram_export.measure.v41_text import DECODE_STEP_S, compiled_v41, decode_r
 from engram_export.models.deepseek_v41_config import V41Hashing
 from engram_export.runtime import EngramRuntime
 from engram_export.runtime.rows import EngramRows
+from engram_export.sharding.client import GRAPH_SWITCH
 
 __all__ = ["run_sharded_bench"]
 
@@ -226,7 +227,9 @@ def run_sharded_bench(
             remote = EngramRuntime(compiled, tables="ray://bench")
             print(_per_call(local, remote, stream, config.hidden_size, config.hc_mult, repeat=30))
             layers = depth_layers(config, backbone_layers)
-            # one of each for every round: a client's compiled graph is built once (a shard runs up to 8)
+            # one of each for every round: a client's compiled graph is built once (a shard runs up to 8);
+            # the remote rows read through the graph, as the data path table's
+            os.environ[GRAPH_SWITCH] = "1"
             local_rows, remote_rows = (
                 EngramRows(compiled, table_memory="populate"),
                 EngramRows(compiled, tables="ray://bench"),

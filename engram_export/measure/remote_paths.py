@@ -27,11 +27,14 @@ def _clients(name: str, folder, address: str | None):
 
     rows = EngramRows(folder, tables=f"ray://{name}", ray_address=address)
     layer = next(iter(rows))
-    fast = rows[layer]._remote  # the row API's own client: the compiled graph where it works
-    actor = ShardedTables(fast.ray, served_layout(name, address), fast.deadline, fast_path=False)
-    actor.add_layer(layer, fast.layouts[layer])
-    actor.check()
-    return actor, fast, layer, rows[layer]._reader
+    own = rows[layer]._remote  # the row API's own client, for its Ray, deadline and layout
+    clients = []
+    for fast_path in (False, True):
+        client = ShardedTables(own.ray, served_layout(name, address), own.deadline, fast_path=fast_path)
+        client.add_layer(layer, own.layouts[layer])
+        client.check()
+        clients.append(client)
+    return clients[0], clients[1], layer, rows[layer]._reader
 
 
 def remote_path_table(folder, name: str, batches=(1, 8, 64), reads: int = 300, address: str | None = None) -> str:

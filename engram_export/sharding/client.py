@@ -13,6 +13,7 @@ again whenever its name resolves to a new actor); one that serves another table 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 
@@ -27,6 +28,7 @@ from engram_export.sharding.names import NAMESPACE, cause_of, replica_name
 __all__ = ["ShardedTables", "Pending", "REMOTE_STATS"]
 
 REMOTE_STATS = ("calls", "requests", "rows", "bytes", "failovers", "hedges", "fast_calls", "fast_failures")
+GRAPH_SWITCH = "ENGRAM_EXPORT_RAY_GRAPH"  # "1": reads through the compiled graph (opt-in)
 _PAUSE_S = 0.05  # between rounds of every replica failing (Ray restarts them meanwhile)
 _HEDGE_S = 0.1  # a replica that has not answered by then is joined by the next one
 _CHECK_S = 1.0  # the most a replica's identity check may take when its name resolves again
@@ -40,8 +42,13 @@ class ShardedTables:
     """Rows of the tables served under ``layout['name']`` (``cluster.served_layout``), for the layers
     added with their stored layout (``add_layer``)."""
 
-    def __init__(self, ray, layout: dict, deadline: float, fast_path: bool = True):
-        """``fast_path``: fetch through a compiled graph (``fast_path.FastPath``) where it works."""
+    def __init__(self, ray, layout: dict, deadline: float, fast_path: bool | None = None):
+        """``fast_path``: fetch through a compiled graph (``fast_path.FastPath``) where it works; by
+        default only where ``ENGRAM_EXPORT_RAY_GRAPH=1``. Off by default: in the full test suite Ray
+        2.60's driver twice aborted on a failed check while serializing an actor handle for a graph
+        ("Cannot find an actor handle of id"), not understood yet."""
+        if fast_path is None:
+            fast_path = os.environ.get(GRAPH_SWITCH) == "1"
         self.ray, self.name, self.deadline, self.fast_path = ray, layout["name"], deadline, fast_path
         self.replicas = layout["replicas"]
         self.plans = [ShardPlan.from_dict(shard) for shard in layout["shards"]]

@@ -135,7 +135,7 @@ def test_the_rows_tables_run_every_mode(text_folders, tokenizer_json, tmp_path):
         tiered,
         RowsMode("candidates", tiered.open, candidates=NgramCandidates(stream, 2)),
     ]
-    table = rows_depth_table(hashing, modes, stream, 6, (0.002,), (1, 4), steps=5, rounds=1).splitlines()
+    table = rows_depth_table(hashing, modes, stream, 6, (0.02,), (1, 4), steps=5, rounds=1).splitlines()
     assert len(table) == 2 + 2 * 3, table
     cells = [re.split(r"\s{2,}", line.strip()) for line in table[2:]]
     assert [c[2] for c in cells] == ["warm", "tiered", "candidates"] * 2, table
@@ -144,5 +144,5 @@ def test_the_rows_tables_run_every_mode(text_folders, tokenizer_json, tmp_path):
         served = [float(share.rstrip("%")) for share in ahead[-3].split(" / ")]
         assert sum(served) == pytest.approx(100, abs=2) and served[2] > 0, table  # candidates served some
         assert float(ahead[-2].rstrip("%")) > 0 and int(ahead[-1].replace(",", "")) > 0, table
-    prefill = prefill_depth_table(hashing, [(modes[0], False), (tiered, True)], stream, 6, 0.002, 16, 4)
+    prefill = prefill_depth_table(hashing, [(modes[0], False), (tiered, True)], stream, 6, 0.02, 16, 4)
     assert "tiered + queued read-ahead" in prefill and len(prefill.splitlines()) == 4, prefill

@@ -344,19 +344,23 @@ def _evict(folder: Path, path: str, offset: int) -> bool:
 def test_misses_read_from_disk_are_right(served, calibrated, text, form, miss_reads):
     table_middle = _table_middle(calibrated[form])
     resident = EngramRuntime(served[form], table_memory="populate")
-    tiered = EngramRuntime(calibrated[form], table_memory="tiered", miss_reads=miss_reads)
     ids, hidden, mask = _inputs(resident, text, 50, 14, seed=5)
     ids = (ids * 7 + 11) % resident.info.num_ids  # other n-grams than the text's: mostly misses
     expected = {layer: resident[layer](ids, hidden, mask) for layer in resident}
     del resident  # its mapping of the table holds the pages in memory
-    evicted = _evict(calibrated[form], *table_middle)
-    handle = tiered.prefetch(ids, mask)
-    for layer in tiered:
-        assert np.array_equal(tiered[layer].fuse(handle, hidden), expected[layer], equal_nan=True)
-        stats = tiered[layer].table_stats()
-        assert stats["rows_read"] > stats["hot_hits"] and stats["prefetched_calls"] == 1
-        if evicted:
-            assert stats["queued_rows"] > 0, stats
+    queued = []
+    for _ in range(3):  # another test worker reading the same file may bring its pages back: try again
+        tiered = EngramRuntime(calibrated[form], table_memory="tiered", miss_reads=miss_reads)
+        evicted = _evict(calibrated[form], *table_middle)  # after the load, which maps the table
+        handle = tiered.prefetch(ids, mask)
+        for layer in tiered:
+            assert np.array_equal(tiered[layer].fuse(handle, hidden), expected[layer], equal_nan=True)
+            stats = tiered[layer].table_stats()
+            assert stats["rows_read"] > stats["hot_hits"] and stats["prefetched_calls"] == 1
+            queued.append(stats["queued_rows"])
+        if not evicted or queued[-1] > 0:
+            break
+    assert not evicted or queued[-1] > 0, queued  # some misses were really read from disk
 
 
 def test_threads_with_prefetches_in_flight(served, calibrated, text):

@@ -136,7 +136,6 @@ def _ready(handles: dict, layer: int) -> float:
 
 def _candidates(mode: RowsMode, hashing: V41Hashing, ids: np.ndarray, counts: Counter):
     """``_round``'s ``ahead`` of decode: after step t, the rows of the candidates for step t + 1."""
-
     model = mode.candidates
     if model is None:
         return None
@@ -164,7 +163,7 @@ def rows_depth_table(
 ) -> str:
     """Decode at depth through each mode, for each step time and batch size, on windows of ``stream``:
     tokens/s against the first mode, and each Engram layer's exposed wait (p50, p99) against its budget.
-    Every mode serves the same ids in the same order; a fresh ``EngramRows`` each round."""
+    Every mode serves the same ids in the same order, from the ``EngramRows`` its ``open`` gives each round."""
     config = hashing.config
     rows_out: list[list] = []
     for step_s in step_times:

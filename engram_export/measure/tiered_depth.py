@@ -18,14 +18,14 @@ import numpy as np
 from engram_export.measure.common import evict_page_cache
 from engram_export.measure.depth import BATCHES, STEP_TIMES_S
 from engram_export.measure.depth_rows import NgramCandidates, RowsMode, prefill_depth_table, rows_depth_table
+from engram_export.measure.v41_text import PREFILL_STEP_S
 from engram_export.models.deepseek_v41_config import V41Hashing
 from engram_export.runtime.rows import EngramRows
 
-__all__ = ["depth_tables", "CACHE_BUDGET", "CANDIDATES", "PREFILL_STEP_S", "PROMPT_TOKENS"]
+__all__ = ["depth_tables", "CACHE_BUDGET", "CANDIDATES", "PROMPT_TOKENS"]
 
 CACHE_BUDGET = "64MiB"
 CANDIDATES = (1, 4)  # next tokens a sequence's rows are read ahead for, each its own mode
-PREFILL_STEP_S = 0.030  # one prompt's prefill on the GPU
 PROMPT_TOKENS = 128
 
 

@@ -26,14 +26,20 @@ from engram_export.core.text import windows
 from engram_export.folders.manifest import read_manifest
 from engram_export.measure.common import evict_page_cache, format_table
 from engram_export.measure.depth import DepthRound, DepthSchedule, run_round, schedule_for
-from engram_export.measure.v41_text import DECODE_STEP_S, ROW_BYTES, compiled_v41, decode_round, v41_with_tokenizer
+from engram_export.measure.v41_text import (
+    DECODE_STEP_S,
+    PREFILL_STEP_S,
+    ROW_BYTES,
+    compiled_v41,
+    decode_round,
+    v41_with_tokenizer,
+)
 from engram_export.models.deepseek_v41_config import V41Config
 from engram_export.runtime import EngramRuntime
 
-__all__ = ["serving_table", "RESIDENT_ROWS", "PREFILL_STEP_S"]
+__all__ = ["serving_table", "RESIDENT_ROWS"]
 
 RESIDENT_ROWS = 8_000_000  # rows a layer of the resident baseline's table when the served one cannot be resident
-PREFILL_STEP_S = 0.030  # one prefill chunk of 50 x 14 tokens
 
 
 def _resident_mib() -> float:

@@ -20,10 +20,19 @@ from engram_export.models.compression import build_compression_table
 from engram_export.models.config import load_config
 from engram_export.models.deepseek_v41_config import V41Config, head_primes
 
-__all__ = ["v41_with_tokenizer", "dense_checkpoint", "compiled_v41", "decode_round", "ROW_BYTES", "DECODE_STEP_S"]
+__all__ = [
+    "v41_with_tokenizer",
+    "dense_checkpoint",
+    "compiled_v41",
+    "decode_round",
+    "ROW_BYTES",
+    "DECODE_STEP_S",
+    "PREFILL_STEP_S",
+]
 
 ROW_BYTES = 264  # a V4.1 row: 256 FP8 codes and 8 E8M0 scales
 DECODE_STEP_S = 0.015  # one decode step of a GPU backbone
+PREFILL_STEP_S = 0.030  # one prefill step of it (a 50 x 14 chunk, a prompt of 128 tokens)
 
 
 def v41_with_tokenizer(tokenizer: Path, rows_per_layer: int | None = None) -> V41Config:

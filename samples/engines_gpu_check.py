@@ -106,6 +106,9 @@ def check_rows(args) -> int:
         bf16 = torch.empty(len(ids), columns, table.row_size, dtype=torch.bfloat16, device=device)
         vllm_plugin.lookup(embedding, cuda_ids, packed)
         vllm_plugin.lookup(embedding, cuda_ids, bf16)
+        background = torch.empty_like(packed)  # vLLM's prefetch: issued, then waited for at the layer
+        vllm_plugin.lookup(embedding, cuda_ids, background, background=True)
+        vllm_plugin.finish_lookup(embedding)
         sglang = SimpleNamespace(row_start=0, rows=table.table_rows, _engram_rows=table, dim=table.row_size)
         sglang.new_rows = lambda indices, dim=table.row_size: torch.empty(
             *indices.shape, dim, dtype=torch.bfloat16, device=indices.device
@@ -114,6 +117,7 @@ def check_rows(args) -> int:
         _synchronize(device)
         checks = {
             "vLLM packed": torch.equal(packed, expected_packed),
+            "vLLM packed, background": torch.equal(background, expected_packed),
             "vLLM bf16": torch.equal(bf16.view(torch.int16), expected_vllm.view(torch.int16)),
             "SGLang bf16": torch.equal(owned.view(torch.int16), expected_sglang.view(torch.int16)),
         }

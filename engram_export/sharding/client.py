@@ -72,6 +72,7 @@ class ShardedTables:
         self._fast: FastPath | None = None
         self._fast_lock = threading.Lock()  # one call at a time on the graph
         self._fast_state = {"building": False, "after": 0.0, "pause": _REBUILD_S[0]}
+        self.fast_path_error: str | None = None  # why the compiled graph's last build failed
 
     def add_layer(self, layer: int, layout: RowLayout) -> None:
         """Serve layer ``layer``, stored as ``layout``: the shards' pieces must cover its rows exactly."""
@@ -202,15 +203,17 @@ class ShardedTables:
 
     def _build(self) -> None:
         """A graph over one replica of each shard, each checked first (``_handle``)."""
-        path = None
+        path, error = None, None
         try:
+            if not self.ray.is_initialized():  # a call after shutdown would start Ray again in this process
+                raise EngramUnavailable("Ray is shut down")
             handles = [self._handle(plan.index, self._order(plan.index)[0], _CHECK_S) for plan in self.plans]
             path = FastPath(self.ray, handles)
-        except Exception:  # a replica down, or refused: the actor-call way tells the caller
-            pass
+        except Exception as failure:  # a replica down, or refused: the actor-call way tells the caller
+            error = f"{type(failure).__name__}: {failure}"
         with self._lock:
             state = self._fast_state
-            state["building"] = False
+            state["building"], self.fast_path_error = False, error
             if path is None:
                 state["after"] = time.monotonic() + state["pause"]
                 state["pause"] = min(2 * state["pause"], _REBUILD_S[1])

@@ -40,7 +40,7 @@ class FastPath:
         self._closed = False
         _open.add(self)
         try:
-            self.read([None] * len(handles), 10.0)  # the channels' first trip: not on a caller's clock
+            self.read([None] * len(handles), 30.0)  # the channels' first trip: not on a caller's clock
         except BaseException:
             self.close()
             raise

@@ -43,6 +43,7 @@ REPLACED = {
     ("ParallelEngramEmbedding", "_storage"),
     ("ParallelEngramEmbedding", "_engram_export"),
     ("Engram", "_create_embedding"),
+    ("Engram", "_finish_prefetch"),
     ("weight_utils", "should_skip_weight"),
 }
 TABLE_SUFFIXES = (".engram.embed.weight", ".engram.embed.scale")
@@ -191,6 +192,10 @@ def reads(embedding, ids: torch.Tensor, layer_index: int) -> dict[str, torch.Ten
     embedding.lookup(layer_ids, bf16)
     packed = torch.full((tokens, heads, width), 0xAB, dtype=torch.uint8)
     embedding.lookup(layer_ids, packed, background=True)
+    if getattr(type(embedding), "_engram_export", False):  # the plug-in's: written when the layer waits
+        columns = min(heads, embedding.n_hash_cols - embedding.head_start)  # a last rank's padding is zeroed
+        assert (packed[:, :columns] == 0xAB).all()
+        vllm_plugin.finish_lookup(embedding)
     batch = torch.full((tokens, layers, heads, width), 0xCD, dtype=torch.uint8)
     rows = batch[:, layer_index]
     assert rows.stride(0) == layers * heads * width != heads * width
@@ -490,6 +495,39 @@ def test_lookup_in_a_cuda_graph_capture_refused(plugins, monkeypatch, v41, v41_i
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     embedding.lookup(v41_ids[:, 0], out)
     assert out.any()
+
+
+def test_background_lookup_lands_when_the_layer_waits(plugins, monkeypatch, v41, v41_ids, v41_reference):
+    """vLLM's prefetch: ``_start_prefetch``'s background lookup returns before its rows are read; the patched
+    ``Engram._finish_prefetch`` copies them into ``out`` and then makes vLLM's own wait on the event (the
+    stream stands in for CUDA's here). A read that fails is raised at the wait, once."""
+    configure(monkeypatch, rows=v41.folder)
+    plugins.load()
+    engram = helpers.vllm_engram_module()
+    embedding = plugin_embedding(engram.EngramLayout(v41.config), 0, cpu_offload=True)
+    width = embedding.dim + embedding.dim // helpers.FP8_BLOCK
+    packed = torch.full((len(v41_ids), embedding.part_n_hash_cols, width), 0xAB, dtype=torch.uint8)
+    embedding.lookup(v41_ids[:, 0], packed, background=True)
+    assert (packed == 0xAB).all()
+    waits = []
+    stream = types.SimpleNamespace(wait_event=lambda event: waits.append((event, packed.clone())))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    layer = types.SimpleNamespace(embed_tokens=embedding)
+    engram.Engram._finish_prefetch(layer, "prefetch done")
+    assert len(waits) == 1 and waits[0][0] == "prefetch done"
+    assert torch.equal(waits[0][1], v41_reference[1][0, 0]["packed"])  # copied before vLLM's wait
+    engram.Engram._finish_prefetch(layer, "prefetch done")  # nothing pending: vLLM's wait only
+    assert len(waits) == 2
+
+    wrong = v41_ids[:, 0].clone()
+    wrong[4, 0] = -5  # no id of the table (the hash never makes one): refused by the row API
+    embedding.lookup(wrong, packed, background=True)
+    with pytest.raises(EngramError, match="-5") as error:
+        engram.Engram._finish_prefetch(layer, "prefetch done")
+    _one_line(error)
+    assert len(waits) == 2
+    engram.Engram._finish_prefetch(layer, "prefetch done")
+    assert len(waits) == 3
 
 
 # ---------------------------------------------------------------- Ray-served tables

@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -228,12 +229,11 @@ def run_sharded_bench(
             print(_per_call(local, remote, stream, config.hidden_size, config.hc_mult, repeat=30))
             layers = depth_layers(config, backbone_layers)
             # one of each for every round: a client's compiled graph is built once (a shard runs up to 8);
-            # the remote rows read through the graph, as the data path table's
-            os.environ[GRAPH_SWITCH] = "1"
-            local_rows, remote_rows = (
-                EngramRows(compiled, table_memory="populate"),
-                EngramRows(compiled, tables="ray://bench"),
-            )
+            # the remote rows read through the graph, as the data path table's (the switch is read when
+            # the client is made: this process's environment is left as it was)
+            local_rows = EngramRows(compiled, table_memory="populate")
+            with mock.patch.dict(os.environ, {GRAPH_SWITCH: "1"}):
+                remote_rows = EngramRows(compiled, tables="ray://bench")
             modes = [
                 RowsMode("local (populate)", lambda: local_rows),
                 RowsMode(f"Ray, {shards} shards", lambda: remote_rows),

@@ -202,12 +202,17 @@ class ShardedTables:
         threading.Thread(target=self._build, name="engram-fast-path", daemon=True).start()
 
     def _build(self) -> None:
-        """A graph over one replica of each shard, each checked first (``_handle``)."""
+        """A graph over one replica of each shard, each resolved by name and checked first (``_handle``):
+        never a kept handle, which may be of an actor since killed and made again under its name."""
         path, error = None, None
         try:
             if not self.ray.is_initialized():  # a call after shutdown would start Ray again in this process
                 raise EngramUnavailable("Ray is shut down")
-            handles = [self._handle(plan.index, self._order(plan.index)[0], _CHECK_S) for plan in self.plans]
+            chosen = [(plan.index, self._order(plan.index)[0]) for plan in self.plans]
+            with self._lock:
+                for key in chosen:
+                    self._handles.pop(key, None)
+            handles = [self._handle(shard, replica, _CHECK_S) for shard, replica in chosen]
             path = FastPath(self.ray, handles)
         except Exception as failure:  # a replica down, or refused: the actor-call way tells the caller
             error = f"{type(failure).__name__}: {failure}"

@@ -56,13 +56,15 @@ def _inputs(runtime, batch: int = 2, tokens: int = 9):
 
 
 def _truncated_under_threads(call, expected, table: Path) -> tuple[list, list]:
-    """``call()`` from 4 threads, 30 times each (a thread stops after 4 refusals), while ``table`` is
-    truncated to its first page: (whether the table was truncated yet, for each answer that was not
-    ``expected``; the message of each refusal)."""
+    """``call()`` from 4 threads while ``table`` is truncated to its first page, each until it made 30 calls
+    begun after the truncation (a fast call could otherwise be done before it) or saw 4 refusals: (whether
+    the table was truncated yet, for each answer that was not ``expected``; the message of each refusal)."""
     wrong, refusals, truncated = [], [], threading.Event()
 
     def calls():
-        for _ in range(30):
+        after = 0
+        while after < 30:
+            after += truncated.is_set()
             try:
                 got = call()
             except EngramError as exc:

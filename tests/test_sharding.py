@@ -581,9 +581,9 @@ def test_tables_made_again_under_the_fast_path(cluster, folders, monkeypatch):
             for replica in range(2):
                 victim = cluster.get_actor(replica_name("fastrepair", shard, replica), namespace=NAMESPACE)
                 cluster.kill(victim, no_restart=True)
-        with pytest.raises(EngramUnavailable, match="of tables 'fastrepair'.* is down") as error:
+        with pytest.raises(EngramUnavailable, match="of tables 'fastrepair'.* is down") as refused:
             remote.read(layer, ids, form="packed")
-        assert "\n" not in str(error.value)
+        assert "\n" not in str(refused.value)
         assert len(repair_tables("fastrepair")) == 4
         deadline = time.monotonic() + 120
         while remote[layer].stats()["remote_fast_calls"] <= before:

@@ -166,6 +166,31 @@ def test_start_and_wait_from_threads(text_folders):
     assert not errors, errors[0]
 
 
+def test_start_reads_ids_written_until_ready(text_folders):
+    """``start(..., ready=)`` (ids a GPU copy is still writing): the ids are read as they are once ``ready``
+    returned, their range checked then, and one out of the table is raised by ``wait`` in one line."""
+    rows = EngramRows(text_folders["v41 f32"])
+    layer = rows.layer_ids[0]
+    size = rows[layer].table_rows
+    landed = threading.Event()
+    ids = np.zeros((8, 24), np.int64)
+    pending = rows.start(layer, ids, form="packed", ready=landed.wait)
+    written = np.random.default_rng(4).integers(-1, size, ids.shape)
+    ids[:] = written  # the copy lands after the read was issued
+    landed.set()
+    assert np.array_equal(pending.wait(), rows.read(layer, written, form="packed"))
+
+    landed.clear()
+    ids = np.zeros((8, 24), np.int64)
+    out = np.full((8, 24, rows[layer].width("packed")), 9, np.uint8)
+    pending = rows.start(layer, ids, out, form="packed", ready=landed.wait)
+    ids[3, 2] = size
+    landed.set()
+    with pytest.raises(EngramError, match=rf"row id {size} \(at index 74\) is outside the table") as error:
+        pending.wait()
+    assert "\n" not in str(error.value) and (out == 9).all()
+
+
 def test_refusals_are_one_line_and_read_nothing(text_folders, tmp_path):
     rows = EngramRows(text_folders["v41 f32"])
     layer = rows.layer_ids[0]

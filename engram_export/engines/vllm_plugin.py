@@ -24,9 +24,10 @@ themselves are opened by the processes that build the model, when they do) and r
 Rows read ahead, as vLLM means them to be: ``Engram._start_prefetch`` issues every Engram layer's lookup
 (``background=True``, on its prefetch stream) before the decoder layers run, and ``_finish_prefetch``
 waits for one layer's rows when the backbone reaches it. A background lookup returns at once: its ids are
-copied to pinned host memory without blocking the host thread, one reader thread (``_HostRead``) waits
-for them and reads the rows into pinned memory, and the layer's ``_finish_prefetch`` waits for that read
-and copies the rows into ``out`` on the current stream. The host thread that launches the backbone only
+copied to pinned host memory without blocking the host thread, the row API's ``start`` reads the rows
+into pinned memory once the copy has landed (``_HostRead``), and the layer's ``_finish_prefetch`` waits
+for that read (its wait is what ``recent()`` records) and copies the rows into ``out`` on the current
+stream. The host thread that launches the backbone only
 waits where the layer needs its rows (layer 1 of V4.1's 40: about 1/40 of a step after the lookups).
 
 A lookup inside a CUDA graph capture is refused in one line: vLLM runs its offloaded lookup eagerly between
@@ -44,16 +45,12 @@ A replaced method whose signature differs from 0.33.0's is refused at ``register
 from __future__ import annotations
 
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from engram_export.engines import settings
 
 __all__ = ["register", "ENGRAM_MODULE", "REPLACED"]
 
 log = logging.getLogger(__name__)
-_reader: ThreadPoolExecutor | None = None  # _HostRead's thread, started at the first read
-_reader_lock = threading.Lock()
 
 ENGRAM_MODULE = "vllm.models.deepseek_v41.common.engram"
 WEIGHT_UTILS = "vllm.model_executor.model_loader.weight_utils"
@@ -169,8 +166,6 @@ def lookup(self, indices, out, background=False):
     form = "packed" if out.dtype == torch.uint8 else "bf16"
     owned = (self.vocab_start_idx, self.vocab_end_idx)
     target = out if out.dim() == 3 else out.view(tokens, self.part_n_hash_cols, -1)
-    if columns < self.part_n_hash_cols:
-        target[:, columns:].zero_()
     if background or out.is_cuda:
         read = _HostRead(self._engram_rows, ids, target[:, :columns], form, owned)
         if background:
@@ -179,6 +174,8 @@ def lookup(self, indices, out, background=False):
             read.finish()
     else:
         self._engram_rows.read(ids.contiguous(), target[:, :columns], form=form, owned=owned, e8m0="vllm")
+    if columns < self.part_n_hash_cols:  # after the read was accepted: a refused lookup leaves out as it was
+        target[:, columns:].zero_()
 
 
 def finish_lookup(embedding) -> None:
@@ -190,40 +187,28 @@ def finish_lookup(embedding) -> None:
 
 
 class _HostRead:
-    """One lookup's rows read on the host, off the calling thread: the ids copied to (pinned) host memory
-    without blocking the caller, the rows read by the reader thread into a host buffer, and copied into
-    ``target`` at ``finish``. Pinned blocks come from torch's host allocator, which reuses none before the
-    copies that use it have run."""
+    """One lookup's rows read on the host, off the calling thread, through the row API's ``start``: the
+    ids copied to (pinned) host memory without blocking the caller, read once that copy has landed
+    (``ready``), into a host buffer copied into ``target`` at ``finish``. Pinned blocks come from torch's
+    host allocator, which reuses none before the copies that use it have run."""
 
     def __init__(self, rows, ids, target, form: str, owned: tuple[int, int]):
         import torch
 
         gpu = ids.is_cuda or target.is_cuda
         self.target = target
-        self.ids = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=gpu)
-        self.ids.copy_(ids, non_blocking=gpu)
-        self.ids_copied = None
+        host_ids = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=gpu)
+        host_ids.copy_(ids, non_blocking=gpu)
+        ready = None
         if gpu:  # on the current stream (vLLM's prefetch stream, after the hash)
-            self.ids_copied = torch.cuda.Event()
-            self.ids_copied.record()
-        self.rows = torch.empty(target.shape, dtype=target.dtype, pin_memory=gpu)
-        self.done = self._start(rows, form, owned)
-
-    def _start(self, rows, form: str, owned: tuple[int, int]):
-        global _reader
-        with _reader_lock:
-            if _reader is None:  # one thread: the layers' reads in the order vLLM issues them
-                _reader = ThreadPoolExecutor(1, thread_name_prefix="engram-export-rows")
-        return _reader.submit(self._read, rows, form, owned)
-
-    def _read(self, rows, form: str, owned: tuple[int, int]) -> None:
-        if self.ids_copied is not None:
-            self.ids_copied.synchronize()
-        rows.read(self.ids, self.rows, form=form, owned=owned, e8m0="vllm")
+            copied = torch.cuda.Event()
+            copied.record()
+            ready = copied.synchronize
+        staged = torch.empty(target.shape, dtype=target.dtype, pin_memory=gpu)
+        self.pending = rows.start(host_ids, staged, form=form, owned=owned, e8m0="vllm", ready=ready)
 
     def finish(self) -> None:
-        self.done.result()
-        self.target.copy_(self.rows, non_blocking=self.target.is_cuda)
+        self.target.copy_(self.pending.wait(), non_blocking=self.target.is_cuda)
 
 
 def _captured():

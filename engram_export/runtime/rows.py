@@ -130,14 +130,33 @@ class LayerRows:
         record["wait_us"] = (time.perf_counter() - began) * 1e6  # the caller waited for all of it
         return out
 
-    def start(self, ids, out=None, *, form: str = "bf16", owned: tuple[int, int] | None = None, e8m0: str = "spec"):
+    def start(
+        self,
+        ids,
+        out=None,
+        *,
+        form: str = "bf16",
+        owned: tuple[int, int] | None = None,
+        e8m0: str = "spec",
+        ready=None,
+    ):
         """``read``, issued now and collected later: returns a ``PendingRows`` at once, after checking
         the arguments (ids out of range included); ``ids`` and ``out`` must not change until its
-        ``wait`` returns."""
+        ``wait`` returns. ``ready``: a callable the read calls first, for ids still being written when
+        the read is issued (a GPU's copy to the host: its event's ``synchronize``); their range is then
+        checked after it, and an id out of range is raised by ``wait``."""
         out = self._checked(ids, out, form, owned, e8m0)
-        self._check_range(ids)
+        if ready is None:
+            self._check_range(ids)
         record = _record()
-        return PendingRows(_STARTED.submit(self._read, ids, out, form, owned, e8m0, record), out, record)
+
+        def read() -> float:
+            if ready is not None:
+                ready()
+                self._check_range(ids)
+            return self._read(ids, out, form, owned, e8m0, record)
+
+        return PendingRows(_STARTED.submit(read), out, record)
 
     def prefetch(self, ids) -> PendingRows:
         """Read the rows of ``ids`` that a later call may need into a tiered table's cache, now, in the

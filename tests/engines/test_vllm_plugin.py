@@ -500,7 +500,8 @@ def test_lookup_in_a_cuda_graph_capture_refused(plugins, monkeypatch, v41, v41_i
 def test_background_lookup_lands_when_the_layer_waits(plugins, monkeypatch, v41, v41_ids, v41_reference):
     """vLLM's prefetch: ``_start_prefetch``'s background lookup returns before its rows are read; the patched
     ``Engram._finish_prefetch`` copies them into ``out`` and then makes vLLM's own wait on the event (the
-    stream stands in for CUDA's here). A read that fails is raised at the wait, once."""
+    stream stands in for CUDA's here); the row API records that wait. Host ids out of the table are refused
+    at the lookup, in one line, with nothing left pending."""
     configure(monkeypatch, rows=v41.folder)
     plugins.load()
     engram = helpers.vllm_engram_module()
@@ -513,20 +514,20 @@ def test_background_lookup_lands_when_the_layer_waits(plugins, monkeypatch, v41,
     stream = types.SimpleNamespace(wait_event=lambda event: waits.append((event, packed.clone())))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
     layer = types.SimpleNamespace(embed_tokens=embedding)
+    calls = len(embedding._engram_rows.recent())
     engram.Engram._finish_prefetch(layer, "prefetch done")
     assert len(waits) == 1 and waits[0][0] == "prefetch done"
+    assert len(embedding._engram_rows.recent()) == calls + 1  # the layer's wait, recorded by the row API
     assert torch.equal(waits[0][1], v41_reference[1][0, 0]["packed"])  # copied before vLLM's wait
     engram.Engram._finish_prefetch(layer, "prefetch done")  # nothing pending: vLLM's wait only
     assert len(waits) == 2
 
     wrong = v41_ids[:, 0].clone()
     wrong[4, 0] = -5  # no id of the table (the hash never makes one): refused by the row API
-    embedding.lookup(wrong, packed, background=True)
     with pytest.raises(EngramError, match="-5") as error:
-        engram.Engram._finish_prefetch(layer, "prefetch done")
+        embedding.lookup(wrong, packed, background=True)
     _one_line(error)
-    assert len(waits) == 2
-    engram.Engram._finish_prefetch(layer, "prefetch done")
+    engram.Engram._finish_prefetch(layer, "prefetch done")  # nothing was left pending
     assert len(waits) == 3
 
 

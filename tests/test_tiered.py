@@ -348,19 +348,19 @@ def test_misses_read_from_disk_are_right(served, calibrated, text, form, miss_re
     ids = (ids * 7 + 11) % resident.info.num_ids  # other n-grams than the text's: mostly misses
     expected = {layer: resident[layer](ids, hidden, mask) for layer in resident}
     del resident  # its mapping of the table holds the pages in memory
-    queued = []
     for _ in range(3):  # another test worker reading the same file may bring its pages back: try again
         tiered = EngramRuntime(calibrated[form], table_memory="tiered", miss_reads=miss_reads)
         evicted = _evict(calibrated[form], *table_middle)  # after the load, which maps the table
         handle = tiered.prefetch(ids, mask)
+        queued = []
         for layer in tiered:
             assert np.array_equal(tiered[layer].fuse(handle, hidden), expected[layer], equal_nan=True)
             stats = tiered[layer].table_stats()
             assert stats["rows_read"] > stats["hot_hits"] and stats["prefetched_calls"] == 1
             queued.append(stats["queued_rows"])
-        if not evicted or queued[-1] > 0:
+        if not evicted or min(queued) > 0:
             break
-    assert not evicted or queued[-1] > 0, queued  # some misses were really read from disk
+    assert not evicted or min(queued) > 0, queued  # every layer's misses were really read from disk
 
 
 def test_threads_with_prefetches_in_flight(served, calibrated, text):
